@@ -1,0 +1,219 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The main job: the whole pipeline, every stage run through ``python -m monai.bundle run``.
+
+Usage::
+
+    python -m monai_condflow.pipeline [DATASET_DIR] [--output-dir runs/main] [--num-labels 50]
+
+With no ``DATASET_DIR`` the embedded phantom dataset is generated first (``OUTPUT_DIR/data``).
+``DATASET_DIR`` is a COVIDx-CT-format folder: ``images/`` (or the folder the annotation files name
+paths relative to) plus ``train.txt``, ``val.txt`` and ``test.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["BUNDLE_ROOT", "Stage", "default_stages", "run_pipeline", "main"]
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+
+
+class Stage:
+    """One stage of the pipeline: a ``monai.bundle run`` over one or more config files.
+
+    Args:
+        name: short name used in the progress output.
+        config_files: config file names under ``bundle/configs`` (later files override earlier ones).
+        overrides: extra ``--id value`` pairs for this stage only.
+    """
+
+    def __init__(self, name: str, config_files: Sequence[str], overrides: dict[str, object] | None = None) -> None:
+        self.name = name
+        self.config_files = list(config_files)
+        self.overrides = dict(overrides or {})
+
+    def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
+        """The command line of this stage."""
+        files = [str(bundle_root / "configs" / f) for f in self.config_files]
+        config_arg = files[0] if len(files) == 1 else json.dumps(files)
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+        cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
+        for key, value in {**common, **self.overrides}.items():
+            cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        return cmd
+
+
+def default_stages(num_labels: object) -> list[Stage]:
+    """The stages of the main job, in order."""
+    semi = ["train_classifier.json", "train_semisupervised.json"]
+    return [
+        Stage(
+            "classifier (semi-supervised)" if num_labels != "all" else "classifier",
+            semi if num_labels != "all" else semi[:1],
+        ),
+        Stage("flow", ["train_flow.json"]),
+        Stage("generation", ["generate.json"]),
+        Stage("evaluation", ["evaluate.json"]),
+    ]
+
+
+def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Path:
+    from monai_condflow.data.phantom import generate_phantom_dataset
+
+    data_dir = output_dir / "data"
+    info = data_dir / "dataset.json"
+    if info.is_file():
+        meta = json.loads(info.read_text())
+        if meta.get("seed") == seed and meta.get("num_images") == num_images:
+            print(f"[pipeline] reusing the phantom dataset in {data_dir}", flush=True)
+            return data_dir
+    t0 = time.perf_counter()
+    generate_phantom_dataset(data_dir, num_images=num_images, seed=seed, overwrite=True)
+    print(
+        f"[pipeline] generated {num_images} phantom slices in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True
+    )
+    return data_dir
+
+
+def run_pipeline(
+    dataset_dir: Path | None,
+    output_dir: Path,
+    num_labels: object = 50,
+    overrides: dict[str, object] | None = None,
+    stages: Sequence[Stage] | None = None,
+    bundle_root: Path = BUNDLE_ROOT,
+    num_images: int = 600,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run every stage in order; returns the wall time of each stage in seconds.
+
+    Raises:
+        FileNotFoundError: when ``dataset_dir`` or one of its annotation files is missing.
+        RuntimeError: when a stage fails (its name and exit code are in the message).
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if dataset_dir is None:
+        dataset_dir = _prepare_default_dataset(output_dir, num_images, seed)
+    dataset_dir = Path(dataset_dir).resolve()
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {dataset_dir}")
+    for split in ("train.txt", "val.txt", "test.txt"):
+        if not (dataset_dir / split).is_file():
+            raise FileNotFoundError(
+                f"annotation file missing: {dataset_dir / split} (a COVIDx-CT-format folder needs it)"
+            )
+    common: dict[str, object] = {
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(output_dir),
+        "num_labels": num_labels,
+    }
+    common.update(overrides or {})
+    times: dict[str, float] = {}
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    for i, stage in enumerate(stages if stages is not None else default_stages(num_labels), start=1):
+        cmd = stage.command(bundle_root, common)
+        print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env)
+        times[stage.name] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage '{stage.name}' failed with exit code {proc.returncode}: {' '.join(cmd)}")
+        print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
+    return times
+
+
+def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
+    lines = ["", "[pipeline] finished. Outputs:"]
+    for label, rel in (
+        ("report", "report.md"),
+        ("metrics", "metrics.json"),
+        ("synthetic images + manifest", "synthetic/manifest.csv"),
+        ("TensorBoard logs", "tensorboard"),
+        ("checkpoints", "classifier / flow"),
+    ):
+        lines.append(f"  {label:<28} {output_dir / rel}")
+    lines.append(f"  view the logs with: tensorboard --logdir {output_dir / 'tensorboard'}")
+    metrics_file = output_dir / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        trtr, tstr = m.get("trtr", {}), m.get("tstr", {})
+        lines.append(
+            f"  TRTR accuracy {trtr.get('accuracy', float('nan')):.3f} | TSTR accuracy "
+            f"{tstr.get('accuracy', float('nan')):.3f} | embedding FID {m.get('fid', float('nan')):.4f}"
+        )
+    lines.append(
+        "  wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+        + f" (total {sum(times.values()):.0f} s)"
+    )
+    return lines
+
+
+def _parse_num_labels(text: str) -> object:
+    if text == "all":
+        return "all"
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--num-labels must be > 0, a fraction in (0, 1] or 'all', got {text}")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_condflow.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "dataset_dir", nargs="?", type=Path, default=None, help="COVIDx-CT-format folder (default: phantom)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/main"), help="where every output goes")
+    parser.add_argument(
+        "--num-labels", type=_parse_num_labels, default=50, help="20, 50, a fraction such as 0.05, or all"
+    )
+    parser.add_argument("--num-images", type=int, default=600, help="phantom slices when no dataset is given")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="ID=VALUE", help="extra bundle override, e.g. --set max_epochs=2"
+    )
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {"seed": args.seed}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects ID=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    t0 = time.perf_counter()
+    try:
+        times = run_pipeline(
+            args.dataset_dir, args.output_dir, args.num_labels, overrides, num_images=args.num_images, seed=args.seed
+        )
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"[pipeline] error: {e}", file=sys.stderr)
+        return 1
+    for line in _summary(Path(args.output_dir).resolve(), times):
+        print(line)
+    print(f"[pipeline] total wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
