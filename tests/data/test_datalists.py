@@ -1,0 +1,70 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests for the dataset-folder data lists the bundle configs read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monai_condflow.data.datalists import load_covidx_split, parse_num_labels, select_labelled
+
+
+def _folder(tmp_path: Path, n: int = 12) -> Path:
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(n):
+        name = f"phantom_p{i:04d}_s000.png"
+        Image.fromarray(np.full((16, 16), 1000 + i, dtype=np.uint16)).save(tmp_path / "images" / name)
+        lines.append(f"{name} {i % 3} 2 2 12 12")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_load_split_binary_and_three(tmp_path: Path):
+    root = _folder(tmp_path)
+    binary = load_covidx_split(root, "train.txt", class_map="binary")
+    three = load_covidx_split(root, "train.txt", class_map="three")
+    assert [r["label"] for r in three] == [i % 3 for i in range(12)]
+    assert [r["label"] for r in binary] == [1 if i % 3 == 2 else 0 for i in range(12)]
+    assert binary[0]["image"].endswith("images/phantom_p0000_s000.png")
+
+
+def test_load_split_errors_name_the_path(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="dataset_dir"):
+        load_covidx_split(tmp_path / "missing")
+    root = _folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="val.txt"):
+        load_covidx_split(root, "val.txt")
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("all", None), (None, None), (1.0, None), (50, 50), ("20", 20), (0.05, 0.05), ("0.5", 0.5)]
+)
+def test_parse_num_labels(value, expected):
+    assert parse_num_labels(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -3, "many", 2.5])
+def test_parse_num_labels_bad(value):
+    with pytest.raises(ValueError, match="num_labels"):
+        parse_num_labels(value)
+
+
+def test_select_labelled(tmp_path: Path):
+    records = load_covidx_split(_folder(tmp_path), class_map="three")
+    labelled, unlabelled = select_labelled(records, 6, seed=1)
+    assert len(labelled) == 6 and len(unlabelled) == 6
+    assert sorted(r["label"] for r in labelled) == [0, 0, 1, 1, 2, 2]
+    assert select_labelled(records, "all") == (records, [])
