@@ -8,4 +8,66 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""monai_condflow.transforms."""
+"""monai_condflow.transforms: CT slice transforms, ready-made chains and PNG grids."""
+
+from __future__ import annotations
+
+from monai_condflow.transforms.array import (
+    INTENSITY_MODES,
+    AutoBodyCrop,
+    CTIntensity,
+    CTWindow,
+    Dequantize,
+    HUOffset,
+    LoadCTSlice,
+    LungBoxCrop,
+    ToGrayscale,
+    ValidateImage,
+)
+from monai_condflow.transforms.chains import (
+    CROP_MODES,
+    get_array_transforms,
+    get_flow_train_transforms,
+    get_preprocess_transforms,
+)
+from monai_condflow.transforms.dictionary import (
+    AutoBodyCropd,
+    CTIntensityd,
+    CTWindowd,
+    Dequantized,
+    HUOffsetd,
+    LoadCTSliced,
+    LungBoxCropd,
+    ToGrayscaled,
+    ValidateImaged,
+)
+from monai_condflow.transforms.grid import make_grid, save_chain_preview, save_png_grid
+
+__all__ = [
+    "INTENSITY_MODES",
+    "CROP_MODES",
+    "LoadCTSlice",
+    "LoadCTSliced",
+    "ToGrayscale",
+    "ToGrayscaled",
+    "HUOffset",
+    "HUOffsetd",
+    "CTWindow",
+    "CTWindowd",
+    "CTIntensity",
+    "CTIntensityd",
+    "LungBoxCrop",
+    "LungBoxCropd",
+    "AutoBodyCrop",
+    "AutoBodyCropd",
+    "Dequantize",
+    "Dequantized",
+    "ValidateImage",
+    "ValidateImaged",
+    "get_preprocess_transforms",
+    "get_flow_train_transforms",
+    "get_array_transforms",
+    "make_grid",
+    "save_png_grid",
+    "save_chain_preview",
+]
