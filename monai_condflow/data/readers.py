@@ -1,0 +1,675 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Readers that turn chest-CT datasets on disk into MONAI-style lists of records.
+
+Every reader returns ``list[dict]``, one dict per 2-D slice, with the keys of ``docs/architecture.md``:
+``image`` (a path, or a float32 array for NIfTI slices), ``label`` (class id after the class map), ``box``
+(optional lung box ``(xmin, ymin, xmax, ymax)``), ``patient_id`` (optional) and ``source`` (where the record
+came from, for error messages).
+
+Supported inputs:
+
+- COVIDx CT annotation files (``<file> <class> <xmin> <ymin> <xmax> <ymax>`` per line):
+  :func:`read_covidx_annotations`;
+- one folder per class: :func:`read_class_folders`;
+- NIfTI volumes listed in a CSV file: :func:`read_nifti_slices`;
+- DICOM slices: :func:`read_dicom_slice` (pixels in HU) and :func:`read_dicom_folder` (records).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.utils import optional_import
+
+from monai_condflow.data.errors import DataError, ReadReport, check_on_error
+
+nib, _has_nib = optional_import("nibabel")
+pydicom, _has_pydicom = optional_import("pydicom")
+
+__all__ = [
+    "CLASS_MAPS",
+    "CLASS_NAMES",
+    "COVIDX_PATIENT_PATTERN",
+    "DEFAULT_PATIENT_PATTERN",
+    "IMAGE_EXTENSIONS",
+    "resolve_class_map",
+    "parse_patient_id",
+    "validate_box",
+    "read_covidx_annotations",
+    "read_class_folders",
+    "read_nifti_slices",
+    "read_dicom_slice",
+    "read_dicom_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+#: COVIDx CT class ids (0 normal, 1 pneumonia, 2 COVID-19) -> label, for the two class maps of the paper.
+CLASS_MAPS: dict[str, dict[int, int]] = {"three": {0: 0, 1: 1, 2: 2}, "binary": {0: 0, 1: 0, 2: 1}}
+#: Names of the labels produced by each class map, indexed by label.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "three": ("normal", "pneumonia", "COVID-19"),
+    "binary": ("non-COVID", "COVID-19"),
+}
+#: COVIDx CT file names: ``NCP_<patient>_<scan>_<slice>.png`` (also ``CP_`` and ``Normal_``); patient = prefix + id.
+COVIDX_PATIENT_PATTERN = r"^(?P<patient>(?:NCP|CP|Normal)_\d+)_\d+_\d+\.\w+$"
+#: Other names: ``<letters><digits>_s<digits>`` or ``..._slice<digits>`` anywhere in the name, e.g.
+#: ``phantom_p0012_s003.png`` -> ``p0012``, ``P001_slice026.png`` -> ``P001``, ``cap001_slice089.png`` -> ``cap001``.
+DEFAULT_PATIENT_PATTERN = r"(?P<patient>[A-Za-z]*\d+)_s(?:lice)?\d+"
+#: File name endings accepted by :func:`read_class_folders` (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")
+
+_MISSING_DECODER_HINTS = ("missing dependencies", "plugins are missing", "pixel data handler", "image handler")
+
+
+def resolve_class_map(class_map: str | Mapping[int, int]) -> dict[int, int]:
+    """Turn a class-map argument into ``{raw class id: label}``.
+
+    Args:
+        class_map: ``"three"`` (0 normal, 1 pneumonia, 2 COVID-19), ``"binary"`` (normal and pneumonia -> 0,
+            COVID-19 -> 1), or a mapping from raw class ids to labels (both non-negative ints).
+
+    Returns:
+        A new dict from raw class id to label.
+
+    Raises:
+        ValueError: for an unknown name or a mapping with non-integer / negative entries.
+    """
+    if isinstance(class_map, str):
+        if class_map not in CLASS_MAPS:
+            raise ValueError(f"class_map must be one of {sorted(CLASS_MAPS)} or a dict, got {class_map!r}.")
+        return dict(CLASS_MAPS[class_map])
+    if not isinstance(class_map, Mapping) or not class_map:
+        raise ValueError(f"class_map must be one of {sorted(CLASS_MAPS)} or a non-empty dict, got {class_map!r}.")
+    out: dict[int, int] = {}
+    for key, value in class_map.items():
+        if not _is_int(key) or not _is_int(value) or key < 0 or value < 0:
+            raise ValueError(f"class_map entries must be non-negative ints, got {key!r}: {value!r}.")
+        out[int(key)] = int(value)
+    return out
+
+
+def parse_patient_id(filename: str | os.PathLike, pattern: str | re.Pattern | None = None) -> str | None:
+    """Patient id from a slice's file name.
+
+    Args:
+        filename: a file name or path (only the last component is used).
+        pattern: a regular expression searched in the file name; the patient id is its group ``patient`` if it
+            has one, else its first group, else the whole match. ``None`` tries :data:`COVIDX_PATIENT_PATTERN`
+            then :data:`DEFAULT_PATIENT_PATTERN`.
+
+    Returns:
+        The patient id, or ``None`` when no pattern matches.
+
+    Example::
+
+        parse_patient_id("NCP_96_1328_0032.png")  # "NCP_96"
+        parse_patient_id("phantom_p0012_s003.png")  # "p0012"
+    """
+    name = Path(filename).name
+    patterns = [pattern] if pattern is not None else [COVIDX_PATIENT_PATTERN, DEFAULT_PATIENT_PATTERN]
+    for pat in patterns:
+        match = re.search(pat, name)
+        if match is None:
+            continue
+        if "patient" in match.re.groupindex:
+            return match.group("patient")
+        return match.group(1) if match.re.groups else match.group(0)
+    return None
+
+
+def validate_box(
+    box: Sequence[int], height: int | None = None, width: int | None = None, source: str | None = None
+) -> tuple[int, int, int, int]:
+    """Check a lung box ``(xmin, ymin, xmax, ymax)`` in pixel coordinates.
+
+    The box covers ``image[ymin:ymax, xmin:xmax]`` (end exclusive), so ``xmax == width`` is allowed.
+
+    Args:
+        box: four integers.
+        height: image height in pixels; when given, ``ymax <= height`` is checked.
+        width: image width in pixels; when given, ``xmax <= width`` is checked.
+        source: where the box comes from (``file:line``), put in front of the error message.
+
+    Returns:
+        The box as a tuple of Python ints.
+
+    Raises:
+        DataError: for a box that is not four integers, has negative coordinates, is empty or inverted
+            (``xmax <= xmin`` or ``ymax <= ymin``) or reaches outside the image; the message has the numbers.
+    """
+    values = tuple(box)
+    if len(values) != 4 or not all(_is_int(v) for v in values):
+        raise DataError(f"lung box must be 4 integers (xmin, ymin, xmax, ymax), got {box!r}.", source, "bad box")
+    xmin, ymin, xmax, ymax = (int(v) for v in values)
+    if min(xmin, ymin, xmax, ymax) < 0:
+        raise DataError(f"lung box {values} has negative coordinates.", source, "bad box")
+    if xmax <= xmin or ymax <= ymin:
+        raise DataError(
+            f"lung box {values} is empty or inverted (needs xmax > xmin and ymax > ymin).", source, "bad box"
+        )
+    if (width is not None and xmax > width) or (height is not None and ymax > height):
+        raise DataError(
+            f"lung box {values} reaches outside the image of height {height} and width {width}.",
+            source,
+            "box out of image",
+        )
+    return xmin, ymin, xmax, ymax
+
+
+def read_covidx_annotations(
+    annotation_file: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    class_map: str | Mapping[int, int] = "three",
+    on_error: str = "raise",
+    check_files: bool = True,
+    patient_pattern: str | re.Pattern | None = None,
+    report: ReadReport | None = None,
+) -> list[dict]:
+    """Read a COVIDx CT annotation (split) file.
+
+    Each non-empty line is ``<file> <class> <xmin> <ymin> <xmax> <ymax>`` separated by whitespace (file names
+    without spaces); lines starting with ``#`` are comments. Classes are the COVIDx CT ids (0 normal,
+    1 pneumonia, 2 COVID-19) and go through ``class_map``.
+
+    Args:
+        annotation_file: the text file, e.g. ``train_COVIDx_CT-1.txt``.
+        image_dir: folder the file names are relative to; defaults to the annotation file's folder.
+        class_map: ``"three"``, ``"binary"`` (normal + pneumonia -> 0, COVID-19 -> 1) or ``{class id: label}``;
+            class ids not in the map are errors.
+        on_error: ``"raise"`` raises :class:`DataError` at the first bad line; ``"skip"`` leaves bad lines out
+            and logs a warning with the count per reason.
+        check_files: check that every listed image exists (one ``stat`` per line).
+        patient_pattern: regular expression for the patient id (see :func:`parse_patient_id`); ``None`` parses
+            COVIDx CT names and ``<letters><digits>_s<digits>`` names. Records without a match get no
+            ``patient_id``.
+        report: filled in with the number of records read and the skipped lines.
+
+    Returns:
+        Records ``{"image": str, "label": int, "box": (xmin, ymin, xmax, ymax), "patient_id": str (when
+        parsed), "source": "annotation_file:line"}`` in file order.
+
+    Raises:
+        FileNotFoundError: when ``annotation_file`` does not exist.
+        DataError: (``on_error="raise"``) for a line that does not have 6 fields, non-integer fields, a class id
+            not in the class map, a negative, empty or inverted box, or a missing image; the message starts
+            with ``annotation_file:line``. Also when the file has no entries at all.
+
+    Example::
+
+        records = read_covidx_annotations("train_COVIDx_CT-1.txt", image_dir="2A_images", class_map="binary")
+    """
+    check_on_error(on_error)
+    mapping = resolve_class_map(class_map)
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist.")
+    root = Path(image_dir) if image_dir is not None else path.parent
+    if check_files and not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} (for {path}) does not exist.")
+    local = ReadReport()
+    records: list[dict] = []
+    n_entries = 0
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            n_entries += 1
+            source = f"{path}:{line_no}"
+            try:
+                records.append(_parse_annotation_line(text, source, root, mapping, check_files, patient_pattern))
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                local.add(err)
+    if n_entries == 0:
+        raise DataError("annotation file has no entries.", str(path), "empty file")
+    return _finish(records, local, report, str(path))
+
+
+def read_class_folders(
+    root: str | os.PathLike,
+    class_names: Sequence[str] | Mapping[str, int] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    on_error: str = "raise",
+    patient_pattern: str | re.Pattern | None = None,
+    report: ReadReport | None = None,
+) -> list[dict]:
+    """Read a tree with one sub-folder per class (``root/<class>/**/<image>``).
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        class_names: ``None`` uses every non-hidden sub-folder, with labels given by the sorted folder names;
+            a list uses those folders with labels in list order; a dict maps folder names to labels (several
+            folders may share a label).
+        extensions: file name endings to keep (case-insensitive); other files are ignored.
+        on_error: ``"raise"`` or ``"skip"`` for empty (0-byte) files.
+        patient_pattern: regular expression for the patient id (see :func:`parse_patient_id`).
+        report: filled in with the number of records read and the skipped files.
+
+    Returns:
+        Records ``{"image": str, "label": int, "patient_id": str (when parsed), "source": str}`` sorted by class
+        folder (in label order, then name), then by relative path.
+
+    Raises:
+        FileNotFoundError: when ``root`` or a named class folder does not exist.
+        DataError: when no image is found, or (``on_error="raise"``) for an empty file.
+    """
+    check_on_error(on_error)
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"class folder root {base} does not exist.")
+    if class_names is None:
+        folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        mapping = {name: i for i, name in enumerate(folders)}
+    elif isinstance(class_names, Mapping):
+        mapping = {}
+        for name, label in class_names.items():
+            if not _is_int(label) or label < 0:
+                raise ValueError(f"class_names labels must be non-negative ints, got {name!r}: {label!r}.")
+            mapping[str(name)] = int(label)
+    else:
+        if isinstance(class_names, str):
+            raise ValueError(f"class_names must be a list or dict of folder names, got the string {class_names!r}.")
+        mapping = {str(name): i for i, name in enumerate(class_names)}
+    if not mapping:
+        raise DataError("no class sub-folders found.", str(base), "no classes")
+    exts = tuple(e.lower() for e in extensions)
+    local = ReadReport()
+    records: list[dict] = []
+    for name, label in sorted(mapping.items(), key=lambda item: (item[1], item[0])):
+        folder = base / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"class folder {folder} (class {name!r}) does not exist.")
+        files = sorted(
+            (p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")),
+            key=lambda p: p.relative_to(folder).as_posix(),
+        )
+        n_class = 0
+        for file in files:
+            if not file.name.lower().endswith(exts):
+                continue
+            try:
+                if file.stat().st_size == 0:
+                    raise DataError("file is empty (0 bytes).", str(file), "empty file")
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                local.add(err)
+                continue
+            records.append(_record(str(file), label, None, parse_patient_id(file, patient_pattern), str(file)))
+            n_class += 1
+        if n_class == 0:
+            logger.warning("%s: class folder %r holds no image with an extension in %s.", base, name, exts)
+    if not records and not local.skipped:
+        raise DataError(f"no image with an extension in {exts} under the class folders.", str(base), "no images")
+    return _finish(records, local, report, str(base))
+
+
+def read_nifti_slices(
+    csv_file: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    axis: int = 2,
+    slice_range: tuple[int | None, int | None] | None = None,
+    on_error: str = "raise",
+    report: ReadReport | None = None,
+) -> list[dict]:
+    """Read NIfTI volumes listed in a CSV file as 2-D slices in Hounsfield units.
+
+    The CSV has a header with columns ``image`` (path of the volume, relative to ``root``) and ``label``, and
+    optionally ``slice`` and ``patient_id``. Without ``slice``, a row labels every slice of its volume (within
+    ``slice_range``); with ``slice``, a row labels that one slice (empty ``slice`` cells label the whole volume).
+    Voxel values are ``get_fdata()`` values, i.e. with ``scl_slope`` / ``scl_inter`` applied. Each volume is
+    read once.
+
+    Args:
+        csv_file: the CSV file.
+        root: folder the ``image`` paths are relative to; defaults to the CSV file's folder.
+        axis: voxel axis that is sliced (2 = the third voxel axis, axial for usual CT volumes).
+        slice_range: ``(start, stop)`` with Python range semantics (``None`` for open ends, negative from the
+            end), applied to whole-volume rows.
+        on_error: ``"raise"`` or ``"skip"`` (bad rows and every row of an unreadable volume are left out).
+        report: filled in with the number of records read and the skipped rows.
+
+    Returns:
+        One record per slice: ``{"image": float32 ndarray [H, W], "label": int, "patient_id": str, "source":
+        "volume#slice"}``; ``[H, W]`` are the two remaining voxel axes in file order (as MONAI's NIfTI reader
+        keeps them). ``patient_id`` is the CSV value, or the volume path as written in the CSV when that is
+        absent, so slices of one volume never land in different splits.
+
+    Raises:
+        FileNotFoundError: when ``csv_file`` does not exist.
+        DataError: (``on_error="raise"``) for a missing column, bad label / slice value, a missing, truncated or
+            unreadable volume, a volume that is not 3-D or holds NaN / Inf, or a slice index out of range; the
+            message names the CSV line and the volume.
+    """
+    check_on_error(on_error)
+    if not _has_nib:
+        raise ImportError("read_nifti_slices needs nibabel (pip install nibabel).")
+    if isinstance(axis, bool) or axis not in (0, 1, 2, -1, -2, -3):
+        raise ValueError(f"axis must be 0, 1 or 2 for a 3-D volume, got {axis!r}.")
+    if slice_range is not None and len(slice_range) != 2:
+        raise ValueError(f"slice_range must be (start, stop), got {slice_range!r}.")
+    path = Path(csv_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file {path} does not exist.")
+    base = Path(root) if root is not None else path.parent
+    local = ReadReport()
+    records: list[dict] = []
+    volumes: dict[Path, np.ndarray | DataError] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("image", "label") if c not in columns]
+        if missing:
+            raise DataError(f"CSV header {columns} lacks column(s) {missing}.", f"{path}:1", "bad header")
+        reader.fieldnames = columns
+        for row in reader:
+            source = f"{path}:{reader.line_num}"
+            try:
+                records.extend(_nifti_row(row, source, base, axis, slice_range, volumes))
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                local.add(err)
+    if not records and not local.skipped:
+        raise DataError("CSV file lists no volume.", str(path), "empty file")
+    return _finish(records, local, report, str(path))
+
+
+def read_dicom_slice(path: str | os.PathLike) -> np.ndarray:
+    """Read one DICOM slice as a float32 array in Hounsfield units.
+
+    Uses MONAI's :class:`monai.data.PydicomReader`, which applies ``RescaleSlope`` / ``RescaleIntercept``.
+    Compressed transfer syntaxes (e.g. JPEG lossless) need ``pylibjpeg`` + ``pylibjpeg-libjpeg`` (or GDCM).
+
+    Args:
+        path: the ``.dcm`` file.
+
+    Returns:
+        float32 array ``[H, W]`` (rows, columns, as stored).
+
+    Raises:
+        DataError: naming the file when it is missing, not DICOM, its pixel data cannot be decoded (with an
+            installation hint when a decoder plugin is missing), it is not a single 2-D frame, or it holds
+            NaN / Inf.
+        ImportError: when pydicom is not installed.
+    """
+    if not _has_pydicom:
+        raise ImportError("read_dicom_slice needs pydicom (pip install pydicom pylibjpeg pylibjpeg-libjpeg).")
+    from monai.data import PydicomReader
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError("DICOM file does not exist.", str(file), "missing file")
+    reader = PydicomReader(swap_ij=False)
+    try:
+        dataset = reader.read(str(file))
+    except Exception as err:  # pydicom raises InvalidDicomError, OSError, ... on bad files
+        raise DataError(
+            f"not a readable DICOM file ({type(err).__name__}: {err}).", str(file), "unreadable file"
+        ) from err
+    try:
+        array, _ = reader.get_data(dataset)
+    except Exception as err:  # decoder errors are RuntimeError / ValueError / AttributeError depending on pydicom
+        message = str(err)
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", syntax)
+        if any(hint in message.lower() for hint in _MISSING_DECODER_HINTS):
+            raise DataError(
+                f"cannot decode pixel data with transfer syntax {syntax_name!r}: a decoder plugin is missing; "
+                f"install pylibjpeg and pylibjpeg-libjpeg (or python-gdcm). ({type(err).__name__}: {message})",
+                str(file),
+                "missing decoder",
+            ) from err
+        raise DataError(
+            f"cannot read pixel data (transfer syntax {syntax_name!r}; {type(err).__name__}: {message}).",
+            str(file),
+            "unreadable file",
+        ) from err
+    image = np.asarray(array, dtype=np.float32)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise DataError(
+            f"expected one 2-D frame, got pixel array of shape {tuple(image.shape)}.", str(file), "bad shape"
+        )
+    if not np.isfinite(image).all():
+        raise DataError("pixel data holds NaN or Inf.", str(file), "non-finite")
+    return np.ascontiguousarray(image)
+
+
+def read_dicom_folder(
+    root: str | os.PathLike,
+    labels: Mapping[str, int] | Callable[[Path], int],
+    extensions: Sequence[str] = (".dcm",),
+    read_patient_id: bool = True,
+    patient_pattern: str | re.Pattern | None = None,
+    on_error: str = "raise",
+    report: ReadReport | None = None,
+) -> list[dict]:
+    """Records for every DICOM file under a folder (pixels are read later, e.g. by the transform chain).
+
+    Args:
+        root: folder searched recursively.
+        labels: a dict from the first folder below ``root`` (e.g. ``"COVID-19"``) to the label, or a callable
+            taking the file path and returning the label.
+        extensions: file name endings to keep (case-insensitive).
+        read_patient_id: read the ``PatientID`` tag from the header (pixel data is not read); otherwise, or when
+            the tag is empty, the id is parsed from the file name with ``patient_pattern``.
+        patient_pattern: see :func:`parse_patient_id`.
+        on_error: ``"raise"`` or ``"skip"`` for files without a label or with an unreadable header.
+        report: filled in with the number of records read and the skipped files.
+
+    Returns:
+        Records ``{"image": str, "label": int, "patient_id": str (when known), "source": str}`` sorted by
+        relative path.
+
+    Raises:
+        FileNotFoundError: when ``root`` does not exist.
+        DataError: when no file is found, or (``on_error="raise"``) for a file whose label is unknown or whose
+            header cannot be read.
+    """
+    check_on_error(on_error)
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"DICOM folder {base} does not exist.")
+    exts = tuple(e.lower() for e in extensions)
+    files = sorted(
+        (p for p in base.rglob("*") if p.is_file() and p.name.lower().endswith(exts)),
+        key=lambda p: p.relative_to(base).as_posix(),
+    )
+    if not files:
+        raise DataError(f"no file with an extension in {exts}.", str(base), "no images")
+    local = ReadReport()
+    records: list[dict] = []
+    for file in files:
+        try:
+            records.append(_dicom_record(file, base, labels, read_patient_id, patient_pattern))
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            local.add(err)
+    return _finish(records, local, report, str(base))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _record(image: object, label: int, box: tuple | None, patient_id: str | None, source: str) -> dict:
+    record: dict = {"image": image, "label": int(label)}
+    if box is not None:
+        record["box"] = box
+    if patient_id:
+        record["patient_id"] = str(patient_id)
+    record["source"] = source
+    return record
+
+
+def _finish(records: list[dict], local: ReadReport, report: ReadReport | None, what: str) -> list[dict]:
+    local.n_read = len(records)
+    local.log_summary(logger, what)
+    if report is not None:
+        report.merge(local)
+    return records
+
+
+def _parse_int(token: str, what: str, source: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise DataError(f"{what} must be an integer, got {token!r}.", source, "non-integer field") from None
+
+
+def _parse_annotation_line(
+    text: str,
+    source: str,
+    root: Path,
+    mapping: dict[int, int],
+    check_files: bool,
+    patient_pattern: str | re.Pattern | None,
+) -> dict:
+    fields = text.split()
+    if len(fields) != 6:
+        raise DataError(
+            f"expected 6 fields '<file> <class> <xmin> <ymin> <xmax> <ymax>', got {len(fields)}: {text!r}.",
+            source,
+            "malformed line",
+        )
+    name = fields[0]
+    class_id = _parse_int(fields[1], "class id", source)
+    box = tuple(_parse_int(tok, what, source) for tok, what in zip(fields[2:], ("xmin", "ymin", "xmax", "ymax")))
+    if class_id not in mapping:
+        raise DataError(
+            f"class id {class_id} is not in the class map (known ids: {sorted(mapping)}).", source, "unknown class"
+        )
+    box = validate_box(box, source=source)
+    image = root / name
+    if check_files and not image.is_file():
+        raise DataError(f"image file {image} does not exist.", source, "missing file")
+    return _record(str(image), mapping[class_id], box, parse_patient_id(name, patient_pattern), source)
+
+
+def _load_volume(file: Path, source: str, cache: dict[Path, np.ndarray | DataError]) -> np.ndarray:
+    if file not in cache:
+        try:
+            cache[file] = _read_volume(file, source)
+        except DataError as err:
+            cache[file] = err
+    found = cache[file]
+    if isinstance(found, DataError):
+        # re-raise with this row's source so every affected CSV line is named
+        raise DataError(found.detail, source, found.reason)
+    return found
+
+
+def _read_volume(file: Path, source: str) -> np.ndarray:
+    if not file.is_file():
+        raise DataError(f"volume {file} does not exist.", source, "missing file")
+    try:
+        volume = nib.load(str(file)).get_fdata(dtype=np.float32)
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error, ValueError ...
+        raise DataError(
+            f"volume {file} is truncated or unreadable ({type(err).__name__}: {err}).", source, "unreadable file"
+        ) from err
+    while volume.ndim > 3 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise DataError(f"volume {file} must be 3-D, got shape {tuple(volume.shape)}.", source, "bad shape")
+    if not np.isfinite(volume).all():
+        n_bad = int((~np.isfinite(volume)).sum())
+        raise DataError(f"volume {file} holds {n_bad} NaN / Inf voxels.", source, "non-finite")
+    return volume
+
+
+def _nifti_row(
+    row: dict,
+    source: str,
+    base: Path,
+    axis: int,
+    slice_range: tuple[int | None, int | None] | None,
+    cache: dict[Path, np.ndarray | DataError],
+) -> list[dict]:
+    name = (row.get("image") or "").strip()
+    if not name:
+        raise DataError("empty 'image' cell.", source, "malformed line")
+    label = _parse_int((row.get("label") or "").strip(), "label", source)
+    if label < 0:
+        raise DataError(f"label must be non-negative, got {label}.", source, "bad label")
+    slice_text = (row.get("slice") or "").strip()
+    patient_id = (row.get("patient_id") or "").strip() or name
+    file = base / name
+    volume = _load_volume(file, source, cache)
+    size = volume.shape[axis]
+    if slice_text:
+        index = _parse_int(slice_text, "slice", source)
+        if not 0 <= index < size:
+            raise DataError(
+                f"slice {index} is out of range for volume {file} with {size} slices along axis {axis}.",
+                source,
+                "bad slice",
+            )
+        indices = [index]
+    else:
+        start, stop = slice_range if slice_range is not None else (None, None)
+        indices = list(range(size))[slice(start, stop)]
+        if not indices:
+            raise DataError(
+                f"slice_range {slice_range} selects no slice of volume {file} ({size} slices along axis {axis}).",
+                source,
+                "bad slice",
+            )
+    return [
+        _record(np.ascontiguousarray(np.take(volume, k, axis=axis)), label, None, patient_id, f"{file}#{k}")
+        for k in indices
+    ]
+
+
+def _dicom_record(
+    file: Path,
+    base: Path,
+    labels: Mapping[str, int] | Callable[[Path], int],
+    read_patient_id: bool,
+    patient_pattern: str | re.Pattern | None,
+) -> dict:
+    rel = file.relative_to(base)
+    if callable(labels):
+        label = labels(file)
+        if not _is_int(label) or label < 0:
+            raise DataError(f"labels callable returned {label!r}, expected a non-negative int.", str(file), "no label")
+    else:
+        key = rel.parts[0] if len(rel.parts) > 1 else ""
+        if key not in labels:
+            raise DataError(f"no label for folder {key!r} (labels known for {sorted(labels)}).", str(file), "no label")
+        label = labels[key]
+    patient_id = None
+    if read_patient_id:
+        if not _has_pydicom:
+            raise ImportError("read_dicom_folder(read_patient_id=True) needs pydicom.")
+        try:
+            header = pydicom.dcmread(str(file), stop_before_pixels=True)
+        except Exception as err:  # InvalidDicomError, OSError, ...
+            raise DataError(
+                f"not a readable DICOM file ({type(err).__name__}: {err}).", str(file), "unreadable file"
+            ) from err
+        patient_id = str(getattr(header, "PatientID", "") or "") or None
+    if patient_id is None:
+        patient_id = parse_patient_id(file, patient_pattern)
+    return _record(str(file), int(label), None, patient_id, str(file))
