@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from monai_condflow.engines.checkpoint import atomic_write_bytes, find_latest_checkpoint
 
 __all__ = [
     "latest_checkpoint",
@@ -34,23 +35,14 @@ logger = logging.getLogger(__name__)
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "state") -> str | None:
-    """The newest complete checkpoint ``<prefix>_*.pt`` in ``directory``, or ``None``.
+    """The newest complete checkpoint ``<prefix>_*_<step>.pt`` in ``directory`` as a string, or ``None``.
 
-    Temporary files of an interrupted save (which never carry the prefix) are ignored, and so is any file that
-    does not load with ``weights_only=True`` (a truncated or foreign file): resume falls back to the previous one.
+    A thin wrapper of :func:`monai_condflow.engines.checkpoint.find_latest_checkpoint` for config expressions:
+    temporary files of an interrupted save never match, and a file that does not load with ``weights_only=True``
+    (truncated or unsafe) is skipped, so resume falls back to the previous one.
     """
-    root = Path(directory)
-    if not root.is_dir():
-        return None
-    candidates = sorted(root.glob(f"{prefix}_*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, with its reason logged
-            logger.warning("ignoring unreadable checkpoint %s: %s", path, err)
-            continue
-        return str(path)
-    return None
+    found = find_latest_checkpoint(directory, prefix)
+    return None if found is None else str(found[0])
 
 
 def require_file(path: str | os.PathLike, what: str, run_first: str) -> str:
@@ -62,17 +54,7 @@ def require_file(path: str | os.PathLike, what: str, run_first: str) -> str:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as JSON through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode("utf-8"))
 
 
 def write_stage_info(directory: str | os.PathLike, stage: str, info: dict) -> Path:
@@ -96,3 +78,57 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str | No
         state = state[key]
     module.load_state_dict(state)
     return module
+
+
+TRAINING_LABELS = "train_labels.json"
+
+
+def write_training_labels(
+    directory: str | os.PathLike,
+    labelled: list[dict],
+    unlabelled: list[dict] | None = None,
+    presumptive: Any = None,
+) -> Path:
+    """Record the labels the classifier stage ended with, for the flow and generation stages.
+
+    Each entry keeps the record's ``image``, ``box`` and ``source`` (internal paths: this file never leaves the
+    output folder and nothing derived from it is written next to synthetic images), the ``label`` used for
+    training, and ``presumptive`` (True for labels from label propagation).
+
+    Args:
+        directory: the classifier stage's folder.
+        labelled: records with their true labels.
+        unlabelled: records whose labels come from ``presumptive`` (their own ``label`` is ignored).
+        presumptive: presumptive labels ``[len(unlabelled)]`` (a tensor, array or list).
+    """
+    unlabelled = unlabelled or []
+    guesses = [] if presumptive is None else [int(v) for v in torch.as_tensor(presumptive).reshape(-1).tolist()]
+    if len(guesses) != len(unlabelled):
+        raise ValueError(f"{len(unlabelled)} unlabelled records but {len(guesses)} presumptive labels.")
+
+    def _entry(record: dict, label: int, is_presumptive: bool) -> dict:
+        keep = {
+            k: record[k]
+            for k in ("image", "box", "source")
+            if k in record and isinstance(record[k], (str, list, tuple))
+        }
+        return {**keep, "label": int(label), "presumptive": is_presumptive}
+
+    entries = [_entry(r, r["label"], False) for r in labelled]
+    entries += [_entry(r, g, True) for r, g in zip(unlabelled, guesses)]
+    return write_json_atomic(Path(directory) / TRAINING_LABELS, entries)
+
+
+def read_training_records(directory: str | os.PathLike, fallback: list[dict] | None = None) -> list[dict]:
+    """The training records with the labels of :func:`write_training_labels`, or ``fallback`` when the
+    classifier stage wrote none (a fully supervised run)."""
+    path = Path(directory) / TRAINING_LABELS
+    if not path.is_file():
+        if fallback is None:
+            raise FileNotFoundError(f"{path} not found: run train_classifier.json first with the same output_dir.")
+        return list(fallback)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    for r in records:
+        if isinstance(r.get("box"), list):
+            r["box"] = tuple(r["box"])
+    return records

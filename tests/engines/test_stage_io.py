@@ -42,10 +42,10 @@ class _Sentinel:
 
 
 def test_latest_checkpoint_skips_truncated_and_tmp(tmp_path: Path):
-    good = tmp_path / "state_checkpoint_1.pt"
+    good = tmp_path / "state_checkpoint_epoch=1.pt"
     torch.save({"network": {"w": torch.ones(2)}}, good)
     time.sleep(0.01)
-    newer = tmp_path / "state_checkpoint_2.pt"
+    newer = tmp_path / "state_checkpoint_epoch=2.pt"
     newer.write_bytes(good.read_bytes()[:20])  # a save killed half-way
     (tmp_path / "tmpabc123").write_bytes(b"partial")
     os.utime(newer, (time.time() + 5, time.time() + 5))
@@ -55,7 +55,7 @@ def test_latest_checkpoint_skips_truncated_and_tmp(tmp_path: Path):
 
 def test_malicious_checkpoint_is_refused(tmp_path: Path):
     sentinel = tmp_path / "sentinel"
-    bad = tmp_path / "state_checkpoint_9.pt"
+    bad = tmp_path / "state_checkpoint_epoch=9.pt"
     torch.save({"network": _Sentinel(str(sentinel))}, bad)
     assert latest_checkpoint(tmp_path, "state") is None
     with pytest.raises(pickle.UnpicklingError):

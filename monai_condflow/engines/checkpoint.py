@@ -1,0 +1,230 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Safe, atomic checkpoints and file writes.
+
+Why not MONAI's ``CheckpointSaver`` alone: in MONAI 1.6.1 it builds Ignite's ``DiskSaver`` with ``atomic=False``
+(a process killed mid-save leaves a truncated file under the final name, R14). Here checkpoints are written by
+Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (temp file in the same folder, then ``os.replace``), and
+every load goes through :func:`load_checkpoint` (``torch.load(..., weights_only=True)``, R1). MONAI's
+``CheckpointLoader`` also loads with ``weights_only=True`` and can be used on these files.
+
+A checkpoint is a plain dict of state dicts (tensors, numbers, strings); :class:`RandomStateTracker` turns the
+global random generators' states into such tensors so that a resumed run continues the same random streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import optional_import
+
+Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
+DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver")
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "find_latest_checkpoint",
+    "create_checkpoint_handler",
+    "RandomStateTracker",
+]
+
+logger = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"[_=](\d+)\.pt$")  # "..._12.pt" (Ignite) and "..._epoch=12.pt" (MONAI CheckpointSaver)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is unreadable, truncated, or not a plain (weights-only) state dict."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """
+    Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    A reader never sees a partial file under ``path``; a crash leaves at most a ``.<name>.*.tmp`` file.
+
+    Returns:
+        the final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """
+    Load a checkpoint with ``torch.load(..., weights_only=True)``; nothing else is unpickled.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where to put the tensors.
+
+    Raises:
+        CheckpointError: when the file is missing, truncated, not a dict, or holds anything but plain
+            tensors / containers / numbers / strings (e.g. an object with ``__reduce__``).
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, OSError ...
+        raise CheckpointError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state dicts.")
+    return obj
+
+
+def find_latest_checkpoint(
+    directory: str | os.PathLike, prefix: str = "latest", map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict] | None:
+    """
+    The newest *valid* checkpoint named ``{prefix}_*_{step}.pt`` in ``directory``.
+
+    Files are tried from the highest step down; a file that fails :func:`load_checkpoint` (partial, corrupt or
+    unsafe) is logged and skipped. Temp files (``*.tmp``, Ignite's ``tmp*``) never match the pattern.
+
+    Returns:
+        ``(path, checkpoint)`` or ``None`` when there is no valid checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = []
+    for p in directory.glob(f"{prefix}_*.pt"):
+        m = _STEP_RE.search(p.name)
+        if m is not None and p.is_file():
+            candidates.append((int(m.group(1)), p.stat().st_mtime, p))
+    for _, _, p in sorted(candidates, reverse=True):
+        try:
+            return p, load_checkpoint(p, map_location=map_location)
+        except CheckpointError as e:
+            logger.warning("skipping invalid checkpoint: %s", e)
+    return None
+
+
+def create_checkpoint_handler(
+    to_save: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    prefix: str,
+    n_saved: int | None = 1,
+    score_function: Callable | None = None,
+    score_name: str | None = None,
+    global_step_transform: Callable | None = None,
+    **kwargs: Any,
+) -> Checkpoint:
+    """
+    An Ignite ``Checkpoint`` writing atomically (``DiskSaver(atomic=True)``) to ``output_dir``; attach it with
+    ``engine.add_event_handler(Events.EPOCH_COMPLETED, handler)``.
+
+    Only rank 0 writes (Ignite's ``DiskSaver``); DDP / DataParallel modules are saved unwrapped.
+    File names: ``{prefix}_{name}_{step}.pt``, or ``{prefix}_{name}_{step}_{score_name}={score}.pt`` with a score
+    (``name`` is ``checkpoint`` when ``to_save`` has several objects). ``kwargs`` go to Ignite's ``Checkpoint``
+    (e.g. ``filename_pattern``, ``include_self``).
+    """
+    saver = DiskSaver(str(output_dir), atomic=True, create_dir=True, require_empty=False)
+    return Checkpoint(
+        dict(to_save),
+        saver,
+        filename_prefix=prefix,
+        n_saved=n_saved,
+        score_function=score_function,
+        score_name=score_name,
+        global_step_transform=global_step_transform,
+        **kwargs,
+    )
+
+
+class RandomStateTracker:
+    """
+    ``state_dict`` / ``load_state_dict`` for the global random generators (torch CPU and CUDA, numpy, random),
+    encoded as tensors and numbers so that checkpoints stay loadable with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, mt_state, gauss = random.getstate()
+        np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "numpy_pos": int(np_pos),
+            "numpy_has_gauss": int(np_has_gauss),
+            "numpy_cached_gaussian": float(np_cached),
+            "python_version": int(version),
+            "python_state": torch.tensor(mt_state, dtype=torch.int64),
+            "python_gauss": float("nan") if gauss is None else float(gauss),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"].cpu())
+        np.random.set_state(
+            (
+                "MT19937",
+                state["numpy_keys"].numpy().astype(np.uint32),
+                int(state["numpy_pos"]),
+                int(state["numpy_has_gauss"]),
+                float(state["numpy_cached_gaussian"]),
+            )
+        )
+        gauss = float(state["python_gauss"])
+        random.setstate(
+            (
+                int(state["python_version"]),
+                tuple(int(v) for v in state["python_state"].tolist()),
+                None if np.isnan(gauss) else gauss,
+            )
+        )
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
