@@ -1,0 +1,579 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Evaluation report (``report.md`` + ``metrics.json``) and the end-to-end :func:`run_evaluation` of a trained run.
+
+``metrics.json`` always holds ``trtr`` and ``tstr`` objects with ``accuracy``, ``f1``, ``precision``, ``recall``
+(fractions, plus ``*_std``) and ``fid`` (a number); ``baseline`` holds the same keys when the ACGAN baseline was
+evaluated. Both files are written atomically (temporary file + ``os.replace``).
+
+Read TSTR beside the FID-to-floor ratio, the class agreement and the sample grids: a generator of class-correlated
+textures can reach a respectable TSTR without producing anatomy (see ``docs/peer-baseline.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
+from monai_condflow.evaluation.tstr import (
+    METRIC_KEYS,
+    ImageSet,
+    as_image_set,
+    default_fit_fn,
+    evaluate_tstr,
+    train_real_classifier,
+)
+from monai_condflow.metrics.fid import extract_features, fid_from_features, fid_to_floor_ratio
+
+__all__ = [
+    "atomic_write_text",
+    "find_model_checkpoint",
+    "load_module",
+    "read_tensorboard_scalars",
+    "run_evaluation",
+    "sample_synthetic_set",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """All scalar series of the TensorBoard event files under ``log_dir``.
+
+    Returns:
+        ``{run: {tag: (steps, values)}}`` where ``run`` is the folder of the event files relative to ``log_dir``
+        (``"."`` for the folder itself); empty when there are none or TensorBoard is not installed.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # pragma: no cover
+        logger.warning("tensorboard is not installed; training curves are left out of the report")
+        return {}
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        return {}
+    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*") if p.is_file()})
+    for folder in folders:
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags().get("scalars", [])
+        if tags:
+            runs[str(folder.relative_to(log_dir))] = {
+                t: ([e.step for e in acc.Scalars(t)], [float(e.value) for e in acc.Scalars(t)]) for t in tags
+            }
+    return runs
+
+
+def _pct(scores: Mapping[str, Any], key: str) -> str:
+    v, s = scores.get(key), scores.get(f"{key}_std")
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    return f"{100 * v:.2f} ± {100 * s:.2f}" if isinstance(s, (int, float)) and math.isfinite(s) else f"{100 * v:.2f}"
+
+
+def _num(v: Any, fmt: str = ".4g") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> None:
+    for part in ("trtr", "tstr"):
+        if not isinstance(metrics.get(part), Mapping):
+            raise ValueError(f"metrics must hold a '{part}' dict with {METRIC_KEYS}.")
+    blocks = [("", metrics)] + ([("baseline.", metrics["baseline"])] if "baseline" in metrics else [])
+    for prefix, block in blocks:
+        for part in ("trtr", "tstr"):
+            for k in METRIC_KEYS:
+                v = block.get(part, {}).get(k)
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"metrics {prefix}{part}.{k} must be a finite number, got {v!r}.")
+        fid = block.get("fid")
+        if not isinstance(fid, (int, float)) or not math.isfinite(fid):
+            raise ValueError(f"metrics {prefix}fid must be a finite number, got {fid!r}.")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values; non-finite floats become ``None`` (strict JSON has no NaN / Infinity)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_report(
+    output_dir: str | os.PathLike,
+    metrics: Mapping[str, Any],
+    *,
+    data_summary: Mapping[str, Any] | None = None,
+    sample_images: Mapping[str, torch.Tensor] | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
+    extra_sections: Mapping[str, str] | None = None,
+    title: str = "monai_condflow evaluation",
+) -> tuple[Path, Path]:
+    """Write ``report.md`` (with PNG figures under ``figures/``) and ``metrics.json`` into ``output_dir``.
+
+    Args:
+        output_dir: run folder (created if needed).
+        metrics: at least ``trtr`` / ``tstr`` (dicts with ``accuracy``, ``f1``, ``precision``, ``recall`` and
+            optional ``*_std``, as from :func:`~monai_condflow.evaluation.tstr.evaluate_tstr`) and ``fid``; optional
+            ``fid_floor``, ``fid_ratio``, ``class_agreement``, ``class_agreement_real``, ``baseline`` (same keys, for
+            the ACGAN), ``augmentation`` (from :func:`~monai_condflow.evaluation.augmentation.augmentation_study`)
+            and anything else JSON-able (copied to ``metrics.json``).
+        data_summary: ``name -> value`` lines of the data section (split sizes, class counts, image size, ...).
+        sample_images: ``name -> [N, 1, S, S]`` images; one PNG grid each (e.g. ``"real class 1"``,
+            ``"flow class 1"``).
+        tensorboard_dir: folder of TensorBoard event files (default ``output_dir/tensorboard``); each scalar tag
+            becomes a line chart.
+        extra_sections: ``heading -> markdown`` appended at the end.
+        title: report title.
+
+    Returns:
+        ``(report_md_path, metrics_json_path)``.
+
+    Raises:
+        ValueError: when a required metric is missing or not a finite number.
+    """
+    _check_metrics(metrics)
+    out = Path(output_dir)
+    fig_dir = out / "figures"
+    lines = [f"# {title}", ""]
+
+    if data_summary:
+        lines += ["## Data", "", "| item | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in data_summary.items()] + [""]
+
+    # Table 2: FID on evaluation-classifier embeddings
+    lines += ["## Fidelity (Table 2 format: FID on evaluation-classifier embeddings, lower is better)", ""]
+    lines += ["| method | FID | FID floor (real val vs test) | FID / floor | class agreement | TSTR accuracy (%) |"]
+    lines += ["|---|---|---|---|---|---|"]
+    rows = [("conditional flow", metrics)] + (
+        [("ACGAN baseline", metrics["baseline"])] if "baseline" in metrics else []
+    )
+    floor = metrics.get("fid_floor")
+    for name, block in rows:
+        ratio = block.get("fid_ratio")
+        if ratio is None and isinstance(floor, (int, float)):
+            ratio = fid_to_floor_ratio(block["fid"], floor)
+        lines.append(
+            f"| {name} | {_num(block['fid'])} | {_num(floor)} | {_num(ratio, '.3g')} | "
+            f"{_num(block.get('class_agreement'), '.3f')} | {_pct(block['tstr'], 'accuracy')} |"
+        )
+    if isinstance(metrics.get("class_agreement_real"), (int, float)):
+        lines.append("")
+        lines.append(
+            f"Class agreement of the real-trained classifier on the real training images (reference): "
+            f"{metrics['class_agreement_real']:.3f}."
+        )
+    lines.append("")
+
+    # Table 3: TRTR vs TSTR
+    lines += ["## Utility (Table 3 format: TRTR vs TSTR on the real test split, % mean ± std)", ""]
+    n_boot, n_sets = metrics.get("n_bootstrap"), metrics.get("n_synthetic_sets")
+    if n_boot is not None or n_sets is not None:
+        lines += [f"Over {n_boot} test-set bootstraps and {n_sets} synthetic sets (different seeds).", ""]
+    lines += ["| training data | accuracy | macro-F1 | macro-precision | macro-recall |", "|---|---|---|---|---|"]
+    table = [("real (TRTR)", metrics["trtr"]), ("flow synthetic (TSTR)", metrics["tstr"])]
+    if "baseline" in metrics:
+        table.append(("ACGAN synthetic (TSTR)", metrics["baseline"]["tstr"]))
+    for name, s in table:
+        lines.append(f"| {name} | " + " | ".join(_pct(s, k) for k in METRIC_KEYS) + " |")
+    lines.append("")
+    for name, s in table:
+        if s.get("per_class_recall") is not None:
+            pcr = ", ".join(f"{100 * v:.1f}" for v in s["per_class_recall"])
+            lines.append(f"- per-class recall (%), {name}: {pcr}")
+    series = {name: [s[k] for k in METRIC_KEYS] for name, s in table}
+    errs = {name: [s.get(f"{k}_std", 0.0) for k in METRIC_KEYS] for name, s in table}
+    bar_chart(fig_dir / "tstr_trtr.png", list(METRIC_KEYS), series, errs, "TRTR vs TSTR (real test split)", "score")
+    lines += ["", "![TRTR vs TSTR](figures/tstr_trtr.png)", ""]
+
+    aug = metrics.get("augmentation")
+    if isinstance(aug, Mapping) and aug.get("rows"):
+        lines += ["## Augmentation (real imbalanced training set + synthetic minority images)", ""]
+        lines += [
+            "| synthetic added (% of gap) | images added | minority recall | macro-recall | accuracy | macro-F1 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in aug["rows"]:
+            lines.append(
+                f"| {100 * r['fraction']:.0f} | {r['n_added']} | {_pct(r, 'minority_recall')} | {_pct(r, 'recall')} | "
+                f"{_pct(r, 'accuracy')} | {_pct(r, 'f1')} |"
+            )
+        if aug.get("plot"):
+            lines += ["", f"![augmentation]({os.path.relpath(aug['plot'], out)})"]
+        lines.append("")
+
+    tb_dir = Path(tensorboard_dir) if tensorboard_dir is not None else out / "tensorboard"
+    runs = read_tensorboard_scalars(tb_dir)
+    if runs:
+        lines += ["## Training curves", ""]
+        for run, tags in runs.items():
+            for tag, (steps, values) in tags.items():
+                safe = "".join(ch if ch.isalnum() else "_" for ch in f"{run}_{tag}").strip("_")
+                png = line_chart(fig_dir / f"curve_{safe}.png", {tag: (steps, values)}, f"{run}: {tag}", "step", tag)
+                lines.append(f"![{run}: {tag}](figures/{png.name})")
+        lines.append("")
+
+    if sample_images:
+        lines += ["## Sample grids", "", "Look at them: TSTR alone can be fooled by class-correlated textures.", ""]
+        for name, imgs in sample_images.items():
+            safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+            png = image_grid(fig_dir / f"grid_{safe}.png", imgs, nrow=8)
+            lines.append(f"- {name}: [figures/{png.name}](figures/{png.name})")
+            lines.append(f"  ![{name}](figures/{png.name})")
+        lines.append("")
+
+    for heading, body in (extra_sections or {}).items():
+        lines += [f"## {heading}", "", body, ""]
+
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
+    payload = json.dumps(_jsonable(dict(metrics)), indent=2, sort_keys=True, allow_nan=False)
+    metrics_path = atomic_write_text(out / "metrics.json", payload + "\n")
+    logger.info("wrote %s and %s", report, metrics_path)
+    return report, metrics_path
+
+
+def find_model_checkpoint(directory: str | os.PathLike, name: str) -> Path:
+    """The checkpoint of a model folder: ``{name}_best.pt``, else ``*best*.pt``, ``*final*.pt``, else the newest
+    ``*.pt`` (temporary files are ignored).
+
+    Raises:
+        FileNotFoundError: when the folder holds no ``.pt`` file.
+    """
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("*.pt") if p.is_file() and not p.name.startswith((".", "tmp")))
+    for pattern in (f"{name}_best.pt", "*best*.pt", "*final*.pt"):
+        hits = sorted(p for p in files if p.match(pattern))
+        if hits:
+            return hits[-1]
+    if not files:
+        raise FileNotFoundError(f"no .pt checkpoint in {directory}.")
+    return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def load_module(
+    spec: nn.Module | str | os.PathLike, factory: Callable[[], nn.Module], name: str, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """A module given as itself, a checkpoint file, or a folder (see :func:`find_model_checkpoint`), in eval mode.
+
+    The state dict is the checkpoint itself or its entry under ``network`` / ``model`` / ``state_dict`` / ``name``
+    / ... Loading goes through ``torch.load(weights_only=True)``.
+    """
+    from monai_condflow.engines.checkpoint import load_checkpoint
+
+    if isinstance(spec, nn.Module):
+        return spec.to(device).eval()
+    path = Path(spec)
+    if path.is_dir():
+        path = find_model_checkpoint(path, name)
+    ckpt = load_checkpoint(path, map_location=device)
+    state = ckpt
+    for key in (name,) + _STATE_KEYS:
+        if isinstance(ckpt.get(key), Mapping):
+            state = ckpt[key]
+            break
+    module = factory()
+    module.load_state_dict(state)
+    logger.info("loaded %s from %s", name, path)
+    return module.to(device).eval()
+
+
+def sample_synthetic_set(
+    sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    conditions: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    batch_size: int = 64,
+) -> tuple[ImageSet, int]:
+    """Draw one synthetic set and drop non-finite images.
+
+    Args:
+        sampler: ``(condition batch, generator) -> images [B, 1, S, S]`` (flow: ``z``; ACGAN: labels).
+        conditions: ``[N, ...]`` one condition per synthetic image.
+        labels: ``[N]`` conditioning class of each image.
+        seed: seed of the sampling generator.
+        batch_size: conditions per sampler call.
+
+    Returns:
+        ``((images, labels), n_dropped)`` with images clamped to ``[0, 1]``.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    outs = []
+    with torch.no_grad():
+        for start in range(0, conditions.shape[0], batch_size):
+            outs.append(sampler(conditions[start : start + batch_size], g).detach().float().cpu())
+    images = torch.cat(outs)
+    finite = torch.isfinite(images.flatten(1)).all(1)
+    n_bad = int((~finite).sum())
+    if n_bad:
+        logger.warning("dropping %d of %d synthetic images with NaN / Inf pixels", n_bad, images.shape[0])
+    return (images[finite].clamp(0.0, 1.0), labels.reshape(-1)[finite].long()), n_bad
+
+
+def _flow_sampler(flow: nn.Module, temperature: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    try:
+        from monai_condflow.engines.generation import generate_tensors
+    except ImportError:
+        generate_tensors = None
+
+    def sample(z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if generate_tensors is not None:
+            return generate_tensors(flow, z, temperature, g)
+        return flow.sample(z, temperature=temperature, generator=g)
+
+    return sample
+
+
+def run_evaluation(
+    output_dir: str | os.PathLike,
+    real_train: ImageSet | Sequence[Mapping[str, Any]],
+    real_val: ImageSet | Sequence[Mapping[str, Any]],
+    real_test: ImageSet | Sequence[Mapping[str, Any]],
+    *,
+    classifier: nn.Module | str | os.PathLike | None = None,
+    flow: nn.Module | str | os.PathLike | None = None,
+    acgan: nn.Module | str | os.PathLike | None = None,
+    classifier_factory: Callable[[], nn.Module] | None = None,
+    flow_factory: Callable[[], nn.Module] | None = None,
+    acgan_factory: Callable[[], nn.Module] | None = None,
+    eval_network_factory: Callable[[], nn.Module] | None = None,
+    fit_fn: Callable[..., nn.Module] = default_fit_fn,
+    train_kwargs: Mapping[str, Any] | None = None,
+    num_classes: int = 2,
+    class_names: Sequence[str] | None = None,
+    n_synthetic_sets: int = 3,
+    temperature: float = 0.9,
+    n_bootstrap: int = 200,
+    augmentation: bool = False,
+    augmentation_fractions: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
+    n_grid: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a trained run end to end and write ``report.md`` / ``metrics.json`` into ``output_dir``.
+
+    Steps: load the conditioning classifier and the flow (default: the checkpoints in ``output_dir/classifier`` and
+    ``output_dir/flow``); embed the real training images (``z``) and draw ``n_synthetic_sets`` synthetic sets
+    (one image per real training image, same ``z``, temperature ``temperature``, seeds ``seed + k``; non-finite
+    samples are dropped and counted); train the evaluation classifier on real data only (it is the TRTR classifier,
+    the FID feature extractor and the class-agreement judge); TSTR / TRTR with bootstraps; FID of each synthetic set
+    vs the real test split, the floor (real val vs real test) and their ratio. When an ACGAN checkpoint exists
+    (``acgan`` or ``output_dir/acgan``) the same is done for it under ``baseline``. ``augmentation=True`` adds the
+    augmentation study for the minority class.
+
+    Args:
+        output_dir: run folder (holds ``classifier/``, ``flow/``, optionally ``acgan/`` and ``tensorboard/``).
+        real_train: real training set ``(images, labels)`` or records (see
+            :func:`~monai_condflow.evaluation.tstr.as_image_set`).
+        real_val: real validation set (epoch selection and FID floor).
+        real_test: held-out real test set.
+        classifier: conditioning classifier (module, checkpoint file or folder).
+        flow: conditional flow (module, checkpoint file or folder).
+        acgan: ACGAN generator (module with ``sample(labels, generator)``, file or folder), or ``None`` to look in
+            ``output_dir/acgan``.
+        classifier_factory: builds the conditioning classifier for loading (default ``PEPXNet`` "small", 1 -> C).
+        flow_factory: builds the flow for loading (default ``ConditionalGlow.from_preset("small")``).
+        acgan_factory: builds the ACGAN generator for loading (default ``ACGANGenerator`` with defaults).
+        eval_network_factory: fresh classifiers for TRTR / TSTR / FID (default ``classifier_factory``).
+        fit_fn: classifier training function (see :func:`~monai_condflow.evaluation.tstr.default_fit_fn`).
+        train_kwargs: passed to ``fit_fn`` (``max_epochs``, ``lr``, ``batch_size``, ...).
+        num_classes: number of classes.
+        class_names: names for the report (default ``"class 0"``, ...).
+        n_synthetic_sets: synthetic sets (seeds) per generator.
+        temperature: flow sampling temperature (paper: 0.9).
+        n_bootstrap: test-set bootstraps.
+        augmentation: run the augmentation study too.
+        augmentation_fractions: fractions of the class gap filled with synthetic minority images.
+        n_grid: images per class in the sample grids.
+        batch_size: batch size of embedding / sampling / FID feature passes.
+        seed: base seed.
+        device: device for every network.
+
+    Returns:
+        The metrics dict written to ``metrics.json``.
+    """
+    from monai_condflow.networks.nets import PEPXNet
+
+    out = Path(output_dir)
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
+    train, val, test = as_image_set(real_train), as_image_set(real_val), as_image_set(real_test)
+    if classifier_factory is None:
+
+        def classifier_factory() -> nn.Module:
+            return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
+
+    if flow_factory is None:
+        from monai_condflow.networks.nets import ConditionalGlow
+
+        def flow_factory() -> nn.Module:
+            return ConditionalGlow.from_preset("small")
+
+    eval_factory = eval_network_factory or classifier_factory
+    cond_net = load_module(
+        classifier if classifier is not None else out / "classifier", classifier_factory, "classifier", device
+    )
+    flow_net = load_module(flow if flow is not None else out / "flow", flow_factory, "flow", device)
+
+    z = extract_features(cond_net, train[0], batch_size, device)
+    flow_sets, flow_bad = [], 0
+    for k in range(n_synthetic_sets):
+        syn, bad = sample_synthetic_set(
+            _flow_sampler(flow_net, temperature), z.to(device), train[1], seed + k, batch_size
+        )
+        flow_sets.append(syn)
+        flow_bad += bad
+
+    logger.info("training the evaluation classifier on real data only")
+    eval_net = train_real_classifier(
+        train, val, network_factory=eval_factory, fit_fn=fit_fn, train_kwargs=train_kwargs, seed=seed, device=device
+    )
+    test_feats = extract_features(eval_net, test[0], batch_size, device)
+    floor = fid_from_features(extract_features(eval_net, val[0], batch_size, device), test_feats)
+
+    def _evaluate(sets: list[ImageSet], n_bad: int) -> dict[str, Any]:
+        res = evaluate_tstr(
+            train,
+            val,
+            test,
+            sets,
+            network_factory=eval_factory,
+            num_classes=num_classes,
+            fit_fn=fit_fn,
+            train_kwargs=train_kwargs,
+            n_bootstrap=n_bootstrap,
+            real_classifier=eval_net,
+            seed=seed,
+            device=device,
+        )
+        fids = [fid_from_features(extract_features(eval_net, s[0], batch_size, device), test_feats) for s in sets]
+        res["fid"] = float(np.mean(fids))
+        res["fid_std"] = float(np.std(fids))
+        res["fid_per_set"] = fids
+        res["fid_ratio"] = fid_to_floor_ratio(res["fid"], floor)
+        total = sum(s[1].numel() for s in sets) + n_bad
+        res["nonfinite_fraction"] = n_bad / total if total else 0.0
+        return res
+
+    metrics: dict[str, Any] = _evaluate(flow_sets, flow_bad)
+    metrics["fid_floor"] = floor
+    metrics["temperature"] = float(temperature)
+    metrics["seed"] = int(seed)
+
+    samples: dict[str, torch.Tensor] = {}
+    for c in range(num_classes):
+        samples[f"real {names[c]}"] = test[0][test[1] == c][:n_grid]
+        samples[f"flow {names[c]}"] = flow_sets[0][0][flow_sets[0][1] == c][:n_grid]
+
+    acgan_spec = acgan if acgan is not None else (out / "acgan" if (out / "acgan").is_dir() else None)
+    if acgan_spec is not None:
+        if acgan_factory is None:
+
+            def acgan_factory() -> nn.Module:
+                from monai_condflow.networks.nets.acgan import ACGANGenerator
+
+                return ACGANGenerator(num_classes=num_classes)
+
+        gen = load_module(acgan_spec, acgan_factory, "acgan", device)
+        acgan_sets, acgan_bad = [], 0
+        for k in range(n_synthetic_sets):
+            syn, bad = sample_synthetic_set(
+                lambda y, g: gen.sample(y.to(device), generator=g), train[1], train[1], seed + k, batch_size
+            )
+            acgan_sets.append(syn)
+            acgan_bad += bad
+        base = _evaluate(acgan_sets, acgan_bad)
+        base["name"] = "acgan"
+        metrics["baseline"] = base
+        for c in range(num_classes):
+            samples[f"acgan {names[c]}"] = acgan_sets[0][0][acgan_sets[0][1] == c][:n_grid]
+
+    if augmentation:
+        from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
+
+        counts = torch.bincount(train[1], minlength=num_classes)
+        minority = int(counts.argmin())
+        gap = int(counts.max() - counts[minority])
+        pool_idx = torch.nonzero(train[1] == minority).reshape(-1)
+        n_pool = max(int(max(augmentation_fractions) * gap * 1.1) + 8, 1)  # margin for dropped non-finite samples
+        pick = pool_idx[torch.randint(0, pool_idx.numel(), (n_pool,), generator=torch.Generator().manual_seed(seed))]
+        pool, _ = sample_synthetic_set(
+            _flow_sampler(flow_net, temperature), z[pick].to(device), train[1][pick], seed + 10_000, batch_size
+        )
+        aug = augmentation_study(
+            train,
+            val,
+            test,
+            pool,
+            network_factory=eval_factory,
+            num_classes=num_classes,
+            minority_class=minority,
+            fractions=augmentation_fractions,
+            fit_fn=fit_fn,
+            train_kwargs=train_kwargs,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            device=device,
+        )
+        aug["plot"] = str(plot_augmentation(aug, out / "figures" / "augmentation.png"))
+        metrics["augmentation"] = aug
+
+    summary = {
+        "image size": "x".join(str(s) for s in train[0].shape[1:]),
+        "real train / val / test": f"{train[1].numel()} / {val[1].numel()} / {test[1].numel()}",
+    }
+    for split, s in (("train", train), ("val", val), ("test", test)):
+        counts = torch.bincount(s[1], minlength=num_classes).tolist()
+        summary[f"{split} per class"] = ", ".join(f"{names[c]}: {n}" for c, n in enumerate(counts))
+    summary["synthetic sets (flow)"] = f"{n_synthetic_sets} x {train[1].numel()} (T = {temperature})"
+    summary["non-finite flow samples dropped"] = str(flow_bad)
+    write_report(out, metrics, data_summary=summary, sample_images=samples)
+    return metrics

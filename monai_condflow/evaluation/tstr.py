@@ -1,0 +1,402 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Train-on-synthetic / test-on-real (TSTR) versus train-on-real / test-on-real (TRTR), and class agreement.
+
+Protocol (paper, "Evaluation protocol"): a fresh classifier is trained on a synthetic set of the same size and class
+ratio as the real training set (TSTR) and another on the real training set (TRTR); both are tested on the held-out
+real test split. Accuracy, macro-F1, macro-precision and macro-recall are repeated over test-set bootstraps and over
+synthetic sets drawn with different seeds and reported as mean +- std (the paper's Table 3 format). The bootstrap
+resamples are shared by TRTR and TSTR (paired comparison).
+
+Class agreement is the fraction of synthetic images that the real-trained classifier assigns to their conditioning
+class; the same fraction on the real training images is reported beside it as the reference.
+
+Image sets are ``(images [N, 1, S, S] float32 in [0, 1], labels [N] int64)`` tuples; :func:`as_image_set` also
+accepts a MONAI-style sequence of ``{"image", "label"}`` dicts (e.g. a ``Dataset`` after its transform chain).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
+
+__all__ = [
+    "METRIC_KEYS",
+    "ImageSet",
+    "as_image_set",
+    "bootstrap_indices",
+    "bootstrap_scores",
+    "class_agreement",
+    "default_fit_fn",
+    "evaluate_tstr",
+    "match_class_composition",
+    "predict",
+    "summarize_scores",
+    "train_real_classifier",
+]
+
+logger = logging.getLogger(__name__)
+
+ImageSet = tuple[torch.Tensor, torch.Tensor]
+"""``(images [N, C, *S], labels [N])``."""
+
+METRIC_KEYS = ("accuracy", "f1", "precision", "recall")
+"""Keys of a score dict; ``f1`` / ``precision`` / ``recall`` are macro averages over all classes."""
+
+_REPORT_KEYS = {"accuracy": "accuracy", "f1": "macro_f1", "precision": "macro_precision", "recall": "macro_recall"}
+
+
+def as_image_set(data: ImageSet | Sequence[Mapping[str, Any]], image_key: str = "image", label_key: str = "label"):
+    """Normalise an image set to ``(images float32 [N, C, *S], labels int64 [N])`` on the CPU.
+
+    Args:
+        data: an ``(images, labels)`` pair, or a sequence of dicts with ``image_key`` / ``label_key`` (arrays or
+            tensors ``[C, *S]``).
+        image_key: image key of dict items.
+        label_key: label key of dict items.
+
+    Raises:
+        ValueError: on an empty set, different lengths, or non-finite images.
+    """
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], Mapping):
+        images, labels = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    else:
+        items = [data[i] for i in range(len(data))]
+        if not items:
+            raise ValueError("image set is empty.")
+        images = torch.stack([torch.as_tensor(np.asarray(it[image_key])) for it in items])
+        labels = torch.as_tensor([int(it[label_key]) for it in items])
+    images = images.detach().cpu().float()
+    labels = labels.detach().cpu().long().reshape(-1)
+    if images.shape[0] == 0:
+        raise ValueError("image set is empty.")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"image set has {images.shape[0]} images but {labels.shape[0]} labels.")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"image set holds {int((~torch.isfinite(images)).sum())} non-finite pixel values.")
+    return images, labels
+
+
+def predict(
+    network: nn.Module, images: torch.Tensor, batch_size: int = 256, device: str | torch.device | None = None
+) -> torch.Tensor:
+    """Class predictions ``argmax(network(x))`` ``[N]`` (int64, CPU), in eval mode without gradients."""
+    if device is None:
+        param = next(network.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = network.training
+    network.eval()
+    preds = []
+    try:
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                logits = network(images[start : start + batch_size].to(device))
+                preds.append(logits.argmax(dim=1).cpu())
+    finally:
+        network.train(was_training)
+    return torch.cat(preds).long()
+
+
+def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> torch.Tensor:
+    """``[n_bootstrap, n]`` resampling indices (with replacement), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n, (n_bootstrap, n), generator=g)
+
+
+def bootstrap_scores(
+    y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int, indices: torch.Tensor | None
+) -> list[dict[str, float]]:
+    """Scores of every bootstrap resample (or of the full set when ``indices`` is ``None`` or empty).
+
+    Returns:
+        A list of dicts with :data:`METRIC_KEYS`.
+    """
+    rows = [None] if indices is None or indices.shape[0] == 0 else list(indices)
+    out = []
+    for idx in rows:
+        t, p = (y_true, y_pred) if idx is None else (y_true[idx], y_pred[idx])
+        rep = report_from_confusion_matrix(confusion_matrix(t, p, num_classes))
+        out.append({k: float(rep[v]) for k, v in _REPORT_KEYS.items()})
+    return out
+
+
+def summarize_scores(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean and population std of each metric: ``{accuracy, accuracy_std, f1, f1_std, ...}`` (fractions in [0, 1])."""
+    out: dict[str, float] = {}
+    for k in METRIC_KEYS:
+        values = np.asarray([s[k] for s in scores], dtype=np.float64)
+        out[k] = float(values.mean())
+        out[f"{k}_std"] = float(values.std())
+    return out
+
+
+def match_class_composition(
+    synthetic: ImageSet, target_labels: torch.Tensor, num_classes: int, seed: int = 0
+) -> ImageSet:
+    """Subsample a synthetic set to the size and per-class counts of ``target_labels`` (the real training set).
+
+    Classes with fewer synthetic images than needed are drawn with replacement (a warning is logged).
+
+    Raises:
+        ValueError: when a class present in ``target_labels`` has no synthetic image.
+    """
+    images, labels = synthetic
+    g = torch.Generator().manual_seed(int(seed))
+    need = torch.bincount(target_labels.reshape(-1).long(), minlength=num_classes)
+    chosen = []
+    for c in range(num_classes):
+        n_c = int(need[c])
+        if n_c == 0:
+            continue
+        pool = torch.nonzero(labels == c).reshape(-1)
+        if pool.numel() == 0:
+            raise ValueError(f"synthetic set has no image of class {c}, the real training set has {n_c}.")
+        if pool.numel() >= n_c:
+            chosen.append(pool[torch.randperm(pool.numel(), generator=g)[:n_c]])
+        else:
+            logger.warning(
+                "class %d: %d synthetic images for %d needed; drawing with replacement", c, pool.numel(), n_c
+            )
+            chosen.append(pool[torch.randint(0, pool.numel(), (n_c,), generator=g)])
+    idx = torch.cat(chosen)
+    idx = idx[torch.randperm(idx.numel(), generator=g)]
+    return images[idx], labels[idx]
+
+
+def default_fit_fn(
+    network: nn.Module,
+    train: ImageSet,
+    val: ImageSet | None,
+    *,
+    seed: int,
+    device: str | torch.device,
+    output_dir: str | os.PathLike | None = None,
+    **train_kwargs: Any,
+) -> nn.Module:
+    """Train a classifier with :func:`monai_condflow.engines.classifier.train_classifier` and keep the best weights.
+
+    With ``val`` the weights of the best validation macro-F1 epoch are loaded back (from ``classifier_best.pt``);
+    without it the last epoch's weights are kept. Files go to ``output_dir`` (a temporary folder when ``None``).
+
+    Args:
+        network: fresh classifier (``forward -> logits [B, C]``).
+        train: training ``(images, labels)``.
+        val: validation ``(images, labels)`` or ``None``.
+        seed: data-order seed.
+        device: training device.
+        output_dir: where the classifier's checkpoints / TensorBoard files go.
+        train_kwargs: ``max_epochs`` (default 10), ``batch_size``, ``lr`` (default 1e-3) and any other argument of
+            ``train_classifier`` / ``create_classifier_trainer``.
+
+    Returns:
+        The trained ``network`` (same object) in eval mode.
+    """
+    from monai_condflow.engines.checkpoint import load_checkpoint
+    from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
+
+    kwargs = {"max_epochs": 10, "lr": 1e-3, "iteration_log": False}
+    kwargs.update(train_kwargs)
+
+    def _records(s: ImageSet) -> list[dict[str, Any]]:
+        return [{"image": img, "label": int(lbl)} for img, lbl in zip(s[0], s[1])]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.fspath(output_dir) if output_dir is not None else tmp
+        result = train_classifier(
+            network,
+            _records(train),
+            _records(val) if val is not None else None,
+            device=device,
+            seed=seed,
+            output_dir=out,
+            **kwargs,
+        )
+        best = result.get("best_checkpoint")
+        if val is not None and best is not None and os.path.isfile(best):
+            state = load_checkpoint(best, map_location=device)
+            network.load_state_dict(state.get("network", state) if isinstance(state, Mapping) else state)
+        elif val is not None:
+            logger.warning("no %s written; keeping the last epoch's weights", BEST_CHECKPOINT_NAME)
+    return network.eval()
+
+
+def _seeded_network(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(int(seed))
+    return factory()
+
+
+def train_real_classifier(
+    real_train: ImageSet,
+    real_val: ImageSet | None,
+    *,
+    network_factory: Callable[[], nn.Module],
+    fit_fn: Callable[..., nn.Module] = default_fit_fn,
+    train_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Train the *evaluation* classifier on real data only (TRTR classifier, FID feature extractor, class agreement).
+
+    Args:
+        real_train: real training ``(images, labels)``.
+        real_val: real validation set for epoch selection, or ``None``.
+        network_factory: ``() -> nn.Module`` building a fresh classifier (e.g.
+            ``lambda: PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)``).
+        fit_fn: ``fit_fn(network, train, val, *, seed, device, **train_kwargs) -> network``.
+        train_kwargs: passed to ``fit_fn``.
+        seed: initialisation and data-order seed.
+        device: training device.
+    """
+    net = _seeded_network(network_factory, seed)
+    return fit_fn(net, real_train, real_val, seed=seed, device=device, **dict(train_kwargs or {}))
+
+
+def class_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (their conditioning class)."""
+    preds = predict(classifier, images, batch_size)
+    return float((preds == labels.reshape(-1).long()).double().mean())
+
+
+def evaluate_tstr(
+    real_train: ImageSet | Sequence[Mapping[str, Any]],
+    real_val: ImageSet | Sequence[Mapping[str, Any]] | None,
+    real_test: ImageSet | Sequence[Mapping[str, Any]],
+    synthetic_sets: Sequence[ImageSet],
+    *,
+    network_factory: Callable[[], nn.Module],
+    num_classes: int | None = None,
+    fit_fn: Callable[..., nn.Module] = default_fit_fn,
+    train_kwargs: Mapping[str, Any] | None = None,
+    n_bootstrap: int = 200,
+    n_real_models: int = 1,
+    real_classifier: nn.Module | None = None,
+    match_composition: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """TSTR vs TRTR on the real test split, mean +- std over bootstraps and synthetic sets; class agreement.
+
+    Each synthetic set (drawn with its own seed) trains one fresh classifier (TSTR); ``n_real_models`` classifiers
+    with different seeds are trained on the real training set (TRTR; ``real_classifier``, when given, is used as the
+    first). Every classifier is scored on the same ``n_bootstrap`` resamples of the test split (the full split when
+    ``n_bootstrap == 0``); the mean and std are taken over all (classifier, resample) pairs. ``real_val`` selects the
+    epoch of both kinds of classifiers (a mild use of real data in TSTR, as in the paper's practice; pass ``None``
+    for strict TSTR).
+
+    Args:
+        real_train: real training set (sets the size and class ratio of each synthetic training set).
+        real_val: real validation set or ``None``.
+        real_test: held-out real test set.
+        synthetic_sets: ``(images [M, 1, S, S], conditioning labels [M])`` per seed; non-finite images must have been
+            removed.
+        network_factory: ``() -> nn.Module`` building a fresh classifier.
+        num_classes: number of classes; ``max(label) + 1`` over the real sets when ``None``.
+        fit_fn: training function, see :func:`train_real_classifier`.
+        train_kwargs: passed to ``fit_fn``.
+        n_bootstrap: test-set resamples per classifier (0 for the plain test set).
+        n_real_models: TRTR classifiers (seeds ``seed, seed + 1, ...``).
+        real_classifier: an already trained real-data classifier to reuse (skips one TRTR training).
+        match_composition: subsample each synthetic set to the real training set's size and class counts.
+        seed: base seed (bootstrap, subsampling, initialisation).
+        device: training device.
+
+    Returns:
+        ``{"trtr": scores, "tstr": scores, "tstr_per_set": [point scores per synthetic set], "trtr_point": ...,
+        "class_agreement": float (mean over sets), "class_agreement_per_set": [...], "class_agreement_real": float
+        (real training images), "tstr_trtr_accuracy_ratio": float, "n_bootstrap": int, "n_synthetic_sets": int,
+        "num_test": int}`` where ``scores`` holds :data:`METRIC_KEYS`, their ``*_std``, ``per_class_recall`` and
+        ``per_class_precision`` (full test set, averaged over classifiers). All scores are fractions in [0, 1].
+
+    Raises:
+        ValueError: without synthetic sets, or with a class missing from a synthetic set.
+    """
+    if not synthetic_sets:
+        raise ValueError("evaluate_tstr needs at least one synthetic set.")
+    if n_bootstrap < 0 or n_real_models < 1:
+        raise ValueError(f"need n_bootstrap >= 0 and n_real_models >= 1, got {n_bootstrap}, {n_real_models}.")
+    train = as_image_set(real_train)
+    val = as_image_set(real_val) if real_val is not None else None
+    test = as_image_set(real_test)
+    if num_classes is None:
+        num_classes = int(max(int(s[1].max()) for s in (train, test) + ((val,) if val is not None else ()))) + 1
+    kwargs = dict(train_kwargs or {})
+    idx = bootstrap_indices(test[1].numel(), n_bootstrap, seed)
+
+    def _score(net: nn.Module) -> tuple[list[dict[str, float]], dict[str, Any]]:
+        preds = predict(net, test[0])
+        point = report_from_confusion_matrix(confusion_matrix(test[1], preds, num_classes))
+        return bootstrap_scores(test[1], preds, num_classes, idx), point
+
+    def _collect(runs: list[tuple[list[dict[str, float]], dict[str, Any]]]) -> dict[str, Any]:
+        summary: dict[str, Any] = summarize_scores([s for scores, _ in runs for s in scores])
+        for key in ("recall", "precision"):
+            per_class = np.mean([point["per_class"][key] for _, point in runs], axis=0)
+            summary[f"per_class_{key}"] = [float(v) for v in per_class]
+        summary["n_models"] = len(runs)
+        return summary
+
+    real_nets = []
+    for r in range(n_real_models):
+        if r == 0 and real_classifier is not None:
+            real_nets.append(real_classifier.eval())
+            continue
+        logger.info("TRTR: training real-data classifier %d/%d", r + 1, n_real_models)
+        real_nets.append(
+            train_real_classifier(
+                train,
+                val,
+                network_factory=network_factory,
+                fit_fn=fit_fn,
+                train_kwargs=kwargs,
+                seed=seed + r,
+                device=device,
+            )
+        )
+    trtr_runs = [_score(n) for n in real_nets]
+
+    tstr_runs, agreement = [], []
+    for i, syn in enumerate(synthetic_sets):
+        syn = as_image_set(syn)
+        agreement.append(class_agreement(real_nets[0], syn[0], syn[1]))
+        if match_composition:
+            syn = match_class_composition(syn, train[1], num_classes, seed=seed + 1000 + i)
+        logger.info(
+            "TSTR: training classifier on synthetic set %d/%d (%d images)", i + 1, len(synthetic_sets), syn[1].numel()
+        )
+        net = _seeded_network(network_factory, seed + 100 + i)
+        net = fit_fn(net, syn, val, seed=seed + 100 + i, device=device, **kwargs)
+        tstr_runs.append(_score(net))
+
+    trtr, tstr = _collect(trtr_runs), _collect(tstr_runs)
+    return {
+        "trtr": trtr,
+        "tstr": tstr,
+        "tstr_per_set": [{k: float(p[v]) for k, v in _REPORT_KEYS.items()} for _, p in tstr_runs],
+        "trtr_point": [{k: float(p[v]) for k, v in _REPORT_KEYS.items()} for _, p in trtr_runs],
+        "class_agreement": float(np.mean(agreement)),
+        "class_agreement_std": float(np.std(agreement)),
+        "class_agreement_per_set": agreement,
+        "class_agreement_real": class_agreement(real_nets[0], train[0], train[1]),
+        "tstr_trtr_accuracy_ratio": tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan"),
+        "n_bootstrap": int(n_bootstrap),
+        "n_synthetic_sets": len(synthetic_sets),
+        "num_test": int(test[1].numel()),
+        "num_classes": int(num_classes),
+    }

@@ -1,0 +1,60 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests for the augmentation study: a prior-sensitive stand-in classifier whose minority recall rises with balance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
+
+
+class _Prior(nn.Module):
+    """Predicts the majority class of its training set, unless the set is balanced: then the true brightness class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_channels = 2
+        self.register_buffer("balanced", torch.tensor(0.0))
+        self.register_buffer("majority", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x.flatten(1).mean(1) > 0.5).long()
+        pred = bright if self.balanced > 0 else torch.full_like(bright, int(self.majority))
+        return nn.functional.one_hot(pred, 2).float()
+
+
+def _fit(network, train, val, *, seed, device, **kwargs):
+    counts = torch.bincount(train[1], minlength=2)
+    network.majority.fill_(int(counts.argmax()))
+    network.balanced.fill_(float(counts.min() >= counts.max()))
+    return network
+
+
+def _data(n0, n1):
+    labels = torch.cat([torch.zeros(n0), torch.ones(n1)]).long()
+    return (0.2 + 0.6 * labels.float()).reshape(-1, 1, 1, 1).expand(-1, 1, 4, 4).clone(), labels
+
+
+def test_minority_recall_rises_to_balance(tmp_path):
+    train, test = _data(30, 10), _data(10, 10)
+    pool = _data(0, 25)
+    res = augmentation_study(train, None, test, pool, network_factory=_Prior, fit_fn=_fit, n_bootstrap=0)
+    assert res["minority_class"] == 1 and res["gap"] == 20
+    rows = res["rows"]
+    assert [r["n_added"] for r in rows] == [0, 5, 10, 20]
+    assert [r["minority_recall"] for r in rows] == [0.0, 0.0, 0.0, 1.0]
+    assert rows[0]["recall"] == 0.5 and rows[-1]["accuracy"] == 1.0
+    assert plot_augmentation(res, tmp_path / "aug.png").is_file()
+    with pytest.raises(ValueError, match="25 images of class 1, 40 are needed"):
+        augmentation_study(train, None, test, pool, network_factory=_Prior, fit_fn=_fit, fractions=(2.0,))

@@ -1,0 +1,139 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests for the evaluation report writer and the end-to-end run_evaluation with tiny stand-in models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_condflow.evaluation.report import read_tensorboard_scalars, run_evaluation, write_report
+
+_SCORES = {"accuracy": 0.7, "f1": 0.69, "precision": 0.68, "recall": 0.78, "accuracy_std": 0.02}
+
+
+def test_write_report_tables_json_and_curves(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "tensorboard" / "flow"))
+    for step, v in enumerate([5.0, 4.5, 4.2]):
+        writer.add_scalar("val_bpd", v, step)
+    writer.close()
+    steps, values = read_tensorboard_scalars(tmp_path / "tensorboard")["flow"]["val_bpd"]
+    assert steps == [0, 1, 2] and values == pytest.approx([5.0, 4.5, 4.2])
+    metrics = {
+        "trtr": _SCORES,
+        "tstr": dict(_SCORES, accuracy=0.64),
+        "fid": 0.163,
+        "fid_floor": 0.0034,
+        "class_agreement": 0.678,
+        "odd": float("nan"),
+        "baseline": {"trtr": _SCORES, "tstr": dict(_SCORES, accuracy=0.5), "fid": 0.4},
+    }
+    report, js = write_report(
+        tmp_path, metrics, data_summary={"train": 10}, sample_images={"flow c1": torch.rand(3, 1, 8, 8)}
+    )
+    text = report.read_text()
+    assert "| conditional flow | 0.163 | 0.0034 | 47.9 | 0.678 | 64.00 ± 2.00 |" in text
+    assert "| real (TRTR) | 70.00 ± 2.00 | 69.00 | 68.00 | 78.00 |" in text
+    assert "ACGAN synthetic (TSTR)" in text and "figures/grid_flow_c1.png" in text
+    assert "curve_flow_val_bpd.png" in text and (tmp_path / "figures" / "curve_flow_val_bpd.png").is_file()
+    data = json.loads(js.read_text())
+    assert data["odd"] is None and data["fid"] == 0.163 and data["baseline"]["tstr"]["accuracy"] == 0.5
+    assert set(data["trtr"]) >= {"accuracy", "f1", "precision", "recall"}
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_write_report_rejects_missing_metric(tmp_path):
+    with pytest.raises(ValueError, match="tstr.recall"):
+        write_report(tmp_path, {"trtr": _SCORES, "tstr": {"accuracy": 1, "f1": 1, "precision": 1}, "fid": 0.1})
+    with pytest.raises(ValueError, match="fid"):
+        write_report(tmp_path, {"trtr": _SCORES, "tstr": _SCORES, "fid": math.nan})
+    assert not (tmp_path / "metrics.json").exists()
+
+
+class _Centroid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_channels = 2
+        self.centroids = nn.Parameter(torch.tensor([0.2, 0.8]))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(self.embed(x) - self.centroids).abs()
+
+
+def _fit(network, train, val, *, seed, device, **kwargs):
+    with torch.no_grad():
+        for c in range(2):
+            network.centroids[c] = train[0][train[1] == c].mean()
+    return network
+
+
+class _FlowStandIn(nn.Module):
+    """Keeps the mean intensity ``z`` and adds noise; the first image of every call is NaN (must be dropped)."""
+
+    def sample(self, condition, temperature=0.9, generator=None):
+        x = condition.reshape(-1, 1, 1, 1) + 0.05 * temperature * torch.randn(
+            condition.shape[0], 1, 4, 4, generator=generator
+        )
+        x[0] = float("nan")
+        return x
+
+
+class _GanStandIn(nn.Module):
+    def sample(self, labels, generator=None):
+        return (
+            0.3
+            + 0.4 * labels.float().reshape(-1, 1, 1, 1)
+            + 0.1 * torch.randn(labels.shape[0], 1, 4, 4, generator=generator)
+        )
+
+
+def _data(n0, n1, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.zeros(n0), torch.ones(n1)]).long()
+    return (0.2 + 0.6 * labels.float()).reshape(-1, 1, 1, 1) + 0.05 * torch.randn(n0 + n1, 1, 4, 4, generator=g), labels
+
+
+def test_run_evaluation_end_to_end(tmp_path):
+    metrics = run_evaluation(
+        tmp_path,
+        _data(40, 12, 0),
+        _data(20, 10, 1),
+        _data(20, 10, 2),
+        classifier=_Centroid(),
+        flow=_FlowStandIn(),
+        acgan=_GanStandIn(),
+        eval_network_factory=_Centroid,
+        fit_fn=_fit,
+        n_synthetic_sets=2,
+        n_bootstrap=10,
+        augmentation=True,
+        batch_size=16,
+        class_names=["non-COVID", "COVID"],
+    )
+    assert metrics["trtr"]["accuracy"] == 1.0 and metrics["tstr"]["accuracy"] > 0.95
+    assert metrics["class_agreement"] > 0.95 and metrics["nonfinite_fraction"] > 0
+    assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
+    assert metrics["baseline"]["fid"] > metrics["fid"]  # the stand-in GAN shifts both class means
+    assert [r["n_added"] for r in metrics["augmentation"]["rows"]] == [0, 7, 14, 28]
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["baseline"]["tstr"]["recall"] == pytest.approx(metrics["baseline"]["tstr"]["recall"])
+    text = (tmp_path / "report.md").read_text()
+    assert "grid_flow_COVID.png" in text and "augmentation.png" in text
+    assert (tmp_path / "figures" / "augmentation.png").is_file()

@@ -1,0 +1,126 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests for TSTR / TRTR evaluation with a nearest-centroid stand-in classifier (hand-checkable results)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_condflow.evaluation.tstr import (
+    as_image_set,
+    bootstrap_indices,
+    bootstrap_scores,
+    class_agreement,
+    default_fit_fn,
+    evaluate_tstr,
+    match_class_composition,
+    summarize_scores,
+)
+
+
+class _Centroid(nn.Module):
+    """Nearest class centroid on the mean intensity; ``fit`` sets the centroids from training data."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.out_channels = num_classes
+        self.centroids = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(x.flatten(1).mean(1, keepdim=True) - self.centroids).abs()
+
+
+def _centroid_fit(network, train, val, *, seed, device, **kwargs):
+    images, labels = train
+    with torch.no_grad():
+        for c in range(network.centroids.numel()):
+            network.centroids[c] = images[labels == c].mean()
+    return network
+
+
+def _data(n0: int, n1: int, seed: int, swap: bool = False):
+    """Class 0 dark (~0.2), class 1 bright (~0.8); ``swap`` flips the labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.zeros(n0), torch.ones(n1)]).long()
+    images = (0.2 + 0.6 * labels.float()).reshape(-1, 1, 1, 1) + 0.05 * torch.randn(n0 + n1, 1, 4, 4, generator=g)
+    return images, (1 - labels) if swap else labels
+
+
+def test_bootstrap_and_summary_hand_values():
+    y_true = torch.tensor([0, 0, 1, 1])
+    y_pred = torch.tensor([0, 1, 1, 1])
+    (full,) = bootstrap_scores(y_true, y_pred, 2, None)
+    # precision: c0 1/1, c1 2/3 -> 5/6; recall: c0 1/2, c1 1 -> 3/4; F1: c0 2/3, c1 4/5 -> 11/15
+    assert full == pytest.approx({"accuracy": 0.75, "precision": 5 / 6, "recall": 0.75, "f1": 11 / 15})
+    rows = bootstrap_scores(y_true, y_pred, 2, torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3]]))
+    assert rows[0]["accuracy"] == 1.0 and rows[1]["accuracy"] == 0.5
+    s = summarize_scores(rows)
+    assert s["accuracy"] == pytest.approx(0.75) and s["accuracy_std"] == pytest.approx(0.25)
+    idx = bootstrap_indices(10, 5, seed=3)
+    assert idx.shape == (5, 10) and torch.equal(idx, bootstrap_indices(10, 5, seed=3))
+
+
+def test_match_class_composition_counts():
+    syn = _data(30, 5, 0)
+    out_images, out_labels = match_class_composition(syn, torch.tensor([0] * 8 + [1] * 2), 2, seed=1)
+    assert out_images.shape[0] == 10 and torch.bincount(out_labels).tolist() == [8, 2]
+    _, up = match_class_composition(syn, torch.tensor([0] * 2 + [1] * 9), 2)  # class 1 with replacement
+    assert torch.bincount(up).tolist() == [2, 9]
+    with pytest.raises(ValueError, match="no image of class 1"):
+        match_class_composition(_data(5, 0, 0), torch.tensor([0, 1]), 2)
+
+
+def test_as_image_set_from_records():
+    images, labels = as_image_set(
+        [{"image": torch.zeros(1, 4, 4), "label": 1}, {"image": torch.ones(1, 4, 4), "label": 0}]
+    )
+    assert images.shape == (2, 1, 4, 4) and labels.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="non-finite"):
+        as_image_set((torch.full((1, 1, 2, 2), float("nan")), torch.tensor([0])))
+
+
+def test_evaluate_tstr_good_and_swapped_synthetic():
+    train, val, test = _data(40, 10, 0), _data(10, 5, 1), _data(30, 20, 2)
+    good, swapped = _data(60, 60, 3), _data(60, 60, 4, swap=True)
+    net = _centroid_fit(_Centroid(), train, None, seed=0, device="cpu")
+    assert class_agreement(net, *good) == 1.0 and class_agreement(net, *swapped) == 0.0
+    res = evaluate_tstr(
+        train, val, test, [good, swapped], network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=20, seed=0
+    )
+    assert res["trtr"]["accuracy"] == 1.0 and res["trtr"]["accuracy_std"] == 0.0
+    # one synthetic set gives a perfect classifier, the swapped one a perfectly wrong one -> mean 0.5, std 0.5
+    assert [r["accuracy"] for r in res["tstr_per_set"]] == [1.0, 0.0]
+    assert res["tstr"]["accuracy"] == pytest.approx(0.5) and res["tstr"]["accuracy_std"] == pytest.approx(0.5)
+    assert res["class_agreement"] == pytest.approx(0.5) and res["class_agreement_real"] == 1.0
+    assert res["tstr"]["per_class_recall"] == pytest.approx([0.5, 0.5])
+    assert res["n_bootstrap"] == 20 and res["num_test"] == 50 and res["num_classes"] == 2
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_channels = 2
+        self.fc = nn.Linear(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1).mean(1, keepdim=True) * 4 - 2)
+
+
+def test_default_fit_fn_trains_with_engine(tmp_path):
+    pytest.importorskip("monai_condflow.engines.classifier")
+    train, val = _data(32, 32, 0), _data(8, 8, 1)
+    net = default_fit_fn(
+        _Tiny(), train, val, seed=0, device="cpu", max_epochs=3, lr=0.1, batch_size=16, output_dir=tmp_path
+    )
+    assert (tmp_path / "classifier_best.pt").is_file()
+    assert class_agreement(net, *val) >= 0.9
