@@ -9,3 +9,17 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """monai_condflow.networks.blocks."""
+
+from .actnorm import ActNorm as ActNorm
+from .coupling import ConditionalAffineCoupling as ConditionalAffineCoupling
+from .coupling import ConditionalCouplingNet as ConditionalCouplingNet
+from .coupling import ConditionalFlowStep as ConditionalFlowStep
+from .flow_sequential import FlowLayer as FlowLayer
+from .flow_sequential import FlowSequential as FlowSequential
+from .invertible_conv import InvertibleConv1x1 as InvertibleConv1x1
+from .multiscale import ConditionalTopPrior as ConditionalTopPrior
+from .multiscale import FineGrainedLevel as FineGrainedLevel
+from .multiscale import FineGrainedSplit as FineGrainedSplit
+from .pepx import PEPXBlock as PEPXBlock
+from .pepx import make_norm_layer as make_norm_layer
+from .squeeze import Squeeze as Squeeze

@@ -9,3 +9,9 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """monai_condflow.networks.nets."""
+
+from .acgan import ACGANDiscriminator as ACGANDiscriminator
+from .acgan import ACGANGenerator as ACGANGenerator
+from .conditional_glow import ConditionalGlow as ConditionalGlow
+from .pepx_net import PEPXNet as PEPXNet
+from .pepx_net import PEPXStage as PEPXStage

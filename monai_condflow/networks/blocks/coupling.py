@@ -1,0 +1,199 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Conditional affine coupling with a bounded log-scale, and the Glow flow step built around it."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_act_layer
+from torch import Tensor, nn
+
+from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
+from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
+
+__all__ = ["ConditionalCouplingNet", "ConditionalAffineCoupling", "ConditionalFlowStep"]
+
+DEFAULT_ACT: tuple = ("elu", {"inplace": True})
+
+
+def _check_condition(condition: Tensor | None, batch: int, condition_dim: int, owner: str) -> None:
+    if condition is None:
+        raise ValueError(f"{owner} was built with condition_dim={condition_dim} but got condition=None.")
+    if condition.ndim != 2 or condition.shape[0] != batch or condition.shape[1] != condition_dim:
+        raise ValueError(
+            f"{owner} expects a condition of shape [{batch}, {condition_dim}], got {list(condition.shape)}."
+        )
+
+
+class ConditionalCouplingNet(nn.Module):
+    """The paper's coupling network: 3x3 conv -> act -> 1x1 conv -> (+ Linear(z) per channel) -> act -> 3x3 conv.
+
+    .. math::
+        h = W_2 * \\mathrm{act}(W_1 * x) + (A z)_{c}, \\qquad \\mathrm{out} = W_3 * \\mathrm{act}(h),
+
+    where ``(A z)_c`` is broadcast over the spatial positions of channel ``c``. The last conv is zero-initialised,
+    so the network outputs zeros at initialisation.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: input channels.
+        out_channels: output channels.
+        condition_dim: size of the condition vector ``z`` (0: unconditional, the projection is omitted).
+        hidden_channels: hidden width.
+        act: activation name or ``(name, kwargs)`` for :func:`monai.networks.layers.utils.get_act_layer`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        condition_dim: int,
+        hidden_channels: int,
+        act: str | tuple = DEFAULT_ACT,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.spatial_dims = spatial_dims
+        self.condition_dim = condition_dim
+        self.hidden_channels = hidden_channels
+        self.conv_in = conv(in_channels, hidden_channels, kernel_size=3, padding=1)
+        self.act_in = get_act_layer(act)
+        self.conv_hidden = conv(hidden_channels, hidden_channels, kernel_size=1)
+        self.cond_proj = nn.Linear(condition_dim, hidden_channels) if condition_dim > 0 else None
+        self.act_hidden = get_act_layer(act)
+        self.conv_out = conv(hidden_channels, out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Args:
+            x: ``[B, in_channels, *spatial]``.
+            condition: ``[B, condition_dim]`` (required when ``condition_dim > 0``).
+
+        Returns:
+            ``[B, out_channels, *spatial]``.
+        """
+        h = self.conv_hidden(self.act_in(self.conv_in(x)))
+        if self.cond_proj is not None:
+            _check_condition(condition, x.shape[0], self.condition_dim, type(self).__name__)
+            h = h + self.cond_proj(condition).view(x.shape[0], self.hidden_channels, *([1] * self.spatial_dims))
+        return self.conv_out(self.act_hidden(h))
+
+
+class ConditionalAffineCoupling(FlowLayer):
+    """Conditional affine coupling with a bounded log-scale.
+
+    The first ``in_channels // 2`` channels ``x_a`` pass unchanged and parameterise the transform of the rest:
+
+    .. math::
+        (r, u) = \\mathrm{NN}(x_a, z), \\quad \\log s = a \\tanh(r / a), \\quad t = b \\tanh(u / b), \\quad
+        y_b = x_b \\odot e^{\\log s} + t, \\quad \\log|\\det J| = \\sum \\log s.
+
+    Both the log-scale and the shift are soft-bounded (``|log s| < a``, ``|t| < b``), so neither the forward nor the
+    inverse ``x_b = (y_b - t) e^{-\\log s}`` can amplify by more than ``e^a`` per coupling, and the shift cannot feed
+    back the magnitude of ``x_a`` (an unbounded shift compounds like a product of random matrices over a deep stack
+    and overflows at sampling time, as does a sigmoid scale inverted there). The inputs are ActNorm-normalised, so
+    ``b = 5`` does not restrict the model in practice. The network's last conv is zero-initialised, so the coupling
+    starts as the identity.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: channels ``C >= 2``.
+        condition_dim: size of ``z`` (0: unconditional).
+        hidden_channels: width of the coupling network.
+        act: activation of the coupling network.
+        scale_bound: ``a``, the bound on ``|log s|``.
+        shift_bound: ``b``, the bound on ``|t|``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        condition_dim: int,
+        hidden_channels: int,
+        act: str | tuple = DEFAULT_ACT,
+        scale_bound: float = 2.0,
+        shift_bound: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if in_channels < 2:
+            raise ValueError(f"ConditionalAffineCoupling needs in_channels >= 2 (squeeze first), got {in_channels}.")
+        if scale_bound <= 0 or shift_bound <= 0:
+            raise ValueError(f"scale_bound and shift_bound must be > 0, got {scale_bound} and {shift_bound}.")
+        self.shift_bound = float(shift_bound)
+        self.in_channels = in_channels
+        self.num_pass = in_channels // 2
+        self.num_transformed = in_channels - self.num_pass
+        self.scale_bound = float(scale_bound)
+        self.net = ConditionalCouplingNet(
+            spatial_dims, self.num_pass, 2 * self.num_transformed, condition_dim, hidden_channels, act
+        )
+
+    def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        raw_scale, shift = self.net(x_a, condition).chunk(2, dim=1)
+        a, b = self.scale_bound, self.shift_bound
+        return a * torch.tanh(raw_scale / a), b * torch.tanh(shift / b)
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Args:
+            x: ``[B, C, *spatial]``.
+            condition: ``[B, condition_dim]``.
+
+        Returns:
+            ``(y [B, C, *spatial], logdet [B])``.
+        """
+        x_a, x_b = x[:, : self.num_pass], x[:, self.num_pass :]
+        log_s, shift = self._scale_shift(x_a, condition)
+        y_b = torch.addcmul(shift, x_b, log_s.exp())
+        return torch.cat([x_a, y_b], dim=1), log_s.flatten(1).sum(1)
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x_b = (y_b - t) e^{-log s}``; returns ``(x, -logdet)``."""
+        y_a, y_b = y[:, : self.num_pass], y[:, self.num_pass :]
+        log_s, shift = self._scale_shift(y_a, condition)
+        x_b = (y_b - shift) * torch.exp(-log_s)
+        return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
+
+
+class ConditionalFlowStep(FlowSequential):
+    """One flow step: ``ActNorm -> InvertibleConv1x1 -> ConditionalAffineCoupling`` (condition in the coupling).
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: channels ``C >= 2``.
+        condition_dim: size of ``z``.
+        hidden_channels: coupling network width.
+        act: coupling activation.
+        scale_bound: bound on the coupling's ``|log s|``.
+        shift_bound: bound on the coupling's ``|t|``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        condition_dim: int,
+        hidden_channels: int,
+        act: str | tuple = DEFAULT_ACT,
+        scale_bound: float = 2.0,
+        shift_bound: float = 5.0,
+    ) -> None:
+        super().__init__(
+            ActNorm(spatial_dims, in_channels),
+            InvertibleConv1x1(spatial_dims, in_channels),
+            ConditionalAffineCoupling(
+                spatial_dims, in_channels, condition_dim, hidden_channels, act, scale_bound, shift_bound
+            ),
+        )

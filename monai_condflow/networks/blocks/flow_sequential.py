@@ -1,0 +1,102 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Base class of the invertible flow layers and the sequential container that composes them.
+
+Every flow layer maps ``x -> y`` bijectively and reports the per-sample log-determinant of its Jacobian:
+
+* ``forward(x, condition=None) -> (y, logdet)`` with ``logdet[b] = log |det dy_b / dx_b|``;
+* ``inverse(y, condition=None) -> (x, logdet)`` with ``logdet[b] = log |det dx_b / dy_b|`` (minus the forward one);
+* ``initialize(x, condition=None) -> (y, logdet)``: data-dependent initialisation (ActNorm) followed by the forward
+  pass; layers without data-dependent parameters just run ``forward``.
+
+``logdet`` always has shape ``[B]`` and the dtype / device of the input.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["FlowLayer", "FlowSequential"]
+
+
+class FlowLayer(nn.Module):
+    """Abstract invertible layer with an optional condition (see the module docstring for the contract)."""
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """Map ``x`` to ``y``; returns ``(y, log|det dy/dx|)`` with the log-det of shape ``[B]``."""
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """Map ``y`` back to ``x``; returns ``(x, log|det dx/dy|)`` with the log-det of shape ``[B]``."""
+        raise NotImplementedError
+
+    def initialize(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Initialise data-dependent parameters from ``x`` (none here), then run :meth:`forward`."""
+        return self.forward(x, condition)
+
+
+class FlowSequential(FlowLayer):
+    """A chain of flow layers that threads the condition through every layer and sums the log-determinants.
+
+    .. math::
+        f = f_K \\circ \\dots \\circ f_1, \\qquad \\log|\\det J_f(x)| = \\sum_k \\log|\\det J_{f_k}(x_{k-1})|.
+
+    Args:
+        layers: the flow layers, applied in the given order by :meth:`forward` and in reverse by :meth:`inverse`.
+
+    Example::
+
+        flow = FlowSequential(ActNorm(2, 4), InvertibleConv1x1(2, 4))
+        y, logdet = flow(x)          # x: [B, 4, H, W]; logdet: [B]
+        x_rec, _ = flow.inverse(y)
+    """
+
+    def __init__(self, *layers: FlowLayer) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> FlowLayer:
+        return self.layers[index]
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Apply every layer in order.
+
+        Args:
+            x: input ``[B, C, *spatial]``.
+            condition: optional condition ``[B, condition_dim]`` passed to every layer.
+
+        Returns:
+            ``(y, logdet)``: the output and the summed log-determinants ``[B]``.
+        """
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x, condition)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Apply every layer's inverse in reverse order; returns ``(x, log|det dx/dy|)``."""
+        logdet = y.new_zeros(y.shape[0])
+        for layer in reversed(self.layers):
+            y, ld = layer.inverse(y, condition)
+            logdet = logdet + ld
+        return y, logdet
+
+    def initialize(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Initialise every layer in order on the activations it actually receives, returning the forward output."""
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer.initialize(x, condition) if isinstance(layer, FlowLayer) else layer(x, condition)
+            logdet = logdet + ld
+        return x, logdet

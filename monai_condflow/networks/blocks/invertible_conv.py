@@ -1,0 +1,125 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""LU-parameterised invertible 1x1 convolution (Glow) with a cached inverse weight."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+
+__all__ = ["InvertibleConv1x1"]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class InvertibleConv1x1(FlowLayer):
+    """Invertible 1x1 convolution ``y = W x`` (channel mixing at every voxel) with ``W = P L (U + diag(s))``.
+
+    ``P`` is a fixed permutation (buffer), ``L`` unit lower-triangular, ``U`` strictly upper-triangular and
+    ``s = sign * exp(log_abs_s)`` with a fixed ``sign`` buffer, so ``W`` is never singular and
+
+    .. math::
+        \\log|\\det \\partial y / \\partial x| = N_{\\mathrm{spatial}} \\sum_c \\mathrm{log\\_abs\\_s}_c.
+
+    ``W`` is composed once per call. When autograd is off (sampling, evaluation) ``W`` and ``W^{-1}`` (computed in
+    float64) are cached; the cache key holds the version counter and storage of every parameter and buffer, so it is
+    invalidated by optimiser steps, ``load_state_dict``, in-place edits and device / dtype moves. With autograd on,
+    both are recomputed so gradients flow.
+
+    Args:
+        spatial_dims: number of spatial dimensions (1, 2 or 3).
+        num_channels: number of channels ``C``.
+    """
+
+    def __init__(self, spatial_dims: int, num_channels: int) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV_FN:
+            raise ValueError(f"InvertibleConv1x1 supports spatial_dims 1, 2 or 3, got {spatial_dims}.")
+        if num_channels < 1:
+            raise ValueError(f"InvertibleConv1x1 needs num_channels >= 1, got {num_channels}.")
+        self.spatial_dims = spatial_dims
+        self.num_channels = num_channels
+        q = torch.linalg.qr(torch.randn(num_channels, num_channels, dtype=torch.float64))[0]
+        p, lower, upper = torch.linalg.lu(q)
+        s = torch.diagonal(upper)
+        self.register_buffer("permutation", p.float())
+        self.register_buffer("sign_s", torch.sign(s).float())
+        self.register_buffer("eye", torch.eye(num_channels), persistent=False)
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_abs_s = nn.Parameter(torch.log(torch.abs(s)).float())
+        self._conv = _CONV_FN[spatial_dims]
+        self._cache_key: tuple | None = None
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, num_channels={self.num_channels}"
+
+    def _compose(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``W = P (tril(L, -1) + I) (triu(U, 1) + diag(sign * exp(log_abs_s)))`` as a ``[C, C]`` matrix."""
+        lower, upper, log_abs_s = self.lower, self.upper, self.log_abs_s
+        perm, sign, eye = self.permutation, self.sign_s, self.eye
+        if dtype is not None:
+            lower, upper, log_abs_s = lower.to(dtype), upper.to(dtype), log_abs_s.to(dtype)
+            perm, sign, eye = perm.to(dtype), sign.to(dtype), eye.to(dtype)
+        lower = torch.tril(lower, -1) + eye
+        upper = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_abs_s))
+        return perm @ (lower @ upper)
+
+    def _key(self) -> tuple:
+        return tuple(
+            (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+            for t in (self.lower, self.upper, self.log_abs_s, self.permutation, self.sign_s)
+        )
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """Return ``(W, W^{-1})`` as ``[C, C]`` matrices; cached when autograd is disabled."""
+        if torch.is_grad_enabled():
+            weight = self._compose()
+            inverse = torch.linalg.inv(weight.double()).to(weight.dtype)
+            return weight, inverse
+        key = self._key()
+        if self._cache is None or self._cache_key != key:
+            weight = self._compose()
+            inverse = torch.linalg.inv(self._compose(torch.float64)).to(weight.dtype)
+            self._cache, self._cache_key = (weight, inverse), key
+        return self._cache
+
+    def _apply_matrix(self, x: Tensor, matrix: Tensor) -> Tensor:
+        return self._conv(x, matrix.view(*matrix.shape, *([1] * self.spatial_dims)))
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        return (self.log_abs_s.sum() * math.prod(x.shape[2:])).to(x.dtype).expand(x.shape[0])
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``y = W x`` channel-wise.
+
+        Args:
+            x: ``[B, C, *spatial]``.
+            condition: ignored.
+
+        Returns:
+            ``(y [B, C, *spatial], logdet [B])``.
+        """
+        if torch.is_grad_enabled():
+            weight = self._compose()  # no need for the inverse in training
+        else:
+            weight = self.weights()[0]
+        return self._apply_matrix(x, weight), self._logdet(x)
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x = W^{-1} y`` channel-wise (cached ``W^{-1}`` without autograd); returns ``(x, -logdet)``."""
+        return self._apply_matrix(y, self.weights()[1]), -self._logdet(y)

@@ -1,0 +1,82 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Space-to-depth squeeze: trade spatial resolution for channels (a volume-preserving permutation)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+
+__all__ = ["Squeeze"]
+
+
+class Squeeze(FlowLayer):
+    """Space-to-depth by ``factor`` in every spatial dimension: ``[B, C, *S] -> [B, C * factor**d, *(S / factor)]``.
+
+    A permutation of the entries, so ``log|det J| = 0``. In 2-D it is :func:`torch.nn.functional.pixel_unshuffle`
+    (output channel ``c * factor**2 + i * factor + j`` holds pixel offset ``(i, j)`` of input channel ``c``); 3-D uses
+    the same ordering. A 1-channel image becomes 4 channels (2-D) or 8 channels (3-D).
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        factor: the block size.
+
+    Raises:
+        ValueError: in :meth:`forward` when a spatial size is not divisible by ``factor``.
+    """
+
+    def __init__(self, spatial_dims: int, factor: int = 2) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"Squeeze supports spatial_dims 2 or 3, got {spatial_dims}.")
+        if factor < 2:
+            raise ValueError(f"Squeeze factor must be >= 2, got {factor}.")
+        self.spatial_dims = spatial_dims
+        self.factor = factor
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, factor={self.factor}"
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Args:
+            x: ``[B, C, *spatial]`` with every spatial size divisible by ``factor``.
+            condition: ignored.
+
+        Returns:
+            ``(y [B, C * factor**d, *(spatial / factor)], zeros [B])``.
+        """
+        spatial = x.shape[2:]
+        if len(spatial) != self.spatial_dims or any(s % self.factor for s in spatial):
+            raise ValueError(
+                f"Squeeze needs a [B, C, *spatial] input with {self.spatial_dims} spatial sizes divisible by "
+                f"{self.factor}, got shape {list(x.shape)}."
+            )
+        f = self.factor
+        if self.spatial_dims == 2:
+            y = F.pixel_unshuffle(x, f)
+        else:
+            b, c, d, h, w = x.shape
+            y = x.reshape(b, c, d // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
+            y = y.reshape(b, c * f**3, d // f, h // f, w // f)
+        return y, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Depth-to-space, the exact inverse of :meth:`forward`; returns ``(x, zeros [B])``."""
+        f = self.factor
+        if self.spatial_dims == 2:
+            x = F.pixel_shuffle(y, f)
+        else:
+            b, c, d, h, w = y.shape
+            x = y.reshape(b, c // f**3, f, f, f, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+            x = x.reshape(b, c // f**3, d * f, h * f, w * f)
+        return x, y.new_zeros(y.shape[0])

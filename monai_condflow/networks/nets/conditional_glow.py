@@ -1,0 +1,461 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Conditional Glow: an exact bijection ``x <-> (nu, z)`` between images and Gaussian latents given a condition ``z``.
+
+Architecture (Das et al. 2022, after Ma et al. 2021 / Wolf), for ``L = num_levels`` levels, each starting with a
+2x squeeze:
+
+* level 0: ``num_steps[0]`` flow steps (ActNorm -> LU 1x1 conv -> conditional affine coupling), no split;
+* internal levels ``0 < l < L - 1``: ``num_blocks[l]`` blocks of ``num_steps[l]`` steps, after each block another
+  ``C_l / M`` of the level's ``C_l`` channels is factored out under a conditional Gaussian prior (``M`` =
+  ``granularity``); the remaining channels go on to the next level;
+* last level: ``num_steps[-1]`` steps, then every channel is standardised by a ``z``-conditional Gaussian.
+
+With the ``paper`` preset and a ``1 x 64 x 64`` image the level shapes are ``4 x 32^2`` (8 steps),
+``16 x 16^2`` (3 x 8 steps, 4 channels out after each block), ``16 x 8^2`` (same) and ``16 x 4^2`` (8 steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep
+from monai_condflow.networks.blocks.flow_sequential import FlowSequential
+from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
+from monai_condflow.networks.blocks.squeeze import Squeeze
+
+__all__ = ["ConditionalGlow"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Das et al. 2022: 4 levels, 8 steps in the first and last, 3 x 8 in the two inner ones, hidden 24/512/512/512.
+    "paper": {
+        "num_levels": 4,
+        "num_steps": 8,
+        "num_blocks": (1, 3, 3, 1),
+        "hidden_channels": (24, 512, 512, 512),
+        "granularity": 4,
+        "condition_dim": 32,
+        "image_size": 64,
+    },
+    # CPU-sized: trains at 64 x 64 in minutes on 2 cores.
+    "small": {
+        "num_levels": 3,
+        "num_steps": (4, 4, 6),
+        "num_blocks": (1, 2, 1),
+        "hidden_channels": (32, 64, 96),
+        "granularity": 4,
+        "condition_dim": 32,
+        "image_size": 64,
+    },
+}
+
+
+def _per_level(value: int | Sequence[int], num_levels: int, name: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * num_levels
+    values = [int(v) for v in value]
+    if len(values) != num_levels:
+        raise ValueError(f"{name} needs one value per level ({num_levels}), got {len(values)}: {values}.")
+    return values
+
+
+class ConditionalGlow(nn.Module):
+    """Conditional Glow with fine-grained multi-scale latents.
+
+    ``forward(x, z) -> (nu, logdet)`` where ``nu`` ``[B, D]`` holds every latent (factored-out ones included, each
+    standardised under its conditional prior) and ``logdet = log|det d nu / d x|`` includes those priors' scales, so
+
+    .. math::
+        \\log p(x \\mid z) = \\log \\mathcal{N}(\\nu; 0, I) + \\log|\\det \\partial \\nu / \\partial x|.
+
+    Images are expected in ``[0, 1]`` and are shifted to ``[-0.5, 0.5]`` inside (a translation: log-det 0).
+
+    ActNorm initialisation is explicit: call :meth:`initialize` once on a first batch (before DDP wrapping), or load
+    a state dict (the flags are buffers), or :meth:`mark_initialized` to keep the identity initialisation (e.g. when a
+    data-dependent initialisation on private data is not allowed). :meth:`forward` with autograd on in training mode
+    raises ``RuntimeError`` on an uninitialised model; evaluation, :meth:`inverse` and :meth:`sample` work
+    regardless (the ActNorms then act as the identity).
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        in_channels: image channels.
+        condition_dim: size of the condition ``z`` (0: unconditional).
+        num_levels: number of levels ``L``; every level squeezes, so image sides must be divisible by ``2**L``.
+        image_size: default spatial size used by :meth:`sample` and :meth:`inverse` (int or one per dim).
+        num_steps: flow steps per block, an int or one per level.
+        num_blocks: blocks per level (each internal-level block is followed by a fine-grained split); the first and
+            last levels take exactly 1. ``None``: 1 for the first and last, 3 for the internal levels.
+        hidden_channels: coupling / prior network width, an int or one per level. ``None``: 24 for level 0 and 512
+            for the others (the paper's widths).
+        granularity: ``M``, the fine-grained split factor (``C_l // M`` channels leave after each internal block).
+        act: coupling network activation (name or ``(name, kwargs)``).
+        scale_bound: bound ``a`` on every log-scale (coupling and priors), ``|log s| < a``.
+        shift_bound: bound ``b`` on every coupling shift and prior mean, ``|t| < b``.
+
+    Example::
+
+        net = ConditionalGlow.from_preset("small")
+        net.initialize(x, z)                     # x: [B, 1, 64, 64] in [0, 1]; z: [B, 32]
+        loss = -net.log_prob(x, z).mean()
+        x_new = net.sample(z, temperature=0.9)   # [B, 1, 64, 64] in [0, 1]
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        condition_dim: int = 32,
+        num_levels: int = 4,
+        image_size: int | Sequence[int] = 64,
+        num_steps: int | Sequence[int] = 8,
+        num_blocks: int | Sequence[int] | None = None,
+        hidden_channels: int | Sequence[int] | None = None,
+        granularity: int = 4,
+        act: str | tuple = DEFAULT_ACT,
+        scale_bound: float = 2.0,
+        shift_bound: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"ConditionalGlow supports spatial_dims 2 or 3, got {spatial_dims}.")
+        if in_channels < 1 or condition_dim < 0 or num_levels < 1:
+            raise ValueError(
+                f"ConditionalGlow needs in_channels >= 1, condition_dim >= 0, num_levels >= 1; got in_channels="
+                f"{in_channels}, condition_dim={condition_dim}, num_levels={num_levels}."
+            )
+        if num_blocks is None:
+            num_blocks = [1] + [3] * max(num_levels - 2, 0) + ([1] if num_levels > 1 else [])
+        if hidden_channels is None:
+            hidden_channels = [24] + [512] * (num_levels - 1)
+        steps = _per_level(num_steps, num_levels, "num_steps")
+        blocks = _per_level(num_blocks, num_levels, "num_blocks")
+        hidden = _per_level(hidden_channels, num_levels, "hidden_channels")
+        if blocks[0] != 1 or blocks[-1] != 1:
+            raise ValueError(f"the first and last levels take num_blocks=1 (no fine-grained split), got {blocks}.")
+        if min(steps) < 1 or min(hidden) < 1:
+            raise ValueError(f"num_steps and hidden_channels must be >= 1, got {steps} and {hidden}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.condition_dim = condition_dim
+        self.num_levels = num_levels
+        self.size_multiple = 2**num_levels
+        self.image_size = self._check_spatial_size(
+            (image_size,) * spatial_dims if isinstance(image_size, int) else tuple(image_size), "image_size"
+        )
+
+        levels: list[FlowSequential] = []
+        level_channels: list[int] = []  # channels after the level's squeeze
+        keep_channels: list[int] = []  # channels passed on to the next level
+        split_channels: list[list[int]] = []  # channels of each latent the level emits, in nu order
+        channels = in_channels
+        for lvl in range(num_levels):
+            channels = channels * 2**spatial_dims
+            layers: list = [Squeeze(spatial_dims)]
+            if 0 < lvl < num_levels - 1:
+                inner = FineGrainedLevel(
+                    spatial_dims, channels, condition_dim, blocks[lvl], steps[lvl], hidden[lvl], granularity, act,
+                    scale_bound, shift_bound,
+                )  # fmt: skip
+                layers.append(inner)
+                keep, splits = inner.keep_channels, [inner.split_channels] * blocks[lvl]
+            else:
+                layers += [
+                    ConditionalFlowStep(
+                        spatial_dims, channels, condition_dim, hidden[lvl], act, scale_bound, shift_bound
+                    )
+                    for _ in range(steps[lvl])
+                ]
+                keep, splits = channels, []
+                if lvl == num_levels - 1:
+                    layers.append(ConditionalTopPrior(spatial_dims, channels, condition_dim, scale_bound, shift_bound))
+                    keep, splits = 0, [channels]
+            levels.append(FlowSequential(*layers))
+            level_channels.append(channels)
+            keep_channels.append(keep)
+            split_channels.append(splits)
+            channels = keep
+        self.levels = nn.ModuleList(levels)
+        self._level_channels = level_channels
+        self._keep_channels = keep_channels
+        self._split_channels = split_channels
+        self.config = {
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "condition_dim": condition_dim,
+            "num_levels": num_levels,
+            "image_size": self.image_size,
+            "num_steps": steps,
+            "num_blocks": blocks,
+            "hidden_channels": hidden,
+            "granularity": granularity,
+            "scale_bound": scale_bound,
+            "shift_bound": shift_bound,
+        }
+        self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
+        self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
+        self.register_load_state_dict_post_hook(ConditionalGlow._reset_init_cache)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ConditionalGlow:
+        """Build a preset: ``"paper"`` (the paper's architecture) or ``"small"`` (CPU-sized); ``overrides`` replace
+        any constructor argument.
+
+        Raises:
+            ValueError: unknown preset name.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown ConditionalGlow preset {name!r}; available: {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def _reset_init_cache(module: nn.Module, incompatible_keys: Any) -> None:
+        module._init_ok = False
+
+    # ------------------------------------------------------------------ validation (R7)
+    def _check_spatial_size(self, size: tuple[int, ...], what: str) -> tuple[int, ...]:
+        if len(size) != self.spatial_dims or any(int(s) < 1 or int(s) % self.size_multiple for s in size):
+            raise ValueError(
+                f"ConditionalGlow: {what} {list(size)} is not valid: every one of the {self.spatial_dims} spatial "
+                f"sides must be a positive multiple of 2**num_levels = {self.size_multiple} "
+                f"(num_levels={self.num_levels} squeezes)."
+            )
+        return tuple(int(s) for s in size)
+
+    def _check_condition(self, condition: Tensor | None, batch: int) -> None:
+        if self.condition_dim == 0:
+            return
+        if not isinstance(condition, Tensor):
+            raise ValueError(f"ConditionalGlow needs a condition tensor [B, {self.condition_dim}], got {condition!r}.")
+        if condition.ndim != 2 or condition.shape[1] != self.condition_dim or condition.shape[0] != batch:
+            raise ValueError(
+                f"ConditionalGlow expects condition of shape [{batch}, {self.condition_dim}] "
+                f"(batch, condition_dim), got {list(condition.shape)}."
+            )
+
+    def _check_image(self, x: Tensor, condition: Tensor | None) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"ConditionalGlow expects a floating-point image tensor, got {type(x).__name__}"
+                             f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}.")  # fmt: skip
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ConditionalGlow expects x of shape [B, {self.in_channels}, *spatial] with {self.spatial_dims} "
+                f"spatial dims (in_channels={self.in_channels}), got {list(x.shape)}."
+            )
+        self._check_spatial_size(tuple(x.shape[2:]), "image size")
+        self._check_condition(condition, x.shape[0])
+
+    # ------------------------------------------------------------------ layout of nu
+    def _latent_shapes(self, spatial_size: Sequence[int]) -> list[tuple[int, ...]]:
+        shapes, size = [], tuple(spatial_size)
+        for splits in self._split_channels:
+            size = tuple(s // 2 for s in size)
+            shapes += [(c, *size) for c in splits]
+        return shapes
+
+    def latent_dim(self, spatial_size: Sequence[int] | None = None) -> int:
+        """``D`` = number of entries of ``nu`` (= ``in_channels * prod(spatial_size)``)."""
+        size = self.image_size if spatial_size is None else spatial_size
+        return self.in_channels * math.prod(size)
+
+    # ------------------------------------------------------------------ initialisation (R12)
+    @property
+    def is_initialized(self) -> bool:
+        """Whether every ActNorm has been initialised (from data, a loaded state dict or :meth:`mark_initialized`)."""
+        return all(bool(m.initialized) for m in self._actnorms)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, condition: Tensor | None = None, force: bool = False) -> bool:
+        """Data-dependent ActNorm initialisation: one forward pass over ``x`` that initialises every ActNorm in
+        order on the activations it receives. Run it once, before DDP wrapping. A model that is already initialised
+        (e.g. loaded from a checkpoint) is left untouched unless ``force``.
+
+        Args:
+            x: ``[B, in_channels, *spatial]`` in ``[0, 1]`` (use a reasonably large batch).
+            condition: ``[B, condition_dim]``.
+            force: re-initialise even if already initialised.
+
+        Returns:
+            ``True`` if the initialisation ran, ``False`` if it was skipped.
+        """
+        self._check_image(x, condition)
+        if self.is_initialized and not force:
+            self._init_ok = True
+            return False
+        self._encode(x, condition, init=True)
+        self._init_ok = True
+        return True
+
+    @torch.no_grad()
+    def mark_initialized(self) -> None:
+        """Declare the ActNorms initialised without data (keeps their current parameters)."""
+        for m in self._actnorms:
+            m.initialized.fill_(True)
+        self._init_ok = True
+
+    # ------------------------------------------------------------------ the bijection
+    def _encode(self, x: Tensor, condition: Tensor | None, init: bool = False) -> tuple[Tensor, Tensor]:
+        h = x - 0.5
+        logdet = x.new_zeros(x.shape[0])
+        pieces = []
+        for level, keep in zip(self.levels, self._keep_channels):
+            h, ld = level.initialize(h, condition) if init else level(h, condition)
+            logdet = logdet + ld
+            if keep < h.shape[1]:
+                pieces.append(h[:, keep:].flatten(1))
+                h = h[:, :keep]
+        return torch.cat(pieces, dim=1), logdet
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map images to latents.
+
+        Args:
+            x: ``[B, in_channels, *spatial]`` in ``[0, 1]``; sides divisible by ``2**num_levels``.
+            condition: ``[B, condition_dim]``.
+
+        Returns:
+            ``(nu [B, D], logdet [B])`` with ``logdet = log|det d nu / d x|``.
+
+        Raises:
+            ValueError: wrong shape / channels / size / condition (before any computation).
+            RuntimeError: training (autograd on, ``train()`` mode) an uninitialised model.
+        """
+        self._check_image(x, condition)
+        if not self._init_ok and self.training and torch.is_grad_enabled():
+            if not self.is_initialized:
+                raise RuntimeError(
+                    "ConditionalGlow: the ActNorm layers are not initialised. Call model.initialize(x, condition) on "
+                    "a first batch (before DDP wrapping), load a checkpoint, or call model.mark_initialized()."
+                )
+            self._init_ok = True
+        return self._encode(x, condition)
+
+    def inverse(
+        self, nu: Tensor, condition: Tensor | None = None, spatial_size: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Exact inverse of :meth:`forward`.
+
+        Args:
+            nu: ``[B, D]`` latents.
+            condition: ``[B, condition_dim]``.
+            spatial_size: image size to decode to (default :attr:`image_size`).
+
+        Returns:
+            ``(x [B, in_channels, *spatial], logdet [B])`` with ``logdet = log|det dx / d nu|``.
+        """
+        size = self.image_size if spatial_size is None else self._check_spatial_size(tuple(spatial_size), "size")
+        if nu.ndim != 2 or nu.shape[1] != self.latent_dim(size):
+            raise ValueError(
+                f"ConditionalGlow.inverse expects nu of shape [B, {self.latent_dim(size)}] for images of size "
+                f"{list(size)} with {self.in_channels} channel(s), got {list(nu.shape)}."
+            )
+        batch = nu.shape[0]
+        self._check_condition(condition, batch)
+        logdet = nu.new_zeros(batch)
+        numels = [(c - k) * math.prod(s // 2 ** (i + 1) for s in size)
+                  for i, (c, k) in enumerate(zip(self._level_channels, self._keep_channels))]  # fmt: skip
+        chunks = nu.split(numels, dim=1)
+        h = None
+        for i in reversed(range(self.num_levels)):
+            level_size = tuple(s // 2 ** (i + 1) for s in size)
+            if numels[i]:
+                chunk = chunks[i].reshape(batch, self._level_channels[i] - self._keep_channels[i], *level_size)
+                h = chunk if h is None else torch.cat([h, chunk], dim=1)
+            h, ld = self.levels[i].inverse(h, condition)
+            logdet = logdet + ld
+        return h + 0.5, logdet
+
+    # ------------------------------------------------------------------ likelihood
+    def log_prob(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """``log p(x | z)`` in nats, ``[B]`` (continuous density of ``x`` on ``[0, 1]^D``)."""
+        nu, logdet = self(x, condition)
+        return -0.5 * (nu.pow(2).sum(1) + nu.shape[1] * _LOG_2PI) + logdet
+
+    def bits_per_dim(self, x: Tensor, condition: Tensor | None = None, n_bits: int = 8) -> Tensor:
+        """Bits per dimension of dequantised ``n_bits`` data, ``[B]``.
+
+        With ``x = (k + u) / 2**n_bits``, the discrete likelihood bound is
+        ``-log2 P(k) <= -log p(x) / ln 2 + D * n_bits``, so ``bpd = -log p(x) / (D ln 2) + n_bits``.
+        """
+        dims = x[0].numel()
+        return -self.log_prob(x, condition) / (dims * math.log(2.0)) + n_bits
+
+    # ------------------------------------------------------------------ structured latents
+    def encode(self, x: Tensor, condition: Tensor | None = None) -> list[Tensor]:
+        """Every latent as its own tensor, in ``nu`` order: the fine-grained splits level by level, then the top.
+
+        Returns:
+            list of ``[B, C_k, *spatial_k]`` tensors whose flattened concatenation is ``nu``.
+        """
+        nu, _ = self(x, condition)
+        return self._unflatten(nu, tuple(x.shape[2:]))
+
+    def _unflatten(self, nu: Tensor, spatial_size: Sequence[int]) -> list[Tensor]:
+        shapes = self._latent_shapes(spatial_size)
+        parts = nu.split([math.prod(s) for s in shapes], dim=1)
+        return [p.reshape(nu.shape[0], *s) for p, s in zip(parts, shapes)]
+
+    def decode(self, latents: Sequence[Tensor], condition: Tensor | None = None) -> Tensor:
+        """Inverse of :meth:`encode`: ``latents`` (as returned by :meth:`encode`) -> ``x`` ``[B, C, *spatial]``."""
+        top = latents[-1]
+        spatial = tuple(s * self.size_multiple for s in top.shape[2:])
+        shapes = self._latent_shapes(spatial)
+        if len(latents) != len(shapes) or any(tuple(t.shape[1:]) != s for t, s in zip(latents, shapes)):
+            raise ValueError(
+                f"ConditionalGlow.decode expects latents of shapes {shapes} (after the batch dim), got "
+                f"{[tuple(t.shape[1:]) for t in latents]}."
+            )
+        nu = torch.cat([t.flatten(1) for t in latents], dim=1)
+        return self.inverse(nu, condition, spatial)[0]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: Tensor,
+        temperature: float = 0.9,
+        generator: torch.Generator | None = None,
+        spatial_size: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Draw ``nu ~ N(0, T^2 I)`` and decode it with the given conditions.
+
+        Runs without autograd, so the 1x1 convolutions use their cached inverses. The output is clamped to
+        ``[0, 1]`` and guaranteed finite (non-finite entries, which the bounded scales make unlikely, become 0.5).
+
+        Args:
+            condition: ``[B, condition_dim]`` (one image per row).
+            temperature: ``T >= 0``.
+            generator: optional random generator (on the condition's device) for reproducible samples.
+            spatial_size: output size (default :attr:`image_size`).
+
+        Returns:
+            ``[B, in_channels, *spatial]`` in ``[0, 1]``.
+        """
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if not isinstance(condition, Tensor):
+            raise ValueError("ConditionalGlow.sample needs a condition tensor (its batch size sets the sample count).")
+        batch = condition.shape[0]
+        self._check_condition(condition, batch)
+        size = self.image_size if spatial_size is None else self._check_spatial_size(tuple(spatial_size), "size")
+        param = next(self.parameters())
+        nu = torch.randn(batch, self.latent_dim(size), generator=generator, device=param.device, dtype=param.dtype)
+        if temperature != 1.0:
+            nu.mul_(temperature)
+        x, _ = self.inverse(nu, condition, size)
+        return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)

@@ -1,0 +1,252 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests of the invertible flow layers: exact inverses, brute-force log-determinants (R10, R11), ActNorm (R12)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from monai_condflow.networks.blocks import (
+    ActNorm,
+    ConditionalAffineCoupling,
+    ConditionalFlowStep,
+    ConditionalTopPrior,
+    FineGrainedLevel,
+    FineGrainedSplit,
+    FlowSequential,
+    InvertibleConv1x1,
+    Squeeze,
+)
+
+COND = 3
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, std: float = 0.1) -> nn.Module:
+    """Add noise to every parameter so zero-initialised layers are no longer the identity."""
+    for p in module.parameters():
+        p.add_(torch.randn_like(p) * std)
+    return module
+
+
+def brute_force_logdet(layer: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """``log|det J|`` per sample from the full autograd Jacobian of the layer's forward map."""
+    out = []
+    for b in range(x.shape[0]):
+        c = None if cond is None else cond[b : b + 1]
+
+        def fn(v: torch.Tensor, c=c) -> torch.Tensor:
+            return layer(v.view(1, *x.shape[1:]), c)[0].flatten()
+
+        jac = torch.autograd.functional.jacobian(fn, x[b].flatten())
+        out.append(torch.linalg.slogdet(jac)[1])
+    return torch.stack(out)
+
+
+def _layers() -> dict[str, tuple[nn.Module, tuple[int, ...], bool]]:
+    """name -> (layer, input shape [B, C, *S], uses condition)."""
+    return {
+        "actnorm": (ActNorm(2, 3), (2, 3, 4, 4), False),
+        "invconv": (InvertibleConv1x1(2, 4), (2, 4, 4, 4), False),
+        "invconv3d": (InvertibleConv1x1(3, 3), (2, 3, 2, 2, 2), False),
+        "coupling": (ConditionalAffineCoupling(2, 4, COND, 8), (2, 4, 4, 4), True),
+        "coupling_odd": (ConditionalAffineCoupling(2, 3, COND, 8), (2, 3, 4, 4), True),
+        "coupling3d": (ConditionalAffineCoupling(3, 2, COND, 4), (2, 2, 2, 2, 2), True),
+        "squeeze": (Squeeze(2), (2, 1, 4, 4), False),
+        "squeeze3d": (Squeeze(3), (2, 1, 2, 2, 4), False),
+        "split": (FineGrainedSplit(2, 4, 1, COND, 8), (2, 4, 4, 4), True),
+        "top_prior": (ConditionalTopPrior(2, 4, COND), (2, 4, 2, 2), True),
+        "top_prior_uncond": (ConditionalTopPrior(2, 4, 0), (2, 4, 2, 2), False),
+        "step": (ConditionalFlowStep(2, 4, COND, 8), (2, 4, 4, 4), True),
+        "sequential": (FlowSequential(Squeeze(2), ConditionalFlowStep(2, 4, COND, 8)), (2, 1, 4, 4), True),
+        "level": (FineGrainedLevel(2, 8, COND, num_blocks=2, num_steps=1, hidden_channels=8), (2, 8, 2, 2), True),
+    }
+
+
+LAYER_NAMES = list(_layers())
+
+
+def _setup(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    layer, shape, conditional = _layers()[name]
+    layer = layer.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    cond = torch.randn(shape[0], COND, dtype=torch.float64) if conditional else None
+    if isinstance(layer, FlowSequential | FineGrainedLevel | ActNorm):
+        layer.initialize(x * 2 + 1, cond)
+    perturb(layer, 0.2)
+    return layer, x, cond
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_logdet_matches_autograd_jacobian(name):
+    layer, x, cond = _setup(name)
+    y, logdet = layer(x, cond)
+    assert y.shape[0] == x.shape[0] and y.numel() == x.numel()
+    assert logdet.shape == (x.shape[0],) and logdet.dtype == x.dtype
+    expected = brute_force_logdet(layer, x, cond)
+    torch.testing.assert_close(logdet, expected, atol=1e-8, rtol=1e-8)
+    if name not in ("squeeze", "squeeze3d"):
+        assert logdet.abs().max() > 1e-3, "perturbed layer should not be volume preserving"
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_exact_inverse(name):
+    layer, x, cond = _setup(name)
+    y, logdet = layer(x, cond)
+    assert not torch.allclose(y.reshape(x.shape), x), "perturbed layer should not be the identity"
+    for grad in (True, False):  # fresh weights with autograd, cached inverses without
+        with torch.set_grad_enabled(grad):
+            x_rec, logdet_inv = layer.inverse(y, cond)
+        torch.testing.assert_close(x_rec, x, atol=1e-10, rtol=0)
+        torch.testing.assert_close(logdet_inv, -logdet, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["coupling", "split", "top_prior", "step"])
+def test_zero_init_is_identity_transform(name):
+    layer, shape, conditional = _layers()[name]
+    x = torch.randn(shape)
+    cond = torch.randn(shape[0], COND) if conditional else None
+    y, logdet = layer(x, cond)
+    if name == "step":  # ActNorm identity + a rotation: volume preserving, coupling identity
+        torch.testing.assert_close(logdet, torch.zeros(shape[0]), atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(y, x)
+        torch.testing.assert_close(logdet, torch.zeros(shape[0]))
+
+
+def test_coupling_scale_bounded_and_inverse_finite():
+    layer = ConditionalAffineCoupling(2, 4, COND, 16, scale_bound=2.0)
+    perturb(layer, 50.0)  # absurd weights
+    x, cond = torch.randn(2, 4, 4, 4) * 10, torch.randn(2, COND)
+    y, logdet = layer(x, cond)
+    n_transformed = 2 * 4 * 4
+    assert torch.isfinite(y).all() and (logdet.abs() <= 2.0 * n_transformed).all()
+    x_rec, logdet_inv = layer.inverse(y * 1e3, cond)  # far outside the training range: still finite
+    assert torch.isfinite(x_rec).all() and (logdet_inv.abs() <= 2.0 * n_transformed).all()
+
+
+def test_coupling_condition_errors():
+    layer = ConditionalAffineCoupling(2, 4, COND, 8)
+    with pytest.raises(ValueError, match="condition=None"):
+        layer(torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\[2, 3\].*\[2, 5\]"):
+        layer(torch.randn(2, 4, 4, 4), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="in_channels >= 2"):
+        ConditionalAffineCoupling(2, 1, COND, 8)
+
+
+def test_squeeze_shapes_and_errors():
+    y, logdet = Squeeze(2)(torch.randn(3, 1, 8, 6))
+    assert y.shape == (3, 4, 4, 3) and torch.equal(logdet, torch.zeros(3))
+    y3, _ = Squeeze(3)(torch.randn(1, 1, 2, 4, 6))
+    assert y3.shape == (1, 8, 1, 2, 3)
+    with pytest.raises(ValueError, match=r"divisible by 2.*\[1, 1, 8, 7\]"):
+        Squeeze(2)(torch.randn(1, 1, 8, 7))
+
+
+def test_level_layout_and_errors():
+    level = FineGrainedLevel(2, 16, COND, num_blocks=3, num_steps=1, hidden_channels=4, granularity=4)
+    assert (level.split_channels, level.keep_channels) == (4, 4)
+    assert [b[0].layers[0].num_channels for b in level.blocks] == [16, 12, 8]
+    with pytest.raises(ValueError, match="at least one"):
+        FineGrainedLevel(2, 16, COND, num_blocks=4, num_steps=1, hidden_channels=4, granularity=4)
+    with pytest.raises(ValueError, match="out_channels"):
+        FineGrainedSplit(2, 4, 4, COND, 8)
+
+
+# ---------------------------------------------------------------------------------------------------- ActNorm (R12)
+def test_actnorm_initialize_normalises_and_is_explicit():
+    layer = ActNorm(2, 3)
+    x = torch.randn(8, 3, 5, 5) * torch.tensor([0.5, 2.0, 3.0]).view(1, 3, 1, 1) + 4.0
+    y0, logdet0 = layer(x)  # uninitialised: runs as the identity, does not initialise
+    torch.testing.assert_close(y0, x)
+    torch.testing.assert_close(logdet0, torch.zeros(8))
+    assert not bool(layer.initialized)
+    layer.initialize(x)
+    assert bool(layer.initialized)
+    y, _ = layer(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    params = [p.clone() for p in layer.parameters()]
+    layer(x * 7 - 3)  # forward never re-initialises
+    assert all(torch.equal(p, q) for p, q in zip(params, layer.parameters()))
+
+
+def test_actnorm_constant_channel_is_safe():
+    layer = ActNorm(2, 2)
+    x = torch.randn(4, 2, 3, 3)
+    x[:, 1] = 0.25
+    y, logdet = layer.initialize(x)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    assert layer.log_scale.max() <= -torch.log(torch.tensor(layer.min_std)) + 1e-4
+
+
+def test_actnorm_state_dict_round_trip():
+    layer = ActNorm(2, 3)
+    layer.initialize(torch.randn(4, 3, 4, 4) * 3)
+    assert "initialized" in layer.state_dict()
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = ActNorm(2, 3)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert bool(fresh.initialized)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fresh(x)[0], layer(x)[0], rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------- LU 1x1 conv and its cache (R11)
+def test_invconv_lu_structure():
+    layer = InvertibleConv1x1(2, 6)
+    perturb(layer, 0.5)
+    with torch.no_grad():
+        weight, inverse = layer.weights()
+    torch.testing.assert_close(weight @ inverse, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.slogdet(weight)[1], layer.log_abs_s.sum().detach(), atol=1e-5, rtol=0)
+    assert set(dict(layer.named_buffers())) >= {"permutation", "sign_s"}
+    assert "permutation" in layer.state_dict() and "eye" not in layer.state_dict()
+
+
+def test_invconv_cache_hit_and_invalidation_after_optimizer_step():
+    layer = InvertibleConv1x1(2, 4)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        first = layer.weights()
+        assert layer.weights() is first  # cached
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        y, logdet = layer(x)
+        (y.pow(2).mean() - logdet.mean() / x[0].numel()).backward()
+        opt.step()
+        y, _ = layer(x)
+        with torch.no_grad():
+            x_rec, _ = layer.inverse(y)
+        torch.testing.assert_close(x_rec, x, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert layer.weights() is not first
+        assert not torch.allclose(layer.weights()[1], first[1])
+
+
+def test_invconv_cache_invalidated_by_load_state_dict_and_dtype():
+    a, b = InvertibleConv1x1(2, 4), perturb(InvertibleConv1x1(2, 4), 0.3)
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        a.inverse(x)  # fill a's cache
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a.inverse(b(x)[0])[0], x, atol=1e-5, rtol=0)
+        a.double()
+        x64 = x.double()
+        torch.testing.assert_close(a.inverse(a(x64)[0])[0], x64, atol=1e-12, rtol=0)
