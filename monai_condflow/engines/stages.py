@@ -1,0 +1,168 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Entry points of the bundle's stages: what ``train_flow.json``, ``generate.json`` and ``evaluate.json`` call.
+
+Stages share one ``output_dir``::
+
+    output_dir/classifier/  model.pt, classifier.json, train_labels.json (semi-supervised), state checkpoints
+    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, tensorboard/, samples/
+    output_dir/synthetic/   synthetic PNG / NIfTI files and manifest.csv
+    output_dir/report.md, output_dir/metrics.json
+
+Each stage checks that the stage before it has run and says which config to run first when it has not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import monai_condflow
+from monai_condflow.engines.checkpoint import atomic_torch_save, find_latest_checkpoint, load_checkpoint
+from monai_condflow.engines.config_checks import ConfigValueError, check_preset, check_temperature
+from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
+
+__all__ = [
+    "CLASSIFIER_PRESETS",
+    "FLOW_PRESETS",
+    "load_classifier",
+    "build_flow",
+    "build_flow_trainer",
+    "finish_flow_stage",
+    "load_flow",
+    "model_version",
+]
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_PRESETS = ("small", "paper")
+FLOW_PRESETS = ("small", "paper")
+
+
+def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The frozen conditioning classifier of a run (``output_dir/classifier/model.pt``), in eval mode.
+
+    Raises:
+        FileNotFoundError: when the classifier stage has not run (the message says to run train_classifier.json).
+    """
+    from monai_condflow.networks.nets import PEPXNet
+
+    folder = Path(output_dir) / "classifier"
+    info = read_stage_info(folder, "classifier", "train_classifier.json")
+    path = require_file(folder / "model.pt", "classifier checkpoint", "train_classifier.json")
+    net = PEPXNet.from_preset(info["preset"], spatial_dims=2, in_channels=1, out_channels=int(info["num_classes"]))
+    load_weights(net, path)
+    net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def build_flow(preset: str, image_size: int, overrides: dict | None = None) -> torch.nn.Module:
+    """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked (R9)."""
+    from monai_condflow.networks.nets import ConditionalGlow
+
+    check_preset(preset, FLOW_PRESETS, "flow_preset")
+    return ConditionalGlow.from_preset(preset, image_size=image_size, **dict(overrides or {}))
+
+
+def build_flow_trainer(
+    *,
+    flow: torch.nn.Module,
+    classifier: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    device: str | torch.device,
+    max_epochs: int,
+    output_dir: str | os.PathLike,
+    sample_temperature: float = 0.9,
+    **kwargs: Any,
+):
+    """The flow stage's trainer (a :class:`~monai_condflow.engines.flow.FlowTrainer`) for a bundle config.
+
+    Wraps :func:`~monai_condflow.engines.flow.create_flow_trainer` so that ``train#trainer`` is one config
+    component holding ``max_epochs``; training resumes from the newest complete checkpoint in ``output_dir``
+    (a killed run restarts where it stopped). The validation evaluator is kept as ``trainer.flow_evaluator``.
+    """
+    from monai_condflow.engines.flow import create_flow_trainer
+
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ConfigValueError(f"config id 'max_epochs' must be an integer >= 1, got {max_epochs!r}.")
+    check_temperature(sample_temperature)
+    trainer, evaluator = create_flow_trainer(
+        flow,
+        classifier,
+        train_loader,
+        val_loader,
+        device=device,
+        max_epochs=max_epochs,
+        output_dir=output_dir,
+        resume_from=output_dir,
+        sample_temperature=sample_temperature,
+        **kwargs,
+    )
+    trainer.flow_evaluator = evaluator
+    return trainer
+
+
+def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
+    """Copy the best flow checkpoint (lowest validation bits/dim; else the last weights) to ``flow/model.pt``
+    atomically and write ``flow/flow.json`` (preset, overrides, image size, best bits/dim)."""
+    folder = Path(output_dir)
+    best = find_latest_checkpoint(folder, prefix="best")
+    if best is not None:
+        state = best[1]["flow"] if "flow" in best[1] else best[1]
+        source = best[0].name
+    else:
+        state = flow.state_dict()
+        source = "last epoch"
+    target = atomic_torch_save({"network": state}, folder / "model.pt")
+    write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
+    logger.info("flow stage: %s -> %s", source, target)
+    return target
+
+
+def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained flow of a run (``output_dir/flow/model.pt``), in eval mode.
+
+    Raises:
+        FileNotFoundError: when the flow stage has not run (the message says to run train_flow.json).
+    """
+    folder = Path(output_dir) / "flow"
+    info = read_stage_info(folder, "flow", "train_flow.json")
+    path = require_file(folder / "model.pt", "flow checkpoint", "train_flow.json")
+    flow = build_flow(info["preset"], int(info["image_size"]), info.get("overrides"))
+    state = load_checkpoint(path)
+    flow.load_state_dict(state["network"])
+    return flow.to(device).eval()
+
+
+def model_version(output_dir: str | os.PathLike) -> str:
+    """``monai_condflow <version> / flow <preset> / <checkpoint selected>``: what the manifest records."""
+    info = read_stage_info(Path(output_dir) / "flow", "flow", "train_flow.json")
+    return f"monai_condflow {monai_condflow.__version__} / flow {info['preset']} / {info.get('selected', '?')}"
+
+
+def copy_sample_grids(src: str | os.PathLike, dst: str | os.PathLike, names: Sequence[str] = ()) -> list[Path]:
+    """Copy PNG sample grids (e.g. the flow trainer's last ones) into the report folder."""
+    out: list[Path] = []
+    for name in names:
+        path = Path(src) / name
+        if path.is_file():
+            Path(dst).mkdir(parents=True, exist_ok=True)
+            out.append(Path(shutil.copy2(path, Path(dst) / name)))
+    return out
