@@ -9,3 +9,72 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """monai_condflow.engines."""
+
+from .acgan import ACGANTrainer, train_acgan
+from .classifier import (
+    BEST_CHECKPOINT_NAME,
+    KEY_METRIC_NAME,
+    LAST_CHECKPOINT_NAME,
+    balanced_class_weights,
+    compute_embeddings,
+    create_classifier_trainer,
+    lr_decay_for_label_fraction,
+    train_classifier,
+)
+from .distributed import (
+    all_gather_tensors,
+    any_across_ranks,
+    barrier,
+    broadcast_module,
+    cleanup_distributed,
+    create_loader,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    unwrap_model,
+    wrap_ddp,
+)
+from .label_propagation import (
+    SIMILARITY_KINDS,
+    LabelPropagation,
+    class_centroids,
+    median_bandwidth,
+    pairwise_distance,
+    propagate_labels,
+    run_semisupervised,
+    similarity,
+)
+
+__all__ = [
+    "all_gather_tensors",
+    "any_across_ranks",
+    "barrier",
+    "broadcast_module",
+    "cleanup_distributed",
+    "create_loader",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "unwrap_model",
+    "wrap_ddp",
+    "BEST_CHECKPOINT_NAME",
+    "KEY_METRIC_NAME",
+    "LAST_CHECKPOINT_NAME",
+    "balanced_class_weights",
+    "compute_embeddings",
+    "create_classifier_trainer",
+    "lr_decay_for_label_fraction",
+    "train_classifier",
+    "SIMILARITY_KINDS",
+    "LabelPropagation",
+    "class_centroids",
+    "median_bandwidth",
+    "pairwise_distance",
+    "propagate_labels",
+    "run_semisupervised",
+    "similarity",
+    "ACGANTrainer",
+    "train_acgan",
+]

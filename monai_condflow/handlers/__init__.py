@@ -9,3 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """monai_condflow.handlers."""
+
+from .embedding_projector import EmbeddingProjectorHandler
+from .sample_grid import SampleGridHandler
+
+__all__ = ["SampleGridHandler", "EmbeddingProjectorHandler"]

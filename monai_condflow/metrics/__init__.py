@@ -9,3 +9,35 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """monai_condflow.metrics."""
+
+from .bits_per_dim import BitsPerDim, bits_per_dim_from_latent
+from .classification import (
+    ClassificationAccuracy,
+    ClassificationReportMetric,
+    MacroF1,
+    MacroPrecision,
+    MacroRecall,
+    classification_report,
+    confusion_matrix,
+    report_from_confusion_matrix,
+)
+from .fid import EmbeddingFID, embedding_fid, extract_features, fid_floor, fid_from_features, fid_to_floor_ratio
+
+__all__ = [
+    "BitsPerDim",
+    "bits_per_dim_from_latent",
+    "ClassificationAccuracy",
+    "ClassificationReportMetric",
+    "MacroF1",
+    "MacroPrecision",
+    "MacroRecall",
+    "classification_report",
+    "confusion_matrix",
+    "report_from_confusion_matrix",
+    "EmbeddingFID",
+    "embedding_fid",
+    "extract_features",
+    "fid_floor",
+    "fid_from_features",
+    "fid_to_floor_ratio",
+]

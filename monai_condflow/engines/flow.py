@@ -1,0 +1,546 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Maximum-likelihood training of the conditional flow as a MONAI ``SupervisedTrainer``.
+
+The step differs from the supervised one in three ways, so :class:`FlowTrainer` overrides ``_iteration``:
+
+- the loss is the flow's bits/dim of the batch, computed by :class:`FlowBitsPerDim` (a wrapper whose ``forward``
+  returns per-sample bits/dim, so that DDP's gradient hooks fire through the wrapper's forward);
+- gradients are clipped by norm (``max_grad_norm``);
+- a non-finite loss or gradient norm on *any* rank skips the optimizer step on *all* ranks (an all-reduce decides,
+  R13); the backward pass always runs on every rank so that DDP never waits for a missing rank.
+
+:func:`create_flow_trainer` wires the paper's recipe (AdamW, linear warm-up then exponential decay, ActNorm
+initialisation once before DDP, validation bits/dim, atomic checkpoints with resume, TensorBoard, sample grids).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
+from monai.utils import CommonKeys as Keys
+from monai.utils import optional_import, set_determinism
+from torch.utils.data import DataLoader
+
+from monai_condflow.engines.checkpoint import (
+    RandomStateTracker,
+    create_checkpoint_handler,
+    find_latest_checkpoint,
+    load_checkpoint,
+)
+from monai_condflow.engines.distributed import (
+    all_gather_tensors,
+    any_across_ranks,
+    get_rank,
+    unwrap_model,
+    wrap_ddp,
+)
+from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
+
+Events, _ = optional_import("ignite.engine", name="Events")
+Engine, _ = optional_import("ignite.engine", name="Engine")
+Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
+global_step_from_engine, _ = optional_import("ignite.handlers", name="global_step_from_engine")
+SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+
+__all__ = ["FlowBitsPerDim", "FlowTrainer", "warmup_exponential_lambda", "create_flow_trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class FlowBitsPerDim(torch.nn.Module):
+    """
+    ``forward(x, condition) -> [B]`` bits/dim of a conditional flow; the module to wrap in DDP.
+
+    Uses ``flow.bits_per_dim`` when the flow has it, else computes bits/dim from ``flow(x, condition) ->
+    (nu, logdet)`` under a standard normal prior.
+
+    Args:
+        flow: the conditional flow.
+        n_bits: bits of the quantised data (8 for PNG-derived images).
+    """
+
+    def __init__(self, flow: torch.nn.Module, n_bits: int = 8) -> None:
+        super().__init__()
+        self.flow = flow
+        self.n_bits = n_bits
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self.flow, "bits_per_dim"):
+            return self.flow.bits_per_dim(x, condition, n_bits=self.n_bits)
+        nu, logdet = self.flow(x, condition)
+        return bits_per_dim_from_latent(nu, logdet, x[0].numel(), self.n_bits)
+
+
+def _loss_value(output: Mapping[str, Any]) -> float:
+    return float(output[Keys.LOSS].item())
+
+
+def _mean_loss(pred: torch.Tensor, target: Any = None) -> torch.Tensor:
+    return pred.mean()
+
+
+class FlowTrainer(SupervisedTrainer):
+    """
+    ``SupervisedTrainer`` for maximum-likelihood flow training with all-rank non-finite step skipping.
+
+    ``network`` is a :class:`FlowBitsPerDim` (or its DDP wrapper, or any module mapping ``(x, condition)`` to a
+    per-sample loss); ``prepare_batch`` must return ``(image, label, (condition,), {})`` as
+    :class:`~monai_condflow.engines.prepare_batch.ConditionPrepareBatch` does. The loss is
+    ``loss_function(pred, label).mean()`` (the mean bits/dim by default).
+
+    ``engine.state.skipped_steps`` counts skipped steps (saved in the engine's ``state_dict``);
+    ``engine.state.output`` holds ``image``, ``label``, ``pred`` (per-sample bits/dim), ``loss``, ``grad_norm``
+    and ``skipped``; ``engine.state.lr`` the learning rate of the step.
+
+    Args:
+        device: device of the run.
+        max_epochs: epochs to train.
+        train_data_loader: dict batches with ``image`` (and ``condition`` or a classifier in ``prepare_batch``).
+        network: see above.
+        optimizer: optimizer of the flow's parameters.
+        max_grad_norm: clip the total gradient norm to this value; ``None`` only measures it.
+        prepare_batch: defaults to ``ConditionPrepareBatch()`` (``condition`` from the batch).
+        loss_function: ``(pred, label) -> loss``; defaults to the mean of ``pred``.
+        kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
+            supported (flows are trained in fp32) and ``decollate`` is off.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None = None,
+        prepare_batch: Callable | None = None,
+        loss_function: Callable = _mean_loss,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("amp", False):
+            raise ValueError("FlowTrainer does not support amp; flows are trained in fp32.")
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("FlowTrainer does not support gradient accumulation.")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            prepare_batch=ConditionPrepareBatch() if prepare_batch is None else prepare_batch,
+            **kwargs,
+        )
+        self.max_grad_norm = max_grad_norm
+        self.state.skipped_steps = 0
+        self.state.lr = float(optimizer.param_groups[0]["lr"])
+        self.state_dict_user_keys.append("skipped_steps")
+        self.resume_completed = False
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; does nothing when the run was resumed from a checkpoint at (or past) ``max_epochs``."""
+        if self.resume_completed:
+            logger.info("resumed at epoch %d >= max_epochs %d: nothing to train.", self.state.epoch, self.max_epochs)
+            return
+        super().run()
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.state.max_epochs)
+
+    def _iteration(self, engine: FlowTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        if len(batch) == 2:
+            inputs, targets = batch
+            args: tuple = ()
+            kwargs: dict = {}
+        else:
+            inputs, targets, args, kwargs = batch
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.state.lr = float(engine.optimizer.param_groups[0]["lr"])
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss = engine.state.output[Keys.LOSS]  # LOSS_COMPLETED handlers may have changed it
+        loss_finite = bool(torch.isfinite(loss.detach()).item())
+        # always backward: with DDP every rank must join the gradient all-reduce, whatever its loss
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+
+        params = [p for p in engine.network.parameters() if p.grad is not None]
+        if params:
+            max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+        else:
+            grad_norm = torch.zeros(())
+        grad_finite = bool(torch.isfinite(grad_norm).item())
+        skip = any_across_ranks(not (loss_finite and grad_finite), device=grad_norm.device)
+        if skip:
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.state.skipped_steps += 1
+            logger.warning(
+                "rank %d: skipped the optimizer step at iteration %d (local loss finite: %s, grad norm finite: %s); "
+                "%d step(s) skipped so far.",
+                get_rank(),
+                engine.state.iteration,
+                loss_finite,
+                grad_finite,
+                engine.state.skipped_steps,
+            )
+        else:
+            engine.optimizer.step()
+        engine.state.output["grad_norm"] = float(grad_norm.item())
+        engine.state.output["skipped"] = skip
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def warmup_exponential_lambda(epoch_length: int, warmup_epochs: int, gamma: float) -> Callable[[int], float]:
+    """
+    Learning-rate factor per iteration for ``LambdaLR``: linear warm-up over ``warmup_epochs`` epochs
+    (``(i + 1) / (warmup_epochs * epoch_length)`` at iteration ``i``), then ``gamma ** (epoch - warmup_epochs)``.
+    """
+    if epoch_length < 1:
+        raise ValueError(f"epoch_length must be >= 1, got {epoch_length}.")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+    warmup_iters = warmup_epochs * epoch_length
+
+    def factor(iteration: int) -> float:
+        if iteration < warmup_iters:
+            return (iteration + 1) / warmup_iters
+        return float(gamma ** (iteration // epoch_length - warmup_epochs))
+
+    return factor
+
+
+def _first_batch_for_init(
+    train_loader: DataLoader, prepare_batch: Callable, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The first global batch (every rank's first batch, gathered): images, labels, conditions."""
+    sampler = getattr(train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(1)  # the epoch the trainer starts with (MONAI workflows count epochs from 1)
+    batchdata = next(iter(train_loader))
+    images, labels, args, _ = prepare_batch(batchdata, device, False)
+    condition = args[0] if args else None
+    images = all_gather_tensors(images)
+    labels = all_gather_tensors(labels) if labels is not None else None
+    condition = all_gather_tensors(condition) if condition is not None else None
+    return images, labels, condition
+
+
+def _conditions_per_class(
+    labels: torch.Tensor | None, condition: torch.Tensor | None, per_class: int = 4
+) -> dict[int, torch.Tensor]:
+    if labels is None or condition is None:
+        return {}
+    out = {}
+    for c in sorted({int(v) for v in labels.reshape(-1).tolist()}):
+        out[c] = condition[labels.reshape(-1) == c][:per_class].detach().cpu()
+    return out
+
+
+def create_flow_trainer(
+    flow: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None = None,
+    *,
+    device: str | torch.device,
+    max_epochs: int,
+    output_dir: str | os.PathLike,
+    lr: float = 5e-4,
+    weight_decay: float = 1e-6,
+    betas: tuple[float, float] = (0.5, 0.999),
+    warmup_epochs: int = 10,
+    lr_decay: float = 0.99,
+    max_grad_norm: float | None = 50.0,
+    n_bits: int = 8,
+    val_interval: int = 1,
+    sample_every: int = 0,
+    sample_conditions: Mapping[int, torch.Tensor] | None = None,
+    sample_temperature: float = 0.9,
+    resume_from: str | os.PathLike | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    tensorboard: bool = True,
+    n_saved: int = 2,
+    extra_train_handlers: Sequence[Any] = (),
+) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
+    """
+    Build the flow trainer (and its validation evaluator) with the paper's recipe.
+
+    Order of set-up (R12): the flow is moved to ``device``; a checkpoint is loaded when resuming; *then*, only if the
+    flow is still not initialised, its ActNorms are initialised on the first global training batch (every rank
+    gathers the first batches of all ranks, so one process and N processes initialise on the same images); only
+    then is the network wrapped in DDP (which broadcasts rank 0's parameters).
+
+    Outputs in ``output_dir``: ``latest_checkpoint_{epoch}.pt`` (flow, optimizer, lr scheduler, trainer, random
+    states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``best_flow_{epoch}.pt`` (flow state dict with the
+    lowest validation bits/dim), ``tensorboard/`` and ``samples/``. All files are written atomically by rank 0.
+
+    Args:
+        flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
+        classifier: frozen classifier computing ``z = embed(x)`` on the fly, or ``None`` when the batches carry a
+            ``condition`` key.
+        train_loader: training batches (use :func:`~monai_condflow.engines.distributed.create_loader`).
+        val_loader: validation batches, or ``None`` (no evaluator, no best checkpoint).
+        device: the run's device.
+        max_epochs: total epochs (also when resuming).
+        output_dir: where checkpoints, TensorBoard logs and sample grids go.
+        lr: AdamW learning rate (peak, after warm-up).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_epochs: epochs of linear warm-up (per iteration).
+        lr_decay: exponential decay factor per epoch after warm-up.
+        max_grad_norm: gradient-norm clipping threshold (``None``: no clipping).
+        n_bits: bits of the quantised data for bits/dim.
+        val_interval: validate every N epochs.
+        sample_every: write sample grids every N epochs (0: never).
+        sample_conditions: class -> ``[n, condition_dim]`` conditions for the grids; default: up to 4 per class from
+            the first training batch.
+        sample_temperature: temperature of the grids.
+        resume_from: a ``.pt`` checkpoint file (must exist), or a folder whose newest valid ``latest_*.pt`` is used
+            (a missing or empty folder starts fresh, so the same command serves first start and restart).
+        seed: seeds torch / numpy / random (``monai.utils.set_determinism``).
+        log_every: log the training loss every N iterations.
+        tensorboard: write TensorBoard scalars (and grids) on rank 0.
+        n_saved: how many ``latest`` checkpoints to keep.
+        extra_train_handlers: more handlers to attach to the trainer.
+
+    Returns:
+        ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
+
+    Raises:
+        ValueError: bad hyper-parameters (R9).
+        CheckpointError: ``resume_from`` is a file that cannot be loaded safely.
+    """
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    if not lr > 0 or weight_decay < 0 or not 0 < lr_decay <= 1:
+        raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
+    if not sample_temperature > 0:
+        raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}.")
+    if val_interval < 1 or sample_every < 0 or log_every < 1:
+        raise ValueError(
+            f"bad intervals: val_interval={val_interval}, sample_every={sample_every}, log_every={log_every}."
+        )
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    rank = get_rank()
+    set_determinism(seed=seed)
+
+    flow = unwrap_model(flow).to(device)
+    prepare_batch = ConditionPrepareBatch(classifier=classifier)
+    if classifier is not None:
+        classifier.to(device)
+
+    # 1. resume: the flow's weights (ActNorm flags included) first, so a reloaded model is never re-initialised
+    checkpoint: dict | None = None
+    if resume_from is not None:
+        resume_path = Path(resume_from)
+        if resume_path.is_dir() or (not resume_path.exists() and resume_path.suffix != ".pt"):
+            found = find_latest_checkpoint(resume_path, prefix="latest")
+            if found is None:
+                logger.info("no valid checkpoint in %s: starting from scratch.", resume_path)
+            else:
+                resume_path, checkpoint = found
+        else:
+            checkpoint = load_checkpoint(resume_path)
+        if checkpoint is not None:
+            Checkpoint.load_objects({"flow": flow}, checkpoint)
+            logger.info("resuming from %s", resume_path)
+
+    # 2. ActNorm initialisation, once, before DDP (R12)
+    init_batch = None
+    if checkpoint is None or (sample_every > 0 and sample_conditions is None):
+        init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
+    if not getattr(flow, "is_initialized", True):
+        if init_batch is None:
+            init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
+        flow.initialize(init_batch[0], init_batch[2])
+        logger.info("initialised the flow's ActNorm layers on a batch of %d images.", init_batch[0].shape[0])
+
+    # 3. DDP, optimiser, schedule
+    network = wrap_ddp(FlowBitsPerDim(flow, n_bits=n_bits), device)
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    epoch_length = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_exponential_lambda(epoch_length, warmup_epochs, lr_decay)
+    )
+
+    writer = None
+    if tensorboard and rank == 0:
+        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    # 4. evaluator
+    evaluator = None
+    if val_loader is not None:
+        val_handlers: list = []
+        if rank == 0:
+            val_handlers.append(StatsHandler(iteration_log=False, output_transform=lambda _: None))
+            if writer is not None:
+                val_handlers.append(
+                    TensorBoardStatsHandler(writer, iteration_log=False, output_transform=lambda _: None)
+                )
+        evaluator = SupervisedEvaluator(
+            device=device,
+            val_data_loader=val_loader,
+            network=FlowBitsPerDim(flow, n_bits=n_bits),
+            prepare_batch=prepare_batch,
+            key_val_metric={"val_bpd": BitsPerDim(output_transform=from_engine(Keys.PRED))},
+            metric_cmp_fn=lambda current, best: current < best,
+            val_handlers=val_handlers,
+            decollate=False,
+        )
+
+    # 5. trainer
+    train_handlers: list = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)]
+    if evaluator is not None:
+        train_handlers.append(ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=True))
+    if rank == 0:
+        train_handlers.append(
+            StatsHandler(
+                iteration_log=lambda _, it: it % log_every == 0,
+                tag_name="train_bpd",
+                output_transform=_loss_value,
+                state_attributes=["lr", "skipped_steps"],
+            )
+        )
+        if writer is not None:
+            train_handlers.append(
+                TensorBoardStatsHandler(
+                    writer,
+                    tag_name="train_bpd",
+                    output_transform=_loss_value,
+                    state_attributes=["lr", "skipped_steps"],
+                )
+            )
+    train_handlers.extend(extra_train_handlers)
+    trainer = FlowTrainer(
+        device=device,
+        max_epochs=max_epochs,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        max_grad_norm=max_grad_norm,
+        prepare_batch=prepare_batch,
+        train_handlers=train_handlers,
+    )
+
+    if sample_every > 0 and rank == 0:
+        from monai_condflow.handlers.sample_grid import SampleGridHandler
+
+        conditions = sample_conditions
+        if conditions is None and init_batch is not None:
+            conditions = _conditions_per_class(init_batch[1], init_batch[2])
+        if conditions:
+            SampleGridHandler(
+                flow,
+                conditions,
+                every_n_epochs=sample_every,
+                temperature=sample_temperature,
+                summary_writer=writer,
+                output_dir=output_dir / "samples",
+                seed=seed,
+            ).attach(trainer)
+        else:
+            logger.warning("sample grids disabled: no labelled conditions available.")
+
+    # 6. checkpoints (atomic; rank 0 writes). The best one is chosen on the evaluator's key metric.
+    best_handler = None
+    if evaluator is not None:
+        best_handler = create_checkpoint_handler(
+            {"flow": flow},
+            output_dir,
+            prefix="best",
+            n_saved=1,
+            score_function=lambda engine: -float(engine.state.metrics["val_bpd"]),
+            score_name="neg_val_bpd",
+            global_step_transform=global_step_from_engine(trainer),
+            filename_pattern="{filename_prefix}_{name}_{global_step}.{ext}",
+        )
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_handler)
+    rng = RandomStateTracker()
+    to_save: dict[str, Any] = {
+        "flow": flow,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "trainer": trainer,
+        "rng": rng,
+    }
+    if best_handler is not None:
+        to_save["best_checkpoint"] = best_handler
+    latest_handler = create_checkpoint_handler(
+        to_save,
+        output_dir,
+        prefix="latest",
+        n_saved=n_saved,
+        global_step_transform=lambda engine, _: engine.state.epoch,
+        include_self=True,
+    )
+    # registered after the ValidationHandler, so the saved random state is the one the next epoch starts with
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, latest_handler)
+
+    if writer is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: writer.flush())
+        trainer.add_event_handler(Events.COMPLETED, lambda _: writer.close())
+
+    # 7. the rest of the resumed state
+    if checkpoint is not None:
+        objects: dict[str, Any] = {"optimizer": optimizer, "lr_scheduler": scheduler}
+        if "checkpointer" in checkpoint:
+            objects["checkpointer"] = latest_handler
+        if best_handler is not None and "best_checkpoint" in checkpoint:
+            objects["best_checkpoint"] = best_handler
+        Checkpoint.load_objects(objects, checkpoint)
+        trainer_state = dict(checkpoint["trainer"])
+        trainer_state["max_epochs"] = max_epochs
+        trainer_state["epoch_length"] = epoch_length
+        if int(trainer_state.get("iteration", 0)) // epoch_length >= max_epochs:
+            trainer.resume_completed = True
+            trainer_state["max_epochs"] = max(max_epochs, int(trainer_state["iteration"]) // epoch_length)
+        trainer.load_state_dict(trainer_state)
+        rng_state = checkpoint["rng"]
+
+        def _restore_rng(_: Engine) -> None:
+            rng.load_state_dict(rng_state)
+
+        trainer.add_event_handler(Events.STARTED, _restore_rng)
+        logger.info(
+            "resumed at epoch %d (iteration %d), %d skipped step(s) so far.",
+            trainer.state.epoch,
+            trainer.state.iteration,
+            trainer.state.skipped_steps,
+        )
+    return trainer, evaluator

@@ -1,0 +1,301 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Conditional synthetic images: keep the condition ``z`` of real images, draw a new ``nu ~ N(0, T^2 I)`` and decode.
+
+Modes of :func:`generate`:
+
+- ``"same_z"``: one synthetic image per real input, with that input's ``z`` and class;
+- ``"pairs"``: as ``same_z``, plus an ``original | synthetic`` PNG per input (the paper's Fig. 5). The pair files
+  contain the *real* image: they are for figures, not for release;
+- ``"n_per_class"``: ``n_per_class`` images per class, whose conditions are real inputs drawn class-balanced
+  (without replacement when the class has enough inputs).
+
+Output hygiene (R4): files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
+PNGs carry no text chunks and the NIfTI headers a fixed description; the manifest CSV records index, file(s), class,
+temperature, seed, model version and mode. No source file name, patient id or DICOM tag is read into any output.
+Every file is written atomically (temp file + ``os.replace``), the manifest last.
+
+Formats: 16-bit grayscale PNG with ``value = round(x * 65535)`` (re-read with intensity mode ``"uint16"``);
+NIfTI-1 (gzip) float32 in ``[0, 1]`` with identity affine, stored ``[W, H]`` (voxel ``(i, j)`` = pixel column ``i``,
+row ``j``) so that :class:`~monai_condflow.transforms.array.LoadCTSlice` reads it back as ``[1, H, W]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import list_data_collate
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from monai_condflow.engines.checkpoint import atomic_write_bytes
+from monai_condflow.engines.distributed import unwrap_model
+from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.transforms.grid import make_grid
+
+__all__ = ["GENERATION_MODES", "generate_tensors", "generate", "png16_bytes", "nifti_bytes"]
+
+logger = logging.getLogger(__name__)
+
+GENERATION_MODES = ("same_z", "pairs", "n_per_class")
+_FORMATS = ("png", "nifti")
+_NIFTI_DESCRIP = b"monai_condflow synthetic image"
+
+
+def generate_tensors(
+    flow: torch.nn.Module,
+    z: torch.Tensor,
+    temperature: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """
+    Decode ``nu ~ N(0, T^2 I)`` with conditions ``z``: ``[N, condition_dim] -> [N, C, S, S]`` in ``[0, 1]``.
+
+    Runs in eval mode without gradients (the flow's mode is restored) and on the flow's device.
+
+    Args:
+        flow: the conditional flow (``sample(condition, temperature, generator)``); DDP wrappers are unwrapped.
+        z: conditions, one row per image.
+        temperature: ``T > 0`` (0.9 in the paper).
+        generator: random generator on the flow's device, for reproducible noise.
+
+    Raises:
+        ValueError: ``temperature <= 0`` or ``z`` not 2-D.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if z.ndim != 2:
+        raise ValueError(f"z must be [N, condition_dim], got shape {tuple(z.shape)}.")
+    flow = unwrap_model(flow)
+    param = next(flow.parameters(), None)
+    if param is not None:
+        z = z.to(device=param.device, dtype=param.dtype)
+    was_training = flow.training
+    flow.eval()
+    try:
+        with torch.no_grad():
+            x = flow.sample(z, temperature=temperature, generator=generator)
+    finally:
+        flow.train(was_training)
+    return x.clamp(0.0, 1.0)
+
+
+def png16_bytes(image: torch.Tensor | np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG of ``image`` ``[1, H, W]`` or ``[H, W]`` in ``[0, 1]`` (``round(x * 65535)``), no
+    metadata chunks."""
+    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64)
+    arr = arr.reshape(arr.shape[-2:])
+    values = np.rint(np.clip(arr, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
+    """A gzipped NIfTI-1 of ``image`` ``[1, H, W]`` or ``[H, W]`` (float32, stored ``[W, H]``, identity affine, a
+    fixed description, no extensions; the gzip header has no file name and mtime 0)."""
+    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+    arr = np.ascontiguousarray(arr.reshape(arr.shape[-2:]).T)
+    img = nib.Nifti1Image(arr, affine=np.eye(4))
+    img.header["descrip"] = _NIFTI_DESCRIP
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), mtime=0)
+
+
+def _pair_png_bytes(original: torch.Tensor, synthetic: torch.Tensor) -> bytes:
+    grid = make_grid(torch.stack([original.float().cpu(), synthetic.float().cpu()]), nrow=2, padding=2)
+    buf = io.BytesIO()
+    Image.fromarray(grid, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _as_loader(data: DataLoader | Sequence[Mapping[str, Any]] | Iterable, batch_size: int) -> Iterable:
+    if isinstance(data, DataLoader) or not isinstance(data, Sequence):
+        return data
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=list_data_collate)  # type: ignore
+
+
+def _labels_of(batch: Mapping[str, Any], label_key: str, classifier: torch.nn.Module | None, images: torch.Tensor):
+    if label_key in batch and batch[label_key] is not None:
+        return torch.as_tensor(batch[label_key]).reshape(-1).long().cpu()
+    if classifier is None:
+        raise KeyError(f"batch has no '{label_key}' key and no classifier was given to predict the class.")
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        with torch.no_grad():
+            return classifier(images).argmax(dim=1).long().cpu()
+    finally:
+        classifier.train(was_training)
+
+
+def generate(
+    flow: torch.nn.Module,
+    classifier: torch.nn.Module | None,
+    records_or_loader: DataLoader | Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    *,
+    output_dir: str | os.PathLike,
+    model_version: str,
+    mode: str = "same_z",
+    n_per_class: int | None = None,
+    temperature: float = 0.9,
+    seed: int = 0,
+    formats: Sequence[str] = ("png", "nifti"),
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+    label_key: str = "label",
+    condition_key: str = "condition",
+    manifest_name: str = "manifest.csv",
+) -> Path:
+    """
+    Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
+
+    Args:
+        flow: the trained conditional flow.
+        classifier: frozen classifier for ``z = embed(x)`` (and the class when items have no label); ``None`` when
+            every item has a ``condition_key``.
+        records_or_loader: a non-shuffling ``DataLoader`` of dict batches, or a sequence (e.g. a MONAI ``Dataset``
+            with the transform chain applied) of dict items whose ``image`` is a ``[1, S, S]`` tensor / array in
+            ``[0, 1]``. Other keys (``source``, ``patient_id`` ...) are ignored and never written.
+        output_dir: destination folder (created).
+        model_version: recorded in the manifest (e.g. a checkpoint name / hash and package version).
+        mode: ``"same_z"``, ``"pairs"`` or ``"n_per_class"``.
+        n_per_class: images per class in ``"n_per_class"`` mode.
+        temperature: sampling temperature ``T > 0``.
+        seed: seed of the noise (and of the class-balanced draw); same inputs + seed -> same images.
+        formats: any of ``"png"`` and ``"nifti"``.
+        batch_size: images decoded at once (and batch size when a sequence is given).
+        device: where the flow and classifier run.
+        image_key: key of the image.
+        label_key: key of the class label.
+        condition_key: key of precomputed conditions.
+        manifest_name: file name of the manifest in ``output_dir``.
+
+    Returns:
+        the manifest path.
+
+    Raises:
+        ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version`` (R9), an image path
+            instead of a tensor, or no input.
+    """
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {GENERATION_MODES}.")
+    formats = tuple(formats)
+    if not formats or any(f not in _FORMATS for f in formats):
+        raise ValueError(f"formats must be a non-empty subset of {_FORMATS}, got {formats}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if mode == "n_per_class" and (n_per_class is None or n_per_class < 1):
+        raise ValueError(f"mode 'n_per_class' needs n_per_class >= 1, got {n_per_class}.")
+    if not isinstance(model_version, str) or not model_version.strip():
+        raise ValueError("model_version must be a non-empty string.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    flow = unwrap_model(flow).to(device)
+    if classifier is not None:
+        classifier = unwrap_model(classifier).to(device)
+    prepare = ConditionPrepareBatch(classifier=classifier, image_key=image_key, condition_key=condition_key)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+
+    def write(originals: torch.Tensor | None, z: torch.Tensor, labels: torch.Tensor) -> None:
+        synthetic = generate_tensors(flow, z, temperature, generator).cpu()
+        for k in range(synthetic.shape[0]):
+            index, cls = len(rows), int(labels[k])
+            stem = f"synthetic_{index:06d}_class{cls}"
+            row: dict[str, Any] = {"index": index}
+            if "png" in formats:
+                atomic_write_bytes(output_dir / f"{stem}.png", png16_bytes(synthetic[k]))
+                row["file"] = f"{stem}.png"
+            if "nifti" in formats:
+                atomic_write_bytes(output_dir / f"{stem}.nii.gz", nifti_bytes(synthetic[k]))
+                row["nifti_file"] = f"{stem}.nii.gz"
+                row.setdefault("file", row["nifti_file"])
+            if originals is not None:
+                name = f"pair_{index:06d}_class{cls}.png"
+                atomic_write_bytes(output_dir / name, _pair_png_bytes(originals[k], synthetic[k]))
+                row["pair_file"] = name
+            row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
+            rows.append(row)
+
+    all_z: list[torch.Tensor] = []
+    all_labels: list[torch.Tensor] = []
+    for batch in _as_loader(records_or_loader, batch_size):
+        if not isinstance(batch, Mapping) or image_key not in batch:
+            raise ValueError(f"expected dict batches with an '{image_key}' key.")
+        raw = batch[image_key]
+        if isinstance(raw, (str, os.PathLike)) or (isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], str)):
+            raise ValueError(
+                f"'{image_key}' holds file paths: apply the transform chain first (e.g. monai.data.Dataset(records, "
+                "transform=chain)) so that items carry [1, S, S] tensors."
+            )
+        images = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw).float().to(device)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        z = prepare.get_condition(batch, images, device)
+        labels = _labels_of(batch, label_key, classifier, images)
+        if mode == "n_per_class":
+            all_z.append(z.detach().cpu())
+            all_labels.append(labels)
+        else:
+            write(images.cpu() if mode == "pairs" else None, z, labels)
+
+    if mode == "n_per_class":
+        if not all_z:
+            raise ValueError("generate got no input items.")
+        z_all, labels_all = torch.cat(all_z), torch.cat(all_labels)
+        draw = torch.Generator().manual_seed(seed)
+        chosen = []
+        for cls in sorted(set(labels_all.tolist())):
+            idx = torch.nonzero(labels_all == cls).reshape(-1)
+            reps = -(-n_per_class // idx.numel())  # without replacement while the class has enough inputs
+            order = torch.cat([idx[torch.randperm(idx.numel(), generator=draw)] for _ in range(reps)])
+            chosen.append(order[:n_per_class])
+        chosen_idx = torch.cat(chosen)
+        for start in range(0, chosen_idx.numel(), batch_size):
+            sel = chosen_idx[start : start + batch_size]
+            write(None, z_all[sel].to(device), labels_all[sel])
+    elif not rows:
+        raise ValueError("generate got no input items.")
+
+    columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode"]
+    if "nifti" in formats:
+        columns.insert(2, "nifti_file")
+    if mode == "pairs":
+        columns.insert(2, "pair_file")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        row["class"] = row.pop("class_")
+        writer.writerow({k: row.get(k, "") for k in columns})
+    manifest = atomic_write_bytes(output_dir / manifest_name, buf.getvalue().encode("utf-8"))
+    logger.info(
+        "wrote %d synthetic image(s) (%s mode, T=%s, seed %d) to %s", len(rows), mode, temperature, seed, output_dir
+    )
+    return manifest

@@ -1,0 +1,197 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Distributed helpers, and two-process gloo runs on CPU (R13, R17).
+
+One ``torchrun --nproc_per_node=2 --max-restarts=1`` launch (module fixture) runs every scenario of
+``dist_worker.py``; the single-process references run the same functions in this process. Tolerances:
+
+- float64 flow: 2 processes == 1 process within 1e-9 (weights, losses, validation bits/dim);
+- float32 flow: within 5e-3 on weights (Adam's first steps, ~lr * sign(g), amplify rounding differences of the
+  all-reduce; measured ~7e-4) and 1e-4 relative on losses; the two ranks are bit-identical;
+- classifier (PEPXNet without batch norm): within 1e-5 on weights (measured ~1e-6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_condflow.engines import distributed as D
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_worker.py")
+HAS_CLASSIFIER = importlib.util.find_spec("monai_condflow.engines.classifier") is not None
+SCENARIOS = ["flow", "flow64", "nan", *(["classifier"] if HAS_CLASSIFIER else []), "crash"]
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("condflow_dist_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(
+        (a[k].double() - b[k].double()).abs().max().item()
+        if a[k].is_floating_point()
+        else float(not torch.equal(a[k], b[k]))
+        for k in a
+    )
+
+
+@pytest.fixture(scope="module")
+def two_process_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_process")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor-interval=0.2",
+        str(WORKER), "--scenarios", ",".join(SCENARIOS), "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=300)  # a DDP hang would end here, not block the suite
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"two-process run timed out (hang?):\n{log[-4000:]}")
+    assert proc.returncode == 0, log[-4000:]
+    (out / "log.txt").write_text(log)
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return _load_worker()
+
+
+def _single(worker, name: str, tmp_path: Path, **kwargs) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if name == "classifier":
+            return worker.run_classifier(tmp_path / name, **kwargs)
+        return worker.run_flow(tmp_path / name, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ranks(out: Path, name: str) -> tuple[dict, dict]:
+    return (
+        torch.load(out / f"{name}_rank0.pt", weights_only=True),
+        torch.load(out / f"{name}_rank1.pt", weights_only=True),
+    )
+
+
+# ---------------------------------------------------------------- single-process behaviour of the helpers
+def test_helpers_without_process_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert D.init_distributed() is False
+    assert not D.is_distributed()
+    assert (D.get_rank(), D.get_world_size()) == (0, 1)
+    assert D.any_across_ranks(True) and not D.any_across_ranks(False)
+    model = torch.nn.Linear(2, 2)
+    assert D.wrap_ddp(model, "cpu") is model and D.unwrap_model(model) is model
+    x = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(D.all_gather_tensors(x), x)
+    D.barrier()
+    D.broadcast_module(model)
+    D.cleanup_distributed()
+
+
+def test_create_loader_is_seeded_and_uses_the_global_batch():
+    data = [{"image": torch.full((1, 2, 2), float(i)), "label": i} for i in range(10)]
+
+    def order(loader, epoch):
+        loader.sampler.set_epoch(epoch)
+        return [int(v) for b in loader for v in b["label"]]
+
+    a, b = D.create_loader(data, 4, shuffle=True, seed=7), D.create_loader(data, 4, shuffle=True, seed=7)
+    assert a.batch_size == 4 and len(a) == 3
+    assert order(a, 1) == order(b, 1) and sorted(order(a, 1)) == list(range(10))
+    assert order(a, 1) != order(a, 2)
+    assert order(D.create_loader(data, 4, shuffle=False, seed=7), 1) == list(range(10))
+    with pytest.raises(ValueError, match="batch_size"):
+        D.create_loader(data, 0, shuffle=True, seed=0)
+
+
+# ---------------------------------------------------------------- two gloo processes (R17, R13)
+def test_flow_two_processes_equal_one_process_float64(two_process_dir, worker, tmp_path):
+    r0, r1 = _ranks(two_process_dir, "flow64")
+    ref = _single(worker, "flow64", tmp_path, dtype=torch.float64)
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0
+    assert _max_abs_diff(ref["state"], r0["state"]) < 1e-9
+    global_losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # equal halves of the global batch
+    assert len(global_losses) == len(ref["losses"]) == 4
+    assert global_losses == pytest.approx(ref["losses"], abs=1e-9)
+    assert r0["grad_norms"] == pytest.approx(ref["grad_norms"], abs=1e-9)  # norm of the all-reduced gradient
+    assert r0["val_bpd"] == pytest.approx(ref["val_bpd"], abs=1e-9)  # BitsPerDim summed over both ranks
+
+
+def test_flow_two_processes_equal_one_process_float32(two_process_dir, worker, tmp_path):
+    r0, r1 = _ranks(two_process_dir, "flow")
+    ref = _single(worker, "flow", tmp_path)
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0
+    assert _max_abs_diff(ref["state"], r0["state"]) < 5e-3
+    global_losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert global_losses == pytest.approx(ref["losses"], rel=1e-4)
+    assert r0["val_bpd"] == pytest.approx(ref["val_bpd"], rel=1e-4)
+    assert r0["skipped"] == r1["skipped"] == 0
+
+
+def test_nan_loss_on_one_rank_skips_the_step_on_both(two_process_dir):
+    r0, r1 = _ranks(two_process_dir, "nan")
+    assert torch.isnan(torch.tensor(r1["losses"][1])) and all(torch.isfinite(torch.tensor(r0["losses"])))
+    assert r0["skipped"] == r1["skipped"] == 1  # rank 0's own loss was finite: the all-reduce made it skip
+    assert r0["epoch"] == r1["epoch"] == 2  # no hang: both finished
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0  # had only rank 1 skipped, the replicas would differ
+    flow = _ranks(two_process_dir, "flow")[0]
+    assert _max_abs_diff(flow["state"], r0["state"]) > 1e-6  # the skipped step changed the trajectory
+
+
+@pytest.mark.skipif(not HAS_CLASSIFIER, reason="monai_condflow.engines.classifier is not there yet")
+def test_classifier_two_processes_equal_one_process(two_process_dir, worker, tmp_path):
+    r0, r1 = _ranks(two_process_dir, "classifier")
+    ref = _single(worker, "classifier", tmp_path)
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0
+    assert _max_abs_diff(ref["state"], r0["state"]) < 1e-5
+    global_losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert global_losses == pytest.approx(ref["losses"], rel=1e-5)
+
+
+def test_torchrun_restart_after_crash_resumes_from_checkpoint(two_process_dir, worker, tmp_path):
+    r0, r1 = _ranks(two_process_dir, "crash")
+    assert r0["restart_count"] == r1["restart_count"] == 1  # the first attempt crashed after epoch 2
+    assert r0["epoch"] == 3 and len(r0["losses"]) == 2  # the restart trained epoch 3 only
+    assert "injected crash after epoch 2" in (two_process_dir / "log.txt").read_text()
+    ref = _single(worker, "crash_ref", tmp_path, max_epochs=3, dtype=torch.float64)  # uninterrupted, 1 process
+    assert _max_abs_diff(ref["state"], r0["state"]) < 1e-9
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0

@@ -1,0 +1,173 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Generation of conditional synthetic images: modes, formats, determinism, output hygiene (R4), bad config (R9)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_condflow.engines.generation import generate, generate_tensors
+from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
+from monai_condflow.networks.nets.pepx_net import PEPXNet
+
+MARKER = "SECRET_PATIENT_ZX81"
+S = 16
+
+
+@pytest.fixture(scope="module")
+def flow() -> ConditionalGlow:
+    torch.manual_seed(1)
+    f = ConditionalGlow.from_preset(
+        "small", num_levels=2, image_size=S, num_steps=2, num_blocks=(1, 1), hidden_channels=8
+    )
+    x = torch.rand(8, 1, S, S)
+    f.initialize(x, torch.nn.functional.normalize(torch.randn(8, 32), dim=1))
+    return f
+
+
+def _records(n: int = 6, with_condition: bool = True) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        r = {
+            "image": torch.rand(1, S, S, generator=g),
+            "label": i % 2,
+            "source": f"/data/{MARKER}/slice_{i}.png:{i + 1}",
+            "patient_id": f"{MARKER}-{i}",
+        }
+        if with_condition:
+            r["condition"] = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+        out.append(r)
+    return out
+
+
+def _manifest(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_generate_tensors_shape_range_and_seed(flow):
+    z = torch.nn.functional.normalize(torch.randn(3, 32), dim=1)
+    a = generate_tensors(flow, z, 0.9, torch.Generator().manual_seed(4))
+    b = generate_tensors(flow, z, 0.9, torch.Generator().manual_seed(4))
+    c = generate_tensors(flow, z, 0.9, torch.Generator().manual_seed(5))
+    assert a.shape == (3, 1, S, S) and torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert flow.training  # mode restored
+    with pytest.raises(ValueError, match="temperature"):
+        generate_tensors(flow, z, 0.0)
+
+
+def test_same_z_writes_png16_nifti_and_manifest(flow, tmp_path):
+    manifest = generate(flow, None, _records(), output_dir=tmp_path / "a", model_version="flow-v1", seed=3)
+    rows = _manifest(manifest)
+    assert [r["index"] for r in rows] == [str(i) for i in range(6)]
+    assert list(rows[0]) == ["index", "file", "nifti_file", "class", "temperature", "seed", "model_version", "mode"]
+    assert {r["class"] for r in rows} == {"0", "1"} and rows[1]["file"] == "synthetic_000001_class1.png"
+    assert all(r["temperature"] == "0.9" and r["seed"] == "3" and r["model_version"] == "flow-v1" for r in rows)
+    png = Image.open(tmp_path / "a" / rows[0]["file"])
+    arr = np.asarray(png)
+    assert png.size == (S, S) and png.mode in ("I;16", "I")
+    assert arr.max() <= 65535 and arr.max() > 255  # really 16-bit values
+    nii = nib.load(tmp_path / "a" / rows[0]["nifti_file"])
+    data = np.asarray(nii.dataobj)
+    assert data.dtype == np.float32 and data.shape == (S, S)
+    # the PNG holds round(x * 65535), the NIfTI x itself, stored [W, H]
+    np.testing.assert_allclose(data.T, arr.astype(np.float64) / 65535.0, atol=1.0 / 65535)
+    # same inputs + seed -> the same files
+    again = generate(flow, None, _records(), output_dir=tmp_path / "b", model_version="flow-v1", seed=3)
+    for r in _manifest(again):
+        assert (tmp_path / "a" / r["file"]).read_bytes() == (tmp_path / "b" / r["file"]).read_bytes()
+        assert (tmp_path / "a" / r["nifti_file"]).read_bytes() == (tmp_path / "b" / r["nifti_file"]).read_bytes()
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def test_pairs_and_n_per_class_with_classifier(flow, tmp_path):
+    torch.manual_seed(0)
+    clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    manifest = generate(flow, clf, _records(4, with_condition=False), output_dir=tmp_path / "p", mode="pairs",
+                        model_version="v", formats=("png",))  # fmt: skip
+    rows = _manifest(manifest)
+    assert len(rows) == 4 and "nifti_file" not in rows[0]
+    pair = np.asarray(Image.open(tmp_path / "p" / rows[0]["pair_file"]))
+    assert pair.shape == (S + 4, 2 * S + 6)  # original | synthetic with 2-px padding
+
+    manifest = generate(flow, clf, _records(5, with_condition=False), output_dir=tmp_path / "n", mode="n_per_class",
+                        n_per_class=4, model_version="v", formats=("nifti",), batch_size=3)  # fmt: skip
+    rows = _manifest(manifest)
+    assert [r["class"] for r in rows] == ["0"] * 4 + ["1"] * 4  # balanced although class 1 has only 2 inputs
+    assert all(r["file"].endswith(".nii.gz") for r in rows)
+
+
+def test_no_source_name_patient_id_or_tags_in_any_output(flow, tmp_path):
+    """R4: records whose source / patient_id carry a marker; no output byte, name, PNG chunk or NIfTI field has it."""
+    out = tmp_path / "out"
+    for mode in ("same_z", "pairs", "n_per_class"):
+        generate(flow, None, _records(), output_dir=out / mode, mode=mode, n_per_class=2, model_version="v1")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for p in files:
+        assert MARKER not in str(p.relative_to(tmp_path))
+        raw = p.read_bytes()
+        assert MARKER.encode() not in raw
+        if p.suffix == ".gz":
+            assert MARKER.encode() not in gzip.decompress(raw)
+            header = nib.load(p).header
+            assert header["descrip"].tobytes().rstrip(b"\0") == b"monai_condflow synthetic image"
+            assert header["aux_file"].tobytes().strip(b"\0") == b"" and header["db_name"].tobytes().strip(b"\0") == b""
+            assert header["intent_name"].tobytes().strip(b"\0") == b"" and not nib.load(p).header.extensions
+        if p.suffix == ".png":
+            img = Image.open(p)
+            assert not getattr(img, "text", {}) and not {"exif", "icc_profile", "dpi"} & set(img.info)
+    assert {p.name for p in files if p.suffix == ".csv"} == {"manifest.csv"}
+
+
+def test_generated_nifti_and_png_reload_with_the_project_loader(flow, tmp_path):
+    array = pytest.importorskip("monai_condflow.transforms.array")
+    manifest = generate(flow, None, _records(2), output_dir=tmp_path, model_version="v")
+    row = _manifest(manifest)[0]
+    load = array.LoadCTSlice()
+    png = np.asarray(load(str(tmp_path / row["file"]))).astype(np.float64) / 65535.0
+    nii = np.asarray(load(str(tmp_path / row["nifti_file"])))
+    assert png.shape == nii.shape == (1, S, S)
+    np.testing.assert_allclose(nii, png, atol=1.0 / 65535)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "bogus"}, "mode"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"formats": ("jpg",)}, "formats"),
+        ({"mode": "n_per_class"}, "n_per_class"),
+        ({"model_version": ""}, "model_version"),
+    ],
+)
+def test_bad_settings_are_refused(flow, tmp_path, kwargs, match):
+    args = {"output_dir": tmp_path, "model_version": "v", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(flow, None, _records(2), **args)
+
+
+def test_paths_instead_of_tensors_are_refused(flow, tmp_path):
+    with pytest.raises(ValueError, match="transform chain"):
+        generate(flow, None, [{"image": "/x/a.png", "label": 0}], output_dir=tmp_path, model_version="v")
+    with pytest.raises(KeyError, match="condition"):
+        generate(flow, None, [{"image": torch.rand(1, S, S), "label": 0}], output_dir=tmp_path, model_version="v")

@@ -1,0 +1,173 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tests of the semi-supervised label propagation (vectorised similarities vs brute force, the alternating loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from monai_condflow.engines import (
+    LabelPropagation,
+    class_centroids,
+    propagate_labels,
+    run_semisupervised,
+    similarity,
+)
+
+
+def clusters(n_per_class: int, dim: int = 32, seed: int = 0, spread: float = 0.05):
+    """Two clusters with different coordinate *distributions* (so both similarity kinds separate them)."""
+    rng = np.random.default_rng(seed)
+    centre0 = np.linspace(-1.0, 1.0, dim)
+    centre1 = rng.permutation(np.linspace(-0.2, 0.2, dim)) + 0.3
+    z = np.concatenate(
+        [
+            centre0 + spread * rng.standard_normal((n_per_class, dim)),
+            centre1 + spread * rng.standard_normal((n_per_class, dim)),
+        ]
+    )
+    labels = np.repeat([0, 1], n_per_class)
+    order = rng.permutation(len(labels))
+    return torch.tensor(z[order], dtype=torch.float32), torch.tensor(labels[order])
+
+
+def test_class_centroids():
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
+    torch.testing.assert_close(class_centroids(z, [0, 0, 1], 2), torch.tensor([[1.0, 0.0], [1.0, 3.0]]))
+    with pytest.raises(ValueError, match="class"):
+        class_centroids(z, [0, 0, 0], 2)
+    with pytest.raises(ValueError, match="labels"):
+        class_centroids(z, [0, 1], 2)
+
+
+@pytest.mark.parametrize("bandwidth", [None, 0.7])
+def test_gaussian_similarity_matches_brute_force(bandwidth):
+    z, labels = clusters(20, dim=8, spread=0.3)
+    c = class_centroids(z, labels, 2)
+    fast = similarity(z, c, kind="gaussian", bandwidth=bandwidth).double().numpy()
+    zn, cn = z.double().numpy(), c.double().numpy()
+    d = np.array([[np.sqrt(np.sum((zi - cj) ** 2)) for cj in cn] for zi in zn])
+    h = np.median(d) if bandwidth is None else bandwidth
+    np.testing.assert_allclose(fast, np.exp(-(d**2) / (2 * h * h)), rtol=1e-5, atol=1e-6)
+
+
+def test_wasserstein_similarity_matches_scipy():
+    z, labels = clusters(20, dim=32, spread=0.3)
+    c = class_centroids(z, labels, 2)
+    fast = similarity(z.double(), c.double(), kind="wasserstein", eps=1e-6).numpy()
+    brute = np.array(
+        [[1.0 / (1e-6 + wasserstein_distance(zi, cj)) for cj in c.double().numpy()] for zi in z.double().numpy()]
+    )
+    np.testing.assert_allclose(fast, brute, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "wasserstein"])
+def test_propagation_recovers_cluster_labels(kind):
+    z, labels = clusters(200, spread=0.1)
+    lp = LabelPropagation(num_classes=2, kind=kind).fit(z[:10], labels[:10])
+    predicted, confidence = lp.predict(z[10:])
+    assert (predicted == labels[10:]).float().mean() == 1.0
+    assert bool(((confidence >= 0.5 - 1e-6) & (confidence <= 1.0 + 1e-6)).all())
+    again, _ = propagate_labels(z[10:], lp.centroids, kind=kind)
+    assert torch.equal(again, predicted)
+
+
+def test_propagation_errors():
+    with pytest.raises(ValueError, match="kind"):
+        similarity(torch.zeros(2, 3), torch.zeros(2, 3), kind="cosine")
+    with pytest.raises(ValueError, match="dimension"):
+        similarity(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        similarity(torch.full((2, 3), float("nan")), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="fit"):
+        LabelPropagation(2).predict(torch.zeros(2, 3))
+
+
+class TinyClassifier(torch.nn.Module):
+    """A stand-in for PEPXNet: linear embedding of a flattened 8x8 image, linear head."""
+
+    out_channels = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(64, 8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.g(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.g(x))
+
+
+def square_records(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(n):
+        label = i % 2
+        image = torch.rand(1, 8, 8, generator=g) * 0.5
+        if label:
+            image[:, 2:6, 2:6] += 0.5
+        records.append({"image": image, "label": label})
+    return records
+
+
+def _run(tmp_path=None, **kwargs):
+    torch.manual_seed(0)
+    labelled = square_records(8, seed=1)
+    unlabelled = square_records(64, seed=2)
+    true = [r["label"] for r in unlabelled]
+    hidden = [{"image": r["image"]} for r in unlabelled]  # no labels in the unlabelled set
+    options = {"initial_epochs": 10, "epochs_per_round": 1, "batch_size": 16, "lr": 1e-2, "iteration_log": False}
+    options.update(kwargs)
+    return run_semisupervised(
+        options.pop("network", TinyClassifier()),
+        labelled,
+        hidden,
+        device="cpu",
+        num_classes=2,
+        true_labels=true,
+        output_dir=tmp_path,
+        **options,
+    ), true
+
+
+def test_semisupervised_loop_recovers_labels_and_logs(tmp_path):
+    result, true = _run(tmp_path, max_rounds=2, tol=0.0)
+    rounds = result["rounds"]
+    assert len(rounds) == 3 and result["num_rounds"] == 3 and not result["converged"]  # tol=0: never converges
+    assert rounds[0]["fraction_changed"] is None
+    assert all(0.0 <= r["fraction_changed"] <= 1.0 for r in rounds[1:])
+    assert rounds[-1]["presumptive_accuracy"] >= 0.9
+    assert (
+        float((result["presumptive_labels"] == torch.tensor(true)).float().mean()) == rounds[-1]["presumptive_accuracy"]
+    )
+    assert sum(rounds[-1]["class_balance"]) == pytest.approx(1.0)
+    assert result["presumptive_labels"].shape == (64,) and result["centroids"].shape == (2, 8)
+    acc = EventAccumulator(str(tmp_path / "label_propagation"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"fraction_changed", "presumptive_accuracy", "class_balance/0", "class_balance/1", "mean_confidence"} <= tags
+    assert [e.step for e in acc.Scalars("presumptive_accuracy")] == [0, 1, 2]
+    assert (tmp_path / "round_2" / "classifier_last.pt").is_file()
+
+
+def test_semisupervised_stops_on_tol_and_max_rounds():
+    result, _ = _run(max_rounds=3, tol=1.0, kind="wasserstein")  # any change below 100 % counts as converged
+    assert result["converged"] and result["num_rounds"] == 2
+    result, _ = _run(max_rounds=0, tol=0.5, network=TinyClassifier)  # a factory; only the initial round
+    assert result["num_rounds"] == 1 and not result["converged"]
+    with pytest.raises(ValueError, match="tol"):
+        _run(tol=1.5)
