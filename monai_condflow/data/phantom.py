@@ -187,8 +187,8 @@ def sample_patient(rng: np.random.Generator, cls: int) -> PhantomPatient:
         "body_dy": u(-0.01, 0.03),
         "body_square": u(0.25, 0.6),  # posterior flattening (patient lies on the table)
         "fat": u(0.03, 0.13),  # subcutaneous fat thickness
-        "cav_x": u(0.84, 0.90),
-        "cav_y": u(0.76, 0.84),  # relative to body_b
+        "cav_x": u(0.87, 0.92),
+        "cav_y": u(0.80, 0.87),  # relative to body_b
         "cav_dy": u(-0.01, 0.04),
         "lung_hu": u(-880.0, -820.0),
         "dependent_hu": u(15.0, 80.0),
@@ -497,7 +497,7 @@ def _render(rng: np.random.Generator, pt: PhantomPatient, z: float, size: int) -
     band = g.window(med_u, 0.0, band_w + 0.1)
     if band is not None:
         cols = band[1]
-        taper = 0.5 + 0.5 * _smoothstep(v, v_ant + 0.05, v_ant + 0.4)
+        taper = 0.3 + 0.7 * _smoothstep(v, v_ant + 0.05, v_ant + 0.45)
         med[:, cols] = _soft((np.abs(g.u[cols] - med_u)[None, :] - band_w * taper) * w_px)
     heart_s = float(_smoothstep(z, 0.40, 0.72)) * (1.0 - 0.2 * float(_smoothstep(z, 0.9, 1.0)))
     if heart_s > 0.02:
