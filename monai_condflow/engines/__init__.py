@@ -11,6 +11,15 @@
 """monai_condflow.engines."""
 
 from .acgan import ACGANTrainer, train_acgan
+from .checkpoint import (
+    CheckpointError,
+    RandomStateTracker,
+    atomic_torch_save,
+    atomic_write_bytes,
+    create_checkpoint_handler,
+    find_latest_checkpoint,
+    load_checkpoint,
+)
 from .classifier import (
     BEST_CHECKPOINT_NAME,
     KEY_METRIC_NAME,
@@ -35,6 +44,19 @@ from .distributed import (
     unwrap_model,
     wrap_ddp,
 )
+from .flow import (
+    FlowBitsPerDim,
+    FlowTrainer,
+    create_flow_trainer,
+    warmup_exponential_lambda,
+)
+from .generation import (
+    GENERATION_MODES,
+    generate,
+    generate_tensors,
+    nifti_bytes,
+    png16_bytes,
+)
 from .label_propagation import (
     SIMILARITY_KINDS,
     LabelPropagation,
@@ -44,6 +66,12 @@ from .label_propagation import (
     propagate_labels,
     run_semisupervised,
     similarity,
+)
+from .prepare_batch import (
+    ConditionPrepareBatch,
+    attach_conditions,
+    cache_embeddings,
+    compute_condition,
 )
 
 __all__ = [
@@ -77,4 +105,24 @@ __all__ = [
     "similarity",
     "ACGANTrainer",
     "train_acgan",
+    "CheckpointError",
+    "RandomStateTracker",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "create_checkpoint_handler",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "FlowBitsPerDim",
+    "FlowTrainer",
+    "create_flow_trainer",
+    "warmup_exponential_lambda",
+    "GENERATION_MODES",
+    "generate",
+    "generate_tensors",
+    "nifti_bytes",
+    "png16_bytes",
+    "ConditionPrepareBatch",
+    "attach_conditions",
+    "cache_embeddings",
+    "compute_condition",
 ]

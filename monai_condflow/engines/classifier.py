@@ -57,7 +57,7 @@ from monai.handlers import (
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, Dataset
 
-from monai_condflow.engines.distributed import create_loader, get_rank, unwrap_model, wrap_ddp
+from monai_condflow.engines.distributed import create_loader, get_rank, is_distributed, unwrap_model, wrap_ddp
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
     MacroF1,
@@ -66,6 +66,7 @@ from monai_condflow.metrics.classification import (
 )
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 DiskSaver, _ = optional_import(
     "ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base"
 )
@@ -362,6 +363,10 @@ def create_classifier_trainer(
         logger.info("cross-entropy class weights: %s", [round(w, 4) for w in weight.tolist()])
         weight = weight.to(device)
 
+    if is_distributed():
+        # Ignite detects the process group lazily, and that detection is a collective (`new_group`): do it here on
+        # every rank, before rank-0-only handlers (checkpoint savers) would trigger it on rank 0 alone -> deadlock.
+        idist.sync()
     model = wrap_ddp(network, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -76,7 +77,24 @@ def init_distributed(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, init_method="env://")
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # torchrun: keep every key of this attempt under its own prefix. The store outlives a worker restart, and
+        # groups created again with the same names (e.g. Ignite's helper group) would otherwise read the dead
+        # workers' addresses from the previous attempt and fail to connect.
+        rank = int(os.environ["RANK"])
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+        store = dist.TCPStore(
+            host_name=os.environ["MASTER_ADDR"],
+            port=int(os.environ["MASTER_PORT"]),
+            world_size=world_size,
+            is_master=not agent_store and rank == 0,
+            timeout=timedelta(minutes=30),
+        )
+        attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        prefixed = dist.PrefixStore(f"monai_condflow/attempt_{attempt}", store)
+        dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://")
     logger.info("initialised %s process group: rank %d of %d", backend, get_rank(), get_world_size())
     return True
 

@@ -162,13 +162,9 @@ class FlowTrainer(SupervisedTrainer):
     def run(self) -> None:  # type: ignore[override]
         """Train; does nothing when the run was resumed from a checkpoint at (or past) ``max_epochs``."""
         if self.resume_completed:
-            logger.info("resumed at epoch %d >= max_epochs %d: nothing to train.", self.state.epoch, self.max_epochs)
+            logger.info("resumed at epoch %d: max_epochs already reached, nothing to train.", self.state.epoch)
             return
         super().run()
-
-    @property
-    def max_epochs(self) -> int:
-        return int(self.state.max_epochs)
 
     def _iteration(self, engine: FlowTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -524,13 +520,18 @@ def create_flow_trainer(
         if best_handler is not None and "best_checkpoint" in checkpoint:
             objects["best_checkpoint"] = best_handler
         Checkpoint.load_objects(objects, checkpoint)
-        trainer_state = dict(checkpoint["trainer"])
-        trainer_state["max_epochs"] = max_epochs
-        trainer_state["epoch_length"] = epoch_length
-        if int(trainer_state.get("iteration", 0)) // epoch_length >= max_epochs:
-            trainer.resume_completed = True
-            trainer_state["max_epochs"] = max(max_epochs, int(trainer_state["iteration"]) // epoch_length)
-        trainer.load_state_dict(trainer_state)
+        saved = checkpoint["trainer"]
+        # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)
+        epoch = int(saved["iteration"]) // int(saved["epoch_length"])
+        trainer.resume_completed = epoch >= max_epochs
+        trainer.load_state_dict(
+            {
+                "epoch": epoch,
+                "epoch_length": epoch_length,
+                "max_epochs": max(max_epochs, epoch),
+                "skipped_steps": int(saved.get("skipped_steps", 0)),
+            }
+        )
         rng_state = checkpoint["rng"]
 
         def _restore_rng(_: Engine) -> None:

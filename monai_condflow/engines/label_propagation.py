@@ -26,7 +26,9 @@ under a second on a CPU (see ``benchmarks/bench_label_propagation.py``).
 Wasserstein similarity: the embedding ``z`` (``D`` coordinates) and a centroid ``c`` are each read as an empirical
 1-D distribution of ``D`` equally weighted values, as ``scipy.stats.wasserstein_distance(z, c)`` does. For two
 samples of equal size the optimal transport matches sorted values, so ``W1 = mean_i |sort(z)_i - sort(c)_i|``, which
-is an L1 ``cdist`` between the row-sorted matrices divided by ``D``.
+is an L1 ``cdist`` between the row-sorted matrices divided by ``D``. This distance ignores *which* coordinate holds
+which value (it is invariant to permuting the coordinates), so it separates classes only where their embeddings'
+value distributions differ; the Gaussian kernel (the default) compares the vectors themselves.
 """
 
 from __future__ import annotations

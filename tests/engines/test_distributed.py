@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +47,6 @@ def _load_worker():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(
@@ -68,8 +61,8 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 def two_process_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_process")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor-interval=0.2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+        "--monitor-interval=0.2",
         str(WORKER), "--scenarios", ",".join(SCENARIOS), "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

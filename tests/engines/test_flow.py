@@ -1,0 +1,282 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Flow trainer (single process): step, NaN skip (R13), ActNorm init once (R12), checkpoints (R1, R14), resume (R15),
+determinism (R16), prepare-batch for conditions, bad settings (R9).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader
+from monai.utils import CommonKeys as Keys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from monai_condflow.engines.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
+from monai_condflow.engines.distributed import create_loader
+from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, create_flow_trainer, warmup_exponential_lambda
+from monai_condflow.engines.prepare_batch import ConditionPrepareBatch, attach_conditions, cache_embeddings
+from monai_condflow.networks.nets.pepx_net import PEPXNet
+
+_spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+def _train(out: Path, *, max_epochs=2, flow_seed=1, stop_after=None, record=None, **kwargs):
+    """create_flow_trainer on the tiny flow; ``stop_after`` terminates (like a kill) after that epoch's checkpoint."""
+    train = create_loader(W.make_flow_data(16, 0), 8, shuffle=True, seed=3)
+    val = create_loader(W.make_flow_data(8, 1), 8, shuffle=False, seed=3)
+    args = {"device": "cpu", "max_epochs": max_epochs, "output_dir": out, "warmup_epochs": 1, "lr": 1e-3, "seed": 5,
+            "tensorboard": False, **kwargs}  # fmt: skip
+    trainer, evaluator = create_flow_trainer(W.make_flow(flow_seed), None, train, val, **args)
+    losses = [] if record is None else record
+    trainer.add_event_handler(
+        IterationEvents.MODEL_COMPLETED, lambda e: losses.append(e.state.output[Keys.LOSS].item())
+    )
+    if stop_after is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    trainer.run()
+    return trainer, evaluator, losses
+
+
+def _state(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.network.flow.state_dict().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def test_warmup_then_exponential_decay():
+    f = warmup_exponential_lambda(epoch_length=4, warmup_epochs=2, gamma=0.5)
+    assert [f(i) for i in range(8)] == [i / 8 for i in range(1, 9)]
+    assert [f(i) for i in (8, 11, 12, 16)] == [1.0, 1.0, 0.5, 0.25]
+    assert warmup_exponential_lambda(3, 0, 0.9)(0) == 1.0
+    with pytest.raises(ValueError):
+        warmup_exponential_lambda(0, 1, 0.9)
+
+
+def test_training_logs_checkpoints_and_samples(tmp_path):
+    trainer, evaluator, losses = _train(tmp_path, tensorboard=True, sample_every=1)
+    assert trainer.state.epoch == 2 and trainer.state.skipped_steps == 0 and len(losses) == 4
+    assert all(math.isfinite(v) for v in losses)
+    out = trainer.state.output
+    assert out[Keys.LOSS].item() == pytest.approx(out[Keys.PRED].mean().item())
+    assert math.isfinite(evaluator.state.metrics["val_bpd"]) and 6 < evaluator.state.metrics["val_bpd"] < 10
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"latest_checkpoint_1.pt", "latest_checkpoint_2.pt", "tensorboard", "samples"} <= names
+    assert len([n for n in names if n.startswith("best_flow_")]) == 1
+    assert not [n for n in names if "tmp" in n]
+    ckpt = load_checkpoint(tmp_path / "latest_checkpoint_2.pt")
+    assert {"flow", "optimizer", "lr_scheduler", "trainer", "rng", "checkpointer", "best_checkpoint"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["skipped_steps"] == 0
+    best = load_checkpoint(next(tmp_path.glob("best_flow_*.pt")))
+    assert set(best) == set(trainer.network.flow.state_dict())  # a plain state dict of the flow
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"train_bpd", "lr", "skipped_steps", "val_bpd"} <= set(events.Tags()["scalars"])
+    assert len(list((tmp_path / "samples").glob("samples_epoch0002_class*.png"))) == 2
+
+
+def test_two_seeded_runs_are_identical(tmp_path):
+    """R16."""
+    t1, e1, l1 = _train(tmp_path / "a")
+    t2, e2, l2 = _train(tmp_path / "b")
+    assert l1 == l2 and e1.state.metrics == e2.state.metrics
+    assert _max_diff(_state(t1), _state(t2)) == 0.0
+
+
+def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """R15 (and R12: a reloaded flow is not re-initialised)."""
+    full, _, full_losses = _train(tmp_path / "full", max_epochs=3)
+    _, _, first = _train(tmp_path / "cut", max_epochs=3, stop_after=2)
+    assert len(first) == 4
+    calls = []
+    monkeypatch.setattr(type(W.make_flow()), "initialize", lambda self, *a, **k: calls.append(1))
+    resumed, _, rest = _train(tmp_path / "cut", max_epochs=3, flow_seed=99, resume_from=tmp_path / "cut")
+    assert calls == []  # ActNorm state came from the checkpoint
+    assert resumed.state.epoch == 3 and len(rest) == 2
+    assert first + rest == full_losses
+    assert _max_diff(_state(full), _state(resumed)) <= 1e-6
+
+
+def test_resume_skips_partial_corrupt_and_unknown_files(tmp_path):
+    """R14: a truncated newest checkpoint and temp files are ignored; the newest valid checkpoint is used."""
+    _train(tmp_path, max_epochs=2)
+    good = (tmp_path / "latest_checkpoint_2.pt").read_bytes()
+    (tmp_path / "latest_checkpoint_7.pt").write_bytes(good[: len(good) // 2])  # killed mid-copy
+    (tmp_path / ".latest_checkpoint_8.pt.x1y2.tmp").write_bytes(good[:100])  # our temp file
+    (tmp_path / "tmpa1b2c3").write_bytes(good[:100])  # Ignite DiskSaver's temp file
+    path, ckpt = find_latest_checkpoint(tmp_path)
+    assert path.name == "latest_checkpoint_2.pt" and ckpt["trainer"]["iteration"] == 4
+    trainer, _, losses = _train(tmp_path, max_epochs=3, resume_from=tmp_path)
+    assert trainer.state.epoch == 3 and len(losses) == 2
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path):
+    _train(tmp_path, max_epochs=1)
+    trainer, _, losses = _train(tmp_path, max_epochs=1, resume_from=tmp_path)
+    assert losses == [] and trainer.resume_completed
+
+
+class _Sentinel:
+    """Unpickling this object would create a file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
+    """R1: every load path refuses it and the sentinel file never appears."""
+    sentinel = tmp_path / "pwned.txt"
+    _train(tmp_path / "run", max_epochs=1)
+    evil = tmp_path / "run" / "latest_checkpoint_5.pt"
+    torch.save({"flow": {"w": torch.zeros(1)}, "payload": _Sentinel(sentinel)}, evil)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(evil)
+    with pytest.raises(CheckpointError):
+        _train(tmp_path / "other", resume_from=evil)
+    path, _ = find_latest_checkpoint(tmp_path / "run")  # skips it, takes the valid epoch-1 file
+    assert path.name == "latest_checkpoint_1.pt"
+    flow = W.make_flow()
+    loader = CheckpointLoader(load_path=str(evil), load_dict={"flow": flow})
+    with pytest.raises(pickle.UnpicklingError):  # MONAI's loader uses torch.load(weights_only=True) too
+        loader(None)
+    assert not sentinel.exists()
+
+
+def test_nonfinite_loss_or_gradient_skips_the_step():
+    """R13 in one process: the parameters do not move at the bad iterations, and training goes on."""
+    flow = W.make_flow()
+    data = W.make_flow_data(16, 0)
+    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    net = FlowBitsPerDim(flow)
+    trainer = FlowTrainer("cpu", 2, create_loader(data, 4, shuffle=True, seed=0), net,
+                          torch.optim.AdamW(flow.parameters(), lr=1e-3), max_grad_norm=1.0)  # fmt: skip
+    snapshots = {}
+
+    @trainer.on(IterationEvents.LOSS_COMPLETED)
+    def _bad_loss(engine):
+        snapshots[engine.state.iteration] = [p.detach().clone() for p in flow.parameters()]
+        if engine.state.iteration == 2:
+            engine.state.output[Keys.LOSS] = engine.state.output[Keys.LOSS] * float("nan")
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def _bad_grad(engine):
+        if engine.state.iteration == 5:
+            next(p for p in flow.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    norms = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: norms.append(e.state.output["grad_norm"]))
+    trainer.run()
+    after = {k: [p.detach().clone() for p in flow.parameters()] for k in (1,)}
+    assert trainer.state.skipped_steps == 2 and trainer.state.iteration == 8
+    for it in (2, 5):  # parameters before iteration it == before iteration it + 1
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[it], snapshots[it + 1]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4]))
+    assert all(torch.isfinite(p).all() for p in after[1])
+    finite = [n for i, n in enumerate(norms) if i + 1 not in (2, 5)]
+    assert all(math.isfinite(n) for n in finite)
+
+
+def test_gradient_clipping_bounds_the_update_norm():
+    flow = W.make_flow()
+    data = W.make_flow_data(8, 0)
+    flow.initialize(torch.stack([d["image"] for d in data]), torch.stack([d["condition"] for d in data]))
+    params = list(flow.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    trainer = FlowTrainer("cpu", 1, create_loader(data, 8, shuffle=False, seed=0), FlowBitsPerDim(flow), optimizer,
+                          max_grad_norm=1e-3)  # fmt: skip
+    before = [p.detach().clone() for p in params]
+    trainer.run()
+    step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+    assert trainer.state.output["grad_norm"] > 1e-3 and step.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bits_per_dim_wrapper_for_a_flow_without_the_method():
+    flow = W.make_flow()
+    data = W.make_flow_data(4, 0)
+    x, z = torch.stack([d["image"] for d in data]), torch.stack([d["condition"] for d in data])
+    flow.initialize(x, z)
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, condition):
+            return self.inner(x, condition)
+
+    assert torch.allclose(FlowBitsPerDim(Plain(flow))(x, z), FlowBitsPerDim(flow)(x, z), atol=1e-5)
+
+
+def test_condition_from_batch_or_frozen_classifier():
+    torch.manual_seed(0)
+    clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    clf.train()
+    data = W.make_flow_data(6, 0)
+    batch = {"image": torch.stack([d["image"] for d in data]), "label": torch.tensor([d["label"] for d in data]),
+             "condition": torch.stack([d["condition"] for d in data])}  # fmt: skip
+    x, y, (z,), kw = ConditionPrepareBatch()(batch, "cpu")
+    assert torch.equal(z, batch["condition"]) and torch.equal(y, batch["label"]) and kw == {}
+    x, _, (z,), _ = ConditionPrepareBatch(clf, prefer_batch_condition=False)(batch, "cpu")
+    assert not clf.training and not any(p.requires_grad for p in clf.parameters())
+    assert torch.allclose(z, clf.embed(x)) and not z.requires_grad
+    assert torch.allclose(z.norm(dim=1), torch.ones(6), atol=1e-5)
+    no_cond = {"image": batch["image"]}
+    assert torch.allclose(ConditionPrepareBatch(clf)(no_cond)[2][0], z)
+    with pytest.raises(KeyError, match="condition"):
+        ConditionPrepareBatch()(no_cond)
+    # cached embeddings, in data order, put into the records
+    cached = cache_embeddings(clf, [{"image": d["image"]} for d in data], batch_size=4)
+    assert cached.shape == (6, 32) and torch.allclose(cached, z, atol=1e-5)
+    records = attach_conditions([{"image": "a.png", "label": 0}] * 6, cached)
+    assert records[2]["condition"].shape == (32,) and records[2]["image"] == "a.png"
+    with pytest.raises(ValueError):
+        attach_conditions(records[:2], cached)
+
+
+def test_training_with_the_classifier_computing_z_on_the_fly(tmp_path):
+    torch.manual_seed(0)
+    clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    frozen = {k: v.clone() for k, v in clf.state_dict().items()}
+    data = [{"image": d["image"], "label": d["label"]} for d in W.make_flow_data(8, 0)]
+    trainer, _ = create_flow_trainer(W.make_flow(), clf, create_loader(data, 8, shuffle=True, seed=0), device="cpu",
+                                     max_epochs=1, output_dir=tmp_path, tensorboard=False)  # fmt: skip
+    trainer.run()
+    assert math.isfinite(trainer.state.output[Keys.LOSS].item())
+    assert all(torch.equal(frozen[k], v) for k, v in clf.state_dict().items())  # BN stats too: eval mode
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_epochs": 0}, {"lr": 0.0}, {"lr_decay": 1.5}, {"sample_temperature": 0.0}, {"val_interval": 0},
+     {"max_grad_norm": -1.0}],
+)  # fmt: skip
+def test_bad_settings_are_refused(tmp_path, kwargs):
+    data = W.make_flow_data(8, 0)
+    args = {"device": "cpu", "max_epochs": 1, "output_dir": tmp_path, "tensorboard": False, **kwargs}
+    with pytest.raises(ValueError):
+        create_flow_trainer(W.make_flow(), None, create_loader(data, 8, shuffle=True, seed=0), **args)
+    assert not os.listdir(tmp_path)
