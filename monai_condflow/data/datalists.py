@@ -17,14 +17,20 @@ through the file-name arguments).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from monai_condflow.data.readers import read_covidx_annotations
 from monai_condflow.data.splits import sample_labelled_subset
 
-__all__ = ["load_covidx_split", "parse_num_labels", "select_labelled"]
+__all__ = ["load_covidx_split", "parse_num_labels", "select_labelled", "preprocess_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +106,75 @@ def select_labelled(records: list[dict], num_labels: int | float | str, seed: in
     if amount is None:
         return list(records), []
     return sample_labelled_subset(records, amount, seed=seed)
+
+
+def _cache_key(records: list[dict], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for r in records:
+        image = r["image"]
+        stamp = ""
+        if isinstance(image, (str, os.PathLike)) and os.path.exists(image):
+            st = os.stat(image)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        h.update(f"{image}|{stamp}|{r.get('box')}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def preprocess_cached(
+    records: list[dict],
+    transform: Callable[[dict], dict],
+    cache_dir: str | os.PathLike | None,
+    settings: dict | None = None,
+) -> list[dict]:
+    """Run a deterministic preprocessing chain once and keep its output images on disk.
+
+    Loading, windowing, cropping and resizing 512 x 512 slices dominates the cost of every stage of the pipeline;
+    this runs ``transform`` over ``records`` once and stores the ``[N, 1, S, S]`` float32 images in
+    ``cache_dir/<key>.npz`` (written atomically, read back with ``allow_pickle=False``), keyed by the records'
+    paths, file sizes and modification times, their boxes and ``settings`` (e.g. the image size). Later stages
+    that ask for the same records get the cached arrays.
+
+    Args:
+        records: records with a path ``image`` (see :func:`load_covidx_split`).
+        transform: a deterministic chain returning ``{"image": [1, S, S] in [0, 1], ...}``.
+        cache_dir: where the cache lives; ``None`` disables the disk cache (the chain still runs once).
+        settings: anything else the output depends on (chain parameters), part of the key.
+
+    Returns:
+        New records (the input list is not modified) whose ``image`` is the preprocessed ``[1, S, S]`` array and
+        ``image_path`` the original path; other keys are copied.
+    """
+    settings = dict(settings or {})
+    cache_file = None
+    images = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"preprocessed_{_cache_key(records, settings)}.npz"
+        if cache_file.is_file():
+            with np.load(cache_file, allow_pickle=False) as data:
+                images = data["images"]
+            if images.shape[0] != len(records):
+                images = None
+    if images is None:
+        outputs = [np.asarray(transform(dict(r))["image"], dtype=np.float32) for r in records]
+        images = np.stack(outputs) if outputs else np.zeros((0, 1, 1, 1), np.float32)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".preprocessed.", suffix=".npz")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    np.savez(handle, images=images)
+                os.replace(tmp, cache_file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            logger.info("preprocessed %d slices -> %s", len(records), cache_file)
+    else:
+        logger.info("reusing %d preprocessed slices from %s", len(records), cache_file)
+    out = []
+    for record, image in zip(records, images):
+        new = dict(record)
+        if isinstance(record.get("image"), (str, os.PathLike)):
+            new["image_path"] = str(record["image"])
+        new["image"] = image
+        out.append(new)
+    return out

@@ -347,6 +347,10 @@ def create_flow_trainer(
         raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
     if not sample_temperature > 0:
         raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}.")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
+    if warmup_epochs < 0 or n_saved < 1:
+        raise ValueError(f"bad settings: warmup_epochs={warmup_epochs}, n_saved={n_saved}.")
     if val_interval < 1 or sample_every < 0 or log_every < 1:
         raise ValueError(
             f"bad intervals: val_interval={val_interval}, sample_every={sample_every}, log_every={log_every}."

@@ -107,12 +107,11 @@ def write_training_labels(
         raise ValueError(f"{len(unlabelled)} unlabelled records but {len(guesses)} presumptive labels.")
 
     def _entry(record: dict, label: int, is_presumptive: bool) -> dict:
-        keep = {
-            k: record[k]
-            for k in ("image", "box", "source")
-            if k in record and isinstance(record[k], (str, list, tuple))
-        }
-        return {**keep, "label": int(label), "presumptive": is_presumptive}
+        keep = {k: record[k] for k in ("box", "source") if isinstance(record.get(k), (str, list, tuple))}
+        image = record.get("image_path", record.get("image"))
+        if not isinstance(image, (str, os.PathLike)):
+            raise ValueError(f"record {record.get('source', '?')} has no image path to record in {TRAINING_LABELS}.")
+        return {"image": str(image), **keep, "label": int(label), "presumptive": is_presumptive}
 
     entries = [_entry(r, r["label"], False) for r in labelled]
     entries += [_entry(r, g, True) for r, g in zip(unlabelled, guesses)]

@@ -34,6 +34,8 @@ import torch
 
 from monai_condflow.engines import distributed as D
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 HAS_CLASSIFIER = importlib.util.find_spec("monai_condflow.engines.classifier") is not None

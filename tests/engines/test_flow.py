@@ -272,7 +272,7 @@ def test_training_with_the_classifier_computing_z_on_the_fly(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [{"max_epochs": 0}, {"lr": 0.0}, {"lr_decay": 1.5}, {"sample_temperature": 0.0}, {"val_interval": 0},
-     {"max_grad_norm": -1.0}],
+     {"max_grad_norm": -1.0}, {"warmup_epochs": -1}, {"tensorboard": True, "max_grad_norm": 0.0}],
 )  # fmt: skip
 def test_bad_settings_are_refused(tmp_path, kwargs):
     data = W.make_flow_data(8, 0)
