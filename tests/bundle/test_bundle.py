@@ -1,0 +1,237 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Bundle smoke tests: every config runs through MONAI's ConfigWorkflow on a tiny phantom dataset, the metadata and
+the network verify, the multi-GPU overlays run under torchrun with 2 gloo processes, bad values stop with the id."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from monai_condflow.data.phantom import generate_phantom_dataset
+from monai_condflow.engines.config_checks import ConfigValueError
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
+CONFIGS = BUNDLE / "configs"
+META = str(CONFIGS / "metadata.json")
+TINY = {
+    "image_size": 32,
+    "batch_size": 16,
+    "max_epochs": 1,
+    "num_workers": 0,
+    "device": "cpu",
+}
+TINY_FLOW = {
+    "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
+    "sample_every": 1,
+}
+
+
+def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=META,
+        workflow_type=None,
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+    return wf
+
+
+def _run(files: list[str], **overrides) -> ConfigWorkflow:
+    wf = _workflow(files, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    generate_phantom_dataset(root, num_images=240, seed=3, image_size=128, slices_per_patient=6, overwrite=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    """Classifier (semi-supervised, 20 labels) -> flow -> generation -> evaluation through the bundle configs."""
+    out = tmp_path_factory.mktemp("run")
+    common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out)}
+    train = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train_classifier.json"), str(CONFIGS / "train_semisupervised.json")],
+        meta_file=META,
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        **common,
+        num_labels=20,
+        max_rounds=1,
+    )
+    train.initialize()
+    assert train.check_properties() == []
+    train.run()
+    train.finalize()
+    _run(["train_flow.json"], **common, **TINY_FLOW)
+    _run(["generate.json"], **common, formats=["png"])
+    _run(["train_acgan.json"], **common)
+    _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
+    return out
+
+
+def test_stages_write_their_outputs(trained_run: Path):
+    cls = json.loads((trained_run / "classifier" / "classifier.json").read_text())
+    assert cls["semisupervised"] and cls["num_classes"] == 2 and len(cls["rounds"]) >= 1
+    labels = json.loads((trained_run / "classifier" / "train_labels.json").read_text())
+    assert sum(not e["presumptive"] for e in labels) == 20
+    assert (trained_run / "flow" / "model.pt").is_file()
+    assert json.loads((trained_run / "flow" / "flow.json").read_text())["preset"] == "small"
+    assert list((trained_run / "flow" / "samples").glob("*.png"))
+    manifest = (trained_run / "synthetic" / "manifest.csv").read_text().splitlines()
+    assert manifest[0].startswith("index,file") and len(manifest) == len(labels) + 1
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("trtr", "tstr"):
+        assert set(metrics[key]) >= {"accuracy", "f1", "precision", "recall"}
+        assert 0.0 <= metrics[key]["accuracy"] <= 1.0
+    assert metrics["fid"] >= 0.0
+    assert set(metrics["baseline"]) >= {"accuracy", "f1", "precision", "recall", "fid"}
+    assert (trained_run / "report.md").read_text().count("TSTR") >= 1
+    # R4: nothing next to the synthetic images names a source file or patient
+    for path in (trained_run / "synthetic").iterdir():
+        assert "phantom_p" not in path.name
+    assert "phantom_p" not in (trained_run / "synthetic" / "manifest.csv").read_text()
+
+
+def test_flow_train_workflow_properties(dataset, tmp_path):
+    wf = _workflow(["train_flow.json"], workflow_type="train", dataset_dir=str(dataset), output_dir=str(tmp_path))
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_verify_metadata_and_network():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    meta = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            META,
+            "--filepath",
+            str(BUNDLE / "docs" / "metadata_schema.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert meta.returncode == 0, meta.stderr[-2000:]
+    assert "metadata is verified with no error" in meta.stdout + meta.stderr
+    net = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            META,
+            "--config_file",
+            str(CONFIGS / "train_classifier.json"),
+            "--bundle_root",
+            str(BUNDLE),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert net.returncode == 0, net.stderr[-2000:]
+    assert "verified with no error" in net.stdout + net.stderr
+
+
+@pytest.mark.parametrize(
+    "files, overrides, error, text",
+    [
+        (["train_classifier.json"], {"max_epochs": -1}, ConfigValueError, "'max_epochs'"),
+        (["train_classifier.json"], {"image_size": 60}, ConfigValueError, "'image_size'"),
+        (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
+        (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
+    ],
+)
+def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
+    wf = _workflow(files, dataset_dir=str(dataset), output_dir=str(tmp_path), **overrides)
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, error):
+        cause = cause.__cause__
+    assert isinstance(cause, error) and text in str(cause)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def test_missing_dataset_and_missing_classifier(dataset, tmp_path):
+    wf = _workflow(["train_classifier.json"], dataset_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    assert "dataset_dir" in str(_root_cause(info.value)) and "nowhere" in str(_root_cause(info.value))
+    wf = _workflow(["train_flow.json"], dataset_dir=str(dataset), output_dir=str(tmp_path / "empty"))
+    wf.initialize()
+    with pytest.raises(RuntimeError) as info:
+        wf.run()
+    cause = _root_cause(info.value)
+    assert isinstance(cause, FileNotFoundError) and "run train_classifier.json first" in str(cause)
+
+
+def _torchrun(files: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps([str(CONFIGS / f) for f in files]),
+        "--bundle_root",
+        str(BUNDLE),
+    ]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_multi_gpu_overlays_run_under_torchrun(dataset, trained_run, tmp_path):
+    out = tmp_path / "ddp"
+    common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out)}
+    cls = _torchrun(["train_classifier.json", "multi_gpu_train_classifier.json"], {**common, "max_epochs": 2})
+    assert cls.returncode == 0, cls.stderr[-3000:]
+    assert (out / "classifier" / "model.pt").is_file()
+    assert "rank 1 of 2" in cls.stderr + cls.stdout
+    flow = _torchrun(["train_flow.json", "multi_gpu_train_flow.json"], {**common, **TINY_FLOW})
+    assert flow.returncode == 0, flow.stderr[-3000:]
+    assert (out / "flow" / "model.pt").is_file()
