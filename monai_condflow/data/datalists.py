@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_condflow.data.errors import DataError, ReadReport, check_on_error
 from monai_condflow.data.readers import read_covidx_annotations
 from monai_condflow.data.splits import sample_labelled_subset
 
@@ -125,6 +126,8 @@ def preprocess_cached(
     transform: Callable[[dict], dict],
     cache_dir: str | os.PathLike | None,
     settings: dict | None = None,
+    on_error: str = "raise",
+    report: ReadReport | None = None,
 ) -> list[dict]:
     """Run a deterministic preprocessing chain once and keep its output images on disk.
 
@@ -139,30 +142,57 @@ def preprocess_cached(
         transform: a deterministic chain returning ``{"image": [1, S, S] in [0, 1], ...}``.
         cache_dir: where the cache lives; ``None`` disables the disk cache (the chain still runs once).
         settings: anything else the output depends on (chain parameters), part of the key.
+        on_error: ``"raise"``: the first record the chain cannot process (corrupt or truncated file, NaN / Inf or
+            constant image, box outside the image ...) raises :class:`DataError` naming its ``source`` and the
+            cause; ``"skip"``: such records are left out and a warning gives the count per reason.
+        report: filled in with what was kept and skipped.
 
     Returns:
         New records (the input list is not modified) whose ``image`` is the preprocessed ``[1, S, S]`` array and
         ``image_path`` the original path; other keys are copied.
+
+    Raises:
+        DataError: (``on_error="raise"``) for a record the chain fails on.
     """
-    settings = dict(settings or {})
+    check_on_error(on_error)
+    settings = {**dict(settings or {}), "on_error": on_error}
     cache_file = None
     images = None
+    keep = np.ones(len(records), dtype=bool)
+    local = ReadReport()
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"preprocessed_{_cache_key(records, settings)}.npz"
         if cache_file.is_file():
             with np.load(cache_file, allow_pickle=False) as data:
-                images = data["images"]
-            if images.shape[0] != len(records):
-                images = None
+                images, keep = data["images"], data["keep"]
+            if keep.shape[0] != len(records) or images.shape[0] != int(keep.sum()):
+                images, keep = None, np.ones(len(records), dtype=bool)
+            elif not keep.all():
+                logger.warning("%d of %d records were skipped when this cache was made", (~keep).sum(), len(keep))
     if images is None:
-        outputs = [np.asarray(transform(dict(r))["image"], dtype=np.float32) for r in records]
+        outputs = []
+        for i, record in enumerate(records):
+            try:
+                outputs.append(np.asarray(transform(dict(record))["image"], dtype=np.float32))
+            except Exception as err:  # noqa: BLE001 - any failure of the chain is reported with its record
+                cause = err
+                while cause.__cause__ is not None:  # MONAI's Compose wraps the transform's own error
+                    cause = cause.__cause__
+                source = str(record.get("source", record.get("image", f"record {i}")))
+                error = DataError(f"cannot preprocess {record.get('image')}: {cause}", source, type(cause).__name__)
+                if on_error == "raise":
+                    raise error from err
+                local.add(error)
+                keep[i] = False
         images = np.stack(outputs) if outputs else np.zeros((0, 1, 1, 1), np.float32)
+        if not keep.all():
+            local.log_summary(logger, f"{len(records)} records")
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".preprocessed.", suffix=".npz")
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    np.savez(handle, images=images)
+                    np.savez(handle, images=images, keep=keep)
                 os.replace(tmp, cache_file)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -170,8 +200,11 @@ def preprocess_cached(
             logger.info("preprocessed %d slices -> %s", len(records), cache_file)
     else:
         logger.info("reusing %d preprocessed slices from %s", len(records), cache_file)
+    local.n_read = int(keep.sum())
+    if report is not None:
+        report.merge(local)
     out = []
-    for record, image in zip(records, images):
+    for record, image in zip([r for r, k in zip(records, keep) if k], images):
         new = dict(record)
         if isinstance(record.get("image"), (str, os.PathLike)):
             new["image_path"] = str(record["image"])

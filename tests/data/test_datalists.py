@@ -22,11 +22,11 @@ from monai_condflow.data.datalists import load_covidx_split, parse_num_labels, s
 
 
 def _folder(tmp_path: Path, n: int = 12) -> Path:
-    (tmp_path / "images").mkdir()
+    (tmp_path / "images").mkdir(parents=True)
     lines = []
     for i in range(n):
         name = f"phantom_p{i:04d}_s000.png"
-        Image.fromarray(np.full((16, 16), 1000 + i, dtype=np.uint16)).save(tmp_path / "images" / name)
+        Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 4 + 100 * i).astype(np.uint16)).save(tmp_path / "images" / name)
         lines.append(f"{name} {i % 3} 2 2 12 12")
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     return tmp_path
@@ -68,3 +68,44 @@ def test_select_labelled(tmp_path: Path):
     assert len(labelled) == 6 and len(unlabelled) == 6
     assert sorted(r["label"] for r in labelled) == [0, 0, 1, 1, 2, 2]
     assert select_labelled(records, "all") == (records, [])
+
+
+def test_preprocess_cached_runs_the_chain_once(tmp_path: Path):
+    from monai_condflow.data.datalists import preprocess_cached
+    from monai_condflow.transforms import get_preprocess_transforms
+
+    records = load_covidx_split(_folder(tmp_path / "d"), class_map="three")
+    chain = get_preprocess_transforms(image_size=8, intensity="uint16", crop="box")
+    calls = []
+
+    def counting(record):
+        calls.append(record["image"])
+        return chain(record)
+
+    first = preprocess_cached(records, counting, tmp_path / "cache", {"image_size": 8})
+    second = preprocess_cached(records, counting, tmp_path / "cache", {"image_size": 8})
+    assert len(calls) == 12
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, second))
+    assert first[0]["image"].shape == (1, 8, 8) and first[0]["image_path"] == records[0]["image"]
+    assert isinstance(records[0]["image"], str)  # the input list is untouched
+    preprocess_cached(records, counting, tmp_path / "cache", {"image_size": 16})
+    assert len(calls) == 24  # other settings -> other cache entry
+
+
+def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path):
+    from monai_condflow.data.datalists import preprocess_cached
+    from monai_condflow.data.errors import DataError, ReadReport
+    from monai_condflow.transforms import get_preprocess_transforms
+
+    root = _folder(tmp_path / "d")
+    (root / "images" / "phantom_p0003_s000.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    records = load_covidx_split(root, class_map="three")
+    chain = get_preprocess_transforms(image_size=8, intensity="uint16", crop="box")
+    with pytest.raises(DataError, match=r"train.txt:4.*phantom_p0003_s000.png"):
+        preprocess_cached(records, chain, None)
+    report = ReadReport()
+    kept = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip", report=report)
+    assert len(kept) == 11 and report.n_skipped == 1 and report.n_read == 11
+    assert "phantom_p0003_s000.png" not in [Path(r["image_path"]).name for r in kept]
+    again = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip")
+    assert [r["image_path"] for r in again] == [r["image_path"] for r in kept]

@@ -87,7 +87,9 @@ class ConditionalCouplingNet(nn.Module):
         h = self.conv_hidden(self.act_in(self.conv_in(x)))
         if self.cond_proj is not None:
             _check_condition(condition, x.shape[0], self.condition_dim, type(self).__name__)
-            h = h + self.cond_proj(condition).view(x.shape[0], self.hidden_channels, *([1] * self.spatial_dims))
+            # in place on the fresh conv output: autograd-safe (neither the conv nor the add saves it for backward)
+            # and one [B, hidden, *S] pass and allocation less than ``h = h + ...``
+            h.add_(self.cond_proj(condition).view(x.shape[0], self.hidden_channels, *([1] * self.spatial_dims)))
         return self.conv_out(self.act_hidden(h))
 
 

@@ -36,7 +36,7 @@ from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
-from monai_condflow.networks.blocks.squeeze import Squeeze
+from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
 
 __all__ = ["ConditionalGlow"]
 
@@ -377,7 +377,7 @@ class ConditionalGlow(nn.Module):
             if numels[i]:
                 chunk = chunks[i].reshape(batch, self._level_channels[i] - self._keep_channels[i], *level_size)
                 h = chunk if h is None else torch.cat([h, chunk], dim=1)
-            h, ld = self.levels[i].inverse(h, condition)
+            h, ld = self.levels[i].inverse(_channels_last(h), condition)
             logdet = logdet + ld
         return h + 0.5, logdet
 
@@ -434,7 +434,8 @@ class ConditionalGlow(nn.Module):
     ) -> Tensor:
         """Draw ``nu ~ N(0, T^2 I)`` and decode it with the given conditions.
 
-        Runs without autograd, so the 1x1 convolutions use their cached inverses. The output is clamped to
+        Decodes under :func:`torch.inference_mode` (no autograd, version-counter or view bookkeeping), so the 1x1
+        convolutions use their cached inverses; the returned tensor is an ordinary tensor. The output is clamped to
         ``[0, 1]`` and guaranteed finite (non-finite entries, which the bounded scales make unlikely, become 0.5).
 
         Args:
@@ -454,8 +455,12 @@ class ConditionalGlow(nn.Module):
         self._check_condition(condition, batch)
         size = self.image_size if spatial_size is None else self._check_spatial_size(tuple(spatial_size), "size")
         param = next(self.parameters())
-        nu = torch.randn(batch, self.latent_dim(size), generator=generator, device=param.device, dtype=param.dtype)
-        if temperature != 1.0:
-            nu.mul_(temperature)
-        x, _ = self.inverse(nu, condition, size)
-        return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+        with torch.inference_mode():
+            nu = torch.randn(batch, self.latent_dim(size), generator=generator, device=param.device, dtype=param.dtype)
+            if temperature != 1.0:
+                nu.mul_(temperature)
+            x, _ = self.inverse(nu, condition, size)
+            x = torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+        if torch.is_inference_mode_enabled():
+            return x
+        return x.clone()  # an ordinary tensor for callers outside inference mode (a [B, C, *S] copy, negligible)
