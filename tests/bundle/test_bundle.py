@@ -41,11 +41,11 @@ TINY_FLOW = {
 }
 
 
-def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
+def _workflow(files: list[str], workflow_type: str | None = None, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
         config_file=[str(CONFIGS / f) for f in files],
         meta_file=META,
-        workflow_type=None,
+        workflow_type=workflow_type,
         bundle_root=str(BUNDLE),
         **overrides,
     )
