@@ -116,8 +116,10 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert "phantom_p" not in (trained_run / "synthetic" / "manifest.csv").read_text()
 
 
-def test_flow_train_workflow_properties(dataset, tmp_path):
-    wf = _workflow(["train_flow.json"], workflow_type="train", dataset_dir=str(dataset), output_dir=str(tmp_path))
+def test_flow_train_workflow_properties(dataset, trained_run):
+    wf = _workflow(
+        ["train_flow.json"], workflow_type="train", dataset_dir=str(dataset), output_dir=str(trained_run), **TINY_FLOW
+    )
     wf.initialize()
     assert wf.check_properties() == []
 

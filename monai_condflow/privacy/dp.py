@@ -1,0 +1,422 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""DP-SGD with Opacus for the classifier and the conditional flow (R20).
+
+:func:`make_private` wraps a module, its optimiser and its data loader with
+:meth:`opacus.PrivacyEngine.make_private_with_epsilon`: the noise multiplier follows from
+``(target_epsilon, target_delta, epochs)``, the loader samples Poisson batches, and every step clips each example's
+gradient to ``max_grad_norm`` and adds Gaussian noise. ``privacy_engine.get_epsilon(delta)`` (or :func:`dp_summary`)
+reports the epsilon spent so far.
+
+Per-sample gradients:
+
+* **Ordinary networks** (e.g. ``PEPXNet(norm="group")``): Opacus' ``grad_sample_mode="functorch"`` (per-layer
+  hooks; ``torch.func`` for layers without a hand-written sampler). BatchNorm mixes examples and is refused: build the
+  classifier with ``norm="group"`` or call :func:`prepare_module` (``ModuleValidator.fix``) *before* creating the
+  optimiser.
+* **Flows** (:class:`~monai_condflow.networks.nets.ConditionalGlow`): Opacus' per-layer modes cannot be used. Its
+  functorch mode rejects layers with buffers (ActNorm's ``initialized`` flag, the 1x1 convolution's permutation and
+  sign) and, per layer, back-propagates only the gradient of the *first* output, while every flow layer returns
+  ``(y, logdet)``: the log-determinant term of ActNorm and of the LU 1x1 convolution would be silently dropped.
+  :func:`make_private` therefore wraps flows in ``grad_sample_mode="no_op"`` and :func:`per_sample_gradients`
+  computes exact per-sample gradients of the whole model, each example as a batch of one, for every trainable
+  parameter (ActNorm, LU 1x1 conv, couplings, priors): with ``torch.func`` (``vmap(grad(functional_call))``) when
+  every operation of the model supports ``vmap``, else with a per-example loop of ``torch.autograd.grad``.
+  :func:`dp_flow_step` is one private step.
+
+ActNorm's data-dependent initialisation would read private data outside the DP mechanism, so it is replaced by the
+identity initialisation: :func:`make_private` calls ``flow.mark_initialized()`` on an uninitialised flow and refuses
+one that is already initialised unless ``public_init=True`` says its current parameters come from public data only.
+
+What the guarantee covers: every trainable parameter of the wrapped module (:func:`dp_summary` lists them). It does
+*not* cover the frozen classifier that computes the condition ``z``: that classifier must itself be trained with
+DP-SGD (on the same private data, and the two epsilons add up under basic composition) or on public data. Nor does
+it cover anything released outside the trained weights, e.g. synthetic images generated from the ``z`` of real
+training images (see ``docs/privacy.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader
+
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+
+__all__ = [
+    "FLOW_GRAD_SAMPLE_MODE",
+    "is_flow",
+    "prepare_module",
+    "make_private",
+    "per_sample_gradients",
+    "flow_nll",
+    "dp_flow_step",
+    "covered_parameters",
+    "coverage_note",
+    "dp_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+FLOW_GRAD_SAMPLE_MODE = "no_op"  # Opacus wrapper mode for flows: per-sample gradients come from per_sample_gradients
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module._module if isinstance(module, AbstractGradSampleModule) else module
+
+
+def is_flow(module: nn.Module) -> bool:
+    """Whether ``module`` (or the module an Opacus wrapper holds) contains flow layers (``(y, logdet)`` outputs)."""
+    return any(isinstance(m, FlowLayer) for m in _unwrap(module).modules())
+
+
+def prepare_module(module: nn.Module) -> nn.Module:
+    """Make a module DP-SGD compatible before its optimiser is created.
+
+    BatchNorm layers are replaced by GroupNorm with Opacus' ``ModuleValidator.fix`` (a new module is returned when
+    anything changed; the old parameters are not reused by the fix, so build the optimiser afterwards).
+
+    Args:
+        module: the network to train privately.
+
+    Returns:
+        the module to train (the same object when nothing needed fixing).
+    """
+    if is_flow(module):
+        return module
+    if ModuleValidator.validate(module, strict=False):
+        logger.info("DP-SGD: replacing layers Opacus cannot train privately (BatchNorm -> GroupNorm)")
+        module = ModuleValidator.fix(module)
+    return module
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    target_epsilon: float,
+    target_delta: float,
+    epochs: int,
+    max_grad_norm: float,
+    grad_sample_mode: str = "auto",
+    accountant: str = "prv",
+    poisson_sampling: bool = True,
+    public_init: bool = False,
+    noise_generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+    """Wrap a module, optimiser and loader for DP-SGD at a target ``(epsilon, delta)`` over ``epochs`` epochs.
+
+    Args:
+        module: the network; parameters with ``requires_grad`` are trained and covered. For a flow an uninitialised
+            model gets the identity ActNorm initialisation (``mark_initialized``, no data touched).
+        optimizer: optimiser over ``module``'s parameters (created after :func:`prepare_module`).
+        data_loader: loader of the private training set (its batch size sets the expected Poisson batch size).
+        target_epsilon: epsilon to reach after ``epochs`` epochs (> 0).
+        target_delta: delta (in ``(0, 1)``, e.g. below ``1 / len(dataset)``).
+        epochs: planned number of epochs (the noise multiplier is computed for that many).
+        max_grad_norm: per-example gradient clipping norm (flat clipping over all parameters).
+        grad_sample_mode: ``"auto"`` (``"no_op"`` + :func:`per_sample_gradients` for flows, ``"functorch"`` otherwise)
+            or an Opacus mode for non-flow modules.
+        accountant: Opacus accountant, ``"prv"`` (default), ``"rdp"`` or ``"gdp"``.
+        poisson_sampling: Poisson batches (required by the accounting; keep ``True``).
+        public_init: for a flow that is already initialised: its current parameters (a data-dependent ActNorm
+            initialisation or a checkpoint) come from public data only.
+        noise_generator: optional generator for the noise.
+        secure_mode: Opacus' cryptographically secure noise (needs ``torchcsprng``).
+
+    Returns:
+        ``(module, optimizer, data_loader, privacy_engine)``: the Opacus-wrapped module (train it through this
+        object), the ``DPOptimizer``, the Poisson ``DPDataLoader`` and the engine (``get_epsilon(delta)``).
+
+    Raises:
+        ValueError: invalid targets, a module with BatchNorm (call :func:`prepare_module` first), Opacus' layer-wise
+            modes on a flow, or an already initialised flow without ``public_init``.
+    """
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
+    if not 0 < target_delta < 1:
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta}.")
+    if epochs < 1 or not max_grad_norm > 0:
+        raise ValueError(f"epochs must be >= 1 and max_grad_norm > 0, got {epochs} and {max_grad_norm}.")
+    n_data = len(data_loader.dataset)  # type: ignore[arg-type]
+    if target_delta >= 1.0 / max(n_data, 1):
+        logger.warning("DP-SGD: delta %.3g is not below 1 / N = %.3g (N = %d)", target_delta, 1 / n_data, n_data)
+    flow = is_flow(module)
+    if flow:
+        if grad_sample_mode not in ("auto", FLOW_GRAD_SAMPLE_MODE):
+            raise ValueError(
+                f"grad_sample_mode={grad_sample_mode!r} cannot compute per-sample gradients of a flow: Opacus' "
+                "layer-wise modes reject layers with buffers and drop the log-determinant output's gradient. Use "
+                "'auto' (whole-model torch.func gradients via per_sample_gradients)."
+            )
+        grad_sample_mode = FLOW_GRAD_SAMPLE_MODE
+        if getattr(module, "is_initialized", True) and not public_init:
+            raise ValueError(
+                "make_private: the flow is already initialised (data-dependent ActNorm init or a checkpoint), which "
+                "the DP accounting does not cover. Pass a freshly built flow (it gets the identity initialisation) or "
+                "public_init=True if its parameters come from public data only."
+            )
+        if hasattr(module, "mark_initialized") and not getattr(module, "is_initialized", True):
+            module.mark_initialized()
+            logger.info("DP-SGD: ActNorm layers keep the identity initialisation (no data-dependent init)")
+    else:
+        grad_sample_mode = "functorch" if grad_sample_mode == "auto" else grad_sample_mode
+        for m in module.modules():  # Opacus' backward hooks forbid in-place ops on hooked outputs
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            raise ValueError(
+                f"make_private: the module cannot be trained with DP-SGD as is ({errors[0]}); call "
+                "prepare_module(module) (or build PEPXNet with norm='group') before creating the optimizer."
+            )
+    engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
+    module, optimizer, data_loader = engine.make_private_with_epsilon(
+        module=module,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        epochs=epochs,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_generator,
+    )
+    logger.info(
+        "DP-SGD (%s): noise multiplier %.4g, clip %.4g, sample rate %.4g, target (%.4g, %.3g) over %d epochs",
+        grad_sample_mode, optimizer.noise_multiplier, max_grad_norm, 1 / len(data_loader), target_epsilon,
+        target_delta, epochs,
+    )  # fmt: skip
+    return module, optimizer, data_loader, engine
+
+
+def per_sample_gradients(
+    module: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    *batch: Tensor,
+    method: str = "auto",
+    set_grad_sample: bool = True,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Exact per-example gradients of the whole module, each example run as a batch of one.
+
+    Layers whose outputs couple parameters and examples in any way (log-determinants, conditions, buffers) are
+    handled exactly, since the gradient of each example's own loss is taken through the complete model.
+
+    Args:
+        module: the module (or its Opacus wrapper).
+        loss_fn: ``loss_fn(module, *example_batch) -> scalar`` for one example given as a batch of one
+            (e.g. :func:`flow_nll`); it may call the module and, for flows, its ``log_prob``.
+        batch: tensors whose first dimension is the batch ``B`` (may be 0, e.g. an empty Poisson batch).
+        method: ``"vmap"`` (``torch.func``: ``vmap(grad(functional_call))``, one vectorised pass), ``"loop"`` (one
+            forward / backward per example with ``torch.autograd.grad``) or ``"auto"`` (``vmap``, falling back to
+            ``loop`` when an operation of the model is not supported under ``vmap``).
+        set_grad_sample: store each gradient as ``p.grad_sample`` ``[B, *p.shape]`` (what Opacus' optimiser reads).
+
+    Returns:
+        ``({name: [B, *p.shape]}, per-example losses [B])`` for every parameter with ``requires_grad``.
+    """
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}.")
+    inner = _unwrap(module)
+    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    size = batch[0].shape[0] if batch else 0
+    if size == 0:
+        grads = {n: p.new_zeros((0, *p.shape)) for n, p in named}
+        losses = batch[0].new_zeros(0) if batch else torch.zeros(0)
+    elif method == "loop":
+        grads, losses = _loop_gradients(inner, named, loss_fn, batch)
+    else:
+        try:
+            grads, losses = _vmap_gradients(inner, named, loss_fn, batch)
+        except RuntimeError as err:
+            if method == "vmap":
+                raise
+            global _VMAP_FALLBACK_LOGGED
+            if not _VMAP_FALLBACK_LOGGED:
+                logger.warning("per-sample gradients: vmap not supported by this model (%s); using a loop", err)
+                _VMAP_FALLBACK_LOGGED = True
+            grads, losses = _loop_gradients(inner, named, loss_fn, batch)
+    if set_grad_sample:
+        for n, p in named:
+            p.grad_sample = grads[n]
+    return grads, losses
+
+
+_VMAP_FALLBACK_LOGGED = False
+
+
+def _loop_gradients(
+    inner: nn.Module, named: list[tuple[str, nn.Parameter]], loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...]
+) -> tuple[dict[str, Tensor], Tensor]:
+    params = [p for _, p in named]
+    per_example: list[tuple[Tensor, ...]] = []
+    losses = []
+    with torch.enable_grad():
+        for i in range(batch[0].shape[0]):
+            loss = loss_fn(inner, *(t[i : i + 1] for t in batch))
+            per_example.append(torch.autograd.grad(loss, params, allow_unused=True))
+            losses.append(loss.detach())
+    grads = {
+        n: torch.stack([g[k] if g[k] is not None else torch.zeros_like(p) for g in per_example])
+        for k, (n, p) in enumerate(named)
+    }
+    return grads, torch.stack(losses)
+
+
+def _vmap_gradients(
+    inner: nn.Module, named: list[tuple[str, nn.Parameter]], loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...]
+) -> tuple[dict[str, Tensor], Tensor]:
+    params = {n: p.detach() for n, p in named}
+    buffers = dict(inner.named_buffers())
+
+    def _loss(p: dict[str, Tensor], *example: Tensor) -> tuple[Tensor, Tensor]:
+        def call(*args: Tensor) -> Any:
+            return functional_call(inner, (p, buffers), args)
+
+        loss = loss_fn(_Functional(inner, call), *(t.unsqueeze(0) for t in example))
+        return loss, loss.detach()
+
+    return vmap(grad(_loss, has_aux=True), in_dims=(None, *([0] * len(batch))))(params, *batch)
+
+
+class _Functional:
+    """Stand-in for a module inside ``functional_call``: calling it runs the functional forward, and the flow's
+    likelihood methods are reimplemented on top of that call."""
+
+    def __init__(self, module: nn.Module, call: Callable[..., Any]) -> None:
+        self.module = module
+        self._call = call
+
+    def __call__(self, *args: Tensor) -> Any:
+        return self._call(*args)
+
+    def log_prob(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        nu, logdet = self(x, condition)
+        return -0.5 * (nu.pow(2).sum(1) + nu.shape[1] * math.log(2 * math.pi)) + logdet
+
+
+def flow_nll(flow: Any, x: Tensor, condition: Tensor | None = None) -> Tensor:
+    """Flow loss for DP-SGD: mean negative log-likelihood in bits per dimension (without the constant ``n_bits``).
+
+    Args:
+        flow: the flow (or the functional stand-in :func:`per_sample_gradients` passes).
+        x: ``[B, C, *S]`` dequantised images.
+        condition: ``[B, condition_dim]``.
+
+    Returns:
+        scalar ``mean(-log p(x | z)) / (D ln 2)``.
+    """
+    dims = x[0].numel()
+    return -flow.log_prob(x, condition).mean() / (dims * math.log(2.0))
+
+
+def dp_flow_step(
+    flow: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    condition: Tensor | None = None,
+    loss_fn: Callable[..., Tensor] = flow_nll,
+    method: str = "auto",
+) -> Tensor:
+    """One DP-SGD step of a flow wrapped by :func:`make_private`: per-sample gradients, clip, noise, update.
+
+    Args:
+        flow: the wrapped flow returned by :func:`make_private`.
+        optimizer: the ``DPOptimizer`` returned by :func:`make_private`.
+        x: ``[B, C, *S]`` batch from the private loader (``B`` may be 0 with Poisson sampling; the step still
+            counts in the accounting and adds noise only).
+        condition: ``[B, condition_dim]`` (``classifier.embed(x)`` of a frozen, DP or public-data classifier).
+        loss_fn: per-example loss (default :func:`flow_nll`).
+        method: see :func:`per_sample_gradients`.
+
+    Returns:
+        per-example losses ``[B]`` (detached).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    batch = (x,) if condition is None else (x, condition)
+    _, losses = per_sample_gradients(flow, loss_fn, *batch, method=method)
+    optimizer.step()
+    return losses
+
+
+def covered_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters DP-SGD trains (and the guarantee covers): every parameter with ``requires_grad``."""
+    return [n for n, p in _unwrap(module).named_parameters() if p.requires_grad]
+
+
+def coverage_note(module: nn.Module, conditioning: str = "a frozen classifier") -> str:
+    """One-line statement of what the (epsilon, delta) covers, for reports (R20).
+
+    Args:
+        module: the privately trained module (or its wrapper).
+        conditioning: how the condition ``z`` was obtained, for flows.
+    """
+    inner = _unwrap(module)
+    names = covered_parameters(inner)
+    frozen = [n for n, p in inner.named_parameters() if not p.requires_grad]
+    note = (
+        f"all {len(names)} trainable parameter tensors of {type(inner).__name__} "
+        f"({sum(p.numel() for p in inner.parameters() if p.requires_grad)} values)"
+    )
+    if frozen:
+        note += f"; {len(frozen)} frozen tensors are NOT covered (they must come from public data or their own DP run)"
+    if is_flow(inner):
+        note += (
+            f". ActNorm uses the identity initialisation (no data-dependent init). The condition z comes from "
+            f"{conditioning}, which this guarantee does not cover: it must be DP-trained (epsilons add up) or trained "
+            "on public data, and synthetic images generated from the z of real patients release those z."
+        )
+    return note
+
+
+def dp_summary(
+    privacy_engine: PrivacyEngine,
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    delta: float,
+) -> dict[str, Any]:
+    """Privacy spent so far, JSON-ready.
+
+    Args:
+        privacy_engine: the engine from :func:`make_private`.
+        optimizer: the ``DPOptimizer``.
+        module: the wrapped module.
+        delta: the delta to report epsilon at.
+
+    Returns:
+        ``{"epsilon", "delta", "noise_multiplier", "max_grad_norm", "expected_batch_size", "steps", "accountant",
+        "covered_parameters", "covers"}``; ``epsilon`` is 0.0 before the first step.
+    """
+    accountant = privacy_engine.accountant
+    steps = sum(int(h[2]) for h in getattr(accountant, "history", []))
+    epsilon = float(privacy_engine.get_epsilon(delta)) if steps else 0.0
+    return {
+        "epsilon": epsilon,
+        "delta": float(delta),
+        "noise_multiplier": float(optimizer.noise_multiplier),
+        "max_grad_norm": float(optimizer.max_grad_norm),
+        "expected_batch_size": getattr(optimizer, "expected_batch_size", None),
+        "steps": steps,
+        "accountant": accountant.mechanism(),
+        "covered_parameters": covered_parameters(module),
+        "covers": coverage_note(module),
+    }
