@@ -156,6 +156,14 @@ def test_squeeze_shapes_and_errors():
         Squeeze(2)(torch.randn(1, 1, 8, 7))
 
 
+def test_squeeze_output_is_channels_last_pixel_unshuffle():
+    x = torch.randn(3, 2, 8, 6)
+    y, _ = Squeeze(2)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, nn.functional.pixel_unshuffle(x, 2))
+    assert torch.equal(Squeeze(2).inverse(y)[0], x)
+
+
 def test_level_layout_and_errors():
     level = FineGrainedLevel(2, 16, COND, num_blocks=3, num_steps=1, hidden_channels=4, granularity=4)
     assert (level.split_channels, level.keep_channels) == (4, 4)

@@ -195,6 +195,45 @@ def test_cached_inverse_invalidated_by_optimizer_step():
         assert (model.inverse(nu, z)[0] - x).abs().max() < 1e-5
 
 
+def test_sample_returns_ordinary_tensor_and_inference_cache_does_not_leak_into_training():
+    """``sample`` decodes under inference mode; its output and the 1x1 convs' cached inverses must not break a
+    later no-grad forward, a training step, or an in-place edit of the samples."""
+    model = tiny()
+    x, z = images(4, 8), conditions(4)
+    model.initialize(x, z)
+    perturb(model, 0.3)
+    s = model.sample(z, generator=torch.Generator().manual_seed(0))
+    assert not s.is_inference()
+    s.mul_(1.0)  # in-place on the output is allowed outside inference mode
+    with torch.no_grad():  # reuses the caches filled inside inference mode
+        nu = model(x, z)[0]
+        assert (model.inverse(nu, z)[0] - x).abs().max() < 1e-5
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    (-model.log_prob(x, z).mean()).backward()
+    opt.step()
+    nu = model(x, z)[0]
+    with torch.no_grad():
+        assert (model.inverse(nu, z)[0] - x).abs().max() < 1e-5
+    with torch.inference_mode():
+        assert model.sample(z).is_inference()
+
+
+def test_memory_format_of_input_does_not_change_results():
+    """The flow runs channels-last internally; a channels-last or contiguous input gives the same latents."""
+    model = tiny(hidden_channels=16)
+    x, z = images(4, 8), conditions(4)
+    model.initialize(x, z)
+    perturb(model, 0.3)
+    with torch.no_grad():
+        nu, ld = model(x, z)
+        nu_cl, ld_cl = model(x.contiguous(memory_format=torch.channels_last), z)
+        assert torch.allclose(nu, nu_cl, atol=1e-6) and torch.allclose(ld, ld_cl, atol=1e-4)
+        assert nu.is_contiguous()
+        back = model.inverse(nu, z)[0]
+    assert back.shape == x.shape and back.is_contiguous()
+    assert (back - x).abs().max() < 1e-4
+
+
 def test_gradients_reach_every_parameter():
     model = tiny()
     x, z = images(4, 8), conditions(4)
