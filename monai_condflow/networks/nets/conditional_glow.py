@@ -36,6 +36,7 @@ from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
+from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
 
 __all__ = ["ConditionalGlow"]
@@ -130,6 +131,7 @@ class ConditionalGlow(nn.Module):
         act: str | tuple = DEFAULT_ACT,
         scale_bound: float = 2.0,
         shift_bound: float = 5.0,
+        pixel_norm: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -191,6 +193,8 @@ class ConditionalGlow(nn.Module):
             split_channels.append(splits)
             channels = keep
         self.levels = nn.ModuleList(levels)
+        # optional fixed per-pixel normalisation in front of the levels (see PixelNorm); fixes the image size
+        self.pixel_norm = PixelNorm(spatial_dims, in_channels, self.image_size) if pixel_norm else None
         self._level_channels = level_channels
         self._keep_channels = keep_channels
         self._split_channels = split_channels
@@ -206,8 +210,9 @@ class ConditionalGlow(nn.Module):
             "granularity": granularity,
             "scale_bound": scale_bound,
             "shift_bound": shift_bound,
+            "pixel_norm": pixel_norm,
         }
-        self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
+        self._actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelNorm))]
         self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
         self.register_load_state_dict_post_hook(ConditionalGlow._reset_init_cache)
 
@@ -277,7 +282,8 @@ class ConditionalGlow(nn.Module):
     # ------------------------------------------------------------------ initialisation (R12)
     @property
     def is_initialized(self) -> bool:
-        """Whether every ActNorm has been initialised (from data, a loaded state dict or :meth:`mark_initialized`)."""
+        """Whether every ActNorm (and the PixelNorm) has been initialised (from data, a loaded state dict or
+        :meth:`mark_initialized`)."""
         return all(bool(m.initialized) for m in self._actnorms)
 
     @torch.no_grad()
@@ -313,6 +319,8 @@ class ConditionalGlow(nn.Module):
     def _encode(self, x: Tensor, condition: Tensor | None, init: bool = False) -> tuple[Tensor, Tensor]:
         h = x - 0.5
         logdet = x.new_zeros(x.shape[0])
+        if self.pixel_norm is not None:
+            h, logdet = self.pixel_norm.initialize(h) if init else self.pixel_norm(h)
         pieces = []
         for level, keep in zip(self.levels, self._keep_channels):
             h, ld = level.initialize(h, condition) if init else level(h, condition)
@@ -378,6 +386,9 @@ class ConditionalGlow(nn.Module):
                 chunk = chunks[i].reshape(batch, self._level_channels[i] - self._keep_channels[i], *level_size)
                 h = chunk if h is None else torch.cat([h, chunk], dim=1)
             h, ld = self.levels[i].inverse(_channels_last(h), condition)
+            logdet = logdet + ld
+        if self.pixel_norm is not None:
+            h, ld = self.pixel_norm.inverse(h.contiguous())
             logdet = logdet + ld
         return h + 0.5, logdet
 

@@ -283,3 +283,26 @@ def test_clear_errors():
         tiny(hidden_channels=(8, 8))
     with pytest.raises(ValueError, match="at least one"):
         tiny(num_blocks=(1, 4, 1))
+
+
+def test_pixel_norm_option_is_exact_and_persisted():
+    torch.manual_seed(0)
+    flow = ConditionalGlow.from_preset(
+        "small", image_size=16, num_levels=2, num_steps=2, num_blocks=1, hidden_channels=8, pixel_norm=True
+    ).double()
+    x = torch.rand(6, 1, 16, 16, dtype=torch.float64)
+    z = torch.nn.functional.normalize(torch.randn(6, 32, dtype=torch.float64), dim=1)
+    assert not flow.is_initialized
+    flow.initialize(x, z)
+    assert flow.is_initialized and bool(flow.pixel_norm.initialized)
+    nu, logdet = flow(x, z)
+    back, inv_logdet = flow.inverse(nu, z)
+    assert torch.allclose(back, x, atol=1e-10) and torch.allclose(inv_logdet, -logdet, atol=1e-8)
+    # the per-pixel statistics contribute their log-det: removing them changes log_prob by exactly that amount
+    pn_logdet = -flow.pixel_norm.log_std.sum()
+    assert torch.allclose(logdet - flow.pixel_norm(x - 0.5)[1], logdet - pn_logdet)
+    other = ConditionalGlow(**flow.config).double()
+    other.load_state_dict(flow.state_dict())
+    assert other.is_initialized and torch.equal(other(x, z)[0], nu)
+    with pytest.raises(ValueError, match="PixelNorm"):
+        flow.sample(z, spatial_size=(32, 32))
