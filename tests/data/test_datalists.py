@@ -26,7 +26,9 @@ def _folder(tmp_path: Path, n: int = 12) -> Path:
     lines = []
     for i in range(n):
         name = f"phantom_p{i:04d}_s000.png"
-        Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 4 + 100 * i).astype(np.uint16)).save(tmp_path / "images" / name)
+        Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 4 + 100 * i).astype(np.uint16)).save(
+            tmp_path / "images" / name
+        )
         lines.append(f"{name} {i % 3} 2 2 12 12")
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     return tmp_path
