@@ -18,10 +18,10 @@ through the file-name arguments).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +30,7 @@ import numpy as np
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
 from monai_condflow.data.readers import read_covidx_annotations
 from monai_condflow.data.splits import sample_labelled_subset
+from monai_condflow.engines.checkpoint import atomic_write_bytes
 
 __all__ = ["load_covidx_split", "parse_num_labels", "select_labelled", "preprocess_cached"]
 
@@ -188,15 +189,9 @@ def preprocess_cached(
         if not keep.all():
             local.log_summary(logger, f"{len(records)} records")
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".preprocessed.", suffix=".npz")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    np.savez(handle, images=images, keep=keep)
-                os.replace(tmp, cache_file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            buffer = io.BytesIO()
+            np.savez(buffer, images=images, keep=keep)
+            atomic_write_bytes(cache_file, buffer.getvalue())
             logger.info("preprocessed %d slices -> %s", len(records), cache_file)
     else:
         logger.info("reusing %d preprocessed slices from %s", len(records), cache_file)

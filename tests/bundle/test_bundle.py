@@ -97,6 +97,8 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert cls["semisupervised"] and cls["num_classes"] == 2 and len(cls["rounds"]) >= 1
     labels = json.loads((trained_run / "classifier" / "train_labels.json").read_text())
     assert sum(not e["presumptive"] for e in labels) == 20
+    projector = list((trained_run / "tensorboard" / "projector").rglob("projector_config.pbtxt"))
+    assert projector and "z_unlabelled" in projector[0].read_text()
     assert (trained_run / "flow" / "model.pt").is_file()
     assert json.loads((trained_run / "flow" / "flow.json").read_text())["preset"] == "small"
     assert list((trained_run / "flow" / "samples").glob("*.png"))
