@@ -120,7 +120,12 @@ def test_stages_write_their_outputs(trained_run: Path):
 
 def test_flow_train_workflow_properties(dataset, trained_run):
     wf = _workflow(
-        ["train_flow.json"], workflow_type="train", dataset_dir=str(dataset), output_dir=str(trained_run), **TINY_FLOW
+        ["train_flow.json"],
+        workflow_type="train",
+        dataset_dir=str(dataset),
+        output_dir=str(trained_run),
+        **TINY,
+        **TINY_FLOW,
     )
     wf.initialize()
     assert wf.check_properties() == []
