@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +153,3 @@ def model_version(output_dir: str | os.PathLike) -> str:
     """``monai_condflow <version> / flow <preset> / <checkpoint selected>``: what the manifest records."""
     info = read_stage_info(Path(output_dir) / "flow", "flow", "train_flow.json")
     return f"monai_condflow {monai_condflow.__version__} / flow {info['preset']} / {info.get('selected', '?')}"
-
-
-def copy_sample_grids(src: str | os.PathLike, dst: str | os.PathLike, names: Sequence[str] = ()) -> list[Path]:
-    """Copy PNG sample grids (e.g. the flow trainer's last ones) into the report folder."""
-    out: list[Path] = []
-    for name in names:
-        path = Path(src) / name
-        if path.is_file():
-            Path(dst).mkdir(parents=True, exist_ok=True)
-            out.append(Path(shutil.copy2(path, Path(dst) / name)))
-    return out
