@@ -30,7 +30,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BUNDLE_ROOT", "CPU_BUDGET", "Stage", "default_stages", "run_pipeline", "main"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "CPU_BUDGET",
+    "STAGE_KEYS",
+    "Stage",
+    "default_stages",
+    "parse_stage_overrides",
+    "run_pipeline",
+    "main",
+]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -65,21 +74,83 @@ CPU_BUDGET: dict[str, dict[str, object]] = {
     "classifier": {"max_epochs": 30, "epochs_per_round": 6, "max_rounds": 3},
     "flow": {"max_epochs": 45, "sample_every": 5},
     "generation": {},
+    "acgan": {"max_epochs": 40},
     "evaluation": {"max_epochs": 15, "n_synthetic_sets": 2, "n_bootstrap": 200},
 }
 
+STAGE_KEYS = ("classifier", "flow", "generation", "acgan", "evaluation")
 
-def default_stages(num_labels: object, budget: dict[str, dict[str, object]] | None = None) -> list[Stage]:
-    """The stages of the main job, in order; ``budget`` gives per-stage overrides (default :data:`CPU_BUDGET`)."""
+
+def default_stages(
+    num_labels: object,
+    budget: dict[str, dict[str, object]] | None = None,
+    baseline: bool = False,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-5,
+) -> list[Stage]:
+    """The stages of the main job, in order.
+
+    Args:
+        num_labels: labelled images (``"all"`` skips the semi-supervised overlay).
+        budget: per-stage overrides keyed by :data:`STAGE_KEYS` (default :data:`CPU_BUDGET`).
+        baseline: add the ACGAN baseline stage (``train_acgan.json``) before the evaluation, which then reports it
+            under ``baseline``.
+        dp_epsilon: train the classifier and the flow with DP-SGD (``train_classifier_dp.json``,
+            ``train_flow_dp.json``) so that the released pair spends ``(dp_epsilon, dp_delta)`` in all: each stage
+            gets half of both (basic composition). The DP classifier trains on the labelled images only (label
+            propagation is not private).
+        dp_delta: total delta of a DP run.
+    """
     budget = CPU_BUDGET if budget is None else budget
     semi = num_labels != "all"
     classifier_files = ["train_classifier.json", "train_semisupervised.json"] if semi else ["train_classifier.json"]
-    return [
-        Stage("classifier (semi-supervised)" if semi else "classifier", classifier_files, budget.get("classifier")),
-        Stage("flow", ["train_flow.json"], budget.get("flow")),
+    classifier_overrides = dict(budget.get("classifier") or {})
+    flow_files, flow_overrides = ["train_flow.json"], dict(budget.get("flow") or {})
+    name = "classifier (semi-supervised)" if semi else "classifier"
+    if dp_epsilon is not None:
+        if not dp_epsilon > 0 or not 0 < dp_delta < 1:
+            raise ValueError(f"dp_epsilon must be > 0 and dp_delta in (0, 1), got {dp_epsilon} and {dp_delta}.")
+        half = {"target_epsilon": dp_epsilon / 2, "target_delta": dp_delta / 2}
+        classifier_files = ["train_classifier.json", "train_classifier_dp.json"]
+        classifier_overrides = {k: v for k, v in classifier_overrides.items() if k in ("max_epochs",)} | half
+        flow_files = ["train_flow.json", "train_flow_dp.json"]
+        flow_overrides |= half
+        name = f"classifier (DP-SGD, epsilon {dp_epsilon / 2:g})"
+    stages = [
+        Stage(name, classifier_files, classifier_overrides),
+        Stage(
+            "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})", flow_files, flow_overrides
+        ),
         Stage("generation", ["generate.json"], budget.get("generation")),
-        Stage("evaluation", ["evaluate.json"], budget.get("evaluation")),
     ]
+    if baseline:
+        stages.append(Stage("baseline (ACGAN)", ["train_acgan.json"], budget.get("acgan")))
+    stages.append(Stage("evaluation", ["evaluate.json"], budget.get("evaluation")))
+    return stages
+
+
+def parse_stage_overrides(items: Sequence[str], budget: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Apply ``STAGE.ID=VALUE`` items (e.g. ``evaluation.max_epochs=30``) to a copy of ``budget``.
+
+    Values are parsed as JSON when they can be (numbers, ``true``, lists), else kept as strings.
+
+    Raises:
+        ValueError: for an item without ``=`` or ``.``, or an unknown stage name (the message lists the stages).
+    """
+    out = {k: dict(v) for k, v in budget.items()}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"expected STAGE.ID=VALUE (e.g. evaluation.max_epochs=30), got {item!r}")
+        if stage not in STAGE_KEYS:
+            raise ValueError(f"unknown stage {stage!r} in {item!r}; stages: {', '.join(STAGE_KEYS)}")
+        try:
+            parsed: object = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(stage, {})[name] = parsed
+    return out
 
 
 def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Path:
@@ -109,6 +180,7 @@ def run_pipeline(
     bundle_root: Path = BUNDLE_ROOT,
     num_images: int = 600,
     seed: int = 0,
+    baseline: bool = False,
 ) -> dict[str, float]:
     """Run every stage in order; returns the wall time of each stage in seconds.
 
@@ -169,6 +241,19 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
             f"  TRTR accuracy {trtr.get('accuracy', float('nan')):.3f} | TSTR accuracy "
             f"{tstr.get('accuracy', float('nan')):.3f} | embedding FID {m.get('fid', float('nan')):.4f}"
         )
+        if isinstance(m.get("privacy"), dict):
+            p = m["privacy"]
+            eps = p.get("epsilon")
+            lines.append(
+                f"  privacy: epsilon {'not DP' if eps is None else format(eps, '.3g')} | membership-inference AUC "
+                f"{p.get('mia_auc', float('nan')):.3f} (vs {p.get('holdout', '?')})"
+            )
+        if isinstance(m.get("baseline"), dict):
+            b = m["baseline"]
+            lines.append(
+                f"  ACGAN baseline: TSTR accuracy {b.get('tstr', {}).get('accuracy', float('nan')):.3f} | "
+                f"embedding FID {b.get('fid', float('nan')):.4f}"
+            )
     lines.append(
         "  wall time: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
@@ -200,7 +285,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="ID=VALUE", help="extra bundle override, e.g. --set max_epochs=2"
     )
+    parser.add_argument(
+        "--stage-set",
+        action="append",
+        default=[],
+        metavar="STAGE.ID=VALUE",
+        help="override for one stage only, e.g. --stage-set evaluation.max_epochs=30 "
+        f"(stages: {', '.join(STAGE_KEYS)})",
+    )
+    parser.add_argument("--baseline", action="store_true", help="also train the ACGAN baseline and compare")
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="train classifier and flow with DP-SGD, epsilon in all (half each); see docs/privacy.md",
+    )
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="total delta of a DP run (half each stage)")
+    parser.add_argument(
+        "--audit-holdout",
+        type=float,
+        default=None,
+        help="fraction of the training images the flow never sees, as non-members for the privacy audit",
+    )
     args = parser.parse_args(argv)
+    if args.audit_holdout is not None:
+        args.stage_set.append(f"flow.audit_holdout={args.audit_holdout}")
+    try:
+        budget = parse_stage_overrides(args.stage_set, CPU_BUDGET)
+        default_stages(args.num_labels, budget, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta)
+    except ValueError as e:
+        parser.error(str(e))
     overrides: dict[str, object] = {"seed": args.seed}
     for item in args.set:
         if "=" not in item:
@@ -213,7 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         times = run_pipeline(
-            args.dataset_dir, args.output_dir, args.num_labels, overrides, num_images=args.num_images, seed=args.seed
+            args.dataset_dir,
+            args.output_dir,
+            args.num_labels,
+            overrides,
+            stages=default_stages(
+                args.num_labels, budget, baseline=args.baseline, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta
+            ),
+            num_images=args.num_images,
+            seed=args.seed,
         )
     except (FileNotFoundError, RuntimeError) as e:
         print(f"[pipeline] error: {e}", file=sys.stderr)

@@ -49,6 +49,7 @@ from monai_condflow.engines.distributed import (
     all_gather_tensors,
     any_across_ranks,
     get_rank,
+    is_distributed,
     unwrap_model,
     wrap_ddp,
 )
@@ -120,6 +121,11 @@ class FlowTrainer(SupervisedTrainer):
         max_grad_norm: clip the total gradient norm to this value; ``None`` only measures it.
         prepare_batch: defaults to ``ConditionPrepareBatch()`` (``condition`` from the batch).
         loss_function: ``(pred, label) -> loss``; defaults to the mean of ``pred``.
+        dp_module: for DP-SGD, the flow wrapped by :func:`monai_condflow.privacy.dp.make_private` (``optimizer`` is
+            then its ``DPOptimizer``). Each step computes exact per-example gradients of the whole flow
+            (:func:`~monai_condflow.privacy.dp.per_sample_gradients`); the optimizer clips each one to its
+            ``max_grad_norm``, adds the calibrated noise and steps. ``max_grad_norm`` of this trainer is unused then.
+        n_bits: bit depth of the data, added to the DP loss so that the logged loss is in bits/dim.
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
             supported (flows are trained in fp32) and ``decollate`` is off.
     """
@@ -134,6 +140,8 @@ class FlowTrainer(SupervisedTrainer):
         max_grad_norm: float | None = None,
         prepare_batch: Callable | None = None,
         loss_function: Callable = _mean_loss,
+        dp_module: torch.nn.Module | None = None,
+        n_bits: int = 8,
         **kwargs: Any,
     ) -> None:
         if kwargs.pop("amp", False):
@@ -154,6 +162,8 @@ class FlowTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.max_grad_norm = max_grad_norm
+        self.dp_module = dp_module
+        self.n_bits = n_bits
         self.state.skipped_steps = 0
         self.state.lr = float(optimizer.param_groups[0]["lr"])
         self.state_dict_user_keys.append("skipped_steps")
@@ -169,6 +179,9 @@ class FlowTrainer(SupervisedTrainer):
     def _iteration(self, engine: FlowTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if self.dp_module is not None and not isinstance(batchdata, Mapping):
+            # Opacus' Poisson loader collates an empty draw to a list of empty tensors: a normal (noise-only) step
+            return self._dp_iteration(engine, *self._empty_dp_batch())
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         if len(batch) == 2:
             inputs, targets = batch
@@ -178,6 +191,10 @@ class FlowTrainer(SupervisedTrainer):
             inputs, targets, args, kwargs = batch
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.state.lr = float(engine.optimizer.param_groups[0]["lr"])
+        if self.dp_module is not None:
+            condition = args[0] if args else None
+            self._dp_shapes = (inputs.shape[1:], None if condition is None else condition.shape[1:])
+            return self._dp_iteration(engine, inputs, condition)
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -216,6 +233,48 @@ class FlowTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.state.output["grad_norm"] = float(grad_norm.item())
         engine.state.output["skipped"] = skip
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _empty_dp_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shapes = getattr(self, "_dp_shapes", None)
+        if shapes is None:
+            raise RuntimeError("DP-SGD: the first Poisson batch of the run was empty; use a larger batch size.")
+        device = self.state.device
+        self.state.output = {Keys.IMAGE: None, Keys.LABEL: None}
+        inputs = torch.zeros((0, *shapes[0]), device=device)
+        return inputs, None if shapes[1] is None else torch.zeros((0, *shapes[1]), device=device)
+
+    def _dp_iteration(self, engine: FlowTrainer, inputs: torch.Tensor, condition: torch.Tensor | None) -> dict:
+        """One DP-SGD step: per-example gradients, then the ``DPOptimizer`` clips, adds noise and steps.
+
+        A non-finite per-example loss or gradient skips the step (no noise is added and the accountant does not
+        count it); an empty Poisson batch is a normal noisy step.
+        """
+        from monai_condflow.privacy.dp import flow_nll, per_sample_gradients
+
+        self.dp_module.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        batch = (inputs,) if condition is None else (inputs, condition)
+        grads, losses = per_sample_gradients(self.dp_module, flow_nll, *batch)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        finite = bool(torch.isfinite(losses).all().item()) and all(
+            bool(torch.isfinite(g).all().item()) for g in grads.values()
+        )
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1) if grads else None
+        if finite:
+            engine.optimizer.step()
+        else:
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.state.skipped_steps += 1
+            logger.warning("DP-SGD: non-finite per-example loss or gradient at iteration %d: step skipped (%d so far)",
+                           engine.state.iteration, engine.state.skipped_steps)  # fmt: skip
+        loss = losses.mean() + self.n_bits if losses.numel() else torch.tensor(float("nan"))
+        engine.state.output[Keys.PRED] = losses + self.n_bits
+        engine.state.output[Keys.LOSS] = loss
+        # the mean per-example gradient norm before clipping
+        engine.state.output["grad_norm"] = float(norms.mean().item()) if norms is not None and norms.numel() else 0.0
+        engine.state.output["skipped"] = not finite
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -292,6 +351,7 @@ def create_flow_trainer(
     tensorboard: bool = True,
     n_saved: int = 2,
     extra_train_handlers: Sequence[Any] = (),
+    dp: Mapping[str, Any] | None = None,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) with the paper's recipe.
@@ -333,6 +393,13 @@ def create_flow_trainer(
         tensorboard: write TensorBoard scalars (and grids) on rank 0.
         n_saved: how many ``latest`` checkpoints to keep.
         extra_train_handlers: more handlers to attach to the trainer.
+        dp: DP-SGD settings, or ``None`` for ordinary training: ``target_epsilon``, ``target_delta`` (required),
+            ``max_grad_norm`` (per-example clipping norm, default 1.0), ``accountant`` (default ``"prv"``). The flow
+            keeps the identity ActNorm / PixelNorm initialisation (no data-dependent init), the loader becomes a
+            Poisson loader, the noise follows from the target over ``max_epochs``, the accountant's state is saved
+            in the ``latest`` checkpoints (a resumed run continues the accounting), ``flow/privacy.json`` and the
+            TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no ``best`` checkpoint is selected on
+            validation data (the last epoch is the model). One process only.
 
     Returns:
         ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
@@ -351,6 +418,12 @@ def create_flow_trainer(
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
     if warmup_epochs < 0 or n_saved < 1:
         raise ValueError(f"bad settings: warmup_epochs={warmup_epochs}, n_saved={n_saved}.")
+    if dp is not None:
+        from monai_condflow.privacy.dp import check_dp_settings
+
+        dp = check_dp_settings(dp)
+        if is_distributed():
+            raise ValueError("DP-SGD flow training runs in one process; start it without torchrun.")
     if val_interval < 1 or sample_every < 0 or log_every < 1:
         raise ValueError(
             f"bad intervals: val_interval={val_interval}, sample_every={sample_every}, log_every={log_every}."
@@ -385,7 +458,7 @@ def create_flow_trainer(
     init_batch = None
     if checkpoint is None or (sample_every > 0 and sample_conditions is None):
         init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
-    if not getattr(flow, "is_initialized", True):
+    if not getattr(flow, "is_initialized", True) and dp is None:
         if init_batch is None:
             init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
         flow.initialize(init_batch[0], init_batch[2])
@@ -394,6 +467,23 @@ def create_flow_trainer(
     # 3. DDP, optimiser, schedule
     network = wrap_ddp(FlowBitsPerDim(flow, n_bits=n_bits), device)
     optimizer = torch.optim.AdamW(flow.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    dp_module = dp_engine = None
+    train_optimizer: torch.optim.Optimizer = optimizer
+    if dp is not None:
+        from monai_condflow.privacy.dp import make_private
+
+        # a resumed flow is initialised by its own DP checkpoint, whose privacy cost the restored accountant holds
+        dp_module, train_optimizer, train_loader, dp_engine = make_private(
+            flow,
+            optimizer,
+            train_loader,
+            target_epsilon=dp["target_epsilon"],
+            target_delta=dp["target_delta"],
+            epochs=max_epochs,
+            max_grad_norm=dp["max_grad_norm"],
+            accountant=dp["accountant"],
+            public_init=checkpoint is not None,
+        )
     epoch_length = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_exponential_lambda(epoch_length, warmup_epochs, lr_decay)
@@ -452,11 +542,27 @@ def create_flow_trainer(
         max_epochs=max_epochs,
         train_data_loader=train_loader,
         network=network,
-        optimizer=optimizer,
+        optimizer=train_optimizer,
         max_grad_norm=max_grad_norm,
         prepare_batch=prepare_batch,
         train_handlers=train_handlers,
+        dp_module=dp_module,
+        n_bits=n_bits,
     )
+    if dp_engine is not None:
+        from monai_condflow.handlers.privacy_accountant import PrivacyAccountantHandler
+        from monai_condflow.privacy.dp import dp_summary
+
+        PrivacyAccountantHandler(
+            dp_engine,
+            dp["target_delta"],
+            summary_writer=writer,
+            output_file=output_dir / "privacy.json" if rank == 0 else None,
+            summary_fn=lambda: {
+                **dp_summary(dp_engine, train_optimizer, dp_module, dp["target_delta"]),
+                "target_epsilon": dp["target_epsilon"],
+            },
+        ).attach(trainer)
 
     if sample_every > 0 and rank == 0:
         from monai_condflow.handlers.sample_grid import SampleGridHandler
@@ -479,7 +585,7 @@ def create_flow_trainer(
 
     # 6. checkpoints (atomic; rank 0 writes). The best one is chosen on the evaluator's key metric.
     best_handler = None
-    if evaluator is not None:
+    if evaluator is not None and dp is None:  # under DP, choosing an epoch on private validation data is not covered
         best_handler = create_checkpoint_handler(
             {"flow": flow},
             output_dir,
@@ -501,6 +607,8 @@ def create_flow_trainer(
     }
     if best_handler is not None:
         to_save["best_checkpoint"] = best_handler
+    if dp_engine is not None:
+        to_save["privacy_accountant"] = dp_engine.accountant
     latest_handler = create_checkpoint_handler(
         to_save,
         output_dir,
@@ -523,6 +631,13 @@ def create_flow_trainer(
             objects["checkpointer"] = latest_handler
         if best_handler is not None and "best_checkpoint" in checkpoint:
             objects["best_checkpoint"] = best_handler
+        if dp_engine is not None:
+            if "privacy_accountant" not in checkpoint:
+                raise ValueError(
+                    f"cannot resume DP-SGD training from {resume_path}: the checkpoint has no privacy accountant "
+                    "state (it comes from a non-private run); use a new output folder."
+                )
+            objects["privacy_accountant"] = dp_engine.accountant
         Checkpoint.load_objects(objects, checkpoint)
         saved = checkpoint["trainer"]
         # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)

@@ -166,6 +166,7 @@ def generate(
     label_key: str = "label",
     condition_key: str = "condition",
     manifest_name: str = "manifest.csv",
+    dp_epsilon: float | str | None = None,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -190,6 +191,9 @@ def generate(
         label_key: key of the class label.
         condition_key: key of precomputed conditions.
         manifest_name: file name of the manifest in ``output_dir``.
+        dp_epsilon: the DP-SGD epsilon the generator (and its conditioning classifier) spent, recorded in the
+            manifest's ``dp_epsilon`` column (``none`` for a non-private run; a string is written as is, e.g.
+            ``"flow only: 9.9"``).
 
     Returns:
         the manifest path.
@@ -241,6 +245,9 @@ def generate(
                 atomic_write_bytes(output_dir / name, _pair_png_bytes(originals[k], synthetic[k]))
                 row["pair_file"] = name
             row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
+            row["dp_epsilon"] = (
+                "none" if dp_epsilon is None else dp_epsilon if isinstance(dp_epsilon, str) else f"{dp_epsilon:.6g}"
+            )
             rows.append(row)
 
     all_z: list[torch.Tensor] = []
@@ -283,7 +290,7 @@ def generate(
     elif not rows:
         raise ValueError("generate got no input items.")
 
-    columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode"]
+    columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode", "dp_epsilon"]
     if "nifti" in formats:
         columns.insert(2, "nifti_file")
     if mode == "pairs":

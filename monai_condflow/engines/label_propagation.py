@@ -364,6 +364,12 @@ def run_semisupervised(
         ``true_labels``), ``train`` (the training result)), ``presumptive_labels`` and ``confidence`` (tensors
         ``[N_u]``), ``centroids``, ``converged`` (bool), ``num_rounds`` and ``network`` (the final classifier).
     """
+    if type(network).__module__.startswith("opacus"):
+        raise ValueError(
+            "run_semisupervised got an Opacus-wrapped (DP-SGD) network: label propagation computes presumptive labels "
+            "outside the DP mechanism, so train_semisupervised.json cannot be combined with train_classifier_dp.json."
+            " Train the DP classifier on the labelled images only."
+        )
     if kind not in SIMILARITY_KINDS:
         raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
     if not isinstance(max_rounds, int) or max_rounds < 0:

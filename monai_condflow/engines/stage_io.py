@@ -23,6 +23,9 @@ import torch
 from monai_condflow.engines.checkpoint import atomic_write_bytes, find_latest_checkpoint
 
 __all__ = [
+    "AUDIT_HOLDOUT",
+    "split_audit_holdout",
+    "audit_holdout_mask",
     "latest_checkpoint",
     "require_file",
     "write_json_atomic",
@@ -131,3 +134,63 @@ def read_training_records(directory: str | os.PathLike, fallback: list[dict] | N
         if isinstance(r.get("box"), list):
             r["box"] = tuple(r["box"])
     return records
+
+
+AUDIT_HOLDOUT = "audit_holdout.json"
+
+
+def _record_key(record: dict) -> str:
+    return str(record.get("source") or record.get("image_path") or record.get("image"))
+
+
+def split_audit_holdout(
+    records: list[dict], fraction: float, seed: int = 0, directory: str | os.PathLike | None = None
+) -> list[dict]:
+    """Keep a patient-disjoint, class-stratified ``fraction`` of the training records out of flow training.
+
+    The held-back images are non-members from the training distribution itself, so the membership-inference audit
+    (train vs held-back) is not confounded by a shift between the training and test splits. Their annotation
+    sources (``file:line``) are written to ``directory/audit_holdout.json`` for the evaluation stage.
+
+    Args:
+        records: the flow's training records (with ``label`` and, when known, ``patient_id``).
+        fraction: share held back, in ``[0, 0.5]``; 0 holds back nothing (and removes a stale list).
+        seed: seed of the split.
+        directory: the flow stage's folder (``None``: write nothing).
+
+    Returns:
+        the records to train on.
+
+    Raises:
+        ValueError: ``fraction`` outside ``[0, 0.5]`` (config id ``audit_holdout``).
+    """
+    from monai_condflow.data.splits import patient_disjoint_split
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 0.5:
+        raise ValueError(f"config id 'audit_holdout' must be a fraction in [0, 0.5], got {fraction!r}.")
+    path = None if directory is None else Path(directory) / AUDIT_HOLDOUT
+    if fraction == 0:
+        if path is not None and path.is_file():
+            path.unlink()
+        return list(records)
+    parts = patient_disjoint_split(records, (1 - fraction, fraction), seed=seed, names=("members", "holdout"))
+    if path is not None:
+        write_json_atomic(
+            path, {"fraction": fraction, "seed": seed, "sources": [_record_key(r) for r in parts["holdout"]]}
+        )
+    return parts["members"]
+
+
+def audit_holdout_mask(output_dir: str | os.PathLike, records: list[dict]) -> torch.Tensor | None:
+    """``[N]`` bool mask of the ``records`` the flow stage held back (``flow/audit_holdout.json``), or ``None``."""
+    path = Path(output_dir) / "flow" / AUDIT_HOLDOUT
+    if not path.is_file():
+        return None
+    held = set(json.loads(path.read_text(encoding="utf-8"))["sources"])
+    mask = torch.tensor([_record_key(r) in held for r in records], dtype=torch.bool)
+    if int(mask.sum()) != len(held):
+        raise ValueError(
+            f"{path} lists {len(held)} held-back images but {int(mask.sum())} of them are in the training records: "
+            "the flow stage ran on a different training list."
+        )
+    return mask

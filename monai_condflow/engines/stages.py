@@ -22,6 +22,7 @@ Each stage checks that the stage before it has run and says which config to run 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "finish_flow_stage",
     "load_flow",
     "model_version",
+    "privacy_spent",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,13 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
     folder = Path(output_dir) / "classifier"
     info = read_stage_info(folder, "classifier", "train_classifier.json")
     path = require_file(folder / "model.pt", "classifier checkpoint", "train_classifier.json")
-    net = PEPXNet.from_preset(info["preset"], spatial_dims=2, in_channels=1, out_channels=int(info["num_classes"]))
+    net = PEPXNet.from_preset(
+        info["preset"],
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=int(info["num_classes"]),
+        norm=info.get("norm", "batch"),  # DP-SGD classifiers use GroupNorm
+    )
     load_weights(net, path)
     net.to(device).eval()
     for p in net.parameters():
@@ -92,6 +100,9 @@ def build_flow_trainer(
 ):
     """The flow stage's trainer (a :class:`~monai_condflow.engines.flow.FlowTrainer`) for a bundle config.
 
+    ``dp`` (in ``kwargs``) switches on DP-SGD (``train_flow_dp.json`` sets it from the ids ``target_epsilon``,
+    ``target_delta``, ``dp_max_grad_norm``); see :func:`~monai_condflow.engines.flow.create_flow_trainer`.
+
     Wraps :func:`~monai_condflow.engines.flow.create_flow_trainer` so that ``train#trainer`` is one config
     component holding ``max_epochs``; training resumes from the newest complete checkpoint in ``output_dir``
     (a killed run restarts where it stopped). The validation evaluator is kept as ``trainer.flow_evaluator``.
@@ -119,8 +130,12 @@ def build_flow_trainer(
 
 def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
     """Copy the best flow checkpoint (lowest validation bits/dim; else the last weights) to ``flow/model.pt``
-    atomically and write ``flow/flow.json`` (preset, overrides, image size, best bits/dim)."""
+    atomically and write ``flow/flow.json`` (preset, overrides, image size, best bits/dim; ``dp`` with the epsilon
+    spent when ``privacy.json`` shows a DP-SGD run)."""
     folder = Path(output_dir)
+    privacy_file = folder / "privacy.json"
+    if privacy_file.is_file():
+        info = {**info, "dp": json.loads(privacy_file.read_text(encoding="utf-8"))}
     best = find_latest_checkpoint(folder, prefix="best")
     if best is not None:
         state = best[1]["flow"] if "flow" in best[1] else best[1]
@@ -153,3 +168,45 @@ def model_version(output_dir: str | os.PathLike) -> str:
     """``monai_condflow <version> / flow <preset> / <checkpoint selected>``: what the manifest records."""
     info = read_stage_info(Path(output_dir) / "flow", "flow", "train_flow.json")
     return f"monai_condflow {monai_condflow.__version__} / flow {info['preset']} / {info.get('selected', '?')}"
+
+
+def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The DP-SGD privacy a run spent, from ``classifier/classifier.json`` and ``flow/flow.json``.
+
+    The two stages read the same private training set, so their epsilons (and deltas) add up under basic
+    composition: ``epsilon = classifier + flow``. A stage trained without DP-SGD makes the total unbounded.
+
+    Returns:
+        ``None`` when neither stage used DP-SGD, else ``{"epsilon", "delta", "classifier", "flow", "covers",
+        "label"}``; when only one stage did, ``epsilon`` is ``None`` (no finite guarantee for the released model)
+        and ``covers`` / ``label`` say which stage is private. ``label`` is the short text of the manifest.
+    """
+    spent: dict[str, Any] = {}
+    for stage in ("classifier", "flow"):
+        path = Path(output_dir) / stage / f"{stage}.json"
+        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        spent[stage] = info.get("dp")
+    if spent["classifier"] is None and spent["flow"] is None:
+        return None
+    private = [s for s in ("classifier", "flow") if spent[s] is not None]
+    if len(private) == 2:
+        eps = float(spent["classifier"]["epsilon"]) + float(spent["flow"]["epsilon"])
+        delta = float(spent["classifier"]["delta"]) + float(spent["flow"]["delta"])
+        covers = "classifier and flow trained with DP-SGD; epsilons and deltas added (basic composition)"
+    else:
+        eps = None
+        delta = float(spent[private[0]]["delta"])
+        other = "flow" if private[0] == "classifier" else "conditioning classifier"
+        covers = (
+            f"only the {private[0]} was trained with DP-SGD (epsilon {float(spent[private[0]]['epsilon']):.4g}); "
+            f"the {other} was not, so the released generator has no finite guarantee on this data"
+        )
+    label = f"{eps:.4g}" if eps is not None else f"{private[0]} only: {float(spent[private[0]]['epsilon']):.4g}"
+    return {
+        "epsilon": eps,
+        "delta": delta,
+        "classifier": spent["classifier"],
+        "flow": spent["flow"],
+        "covers": covers,
+        "label": label,
+    }

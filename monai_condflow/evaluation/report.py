@@ -398,6 +398,9 @@ def run_evaluation(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    privacy_audit: bool = True,
+    n_bits: int = 8,
+    audit_holdout: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run end to end and write ``report.md`` / ``metrics.json`` into ``output_dir``.
 
@@ -437,6 +440,16 @@ def run_evaluation(
         batch_size: batch size of embedding / sampling / FID feature passes.
         seed: base seed.
         device: device for every network.
+        privacy_audit: run the memorisation and membership-inference audits (R18, R19) on the flow: distance to
+            closest training record of the first synthetic set vs the real test split (pixels and evaluation-
+            classifier embeddings) and the likelihood-threshold attack (training vs test images). They go to the
+            ``privacy`` object of ``metrics.json`` (with ``epsilon`` / ``delta`` when the run used DP-SGD, from
+            :func:`~monai_condflow.engines.stages.privacy_spent`) and to the report's "Privacy" section.
+        n_bits: bit depth of the data (membership-inference bits/dim).
+        audit_holdout: ``[N_train]`` bool mask of the training images the flow stage held back (config id
+            ``audit_holdout`` of ``train_flow.json``). With it, both audits compare the flow's real training images
+            with these non-members of the same distribution; without it, with the real test split (a shift between
+            the splits then also raises the attack AUC).
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -566,6 +579,19 @@ def run_evaluation(
         aug["plot"] = str(plot_augmentation(aug, out / "figures" / "augmentation.png"))
         metrics["augmentation"] = aug
 
+    extra_sections: dict[str, str] = {}
+    if privacy_audit:
+        if audit_holdout is not None and bool(audit_holdout.any()):
+            mask = torch.as_tensor(audit_holdout, dtype=torch.bool).reshape(-1)
+            if mask.numel() != train[0].shape[0]:
+                raise ValueError(f"audit_holdout has {mask.numel()} entries for {train[0].shape[0]} training images.")
+            members, holdout, holdout_name = train[0][~mask], train[0][mask], "held-back training images"
+        else:
+            members, holdout, holdout_name = train[0], test[0], "real test split"
+        metrics["privacy"], extra_sections["Privacy"] = _privacy_audit(
+            out, flow_net, cond_net, eval_net, flow_sets[0][0], members, holdout, holdout_name, n_bits, batch_size
+        )
+
     summary = {
         "image size": "x".join(str(s) for s in train[0].shape[1:]),
         "real train / val / test": f"{train[1].numel()} / {val[1].numel()} / {test[1].numel()}",
@@ -575,5 +601,37 @@ def run_evaluation(
         summary[f"{split} per class"] = ", ".join(f"{names[c]}: {n}" for c, n in enumerate(counts))
     summary["synthetic sets (flow)"] = f"{n_synthetic_sets} x {train[1].numel()} (T = {temperature})"
     summary["non-finite flow samples dropped"] = str(flow_bad)
-    write_report(out, metrics, data_summary=summary, sample_images=samples)
+    write_report(out, metrics, data_summary=summary, sample_images=samples, extra_sections=extra_sections)
     return metrics
+
+
+def _privacy_audit(
+    out: Path,
+    flow: nn.Module,
+    classifier: nn.Module,
+    eval_net: nn.Module,
+    synthetic: torch.Tensor,
+    train: torch.Tensor,
+    holdout: torch.Tensor,
+    holdout_name: str,
+    n_bits: int,
+    batch_size: int,
+) -> tuple[dict[str, Any], str]:
+    """The ``privacy`` block of ``metrics.json`` and the report section (the "## Privacy" heading removed)."""
+    from monai_condflow.engines.stages import privacy_spent
+    from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
+
+    logger.info("privacy audit: DCR and membership inference (%d train vs %d held-out)", len(train), len(holdout))
+    dcr = dcr_audit(synthetic, train, holdout, feature_extractor=eval_net, batch_size=max(batch_size, 256))
+    mia = membership_inference_auc(flow, classifier, train, holdout, n_bits=n_bits, batch_size=batch_size)
+    spent = privacy_spent(out) or {}
+    block = privacy_summary(dcr, mia, epsilon=spent.get("epsilon"), delta=spent.get("delta"),
+                            dp_covers=spent.get("covers"))  # fmt: skip
+    if spent:
+        block["dp_stages"] = {
+            stage: None if spent.get(stage) is None else {k: spent[stage].get(k) for k in ("epsilon", "delta")}
+            for stage in ("classifier", "flow")
+        }
+    block["holdout"] = holdout_name
+    intro = f"Members: the flow's {len(train)} training images; non-members: {len(holdout)} {holdout_name}.\n\n"
+    return block, intro + privacy_section(block).split("\n", 2)[2]  # without its heading: write_report adds one

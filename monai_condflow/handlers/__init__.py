@@ -11,6 +11,7 @@
 """monai_condflow.handlers."""
 
 from .embedding_projector import EmbeddingProjectorHandler
+from .privacy_accountant import PrivacyAccountantHandler
 from .sample_grid import SampleGridHandler
 
-__all__ = ["SampleGridHandler", "EmbeddingProjectorHandler"]
+__all__ = ["SampleGridHandler", "EmbeddingProjectorHandler", "PrivacyAccountantHandler"]

@@ -59,9 +59,12 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.squeeze import contiguous_layout
 
 __all__ = [
     "FLOW_GRAD_SAMPLE_MODE",
+    "check_dp_settings",
+    "log_unused_unlabelled",
     "is_flow",
     "prepare_module",
     "make_private",
@@ -76,6 +79,49 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FLOW_GRAD_SAMPLE_MODE = "no_op"  # Opacus wrapper mode for flows: per-sample gradients come from per_sample_gradients
+
+
+_DP_KEYS = ("target_epsilon", "target_delta", "max_grad_norm", "accountant")
+
+
+def check_dp_settings(dp: Any) -> dict[str, Any]:
+    """Validate the ``dp`` settings of a trainer (bundle ids ``target_epsilon``, ``target_delta``, ...).
+
+    Returns:
+        ``{"target_epsilon", "target_delta", "max_grad_norm" (default 1.0), "accountant" (default "prv")}``.
+
+    Raises:
+        ValueError: a missing or unknown key, or a value out of range; the message names the key.
+    """
+    if not hasattr(dp, "items"):
+        raise ValueError(f"dp settings must be a mapping with target_epsilon and target_delta, got {dp!r}.")
+    unknown = sorted(set(dp) - set(_DP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown DP setting(s) {unknown}; expected keys: {', '.join(_DP_KEYS)}.")
+    out = {"max_grad_norm": 1.0, "accountant": "prv", **dict(dp)}
+    for key in ("target_epsilon", "target_delta", "max_grad_norm"):
+        value = out.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"DP setting '{key}' must be a finite number > 0, got {value!r}.")
+        out[key] = float(value)
+    if out["target_delta"] >= 1:
+        raise ValueError(f"DP setting 'target_delta' must be < 1, got {out['target_delta']}.")
+    if out["accountant"] not in ("prv", "rdp", "gdp"):
+        raise ValueError(f"DP setting 'accountant' must be 'prv', 'rdp' or 'gdp', got {out['accountant']!r}.")
+    return out
+
+
+def log_unused_unlabelled(unlabelled: Any, num_labels: Any = None) -> int:
+    """Log how many unlabelled training images a DP-SGD classifier run leaves out; returns that number.
+
+    DP-SGD trains the classifier on the labelled images only: presumptive labels from label propagation are
+    computed from the class centroids of the labelled private images outside the DP mechanism, so a
+    semi-supervised run would have no finite guarantee (``run_semisupervised`` refuses an Opacus-wrapped network).
+    """
+    n = len(unlabelled) if unlabelled is not None else 0
+    if n:
+        logger.info("DP-SGD classifier: %d unlabelled images are not used (num_labels=%s)", n, num_labels)
+    return n
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -295,7 +341,8 @@ def _vmap_gradients(
         loss = loss_fn(_Functional(inner, call), *(t.unsqueeze(0) for t in example))
         return loss, loss.detach()
 
-    return vmap(grad(_loss, has_aux=True), in_dims=(None, *([0] * len(batch))))(params, *batch)
+    with contiguous_layout():  # vmap cannot copy batched tensors to channels-last
+        return vmap(grad(_loss, has_aux=True), in_dims=(None, *([0] * len(batch))))(params, *batch)
 
 
 class _Functional:

@@ -78,9 +78,22 @@ def test_same_z_writes_png16_nifti_and_manifest(flow, tmp_path):
     manifest = generate(flow, None, _records(), output_dir=tmp_path / "a", model_version="flow-v1", seed=3)
     rows = _manifest(manifest)
     assert [r["index"] for r in rows] == [str(i) for i in range(6)]
-    assert list(rows[0]) == ["index", "file", "nifti_file", "class", "temperature", "seed", "model_version", "mode"]
+    assert list(rows[0]) == [
+        "index",
+        "file",
+        "nifti_file",
+        "class",
+        "temperature",
+        "seed",
+        "model_version",
+        "mode",
+        "dp_epsilon",
+    ]
     assert {r["class"] for r in rows} == {"0", "1"} and rows[1]["file"] == "synthetic_000001_class1.png"
     assert all(r["temperature"] == "0.9" and r["seed"] == "3" and r["model_version"] == "flow-v1" for r in rows)
+    assert all(r["dp_epsilon"] == "none" for r in rows)
+    private = _manifest(generate(flow, None, _records(), output_dir=tmp_path / "p", model_version="v", dp_epsilon=3.5))
+    assert {r["dp_epsilon"] for r in private} == {"3.5"}
     png = Image.open(tmp_path / "a" / rows[0]["file"])
     arr = np.asarray(png)
     assert png.size == (S, S) and png.mode in ("I;16", "I")

@@ -12,13 +12,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer
 
-__all__ = ["Squeeze"]
+__all__ = ["Squeeze", "contiguous_layout"]
+
+
+_LAYOUT = {"channels_last": True}
+
+
+@contextmanager
+def contiguous_layout() -> Iterator[None]:
+    """Inside this context :class:`Squeeze` keeps the default contiguous layout instead of channels-last.
+
+    ``torch.func.vmap`` (per-example gradients for DP-SGD) cannot copy a batched tensor to channels-last; the values
+    computed are the same in both layouts.
+    """
+    previous = _LAYOUT["channels_last"]
+    _LAYOUT["channels_last"] = False
+    try:
+        yield
+    finally:
+        _LAYOUT["channels_last"] = previous
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -28,7 +49,9 @@ def _channels_last(x: Tensor) -> Tensor:
     shapes (see ``docs/performance.md``), and every elementwise op, channel slice and ``torch.cat`` of the flow
     keeps the layout, so converting once per level keeps the whole level channels-last.
     """
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    if x.ndim != 4 or not _LAYOUT["channels_last"]:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class Squeeze(FlowLayer):

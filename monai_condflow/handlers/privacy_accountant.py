@@ -1,0 +1,97 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Ignite handler that reports the privacy spent by a DP-SGD run after every epoch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import optional_import
+
+from monai_condflow.engines.checkpoint import atomic_write_bytes
+
+Events, _ = optional_import("ignite.engine", name="Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", name="Engine")
+
+__all__ = ["PrivacyAccountantHandler"]
+
+logger = logging.getLogger(__name__)
+
+
+class PrivacyAccountantHandler:
+    """Record the epsilon a DP-SGD run has spent, after every epoch and when training ends.
+
+    At each ``EPOCH_COMPLETED`` the handler reads ``privacy_engine.get_epsilon(delta)``, stores it as
+    ``engine.state.epsilon`` (so ``StatsHandler(state_attributes=["epsilon"])`` prints it), logs it, writes it to
+    TensorBoard as ``tag`` and, with ``output_file``, rewrites that JSON file atomically with ``summary_fn()``
+    (e.g. :func:`monai_condflow.privacy.dp.dp_summary`), so a killed run still says what it spent.
+
+    Args:
+        privacy_engine: an Opacus ``PrivacyEngine`` (anything with ``get_epsilon(delta)`` and an ``accountant``
+            whose ``history`` lists the steps taken).
+        delta: the delta at which epsilon is reported.
+        summary_writer: optional TensorBoard ``SummaryWriter``.
+        output_file: optional JSON file for ``summary_fn()``.
+        summary_fn: ``() -> dict`` written to ``output_file``; default ``{"epsilon", "delta", "steps"}``.
+        tag: TensorBoard tag.
+    """
+
+    def __init__(
+        self,
+        privacy_engine: Any,
+        delta: float,
+        summary_writer: Any = None,
+        output_file: str | os.PathLike | None = None,
+        summary_fn: Any = None,
+        tag: str = "privacy/epsilon",
+    ) -> None:
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}.")
+        self.privacy_engine = privacy_engine
+        self.delta = float(delta)
+        self.summary_writer = summary_writer
+        self.output_file = Path(output_file) if output_file is not None else None
+        self.summary_fn = summary_fn
+        self.tag = tag
+
+    def steps(self) -> int:
+        """Noisy steps recorded by the accountant so far."""
+        return sum(int(h[2]) for h in getattr(self.privacy_engine.accountant, "history", []))
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (0.0 before the first step)."""
+        return float(self.privacy_engine.get_epsilon(self.delta)) if self.steps() else 0.0
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``EPOCH_COMPLETED`` and ``COMPLETED`` of ``engine``; sets ``engine.state.epsilon = 0.0``."""
+        engine.state.epsilon = 0.0
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        eps = self.epsilon()
+        engine.state.epsilon = eps
+        logger.info("DP-SGD: epsilon %.4f spent at delta %.3g after %d steps (epoch %d)", eps, self.delta,
+                    self.steps(), engine.state.epoch)  # fmt: skip
+        if self.summary_writer is not None:
+            self.summary_writer.add_scalar(self.tag, eps, engine.state.epoch)
+        if self.output_file is not None:
+            summary = self.summary_fn() if self.summary_fn is not None else {}
+            summary = {"epsilon": eps, "delta": self.delta, "steps": self.steps(), **summary}
+            summary["epoch"] = int(engine.state.epoch)
+            atomic_write_bytes(self.output_file, json.dumps(summary, indent=2, default=str).encode("utf-8"))
