@@ -623,7 +623,11 @@ def _privacy_audit(
 
     logger.info("privacy audit: DCR and membership inference (%d train vs %d held-out)", len(train), len(holdout))
     dcr = dcr_audit(synthetic, train, holdout, feature_extractor=eval_net, batch_size=max(batch_size, 256))
-    mia = membership_inference_auc(flow, classifier, train, holdout, n_bits=n_bits, batch_size=batch_size)
+    mia = None
+    if hasattr(flow, "bits_per_dim"):
+        mia = membership_inference_auc(flow, classifier, train, holdout, n_bits=n_bits, batch_size=batch_size)
+    else:
+        logger.warning("privacy audit: the flow has no bits_per_dim; membership inference skipped")
     spent = privacy_spent(out) or {}
     block = privacy_summary(dcr, mia, epsilon=spent.get("epsilon"), delta=spent.get("delta"),
                             dp_covers=spent.get("covers"))  # fmt: skip

@@ -245,3 +245,29 @@ def test_multi_gpu_overlays_run_under_torchrun(dataset, trained_run, tmp_path):
     flow = _torchrun(["train_flow.json", "multi_gpu_train_flow.json"], {**common, **TINY_FLOW})
     assert flow.returncode == 0, flow.stderr[-3000:]
     assert (out / "flow" / "model.pt").is_file()
+
+
+def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
+    """train_classifier_dp.json + train_flow_dp.json -> generate -> evaluate: the epsilons add up in metrics.json."""
+    out = tmp_path / "dp"
+    common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out), "max_epochs": 2}
+    _run(["train_classifier.json", "train_classifier_dp.json"], **common, target_epsilon=2.0, target_delta=1e-4)
+    cls = json.loads((out / "classifier" / "classifier.json").read_text())
+    assert cls["norm"] == "group" and cls["selected"] == "last epoch (DP-SGD)"
+    assert 1.5 < cls["dp"]["epsilon"] <= 2.0 * 1.01 and cls["dp"]["steps"] > 0
+    assert (out / "classifier" / "model.pt").is_file()
+    _run(["train_flow.json", "train_flow_dp.json"], **common, **TINY_FLOW, target_epsilon=3.0, target_delta=1e-4,
+         audit_holdout=0.2)  # fmt: skip
+    flow = json.loads((out / "flow" / "flow.json").read_text())
+    assert 2.0 < flow["dp"]["epsilon"] <= 3.0 * 1.01 and flow["selected"] == "last epoch"
+    assert not list((out / "flow").glob("best_*.pt"))  # no epoch chosen on (private) validation data
+    assert (out / "flow" / "audit_holdout.json").is_file()
+    _run(["generate.json"], **common, formats=["png"])
+    rows = (out / "synthetic" / "manifest.csv").read_text().splitlines()
+    eps_total = cls["dp"]["epsilon"] + flow["dp"]["epsilon"]
+    assert rows[0].endswith(",dp_epsilon") and rows[1].endswith(f",{eps_total:.4g}")
+    _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["epsilon"] == pytest.approx(eps_total) and privacy["delta"] == pytest.approx(2e-4)
+    assert privacy["holdout"] == "held-back training images" and 0.0 <= privacy["mia_auc"] <= 1.0
+    assert "## Privacy" in (out / "report.md").read_text()

@@ -95,6 +95,17 @@ class _FlowStandIn(nn.Module):
         return x
 
 
+class _MemorisingFlow(_FlowStandIn):
+    """Bits/dim = distance to the nearest of its training images: every member scores 0, every non-member more."""
+
+    def __init__(self, members: torch.Tensor) -> None:
+        super().__init__()
+        self.members = members.flatten(1)
+
+    def bits_per_dim(self, x, condition=None, n_bits=8):
+        return torch.cdist(x.flatten(1), self.members).min(1).values + n_bits
+
+
 class _GanStandIn(nn.Module):
     def sample(self, labels, generator=None):
         return (
@@ -137,3 +148,49 @@ def test_run_evaluation_end_to_end(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "grid_flow_COVID.png" in text and "augmentation.png" in text
     assert (tmp_path / "figures" / "augmentation.png").is_file()
+
+
+@pytest.mark.parametrize("held_back", [False, True])
+def test_run_evaluation_privacy_block(tmp_path, held_back):
+    train = _data(40, 12, 0)
+    mask = torch.zeros(52, dtype=torch.bool)
+    mask[::4] = True  # 13 held-back images
+    members = train[0][~mask] if held_back else train[0]
+    metrics = run_evaluation(
+        tmp_path,
+        train,
+        _data(20, 10, 1),
+        _data(20, 10, 2),
+        classifier=_Centroid(),
+        flow=_MemorisingFlow(members),
+        eval_network_factory=_Centroid,
+        fit_fn=_fit,
+        n_synthetic_sets=1,
+        n_bootstrap=5,
+        batch_size=16,
+        audit_holdout=mask if held_back else None,
+    )
+    block = json.loads((tmp_path / "metrics.json").read_text())["privacy"]
+    assert block["epsilon"] is None and block["delta"] is None  # no DP stage info in this run folder
+    assert block["mia_auc"] == 1.0  # the memorising flow gives every member a lower bits/dim than any non-member
+    assert block["mia"]["n_train"] == (39 if held_back else 52)
+    assert block["mia"]["n_holdout"] == (13 if held_back else 30)
+    assert block["holdout"] == ("held-back training images" if held_back else "real test split")
+    assert set(block["dcr"]) == {"pixel", "embedding"} and block["dcr"]["pixel"]["n_synthetic"] > 0
+    assert metrics["privacy"]["mia_auc"] == 1.0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Privacy" in text and "AUC = 1.000" in text
+    with pytest.raises(ValueError, match="audit_holdout has 3 entries"):
+        run_evaluation(
+            tmp_path / "bad",
+            train,
+            _data(20, 10, 1),
+            _data(20, 10, 2),
+            classifier=_Centroid(),
+            flow=_MemorisingFlow(members),
+            eval_network_factory=_Centroid,
+            fit_fn=_fit,
+            n_synthetic_sets=1,
+            n_bootstrap=5,
+            audit_holdout=torch.ones(3, dtype=torch.bool),
+        )

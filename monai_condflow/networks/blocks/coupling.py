@@ -26,6 +26,28 @@ __all__ = ["ConditionalCouplingNet", "ConditionalAffineCoupling", "ConditionalFl
 DEFAULT_ACT: tuple = ("elu", {"inplace": True})
 
 
+def _bound_scale(num_first: int, first: float, num_second: int, second: float, spatial_dims: int) -> Tensor:
+    """``[1, num_first + num_second, 1, ...]``: ``first`` for the first channels, ``second`` for the rest."""
+    scale = torch.cat([torch.full((num_first,), first), torch.full((num_second,), second)])
+    return scale.view(1, -1, *([1] * spatial_dims))
+
+
+def _soft_bound(raw: Tensor, bound: Tensor) -> Tensor:
+    """``bound * tanh(raw / bound)`` per channel, in one pass per op over the whole network output.
+
+    ``raw`` must be a fresh tensor that nothing else holds (a conv output): it is divided in place (neither the
+    conv's backward nor the division's needs it). Bit-identical to bounding each channel group on its own; without
+    autograd every op runs in place.
+    """
+    raw = raw.div_(bound).tanh_()
+    return raw.mul_(bound) if not (torch.is_grad_enabled() and raw.requires_grad) else raw * bound
+
+
+def _sum_per_sample(t: Tensor) -> Tensor:
+    """``t.flatten(1).sum(1)`` without the copy ``flatten`` makes of a channel slice of a channels-last tensor."""
+    return t.sum(dim=tuple(range(1, t.ndim)))
+
+
 def _check_condition(condition: Tensor | None, batch: int, condition_dim: int, owner: str) -> None:
     if condition is None:
         raise ValueError(f"{owner} was built with condition_dim={condition_dim} but got condition=None.")
@@ -142,11 +164,14 @@ class ConditionalAffineCoupling(FlowLayer):
         self.net = ConditionalCouplingNet(
             spatial_dims, self.num_pass, 2 * self.num_transformed, condition_dim, hidden_channels, act
         )
+        # per output channel of the network: a for the log-scale half, b for the shift half
+        bound = _bound_scale(self.num_transformed, self.scale_bound, self.num_transformed, self.shift_bound,
+                             spatial_dims)  # fmt: skip
+        self.register_buffer("_bound", bound, persistent=False)
 
     def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        raw_scale, shift = self.net(x_a, condition).chunk(2, dim=1)
-        a, b = self.scale_bound, self.shift_bound
-        return a * torch.tanh(raw_scale / a), b * torch.tanh(shift / b)
+        """``(a tanh(r / a), b tanh(u / b))`` with ``(r, u)`` the two halves of the network output."""
+        return _soft_bound(self.net(x_a, condition), self._bound).chunk(2, dim=1)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Args:
@@ -156,17 +181,18 @@ class ConditionalAffineCoupling(FlowLayer):
         Returns:
             ``(y [B, C, *spatial], logdet [B])``.
         """
-        x_a, x_b = x[:, : self.num_pass], x[:, self.num_pass :]
+        # split (not two slices): its backward concatenates the gradients in their own (channels-last) layout
+        x_a, x_b = x.split([self.num_pass, self.num_transformed], dim=1)
         log_s, shift = self._scale_shift(x_a, condition)
         y_b = torch.addcmul(shift, x_b, log_s.exp())
-        return torch.cat([x_a, y_b], dim=1), log_s.flatten(1).sum(1)
+        return torch.cat([x_a, y_b], dim=1), _sum_per_sample(log_s)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x_b = (y_b - t) e^{-log s}``; returns ``(x, -logdet)``."""
-        y_a, y_b = y[:, : self.num_pass], y[:, self.num_pass :]
+        y_a, y_b = y.split([self.num_pass, self.num_transformed], dim=1)
         log_s, shift = self._scale_shift(y_a, condition)
         x_b = (y_b - shift) * torch.exp(-log_s)
-        return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
+        return torch.cat([y_a, x_b], dim=1), -_sum_per_sample(log_s)
 
 
 class ConditionalFlowStep(FlowSequential):

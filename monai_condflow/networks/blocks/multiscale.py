@@ -32,7 +32,10 @@ from monai_condflow.networks.blocks.coupling import (
     DEFAULT_ACT,
     ConditionalCouplingNet,
     ConditionalFlowStep,
+    _bound_scale,
     _check_condition,
+    _soft_bound,
+    _sum_per_sample,
 )
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
 
@@ -83,24 +86,26 @@ class FineGrainedSplit(FlowLayer):
         self.net = ConditionalCouplingNet(
             spatial_dims, self.keep_channels, 2 * out_channels, condition_dim, hidden_channels, act
         )
+        # per output channel of the network: b for the mean half, a for the log-std half
+        bound = _bound_scale(out_channels, self.shift_bound, out_channels, self.scale_bound, spatial_dims)
+        self.register_buffer("_bound", bound, persistent=False)
 
     def _prior(self, x_keep: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        mean, raw = self.net(x_keep, condition).chunk(2, dim=1)
-        a, b = self.scale_bound, self.shift_bound
-        return b * torch.tanh(mean / b), a * torch.tanh(raw / a)
+        """``(b tanh(m / b), a tanh(r / a))`` with ``(m, r)`` the two halves of the network output."""
+        return _soft_bound(self.net(x_keep, condition), self._bound).chunk(2, dim=1)
 
     def factor_out(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Split ``x`` ``[B, in_channels, *S]`` into ``(x_keep [B, keep, *S], eps [B, out, *S], logdet [B])``."""
-        x_keep, x_out = x[:, : self.keep_channels], x[:, self.keep_channels :]
+        x_keep, x_out = x.split([self.keep_channels, self.out_channels], dim=1)
         mean, log_std = self._prior(x_keep, condition)
         eps = (x_out - mean) * torch.exp(-log_std)
-        return x_keep, eps, -log_std.flatten(1).sum(1)
+        return x_keep, eps, -_sum_per_sample(log_std)
 
     def restore(self, x_keep: Tensor, eps: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Inverse of :meth:`factor_out`: returns ``(x [B, in_channels, *S], log|det dx/d(x_keep, eps)| [B])``."""
         mean, log_std = self._prior(x_keep, condition)
         x_out = torch.addcmul(mean, eps, log_std.exp())
-        return torch.cat([x_keep, x_out], dim=1), log_std.flatten(1).sum(1)
+        return torch.cat([x_keep, x_out], dim=1), _sum_per_sample(log_std)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(cat([x_keep, eps]), logdet [B])`` with the shape of ``x``."""
@@ -109,7 +114,7 @@ class FineGrainedSplit(FlowLayer):
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Inverse of :meth:`forward`."""
-        return self.restore(y[:, : self.keep_channels], y[:, self.keep_channels :], condition)
+        return self.restore(*y.split([self.keep_channels, self.out_channels], dim=1), condition)
 
 
 class ConditionalTopPrior(FlowLayer):
