@@ -94,9 +94,5 @@ class ActNorm(FlowLayer):
         return torch.addcmul(self.bias, x, self.log_scale.exp()), self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x = (y - bias) * exp(-log_scale)``; returns ``(x, -logdet)``.
-
-        Computed as ``y * s + (-bias * s)`` with ``s = exp(-log_scale)``: one pass over ``y`` instead of two.
-        """
-        inv_scale = torch.exp(-self.log_scale)
-        return torch.addcmul(-self.bias * inv_scale, y, inv_scale), -self._logdet(y)
+        """``x = (y - bias) * exp(-log_scale)``; returns ``(x, -logdet)``."""
+        return (y - self.bias) * torch.exp(-self.log_scale), -self._logdet(y)

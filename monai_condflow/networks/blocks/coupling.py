@@ -43,9 +43,15 @@ def _soft_bound(raw: Tensor, bound: Tensor) -> Tensor:
     return raw.mul_(bound) if not (torch.is_grad_enabled() and raw.requires_grad) else raw * bound
 
 
-def _sum_per_sample(t: Tensor) -> Tensor:
-    """``t.flatten(1).sum(1)`` without the copy ``flatten`` makes of a channel slice of a channels-last tensor."""
-    return t.sum(dim=tuple(range(1, t.ndim)))
+def _exp(t: Tensor) -> Tensor:
+    """``exp(t)``; a channel slice of a channels-last tensor is first copied to a dense tensor.
+
+    On such a slice (2-16 contiguous elements, then a jump) the elementwise kernels fall back to their scalar loop,
+    which for ``exp`` is ~10x slower than the copy plus the vectorised ``exp`` (measured on ``[32, 2, 32, 32]``).
+    """
+    if t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t.exp()
+    return t.clone(memory_format=torch.preserve_format).exp_()
 
 
 def _check_condition(condition: Tensor | None, batch: int, condition_dim: int, owner: str) -> None:
@@ -184,15 +190,15 @@ class ConditionalAffineCoupling(FlowLayer):
         # split (not two slices): its backward concatenates the gradients in their own (channels-last) layout
         x_a, x_b = x.split([self.num_pass, self.num_transformed], dim=1)
         log_s, shift = self._scale_shift(x_a, condition)
-        y_b = torch.addcmul(shift, x_b, log_s.exp())
-        return torch.cat([x_a, y_b], dim=1), _sum_per_sample(log_s)
+        y_b = torch.addcmul(shift, x_b, _exp(log_s))
+        return torch.cat([x_a, y_b], dim=1), log_s.flatten(1).sum(1)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x_b = (y_b - t) e^{-log s}``; returns ``(x, -logdet)``."""
         y_a, y_b = y.split([self.num_pass, self.num_transformed], dim=1)
         log_s, shift = self._scale_shift(y_a, condition)
         x_b = (y_b - shift) * torch.exp(-log_s)
-        return torch.cat([y_a, x_b], dim=1), -_sum_per_sample(log_s)
+        return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
 
 
 class ConditionalFlowStep(FlowSequential):

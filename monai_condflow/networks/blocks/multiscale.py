@@ -34,8 +34,8 @@ from monai_condflow.networks.blocks.coupling import (
     ConditionalFlowStep,
     _bound_scale,
     _check_condition,
+    _exp,
     _soft_bound,
-    _sum_per_sample,
 )
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
 
@@ -99,13 +99,13 @@ class FineGrainedSplit(FlowLayer):
         x_keep, x_out = x.split([self.keep_channels, self.out_channels], dim=1)
         mean, log_std = self._prior(x_keep, condition)
         eps = (x_out - mean) * torch.exp(-log_std)
-        return x_keep, eps, -_sum_per_sample(log_std)
+        return x_keep, eps, -log_std.flatten(1).sum(1)
 
     def restore(self, x_keep: Tensor, eps: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Inverse of :meth:`factor_out`: returns ``(x [B, in_channels, *S], log|det dx/d(x_keep, eps)| [B])``."""
         mean, log_std = self._prior(x_keep, condition)
-        x_out = torch.addcmul(mean, eps, log_std.exp())
-        return torch.cat([x_keep, x_out], dim=1), _sum_per_sample(log_std)
+        x_out = torch.addcmul(mean, eps, _exp(log_std))
+        return torch.cat([x_keep, x_out], dim=1), log_std.flatten(1).sum(1)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns ``(cat([x_keep, eps]), logdet [B])`` with the shape of ``x``."""

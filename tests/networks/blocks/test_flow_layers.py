@@ -258,3 +258,61 @@ def test_invconv_cache_invalidated_by_load_state_dict_and_dtype():
         a.double()
         x64 = x.double()
         torch.testing.assert_close(a.inverse(a(x64)[0])[0], x64, atol=1e-12, rtol=0)
+
+
+def _reference_bound(raw: torch.Tensor, first: float, second: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-half formula the fused bound replaces: ``(first tanh(r / first), second tanh(u / second))``."""
+    r, u = raw.chunk(2, dim=1)
+    return first * torch.tanh(r / first), second * torch.tanh(u / second)
+
+
+@pytest.mark.parametrize("kind", ["coupling", "split"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_soft_bound_is_bit_identical_to_per_half_formula(kind, grad):
+    torch.manual_seed(0)
+    if kind == "coupling":
+        layer = perturb(ConditionalAffineCoupling(2, 5, COND, 8, scale_bound=2.0, shift_bound=5.0), 0.5)
+        x_in, first, second, fused = torch.randn(3, 2, 6, 6), 2.0, 5.0, layer._scale_shift
+    else:
+        layer = perturb(FineGrainedSplit(2, 5, 2, COND, 8, scale_bound=2.0, shift_bound=5.0), 0.5)
+        x_in, first, second, fused = torch.randn(3, 3, 6, 6), 5.0, 2.0, layer._prior
+    x_in = (x_in * 3).contiguous(memory_format=torch.channels_last)
+    cond = torch.randn(3, COND)
+    with torch.set_grad_enabled(grad):
+        got = fused(x_in, cond)
+        expected = _reference_bound(layer.net(x_in, cond), first, second)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    if grad:  # same gradients through the in-place division / tanh
+        w = layer.net.conv_out.weight
+        g_got = torch.autograd.grad(sum((t * t.detach().sin()).sum() for t in got), w)[0]
+        g_exp = torch.autograd.grad(sum((t * t.detach().sin()).sum() for t in expected), w)[0]
+        torch.testing.assert_close(g_got, g_exp, atol=1e-6, rtol=1e-6)
+    assert "_bound" not in layer.state_dict()  # a non-persistent buffer: checkpoints are unchanged
+
+
+def test_exp_of_channels_last_slice_is_exact_and_differentiable():
+    from monai_condflow.networks.blocks.coupling import _exp
+
+    base = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    part = base[:, 1:3]  # a strided slice: copied to a dense tensor first
+    out = _exp(part)
+    torch.testing.assert_close(out, part.exp(), atol=0, rtol=0)
+    out.sum().backward()
+    expected = torch.zeros_like(base)
+    expected[:, 1:3] = part.detach().exp()
+    torch.testing.assert_close(base.grad, expected, atol=0, rtol=0)
+    dense = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(_exp(dense), dense.exp(), atol=0, rtol=0)
+
+
+def test_coupling_keeps_channels_last_gradients():
+    layer = perturb(ConditionalAffineCoupling(2, 4, COND, 8), 0.3)
+    leaf = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = leaf * 1.0  # a non-leaf: the hook sees the gradient as the coupling's backward produced it
+    grads = []
+    x.register_hook(grads.append)
+    y, logdet = layer(x, torch.randn(2, COND))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (y.square().sum() + logdet.sum()).backward()
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
