@@ -108,8 +108,10 @@ def default_stages(
     flow_files, flow_overrides = ["train_flow.json"], dict(budget.get("flow") or {})
     name = "classifier (semi-supervised)" if semi else "classifier"
     if dp_epsilon is not None:
-        if not dp_epsilon > 0 or not 0 < dp_delta < 1:
-            raise ValueError(f"dp_epsilon must be > 0 and dp_delta in (0, 1), got {dp_epsilon} and {dp_delta}.")
+        if not (0 < dp_epsilon < float("inf")) or not 0 < dp_delta < 1:
+            raise ValueError(
+                f"dp_epsilon must be a finite number > 0 and dp_delta in (0, 1), got {dp_epsilon} and {dp_delta}."
+            )
         half = {"target_epsilon": dp_epsilon / 2, "target_delta": dp_delta / 2}
         classifier_files = ["train_classifier.json", "train_classifier_dp.json"]
         classifier_overrides = {k: v for k, v in classifier_overrides.items() if k in ("max_epochs",)} | half

@@ -13,12 +13,24 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from monai_condflow.pipeline import CPU_BUDGET, Stage, _parse_num_labels, default_stages, main, run_pipeline
+import monai_condflow.pipeline as pipeline
+from monai_condflow.pipeline import (
+    BUNDLE_ROOT,
+    CPU_BUDGET,
+    Stage,
+    _parse_num_labels,
+    default_stages,
+    main,
+    parse_stage_overrides,
+    run_pipeline,
+)
 
 
 def _dataset(root: Path) -> Path:
@@ -86,3 +98,116 @@ def test_stages_run_in_order_and_a_failure_names_the_stage(tmp_path: Path):
     assert list(times) == ["first"] and marker.read_text() == str((tmp_path / "out").resolve())
     with pytest.raises(RuntimeError, match="stage 'second' failed"):
         run_pipeline(data, tmp_path / "out", stages=[Stage("second", ["bad.json"])], bundle_root=bundle)
+
+
+def test_default_stages_with_the_acgan_baseline():
+    stages = default_stages(50, baseline=True)
+    assert [s.name for s in stages] == [
+        "classifier (semi-supervised)",
+        "flow",
+        "generation",
+        "baseline (ACGAN)",
+        "evaluation",
+    ]
+    assert stages[3].config_files == ["train_acgan.json"] and stages[3].overrides == CPU_BUDGET["acgan"]
+    assert [s.name for s in default_stages(50, baseline=False)] == [
+        "classifier (semi-supervised)",
+        "flow",
+        "generation",
+        "evaluation",
+    ]
+
+
+@pytest.mark.parametrize("num_labels", ["all", 50])
+def test_default_stages_with_dp_split_the_budget_in_half(num_labels):
+    before = copy.deepcopy(CPU_BUDGET)
+    stages = default_stages(num_labels, dp_epsilon=4.0, dp_delta=1e-5)
+    clf, flow = stages[0], stages[1]
+    # the DP classifier trains on the labelled images only: no semi-supervised overlay even with 50 labels
+    assert clf.config_files == ["train_classifier.json", "train_classifier_dp.json"]
+    assert flow.config_files == ["train_flow.json", "train_flow_dp.json"]
+    assert clf.overrides == {"max_epochs": 30, "target_epsilon": 2.0, "target_delta": 5e-6}  # rounds dropped
+    assert flow.overrides == {"max_epochs": 45, "sample_every": 5, "target_epsilon": 2.0, "target_delta": 5e-6}
+    assert clf.name == "classifier (DP-SGD, epsilon 2)" and flow.name == "flow (DP-SGD, epsilon 2)"
+    assert [s.name for s in stages[2:]] == ["generation", "evaluation"]
+    assert CPU_BUDGET == before  # the shared budget is not modified
+
+
+def test_every_default_stage_config_file_exists():
+    for stages in (default_stages(50, baseline=True), default_stages("all", dp_epsilon=1.0)):
+        for stage in stages:
+            for name in stage.config_files:
+                assert (BUNDLE_ROOT / "configs" / name).is_file(), name
+
+
+@pytest.mark.parametrize("eps, delta", [(0.0, 1e-5), (-1.0, 1e-5), (math.nan, 1e-5), (4.0, 0.0), (4.0, 1.0)])
+def test_default_stages_bad_dp_budget(eps, delta):
+    with pytest.raises(ValueError, match="dp_epsilon must be a finite number > 0 and dp_delta in"):
+        default_stages("all", dp_epsilon=eps, dp_delta=delta)
+
+
+def test_parse_stage_overrides_values_and_copy():
+    before = copy.deepcopy(CPU_BUDGET)
+    out = parse_stage_overrides(
+        ["evaluation.max_epochs=30", "flow.flow_preset=paper", "flow.audit_holdout=0.2", "generation.flag=true",
+         "flow.sizes=[1, 2]", "classifier.note=a=b", "acgan.lr=1e-4"],
+        CPU_BUDGET,
+    )  # fmt: skip
+    assert out["evaluation"] == {**CPU_BUDGET["evaluation"], "max_epochs": 30}
+    assert out["flow"] == {**CPU_BUDGET["flow"], "flow_preset": "paper", "audit_holdout": 0.2, "sizes": [1, 2]}
+    assert out["generation"] == {"flag": True}
+    assert out["classifier"]["note"] == "a=b"  # not JSON: kept as the string after the first '='
+    assert out["acgan"] == {"max_epochs": 40, "lr": 1e-4}
+    assert CPU_BUDGET == before and out["flow"] is not CPU_BUDGET["flow"]
+    assert parse_stage_overrides(["acgan.max_epochs=2"], {}) == {"acgan": {"max_epochs": 2}}
+    assert parse_stage_overrides([], {"flow": {"a": 1}}) == {"flow": {"a": 1}}
+
+
+def test_parse_stage_overrides_errors():
+    with pytest.raises(
+        ValueError, match="unknown stage 'bogus'.*stages: classifier, flow, generation, acgan, evaluation"
+    ):
+        parse_stage_overrides(["bogus.x=1"], CPU_BUDGET)
+    for item in ("flowmax_epochs=3", "flow.max_epochs", "flow.=3"):
+        with pytest.raises(ValueError, match="expected STAGE.ID=VALUE"):
+            parse_stage_overrides([item], CPU_BUDGET)
+
+
+def test_main_refuses_bad_stage_overrides_and_dp_settings(tmp_path: Path, capsys):
+    for argv in (["--stage-set", "bogus.x=1"], ["--dp-epsilon", "-1"], ["--stage-set", "flow.nodot"]):
+        with pytest.raises(SystemExit) as info:
+            main([str(tmp_path), "--output-dir", str(tmp_path / "o"), *argv])
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'bogus'" in err and "dp_epsilon must be a finite number > 0" in err and "STAGE.ID=VALUE" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_main_passes_dp_baseline_and_audit_holdout_to_the_stages(tmp_path: Path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run_pipeline(dataset_dir, output_dir, num_labels, overrides, stages, num_images, seed):
+        calls.append((num_labels, overrides, stages, seed))
+        return {s.name: 1.0 for s in stages}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run_pipeline)
+    argv = [str(tmp_path), "--output-dir", str(tmp_path / "o"), "--num-labels", "all", "--seed", "3", "--baseline",
+            "--dp-epsilon", "6", "--audit-holdout", "0.2", "--set", "flow_preset=paper"]  # fmt: skip
+    assert main(argv) == 0
+    [(num_labels, overrides, stages, seed)] = calls
+    assert num_labels == "all" and seed == 3 and overrides == {"seed": 3, "flow_preset": "paper"}
+    assert [s.name for s in stages] == [
+        "classifier (DP-SGD, epsilon 3)",
+        "flow (DP-SGD, epsilon 3)",
+        "generation",
+        "baseline (ACGAN)",
+        "evaluation",
+    ]
+    assert stages[1].overrides["audit_holdout"] == 0.2 and stages[1].overrides["target_epsilon"] == 3.0
+    assert "audit_holdout" not in stages[0].overrides
+    assert "total 5 s" in capsys.readouterr().out
+
+
+def test_default_stages_refuses_an_infinite_dp_epsilon():
+    with pytest.raises(ValueError, match="dp_epsilon"):
+        default_stages("all", dp_epsilon=math.inf)

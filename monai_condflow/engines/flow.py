@@ -279,6 +279,30 @@ class FlowTrainer(SupervisedTrainer):
         return engine.state.output
 
 
+class _DPPlan:
+    """What the DP noise was calibrated for (saved in the ``latest`` checkpoints as ``dp_plan``).
+
+    A resumed DP run must keep the plan: Opacus derives the noise multiplier from the target and the planned epochs
+    alone, so resuming with a larger ``max_epochs`` (or another target) would spend more than the target.
+    """
+
+    def __init__(self, **plan: Any) -> None:
+        self.plan = dict(plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.plan)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        changed = {k: (state.get(k), v) for k, v in self.plan.items() if state.get(k) != v}
+        if changed:
+            detail = ", ".join(f"'{k}' was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume this DP-SGD run with different settings ({detail}): the noise was calibrated for the "
+                "original plan, so the target would not hold. Resume with the original values or train in a new "
+                "output folder."
+            )
+
+
 def warmup_exponential_lambda(epoch_length: int, warmup_epochs: int, gamma: float) -> Callable[[int], float]:
     """
     Learning-rate factor per iteration for ``LambdaLR``: linear warm-up over ``warmup_epochs`` epochs
@@ -397,7 +421,8 @@ def create_flow_trainer(
             ``max_grad_norm`` (per-example clipping norm, default 1.0), ``accountant`` (default ``"prv"``). The flow
             keeps the identity ActNorm / PixelNorm initialisation (no data-dependent init), the loader becomes a
             Poisson loader, the noise follows from the target over ``max_epochs``, the accountant's state is saved
-            in the ``latest`` checkpoints (a resumed run continues the accounting), ``flow/privacy.json`` and the
+            in the ``latest`` checkpoints (a resumed run continues the accounting; resuming with another
+            ``max_epochs`` or target is refused), ``output_dir/privacy.json`` and the
             TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no ``best`` checkpoint is selected on
             validation data (the last epoch is the model). One process only.
 
@@ -607,8 +632,12 @@ def create_flow_trainer(
     }
     if best_handler is not None:
         to_save["best_checkpoint"] = best_handler
+    dp_plan = None
     if dp_engine is not None:
+        dp_plan = _DPPlan(max_epochs=max_epochs, **{k: dp[k] for k in ("target_epsilon", "target_delta",
+                                                                      "max_grad_norm", "accountant")})  # fmt: skip
         to_save["privacy_accountant"] = dp_engine.accountant
+        to_save["dp_plan"] = dp_plan
     latest_handler = create_checkpoint_handler(
         to_save,
         output_dir,
@@ -637,6 +666,9 @@ def create_flow_trainer(
                     f"cannot resume DP-SGD training from {resume_path}: the checkpoint has no privacy accountant "
                     "state (it comes from a non-private run); use a new output folder."
                 )
+            if "dp_plan" not in checkpoint:
+                raise ValueError(f"cannot resume DP-SGD training from {resume_path}: the checkpoint has no DP plan.")
+            dp_plan.load_state_dict(checkpoint["dp_plan"])  # first: refuses a changed plan before anything loads
             objects["privacy_accountant"] = dp_engine.accountant
         Checkpoint.load_objects(objects, checkpoint)
         saved = checkpoint["trainer"]

@@ -94,6 +94,10 @@ def _pct(v: Any, std: Any = None) -> str:
     return f"{100 * v:.2f}" + (f" ± {100 * std:.2f}" if isinstance(std, (int, float)) else "")
 
 
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
 def _markdown(summary: Mapping[str, Any], times: Mapping[str, float]) -> str:
     lines = [
         "# Label-scarcity sweep",
@@ -112,7 +116,7 @@ def _markdown(summary: Mapping[str, Any], times: Mapping[str, float]) -> str:
             f"{f'{pres:.3f}' if isinstance(pres, (int, float)) else '-'} | "
             f"{_pct(r['trtr_accuracy'], r['trtr_accuracy_std'])} | "
             f"{_pct(r['tstr_accuracy'], r['tstr_accuracy_std'])} | "
-            f"{_pct(r['tstr_f1'])} | {r['fid']:.4g} | {f'{rel:.3f}' if rel is not None else '-'} | "
+            f"{_pct(r['tstr_f1'])} | {_num(r['fid'])} | {f'{rel:.3f}' if rel is not None else '-'} | "
             f"{times.get(r['level'], float('nan')):.0f} |"
         )
     lines += ["", "![label sweep](figures/label_sweep.png)", ""]

@@ -92,6 +92,7 @@ class PrivacyAccountantHandler:
             self.summary_writer.add_scalar(self.tag, eps, engine.state.epoch)
         if self.output_file is not None:
             summary = self.summary_fn() if self.summary_fn is not None else {}
-            summary = {"epsilon": eps, "delta": self.delta, "steps": self.steps(), **summary}
+            own = {"epsilon": eps, "delta": self.delta, "steps": self.steps()}  # these win over summary_fn's keys
+            summary = {**own, **{k: v for k, v in summary.items() if k not in own}}
             summary["epoch"] = int(engine.state.epoch)
             atomic_write_bytes(self.output_file, json.dumps(summary, indent=2, default=str).encode("utf-8"))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -22,10 +23,13 @@ import torch
 
 from monai_condflow.engines.config_checks import ConfigValueError, check_common, check_preset, check_temperature
 from monai_condflow.engines.stage_io import (
+    AUDIT_HOLDOUT,
+    audit_holdout_mask,
     latest_checkpoint,
     load_weights,
     read_stage_info,
     require_file,
+    split_audit_holdout,
     write_json_atomic,
     write_stage_info,
 )
@@ -115,3 +119,55 @@ def test_temperature_and_preset():
     assert check_preset("small", ("small", "paper"), "flow_preset") == "small"
     with pytest.raises(ConfigValueError, match="'flow_preset'.*'huge'"):
         check_preset("huge", ("small", "paper"), "flow_preset")
+
+
+def _holdout_records() -> list[dict]:
+    """16 records of 8 patients (2 images each); patients alternate between class 0 and class 1."""
+    return [
+        {"image": f"/d/img{i}.png", "label": (i // 2) % 2, "patient_id": f"p{i // 2}", "source": f"train.txt:{i + 1}"}
+        for i in range(16)
+    ]
+
+
+def test_audit_holdout_fraction_zero_keeps_everything_and_removes_a_stale_list(tmp_path: Path):
+    records = _holdout_records()
+    stale = tmp_path / AUDIT_HOLDOUT
+    stale.write_text('{"sources": ["train.txt:1"]}')
+    kept = split_audit_holdout(records, 0, directory=tmp_path)
+    assert kept == records and kept is not records
+    assert not stale.exists()
+    assert audit_holdout_mask(tmp_path.parent / "nothing", records) is None  # no list: no mask
+    assert split_audit_holdout(records, 0.0) == records  # no directory: nothing to remove
+
+
+def test_audit_holdout_split_is_patient_disjoint_stratified_and_listed(tmp_path: Path):
+    records = _holdout_records()
+    folder = tmp_path / "flow"
+    members = split_audit_holdout(records, 0.25, seed=0, directory=folder)
+    held = [r for r in records if r not in members]
+    assert len(members) + len(held) == 16 and len(held) == 4
+    assert not {r["patient_id"] for r in members} & {r["patient_id"] for r in held}
+    assert {r["label"] for r in held} == {0, 1}
+    listing = json.loads((folder / AUDIT_HOLDOUT).read_text())
+    assert listing == {"fraction": 0.25, "seed": 0, "sources": [r["source"] for r in held]}
+    mask = audit_holdout_mask(tmp_path, records)
+    assert mask.dtype == torch.bool and mask.shape == (16,)
+    assert [records[i]["source"] for i in mask.nonzero().flatten().tolist()] == listing["sources"]
+    # the same seed gives the same split
+    assert split_audit_holdout(records, 0.25, seed=0) == members
+
+
+def test_audit_holdout_mask_refuses_a_different_training_list(tmp_path: Path):
+    records = _holdout_records()
+    split_audit_holdout(records, 0.25, seed=0, directory=tmp_path / "flow")
+    held = json.loads((tmp_path / "flow" / AUDIT_HOLDOUT).read_text())["sources"]
+    fewer = [r for r in records if r["source"] != held[0]]
+    with pytest.raises(ValueError, match="lists 4 held-back images but 3 of them are in the training records"):
+        audit_holdout_mask(tmp_path, fewer)
+
+
+@pytest.mark.parametrize("fraction", [0.7, -0.1, True, 0.51, "0.2", None])
+def test_audit_holdout_bad_fraction_names_the_config_id(tmp_path: Path, fraction):
+    with pytest.raises(ValueError, match="config id 'audit_holdout' must be a fraction in"):
+        split_audit_holdout(_holdout_records(), fraction, directory=tmp_path)
+    assert not (tmp_path / AUDIT_HOLDOUT).exists()
