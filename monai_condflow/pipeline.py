@@ -35,6 +35,7 @@ __all__ = [
     "CPU_BUDGET",
     "STAGE_KEYS",
     "Stage",
+    "cli_value",
     "default_stages",
     "parse_stage_overrides",
     "run_pipeline",
@@ -65,8 +66,21 @@ class Stage:
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
         for key, value in {**self.overrides, **common}.items():
-            cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+            cmd += [f"--{key}", cli_value(value)]
         return cmd
+
+
+def cli_value(value: object) -> str:
+    """``value`` as ``monai.bundle``'s command line (python-fire) reads it back.
+
+    Fire evaluates Python literals, so booleans and ``None`` must be spelled ``True`` / ``False`` / ``None``:
+    JSON's ``false`` would arrive as the (truthy) string ``"false"``. Strings pass through unchanged.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float, list, tuple, dict)) or value is None:
+        return repr(value)
+    raise TypeError(f"cannot pass a {type(value).__name__} on the bundle command line: {value!r}")
 
 
 # Epoch budgets of the main job: the whole pipeline fits in about 15 minutes on 2 CPU cores.

@@ -26,6 +26,7 @@ from monai_condflow.pipeline import (
     CPU_BUDGET,
     Stage,
     _parse_num_labels,
+    cli_value,
     default_stages,
     main,
     parse_stage_overrides,
@@ -48,6 +49,26 @@ def test_stage_command_and_override_order(tmp_path: Path):
     )
     assert cmd[cmd.index("--max_epochs") + 1] == "2"  # the user's value wins over the stage budget
     assert cmd[cmd.index("--lr") + 1] == "0.1" and cmd[cmd.index("--dataset_dir") + 1] == "/d"
+
+
+@pytest.mark.parametrize("value", [False, True, None, 0, 30, 1e-5, 2.5, "name", [1, 2], {"a": False}, ["x", True]])
+def test_cli_values_read_back_by_fire_as_the_same_python_value(value):
+    # the bundle CLI is python-fire: JSON "false" would arrive as the truthy string "false"
+    from fire.parser import DefaultParseValue
+
+    text = cli_value(value)
+    assert DefaultParseValue(text) == value and type(DefaultParseValue(text)) is type(value)
+
+
+def test_cli_value_refuses_what_fire_cannot_read_back():
+    with pytest.raises(TypeError, match="Path"):
+        cli_value(Path("/x"))
+
+
+def test_stage_override_false_reaches_the_bundle_as_false(tmp_path: Path):
+    parsed = parse_stage_overrides(["evaluation.augmentation=false"], CPU_BUDGET)
+    cmd = Stage("e", ["evaluate.json"], parsed["evaluation"]).command(tmp_path, {})
+    assert cmd[cmd.index("--augmentation") + 1] == "False"
 
 
 def test_default_stages():
