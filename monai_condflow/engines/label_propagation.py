@@ -17,6 +17,9 @@ With few labelled samples ``(X_l, Y_l)`` and many unlabelled ``X_u``:
    every unlabelled embedding and every centroid: a Gaussian kernel ``exp(-||z - c_k||^2 / (2 h^2))`` or the inverse
    of a 1-D Wasserstein distance ``1 / (eps + W1(z, c_k))``;
 3. greedy propagation: each unlabelled sample takes the label of its most similar centroid (presumptive labels);
+   with a class prior (by default the labelled class ratio) the greedy assignment is capacitated: (sample, class)
+   pairs are taken in order of decreasing similarity share, and a class stops taking samples once it holds its
+   quota of the unlabelled set, so a weak early classifier cannot hand the minority class half of the data;
 4. retrain the classifier on labelled + presumptive labels;
 5. repeat 2-4 until fewer than ``tol`` of the presumptive labels change, or ``max_rounds`` retrains.
 
@@ -65,6 +68,7 @@ __all__ = [
     "median_bandwidth",
     "similarity",
     "propagate_labels",
+    "class_quotas",
     "LabelPropagation",
     "run_semisupervised",
 ]
@@ -159,6 +163,18 @@ def median_bandwidth(distances: torch.Tensor) -> float:
     return h if h > 0 else 1.0
 
 
+def _log_similarity(distances: torch.Tensor, kind: str, bandwidth: float | None, eps: float) -> torch.Tensor:
+    """Log of :func:`similarity` from the ``[N, C]`` distances (validated; no underflow far from the centroids)."""
+    if kind == "gaussian":
+        h = median_bandwidth(distances) if bandwidth is None else float(bandwidth)
+        if not h > 0:
+            raise ValueError(f"bandwidth must be positive, got {bandwidth!r}.")
+        return -(distances**2) / (2.0 * h * h)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}.")
+    return -torch.log(eps + distances)
+
+
 def similarity(
     z: Any,
     centroids: Any,
@@ -184,14 +200,26 @@ def similarity(
     if kind not in SIMILARITY_KINDS:
         raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
     distances = pairwise_distance(z, centroids, kind)
-    if kind == "gaussian":
-        h = median_bandwidth(distances) if bandwidth is None else float(bandwidth)
-        if not h > 0:
-            raise ValueError(f"bandwidth must be positive, got {bandwidth!r}.")
-        return torch.exp(-(distances**2) / (2.0 * h * h))
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}.")
-    return 1.0 / (eps + distances)
+    log_sim = _log_similarity(distances, kind, bandwidth, eps)
+    return torch.exp(log_sim) if kind == "gaussian" else 1.0 / (eps + distances)
+
+
+def class_quotas(prior: Any, n: int) -> torch.Tensor:
+    """Integer class sizes ``[C]`` summing to ``n`` in the proportions ``prior`` (largest remainders).
+
+    Raises:
+        ValueError: for a prior with a negative or non-finite entry, or one that sums to zero.
+    """
+    p = torch.as_tensor(np.asarray(prior, dtype=np.float64)).reshape(-1)
+    if p.numel() == 0 or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not float(p.sum()) > 0:
+        raise ValueError(f"class_prior must be non-negative finite class weights with a positive sum, got {prior!r}.")
+    exact = p / p.sum() * n
+    quotas = exact.floor().long()
+    short = n - int(quotas.sum())
+    if short:
+        order = torch.argsort(exact - quotas.double(), descending=True, stable=True)
+        quotas[order[:short]] += 1
+    return quotas
 
 
 def propagate_labels(
@@ -200,6 +228,7 @@ def propagate_labels(
     kind: str = "gaussian",
     bandwidth: float | None = None,
     eps: float = 1e-6,
+    class_prior: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy propagation: each embedding takes the label of its most similar centroid.
 
@@ -209,17 +238,44 @@ def propagate_labels(
         kind: see :func:`similarity`.
         bandwidth: see :func:`similarity`.
         eps: see :func:`similarity`.
+        class_prior: ``None``: plain nearest centroid (the paper). Class weights ``[C]``: capacitated greedy
+            assignment; class ``k`` takes at most its quota (:func:`class_quotas`) of the ``N`` embeddings, and the
+            (embedding, class) pairs are taken in order of decreasing similarity share.
 
     Returns:
         ``(labels, confidence)``: ``int64`` ``[N]`` presumptive labels and ``[N]`` confidences, the chosen
-        centroid's share of the summed similarities (in ``[1/C, 1]``; ``1/C`` where all similarities underflow).
+        centroid's share of the summed similarities (in ``[1/C, 1]`` without a prior; computed in log space, so
+        it stays defined where every similarity underflows).
+
+    Raises:
+        ValueError: for an unknown ``kind``, a bad ``bandwidth`` / ``eps``, or a prior that does not match ``C``.
     """
-    sim = similarity(z_unlabelled, centroids, kind=kind, bandwidth=bandwidth, eps=eps)
-    best, labels = sim.max(dim=1)
-    total = sim.sum(dim=1)
-    num_classes = sim.shape[1]
-    confidence = torch.where(total > 0, best / total.clamp(min=torch.finfo(sim.dtype).tiny), 1.0 / num_classes)
-    return labels, confidence
+    if kind not in SIMILARITY_KINDS:
+        raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
+    # shares from log-similarities: far from every centroid (all similarities ~0) they are still well defined
+    log_sim = _log_similarity(pairwise_distance(z_unlabelled, centroids, kind), kind, bandwidth, eps)
+    n, num_classes = log_sim.shape
+    share = torch.softmax(log_sim, dim=1)
+    if class_prior is None:
+        confidence, labels = share.max(dim=1)
+        return labels, confidence
+    quotas = class_quotas(class_prior, n)
+    if quotas.numel() != num_classes:
+        raise ValueError(f"class_prior has {quotas.numel()} entries for {num_classes} centroids.")
+    order = torch.argsort(share.reshape(-1), descending=True, stable=True).tolist()
+    labels_np = np.full(n, -1, dtype=np.int64)
+    left = quotas.tolist()
+    remaining = n
+    for flat in order:
+        i, k = divmod(flat, num_classes)
+        if labels_np[i] < 0 and left[k] > 0:
+            labels_np[i] = k
+            left[k] -= 1
+            remaining -= 1
+            if remaining == 0:
+                break
+    labels = torch.from_numpy(labels_np)
+    return labels, share.gather(1, labels[:, None]).squeeze(1)
 
 
 class LabelPropagation:
@@ -230,6 +286,8 @@ class LabelPropagation:
         kind: ``"gaussian"`` or ``"wasserstein"`` (see :func:`similarity`).
         bandwidth: Gaussian bandwidth; ``None`` = median distance of the embeddings being labelled.
         eps: Wasserstein inverse guard.
+        class_prior: ``None`` (nearest centroid), ``"labelled"`` (the class ratio of the labelled embeddings given to
+            :meth:`fit`) or class weights ``[C]``; see :func:`propagate_labels`.
 
     Example::
 
@@ -237,7 +295,14 @@ class LabelPropagation:
         labels, confidence = lp.predict(z_unlabelled)
     """
 
-    def __init__(self, num_classes: int, kind: str = "gaussian", bandwidth: float | None = None, eps: float = 1e-6):
+    def __init__(
+        self,
+        num_classes: int,
+        kind: str = "gaussian",
+        bandwidth: float | None = None,
+        eps: float = 1e-6,
+        class_prior: Any = None,
+    ):
         if kind not in SIMILARITY_KINDS:
             raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -246,18 +311,33 @@ class LabelPropagation:
         self.kind = kind
         self.bandwidth = bandwidth
         self.eps = eps
+        if isinstance(class_prior, str) and class_prior != "labelled":
+            raise ValueError(f"class_prior must be None, 'labelled' or class weights, got {class_prior!r}.")
+        if class_prior is not None and not isinstance(class_prior, str):
+            quotas_len = class_quotas(class_prior, 1).numel()
+            if quotas_len != num_classes:
+                raise ValueError(f"class_prior has {quotas_len} entries for num_classes={num_classes}.")
+        self.class_prior = class_prior
         self.centroids: torch.Tensor | None = None
+        self.prior: torch.Tensor | None = None
 
     def fit(self, z: Any, labels: Any) -> LabelPropagation:
-        """Compute the class centroids from labelled embeddings ``z [N, D]`` and labels ``[N]``."""
+        """Compute the class centroids (and the labelled class ratio) from embeddings ``z [N, D]``, labels ``[N]``."""
         self.centroids = class_centroids(z, labels, self.num_classes)
+        if self.class_prior == "labelled":
+            y = torch.as_tensor(np.asarray(labels)).reshape(-1).long()
+            self.prior = torch.bincount(y, minlength=self.num_classes).double() / y.numel()
+        elif self.class_prior is not None:
+            self.prior = torch.as_tensor(np.asarray(self.class_prior, dtype=np.float64))
         return self
 
     def predict(self, z: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Presumptive labels and confidences of ``z [N, D]`` (see :func:`propagate_labels`)."""
         if self.centroids is None:
             raise RuntimeError("LabelPropagation.predict called before fit.")
-        return propagate_labels(z, self.centroids, kind=self.kind, bandwidth=self.bandwidth, eps=self.eps)
+        return propagate_labels(
+            z, self.centroids, kind=self.kind, bandwidth=self.bandwidth, eps=self.eps, class_prior=self.prior
+        )
 
 
 class _LabelledView(Dataset):
@@ -323,6 +403,7 @@ def run_semisupervised(
     lr_decay: float | None = None,
     presumptive_lr_decay: float = PRESUMPTIVE_LR_DECAY,
     label_key: str = "label",
+    class_prior: Any = "labelled",
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Alternate label propagation and classifier retraining until the presumptive labels converge.
@@ -356,6 +437,10 @@ def run_semisupervised(
         lr_decay: decay of round 0 (``None``: from the label count).
         presumptive_lr_decay: decay of the retrain rounds (paper: 0.99).
         label_key: key of the labels.
+        class_prior: class proportions the presumptive labels keep: ``"labelled"`` (default: the labelled set's
+            ratio, which the stratified label sampler keeps equal to the data's), class weights ``[C]``, or ``None``
+            for the paper's plain nearest-centroid rule (a weak round-0 classifier can then give the minority class
+            a large share of the unlabelled data).
         trainer_kwargs: passed to :func:`~monai_condflow.engines.classifier.train_classifier` (``lr``, ...).
 
     Returns:
@@ -393,7 +478,7 @@ def run_semisupervised(
     writer = None
     if output_dir is not None and get_rank() == 0:
         writer = SummaryWriter(log_dir=os.path.join(os.fspath(output_dir), "label_propagation"))
-    propagation = LabelPropagation(num_classes, kind=kind, bandwidth=bandwidth)
+    propagation = LabelPropagation(num_classes, kind=kind, bandwidth=bandwidth, class_prior=class_prior)
     # deterministic, unshuffled, single-pass embedding loaders (every rank embeds everything)
     embed_labelled = MonaiDataLoader(labelled_ds, batch_size=batch_size, shuffle=False)
     unlabelled_view = _LabelledView(unlabelled_ds, [-1] * n_unlabelled, label_key)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from monai_condflow.engines import (
     LabelPropagation,
     class_centroids,
+    class_quotas,
+    median_bandwidth,
     propagate_labels,
     run_semisupervised,
     similarity,
@@ -171,3 +175,59 @@ def test_semisupervised_stops_on_tol_and_max_rounds():
     assert result["num_rounds"] == 1 and not result["converged"]
     with pytest.raises(ValueError, match="tol"):
         _run(tol=1.5)
+
+
+def test_class_quotas_sum_and_largest_remainders():
+    assert class_quotas([0.86, 0.14], 10).tolist() == [9, 1]  # 8.6 / 1.4: the larger remainder gets the spare one
+    assert class_quotas([1, 1, 1], 10).tolist() == [4, 3, 3]  # ties go to the first class
+    assert class_quotas([2, 0], 5).tolist() == [5, 0]
+    for bad in ([0, 0], [-1, 2], [float("nan"), 1]):
+        with pytest.raises(ValueError, match="class_prior"):
+            class_quotas(bad, 4)
+
+
+def test_capacitated_greedy_matches_the_prior_and_takes_the_most_confident_first():
+    # 1-D embeddings and centroids at -1 / +1: nearest centroid gives half to each class
+    z = torch.tensor([[-2.0], [-1.0], [-0.5], [-0.1], [0.1], [0.5], [1.0], [3.0]])
+    centroids = torch.tensor([[-1.0], [1.0]])
+    plain, _ = propagate_labels(z, centroids, bandwidth=1.0)
+    assert plain.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    labels, confidence = propagate_labels(z, centroids, bandwidth=1.0, class_prior=[3, 1])
+    # class 1 takes only its quota of 2: the two embeddings with the largest class-1 share (z = 1.0 and 3.0)
+    assert labels.tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    share = torch.softmax(-((z - centroids.T) ** 2) / 2.0, dim=1)
+    assert torch.allclose(confidence, share.gather(1, labels[:, None]).squeeze(1).float())
+
+
+def test_capacitated_greedy_against_brute_force_optimum_on_two_classes():
+    # with two classes the greedy order by share is the best split with those class sizes: compare with brute force
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(9, 4, generator=g)
+    centroids = torch.randn(2, 4, generator=g)
+    labels, _ = propagate_labels(z, centroids, class_prior=[5, 4])
+    share = torch.softmax(-(torch.cdist(z, centroids) ** 2) / (2 * median_bandwidth(torch.cdist(z, centroids)) ** 2), 1)
+    gain = share[:, 1] - share[:, 0]  # objective of a split: sum(share0) + sum of gain over the class-1 set
+    best = max(itertools.combinations(range(9), 4), key=lambda idx: float(gain[list(idx)].sum()))
+    assert sorted(torch.nonzero(labels == 1).flatten().tolist()) == sorted(best)
+
+
+def test_far_away_embeddings_keep_a_defined_share():
+    # every Gaussian similarity underflows to 0 here; the share is still the nearer centroid's
+    labels, confidence = propagate_labels(
+        torch.tensor([[1000.0], [-1000.0]]), torch.tensor([[-1.0], [1.0]]), bandwidth=1.0
+    )
+    assert labels.tolist() == [1, 0] and torch.allclose(confidence, torch.ones(2))
+
+
+def test_label_propagation_labelled_prior_and_bad_priors():
+    z_l = torch.tensor([[-1.0], [-1.1], [-0.9], [1.0]])
+    y_l = torch.tensor([0, 0, 0, 1])
+    z_u = torch.tensor([[-0.2], [0.1], [0.2], [0.9]])
+    lp = LabelPropagation(2, bandwidth=1.0, class_prior="labelled").fit(z_l, y_l)
+    assert torch.allclose(lp.prior, torch.tensor([0.75, 0.25], dtype=torch.float64))
+    assert lp.predict(z_u)[0].tolist() == [0, 0, 0, 1]
+    assert LabelPropagation(2, bandwidth=1.0).fit(z_l, y_l).predict(z_u)[0].tolist() == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="class_prior"):
+        LabelPropagation(2, class_prior="uniform")
+    with pytest.raises(ValueError, match="3 entries"):
+        LabelPropagation(2, class_prior=[1, 1, 1])
