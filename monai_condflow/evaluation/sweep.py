@@ -160,9 +160,9 @@ def run_label_sweep(
     output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     times: dict[str, float] = {}
-    timing_file = output_dir / "sweep_times.json"
-    if timing_file.is_file():
-        times.update(json.loads(timing_file.read_text()))
+    legacy_times = output_dir / "sweep_times.json"  # one shared file in earlier versions
+    if legacy_times.is_file():
+        times.update(json.loads(legacy_times.read_text()))
     for level in levels:
         name = level_name(level)
         run_dir = output_dir / f"labels_{name}"
@@ -174,14 +174,17 @@ def run_label_sweep(
             t0 = time.perf_counter()
             stages = default_stages(level, budget, baseline=level in baseline_at)
             run_pipeline(dataset_dir, run_dir, level, {"seed": seed, **(overrides or {})}, stages=stages, seed=seed)
-            times[name] = time.perf_counter() - t0
-            atomic_write_text(timing_file, json.dumps(times, indent=2))
+            # one file per level, so that sweeps of different levels can run side by side into one folder
+            atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
+        level_time = run_dir / "sweep_time.json"
+        if level_time.is_file():
+            times[name] = json.loads(level_time.read_text())["seconds"]
         metrics = json.loads(metrics_file.read_text())
         metrics["presumptive_accuracy"] = _presumptive_accuracy(run_dir)
         metrics["num_labels"] = _labels_used(run_dir)
         results[name] = metrics
     summary = summarize_sweep(results)
-    summary["times"] = times
+    summary["times"] = {k: v for k, v in times.items() if k in results}
     summary["levels"] = [level_name(v) for v in levels]
     xs = list(range(len(summary["rows"])))
     series = {

@@ -139,7 +139,7 @@ def test_run_label_sweep_writes_table_json_and_plot(tmp_path, fake_pipeline):
     assert summary["times"] == {"20": 12.0, "5pct": 12.0, "all": 12.0}
     assert summary["levels"] == ["20", "5pct", "all"]
     assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(summary))
-    assert json.loads((out / "sweep_times.json").read_text()) == summary["times"]
+    assert all(json.loads((out / f"labels_{n}" / "sweep_time.json").read_text()) == {"seconds": 12.0} for n in rows)
 
     md = (out / "sweep.md").read_text().splitlines()
     assert md[0] == "# Label-scarcity sweep"
@@ -163,6 +163,23 @@ def test_run_label_sweep_resumes_finished_levels(tmp_path, fake_pipeline):
     assert third["rows"] == first["rows"] and third["times"] == {"20": 12.0, "5pct": 12.0, "all": 12.0}
     md = (out / "sweep.md").read_text().splitlines()
     assert [line for line in md if line.startswith("| ") and not line.startswith("| labels")] == _TABLE_ROWS
+
+
+def test_sweeps_of_different_levels_side_by_side_keep_every_time(tmp_path, fake_pipeline):
+    # two sweep processes over one folder (here: one after the other, each with its own level list)
+    out = tmp_path / "sweep"
+    run_label_sweep(tmp_path / "data", out, levels=[20])
+    run_label_sweep(tmp_path / "data", out, levels=[0.05])
+    joint = run_label_sweep(tmp_path / "data", out, levels=[20, 0.05])
+    assert len(fake_pipeline) == 2 and joint["times"] == {"20": 12.0, "5pct": 12.0}
+
+
+def test_run_label_sweep_reads_the_earlier_shared_times_file(tmp_path, fake_pipeline):
+    out = tmp_path / "sweep"
+    run_label_sweep(tmp_path / "data", out, levels=[20])
+    (out / "labels_20" / "sweep_time.json").unlink()
+    (out / "sweep_times.json").write_text(json.dumps({"20": 99.0, "gone": 1.0}))
+    assert run_label_sweep(tmp_path / "data", out, levels=[20])["times"] == {"20": 99.0}
 
 
 def test_run_label_sweep_with_a_null_fid(tmp_path, fake_pipeline, monkeypatch):
