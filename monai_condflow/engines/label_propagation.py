@@ -325,7 +325,7 @@ class LabelPropagation:
         """Compute the class centroids (and the labelled class ratio) from embeddings ``z [N, D]``, labels ``[N]``."""
         self.centroids = class_centroids(z, labels, self.num_classes)
         if self.class_prior == "labelled":
-            y = torch.as_tensor(np.asarray(labels)).reshape(-1).long()
+            y = torch.as_tensor(labels).reshape(-1).long().cpu()
             self.prior = torch.bincount(y, minlength=self.num_classes).double() / y.numel()
         elif self.class_prior is not None:
             self.prior = torch.as_tensor(np.asarray(self.class_prior, dtype=np.float64))
