@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -170,12 +171,23 @@ def run_label_sweep(
         if metrics_file.is_file():
             print(f"[sweep] level {name}: found {metrics_file}, not run again", flush=True)
         else:
-            print(f"[sweep] level {name}: running the pipeline into {run_dir}", flush=True)
-            t0 = time.perf_counter()
-            stages = default_stages(level, budget, baseline=level in baseline_at)
-            run_pipeline(dataset_dir, run_dir, level, {"seed": seed, **(overrides or {})}, stages=stages, seed=seed)
-            # one file per level, so that sweeps of different levels can run side by side into one folder
-            atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not _claim_level(run_dir):
+                print(
+                    f"[sweep] level {name}: another sweep process is running it ({run_dir / LOCK_NAME}); skipped here,"
+                    " run the sweep again once it has finished to include it in the summary",
+                    flush=True,
+                )
+                continue
+            try:
+                print(f"[sweep] level {name}: running the pipeline into {run_dir}", flush=True)
+                t0 = time.perf_counter()
+                stages = default_stages(level, budget, baseline=level in baseline_at)
+                run_pipeline(dataset_dir, run_dir, level, {"seed": seed, **(overrides or {})}, stages=stages, seed=seed)
+                # one file per level, so that sweeps of different levels can run side by side into one folder
+                atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
+            finally:
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
         level_time = run_dir / "sweep_time.json"
         if level_time.is_file():
             times[name] = json.loads(level_time.read_text())["seconds"]
@@ -201,6 +213,42 @@ def run_label_sweep(
     atomic_write_text(output_dir / "sweep.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(output_dir / "sweep.md", _markdown(summary, times) + "\n")
     return summary
+
+
+LOCK_NAME = "sweep.lock"
+"""File in ``labels_<level>`` that marks a level as being run by a live sweep process (its pid inside)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _claim_level(run_dir: Path) -> bool:
+    """Create ``run_dir/sweep.lock`` for this process; ``False`` if a live process holds it (a dead one's is taken)."""
+    lock = run_dir / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder > 0 and holder != os.getpid() and _pid_alive(holder):
+                return False
+            logger.warning("sweep: taking over the stale lock %s (process %s is gone)", lock, holder or "unknown")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def _labels_used(run_dir: Path) -> int | None:

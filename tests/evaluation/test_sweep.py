@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,6 +183,37 @@ def test_run_label_sweep_reads_the_earlier_shared_times_file(tmp_path, fake_pipe
     (out / "labels_20" / "sweep_time.json").unlink()
     (out / "sweep_times.json").write_text(json.dumps({"20": 99.0, "gone": 1.0}))
     assert run_label_sweep(tmp_path / "data", out, levels=[20])["times"] == {"20": 99.0}
+
+
+def test_a_level_held_by_a_live_sweep_process_is_skipped(tmp_path, fake_pipeline, capsys):
+    out = tmp_path / "sweep"
+    (out / "labels_20").mkdir(parents=True)
+    (out / "labels_20" / sweep.LOCK_NAME).write_text(str(os.getppid()))  # a live process (pytest's parent)
+    summary = run_label_sweep(tmp_path / "data", out, levels=[20, "all"])
+    assert [c["level"] for c in fake_pipeline] == ["all"]
+    assert [r["level"] for r in summary["rows"]] == ["all"]
+    assert (out / "labels_20" / sweep.LOCK_NAME).is_file()  # not ours to remove
+    assert "another sweep process is running it" in capsys.readouterr().out
+
+
+def test_a_stale_lock_is_taken_over_and_every_lock_is_released(tmp_path, fake_pipeline):
+    out = tmp_path / "sweep"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "labels_20").mkdir(parents=True)
+    (out / "labels_20" / sweep.LOCK_NAME).write_text(gone.stdout.strip())  # that process has exited
+    run_label_sweep(tmp_path / "data", out, levels=[20])
+    assert [c["level"] for c in fake_pipeline] == [20]
+    assert not (out / "labels_20" / sweep.LOCK_NAME).exists()
+
+
+def test_the_lock_is_released_when_the_pipeline_fails(tmp_path, monkeypatch):
+    def failing_pipeline(*args, **kwargs):
+        raise RuntimeError("stage flow failed")
+
+    monkeypatch.setattr(sweep, "run_pipeline", failing_pipeline)
+    with pytest.raises(RuntimeError, match="stage flow failed"):
+        run_label_sweep(tmp_path / "data", tmp_path / "sweep", levels=[20])
+    assert not (tmp_path / "sweep" / "labels_20" / sweep.LOCK_NAME).exists()
 
 
 def test_run_label_sweep_with_a_null_fid(tmp_path, fake_pipeline, monkeypatch):
