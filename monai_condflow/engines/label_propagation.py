@@ -200,8 +200,7 @@ def similarity(
     if kind not in SIMILARITY_KINDS:
         raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
     distances = pairwise_distance(z, centroids, kind)
-    log_sim = _log_similarity(distances, kind, bandwidth, eps)
-    return torch.exp(log_sim) if kind == "gaussian" else 1.0 / (eps + distances)
+    return torch.exp(_log_similarity(distances, kind, bandwidth, eps))
 
 
 def class_quotas(prior: Any, n: int) -> torch.Tensor:
@@ -313,13 +312,15 @@ class LabelPropagation:
         self.eps = eps
         if isinstance(class_prior, str) and class_prior != "labelled":
             raise ValueError(f"class_prior must be None, 'labelled' or class weights, got {class_prior!r}.")
-        if class_prior is not None and not isinstance(class_prior, str):
-            quotas_len = class_quotas(class_prior, 1).numel()
-            if quotas_len != num_classes:
-                raise ValueError(f"class_prior has {quotas_len} entries for num_classes={num_classes}.")
         self.class_prior = class_prior
         self.centroids: torch.Tensor | None = None
+        # the weights propagate_labels gets: fixed here, or the labelled ratio from fit
         self.prior: torch.Tensor | None = None
+        if class_prior is not None and not isinstance(class_prior, str):
+            self.prior = torch.as_tensor(np.asarray(class_prior, dtype=np.float64)).reshape(-1)
+            class_quotas(self.prior, 1)  # validates the weights
+            if self.prior.numel() != num_classes:
+                raise ValueError(f"class_prior has {self.prior.numel()} entries for num_classes={num_classes}.")
 
     def fit(self, z: Any, labels: Any) -> LabelPropagation:
         """Compute the class centroids (and the labelled class ratio) from embeddings ``z [N, D]``, labels ``[N]``."""
@@ -327,8 +328,6 @@ class LabelPropagation:
         if self.class_prior == "labelled":
             y = torch.as_tensor(labels).reshape(-1).long().cpu()
             self.prior = torch.bincount(y, minlength=self.num_classes).double() / y.numel()
-        elif self.class_prior is not None:
-            self.prior = torch.as_tensor(np.asarray(self.class_prior, dtype=np.float64))
         return self
 
     def predict(self, z: Any) -> tuple[torch.Tensor, torch.Tensor]:
