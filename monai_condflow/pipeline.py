@@ -33,6 +33,7 @@ from pathlib import Path
 __all__ = [
     "BUNDLE_ROOT",
     "CPU_BUDGET",
+    "PUBLIC_DIR",
     "STAGE_KEYS",
     "Stage",
     "cli_value",
@@ -52,12 +53,18 @@ class Stage:
         name: short name used in the progress output.
         config_files: config file names under ``bundle/configs`` (later files override earlier ones).
         overrides: extra ``--id value`` pairs for this stage only.
+        public: the stage trains on the public phantom in ``OUTPUT_DIR/public`` (public pretraining of a DP run):
+            its ``dataset_dir``, ``output_dir`` and ``num_labels`` are fixed to that folder, the generated phantom
+            and ``"all"``, whatever the common overrides say.
     """
 
-    def __init__(self, name: str, config_files: Sequence[str], overrides: dict[str, object] | None = None) -> None:
+    def __init__(
+        self, name: str, config_files: Sequence[str], overrides: dict[str, object] | None = None, public: bool = False
+    ) -> None:
         self.name = name
         self.config_files = list(config_files)
         self.overrides = dict(overrides or {})
+        self.public = public
 
     def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
         """The command line of this stage."""
@@ -65,9 +72,16 @@ class Stage:
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
-        for key, value in {**self.overrides, **common}.items():
+        values = {**self.overrides, **common}
+        if self.public:
+            public_dir = Path(str(common["output_dir"])) / PUBLIC_DIR
+            values |= {"dataset_dir": str(public_dir / "data"), "output_dir": str(public_dir), "num_labels": "all"}
+        for key, value in values.items():
             cmd += [f"--{key}", cli_value(value)]
         return cmd
+
+
+PUBLIC_DIR = "public"  # sub-folder of a DP run holding the public (phantom) pretraining
 
 
 def cli_value(value: object) -> str:
@@ -101,6 +115,7 @@ def default_stages(
     baseline: bool = False,
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
+    public_pretrain: bool = False,
 ) -> list[Stage]:
     """The stages of the main job, in order.
 
@@ -114,6 +129,13 @@ def default_stages(
             gets half of both (basic composition). The DP classifier trains on the labelled images only (label
             propagation is not private).
         dp_delta: total delta of a DP run.
+        public_pretrain: with ``dp_epsilon`` and all labels: first train a classifier and a flow on the embedded
+            phantom (public by construction, in ``OUTPUT_DIR/public``); the phantom classifier becomes the frozen
+            conditioning classifier (``public_classifier.json``: no private data, epsilon 0) and the phantom flow is
+            fine-tuned on the private data with DP-SGD, which then gets the whole ``(dp_epsilon, dp_delta)``.
+
+    Raises:
+        ValueError: a bad epsilon / delta, or ``public_pretrain`` without ``dp_epsilon`` or with partial labels.
     """
     budget = CPU_BUDGET if budget is None else budget
     semi = num_labels != "all"
@@ -132,10 +154,46 @@ def default_stages(
         flow_files = ["train_flow.json", "train_flow_dp.json"]
         flow_overrides |= half
         name = f"classifier (DP-SGD, epsilon {dp_epsilon / 2:g})"
+    if public_pretrain:
+        if dp_epsilon is None:
+            raise ValueError("public pretraining is for DP-SGD runs: give dp_epsilon (--dp-epsilon) as well.")
+        if semi:
+            raise ValueError(
+                "public pretraining needs --num-labels all: the frozen public classifier does no label propagation."
+            )
+        return _public_pretrain_stages(budget, dp_epsilon, dp_delta, baseline)
     stages = [
         Stage(name, classifier_files, classifier_overrides),
         Stage(
             "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})", flow_files, flow_overrides
+        ),
+        Stage("generation", ["generate.json"], budget.get("generation")),
+    ]
+    if baseline:
+        stages.append(Stage("baseline (ACGAN)", ["train_acgan.json"], budget.get("acgan")))
+    stages.append(Stage("evaluation", ["evaluate.json"], budget.get("evaluation")))
+    return stages
+
+
+def _public_pretrain_stages(
+    budget: dict[str, dict[str, object]], dp_epsilon: float, dp_delta: float, baseline: bool
+) -> list[Stage]:
+    classifier = {k: v for k, v in (budget.get("classifier") or {}).items() if k == "max_epochs"}
+    flow = dict(budget.get("flow") or {})
+    public_flow = {k: v for k, v in flow.items() if k != "audit_holdout"}  # the phantom has no members to audit
+    private_flow = flow | {
+        "target_epsilon": dp_epsilon,
+        "target_delta": dp_delta,
+        "public_checkpoint": f"$os.path.join(@output_dir, '{PUBLIC_DIR}', 'flow', 'model.pt')",
+    }
+    stages = [
+        Stage("public classifier (phantom)", ["train_classifier.json"], classifier, public=True),
+        Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True),
+        Stage("classifier (public, frozen: epsilon 0)", ["public_classifier.json"]),
+        Stage(
+            f"flow (DP-SGD fine-tuning, epsilon {dp_epsilon:g})",
+            ["train_flow.json", "train_flow_dp.json"],
+            private_flow,
         ),
         Stage("generation", ["generate.json"], budget.get("generation")),
     ]
@@ -206,6 +264,9 @@ def run_pipeline(
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    stages = list(stages) if stages is not None else default_stages(num_labels)
+    if any(stage.public for stage in stages):
+        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, seed)
     if dataset_dir is None:
         dataset_dir = _prepare_default_dataset(output_dir, num_images, seed)
     dataset_dir = Path(dataset_dir).resolve()
@@ -226,7 +287,7 @@ def run_pipeline(
     times: dict[str, float] = {}
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    for i, stage in enumerate(stages if stages is not None else default_stages(num_labels), start=1):
+    for i, stage in enumerate(stages, start=1):
         cmd = stage.command(bundle_root, common)
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
@@ -318,6 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dp-delta", type=float, default=1e-5, help="total delta of a DP run (half each stage)")
     parser.add_argument(
+        "--dp-public-pretrain",
+        action="store_true",
+        help="with --dp-epsilon: pretrain on the public phantom; frozen public classifier, DP fine-tuning of the flow",
+    )
+    parser.add_argument(
         "--audit-holdout",
         type=float,
         default=None,
@@ -328,7 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.stage_set.append(f"flow.audit_holdout={args.audit_holdout}")
     try:
         budget = parse_stage_overrides(args.stage_set, CPU_BUDGET)
-        default_stages(args.num_labels, budget, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta)
+        default_stages(
+            args.num_labels,
+            budget,
+            dp_epsilon=args.dp_epsilon,
+            dp_delta=args.dp_delta,
+            public_pretrain=args.dp_public_pretrain,
+        )
     except ValueError as e:
         parser.error(str(e))
     overrides: dict[str, object] = {"seed": args.seed}
@@ -348,7 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.num_labels,
             overrides,
             stages=default_stages(
-                args.num_labels, budget, baseline=args.baseline, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta
+                args.num_labels,
+                budget,
+                baseline=args.baseline,
+                dp_epsilon=args.dp_epsilon,
+                dp_delta=args.dp_delta,
+                public_pretrain=args.dp_public_pretrain,
             ),
             num_images=args.num_images,
             seed=args.seed,

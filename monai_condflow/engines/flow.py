@@ -376,6 +376,7 @@ def create_flow_trainer(
     n_saved: int = 2,
     extra_train_handlers: Sequence[Any] = (),
     dp: Mapping[str, Any] | None = None,
+    public_init: bool = False,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) with the paper's recipe.
@@ -425,6 +426,9 @@ def create_flow_trainer(
             ``max_epochs`` or target is refused), ``output_dir/privacy.json`` and the
             TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no ``best`` checkpoint is selected on
             validation data (the last epoch is the model). One process only.
+        public_init: with ``dp``: the ``flow`` passed in is already initialised with weights learned on *public*
+            data only (e.g. :func:`monai_condflow.privacy.public.load_pretrained_weights`), so DP-SGD fine-tunes it
+            instead of starting from the identity initialisation. An initialised flow without it is refused under DP.
 
     Returns:
         ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
@@ -507,7 +511,7 @@ def create_flow_trainer(
             epochs=max_epochs,
             max_grad_norm=dp["max_grad_norm"],
             accountant=dp["accountant"],
-            public_init=checkpoint is not None,
+            public_init=checkpoint is not None or public_init,
         )
     epoch_length = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

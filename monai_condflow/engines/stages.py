@@ -174,7 +174,8 @@ def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The DP-SGD privacy a run spent, from ``classifier/classifier.json`` and ``flow/flow.json``.
 
     The two stages read the same private training set, so their epsilons (and deltas) add up under basic
-    composition: ``epsilon = classifier + flow``. A stage trained without DP-SGD makes the total unbounded.
+    composition: ``epsilon = classifier + flow``. A stage trained without DP-SGD makes the total unbounded; a
+    classifier trained on public data only (:func:`monai_condflow.privacy.public.install_public_classifier`) spends 0.
 
     Returns:
         ``None`` when neither stage used DP-SGD, else ``{"epsilon", "delta", "classifier", "flow", "covers",
@@ -193,6 +194,8 @@ def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         eps = float(spent["classifier"]["epsilon"]) + float(spent["flow"]["epsilon"])
         delta = float(spent["classifier"]["delta"]) + float(spent["flow"]["delta"])
         covers = "classifier and flow trained with DP-SGD; epsilons and deltas added (basic composition)"
+        if spent["classifier"].get("public"):
+            covers = "flow trained with DP-SGD; the conditioning classifier was trained on public data only (epsilon 0)"
     else:
         eps = None
         delta = float(spent[private[0]]["delta"])
