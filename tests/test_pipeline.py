@@ -233,3 +233,82 @@ def test_main_passes_dp_baseline_and_audit_holdout_to_the_stages(tmp_path: Path,
 def test_default_stages_refuses_an_infinite_dp_epsilon():
     with pytest.raises(ValueError, match="dp_epsilon"):
         default_stages("all", dp_epsilon=math.inf)
+
+
+def test_default_stages_with_public_pretraining():
+    budget = parse_stage_overrides(["flow.audit_holdout=0.2", "flow.max_epochs=20"], CPU_BUDGET)
+    stages = default_stages("all", budget, dp_epsilon=10.0, dp_delta=1e-5, public_pretrain=True, baseline=True)
+    assert [s.name for s in stages] == [
+        "public classifier (phantom)",
+        "public flow (phantom)",
+        "classifier (public, frozen: epsilon 0)",
+        "flow (DP-SGD fine-tuning, epsilon 10)",
+        "generation",
+        "baseline (ACGAN)",
+        "evaluation",
+    ]
+    assert [s.public for s in stages] == [True, True, False, False, False, False, False]
+    pub_clf, pub_flow, install, dp_flow = stages[:4]
+    assert pub_clf.config_files == ["train_classifier.json"] and pub_clf.overrides == {"max_epochs": 30}
+    assert pub_flow.config_files == ["train_flow.json"]
+    assert pub_flow.overrides == {"max_epochs": 20, "sample_every": 5}  # no audit split of the public phantom
+    assert install.config_files == ["public_classifier.json"]
+    assert dp_flow.config_files == ["train_flow.json", "train_flow_dp.json"]
+    # the whole budget goes to the flow: the public classifier spends nothing
+    assert dp_flow.overrides["target_epsilon"] == 10.0 and dp_flow.overrides["target_delta"] == 1e-5
+    assert dp_flow.overrides["audit_holdout"] == 0.2
+    for stage in stages:
+        for name in stage.config_files:
+            assert (BUNDLE_ROOT / "configs" / name).is_file(), name
+
+
+def test_public_stage_commands_point_at_the_public_folder(tmp_path: Path):
+    stages = default_stages("all", dp_epsilon=4.0, public_pretrain=True)
+    common = {"dataset_dir": "/private", "output_dir": str(tmp_path), "num_labels": "all", "seed": 1}
+
+    def value(cmd, key):
+        return cmd[cmd.index(f"--{key}") + 1]
+
+    public = stages[0].command(BUNDLE_ROOT, common)
+    assert value(public, "dataset_dir") == str(tmp_path / "public" / "data")
+    assert value(public, "output_dir") == str(tmp_path / "public") and value(public, "seed") == "1"
+    private = stages[3].command(BUNDLE_ROOT, common)
+    assert value(private, "dataset_dir") == "/private" and value(private, "output_dir") == str(tmp_path)
+    # the checkpoint path is a bundle expression resolved against the private run's output_dir
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"imports": ["$import os"], "output_dir": str(tmp_path)})
+    parser["public_checkpoint"] = value(private, "public_checkpoint")
+    assert parser.get_parsed_content("public_checkpoint") == str(tmp_path / "public" / "flow" / "model.pt")
+
+
+@pytest.mark.parametrize(
+    "num_labels, eps, message", [("all", None, "give dp_epsilon"), (50, 4.0, "needs --num-labels all")]
+)
+def test_public_pretraining_needs_dp_and_all_labels(num_labels, eps, message):
+    with pytest.raises(ValueError, match=message):
+        default_stages(num_labels, dp_epsilon=eps, public_pretrain=True)
+
+
+def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: Path, monkeypatch):
+    made = []
+    monkeypatch.setattr(pipeline, "_prepare_default_dataset", lambda out, n, seed: made.append((out, n, seed)))
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
+    data = _dataset(tmp_path / "d")
+    run_pipeline(data, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], num_images=80, seed=4)
+    assert made == [((tmp_path / "o" / "public").resolve(), 80, 4)]
+    made.clear()
+    run_pipeline(data, tmp_path / "o", stages=[Stage("q", ["x.json"])])
+    assert made == []  # private stages only, a dataset given: nothing generated
+
+
+def test_main_passes_public_pretraining(tmp_path: Path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, stages, **k: calls.append(stages) or {})
+    argv = [str(tmp_path), "--output-dir", str(tmp_path / "o"), "--num-labels", "all", "--dp-epsilon", "6",
+            "--dp-public-pretrain"]  # fmt: skip
+    assert main(argv) == 0
+    assert [s.public for s in calls[0]][:2] == [True, True] and calls[0][3].overrides["target_epsilon"] == 6.0
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--dp-public-pretrain"])
+    assert "give dp_epsilon" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,46 @@ def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
     assert privacy["epsilon"] == pytest.approx(eps_total) and privacy["delta"] == pytest.approx(2e-4)
     assert privacy["holdout"] == "held-back training images" and 0.0 <= privacy["mia_auc"] <= 1.0
     assert "## Privacy" in (out / "report.md").read_text()
+
+
+def test_public_pretraining_overlays(dataset, tmp_path):
+    """Public classifier + public flow -> public_classifier.json -> DP fine-tuning from the public flow."""
+    from monai_condflow.engines.stages import privacy_spent
+    from monai_condflow.privacy.public import file_sha256
+
+    out = tmp_path / "run"
+    public = {**TINY, **TINY_FLOW, "dataset_dir": str(dataset), "output_dir": str(out / "public"), "max_epochs": 1}
+    _run(["train_classifier.json"], **public)
+    _run(["train_flow.json"], **public)
+    _run(["public_classifier.json"], output_dir=str(out), image_size=32)
+    cls = json.loads((out / "classifier" / "classifier.json").read_text())
+    assert cls["dp"] == {"epsilon": 0.0, "delta": 0.0, "public": True, "covers": cls["dp"]["covers"]}
+    assert cls["public"]["sha256"] == file_sha256(out / "public" / "classifier" / "model.pt")
+    _run(["train_flow.json", "train_flow_dp.json"], **{**TINY, **TINY_FLOW}, dataset_dir=str(dataset),
+         output_dir=str(out), target_epsilon=3.0, target_delta=1e-4,
+         public_checkpoint="$os.path.join(@output_dir, 'public', 'flow', 'model.pt')")  # fmt: skip
+    flow = json.loads((out / "flow" / "flow.json").read_text())
+    assert flow["pretrained"]["sha256"] == file_sha256(out / "public" / "flow" / "model.pt")
+    assert flow["pretrained"]["source"] == str(out / "public" / "flow" / "model.pt")
+    spent = privacy_spent(out)
+    assert spent["epsilon"] == pytest.approx(flow["dp"]["epsilon"]) and 0 < spent["epsilon"] <= 3.0 * 1.01
+    assert "public data only" in spent["covers"]
+
+
+def test_a_pretrained_flow_under_dp_must_be_declared_public(dataset, tmp_path):
+    out = tmp_path / "run"
+    common = {**TINY, **TINY_FLOW, "dataset_dir": str(dataset), "output_dir": str(out), "max_epochs": 1}
+    _run(["train_classifier.json"], **common)
+    _run(["train_flow.json"], **common)  # a flow trained on the (private) data itself
+    os.replace(out / "flow" / "model.pt", tmp_path / "flow.pt")
+    shutil.rmtree(out / "flow")
+    wf = _workflow(["train_flow.json", "train_flow_dp.json"], **common, target_epsilon=3.0,
+                   pretrained_checkpoint=str(tmp_path / "flow.pt"))  # fmt: skip
+    wf.initialize()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - MONAI wraps the error; its cause is checked below
+        wf.run()
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("already initialised" in text and "public_init=True" in text for text in chain), chain

@@ -193,3 +193,25 @@ def test_non_finite_per_example_loss_skips_the_dp_step(tmp_path, monkeypatch):
     # the skipped step neither moved the parameters nor counted in the accounting
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert _privacy(tmp_path)["steps"] == 1
+
+
+def test_public_init_fine_tunes_a_pretrained_flow_privately(tmp_path):
+    """A flow initialised on public data keeps its weights as the starting point; without the flag it is refused."""
+    public = W.make_flow(1)
+    batch = W.make_flow_data(8, 7)
+    public.initialize(torch.stack([b["image"] for b in batch]), torch.stack([b["condition"] for b in batch]))
+    start = {k: v.clone() for k, v in public.state_dict().items()}
+    assert any(not torch.equal(n.bias, torch.zeros_like(n.bias)) for n in _actnorms(public))
+    train = create_loader(W.make_flow_data(16, 0), 8, shuffle=True, seed=3)
+    args = {"device": "cpu", "max_epochs": 1, "warmup_epochs": 0, "lr": 1e-3, "seed": 5, "tensorboard": False,
+            "dp": DP_FAST}  # fmt: skip
+    with pytest.raises(ValueError, match="public_init=True"):
+        create_flow_trainer(public, None, train, None, output_dir=tmp_path / "refused", **args)
+    trainer, _ = create_flow_trainer(public, None, train, None, output_dir=tmp_path / "ok", public_init=True, **args)
+    # not re-initialised: neither to the identity (DP default) nor on the private batch
+    assert all(torch.equal(v, start[k]) for k, v in public.state_dict().items())
+    trainer.run()
+    info = _privacy(tmp_path / "ok")
+    assert info["steps"] == 2 and 0 < info["epsilon"] <= 8.0 * 1.05
+    moved = [k for k, v in public.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert moved  # fine-tuned under DP-SGD
