@@ -428,7 +428,8 @@ def coverage_note(module: nn.Module, conditioning: str = "a frozen classifier") 
         note += f"; {len(frozen)} frozen tensors are NOT covered (they must come from public data or their own DP run)"
     if is_flow(inner):
         note += (
-            f". ActNorm uses the identity initialisation (no data-dependent init). The condition z comes from "
+            f". ActNorm starts from the identity initialisation or from public weights (no data-dependent init). "
+            f"The condition z comes from "
             f"{conditioning}, which this guarantee does not cover: it must be DP-trained (epsilons add up) or trained "
             "on public data, and synthetic images generated from the z of real patients release those z."
         )

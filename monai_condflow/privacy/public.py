@@ -26,6 +26,7 @@ SHA-256 is recorded next to the run so that the claim can be audited later.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -39,11 +40,79 @@ import torch
 
 from monai_condflow.engines.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
 
-__all__ = ["file_sha256", "load_pretrained_weights", "install_public_classifier", "PUBLIC_CLASSIFIER_KEYS"]
+__all__ = [
+    "file_sha256",
+    "load_pretrained_weights",
+    "install_public_classifier",
+    "select_trainable",
+    "PUBLIC_CLASSIFIER_KEYS",
+    "TRAINABLE_PRESETS",
+]
 
 logger = logging.getLogger(__name__)
 
 PUBLIC_CLASSIFIER_KEYS = ("preset", "num_classes", "image_size", "class_map", "norm")
+
+TRAINABLE_PRESETS = ("all", "affine", "conditioning")
+
+
+def _preset_names(module: torch.nn.Module, preset: str) -> set[str]:
+    from monai_condflow.networks.blocks.actnorm import ActNorm
+    from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
+
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        own = [f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters(recurse=False)]
+        if isinstance(sub, ActNorm):
+            names.update(own)
+        elif isinstance(sub, InvertibleConv1x1):
+            names.update(n for n in own if n.endswith("log_abs_s"))
+        elif preset == "conditioning" and isinstance(sub, torch.nn.Linear):
+            names.update(own)  # in ConditionalGlow every Linear reads z: the couplings' and the priors' projections
+    return names
+
+
+def select_trainable(module: torch.nn.Module, trainable: str | Sequence[str] = "all") -> torch.nn.Module:
+    """Freeze every parameter of ``module`` except a chosen subset (in place), e.g. for DP-SGD fine-tuning.
+
+    DP-SGD adds noise of the same size to every trained coordinate, so fine-tuning a few thousand parameters of a
+    publicly pretrained flow keeps far more of the signal than fine-tuning all of them (measured: training all
+    0.54 M parameters of the ``small`` flow on 340 private images at epsilon 10 turned its samples into noise).
+
+    Args:
+        module: the network (a ``ConditionalGlow`` for the presets other than ``"all"``).
+        trainable: ``"all"``; ``"affine"``: the per-channel affine parameters, i.e. every ActNorm parameter and the
+            log-diagonal (``log_abs_s``) of each LU 1x1 convolution; ``"conditioning"``: ``"affine"`` plus every
+            ``nn.Linear`` (in ``ConditionalGlow`` the projections of ``z`` in the couplings and priors); or a list of
+            ``fnmatch`` patterns on parameter names (e.g. ``["*.log_scale", "*cond_proj*"]``).
+
+    Returns:
+        ``module``; frozen parameters have ``requires_grad=False`` (the DP guarantee then covers only the others).
+
+    Raises:
+        ValueError: an unknown preset, or a selection that matches no parameter.
+    """
+    names = [n for n, _ in module.named_parameters()]
+    if isinstance(trainable, str):
+        if trainable not in TRAINABLE_PRESETS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_PRESETS} or a list of patterns, got {trainable!r}.")
+        keep = set(names) if trainable == "all" else _preset_names(module, trainable)
+    else:
+        patterns = [str(p) for p in trainable]
+        keep = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not keep:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of the {type(module).__name__}.")
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in keep)
+    n_keep = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    logger.info(
+        "trainable parameters (%s): %d tensors, %d values of %d",
+        trainable,
+        len(keep),
+        n_keep,
+        sum(p.numel() for p in module.parameters()),
+    )
+    return module
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -135,9 +204,7 @@ def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | o
     info_file, model_file = source / "classifier.json", source / "model.pt"
     for f in (info_file, model_file):
         if not f.is_file():
-            raise FileNotFoundError(
-                f"public classifier file not found: {f} (train a classifier on public data first)"
-            )
+            raise FileNotFoundError(f"public classifier file not found: {f} (train a classifier on public data first)")
     unknown = sorted(set(expected) - set(PUBLIC_CLASSIFIER_KEYS))
     if unknown:
         raise ValueError(f"unknown public classifier setting(s) {unknown}; expected some of {PUBLIC_CLASSIFIER_KEYS}.")
