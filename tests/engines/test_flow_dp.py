@@ -215,3 +215,20 @@ def test_public_init_fine_tunes_a_pretrained_flow_privately(tmp_path):
     assert info["steps"] == 2 and 0 < info["epsilon"] <= 8.0 * 1.05
     moved = [k for k, v in public.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert moved  # fine-tuned under DP-SGD
+
+
+def test_dp_fine_tuning_of_a_parameter_subset_leaves_the_rest_untouched(tmp_path):
+    from monai_condflow.privacy.public import select_trainable
+
+    flow = select_trainable(W.make_flow(1), "affine")
+    start = {k: v.clone() for k, v in flow.state_dict().items()}
+    trainable = {n for n, p in flow.named_parameters() if p.requires_grad}
+    train = create_loader(W.make_flow_data(16, 0), 8, shuffle=True, seed=3)
+    trainer, _ = create_flow_trainer(flow, None, train, None, device="cpu", max_epochs=1, output_dir=tmp_path,
+                                     warmup_epochs=0, lr=1e-2, seed=5, tensorboard=False, dp=DP_FAST)  # fmt: skip
+    trainer.run()
+    after = flow.state_dict()
+    for name, _ in flow.named_parameters():
+        assert torch.equal(after[name], start[name]) != (name in trainable), name  # trained iff selected
+    info = _privacy(tmp_path)
+    assert set(info["covered_parameters"]) == trainable and 0 < info["epsilon"] <= 8.0 * 1.05

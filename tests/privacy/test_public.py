@@ -23,7 +23,12 @@ import torch
 from monai_condflow.engines.checkpoint import CheckpointError
 from monai_condflow.engines.stages import load_classifier, privacy_spent
 from monai_condflow.networks.nets import PEPXNet
-from monai_condflow.privacy.public import file_sha256, install_public_classifier, load_pretrained_weights
+from monai_condflow.privacy.public import (
+    file_sha256,
+    install_public_classifier,
+    load_pretrained_weights,
+    select_trainable,
+)
 
 
 def _pepx(classes: int, seed: int) -> PEPXNet:
@@ -150,3 +155,58 @@ def test_install_public_classifier_refuses_what_does_not_fit(tmp_path: Path):
     with pytest.raises(ValueError, match="DP-SGD classifier"):
         install_public_classifier(tmp_path / "dp", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written on refusal
+
+
+def _tiny_flow():
+    from monai_condflow.networks.nets import ConditionalGlow
+
+    torch.manual_seed(0)
+    return ConditionalGlow.from_preset(
+        "small", num_levels=2, image_size=16, num_steps=2, num_blocks=(1, 1), hidden_channels=8
+    )
+
+
+def _by_type(flow) -> tuple[set[str], set[str], set[str]]:
+    from monai_condflow.networks.blocks.actnorm import ActNorm
+    from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
+
+    act, diag, linear = set(), set(), set()
+    for prefix, m in flow.named_modules():
+        for n, _ in m.named_parameters(recurse=False):
+            full = f"{prefix}.{n}"
+            if isinstance(m, ActNorm):
+                act.add(full)
+            elif isinstance(m, InvertibleConv1x1) and n == "log_abs_s":
+                diag.add(full)
+            elif isinstance(m, torch.nn.Linear):
+                linear.add(full)
+    assert act and diag and linear
+    return act, diag, linear
+
+
+@pytest.mark.parametrize("preset", ["all", "affine", "conditioning"])
+def test_select_trainable_presets(preset):
+    flow = _tiny_flow()
+    act, diag, linear = _by_type(flow)
+    expected = {
+        "all": {n for n, _ in flow.named_parameters()},
+        "affine": act | diag,
+        "conditioning": act | diag | linear,
+    }[preset]
+    assert select_trainable(flow, preset) is flow
+    assert {n for n, p in flow.named_parameters() if p.requires_grad} == expected
+    if preset != "all":
+        assert any(not p.requires_grad for p in flow.parameters())
+
+
+def test_select_trainable_patterns_and_errors():
+    flow = _tiny_flow()
+    select_trainable(flow, ["*.log_scale", "*cond_proj.bias"])
+    chosen = {n for n, p in flow.named_parameters() if p.requires_grad}
+    assert chosen and all(n.endswith(("log_scale", "cond_proj.bias")) for n in chosen)
+    select_trainable(flow, "all")  # unfreezes again
+    assert all(p.requires_grad for p in flow.parameters())
+    with pytest.raises(ValueError, match="one of"):
+        select_trainable(flow, "everything")
+    with pytest.raises(ValueError, match="selects no parameter"):
+        select_trainable(flow, ["nothing.*"])
