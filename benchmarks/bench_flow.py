@@ -34,6 +34,7 @@ Usage::
 
     python benchmarks/bench_flow.py --levels 3 --steps 8 --hidden 64 --batch 32 --reps 5 --threads 1
     python benchmarks/bench_flow.py --profile   # also prints where ours spends its time
+    python benchmarks/bench_flow.py --no-memory --compile   # ours with torch.compile (+ the peer compiled)
 
 The last line is ``train_ratio=<ours/peer> sample_ratio=<ours/peer>`` (images/s ratios, two decimals).
 """
@@ -288,6 +289,54 @@ def _gflops_per_image(candidate: Candidate, args: argparse.Namespace, batch: int
     return train / batch / 1e9, counter.get_total_flops() / batch / 1e9
 
 
+def _compile_candidate(candidate: Candidate) -> Candidate:
+    """The same model with ``torch.compile``: ours through its own opt-in (``compile_sampling``) and a compiled
+    ``log_prob``; the peer with its ``forward_kld`` and ``sample`` compiled. Nothing is compiled until first used."""
+    model = candidate.model
+    if candidate.name == "ours":
+        log_prob = torch.compile(model.log_prob)
+        model.compile_sampling()
+        return Candidate("ours+compile", model, candidate.condition, candidate.initialize,
+                         lambda x, c: -log_prob(x, c).mean(), candidate.sample)  # fmt: skip
+    forward_kld, sample = torch.compile(model.forward_kld), torch.compile(model.sample)
+    return Candidate("peer+compile", model, candidate.condition, candidate.initialize, forward_kld,
+                     lambda y: sample(len(y), y=y, temperature=TEMPERATURE)[0])  # fmt: skip
+
+
+def _compile_and_check(
+    eager: Candidate, compiled: Candidate, optimizer: torch.optim.Optimizer, x: torch.Tensor, c: torch.Tensor
+) -> dict[str, float]:
+    """Compile (first training step, first sampling batch: timed as the compile times) and compare with eager.
+
+    Returns the compile times (s, the first call including its own run) and the max. abs. differences compiled vs
+    eager of the batch's log-likelihood and of a sample drawn from the same noise (ours: the same latents decoded
+    eagerly; the peer: the same RNG seed, with inductor's ``fallback_random`` so it draws the noise eagerly).
+    """
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    _train_step(compiled, optimizer, x, c)
+    out["compile_train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    _sample_batch(compiled, c)
+    out["compile_sample_s"] = time.perf_counter() - start
+    if eager.model is not compiled.model:  # a separate eager copy (the peer): give it the compiled one's weights
+        eager.model.load_state_dict(compiled.model.state_dict())
+    out["nll_diff"] = abs(float(compiled.nll(x, c).detach()) - float(eager.nll(x, c).detach()))
+    with torch.no_grad():
+        if compiled.name.startswith("ours"):
+            model = compiled.model
+            nu = torch.randn(len(c), model.latent_dim(), generator=torch.Generator().manual_seed(1)) * TEMPERATURE
+            reference = model.inverse(nu, c)[0].clamp(0.0, 1.0)
+            sample = model.sample(c, temperature=TEMPERATURE, generator=torch.Generator().manual_seed(1))
+        else:
+            torch.manual_seed(1)
+            reference = eager.sample(c)
+            torch.manual_seed(1)
+            sample = compiled.sample(c)
+    out["sample_diff"] = float((sample - reference).abs().max())
+    return out
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, default=3, help="squeeze levels (image side divisible by 2**levels)")
@@ -308,6 +357,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ours-act", default=None, help="coupling activation of ours (default: the model's, ELU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights and inputs, both models")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="opt-in: time ours with torch.compile (training: compiled log_prob; sampling: compile_sampling) against "
+        "the eager peer, plus an extra line with the peer compiled the same way; compile times are reported "
+        "separately and excluded from the throughput; peak memory is then not measured",
+    )
     parser.add_argument("--profile", action="store_true", help="also profile ours (torch.profiler)")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -338,10 +394,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         name: (_images(args.batch, args.size, args.channels_last), cand.condition(args.batch))
         for name, (cand, _) in candidates.items()
     }
-    train: dict[str, list[float]] = {"ours": [], "peer": []}
-    sample: dict[str, list[float]] = {"ours": [], "peer": []}
+    flops = {name: _gflops_per_image(cand, args) for name, (cand, _) in candidates.items()}  # eager, before compiling
+    compile_info: dict[str, dict[str, float]] = {}
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True  # the peer draws its noise inside the compiled code: same RNG as eager
+        args.no_memory = True
+        peer_eager, _ = _prepare("peer", args)  # stays eager; "peer" is compiled for the extra line
+        peer_eager.model.load_state_dict(candidates["peer"][0].model.state_dict())
+        eager_ours = candidates["ours"][0]
+        candidates["ours"] = (_compile_candidate(eager_ours), candidates["ours"][1])
+        candidates["peer+compile"] = (_compile_candidate(candidates["peer"][0]), candidates["peer"][1])
+        candidates["peer"] = (peer_eager, torch.optim.AdamW(peer_eager.model.parameters(), lr=1e-4,
+                                                            weight_decay=1e-6, foreach=True))  # fmt: skip
+        data["peer+compile"] = data["peer"]
+        flops["peer+compile"] = flops["peer"]
+        eager_of = {"ours": eager_ours, "peer+compile": peer_eager}
+        for name in ("ours", "peer+compile"):
+            cand, optimizer = candidates[name]
+            compile_info[name] = _compile_and_check(eager_of[name], cand, optimizer, *data[name])
+    names = list(candidates)
+    train: dict[str, list[float]] = {name: [] for name in names}
+    sample: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(args.warmup + args.reps):
-        order = ("ours", "peer") if rep % 2 == 0 else ("peer", "ours")
+        order = names if rep % 2 == 0 else names[::-1]
         for name in order:
             candidate, optimizer = candidates[name]
             t_train = _train_step(candidate, optimizer, *data[name])
@@ -356,9 +433,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"batch={args.batch}, threads={args.threads}, reps={args.reps} (+{args.warmup} warm-up), fp32 CPU, "
         f"ours granularity={args.granularity}, "
         f"channels_last={args.channels_last}, ours act={args.ours_act or 'default (ELU)'}, torch {torch.__version__}"
+        + (", ours: torch.compile (inductor)" if args.compile else "")
     )
     header = (
-        f"{'model':<6} {'params':>10} {'train img/s':>12} {'sample img/s':>13} {'train MiB':>10} {'sample MiB':>11}"
+        f"{'model':<12} {'params':>10} {'train img/s':>12} {'sample img/s':>13} {'train MiB':>10} {'sample MiB':>11}"
     )
     print(header + f" {'train GFLOP/img':>16} {'sample GFLOP/img':>17}")
     for name, (candidate, _) in candidates.items():
@@ -370,16 +448,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if not args.no_memory:
             mem_train, mem_sample = _measure_memory(name, "train", args), _measure_memory(name, "sample", args)
         results[f"{name}_train_mib"], results[f"{name}_sample_mib"] = mem_train, mem_sample
-        flops_train, flops_sample = _gflops_per_image(candidate, args)
+        flops_train, flops_sample = flops[name]
         results[f"{name}_train_gflop"], results[f"{name}_sample_gflop"] = flops_train, flops_sample
         print(
-            f"{name:<6} {params:>10,} {results[f'{name}_train_ips']:>12.1f} {results[f'{name}_sample_ips']:>13.1f} "
+            f"{name:<12} {params:>10,} {results[f'{name}_train_ips']:>12.1f} {results[f'{name}_sample_ips']:>13.1f} "
             f"{mem_train:>10.0f} {mem_sample:>11.0f} {flops_train:>16.3f} {flops_sample:>17.3f}"
         )
     print("per-rep train img/s: " + "; ".join(f"{k} " + ", ".join(f"{v:.1f}" for v in train[k]) for k in train))
     print("per-rep sample img/s: " + "; ".join(f"{k} " + ", ".join(f"{v:.1f}" for v in sample[k]) for k in sample))
     if args.profile:
         _profile_ours(args)
+    for name, info in compile_info.items():
+        print(
+            f"{name}: compile (first call, incl. its run) train {info['compile_train_s']:.1f} s, sample "
+            f"{info['compile_sample_s']:.1f} s; compiled vs eager max abs diff: NLL {info['nll_diff']:.3g}, "
+            f"sample (same noise) {info['sample_diff']:.3g}"
+        )
+    if "peer+compile" in candidates:
+        results["train_ratio_vs_compiled_peer"] = results["ours_train_ips"] / results["peer+compile_train_ips"]
+        results["sample_ratio_vs_compiled_peer"] = results["ours_sample_ips"] / results["peer+compile_sample_ips"]
+        print(
+            f"vs compiled peer: train_ratio={results['train_ratio_vs_compiled_peer']:.2f} "
+            f"sample_ratio={results['sample_ratio_vs_compiled_peer']:.2f}"
+        )
     paired = {k: [o / p for o, p in zip(v["ours"], v["peer"])] for k, v in (("train", train), ("sample", sample))}
     print(
         "paired per-rep ratios (ours/peer, same repetition): "

@@ -32,15 +32,18 @@ def _bound_scale(num_first: int, first: float, num_second: int, second: float, s
     return scale.view(1, -1, *([1] * spatial_dims))
 
 
-def _soft_bound(raw: Tensor, bound: Tensor) -> Tensor:
-    """``bound * tanh(raw / bound)`` per channel, in one pass per op over the whole network output.
+def _soft_bound(raw: Tensor, bound: Tensor, out_scale: Tensor | None = None) -> Tensor:
+    """``out_scale * tanh(raw / bound)`` per channel (``out_scale`` defaults to ``bound``), in one pass per op over
+    the whole network output.
 
     ``raw`` must be a fresh tensor that nothing else holds (a conv output): it is divided in place (neither the
     conv's backward nor the division's needs it). Bit-identical to bounding each channel group on its own; without
-    autograd every op runs in place.
+    autograd every op runs in place. ``out_scale = -bound`` on some channels gives their exact negation for free
+    (the coupling's inverse needs ``-log s``).
     """
+    out_scale = bound if out_scale is None else out_scale
     raw = raw.div_(bound).tanh_()
-    return raw.mul_(bound) if not (torch.is_grad_enabled() and raw.requires_grad) else raw * bound
+    return raw.mul_(out_scale) if not (torch.is_grad_enabled() and raw.requires_grad) else raw * out_scale
 
 
 def _exp(t: Tensor) -> Tensor:
@@ -174,6 +177,10 @@ class ConditionalAffineCoupling(FlowLayer):
         bound = _bound_scale(self.num_transformed, self.scale_bound, self.num_transformed, self.shift_bound,
                              spatial_dims)  # fmt: skip
         self.register_buffer("_bound", bound, persistent=False)
+        # (-a, b): bounds to (-log s, t) in one pass (the inverse without autograd)
+        neg_bound = _bound_scale(self.num_transformed, -self.scale_bound, self.num_transformed, self.shift_bound,
+                                 spatial_dims)  # fmt: skip
+        self.register_buffer("_neg_bound", neg_bound, persistent=False)
 
     def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(a tanh(r / a), b tanh(u / b))`` with ``(r, u)`` the two halves of the network output."""
@@ -196,9 +203,15 @@ class ConditionalAffineCoupling(FlowLayer):
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x_b = (y_b - t) e^{-log s}``; returns ``(x, -logdet)``."""
         y_a, y_b = y.split([self.num_pass, self.num_transformed], dim=1)
-        log_s, shift = self._scale_shift(y_a, condition)
-        x_b = (y_b - shift) * torch.exp(-log_s)
-        return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
+        if torch.is_grad_enabled():
+            log_s, shift = self._scale_shift(y_a, condition)
+            x_b = (y_b - shift) * torch.exp(-log_s)
+            return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
+        # sampling / evaluation: the same values with fewer passes: ``-log s`` straight from the bounding pass (an
+        # exact negation), ``exp`` on a dense copy, the product in place
+        neg_log_s, shift = _soft_bound(self.net(y_a, condition), self._bound, self._neg_bound).chunk(2, dim=1)
+        x_b = (y_b - shift).mul_(_exp(neg_log_s))
+        return torch.cat([y_a, x_b], dim=1), neg_log_s.flatten(1).sum(1)
 
 
 class ConditionalFlowStep(FlowSequential):

@@ -316,3 +316,33 @@ def test_coupling_keeps_channels_last_gradients():
     assert y.is_contiguous(memory_format=torch.channels_last)
     (y.square().sum() + logdet.sum()).backward()
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["actnorm", "invconv", "coupling", "coupling_odd", "coupling3d", "step"])
+def test_inverse_without_autograd_is_bit_identical(name):
+    """The no-grad inverse (sampling: ``-log s`` from the bounding pass, in-place products, triangular-solve
+    ``W^{-1}``) gives exactly the values of the autograd path, channels-last (the model's layout) and contiguous."""
+    layer, x, cond = _setup(name)
+    layer = layer.float()
+    x = x.float()
+    cond = None if cond is None else cond.float()
+    y = layer(x, cond)[0].detach()
+    if y.ndim == 4:
+        y = y.contiguous(memory_format=torch.channels_last)
+    for inp in (y, y.contiguous()):
+        x_grad, ld_grad = layer.inverse(inp, cond)
+        with torch.no_grad():
+            x_nograd, ld_nograd = layer.inverse(inp, cond)
+        with torch.inference_mode():
+            x_inf, ld_inf = layer.inverse(inp, cond)
+        for got, ld in ((x_nograd, ld_nograd), (x_inf, ld_inf)):
+            assert torch.equal(got, x_grad.detach()) and torch.equal(ld, ld_grad.detach())
+
+
+def test_invconv_triangular_inverse_matches_linalg_inv():
+    layer = perturb(InvertibleConv1x1(2, 8), 0.5)
+    with torch.no_grad():
+        weight, inverse = layer.weights()
+        reference = torch.linalg.inv(layer._compose(torch.float64)).float()
+    torch.testing.assert_close(inverse, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(weight @ inverse, torch.eye(8), atol=1e-5, rtol=0)
