@@ -291,6 +291,11 @@ def test_public_pretraining_overlays(dataset, tmp_path):
          output_dir=str(out), target_epsilon=3.0, target_delta=1e-4,
          public_checkpoint="$os.path.join(@output_dir, 'public', 'flow', 'model.pt')")  # fmt: skip
     flow = json.loads((out / "flow" / "flow.json").read_text())
+    privacy = json.loads((out / "flow" / "privacy.json").read_text())
+    # from public weights the default trains the affine subset only: ActNorm + the 1x1 convs' log-diagonal
+    assert privacy["covered_parameters"]
+    assert all(n.endswith(("log_scale", "bias", "log_abs_s")) for n in privacy["covered_parameters"])
+    assert not any("net." in n for n in privacy["covered_parameters"])  # no coupling network weights
     assert flow["pretrained"]["sha256"] == file_sha256(out / "public" / "flow" / "model.pt")
     assert flow["pretrained"]["source"] == str(out / "public" / "flow" / "model.pt")
     spent = privacy_spent(out)
