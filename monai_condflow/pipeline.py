@@ -82,6 +82,7 @@ class Stage:
 
 
 PUBLIC_DIR = "public"  # sub-folder of a DP run holding the public (phantom) pretraining
+PUBLIC_PHANTOM_SEED_OFFSET = 1_000_003  # public phantom seed = run seed + this, when the private data is the phantom
 
 
 def cli_value(value: object) -> str:
@@ -265,8 +266,7 @@ def run_pipeline(
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     stages = list(stages) if stages is not None else default_stages(num_labels)
-    if any(stage.public for stage in stages):
-        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, seed)
+    private_is_phantom = dataset_dir is None
     if dataset_dir is None:
         dataset_dir = _prepare_default_dataset(output_dir, num_images, seed)
     dataset_dir = Path(dataset_dir).resolve()
@@ -278,6 +278,10 @@ def run_pipeline(
             raise FileNotFoundError(
                 f"annotation file missing: {dataset_dir / split} (a COVIDx-CT-format folder needs it)"
             )
+    if any(stage.public for stage in stages):
+        # the public phantom must not be the private one: when the private data is the phantom too, draw other patients
+        public_seed = seed + PUBLIC_PHANTOM_SEED_OFFSET if private_is_phantom else seed
+        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, public_seed)
     common: dict[str, object] = {
         "dataset_dir": str(dataset_dir),
         "output_dir": str(output_dir),

@@ -300,6 +300,24 @@ def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: P
     made.clear()
     run_pipeline(data, tmp_path / "o", stages=[Stage("q", ["x.json"])])
     assert made == []  # private stages only, a dataset given: nothing generated
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        run_pipeline(tmp_path / "absent", tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)])
+    assert made == []  # a bad private dataset stops the run before the phantom is generated
+
+
+def test_the_public_phantom_differs_from_a_private_phantom(tmp_path: Path, monkeypatch):
+    made = []
+
+    def fake_prepare(out, n, seed):
+        made.append((out, seed))
+        data = _dataset(out / "data")
+        return data
+
+    monkeypatch.setattr(pipeline, "_prepare_default_dataset", fake_prepare)
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
+    run_pipeline(None, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], seed=4)
+    out = (tmp_path / "o").resolve()
+    assert made == [(out, 4), (out / "public", 4 + pipeline.PUBLIC_PHANTOM_SEED_OFFSET)]
 
 
 def test_main_passes_public_pretraining(tmp_path: Path, monkeypatch, capsys):
