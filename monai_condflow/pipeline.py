@@ -82,6 +82,7 @@ class Stage:
 
 
 PUBLIC_DIR = "public"  # sub-folder of a DP run holding the public (phantom) pretraining
+PUBLIC_FLOW_CHECKPOINT = f"$os.path.join(@output_dir, '{PUBLIC_DIR}', 'flow', 'model.pt')"  # bundle expression
 PUBLIC_PHANTOM_SEED_OFFSET = 1_000_003  # public phantom seed = run seed + this, when the private data is the phantom
 
 
@@ -130,13 +131,14 @@ def default_stages(
             gets half of both (basic composition). The DP classifier trains on the labelled images only (label
             propagation is not private).
         dp_delta: total delta of a DP run.
-        public_pretrain: with ``dp_epsilon`` and all labels: first train a classifier and a flow on the embedded
-            phantom (public by construction, in ``OUTPUT_DIR/public``); the phantom classifier becomes the frozen
-            conditioning classifier (``public_classifier.json``: no private data, epsilon 0) and the phantom flow is
-            fine-tuned on the private data with DP-SGD, which then gets the whole ``(dp_epsilon, dp_delta)``.
+        public_pretrain: first train a classifier and a flow on the embedded phantom (public by construction, in
+            ``OUTPUT_DIR/public``); the private flow then starts from the phantom flow (``pretrained_checkpoint``)
+            instead of from scratch. With ``dp_epsilon`` (all labels only) the phantom classifier also becomes the
+            frozen conditioning classifier (``public_classifier.json``: no private data, epsilon 0) and the phantom
+            flow is fine-tuned with DP-SGD, which then gets the whole ``(dp_epsilon, dp_delta)``.
 
     Raises:
-        ValueError: a bad epsilon / delta, or ``public_pretrain`` without ``dp_epsilon`` or with partial labels.
+        ValueError: a bad epsilon / delta, or ``public_pretrain`` with ``dp_epsilon`` and partial labels.
     """
     budget = CPU_BUDGET if budget is None else budget
     semi = num_labels != "all"
@@ -155,15 +157,18 @@ def default_stages(
         flow_files = ["train_flow.json", "train_flow_dp.json"]
         flow_overrides |= half
         name = f"classifier (DP-SGD, epsilon {dp_epsilon / 2:g})"
+    public_stages: list[Stage] = []
     if public_pretrain:
-        if dp_epsilon is None:
-            raise ValueError("public pretraining is for DP-SGD runs: give dp_epsilon (--dp-epsilon) as well.")
-        if semi:
-            raise ValueError(
-                "public pretraining needs --num-labels all: the frozen public classifier does no label propagation."
-            )
-        return _public_pretrain_stages(budget, dp_epsilon, dp_delta, baseline)
-    stages = [
+        if dp_epsilon is not None:
+            if semi:
+                raise ValueError(
+                    "public pretraining with DP-SGD needs --num-labels all: the frozen public classifier does no "
+                    "label propagation."
+                )
+            return _public_pretrain_stages(budget, dp_epsilon, dp_delta, baseline)
+        public_stages = _public_stages(budget)
+        flow_overrides["pretrained_checkpoint"] = PUBLIC_FLOW_CHECKPOINT
+    stages = public_stages + [
         Stage(name, classifier_files, classifier_overrides),
         Stage(
             "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})", flow_files, flow_overrides
@@ -176,20 +181,26 @@ def default_stages(
     return stages
 
 
+def _public_stages(budget: dict[str, dict[str, object]]) -> list[Stage]:
+    """Classifier and flow trained on the public phantom in ``OUTPUT_DIR/public`` (no DP: nothing private)."""
+    classifier = {k: v for k, v in (budget.get("classifier") or {}).items() if k == "max_epochs"}
+    # the phantom has no members to audit
+    public_flow = {k: v for k, v in (budget.get("flow") or {}).items() if k != "audit_holdout"}
+    return [
+        Stage("public classifier (phantom)", ["train_classifier.json"], classifier, public=True),
+        Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True),
+    ]
+
+
 def _public_pretrain_stages(
     budget: dict[str, dict[str, object]], dp_epsilon: float, dp_delta: float, baseline: bool
 ) -> list[Stage]:
-    classifier = {k: v for k, v in (budget.get("classifier") or {}).items() if k == "max_epochs"}
-    flow = dict(budget.get("flow") or {})
-    public_flow = {k: v for k, v in flow.items() if k != "audit_holdout"}  # the phantom has no members to audit
-    private_flow = flow | {
+    private_flow = dict(budget.get("flow") or {}) | {
         "target_epsilon": dp_epsilon,
         "target_delta": dp_delta,
-        "public_checkpoint": f"$os.path.join(@output_dir, '{PUBLIC_DIR}', 'flow', 'model.pt')",
+        "public_checkpoint": PUBLIC_FLOW_CHECKPOINT,
     }
-    stages = [
-        Stage("public classifier (phantom)", ["train_classifier.json"], classifier, public=True),
-        Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True),
+    stages = _public_stages(budget) + [
         Stage("classifier (public, frozen: epsilon 0)", ["public_classifier.json"]),
         Stage(
             f"flow (DP-SGD fine-tuning, epsilon {dp_epsilon:g})",
@@ -383,9 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dp-delta", type=float, default=1e-5, help="total delta of a DP run (half each stage)")
     parser.add_argument(
-        "--dp-public-pretrain",
+        "--public-pretrain",
         action="store_true",
-        help="with --dp-epsilon: pretrain on the public phantom; frozen public classifier, DP fine-tuning of the flow",
+        help="start the flow from one trained on the generated (public) phantom; with --dp-epsilon also a frozen "
+        "public classifier (epsilon 0) and DP fine-tuning of the flow",
     )
     parser.add_argument(
         "--audit-holdout",
@@ -403,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget,
             dp_epsilon=args.dp_epsilon,
             dp_delta=args.dp_delta,
-            public_pretrain=args.dp_public_pretrain,
+            public_pretrain=args.public_pretrain,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -429,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 baseline=args.baseline,
                 dp_epsilon=args.dp_epsilon,
                 dp_delta=args.dp_delta,
-                public_pretrain=args.dp_public_pretrain,
+                public_pretrain=args.public_pretrain,
             ),
             num_images=args.num_images,
             seed=args.seed,

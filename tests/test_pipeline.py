@@ -282,12 +282,29 @@ def test_public_stage_commands_point_at_the_public_folder(tmp_path: Path):
     assert parser.get_parsed_content("public_checkpoint") == str(tmp_path / "public" / "flow" / "model.pt")
 
 
-@pytest.mark.parametrize(
-    "num_labels, eps, message", [("all", None, "give dp_epsilon"), (50, 4.0, "needs --num-labels all")]
-)
-def test_public_pretraining_needs_dp_and_all_labels(num_labels, eps, message):
-    with pytest.raises(ValueError, match=message):
-        default_stages(num_labels, dp_epsilon=eps, public_pretrain=True)
+def test_public_pretraining_with_dp_needs_all_labels():
+    with pytest.raises(ValueError, match="needs --num-labels all"):
+        default_stages(50, dp_epsilon=4.0, public_pretrain=True)
+
+
+@pytest.mark.parametrize("num_labels", ["all", 50])
+def test_public_pretraining_without_dp_starts_the_private_flow_from_the_phantom_flow(num_labels):
+    stages = default_stages(num_labels, public_pretrain=True)
+    semi = num_labels != "all"
+    assert [s.name for s in stages] == [
+        "public classifier (phantom)",
+        "public flow (phantom)",
+        "classifier (semi-supervised)" if semi else "classifier",
+        "flow",
+        "generation",
+        "evaluation",
+    ]
+    assert [s.public for s in stages] == [True, True, False, False, False, False]
+    # the private classifier is trained as usual (label propagation included); only the flow starts from public weights
+    assert stages[2].config_files == default_stages(num_labels)[0].config_files
+    assert stages[3].config_files == ["train_flow.json"]
+    assert stages[3].overrides == {**CPU_BUDGET["flow"], "pretrained_checkpoint": pipeline.PUBLIC_FLOW_CHECKPOINT}
+    assert "pretrained_checkpoint" not in stages[1].overrides and "pretrained_checkpoint" not in CPU_BUDGET["flow"]
 
 
 def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: Path, monkeypatch):
@@ -324,9 +341,11 @@ def test_main_passes_public_pretraining(tmp_path: Path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, stages, **k: calls.append(stages) or {})
     argv = [str(tmp_path), "--output-dir", str(tmp_path / "o"), "--num-labels", "all", "--dp-epsilon", "6",
-            "--dp-public-pretrain"]  # fmt: skip
+            "--public-pretrain"]  # fmt: skip
     assert main(argv) == 0
     assert [s.public for s in calls[0]][:2] == [True, True] and calls[0][3].overrides["target_epsilon"] == 6.0
+    assert main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--public-pretrain"]) == 0
+    assert calls[1][3].overrides["pretrained_checkpoint"] == pipeline.PUBLIC_FLOW_CHECKPOINT
     with pytest.raises(SystemExit):
-        main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--dp-public-pretrain"])
-    assert "give dp_epsilon" in capsys.readouterr().err
+        main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--public-pretrain", "--dp-epsilon", "4"])
+    assert "needs --num-labels all" in capsys.readouterr().err

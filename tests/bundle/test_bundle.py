@@ -320,3 +320,10 @@ def test_a_pretrained_flow_under_dp_must_be_declared_public(dataset, tmp_path):
         chain.append(str(err))
         err = err.__cause__ or err.__context__
     assert any("already initialised" in text and "public_init=True" in text for text in chain), chain
+    # without DP the same checkpoint is a plain starting point (fine-tuning), recorded with its hash
+    from monai_condflow.privacy.public import file_sha256
+
+    shutil.rmtree(out / "flow", ignore_errors=True)
+    _run(["train_flow.json"], **common, pretrained_checkpoint=str(tmp_path / "flow.pt"))
+    flow = json.loads((out / "flow" / "flow.json").read_text())
+    assert flow["pretrained"] == {"source": str(tmp_path / "flow.pt"), "sha256": file_sha256(tmp_path / "flow.pt")}
