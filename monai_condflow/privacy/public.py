@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from monai_condflow.engines.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from monai_condflow.engines.stage_io import write_stage_info
 
 __all__ = [
     "file_sha256",
@@ -216,16 +216,10 @@ def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | o
             raise ValueError(
                 f"public classifier {info_file} has {name}={info.get(name)!r}, the private run needs {value!r}."
             )
-    try:
-        torch.load(model_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot load public classifier {model_file} safely (weights_only=True): {e}") from e
+    load_checkpoint(model_file)  # refuses a file that would not load with weights_only=True, naming it
     target_dir = Path(output_dir) / "classifier"
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / "model.pt"
-    tmp = target_dir / ".model.pt.public.tmp"
-    shutil.copyfile(model_file, tmp)
-    os.replace(tmp, target)
+    target = atomic_write_bytes(target_dir / "model.pt", model_file.read_bytes())
     sha = file_sha256(target)
     description = {
         **{k: v for k, v in info.items() if k not in ("rounds", "converged", "semisupervised")},
@@ -233,7 +227,7 @@ def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | o
         "selected": f"public classifier ({model_file})",
         "dp": {"epsilon": 0.0, "delta": 0.0, "public": True, "covers": "trained on public data only; frozen"},
     }
-    atomic_write_bytes(target_dir / "classifier.json", json.dumps(description, indent=2, default=str).encode("utf-8"))
+    write_stage_info(target_dir, "classifier", description)
     stale = target_dir / "train_labels.json"
     if stale.is_file():
         stale.unlink()  # labels of an earlier private classifier run in this folder must not leak into the flow stage
