@@ -69,15 +69,21 @@ class InvertibleConv1x1(FlowLayer):
         return f"spatial_dims={self.spatial_dims}, num_channels={self.num_channels}"
 
     def _compose(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``W = P (tril(L, -1) + I) (triu(U, 1) + diag(sign * exp(log_abs_s)))`` as a ``[C, C]`` matrix."""
+        """``W = P (tril(L, -1) + I) (triu(U, 1) + diag(sign * exp(log_abs_s)))`` as a ``[C, C]`` matrix.
+
+        Composed in the parameters' dtype (or ``dtype``) even under ``torch.autocast``: a bf16 / fp16 product of the
+        factors would no longer be the inverse of the float64 ``W^{-1}`` (and, cached, would leak low precision into
+        later full-precision calls). Autocast still casts the composed matrix for the convolution that applies it.
+        """
         lower, upper, log_abs_s = self.lower, self.upper, self.log_abs_s
         perm, sign, eye = self.permutation, self.sign_s, self.eye
         if dtype is not None:
             lower, upper, log_abs_s = lower.to(dtype), upper.to(dtype), log_abs_s.to(dtype)
             perm, sign, eye = perm.to(dtype), sign.to(dtype), eye.to(dtype)
-        lower = torch.tril(lower, -1) + eye
-        upper = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_abs_s))
-        return perm @ (lower @ upper)
+        with torch.autocast(lower.device.type, enabled=False):
+            lower = torch.tril(lower, -1) + eye
+            upper = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_abs_s))
+            return perm @ (lower @ upper)
 
     def _key(self) -> tuple:
         return tuple(

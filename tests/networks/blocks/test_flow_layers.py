@@ -339,6 +339,24 @@ def test_inverse_without_autograd_is_bit_identical(name):
             assert torch.equal(got, x_grad.detach()) and torch.equal(ld, ld_grad.detach())
 
 
+def test_invconv_under_autocast_composes_in_full_precision_and_cache_stays_fp32():
+    layer = perturb(InvertibleConv1x1(2, 8), 0.5)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        reference, _ = layer(x)  # fp32, fills the cache
+        layer.load_state_dict(layer.state_dict())  # same values, new cache key
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_bf16, _ = layer(x)  # fills the cache under autocast
+            weight, inverse = layer.weights()
+        assert weight.dtype == inverse.dtype == torch.float32
+        torch.testing.assert_close(weight @ inverse, torch.eye(8), atol=1e-5, rtol=0)
+        assert y_bf16.dtype == torch.bfloat16  # autocast still runs the convolution in bf16
+        torch.testing.assert_close(y_bf16.float(), reference, atol=0.1, rtol=0.05)
+        y, _ = layer(x)  # fp32 again, from the cache filled under autocast: exact
+    assert y.dtype == torch.float32
+    assert torch.equal(y, reference)
+
+
 def test_invconv_triangular_inverse_matches_linalg_inv():
     layer = perturb(InvertibleConv1x1(2, 8), 0.5)
     with torch.no_grad():
