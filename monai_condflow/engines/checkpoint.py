@@ -29,7 +29,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_torch_save",
     "load_checkpoint",
+    "load_module_weights",
     "find_latest_checkpoint",
     "create_checkpoint_handler",
     "RandomStateTracker",
@@ -111,6 +112,62 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of state dicts.")
     return obj
+
+
+def load_module_weights(
+    module: torch.nn.Module,
+    path: str | os.PathLike,
+    key: str = "network",
+    fresh_prefixes: Sequence[str] = (),
+    what: str = "checkpoint",
+) -> torch.nn.Module:
+    """Load the weights in ``path`` into ``module`` (in place), safely and completely.
+
+    Loads with :func:`load_checkpoint` (``weights_only=True``). Every parameter and buffer of ``module`` must be in
+    the file with the module's shape and the file must hold nothing else, except that names starting with one of
+    ``fresh_prefixes`` (e.g. ``("head.",)`` for a classifier head with another number of classes) keep the module's
+    own initialisation when their shape differs (logged).
+
+    Args:
+        module: the network to fill.
+        path: a checkpoint holding ``{key: state_dict}`` (what the stages write as ``model.pt``) or a bare state dict.
+        key: the entry holding the state dict.
+        fresh_prefixes: names allowed to stay freshly initialised when their shape differs.
+        what: how error messages and logs call the file (e.g. ``"pretrained checkpoint"``).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        CheckpointError: the file is missing, cannot be loaded safely, or does not fit ``module`` (the message names
+            the file and the first offending keys).
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    state = checkpoint[key] if isinstance(checkpoint.get(key), dict) else checkpoint
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        k for k in own if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(own[k].shape))
+    ]
+    kept = [k for k in mismatched if k.startswith(tuple(fresh_prefixes)) and torch.is_tensor(state[k])]
+    problems = {
+        "missing": missing,
+        "unexpected": unexpected,
+        "shape mismatch": [k for k in mismatched if k not in kept],
+    }
+    problems = {name: keys for name, keys in problems.items() if keys}
+    if problems:
+        text = "; ".join(f"{name}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else "")
+                         for name, keys in problems.items())  # fmt: skip
+        raise CheckpointError(f"{what} {path} does not fit the {type(module).__name__}: {text}.")
+    module.load_state_dict({k: (own[k] if k in kept else state[k]) for k in own})
+    if kept:
+        logger.info("%s %s loaded; kept the fresh initialisation of %s", what, path, ", ".join(kept))
+    else:
+        logger.info("%s %s loaded (%d tensors)", what, path, len(own))
+    return module
 
 
 def find_latest_checkpoint(

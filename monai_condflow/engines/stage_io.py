@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes, find_latest_checkpoint
+from monai_condflow.engines.checkpoint import atomic_write_bytes, find_latest_checkpoint, load_module_weights
 
 __all__ = [
     "AUDIT_HOLDOUT",
@@ -71,16 +71,16 @@ def read_stage_info(directory: str | os.PathLike, stage: str, run_first: str) ->
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str | None = "network") -> torch.nn.Module:
-    """Load a state dict saved by ``CheckpointSaver`` (``{key: state_dict}`` or a bare state dict) safely.
+def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> torch.nn.Module:
+    """Load a stage's ``model.pt`` (``{key: state_dict}`` as ``CheckpointSaver`` writes it, or a bare state dict).
 
-    ``torch.load(..., weights_only=True)``: a checkpoint that would run code when unpickled is refused.
+    :func:`~monai_condflow.engines.checkpoint.load_module_weights`: ``weights_only=True`` (a checkpoint that would run
+    code when unpickled is refused) and every tensor must fit; errors name the file and the offending keys.
+
+    Raises:
+        CheckpointError: missing, unsafe or unreadable file, or weights of another network.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if key is not None and isinstance(state, dict) and key in state and isinstance(state[key], dict):
-        state = state[key]
-    module.load_state_dict(state)
-    return module
+    return load_module_weights(module, path, key)
 
 
 TRAINING_LABELS = "train_labels.json"

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from monai_condflow.engines.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint
+from monai_condflow.engines.checkpoint import atomic_write_bytes, load_checkpoint, load_module_weights
 from monai_condflow.engines.stage_io import write_stage_info
 
 __all__ = [
@@ -151,30 +151,7 @@ def load_pretrained_weights(
     """
     if path is None:
         return module
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    state = checkpoint[key] if isinstance(checkpoint.get(key), dict) else checkpoint
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    kept = [k for k in mismatched if k.startswith(tuple(fresh_prefixes))]
-    problems = {
-        "missing": missing,
-        "unexpected": unexpected,
-        "shape mismatch": [k for k in mismatched if k not in kept],
-    }
-    problems = {name: keys for name, keys in problems.items() if keys}
-    if problems:
-        text = "; ".join(f"{name}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else "")
-                         for name, keys in problems.items())  # fmt: skip
-        raise CheckpointError(f"pretrained checkpoint {path} does not fit the {type(module).__name__}: {text}.")
-    module.load_state_dict({k: (own[k] if k in kept else state[k]) for k in own})
-    if kept:
-        logger.info("pretrained weights from %s; kept the fresh initialisation of %s", path, ", ".join(kept))
-    else:
-        logger.info("pretrained weights from %s (%d tensors)", path, len(own))
-    return module
+    return load_module_weights(module, path, key, fresh_prefixes, what="pretrained checkpoint")
 
 
 def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | os.PathLike, **expected: Any) -> Path:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from monai_condflow.engines.checkpoint import CheckpointError
 from monai_condflow.engines.config_checks import ConfigValueError, check_common, check_preset, check_temperature
 from monai_condflow.engines.stage_io import (
     AUDIT_HOLDOUT,
@@ -62,7 +62,7 @@ def test_malicious_checkpoint_is_refused(tmp_path: Path):
     bad = tmp_path / "state_checkpoint_epoch=9.pt"
     torch.save({"network": _Sentinel(str(sentinel))}, bad)
     assert latest_checkpoint(tmp_path, "state") is None
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"state_checkpoint_epoch=9\.pt safely \(weights_only=True\)"):
         load_weights(torch.nn.Linear(2, 2), bad)
     assert not sentinel.exists()
 
@@ -73,7 +73,18 @@ def test_load_weights_roundtrip(tmp_path: Path):
     load_weights(dst, tmp_path / "model.pt")
     assert torch.equal(src.weight, dst.weight)
     torch.save(src.state_dict(), tmp_path / "bare.pt")
-    load_weights(torch.nn.Linear(3, 2), tmp_path / "bare.pt")
+    bare = load_weights(torch.nn.Linear(3, 2), tmp_path / "bare.pt")
+    assert torch.equal(src.bias, bare.bias)
+
+
+def test_load_weights_of_another_network_names_the_file_and_keys(tmp_path: Path):
+    torch.save({"network": torch.nn.Linear(3, 2).state_dict()}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model\.pt does not fit the Linear: shape mismatch: weight"):
+        load_weights(torch.nn.Linear(4, 2), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model\.pt does not fit the Sequential: missing: 0\.weight"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 2)), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="absent.pt"):
+        load_weights(torch.nn.Linear(3, 2), tmp_path / "absent.pt")
 
 
 def test_json_and_stage_info(tmp_path: Path):
