@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import scipy
 import torch
 import torch.nn as nn
 from monai.metrics import FIDMetric
@@ -162,7 +163,15 @@ def fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> flo
         va, vb = fa.var(0, unbiased=True), fb.var(0, unbiased=True)
         value = float((fa.mean() - fb.mean()) ** 2 + (va.sqrt() - vb.sqrt()).square().sum())
     else:
-        value = float(FIDMetric()(fa, fb))
+        try:
+            value = float(FIDMetric()(fa, fb))
+        except TypeError as e:
+            if "disp" not in str(e):
+                raise
+            raise RuntimeError(
+                "MONAI's FIDMetric calls scipy.linalg.sqrtm(..., disp=False), which SciPy 1.18 removed "
+                f"(installed: SciPy {scipy.__version__}); install 'scipy<1.18' (the project's constraints pin 1.17.1)."
+            ) from e
     return max(value, 0.0)
 
 

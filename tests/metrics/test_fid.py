@@ -128,3 +128,20 @@ def test_one_dimensional_features_closed_form():
     m1, s1 = float(a.mean()), float(a.std())
     expected = (m1 - (3 * m1 + 2)) ** 2 + (s1 - 3 * s1) ** 2
     assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_scipy_without_sqrtm_disp_gets_a_clear_error(monkeypatch):
+    """SciPy 1.18 removed ``sqrtm(disp=...)``, which MONAI 1.6's FIDMetric passes: say so, not a bare TypeError."""
+    import scipy.linalg
+
+    original = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(a, **kwargs):
+        if "disp" in kwargs:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        return original(a, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    x = _gauss(64, 4, 0)
+    with pytest.raises(RuntimeError, match=r"SciPy 1\.18 removed .*install 'scipy<1\.18'"):
+        fid_from_features(x, x + 1.0)

@@ -476,7 +476,8 @@ class ConditionalGlow(nn.Module):
         Args:
             condition: ``[B, condition_dim]`` (one image per row).
             temperature: ``T >= 0``.
-            generator: optional random generator (on the condition's device) for reproducible samples.
+            generator: optional random generator for reproducible samples; the latents are drawn on its device (a
+                CPU generator gives the same latents whatever the model's device) and moved to the model.
             spatial_size: output size (default :attr:`image_size`).
 
         Returns:
@@ -491,7 +492,10 @@ class ConditionalGlow(nn.Module):
         size = self.image_size if spatial_size is None else self._check_spatial_size(tuple(spatial_size), "size")
         param = next(self.parameters())
         with torch.inference_mode():
-            nu = torch.randn(batch, self.latent_dim(size), generator=generator, device=param.device, dtype=param.dtype)
+            # drawn on the generator's device (a CPU generator gives the same latents whatever the model's device)
+            noise_device = generator.device if generator is not None else param.device
+            nu = torch.randn(batch, self.latent_dim(size), generator=generator, device=noise_device, dtype=param.dtype)
+            nu = nu.to(param.device)
             if temperature != 1.0:
                 nu.mul_(temperature)
             decode = self.inverse if self._compiled_inverse is None else self._compiled_inverse
