@@ -342,6 +342,21 @@ def test_bf16_autocast_sampling_then_full_precision_is_unchanged():
     torch.testing.assert_close(after, reference, atol=1e-4, rtol=1e-6)
 
 
+def test_sample_latents_follow_the_generator_device():
+    """A seeded CPU generator gives the same latents whatever the model's device (evaluation seeds a CPU one)."""
+    model = tiny()
+    model.initialize(images(2, 8), conditions(2))
+    model.eval()
+    z = conditions(3)
+    a = model.sample(z, 0.9, generator=torch.Generator().manual_seed(7))
+    b = model.sample(z, 0.9, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    if torch.cuda.is_available():  # the device path itself (CI has no GPU; run on one to check it)
+        on_gpu = model.to("cuda").sample(z.cuda(), 0.9, generator=torch.Generator().manual_seed(7))
+        assert on_gpu.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.cpu(), a, atol=1e-4, rtol=0)
+
+
 def test_compile_sampling_is_opt_in_and_matches_eager():
     """``compile_sampling`` (off by default) decodes with torch.compile; same samples as eager up to fp32 rounding,
     and still right after an optimiser step (the compiled code reads the current weights)."""
