@@ -157,22 +157,29 @@ def default_stages(
         flow_files = ["train_flow.json", "train_flow_dp.json"]
         flow_overrides |= half
         name = f"classifier (DP-SGD, epsilon {dp_epsilon / 2:g})"
+    flow_name = "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})"
     public_stages: list[Stage] = []
     if public_pretrain:
-        if dp_epsilon is not None:
+        public_stages = _public_stages(budget)
+        if dp_epsilon is None:
+            flow_overrides["pretrained_checkpoint"] = PUBLIC_FLOW_CHECKPOINT
+        else:  # frozen public classifier (epsilon 0); the DP fine-tuning of the public flow gets the whole budget
             if semi:
                 raise ValueError(
                     "public pretraining with DP-SGD needs --num-labels all: the frozen public classifier does no "
                     "label propagation."
                 )
-            return _public_pretrain_stages(budget, dp_epsilon, dp_delta, baseline)
-        public_stages = _public_stages(budget)
-        flow_overrides["pretrained_checkpoint"] = PUBLIC_FLOW_CHECKPOINT
+            name = "classifier (public, frozen: epsilon 0)"
+            classifier_files, classifier_overrides = ["public_classifier.json"], {}
+            flow_overrides = dict(budget.get("flow") or {}) | {
+                "target_epsilon": dp_epsilon,
+                "target_delta": dp_delta,
+                "public_checkpoint": PUBLIC_FLOW_CHECKPOINT,
+            }
+            flow_name = f"flow (DP-SGD fine-tuning, epsilon {dp_epsilon:g})"
     stages = public_stages + [
         Stage(name, classifier_files, classifier_overrides),
-        Stage(
-            "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})", flow_files, flow_overrides
-        ),
+        Stage(flow_name, flow_files, flow_overrides),
         Stage("generation", ["generate.json"], budget.get("generation")),
     ]
     if baseline:
@@ -190,29 +197,6 @@ def _public_stages(budget: dict[str, dict[str, object]]) -> list[Stage]:
         Stage("public classifier (phantom)", ["train_classifier.json"], classifier, public=True),
         Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True),
     ]
-
-
-def _public_pretrain_stages(
-    budget: dict[str, dict[str, object]], dp_epsilon: float, dp_delta: float, baseline: bool
-) -> list[Stage]:
-    private_flow = dict(budget.get("flow") or {}) | {
-        "target_epsilon": dp_epsilon,
-        "target_delta": dp_delta,
-        "public_checkpoint": PUBLIC_FLOW_CHECKPOINT,
-    }
-    stages = _public_stages(budget) + [
-        Stage("classifier (public, frozen: epsilon 0)", ["public_classifier.json"]),
-        Stage(
-            f"flow (DP-SGD fine-tuning, epsilon {dp_epsilon:g})",
-            ["train_flow.json", "train_flow_dp.json"],
-            private_flow,
-        ),
-        Stage("generation", ["generate.json"], budget.get("generation")),
-    ]
-    if baseline:
-        stages.append(Stage("baseline (ACGAN)", ["train_acgan.json"], budget.get("acgan")))
-    stages.append(Stage("evaluation", ["evaluate.json"], budget.get("evaluation")))
-    return stages
 
 
 def parse_stage_overrides(items: Sequence[str], budget: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
