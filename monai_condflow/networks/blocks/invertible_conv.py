@@ -68,6 +68,15 @@ class InvertibleConv1x1(FlowLayer):
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, num_channels={self.num_channels}"
 
+    def _factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P, tril(L, -1) + I, triu(U, 1) + diag(sign * exp(log_abs_s)))`` in the parameters' dtype or ``dtype``."""
+        lower, upper, log_abs_s = self.lower, self.upper, self.log_abs_s
+        perm, sign, eye = self.permutation, self.sign_s, self.eye
+        if dtype is not None:
+            lower, upper, log_abs_s = lower.to(dtype), upper.to(dtype), log_abs_s.to(dtype)
+            perm, sign, eye = perm.to(dtype), sign.to(dtype), eye.to(dtype)
+        return perm, torch.tril(lower, -1) + eye, torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_abs_s))
+
     def _compose(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W = P (tril(L, -1) + I) (triu(U, 1) + diag(sign * exp(log_abs_s)))`` as a ``[C, C]`` matrix.
 
@@ -75,14 +84,8 @@ class InvertibleConv1x1(FlowLayer):
         factors would no longer be the inverse of the float64 ``W^{-1}`` (and, cached, would leak low precision into
         later full-precision calls). Autocast still casts the composed matrix for the convolution that applies it.
         """
-        lower, upper, log_abs_s = self.lower, self.upper, self.log_abs_s
-        perm, sign, eye = self.permutation, self.sign_s, self.eye
-        if dtype is not None:
-            lower, upper, log_abs_s = lower.to(dtype), upper.to(dtype), log_abs_s.to(dtype)
-            perm, sign, eye = perm.to(dtype), sign.to(dtype), eye.to(dtype)
-        with torch.autocast(lower.device.type, enabled=False):
-            lower = torch.tril(lower, -1) + eye
-            upper = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_abs_s))
+        with torch.autocast(self.lower.device.type, enabled=False):
+            perm, lower, upper = self._factors(dtype)
             return perm @ (lower @ upper)
 
     def _key(self) -> tuple:
@@ -97,12 +100,9 @@ class InvertibleConv1x1(FlowLayer):
         Cheaper than inverting the composed ``W`` (no re-factorisation of a matrix whose LU factors are the
         parameters) and at least as accurate.
         """
-        f64 = torch.float64
-        lower = torch.tril(self.lower.to(f64), -1) + self.eye.to(f64)
-        upper = torch.triu(self.upper.to(f64), 1) + torch.diag(self.sign_s.to(f64) * torch.exp(self.log_abs_s.to(f64)))
-        perm_t = self.permutation.to(f64).t()
+        perm, lower, upper = self._factors(torch.float64)
         return torch.linalg.solve_triangular(
-            upper, torch.linalg.solve_triangular(lower, perm_t, upper=False, unitriangular=True), upper=True
+            upper, torch.linalg.solve_triangular(lower, perm.t(), upper=False, unitriangular=True), upper=True
         )
 
     def weights(self) -> tuple[Tensor, Tensor]:
