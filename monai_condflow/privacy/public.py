@@ -196,8 +196,9 @@ def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | o
     load_checkpoint(model_file)  # refuses a file that would not load with weights_only=True, naming it
     target_dir = Path(output_dir) / "classifier"
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = atomic_write_bytes(target_dir / "model.pt", model_file.read_bytes())
-    sha = file_sha256(target)
+    data = model_file.read_bytes()
+    target = atomic_write_bytes(target_dir / "model.pt", data)
+    sha = hashlib.sha256(data).hexdigest()  # of the bytes just written (no second read of the file)
     description = {
         **{k: v for k, v in info.items() if k not in ("rounds", "converged", "semisupervised")},
         "public": {"source": str(model_file.resolve()), "sha256": sha, "public_run": str(Path(public_dir).resolve())},
