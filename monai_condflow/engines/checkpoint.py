@@ -12,13 +12,17 @@
 Safe, atomic checkpoints and file writes.
 
 Why not MONAI's ``CheckpointSaver`` alone: in MONAI 1.6.1 it builds Ignite's ``DiskSaver`` with ``atomic=False``
-(a process killed mid-save leaves a truncated file under the final name, R14). Here checkpoints are written by
-Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (temp file in the same folder, then ``os.replace``), and
-every load goes through :func:`load_checkpoint` (``torch.load(..., weights_only=True)``, R1). MONAI's
-``CheckpointLoader`` also loads with ``weights_only=True`` and can be used on these files.
+(a process killed mid-save leaves a truncated file under the final name, R14), and Ignite's ``Checkpoint`` deletes
+the oldest file *before* it writes the new one (a kill in between leaves bookkeeping that names a deleted file,
+R21). Here checkpoints are written by Ignite's ``Checkpoint`` with :class:`AtomicDiskSaver` (temp file in the same
+folder, then ``os.replace``; old files are deleted only after the new one is in place, a missing file is no error,
+and a symlink under a checkpoint name is replaced, never followed), and every load goes through
+:func:`load_checkpoint` (``torch.load(..., weights_only=True)``, R1). MONAI's ``CheckpointLoader`` also loads with
+``weights_only=True`` and can be used on these files.
 
 A checkpoint is a plain dict of state dicts (tensors, numbers, strings); :class:`RandomStateTracker` turns the
-global random generators' states into such tensors so that a resumed run continues the same random streams.
+global random generators' states into such tensors so that a resumed run continues the same random streams, and
+:class:`LoaderRandomState` does the same for a data loader's own generators and its random transforms (R15).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 from monai.utils import optional_import
 
 Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
-DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver")
+DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver", as_type="base")
 
 __all__ = [
     "CheckpointError",
@@ -47,12 +51,18 @@ __all__ = [
     "load_checkpoint",
     "load_module_weights",
     "find_latest_checkpoint",
+    "AtomicDiskSaver",
     "create_checkpoint_handler",
+    "prune_missing_files",
+    "remove_temp_files",
     "RandomStateTracker",
+    "LoaderRandomState",
 ]
 
 logger = logging.getLogger(__name__)
 
+TEMP_SUFFIX = ".tmp"
+"""Suffix of the temporary files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
 _STEP_RE = re.compile(r"[_=](\d+)\.pt$")  # "..._12.pt" (Ignite) and "..._epoch=12.pt" (MONAI CheckpointSaver)
 
 
@@ -71,7 +81,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # os.replace swaps the directory entry: a symlink planted under `path` is replaced, its target never written
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -198,6 +209,98 @@ def find_latest_checkpoint(
     return None
 
 
+class AtomicDiskSaver(DiskSaver):
+    """Ignite ``DiskSaver`` that survives a kill at any instant of a checkpoint rotation (R14, R21).
+
+    - Writes with :func:`atomic_torch_save` (temp file + fsync + ``os.replace``): a reader never sees a partial file,
+      and a symlink under the checkpoint's name is replaced by the file, its target is never written.
+    - ``remove`` (called by Ignite's ``Checkpoint`` *before* it writes the new file) only notes the file; it is
+      deleted after the next file is in place, so a kill in between leaves one file too many, never one too few.
+    - A file that is already gone is no error (bookkeeping restored from a checkpoint may name a deleted file).
+    - With ``filename``, every save goes to that one name (e.g. ``model.pt``) and ``remove`` is a no-op: the next
+      save replaces the file atomically.
+
+    Only rank ``save_on_rank`` writes or deletes (as Ignite's ``DiskSaver``).
+
+    Args:
+        dirname: the folder (created if missing).
+        filename: a fixed file name for every save, or ``None`` for the names ``Checkpoint`` chooses.
+        save_on_rank: the rank that writes.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, save_on_rank: int = 0) -> None:
+        super().__init__(str(dirname), atomic=True, create_dir=True, require_empty=False, save_on_rank=save_on_rank)
+        self.filename = filename
+        self._pending_removal: list[str] = []
+
+    def _is_writer(self) -> bool:
+        from ignite import distributed as idist
+
+        return idist.get_rank() == self.save_on_rank
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if not self._is_writer():
+            return
+        name = self.filename or filename
+        atomic_torch_save(checkpoint, self.dirname / name)
+        pending, self._pending_removal = self._pending_removal, []
+        for old in pending:
+            if old != name:  # Ignite "removes" a name it is about to write again
+                self._unlink(old)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None and self._is_writer():
+            self._pending_removal.append(filename)
+
+    def _unlink(self, filename: str) -> None:
+        path = self.dirname / filename
+        try:
+            path.unlink()  # a symlink is removed itself, its target is left alone
+        except FileNotFoundError:
+            logger.info("checkpoint %s was already gone.", path)
+
+
+def prune_missing_files(handler: Checkpoint) -> list[str]:
+    """Drop the entries of a restored Ignite ``Checkpoint``'s bookkeeping whose file is gone (R21).
+
+    A kill between two steps of a rotation, or a user deleting a file, may leave the bookkeeping saved in a
+    checkpoint naming a file that no longer exists; without its entry, the handler saves a new file when it is due
+    (a missing best checkpoint is replaced by the next evaluation's) instead of comparing against a ghost.
+
+    Returns:
+        the names dropped.
+    """
+    dirname = Path(getattr(handler.save_handler, "dirname", "."))
+    missing = [item.filename for item in handler._saved if not (dirname / item.filename).is_file()]
+    if missing:
+        handler._saved = [item for item in handler._saved if item.filename not in missing]
+        logger.warning("checkpoint(s) %s named by the resumed bookkeeping are missing in %s: forgotten.",
+                       ", ".join(missing), dirname)  # fmt: skip
+    return missing
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files that an interrupted atomic save left in ``directory`` (ours: ``.<name>.*.tmp``; Ignite
+    ``DiskSaver``'s: ``tmp*`` without an extension). They are never read; this only frees the space.
+
+    Returns:
+        the files deleted.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        ours = p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
+        ignite = p.name.startswith("tmp") and "." not in p.name
+        if (ours or ignite) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        logger.info("removed %d temp file(s) of an interrupted save in %s.", len(removed), directory)
+    return removed
+
+
 def create_checkpoint_handler(
     to_save: Mapping[str, Any],
     output_dir: str | os.PathLike,
@@ -210,7 +313,7 @@ def create_checkpoint_handler(
     **kwargs: Any,
 ) -> Checkpoint:
     """
-    An Ignite ``Checkpoint`` writing atomically (``DiskSaver(atomic=True)``) to ``output_dir``; attach it with
+    An Ignite ``Checkpoint`` writing atomically (:class:`AtomicDiskSaver`) to ``output_dir``; attach it with
     ``engine.add_event_handler(Events.EPOCH_COMPLETED, handler)``.
 
     Only rank 0 writes (Ignite's ``DiskSaver``); DDP / DataParallel modules are saved unwrapped.
@@ -218,7 +321,7 @@ def create_checkpoint_handler(
     (``name`` is ``checkpoint`` when ``to_save`` has several objects). ``kwargs`` go to Ignite's ``Checkpoint``
     (e.g. ``filename_pattern``, ``include_self``).
     """
-    saver = DiskSaver(str(output_dir), atomic=True, create_dir=True, require_empty=False)
+    saver = AtomicDiskSaver(str(output_dir))
     return Checkpoint(
         dict(to_save),
         saver,
@@ -275,3 +378,95 @@ class RandomStateTracker:
         )
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = state
+    return {
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _numpy_state_from_dict(state: Mapping[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return ("MT19937", keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"]))
+
+
+def _random_transforms(root: Any, max_depth: int = 6) -> list[Any]:
+    """Every MONAI ``Randomizable`` reachable from ``root`` through ``transforms`` lists and attributes, in a fixed
+    order (``Compose`` members, then the wrapped array transforms of dictionary transforms)."""
+    from monai.transforms import Randomizable
+
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def _visit(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > max_depth:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable) and isinstance(getattr(obj, "R", None), np.random.RandomState):
+            found.append(obj)
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                _visit(item, depth + 1)
+            return
+        if not hasattr(obj, "__dict__") or isinstance(obj, (type, torch.Tensor, np.ndarray, torch.nn.Module)):
+            return
+        for name, value in sorted(vars(obj).items()):
+            if name != "R" and (hasattr(value, "__dict__") or isinstance(value, (list, tuple))):
+                _visit(value, depth + 1)
+
+    _visit(root, 0)
+    return found
+
+
+class LoaderRandomState:
+    """``state_dict`` / ``load_state_dict`` for the random streams a data loader owns (R15).
+
+    The global generators (:class:`RandomStateTracker`) are not all a loader draws from: its own ``generator``
+    (shuffling, worker seeds), its sampler's ``generator``, and the ``R`` of every MONAI random transform of its
+    dataset (augmentation, the flow's dequantisation noise) advance with each epoch. Saved with the epoch's
+    checkpoint and restored before the next epoch, they make a resumed run draw what the uninterrupted run draws.
+    Tensors and numbers only (``weights_only=True`` loads it).
+
+    Args:
+        loader: a ``torch.utils.data.DataLoader`` (MONAI's included); its ``dataset.transform`` is searched for
+            random transforms. With ``num_workers > 0`` the workers' transforms are seeded from the loader's
+            generator, which is saved.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        gens = {"loader": getattr(self.loader, "generator", None)}
+        gens["sampler"] = getattr(getattr(self.loader, "sampler", None), "generator", None)
+        gens["batch_sampler"] = getattr(getattr(getattr(self.loader, "batch_sampler", None), "sampler", None),
+                                        "generator", None)  # fmt: skip
+        return {k: g for k, g in gens.items() if isinstance(g, torch.Generator)}
+
+    def _transforms(self) -> list[Any]:
+        dataset = getattr(self.loader, "dataset", None)
+        return _random_transforms(getattr(dataset, "transform", None))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {f"generator_{k}": g.get_state() for k, g in self._generators().items()}
+        state["transforms"] = [_numpy_state_to_dict(t.R.get_state()) for t in self._transforms()]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, g in self._generators().items():
+            if f"generator_{k}" in state:
+                g.set_state(state[f"generator_{k}"].cpu())
+        transforms = self._transforms()
+        saved = list(state.get("transforms", []))
+        if len(saved) != len(transforms):
+            raise ValueError(
+                f"the checkpoint holds the states of {len(saved)} random transforms but the loader has "
+                f"{len(transforms)}: the data pipeline changed since the run was saved; start it fresh."
+            )
+        for t, s in zip(transforms, saved):
+            t.R.set_state(_numpy_state_from_dict(s))

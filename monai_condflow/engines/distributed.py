@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from monai.data import list_data_collate
+from monai.data.utils import set_rnd, worker_init_fn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -159,7 +160,9 @@ def create_loader(
 
     When distributed, each rank loads ``batch_size // world_size`` items through a seeded
     ``DistributedSampler``; in a single process the same sampler is used with one replica, so the data order of
-    an epoch depends only on ``seed`` and the epoch number (MONAI workflows call ``set_epoch``).
+    an epoch depends only on ``seed`` and the epoch number (MONAI workflows call ``set_epoch``). The dataset's MONAI
+    random transforms (augmentation, dequantisation noise) are seeded from ``seed`` too, as MONAI's ``DataLoader``
+    does; their states are saved for resume by :class:`~monai_condflow.engines.checkpoint.LoaderRandomState`.
 
     Args:
         dataset: a map-style dataset (or a sequence of items).
@@ -188,6 +191,10 @@ def create_loader(
     )
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if num_workers == 0:
+        # MONAI random transforms otherwise share one class-level RandomState seeded from OS entropy; in workers,
+        # MONAI's worker_init_fn seeds them from the loader's generator (saved by LoaderRandomState for resume)
+        set_rnd(dataset, seed)
     return DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size // world_size,
@@ -196,6 +203,7 @@ def create_loader(
         drop_last=drop_last,
         collate_fn=list_data_collate if collate_fn is None else collate_fn,
         generator=generator,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
         persistent_workers=False,
     )
 

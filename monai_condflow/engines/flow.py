@@ -40,10 +40,13 @@ from monai.utils import optional_import, set_determinism
 from torch.utils.data import DataLoader
 
 from monai_condflow.engines.checkpoint import (
+    LoaderRandomState,
     RandomStateTracker,
     create_checkpoint_handler,
     find_latest_checkpoint,
     load_checkpoint,
+    prune_missing_files,
+    remove_temp_files,
 )
 from monai_condflow.engines.distributed import (
     all_gather_tensors,
@@ -168,13 +171,20 @@ class FlowTrainer(SupervisedTrainer):
         self.state.lr = float(optimizer.param_groups[0]["lr"])
         self.state_dict_user_keys.append("skipped_steps")
         self.resume_completed = False
+        self.output_lock: Any = None
 
     def run(self) -> None:  # type: ignore[override]
-        """Train; does nothing when the run was resumed from a checkpoint at (or past) ``max_epochs``."""
-        if self.resume_completed:
-            logger.info("resumed at epoch %d: max_epochs already reached, nothing to train.", self.state.epoch)
-            return
-        super().run()
+        """Train; does nothing when the run was resumed from a checkpoint at (or past) ``max_epochs``. Releases the
+        output folder's lock (``output_lock``) at the end, also after an error."""
+        try:
+            if self.resume_completed:
+                logger.info("resumed at epoch %d: max_epochs already reached, nothing to train.", self.state.epoch)
+                return
+            super().run()
+        finally:
+            if self.output_lock is not None:
+                self.output_lock.release()
+                self.output_lock = None
 
     def _iteration(self, engine: FlowTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -377,6 +387,7 @@ def create_flow_trainer(
     extra_train_handlers: Sequence[Any] = (),
     dp: Mapping[str, Any] | None = None,
     public_init: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) with the paper's recipe.
@@ -429,6 +440,17 @@ def create_flow_trainer(
         public_init: with ``dp``: the ``flow`` passed in is already initialised with weights learned on *public*
             data only (e.g. :func:`monai_condflow.privacy.public.load_pretrained_weights`), so DP-SGD fine-tunes it
             instead of starting from the identity initialisation. An initialised flow without it is refused under DP.
+        settings: more settings the run's files depend on (dataset, labels, hold-out, preset ...), recorded with the
+            trainer's own (lr, weight decay, betas, warm-up, decay, clipping, bits, seed) in
+            ``output_dir/run_settings.json``; a rerun into the folder with another value is refused with the setting
+            named (R22).
+
+    Crash safety (R14, R21): every file is written aside and moved into place; an old checkpoint is deleted only
+    after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
+    of an interrupted save are deleted; a fresh start (no valid ``latest`` checkpoint) deletes the ``best_*``
+    files of the earlier run so that they can never be taken for this run's. One process writes into
+    ``output_dir`` at a time (a lock, rank 0). The loader's own random streams (shuffling, dequantisation noise,
+    augmentation) are saved with each ``latest`` checkpoint, so a resumed run equals the uninterrupted one (R15).
 
     Returns:
         ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
@@ -436,6 +458,8 @@ def create_flow_trainer(
     Raises:
         ValueError: bad hyper-parameters (R9).
         CheckpointError: ``resume_from`` is a file that cannot be loaded safely.
+        RunSettingsError: ``output_dir`` holds the files of a run with other settings.
+        OutputFolderLockedError: another process writes into ``output_dir``.
     """
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
@@ -460,6 +484,13 @@ def create_flow_trainer(
     device = torch.device(device)
     output_dir = Path(output_dir)
     rank = get_rank()
+    output_lock = _open_output_dir(
+        output_dir,
+        rank,
+        {"lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_epochs": warmup_epochs,
+         "lr_decay": lr_decay, "max_grad_norm": max_grad_norm, "n_bits": n_bits, "seed": seed,
+         **dict(settings or {})},
+    )  # fmt: skip
     set_determinism(seed=seed)
 
     flow = unwrap_model(flow).to(device)
@@ -475,6 +506,8 @@ def create_flow_trainer(
             found = find_latest_checkpoint(resume_path, prefix="latest")
             if found is None:
                 logger.info("no valid checkpoint in %s: starting from scratch.", resume_path)
+                if rank == 0 and resume_path.resolve() == output_dir.resolve():
+                    _forget_earlier_run(output_dir)
             else:
                 resume_path, checkpoint = found
         else:
@@ -636,6 +669,9 @@ def create_flow_trainer(
     }
     if best_handler is not None:
         to_save["best_checkpoint"] = best_handler
+    loader_rng = LoaderRandomState(train_loader) if dp is None else None
+    if loader_rng is not None:
+        to_save["loader_rng"] = loader_rng
     dp_plan = None
     if dp_engine is not None:
         dp_plan = _DPPlan(max_epochs=max_epochs, **{k: dp[k] for k in ("target_epsilon", "target_delta",
@@ -675,6 +711,9 @@ def create_flow_trainer(
             dp_plan.load_state_dict(checkpoint["dp_plan"])  # first: refuses a changed plan before anything loads
             objects["privacy_accountant"] = dp_engine.accountant
         Checkpoint.load_objects(objects, checkpoint)
+        for handler in (latest_handler, best_handler):
+            if handler is not None and rank == 0:
+                prune_missing_files(handler)  # bookkeeping may name a file deleted by a kill mid-rotation (R21)
         saved = checkpoint["trainer"]
         # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)
         epoch = int(saved["iteration"]) // int(saved["epoch_length"])
@@ -688,9 +727,12 @@ def create_flow_trainer(
             }
         )
         rng_state = checkpoint["rng"]
+        loader_state = checkpoint.get("loader_rng") if loader_rng is not None else None
 
         def _restore_rng(_: Engine) -> None:
             rng.load_state_dict(rng_state)
+            if loader_state is not None:
+                loader_rng.load_state_dict(loader_state)
 
         trainer.add_event_handler(Events.STARTED, _restore_rng)
         logger.info(
@@ -699,4 +741,33 @@ def create_flow_trainer(
             trainer.state.iteration,
             trainer.state.skipped_steps,
         )
+    trainer.output_lock = output_lock
     return trainer, evaluator
+
+
+def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -> Any:
+    """Rank 0: lock ``output_dir``, delete temp files of an interrupted save, check / record the settings."""
+    if rank != 0:
+        return None
+    from monai_condflow.engines.run_folder import check_run_settings, lock_output_dir
+
+    lock = lock_output_dir(output_dir, rank=rank)
+    try:
+        remove_temp_files(output_dir)
+        check_run_settings(output_dir, settings, section="trainer")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _forget_earlier_run(output_dir: Path) -> None:
+    """A fresh start in a folder without a valid ``latest`` checkpoint: the ``best_*`` files there come from an
+    earlier run (killed before its first ``latest`` checkpoint, or whose checkpoints were deleted); delete them so
+    that the stage never selects one as this run's model (R22)."""
+    stale = sorted(output_dir.glob("best_*.pt"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.warning("starting from scratch: deleted %s of an earlier run in %s.",
+                       ", ".join(p.name for p in stale), output_dir)  # fmt: skip

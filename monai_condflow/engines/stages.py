@@ -31,7 +31,12 @@ from typing import Any
 import torch
 
 import monai_condflow
-from monai_condflow.engines.checkpoint import atomic_torch_save, find_latest_checkpoint, load_checkpoint
+from monai_condflow.engines.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    find_latest_checkpoint,
+    load_checkpoint,
+)
 from monai_condflow.engines.config_checks import ConfigValueError, check_preset, check_temperature
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 
@@ -128,6 +133,26 @@ def build_flow_trainer(
     return trainer
 
 
+def _best_of_this_run(folder: Path) -> tuple[Path, dict] | None:
+    """The best flow checkpoint that the run's newest ``latest`` checkpoint names (its ``best_checkpoint``
+    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run (R22).
+
+    Folders written before the bookkeeping was kept (no ``best_checkpoint`` entry) fall back to the newest valid
+    ``best_*`` file.
+    """
+    latest = find_latest_checkpoint(folder, prefix="latest")
+    if latest is None or "best_checkpoint" not in latest[1]:
+        return find_latest_checkpoint(folder, prefix="best") if latest is None else None
+    for _, name in reversed(latest[1]["best_checkpoint"].get("_saved", [])):
+        path = folder / str(name)
+        if path.is_file():
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:
+                logger.warning("best flow checkpoint unusable: %s", e)
+    return None
+
+
 def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
     """Copy the best flow checkpoint (lowest validation bits/dim; else the last weights) to ``flow/model.pt``
     atomically and write ``flow/flow.json`` (preset, overrides, image size, best bits/dim; ``dp`` with the epsilon
@@ -136,7 +161,7 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
     privacy_file = folder / "privacy.json"
     if privacy_file.is_file():
         info = {**info, "dp": json.loads(privacy_file.read_text(encoding="utf-8"))}
-    best = find_latest_checkpoint(folder, prefix="best")
+    best = _best_of_this_run(folder)
     if best is not None:
         state = best[1]["flow"] if "flow" in best[1] else best[1]
         source = best[0].name

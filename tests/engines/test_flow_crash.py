@@ -1,0 +1,189 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Flow checkpoints under kills (R14, R21), leftovers of other runs (R22) and exact resume with random transforms
+(R15): a kill at every write / delete of a checkpoint rotation leaves a folder that resumes to the uninterrupted
+run's weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import Dataset
+from monai.transforms import Compose, RandGaussianNoised
+
+from monai_condflow.engines.checkpoint import AtomicDiskSaver, load_checkpoint
+from monai_condflow.engines.distributed import create_loader
+from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.run_folder import RunSettingsError
+from monai_condflow.engines.stages import finish_flow_stage
+from monai_condflow.transforms import Dequantized
+
+_spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+def _train(out: Path, *, max_epochs=3, random_transforms=False, stop_at_iteration=None, **kwargs):
+    """The tiny flow; ``random_transforms`` adds dequantisation noise and an augmentation drawn by the loader."""
+    data = W.make_flow_data(16, 0)
+    if random_transforms:
+        chain = Compose([RandGaussianNoised("image", prob=0.5, std=0.01), Dequantized("image", n_bits=5)])
+        data = Dataset(data, transform=chain)
+    train = create_loader(data, 8, shuffle=True, seed=3)
+    val = create_loader(W.make_flow_data(8, 1), 8, shuffle=False, seed=3)
+    args = {"device": "cpu", "max_epochs": max_epochs, "output_dir": out, "warmup_epochs": 1, "lr": 1e-3, "seed": 5,
+            "tensorboard": False, "n_saved": 1, **kwargs}  # fmt: skip
+    trainer, evaluator = create_flow_trainer(W.make_flow(1), None, train, val, **args)
+    if stop_at_iteration is not None:  # a kill mid-epoch: nothing of the running epoch is saved
+
+        def _kill(engine):
+            raise KeyboardInterrupt
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at_iteration), _kill)
+    trainer.run()
+    return trainer
+
+
+def _weights(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.network.flow.state_dict().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp_path, monkeypatch):
+    """R21: the folder is captured (as a kill -9 would leave it) before and after every rename and delete that the
+    checkpoint rotation does; temp files are captured truncated. Each capture resumes to the uninterrupted run."""
+    reference = _weights(_train(tmp_path / "full"))
+    run = tmp_path / "run"
+    snapshots: list[tuple[str, dict[str, bytes]]] = []
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def _capture(label: str) -> None:
+        files = _snapshot(run)
+        files = {n: (b[: len(b) // 2] if n.startswith((".", "tmp")) else b) for n, b in files.items()}
+        snapshots.append((label, files))
+
+    def _replace(src, dst, *args, **kwargs):
+        inside = Path(dst).parent == run
+        if inside:
+            _capture(f"before replace {Path(dst).name}")
+        real_replace(src, dst, *args, **kwargs)
+        if inside:
+            _capture(f"after replace {Path(dst).name}")
+
+    def _unlink(path, *args, **kwargs):
+        inside = Path(path).parent == run and Path(path).suffix == ".pt"
+        if inside:
+            _capture(f"before delete {Path(path).name}")
+        real_unlink(path, *args, **kwargs)
+        if inside:
+            _capture(f"after delete {Path(path).name}")
+
+    monkeypatch.setattr(os, "replace", _replace)
+    monkeypatch.setattr(os, "unlink", _unlink)
+    monkeypatch.setattr(os, "remove", _unlink)
+    _train(run)
+    monkeypatch.undo()
+    labels = [label for label, _ in snapshots]
+    assert any(label.startswith("before delete latest") for label in labels), labels  # a rotation happened
+    assert any(label.startswith("before delete best") for label in labels), labels
+    for i, (label, files) in enumerate(snapshots):
+        folder = tmp_path / f"kill{i}"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        resumed = _train(folder, resume_from=folder)
+        assert resumed.state.epoch == 3, label
+        assert _max_diff(reference, _weights(resumed)) <= 1e-6, label
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(("tmp", ".latest", ".best"))], label
+        finish_flow_stage(folder, resumed.network.flow, {"preset": "tiny"})  # picks an existing best checkpoint
+        assert "network" in load_checkpoint(folder / "model.pt"), label
+
+
+def test_a_deleted_best_checkpoint_does_not_block_resume(tmp_path):
+    """The issue's reproducer: train 1 epoch, delete best_flow_1.pt, rerun with max_epochs 3."""
+    _train(tmp_path, max_epochs=1)
+    (tmp_path / "best_flow_1.pt").unlink()
+    trainer = _train(tmp_path, max_epochs=3, resume_from=tmp_path)
+    assert trainer.state.epoch == 3
+    finish_flow_stage(tmp_path, trainer.network.flow, {"preset": "tiny"})
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_rotation_writes_the_new_file_before_deleting_the_old_one(tmp_path):
+    saver = AtomicDiskSaver(tmp_path)
+    saver({"w": torch.ones(1)}, "a_1.pt")
+    saver.remove("a_1.pt")  # Ignite's Checkpoint calls remove first ...
+    assert (tmp_path / "a_1.pt").is_file()  # ... but the old file stays until its successor is written
+    saver({"w": torch.ones(1)}, "a_2.pt")
+    assert sorted(os.listdir(tmp_path)) == ["a_2.pt"]
+    saver.remove("gone.pt")  # a file named by restored bookkeeping but already deleted: no error
+    saver({"w": torch.ones(1)}, "a_3.pt")
+    assert sorted(os.listdir(tmp_path)) == ["a_2.pt", "a_3.pt"]
+
+
+def test_a_symlink_at_a_checkpoint_name_is_replaced_not_followed(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.pt").symlink_to(target)
+    AtomicDiskSaver(tmp_path / "ckpt", filename="model.pt")({"w": torch.ones(1)}, "ignored.pt")
+    assert target.read_text() == "keep me"
+    assert not (tmp_path / "ckpt" / "model.pt").is_symlink()
+    assert load_checkpoint(tmp_path / "ckpt" / "model.pt")["w"].item() == 1.0
+
+
+def test_a_stale_best_checkpoint_never_becomes_the_model_after_a_fresh_start(tmp_path):
+    """R22: a best_flow_9.pt of an earlier run (whose latest checkpoints are gone) is not this run's best."""
+    _train(tmp_path, max_epochs=1)
+    stale = load_checkpoint(tmp_path / "best_flow_1.pt")
+    stale = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in stale.items()}
+    torch.save(stale, tmp_path / "best_flow_9.pt")
+    for p in tmp_path.glob("latest_*.pt"):
+        p.unlink()
+    trainer = _train(tmp_path, max_epochs=2, resume_from=tmp_path)  # from scratch
+    assert not (tmp_path / "best_flow_9.pt").exists()
+    finish_flow_stage(tmp_path, trainer.network.flow, {"preset": "tiny"})
+    model = load_checkpoint(tmp_path / "model.pt")["network"]
+    assert all(not (v == 7.0).all() for v in model.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"seed": 6}, {"settings": {"audit_holdout": 0.3}}])
+def test_a_rerun_with_other_settings_is_refused_naming_the_setting(tmp_path, change):
+    _train(tmp_path, max_epochs=1, settings={"audit_holdout": 0.0})
+    before = sorted(os.listdir(tmp_path))
+    name = next(iter(change["settings"])) if "settings" in change else next(iter(change))
+    with pytest.raises(RunSettingsError, match=f"'{name}' was .*delete the folder"):
+        _train(tmp_path, max_epochs=2, resume_from=tmp_path, **{"settings": {"audit_holdout": 0.0}, **change})
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run_with_random_transforms(tmp_path):
+    """R15: dequantisation noise and augmentation drawn by the loader continue where the killed run was."""
+    reference = _weights(_train(tmp_path / "full", random_transforms=True))
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        _train(cut, random_transforms=True, stop_at_iteration=5)  # epoch 3, after epoch 2's checkpoint
+    assert load_checkpoint(cut / "latest_checkpoint_2.pt")["trainer"]["iteration"] == 4
+    resumed = _train(cut, random_transforms=True, resume_from=cut)
+    assert resumed.state.epoch == 3
+    assert _max_diff(reference, _weights(resumed)) <= 1e-6
