@@ -271,7 +271,8 @@ def prune_missing_files(handler: Checkpoint) -> list[str]:
         the names dropped.
     """
     dirname = Path(getattr(handler.save_handler, "dirname", "."))
-    missing = [item.filename for item in handler._saved if not (dirname / item.filename).is_file()]
+    fixed = getattr(handler.save_handler, "filename", None)  # AtomicDiskSaver with one fixed name (e.g. model.pt)
+    missing = [item.filename for item in handler._saved if not (dirname / (fixed or item.filename)).is_file()]
     if missing:
         handler._saved = [item for item in handler._saved if item.filename not in missing]
         logger.warning("checkpoint(s) %s named by the resumed bookkeeping are missing in %s: forgotten.",

@@ -47,7 +47,6 @@ import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (
     CheckpointLoader,
-    CheckpointSaver,
     LrScheduleHandler,
     StatsHandler,
     TensorBoardStatsHandler,
@@ -57,6 +56,8 @@ from monai.handlers import (
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, Dataset
 
+from monai_condflow.engines.checkpoint import AtomicDiskSaver, LoaderRandomState
+from monai_condflow.engines.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 from monai_condflow.engines.distributed import create_loader, get_rank, is_distributed, unwrap_model, wrap_ddp
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
@@ -67,9 +68,6 @@ from monai_condflow.metrics.classification import (
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
-DiskSaver, _ = optional_import(
-    "ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base"
-)
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 else:
@@ -187,72 +185,9 @@ def _infer_num_classes(network: torch.nn.Module) -> int:
     return int(linears[-1].out_features)
 
 
-class _AtomicDiskSaver(DiskSaver):
-    """Ignite ``DiskSaver`` writing atomically (temp file + ``os.replace``), optionally under one fixed file name.
-
-    With a fixed name, ``remove`` is a no-op: the next save replaces the file atomically, so a crash at any time leaves
-    either the previous or the new complete file (Ignite removes the old file *before* saving the new one).
-    """
-
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
-        super().__init__(dirname=dirname, atomic=True, create_dir=True, require_empty=False)
-        self.filename = filename
-
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
-
-    def remove(self, filename: str) -> None:
-        if self.filename is None:
-            super().remove(filename)
-
-
-class _AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose files are written atomically; ``interval_filename`` fixes the interval name."""
-
-    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs: Any) -> None:
-        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
-        fixed = {
-            "_final_checkpoint": kwargs.get("final_filename"),
-            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
-            "_interval_checkpoint": interval_filename,
-        }
-        for attr, filename in fixed.items():
-            checkpoint = getattr(self, attr, None)
-            if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
-
-    def state_dict(self) -> dict:
-        """The key-metric tracking list (so a resumed run keeps the best score seen so far)."""
-        return {} if self._key_metric_checkpoint is None else self._key_metric_checkpoint.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if self._key_metric_checkpoint is not None and state_dict:
-            self._key_metric_checkpoint.load_state_dict(state_dict)
-
-
-class _BestMetricState:
-    """Stateful view of an evaluator's best key metric (Ignite ``state_dict`` protocol), saved for resume."""
-
-    def __init__(self, evaluator: SupervisedEvaluator) -> None:
-        self.evaluator = evaluator
-        self.best_metrics: dict[str, float] = {}
-        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._record)
-
-    def _record(self, engine: SupervisedEvaluator) -> None:
-        if engine.state.best_metric_epoch == engine.state.epoch:
-            self.best_metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
-
-    def state_dict(self) -> dict:
-        return {
-            "best_metric": float(self.evaluator.state.best_metric),
-            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
-            "best_metrics": dict(self.best_metrics),
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.evaluator.state.best_metric = float(state_dict["best_metric"])
-        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
-        self.best_metrics = dict(state_dict.get("best_metrics", {}))
+_AtomicDiskSaver = AtomicDiskSaver  # names of earlier releases
+_AtomicCheckpointSaver = AtomicCheckpointSaver
+_BestMetricState = BestMetricState
 
 
 def _epoch_start_handler(
@@ -380,7 +315,7 @@ def create_classifier_trainer(
 
     evaluator: SupervisedEvaluator | None = None
     best_state: _BestMetricState | None = None
-    best_saver: _AtomicCheckpointSaver | None = None
+    best_saver: AtomicCheckpointSaver | None = None
     trainer_ref: list[SupervisedTrainer] = []
     if val_loader is not None:
         val_handlers: list[Any] = []
@@ -394,7 +329,7 @@ def create_classifier_trainer(
                     global_epoch_transform=lambda e: trainer_ref[0].state.epoch,
                 )
             )
-            best_saver = _AtomicCheckpointSaver(
+            best_saver = AtomicCheckpointSaver(
                 save_dir=str(output_dir),
                 save_dict={"network": unwrap_model(model)},
                 save_key_metric=True,
@@ -417,12 +352,14 @@ def create_classifier_trainer(
             amp=amp,
             decollate=False,
         )
-        best_state = _BestMetricState(evaluator)
+        best_state = BestMetricState(evaluator)
 
     # training-state objects saved every epoch and restored by `resume_from`
     train_handlers: list[Any] = []
     trainer_state_objects: dict[str, Any] = {"network": unwrap_model(model), "optimizer": optimizer}
     trainer_state_objects["lr_scheduler"] = scheduler
+    # the loader's own random streams (augmentation, its generators) at the epoch boundary, for an exact resume
+    trainer_state_objects["loader_rng"] = LoaderRandomState(train_loader)
     if best_state is not None:
         trainer_state_objects["best"] = best_state
     if best_saver is not None:
@@ -485,7 +422,7 @@ def create_classifier_trainer(
         handler.attach(trainer)
     if output_dir is not None and is_main:
         # last: it must see the stepped scheduler and the validation of this epoch
-        _AtomicCheckpointSaver(
+        AtomicCheckpointSaver(
             save_dir=str(output_dir),
             save_dict=trainer_state_objects,
             save_interval=1,

@@ -10,8 +10,16 @@
 # limitations under the License.
 """monai_condflow.handlers."""
 
+from monai_condflow.engines.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
+
 from .embedding_projector import EmbeddingProjectorHandler
 from .privacy_accountant import PrivacyAccountantHandler
 from .sample_grid import SampleGridHandler
 
-__all__ = ["SampleGridHandler", "EmbeddingProjectorHandler", "PrivacyAccountantHandler"]
+__all__ = [
+    "SampleGridHandler",
+    "EmbeddingProjectorHandler",
+    "PrivacyAccountantHandler",
+    "AtomicCheckpointSaver",
+    "BestMetricState",
+]
