@@ -29,6 +29,7 @@ __all__ = [
     "latest_checkpoint",
     "require_file",
     "write_json_atomic",
+    "remove_training_labels",
     "write_stage_info",
     "read_stage_info",
     "load_weights",
@@ -119,6 +120,21 @@ def write_training_labels(
     entries = [_entry(r, r["label"], False) for r in labelled]
     entries += [_entry(r, g, True) for r, g in zip(unlabelled, guesses)]
     return write_json_atomic(Path(directory) / TRAINING_LABELS, entries)
+
+
+def remove_training_labels(directory: str | os.PathLike) -> bool:
+    """Delete ``directory/train_labels.json`` left by an earlier semi-supervised run: a stage that trains on the true
+    labels only writes none, and a stale list would give the flow stage the old presumptive labels (R22).
+
+    Returns:
+        whether a file was deleted.
+    """
+    path = Path(directory) / TRAINING_LABELS
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+        logger.info("removed the label list %s of an earlier run.", path)
+        return True
+    return False
 
 
 def read_training_records(directory: str | os.PathLike, fallback: list[dict] | None = None) -> list[dict]:
