@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_condflow.engines.checkpoint import AtomicDiskSaver, prune_missing_files
+from monai_condflow.engines.checkpoint import _STEP_RE, AtomicDiskSaver, prune_missing_files
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -40,6 +41,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     ``state_dict`` / ``load_state_dict`` hold the key-metric tracking list (the best score and its file), so put
     the saver in the resume checkpoint's objects: after a resume, ``model.pt`` is replaced only by a better epoch.
+    With ``n_saved=1`` the first interval checkpoint of a resumed run also replaces the numbered interval files
+    already in the folder (the one it resumed from, or one a kill left), once the new file is written.
 
     Args:
         save_dir: the folder.
@@ -60,6 +63,19 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attr, None)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, filename)
+        self._swept = False
+
+    def interval_completed(self, engine: Any) -> None:
+        checkpoint = self._interval_checkpoint
+        handler = getattr(checkpoint, "save_handler", None)
+        if not self._swept and checkpoint is not None and checkpoint.n_saved == 1 and not checkpoint._saved:
+            self._swept = True
+            if isinstance(handler, AtomicDiskSaver) and handler.filename is None:
+                prefix = checkpoint.filename_prefix
+                for path in sorted(Path(handler.dirname).glob(f"{prefix}_*.pt" if prefix else "*.pt")):
+                    if _STEP_RE.search(path.name):
+                        handler.remove(path.name)  # deleted once the new file is in place
+        super().interval_completed(engine)
 
     def state_dict(self) -> dict:
         """The key-metric tracking list (so a resumed run keeps the best score seen so far)."""

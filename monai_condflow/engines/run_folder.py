@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes
+from monai_condflow.engines.checkpoint import atomic_write_bytes, remove_temp_files
 
 try:
     import fcntl
@@ -282,7 +282,8 @@ def open_run_folder(
     section: str = "stage",
 ) -> OutputFolderLock | None:
     """Lock a stage's output folder, then start fresh (``fresh=True``) or check that it holds files of a run with
-    the same ``settings`` (:func:`check_run_settings`). Rank 0 does the work; other ranks return ``None``.
+    the same ``settings`` (:func:`check_run_settings`); temp files of an interrupted save are deleted. Rank 0 does
+    the work; other ranks return ``None``.
 
     Args:
         directory: the stage's folder (e.g. ``output_dir/flow``).
@@ -306,6 +307,7 @@ def open_run_folder(
     try:
         if fresh:
             clear_run_files(directory, clear)
+        remove_temp_files(directory)  # of a save that a kill interrupted
         check_run_settings(directory, settings, section, fresh_hint=f"delete the folder {directory} or pass fresh=true")
     except BaseException:
         lock.release()

@@ -80,6 +80,7 @@ def test_classifier_resume_keeps_the_best_model_and_never_follows_a_symlink(data
     assert target.read_bytes() == b"not a checkpoint"
     assert not (tmp_path / "cut" / "classifier" / "model.pt").is_symlink()
     resumed = _classifier(dataset, tmp_path / "cut", 3)  # resumes from the epoch-2 state checkpoint
+    assert [p.name for p in (tmp_path / "cut" / "classifier").glob("state_*")] == ["state_checkpoint_epoch=3.pt"]
     assert resumed["best_val_macro_f1"] == pytest.approx(full["best_val_macro_f1"])
     a = _weights(tmp_path / "full" / "classifier" / "model.pt")
     b = _weights(tmp_path / "cut" / "classifier" / "model.pt")
