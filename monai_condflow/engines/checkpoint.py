@@ -188,7 +188,8 @@ def find_latest_checkpoint(
     The newest *valid* checkpoint named ``{prefix}_*_{step}.pt`` in ``directory``.
 
     Files are tried from the highest step down; a file that fails :func:`load_checkpoint` (partial, corrupt or
-    unsafe) is logged and skipped. Temp files (``*.tmp``, Ignite's ``tmp*``) never match the pattern.
+    unsafe) is logged and skipped, and so is a symlink (the savers never write one). Temp files (``*.tmp``,
+    Ignite's ``tmp*``) never match the pattern.
 
     Returns:
         ``(path, checkpoint)`` or ``None`` when there is no valid checkpoint.
@@ -199,7 +200,9 @@ def find_latest_checkpoint(
     candidates = []
     for p in directory.glob(f"{prefix}_*.pt"):
         m = _STEP_RE.search(p.name)
-        if m is not None and p.is_file():
+        if m is not None and p.is_symlink():
+            logger.warning("skipping %s: a symlink, not a checkpoint this run wrote.", p)
+        elif m is not None and p.is_file():
             candidates.append((int(m.group(1)), p.stat().st_mtime, p))
     for _, _, p in sorted(candidates, reverse=True):
         try:

@@ -24,7 +24,7 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
-from monai_condflow.engines.checkpoint import AtomicDiskSaver, load_checkpoint
+from monai_condflow.engines.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
 from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import create_flow_trainer
 from monai_condflow.engines.run_folder import RunSettingsError
@@ -150,6 +150,10 @@ def test_a_symlink_at_a_checkpoint_name_is_replaced_not_followed(tmp_path):
     assert target.read_text() == "keep me"
     assert not (tmp_path / "ckpt" / "model.pt").is_symlink()
     assert load_checkpoint(tmp_path / "ckpt" / "model.pt")["w"].item() == 1.0
+    torch.save({"w": torch.zeros(1)}, tmp_path / "elsewhere.pt")
+    (tmp_path / "ckpt" / "latest_checkpoint_1.pt").write_bytes((tmp_path / "ckpt" / "model.pt").read_bytes())
+    (tmp_path / "ckpt" / "latest_checkpoint_9.pt").symlink_to(tmp_path / "elsewhere.pt")  # planted: not resumed
+    assert find_latest_checkpoint(tmp_path / "ckpt")[0].name == "latest_checkpoint_1.pt"
 
 
 def test_a_stale_best_checkpoint_never_becomes_the_model_after_a_fresh_start(tmp_path):
