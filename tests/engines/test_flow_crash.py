@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,39 @@ def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp
         assert not [p.name for p in folder.iterdir() if p.name.startswith(("tmp", ".latest", ".best"))], label
         finish_flow_stage(folder, resumed.network.flow, {"preset": "tiny"})  # picks an existing best checkpoint
         assert "network" in load_checkpoint(folder / "model.pt"), label
+
+
+_KILLER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import test_flow_crash as T
+run, op, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real, seen = getattr(os, op), []
+def hook(path, *args, **kwargs):
+    target = Path(args[0] if op == "replace" else path)
+    if target.parent == run and target.suffix == ".pt":
+        seen.append(target.name)
+        if len(seen) == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *args, **kwargs)
+setattr(os, op, hook)
+T._train(run)
+"""
+
+
+@pytest.mark.parametrize("op,k", [("replace", 3), ("unlink", 1)])
+def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
+    """R21 with a real SIGKILL: just before the 3rd rename into place (epoch 2's best file) / the 1st delete of a
+    rotation (the old best file, after its successor is written)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", _KILLER, str(run), op, str(k), str(Path(__file__).parent)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = _train(run, resume_from=run)
+    assert resumed.state.epoch == 3
+    assert _max_diff(_weights(_train(tmp_path / "full")), _weights(resumed)) <= 1e-6
 
 
 def test_a_deleted_best_checkpoint_does_not_block_resume(tmp_path):
