@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import torch
 from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer
@@ -21,7 +24,13 @@ from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 
-__all__ = ["ConditionalCouplingNet", "ConditionalAffineCoupling", "ConditionalFlowStep"]
+__all__ = [
+    "ConditionalCouplingNet",
+    "ConditionalAffineCoupling",
+    "ConditionalFlowStep",
+    "GuidedCondition",
+    "guided_parameters",
+]
 
 DEFAULT_ACT: tuple = ("elu", {"inplace": True})
 
@@ -57,7 +66,48 @@ def _exp(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.preserve_format).exp_()
 
 
+class GuidedCondition(NamedTuple):
+    """A condition for classifier-free guidance: every conditional layer computes its parameters (coupling log-scale
+    and shift, prior mean and log-std) once with ``condition`` and once with ``null``, and uses
+    ``null_params + weight * (cond_params - null_params)``.
+
+    For a fixed ``weight`` every layer is still an exact bijection (its parameters depend only on the untouched
+    channels), so sampling and encoding stay exact; only the density is no longer the trained model's.
+
+    Attributes:
+        condition: ``[B, condition_dim]``.
+        null: ``[B, condition_dim]``, the learned null condition expanded to the batch.
+        weight: the guidance weight ``w`` (1: plain conditional model, 0: unconditional).
+    """
+
+    condition: Tensor
+    null: Tensor
+    weight: float
+
+
+def guided_parameters(fn: Callable[[Tensor, Tensor | None], Any], x: Tensor, condition: Any) -> Any:
+    """``fn(x, condition)``; for a :class:`GuidedCondition`, the guided mix of ``fn`` at the condition and the null.
+
+    ``fn`` returns a tensor or a tuple of tensors (each is mixed). Both evaluations run as one pass over a doubled
+    batch.
+    """
+    if not isinstance(condition, GuidedCondition):
+        return fn(x, condition)
+    out = fn(torch.cat([x, x]), torch.cat([condition.condition, condition.null]))
+    w = float(condition.weight)
+
+    def mix(t: Tensor) -> Tensor:
+        cond, null = t.chunk(2, dim=0)
+        return torch.lerp(null, cond, w)
+
+    return tuple(mix(t) for t in out) if isinstance(out, tuple) else mix(out)
+
+
 def _check_condition(condition: Tensor | None, batch: int, condition_dim: int, owner: str) -> None:
+    if isinstance(condition, GuidedCondition):
+        _check_condition(condition.condition, batch, condition_dim, owner)
+        _check_condition(condition.null, batch, condition_dim, owner)
+        return
     if condition is None:
         raise ValueError(f"{owner} was built with condition_dim={condition_dim} but got condition=None.")
     if condition.ndim != 2 or condition.shape[0] != batch or condition.shape[1] != condition_dim:
@@ -184,7 +234,9 @@ class ConditionalAffineCoupling(FlowLayer):
 
     def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(a tanh(r / a), b tanh(u / b))`` with ``(r, u)`` the two halves of the network output."""
-        return _soft_bound(self.net(x_a, condition), self._bound).chunk(2, dim=1)
+        return guided_parameters(
+            lambda h, c: _soft_bound(self.net(h, c), self._bound).chunk(2, dim=1), x_a, condition
+        )
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Args:
@@ -203,7 +255,7 @@ class ConditionalAffineCoupling(FlowLayer):
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x_b = (y_b - t) e^{-log s}``; returns ``(x, -logdet)``."""
         y_a, y_b = y.split([self.num_pass, self.num_transformed], dim=1)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or isinstance(condition, GuidedCondition):
             log_s, shift = self._scale_shift(y_a, condition)
             x_b = (y_b - shift) * torch.exp(-log_s)
             return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)

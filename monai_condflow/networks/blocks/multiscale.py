@@ -36,6 +36,7 @@ from monai_condflow.networks.blocks.coupling import (
     _check_condition,
     _exp,
     _soft_bound,
+    guided_parameters,
 )
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
 
@@ -91,8 +92,11 @@ class FineGrainedSplit(FlowLayer):
         self.register_buffer("_bound", bound, persistent=False)
 
     def _prior(self, x_keep: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(b tanh(m / b), a tanh(r / a))`` with ``(m, r)`` the two halves of the network output."""
-        return _soft_bound(self.net(x_keep, condition), self._bound).chunk(2, dim=1)
+        """``(b tanh(m / b), a tanh(r / a))`` with ``(m, r)`` the two halves of the network output (guided mix for
+        a :class:`~monai_condflow.networks.blocks.coupling.GuidedCondition`)."""
+        return guided_parameters(
+            lambda h, c: _soft_bound(self.net(h, c), self._bound).chunk(2, dim=1), x_keep, condition
+        )
 
     def factor_out(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Split ``x`` ``[B, in_channels, *S]`` into ``(x_keep [B, keep, *S], eps [B, out, *S], logdet [B])``."""
@@ -155,6 +159,9 @@ class ConditionalTopPrior(FlowLayer):
             self.params = nn.Parameter(torch.zeros(2 * num_channels))
 
     def _prior(self, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        return guided_parameters(self._prior_params, x, condition)
+
+    def _prior_params(self, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.proj is not None:
             _check_condition(condition, x.shape[0], self.condition_dim, type(self).__name__)
             out = self.proj(condition)

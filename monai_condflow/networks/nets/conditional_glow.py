@@ -33,15 +33,18 @@ import torch
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.actnorm import ActNorm
-from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep
+from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep, GuidedCondition
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
 
-__all__ = ["ConditionalGlow"]
+__all__ = ["ConditionalGlow", "SAMPLE_RANGE"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+# a decoded pixel outside this range (images live in [0, 1]) or non-finite counts as overflowed (R26)
+SAMPLE_RANGE: tuple[float, float] = (-0.25, 1.25)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Das et al. 2022: 4 levels, 8 steps in the first and last, 3 x 8 in the two inner ones, hidden 24/512/512/512.
@@ -111,6 +114,13 @@ class ConditionalGlow(nn.Module):
         act: coupling network activation (name or ``(name, kwargs)``).
         scale_bound: bound ``a`` on every log-scale (coupling and priors), ``|log s| < a``.
         shift_bound: bound ``b`` on every coupling shift and prior mean, ``|t| < b``.
+        pixel_norm: standardise every pixel by the training set's mean image and spread first (:class:`PixelNorm`).
+        cond_dropout: fraction of training images whose condition is replaced by a learned null condition
+            (:meth:`drop_condition`, applied by the trainer's loss), which enables classifier-free guidance.
+        guidance: default guidance weight ``w`` of :meth:`sample` (1: none; needs ``cond_dropout > 0`` otherwise).
+        noise_std: standard deviation (in ``[0, 1]`` image units) of the Gaussian noise added to the training images
+            by the trainer; :meth:`sample` then takes one score-based denoising step
+            ``x + noise_std^2 * grad_x log p(x | z)`` (0: no noise, no denoising).
 
     Example::
 
@@ -135,8 +145,21 @@ class ConditionalGlow(nn.Module):
         scale_bound: float = 2.0,
         shift_bound: float = 5.0,
         pixel_norm: bool = False,
+        cond_dropout: float = 0.0,
+        guidance: float = 1.0,
+        noise_std: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ValueError(f"ConditionalGlow: cond_dropout must be in [0, 1), got {cond_dropout}.")
+        if not guidance >= 0.0 or not math.isfinite(guidance):
+            raise ValueError(f"ConditionalGlow: guidance must be a finite number >= 0, got {guidance}.")
+        if guidance != 1.0 and cond_dropout == 0.0:
+            raise ValueError(
+                f"ConditionalGlow: guidance={guidance} needs a null condition trained with cond_dropout > 0."
+            )
+        if not 0.0 <= noise_std < 0.5:
+            raise ValueError(f"ConditionalGlow: noise_std must be in [0, 0.5), got {noise_std}.")
         if spatial_dims not in (2, 3):
             raise ValueError(f"ConditionalGlow supports spatial_dims 2 or 3, got {spatial_dims}.")
         if in_channels < 1 or condition_dim < 0 or num_levels < 1:
@@ -214,7 +237,17 @@ class ConditionalGlow(nn.Module):
             "scale_bound": scale_bound,
             "shift_bound": shift_bound,
             "pixel_norm": pixel_norm,
+            "cond_dropout": cond_dropout,
+            "guidance": guidance,
+            "noise_std": noise_std,
         }
+        self.cond_dropout = float(cond_dropout)
+        self.guidance = float(guidance)
+        self.noise_std = float(noise_std)
+        # the learned "no condition" of classifier-free guidance (only when trained with condition dropout)
+        self.null_condition = (
+            nn.Parameter(torch.zeros(condition_dim)) if cond_dropout > 0 and condition_dim > 0 else None
+        )
         self._actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelNorm))]
         self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
         self._compiled_inverse: Any = None  # opt-in torch.compile'd decoder of :meth:`sample` (compile_sampling)
@@ -249,6 +282,9 @@ class ConditionalGlow(nn.Module):
 
     def _check_condition(self, condition: Tensor | None, batch: int) -> None:
         if self.condition_dim == 0:
+            return
+        if isinstance(condition, GuidedCondition):
+            self._check_condition(condition.condition, batch)
             return
         if not isinstance(condition, Tensor):
             raise ValueError(f"ConditionalGlow needs a condition tensor [B, {self.condition_dim}], got {condition!r}.")
@@ -318,6 +354,40 @@ class ConditionalGlow(nn.Module):
         for m in self._actnorms:
             m.initialized.fill_(True)
         self._init_ok = True
+
+    # ------------------------------------------------------------------ classifier-free guidance
+    def guided(self, condition: Tensor | None, guidance: float | None = None) -> Tensor | GuidedCondition | None:
+        """``condition`` wrapped for guidance weight ``guidance`` (default :attr:`guidance`); unchanged at ``w = 1``.
+
+        Pass the result as the condition of :meth:`forward`, :meth:`inverse` or :meth:`log_prob`.
+
+        Raises:
+            ValueError: ``w != 1`` on a model without a null condition (trained without ``cond_dropout``).
+        """
+        w = self.guidance if guidance is None else float(guidance)
+        if not w >= 0.0 or not math.isfinite(w):
+            raise ValueError(f"guidance must be a finite number >= 0, got {w}.")
+        if w == 1.0 or condition is None or isinstance(condition, GuidedCondition):
+            return condition
+        if self.null_condition is None:
+            raise ValueError(
+                f"guidance={w} needs a null condition: build the flow with cond_dropout > 0 and train it."
+            )
+        null = self.null_condition.to(condition.dtype).expand(condition.shape[0], -1)
+        return GuidedCondition(condition, null, w)
+
+    def drop_condition(self, condition: Tensor | None, generator: torch.Generator | None = None) -> Tensor | None:
+        """Training-time condition dropout: each row is replaced by the learned null condition with probability
+        :attr:`cond_dropout` (identity when it is 0 or there is no condition).
+
+        Args:
+            condition: ``[B, condition_dim]``.
+            generator: optional random generator (on the condition's device).
+        """
+        if condition is None or self.null_condition is None or self.cond_dropout == 0.0:
+            return condition
+        drop = torch.rand(condition.shape[0], 1, device=condition.device, generator=generator) < self.cond_dropout
+        return torch.where(drop, self.null_condition.to(condition.dtype).expand_as(condition), condition)
 
     # ------------------------------------------------------------------ the bijection
     def _encode(self, x: Tensor, condition: Tensor | None, init: bool = False) -> tuple[Tensor, Tensor]:
@@ -466,12 +536,19 @@ class ConditionalGlow(nn.Module):
         temperature: float = 0.9,
         generator: torch.Generator | None = None,
         spatial_size: Sequence[int] | None = None,
-    ) -> Tensor:
+        guidance: float | None = None,
+        denoise: bool = True,
+        return_stats: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Draw ``nu ~ N(0, T^2 I)`` and decode it with the given conditions.
 
         Decodes under :func:`torch.inference_mode` (no autograd, version-counter or view bookkeeping), so the 1x1
-        convolutions use their cached inverses; the returned tensor is an ordinary tensor. The output is clamped to
-        ``[0, 1]`` and guaranteed finite (non-finite entries, which the bounded scales make unlikely, become 0.5).
+        convolutions use their cached inverses. With guidance (``w != 1``) every conditional layer mixes its
+        parameters at ``z`` and at the learned null condition (:meth:`guided`). A model trained with Gaussian noise
+        (``noise_std > 0``) then takes one score-based denoising step ``x + noise_std^2 * grad_x log p_w(x | z)``
+        (one extra forward and backward pass). Pixels that are non-finite or outside :data:`SAMPLE_RANGE` are counted
+        per image *before* the output is made finite and clamped to ``[0, 1]`` (non-finite entries become 0.5), so
+        a numerically failed decode is visible in the statistics instead of hidden by the clamp.
 
         Args:
             condition: ``[B, condition_dim]`` (one image per row).
@@ -479,9 +556,14 @@ class ConditionalGlow(nn.Module):
             generator: optional random generator for reproducible samples; the latents are drawn on its device (a
                 CPU generator gives the same latents whatever the model's device) and moved to the model.
             spatial_size: output size (default :attr:`image_size`).
+            guidance: guidance weight ``w`` (default :attr:`guidance`, 1 for a model trained without condition
+                dropout).
+            denoise: take the denoising step when the model was trained with noise (default); ``False`` skips it.
+            return_stats: also return ``{"overflow_pixels": [B], "nonfinite_pixels": [B]}`` (pixel counts per
+                image, before clamping).
 
         Returns:
-            ``[B, in_channels, *spatial]`` in ``[0, 1]``.
+            ``[B, in_channels, *spatial]`` in ``[0, 1]`` (and the statistics with ``return_stats``).
         """
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
@@ -490,6 +572,7 @@ class ConditionalGlow(nn.Module):
         batch = condition.shape[0]
         self._check_condition(condition, batch)
         size = self.image_size if spatial_size is None else self._check_spatial_size(tuple(spatial_size), "size")
+        cond = self.guided(condition, guidance)
         param = next(self.parameters())
         with torch.inference_mode():
             # drawn on the generator's device (a CPU generator gives the same latents whatever the model's device)
@@ -498,9 +581,44 @@ class ConditionalGlow(nn.Module):
             nu = nu.to(param.device)
             if temperature != 1.0:
                 nu.mul_(temperature)
-            decode = self.inverse if self._compiled_inverse is None else self._compiled_inverse
-            x, _ = decode(nu, condition, size)
-            x = torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
-        if torch.is_inference_mode_enabled():
+            compiled = self._compiled_inverse is not None and not isinstance(cond, GuidedCondition)
+            decode = self._compiled_inverse if compiled else self.inverse
+            x, _ = decode(nu, cond, size)
+        if not torch.is_inference_mode_enabled():
+            x = x.clone()  # an ordinary tensor for callers outside inference mode (and for the denoising step)
+            if denoise and self.noise_std > 0:
+                x = self.denoise(x, cond)
+        flat = x.flatten(1)
+        finite = torch.isfinite(flat)
+        lo, hi = SAMPLE_RANGE
+        overflow = (~finite | (flat < lo) | (flat > hi)).sum(1)
+        nonfinite = (~finite).sum(1)
+        x = torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+        if return_stats:
+            return x, {"overflow_pixels": overflow, "nonfinite_pixels": nonfinite}
+        return x
+
+    def denoise(self, x: Tensor, condition: Tensor | GuidedCondition | None, sigma: float | None = None) -> Tensor:
+        """One score-based denoising step ``x + sigma^2 * grad_x log p(x | z)`` with the flow's exact likelihood
+        (Tweedie's formula for data smoothed by ``N(0, sigma^2)``, the noise the model was trained with).
+
+        Args:
+            x: ``[B, C, *spatial]`` noisy images in image units.
+            condition: ``[B, condition_dim]`` or a guided condition (:meth:`guided`).
+            sigma: noise level (default :attr:`noise_std`).
+
+        Returns:
+            The denoised images (not clamped; non-finite where the score is).
+        """
+        sigma = self.noise_std if sigma is None else float(sigma)
+        if sigma <= 0:
             return x
-        return x.clone()  # an ordinary tensor for callers outside inference mode (a [B, C, *S] copy, negligible)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.log_prob(xg, condition).sum(), xg)
+        finally:
+            self.train(was_training)
+        return x.detach() + sigma**2 * grad
