@@ -46,6 +46,7 @@ from monai_condflow.metrics.fid import extract_features, fid_from_features, fid_
 
 __all__ = [
     "atomic_write_text",
+    "shareable_file_mode",
     "find_model_checkpoint",
     "load_module",
     "read_tensorboard_scalars",
@@ -59,12 +60,22 @@ logger = logging.getLogger(__name__)
 _STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
 
 
+def shareable_file_mode() -> int:
+    """``0o666`` under the process umask (``0o644`` with the usual ``022``): the mode of an ordinary new file, for
+    results meant to be read by others (temp files are created ``0600``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    """Write text atomically (temp file in the same folder, fsync, ``os.replace``), with the permissions of an
+    ordinary new file (:func:`shareable_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, shareable_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -194,3 +194,18 @@ def test_run_evaluation_privacy_block(tmp_path, held_back):
             n_bootstrap=5,
             audit_holdout=torch.ones(3, dtype=torch.bool),
         )
+
+
+def test_report_metrics_and_figures_get_normal_permissions(tmp_path):
+    """Results meant to be shared (metrics.json, report.md, figures) are 0644 under umask 022, not mkstemp's 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        metrics = {"trtr": _SCORES, "tstr": _SCORES, "fid": 0.1}
+        report, js = write_report(tmp_path, metrics, sample_images={"c": torch.rand(2, 1, 8, 8)})
+    finally:
+        os.umask(old)
+    files = [report, js, *(tmp_path / "figures").iterdir()]
+    assert len(files) >= 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
