@@ -42,7 +42,12 @@ from monai_condflow.evaluation.tstr import (
     evaluate_tstr,
     train_real_classifier,
 )
-from monai_condflow.metrics.fid import extract_features, fid_from_features, fid_to_floor_ratio
+from monai_condflow.metrics.fid import (
+    check_fid_sample_size,
+    extract_features,
+    fid_from_features,
+    fid_to_floor_ratio,
+)
 
 __all__ = [
     "atomic_write_text",
@@ -383,6 +388,28 @@ def _flow_sampler(flow: nn.Module, temperature: float) -> Callable[[torch.Tensor
     return sample
 
 
+def _check_fid_sample_sizes(factory: Callable[[], nn.Module], sets: Mapping[str, ImageSet]) -> None:
+    """Fail before any training when a real set is too small for FID with the evaluation network's features.
+
+    The feature dimension ``D`` comes from one forward pass of a freshly built network (its construction does not
+    consume the global random stream); FID needs ``N > D`` images per set.
+    """
+    first = next((s[0][:1] for s in sets.values() if len(s[0])), None)
+    if first is None:
+        raise ValueError("evaluation needs validation and test images; both sets are empty.")
+    with torch.random.fork_rng(devices=[]):
+        probe = factory()
+    dim = extract_features(probe, first, 1, "cpu").shape[1]
+    for name, images in sets.items():
+        try:
+            check_fid_sample_size(len(images[0]), dim, f"the {name} set")
+        except ValueError as err:
+            raise ValueError(
+                f"{err} Evaluation stops before training its classifier: add {name} images (or use a smaller "
+                "evaluation network)."
+            ) from None
+
+
 def run_evaluation(
     output_dir: str | os.PathLike,
     real_train: ImageSet | Sequence[Mapping[str, Any]],
@@ -482,6 +509,7 @@ def run_evaluation(
             return ConditionalGlow.from_preset("small")
 
     eval_factory = eval_network_factory or classifier_factory
+    _check_fid_sample_sizes(eval_factory, {"validation": val, "test": test})
     cond_net = load_module(
         classifier if classifier is not None else out / "classifier", classifier_factory, "classifier", device
     )
