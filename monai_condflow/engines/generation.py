@@ -180,6 +180,7 @@ def generate(
     condition_key: str = "condition",
     manifest_name: str = "manifest.csv",
     dp_epsilon: float | str | None = None,
+    dp_noise: str | None = None,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -208,6 +209,9 @@ def generate(
         dp_epsilon: the DP-SGD epsilon the generator (and its conditioning classifier) spent, recorded in the
             manifest's ``dp_epsilon`` column (``none`` for a non-private run; a string is written as is, e.g.
             ``"flow only: 9.9"``).
+        dp_noise: for a DP run, where the DP-SGD noise came from (``"os_entropy"``, ``"secure_mode"``,
+            ``"caller_generator"``; see :data:`monai_condflow.privacy.dp.NOISE_SOURCES`), written in a ``dp_noise``
+            column before ``dp_epsilon`` (no such column when ``None``).
 
     Returns:
         the manifest path.
@@ -262,6 +266,7 @@ def generate(
                 _write_new_file(staging / name, _pair_png_bytes(originals[k], synthetic[k]))
                 row["pair_file"] = name
             row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
+            row["dp_noise"] = dp_noise
             row["dp_epsilon"] = (
                 "none" if dp_epsilon is None else dp_epsilon if isinstance(dp_epsilon, str) else f"{dp_epsilon:.6g}"
             )
@@ -314,6 +319,8 @@ def generate(
             columns.insert(2, "nifti_file")
         if mode == "pairs":
             columns.insert(2, "pair_file")
+        if dp_noise is not None:
+            columns.insert(columns.index("dp_epsilon"), "dp_noise")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()

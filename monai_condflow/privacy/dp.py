@@ -521,8 +521,9 @@ def dp_summary(
 
     Returns:
         ``{"epsilon", "delta", "noise_multiplier", "max_grad_norm", "expected_batch_size", "steps", "accountant",
-        "noise_source", "covered_parameters", "covers"}``; ``epsilon`` is 0.0 before the first step; ``noise_source``
-        describes where the noise came from (see :data:`NOISE_SOURCES`).
+        "noise", "noise_source", "covered_parameters", "covers"}``; ``epsilon`` is 0.0 before the first step;
+        ``noise`` is the key of :data:`NOISE_SOURCES` (``"os_entropy"`` by default) and ``noise_source`` its
+        description.
     """
     accountant = privacy_engine.accountant
     steps = sum(int(h[2]) for h in getattr(accountant, "history", []))
@@ -535,6 +536,7 @@ def dp_summary(
         "expected_batch_size": getattr(optimizer, "expected_batch_size", None),
         "steps": steps,
         "accountant": accountant.mechanism(),
+        "noise": getattr(privacy_engine, "noise_source", "unknown"),
         "noise_source": NOISE_SOURCES.get(getattr(privacy_engine, "noise_source", ""), "unknown"),
         "covered_parameters": covered_parameters(module),
         "covers": coverage_note(module),

@@ -299,6 +299,8 @@ def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
     rows = (out / "synthetic" / "manifest.csv").read_text().splitlines()
     eps_total = cls["dp"]["epsilon"] + flow["dp"]["epsilon"]
     assert rows[0].endswith(",dp_epsilon") and rows[1].endswith(f",{eps_total:.4g}")
+    assert rows[0].endswith(",dp_noise,dp_epsilon") and rows[1].endswith(f",os_entropy,{eps_total:.4g}")
+    assert cls["dp"]["noise"] == flow["dp"]["noise"] == "os_entropy"
     _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
     privacy = json.loads((out / "metrics.json").read_text())["privacy"]
     assert privacy["epsilon"] == pytest.approx(eps_total) and privacy["delta"] == pytest.approx(2e-4)

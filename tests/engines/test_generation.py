@@ -282,3 +282,10 @@ def test_output_dir_with_foreign_files_a_file_or_read_only_is_refused(flow, tmp_
                 generate(flow, None, _records(2), output_dir=locked / "s", model_version="v")
         finally:
             locked.chmod(0o755)
+
+
+def test_a_dp_manifest_records_where_the_noise_came_from(flow, tmp_path):
+    rows = _manifest(generate(flow, None, _records(2), output_dir=tmp_path / "d", model_version="v", dp_epsilon=3.5,
+                              dp_noise="os_entropy", formats=("png",)))  # fmt: skip
+    assert list(rows[0])[-2:] == ["dp_noise", "dp_epsilon"]
+    assert {(r["dp_noise"], r["dp_epsilon"]) for r in rows} == {("os_entropy", "3.5")}
