@@ -285,6 +285,7 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         noise_generator=noise_generator,
     )
+    _zero_nonfinite_grad_samples(optimizer)
     sampler = getattr(data_loader, "batch_sampler", None)
     if noise_source == "os_entropy" and hasattr(sampler, "generator"):
         sampler.generator = os_entropy_generator("cpu")  # Poisson batches: not from the loader's seeded generator
@@ -296,6 +297,38 @@ def make_private(
     )  # fmt: skip
     logger.info("DP-SGD noise: %s", NOISE_SOURCES[noise_source])
     return module, optimizer, data_loader, engine
+
+
+def _zero_nonfinite_grad_samples(optimizer: Any) -> None:
+    """Make the ``DPOptimizer`` zero the per-sample gradients of examples that are not finite before it clips.
+
+    Without it one NaN example turns the clipped sum, hence every parameter, into NaN. With it the example
+    contributes nothing, and the step is still noised and accounted (see :func:`drop_nonfinite_examples`); the
+    optimiser's ``nonfinite_examples`` counts them.
+    """
+    original = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate() -> None:
+        try:
+            samples = [optimizer._get_flat_grad_sample(p) for p in optimizer.params]
+        except ValueError:  # a parameter without per-sample gradients: Opacus reports it itself
+            samples = []
+        if samples and samples[0].shape[0]:
+            bad = torch.zeros(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
+            for g in samples:
+                bad |= ~torch.isfinite(g.flatten(1)).all(dim=1).to(bad.device)
+            if bad.any():
+                for p, g in zip(optimizer.params, samples):
+                    g = g.detach().clone()
+                    g[bad.to(g.device)] = 0.0
+                    p.grad_sample = g
+                optimizer.nonfinite_examples += int(bad.sum())
+                logger.warning("DP-SGD: %d example(s) with a non-finite gradient contribute zero; the step is still "
+                               "noised and accounted", int(bad.sum()))  # fmt: skip
+        original()
+
+    optimizer.nonfinite_examples = 0
+    optimizer.clip_and_accumulate = clip_and_accumulate
 
 
 def per_sample_gradients(
