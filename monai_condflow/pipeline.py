@@ -298,9 +298,13 @@ def run_pipeline(
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` or one of its annotation files is missing.
+        FileExistsError: when ``output_dir/data`` holds the user's files and no dataset is given.
+        ValueError: when ``output_dir`` is a file or read-only (the message names it).
         RuntimeError: when a stage fails (its name and exit code are in the message).
     """
-    output_dir = Path(output_dir).resolve()
+    from monai_condflow.engines.config_checks import check_output_dir
+
+    output_dir = check_output_dir(Path(output_dir).resolve(), "output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     stages = list(stages) if stages is not None else default_stages(num_labels)
     private_is_phantom = dataset_dir is None
@@ -472,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_images=args.num_images,
             seed=args.seed,
         )
-    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"[pipeline] error: {e}", file=sys.stderr)
         return 1
     for line in _summary(Path(args.output_dir).resolve(), times):

@@ -389,3 +389,10 @@ def test_without_a_dataset_the_pipeline_never_overwrites_the_users_files(tmp_pat
     with pytest.raises(FileExistsError, match="notes.txt"):
         pipeline._prepare_default_dataset(fresh, 80, 2)
     assert made == [0, 1]
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    assert main([str(_dataset(tmp_path / "d")), "--output-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "'output_dir'" in err and "runs is a file" in err

@@ -208,8 +208,9 @@ def read_covidx_annotations(
         FileNotFoundError: when ``annotation_file`` does not exist.
         DataError: (``on_error="raise"``) for a line that does not have 6 fields, non-integer fields, a class id
             not in the class map, a negative, empty or inverted box, a missing image, a file name that points
-            outside ``image_dir`` (``../``, an absolute path), the same image listed twice, or a line that is not
-            valid UTF-8; the message starts with ``annotation_file:line``. Also when the file has no entries at all.
+            outside ``image_dir`` (``../``, an absolute path elsewhere), the same image listed twice, or a line
+            that is not valid UTF-8; the message starts with ``annotation_file:line``. Also when the file has no
+            entries at all.
 
     Example::
 
@@ -564,10 +565,8 @@ def _decode_line(raw: bytes, source: str) -> str:
 
 
 def _inside(root: Path, name: str) -> str | None:
-    """The normalised path of ``root / name`` when it stays inside ``root`` (no ``..`` escape, not absolute; checked
-    on the names, so a dataset of symbolic links still works), else ``None``."""
-    if os.path.isabs(name) or name.startswith(("/", "\\")):
-        return None
+    """The normalised path of ``root / name`` when it stays inside ``root`` (no ``..`` escape, no absolute path
+    elsewhere; checked on the names, so a dataset of symbolic links still works), else ``None``."""
     base = os.path.normpath(os.path.abspath(root))
     joined = os.path.normpath(os.path.join(base, name))
     if joined == base or os.path.commonpath([base, joined]) != base:
@@ -600,8 +599,8 @@ def _parse_annotation_line(
     box = validate_box(box, source=source)
     if _inside(root, name) is None:
         raise DataError(
-            f"image path {name!r} points outside the image folder {root} (absolute path or '..'); annotation paths "
-            "must be relative to the image folder.",
+            f"image path {name!r} points outside the image folder {root} ('..' or an absolute path elsewhere); "
+            "annotation paths must stay inside the image folder.",
             source,
             "path outside image folder",
         )

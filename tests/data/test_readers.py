@@ -496,6 +496,8 @@ def test_annotation_paths_must_stay_inside_the_image_folder(covidx_dir: Path, tm
         assert report.counts == {"path outside image folder": 1}
     ann = _write(covidx_dir / "train.txt", ["ok.png 0 0 0 5 5", "sub/deep.png 1 0 0 5 5", "./sub/../ok2.png 1 0 0 5 5"])
     assert len(read_covidx_annotations(ann, image_dir=images, check_files=False)) == 3  # inside: fine
+    ann = _write(covidx_dir / "train.txt", [f"{images / 'ok.png'} 0 0 0 5 5"])  # an absolute path inside: fine
+    assert Path(read_covidx_annotations(ann, image_dir=images)[0]["image"]) == images / "ok.png"
 
 
 def test_duplicate_annotation_lines_are_reported(covidx_dir: Path):
