@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -223,13 +224,54 @@ def parse_stage_overrides(items: Sequence[str], budget: dict[str, dict[str, obje
     return out
 
 
+_PHANTOM_FILES = re.compile(
+    r"^(train\.txt|val\.txt|test\.txt|dataset\.json|README\.md|images|images/phantom_p\d+_s\d+\.png|(.*/)?\..*\.tmp)$"
+)
+
+
+def _foreign_files(data_dir: Path) -> list[str]:
+    """Entries of ``data_dir`` that a phantom dataset written by the pipeline does not have (relative paths)."""
+    if not data_dir.exists():
+        return []
+    if not data_dir.is_dir():
+        return [data_dir.name]
+    found = []
+    for path in sorted(data_dir.rglob("*")):
+        rel = path.relative_to(data_dir).as_posix()
+        if not _PHANTOM_FILES.match(rel) or (rel == "images" and not path.is_dir()):
+            found.append(rel)
+    return found
+
+
 def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Path:
+    """The phantom dataset in ``output_dir/data``: reused when it matches, (re)generated when absent or when it is a
+    phantom with other settings. A folder that holds anything else (the user's own data) is refused, never
+    overwritten.
+
+    Raises:
+        FileExistsError: ``output_dir/data`` holds files the pipeline did not write (the message names them).
+    """
     from monai_condflow.data.phantom import generate_phantom_dataset
 
     data_dir = output_dir / "data"
     info = data_dir / "dataset.json"
+    foreign = _foreign_files(data_dir)
+    meta: dict = {}
     if info.is_file():
-        meta = json.loads(info.read_text())
+        try:
+            meta = json.loads(info.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    phantom = isinstance(meta, dict) and meta.get("name") == "monai_condflow phantom chest CT"
+    if foreign or (data_dir.is_dir() and any(data_dir.iterdir()) and not phantom):
+        shown = foreign or ["dataset.json (not a phantom written by the pipeline)"]
+        raise FileExistsError(
+            f"{data_dir} holds files the pipeline did not create ({', '.join(shown[:5])}"
+            f"{', ...' if len(shown) > 5 else ''}); without --dataset-dir the pipeline writes its phantom dataset "
+            "there and would overwrite them. Pass --dataset-dir to train on that data, or choose another output "
+            "folder."
+        )
+    if phantom:
         if meta.get("seed") == seed and meta.get("num_images") == num_images:
             print(f"[pipeline] reusing the phantom dataset in {data_dir}", flush=True)
             return data_dir
@@ -256,9 +298,13 @@ def run_pipeline(
 
     Raises:
         FileNotFoundError: when ``dataset_dir`` or one of its annotation files is missing.
+        FileExistsError: when ``output_dir/data`` holds the user's files and no dataset is given.
+        ValueError: when ``output_dir`` is a file or read-only (the message names it).
         RuntimeError: when a stage fails (its name and exit code are in the message).
     """
-    output_dir = Path(output_dir).resolve()
+    from monai_condflow.engines.config_checks import check_output_dir
+
+    output_dir = check_output_dir(Path(output_dir).resolve(), "output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     stages = list(stages) if stages is not None else default_stages(num_labels)
     private_is_phantom = dataset_dir is None
@@ -430,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_images=args.num_images,
             seed=args.seed,
         )
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"[pipeline] error: {e}", file=sys.stderr)
         return 1
     for line in _summary(Path(args.output_dir).resolve(), times):

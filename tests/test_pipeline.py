@@ -349,3 +349,50 @@ def test_main_passes_public_pretraining(tmp_path: Path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--public-pretrain", "--dp-epsilon", "4"])
     assert "needs --num-labels all" in capsys.readouterr().err
+
+
+def test_without_a_dataset_the_pipeline_never_overwrites_the_users_files(tmp_path: Path, monkeypatch):
+    """OUTPUT_DIR/data that the pipeline did not write is refused, never overwritten or emptied; its own phantom is
+    reused or regenerated."""
+    import monai_condflow.data.phantom as phantom
+
+    made = []
+
+    def fake_generate(out, num_images, seed, overwrite, num_workers):
+        made.append(seed)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "images" / "phantom_p0_s0.png").write_bytes(b"png")
+        for split in ("train", "val", "test"):
+            (out / f"{split}.txt").write_text("phantom_p0_s0.png 0 0 0 8 8\n")
+        meta = {"name": "monai_condflow phantom chest CT", "seed": seed, "num_images": num_images}
+        (out / "dataset.json").write_text(json.dumps(meta))
+
+    monkeypatch.setattr(phantom, "generate_phantom_dataset", fake_generate)
+    user = tmp_path / "o" / "data"
+    (user / "images").mkdir(parents=True)
+    (user / "train.txt").write_text("mine.png 1 0 0 8 8\n")
+    (user / "images" / "mine.png").write_bytes(b"my scan")
+    (user / "images" / "phantom_p1_s1.png").write_bytes(b"my file with a phantom-like name")
+    with pytest.raises(FileExistsError, match=r"did not create.*mine\.png"):
+        pipeline._prepare_default_dataset(tmp_path / "o", 80, 0)
+    assert (user / "train.txt").read_text() == "mine.png 1 0 0 8 8\n" and made == []
+    assert (user / "images" / "phantom_p1_s1.png").read_bytes() == b"my file with a phantom-like name"
+    assert main(["--output-dir", str(tmp_path / "o"), "--num-images", "80"]) == 1  # refused with a message, exit 1
+
+    fresh = tmp_path / "p"
+    assert pipeline._prepare_default_dataset(fresh, 80, 0) == fresh / "data" and made == [0]
+    pipeline._prepare_default_dataset(fresh, 80, 0)
+    assert made == [0]  # reused
+    pipeline._prepare_default_dataset(fresh, 80, 1)
+    assert made == [0, 1]  # its own phantom with other settings: regenerated
+    (fresh / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        pipeline._prepare_default_dataset(fresh, 80, 2)
+    assert made == [0, 1]
+
+
+def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    assert main([str(_dataset(tmp_path / "d")), "--output-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "'output_dir'" in err and "runs is a file" in err

@@ -22,17 +22,19 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
-from monai_condflow.data.readers import read_covidx_annotations
+from monai_condflow.data.readers import read_covidx_annotations, resolve_class_map
 from monai_condflow.data.splits import sample_labelled_subset
 from monai_condflow.engines.checkpoint import atomic_write_bytes
 
-__all__ = ["load_covidx_split", "parse_num_labels", "select_labelled", "preprocess_cached"]
+__all__ = ["load_covidx_split", "check_splits", "parse_num_labels", "select_labelled", "preprocess_cached"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,89 @@ def load_covidx_split(
     records = read_covidx_annotations(ann, image_dir=image_dir, class_map=class_map, on_error=on_error)
     logger.info("read %d records from %s", len(records), ann)
     return records
+
+
+def _listed_images(ann: Path, root: Path) -> dict[str, tuple[int, int | None]]:
+    """``{normalised image path: (line, class id)}`` of an annotation file; lines the reader would reject (bad
+    fields, bad bytes) are left to it."""
+    listed: dict[str, tuple[int, int | None]] = {}
+    base = os.path.normpath(os.path.abspath(root))
+    with open(ann, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            fields = raw.decode("utf-8", errors="replace").split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            key = os.path.normpath(os.path.join(base, fields[0]))
+            try:
+                class_id: int | None = int(fields[1]) if len(fields) > 1 else None
+            except ValueError:
+                class_id = None
+            listed.setdefault(key, (line_no, class_id))
+    return listed
+
+
+def check_splits(
+    dataset_dir: str | os.PathLike,
+    split_files: Mapping[str, str],
+    image_dir: str | os.PathLike | None = None,
+    class_map: str | dict = "binary",
+    num_classes: int | None = None,
+    train_split: str = "train",
+) -> bool:
+    """Check a dataset's splits against each other before any training (R24).
+
+    Args:
+        dataset_dir: the dataset folder.
+        split_files: ``{split name: annotation file}`` (e.g. ``{"train": "train.txt", "val": "val.txt",
+            "test": "test.txt"}``); a file that does not exist is skipped (the split's loader reports it).
+        image_dir: see :func:`load_covidx_split`.
+        class_map: see :func:`load_covidx_split`.
+        num_classes: the number of classes the run trains; every label ``0 .. num_classes - 1`` must have a
+            training image. ``None``: the labels of ``class_map``.
+        train_split: the name of the training split in ``split_files``.
+
+    Returns:
+        ``True`` (so bundle configs can chain it in ``check_config``).
+
+    Raises:
+        DataError: an image listed in two splits (a test image would be trained on; both files and lines are
+            named), or a class with no training image.
+    """
+    root = Path(dataset_dir)
+    if image_dir is None:
+        image_dir = root / "images" if (root / "images").is_dir() else root
+    listed: dict[str, tuple[Path, dict[str, tuple[int, int | None]]]] = {}
+    for split, name in split_files.items():
+        ann = Path(name) if Path(name).is_absolute() else root / name
+        if ann.is_file():
+            listed[split] = (ann, _listed_images(ann, Path(image_dir)))
+    splits = list(listed)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            common = sorted(set(listed[a][1]) & set(listed[b][1]))
+            if common:
+                (ann_a, rows_a), (ann_b, rows_b) = listed[a], listed[b]
+                first = common[0]
+                raise DataError(
+                    f"{len(common)} image(s) are listed in both the {a} and the {b} split, e.g. {first} "
+                    f"({ann_a}:{rows_a[first][0]} and {ann_b}:{rows_b[first][0]}); splits must not share images.",
+                    str(ann_b),
+                    "image in two splits",
+                )
+    if train_split in listed:
+        mapping = resolve_class_map(class_map)
+        ann, rows = listed[train_split]
+        present = {mapping[c] for _, c in rows.values() if c in mapping}
+        expected = set(range(num_classes)) if num_classes is not None else set(mapping.values())
+        missing = sorted(expected - present)
+        if missing:
+            raise DataError(
+                f"no training image of class(es) {missing} (after class_map {class_map!r}; classes present: "
+                f"{sorted(present)}): a classifier cannot learn a class it never sees. Fix the split or num_classes.",
+                str(ann),
+                "class without training image",
+            )
+    return True
 
 
 def parse_num_labels(num_labels: int | float | str) -> int | float | None:
@@ -164,8 +249,16 @@ def preprocess_cached(
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"preprocessed_{_cache_key(records, settings)}.npz"
         if cache_file.is_file():
-            with np.load(cache_file, allow_pickle=False) as data:
-                images, keep = data["images"], data["keep"]
+            try:
+                with np.load(cache_file, allow_pickle=False) as data:
+                    images, keep = data["images"], data["keep"]
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError, ValueError) as err:
+                logger.warning(
+                    "cache file %s is unreadable (%s: %s): rebuilding it (delete the cache folder %s to clear "
+                    "every cached slice)", cache_file, type(err).__name__, err, cache_dir,
+                )  # fmt: skip
+                images, keep = None, np.ones(len(records), dtype=bool)
+        if images is not None:
             if keep.shape[0] != len(records) or images.shape[0] != int(keep.sum()):
                 images, keep = None, np.ones(len(records), dtype=bool)
             elif not keep.all():

@@ -207,8 +207,10 @@ def read_covidx_annotations(
     Raises:
         FileNotFoundError: when ``annotation_file`` does not exist.
         DataError: (``on_error="raise"``) for a line that does not have 6 fields, non-integer fields, a class id
-            not in the class map, a negative, empty or inverted box, or a missing image; the message starts
-            with ``annotation_file:line``. Also when the file has no entries at all.
+            not in the class map, a negative, empty or inverted box, a missing image, a file name that points
+            outside ``image_dir`` (``../``, an absolute path elsewhere), the same image listed twice, or a line
+            that is not valid UTF-8; the message starts with ``annotation_file:line``. Also when the file has no
+            entries at all.
 
     Example::
 
@@ -225,16 +227,28 @@ def read_covidx_annotations(
     local = ReadReport()
     records: list[dict] = []
     n_entries = 0
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            n_entries += 1
+    first_line: dict[str, int] = {}
+    with open(path, "rb") as handle:  # decoded line by line, so that a bad byte is reported with its line
+        for line_no, raw in enumerate(handle, start=1):
             source = f"{path}:{line_no}"
             try:
-                records.append(_parse_annotation_line(text, source, root, mapping, check_files, patient_pattern))
+                text = _decode_line(raw, source).strip()
+                if not text or text.startswith("#"):
+                    continue
+                n_entries += 1
+                record = _parse_annotation_line(text, source, root, mapping, check_files, patient_pattern)
+                key = _inside(root, text.split()[0]) or record["image"]
+                if key in first_line:
+                    raise DataError(
+                        f"image {record['image']} is listed again (first at line {first_line[key]}).",
+                        source,
+                        "duplicate line",
+                    )
+                first_line[key] = line_no
+                records.append(record)
             except DataError as err:
+                if err.reason == "bad encoding":
+                    n_entries += 1
                 if on_error == "raise":
                     raise
                 local.add(err)
@@ -538,6 +552,28 @@ def _parse_int(token: str, what: str, source: str) -> int:
         raise DataError(f"{what} must be an integer, got {token!r}.", source, "non-integer field") from None
 
 
+def _decode_line(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"line is not valid UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); save the file as "
+            "UTF-8.",
+            source,
+            "bad encoding",
+        ) from None
+
+
+def _inside(root: Path, name: str) -> str | None:
+    """The normalised path of ``root / name`` when it stays inside ``root`` (no ``..`` escape, no absolute path
+    elsewhere; checked on the names, so a dataset of symbolic links still works), else ``None``."""
+    base = os.path.normpath(os.path.abspath(root))
+    joined = os.path.normpath(os.path.join(base, name))
+    if joined == base or os.path.commonpath([base, joined]) != base:
+        return None
+    return joined
+
+
 def _parse_annotation_line(
     text: str,
     source: str,
@@ -561,6 +597,13 @@ def _parse_annotation_line(
             f"class id {class_id} is not in the class map (known ids: {sorted(mapping)}).", source, "unknown class"
         )
     box = validate_box(box, source=source)
+    if _inside(root, name) is None:
+        raise DataError(
+            f"image path {name!r} points outside the image folder {root} ('..' or an absolute path elsewhere); "
+            "annotation paths must stay inside the image folder.",
+            source,
+            "path outside image folder",
+        )
     image = root / name
     if check_files and not image.is_file():
         raise DataError(f"image file {image} does not exist.", source, "missing file")

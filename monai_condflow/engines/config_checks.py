@@ -15,7 +15,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ConfigValueError", "check_positive_int", "check_temperature", "check_preset", "check_common"]
+import torch
+
+__all__ = [
+    "ConfigValueError",
+    "check_positive_int",
+    "check_temperature",
+    "check_preset",
+    "check_device",
+    "check_output_dir",
+    "check_common",
+]
 
 
 class ConfigValueError(ValueError):
@@ -43,21 +53,70 @@ def check_preset(value: object, valid: tuple[str, ...], name: str) -> str:
     return str(value)
 
 
+def check_device(device: object, name: str = "device") -> torch.device:
+    """A device this machine has: ``"cuda"`` (or ``"cuda:N"``) needs CUDA (and GPU ``N``).
+
+    Raises:
+        ConfigValueError: naming the config id for an unknown device string or a GPU the machine does not have.
+    """
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigValueError(f"config id '{name}' is not a device: {device!r} ({err}).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigValueError(
+                f"config id '{name}' is {str(dev)!r} but CUDA is not available on this machine; use "
+                f"--{name} cpu (or leave '{name}' at its default, which picks CUDA only when present)."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigValueError(
+                f"config id '{name}' is {str(dev)!r} but this machine has {torch.cuda.device_count()} GPU(s)."
+            )
+    return dev
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "output_dir") -> Path:
+    """An output folder that is (or can be made) a writable folder: not a file, not read-only.
+
+    Raises:
+        ConfigValueError: naming the config id and the path when it (or the nearest existing folder above it) is
+            a file or cannot be written by this user.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigValueError(f"config id '{name}': {folder} is a file, not a folder; give a folder for the outputs.")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigValueError(f"config id '{name}': {probe} (a parent of {folder}) is a file, not a folder.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigValueError(
+            f"config id '{name}': {probe} is read-only for this user, so {folder} cannot be written; choose another "
+            "output folder."
+        )
+    return folder
+
+
 def check_common(
     max_epochs: object,
     batch_size: object,
     image_size: object,
     num_classes: object,
     dataset_dir: str | os.PathLike | None = None,
+    device: object = None,
+    output_dir: str | os.PathLike | None = None,
 ) -> bool:
     """Check the ids every training stage shares; returns True so configs can use it in ``initialize``.
 
     Raises:
-        ConfigValueError: for a bad ``max_epochs``, ``batch_size``, ``image_size`` (must be divisible by 8) or
-            ``num_classes``.
+        ConfigValueError: for a bad ``max_epochs`` (must be >= 1), ``batch_size``, ``image_size`` (must be
+            divisible by 8) or ``num_classes``; a ``device`` the machine does not have (:func:`check_device`); an
+            ``output_dir`` that is a file or read-only (:func:`check_output_dir`).
         FileNotFoundError: when ``dataset_dir`` is given and does not exist.
     """
-    check_positive_int("max_epochs", max_epochs, minimum=0)
+    check_positive_int("max_epochs", max_epochs, minimum=1)
     check_positive_int("batch_size", batch_size)
     check_positive_int("num_classes", num_classes, minimum=2)
     size = check_positive_int("image_size", image_size, minimum=8)
@@ -69,4 +128,8 @@ def check_common(
             "(images + train.txt/val.txt/test.txt) or generate one with "
             "`python -m monai_condflow.data.phantom --out DIR`."
         )
+    if device is not None:
+        check_device(device)
+    if output_dir is not None:
+        check_output_dir(output_dir)
     return True

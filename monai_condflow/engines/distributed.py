@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = [
     "init_distributed",
+    "process_group_timeout",
     "is_distributed",
     "get_rank",
     "get_world_size",
@@ -55,13 +56,42 @@ logger = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
+TIMEOUT_ENV = "MONAI_CONDFLOW_PG_TIMEOUT"
+"""Environment variable: seconds a rank waits in a collective for the others before failing (default 600)."""
+DEFAULT_TIMEOUT_S = 600.0
 
-def init_distributed(backend: str | None = None) -> bool:
+
+def process_group_timeout(timeout_s: float | None = None) -> timedelta:
+    """The process-group timeout: ``timeout_s``, else ``$MONAI_CONDFLOW_PG_TIMEOUT``, else 600 s (not PyTorch's
+    30 minutes), so that the other ranks fail soon after one rank stops (e.g. ``kill -STOP``) instead of waiting.
+
+    Raises:
+        ValueError: a value that is not a number > 0 (the message names its source).
+    """
+    source = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV)
+        if raw is None:
+            return timedelta(seconds=DEFAULT_TIMEOUT_S)
+        source = f"environment variable {TIMEOUT_ENV}"
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{source} must be a number of seconds > 0, got {raw!r}.") from None
+    if not timeout_s > 0 or timeout_s == float("inf"):
+        raise ValueError(f"{source} must be a number of seconds > 0, got {timeout_s!r}.")
+    return timedelta(seconds=float(timeout_s))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """
     Initialise the default process group from ``torchrun``'s environment variables.
 
     Args:
         backend: ``"gloo"`` or ``"nccl"``; ``None`` picks ``nccl`` when CUDA is available, else ``gloo``.
+        timeout_s: how long a rank waits in a collective for the others (see :func:`process_group_timeout`;
+            default ``$MONAI_CONDFLOW_PG_TIMEOUT`` or 600 s). A rank that stops without dying then makes the others
+            fail after this time instead of PyTorch's 30 minutes.
 
     Returns:
         ``True`` when a process group is (now) initialised, ``False`` when the process was not launched
@@ -74,6 +104,7 @@ def init_distributed(backend: str | None = None) -> bool:
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size <= 1:
         return False
+    timeout = process_group_timeout(timeout_s)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -89,14 +120,15 @@ def init_distributed(backend: str | None = None) -> bool:
             port=int(os.environ["MASTER_PORT"]),
             world_size=world_size,
             is_master=not agent_store and rank == 0,
-            timeout=timedelta(minutes=30),
+            timeout=timeout,
         )
         attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
         prefixed = dist.PrefixStore(f"monai_condflow/attempt_{attempt}", store)
-        dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method="env://")
-    logger.info("initialised %s process group: rank %d of %d", backend, get_rank(), get_world_size())
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    logger.info("initialised %s process group: rank %d of %d (timeout %.0f s)", backend, get_rank(), get_world_size(),
+                timeout.total_seconds())  # fmt: skip
     return True
 
 
@@ -174,7 +206,9 @@ def create_loader(
         collate_fn: batch collation, MONAI's ``list_data_collate`` by default.
 
     Raises:
-        ValueError: when ``batch_size`` is not positive or not divisible by the world size.
+        ValueError: when ``batch_size`` is not positive or not divisible by the world size, or, with ``drop_last``,
+            larger than the dataset (no complete batch: an epoch would be empty); the message names ``batch_size``
+            and the dataset size.
     """
     world_size = get_world_size()
     if batch_size <= 0:
@@ -195,7 +229,7 @@ def create_loader(
         # MONAI random transforms otherwise share one class-level RandomState seeded from OS entropy; in workers,
         # MONAI's worker_init_fn seeds them from the loader's generator (saved by LoaderRandomState for resume)
         set_rnd(dataset, seed)
-    return DataLoader(
+    loader = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size // world_size,
         sampler=sampler,
@@ -206,6 +240,13 @@ def create_loader(
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
         persistent_workers=False,
     )
+    if drop_last and len(loader) == 0:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the training set ({len(dataset)} items"  # type: ignore[arg-type]
+            f"{f' over {world_size} ranks' if world_size > 1 else ''}): with drop_last there is no complete batch. "
+            f"Set the config id 'batch_size' to at most {len(dataset)}."  # type: ignore[arg-type]
+        )
+    return loader
 
 
 def any_across_ranks(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:

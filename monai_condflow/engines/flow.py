@@ -258,59 +258,34 @@ class FlowTrainer(SupervisedTrainer):
     def _dp_iteration(self, engine: FlowTrainer, inputs: torch.Tensor, condition: torch.Tensor | None) -> dict:
         """One DP-SGD step: per-example gradients, then the ``DPOptimizer`` clips, adds noise and steps.
 
-        A non-finite per-example loss or gradient skips the step (no noise is added and the accountant does not
-        count it); an empty Poisson batch is a normal noisy step.
+        An example whose loss or gradient is not finite contributes a zero gradient and the step still happens
+        (clipped, noised and accounted: whether a step happens never depends on the data); an empty Poisson batch is a
+        normal noisy step.
         """
-        from monai_condflow.privacy.dp import flow_nll, per_sample_gradients
+        from monai_condflow.privacy.dp import drop_nonfinite_examples, flow_nll, per_sample_gradients
 
         self.dp_module.train()
         engine.optimizer.zero_grad(set_to_none=True)
         batch = (inputs,) if condition is None else (inputs, condition)
         grads, losses = per_sample_gradients(self.dp_module, flow_nll, *batch)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        finite = bool(torch.isfinite(losses).all().item()) and all(
-            bool(torch.isfinite(g).all().item()) for g in grads.values()
-        )
+        dropped = drop_nonfinite_examples(grads, losses)
+        if dropped.any():
+            logger.warning("DP-SGD: %d example(s) with a non-finite loss or gradient at iteration %d contribute a zero "
+                           "gradient; the step is still noised and accounted", int(dropped.sum()),
+                           engine.state.iteration)  # fmt: skip
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1) if grads else None
-        if finite:
-            engine.optimizer.step()
-        else:
-            engine.optimizer.zero_grad(set_to_none=True)
-            engine.state.skipped_steps += 1
-            logger.warning("DP-SGD: non-finite per-example loss or gradient at iteration %d: step skipped (%d so far)",
-                           engine.state.iteration, engine.state.skipped_steps)  # fmt: skip
-        loss = losses.mean() + self.n_bits if losses.numel() else torch.tensor(float("nan"))
+        engine.optimizer.step()
+        kept = losses[~dropped.to(losses.device)]
+        loss = kept.mean() + self.n_bits if kept.numel() else torch.tensor(float("nan"))
         engine.state.output[Keys.PRED] = losses + self.n_bits
         engine.state.output[Keys.LOSS] = loss
         # the mean per-example gradient norm before clipping
         engine.state.output["grad_norm"] = float(norms.mean().item()) if norms is not None and norms.numel() else 0.0
-        engine.state.output["skipped"] = not finite
+        engine.state.output["skipped"] = False
+        engine.state.output["nonfinite_examples"] = int(dropped.sum())
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-class _DPPlan:
-    """What the DP noise was calibrated for (saved in the ``latest`` checkpoints as ``dp_plan``).
-
-    A resumed DP run must keep the plan: Opacus derives the noise multiplier from the target and the planned epochs
-    alone, so resuming with a larger ``max_epochs`` (or another target) would spend more than the target.
-    """
-
-    def __init__(self, **plan: Any) -> None:
-        self.plan = dict(plan)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.plan)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        changed = {k: (state.get(k), v) for k, v in self.plan.items() if state.get(k) != v}
-        if changed:
-            detail = ", ".join(f"'{k}' was {old!r}, now {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume this DP-SGD run with different settings ({detail}): the noise was calibrated for the "
-                "original plan, so the target would not hold. Resume with the original values or train in a new "
-                "output folder."
-            )
 
 
 def warmup_exponential_lambda(epoch_length: int, warmup_epochs: int, gamma: float) -> Callable[[int], float]:
@@ -674,7 +649,9 @@ def create_flow_trainer(
         to_save["loader_rng"] = loader_rng
     dp_plan = None
     if dp_engine is not None:
-        dp_plan = _DPPlan(max_epochs=max_epochs, **{k: dp[k] for k in ("target_epsilon", "target_delta",
+        from monai_condflow.privacy.dp import DPPlan  # refuses a resume with another plan
+
+        dp_plan = DPPlan(max_epochs=max_epochs, **{k: dp[k] for k in ("target_epsilon", "target_delta",
                                                                       "max_grad_norm", "accountant")})  # fmt: skip
         to_save["privacy_accountant"] = dp_engine.accountant
         to_save["dp_plan"] = dp_plan

@@ -22,7 +22,16 @@ Modes of :func:`generate`:
 Output hygiene (R4): files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
 PNGs carry no text chunks and the NIfTI headers a fixed description; the manifest CSV records index, file(s), class,
 temperature, seed, model version and mode. No source file name, patient id or DICOM tag is read into any output.
-Every file is written atomically (temp file + ``os.replace``), the manifest last.
+In ``same_z`` / ``pairs`` mode the files are numbered in a shuffled order (a permutation keyed by the seed *and* the
+flow's weights), so a file's index is not its source image's position in the training list: the order is
+reproducible with the model, but not from the training list and the manifest's seed alone.
+
+Output sets (R25): the whole set (images + manifest) is written into a hidden sibling folder
+(``.<name>.partial-*``) and swapped into place by renaming when complete, so the folder and its manifest always
+describe the same files: a killed run leaves the previous set untouched, a smaller rerun leaves no stale file, and
+leftovers of a killed run are removed by the next one. ``output_dir`` must hold only files of an earlier generation
+(a folder with anything else is refused, never emptied). Files and the folder get the usual permissions
+(``0644`` / ``0755`` under the process umask), not the ``0600`` of temp files.
 
 Formats: 16-bit grayscale PNG with ``value = round(x * 65535)`` (re-read with intensity mode ``"uint16"``);
 NIfTI-1 (gzip) float32 in ``[0, 1]`` with identity affine, stored ``[W, H]`` (voxel ``(i, j)`` = pixel column ``i``,
@@ -33,9 +42,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import logging
 import os
+import re
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +61,6 @@ from monai.data import list_data_collate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes
 from monai_condflow.engines.distributed import unwrap_model
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.transforms.grid import make_grid
@@ -167,6 +180,7 @@ def generate(
     condition_key: str = "condition",
     manifest_name: str = "manifest.csv",
     dp_epsilon: float | str | None = None,
+    dp_noise: str | None = None,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -178,7 +192,8 @@ def generate(
         records_or_loader: a non-shuffling ``DataLoader`` of dict batches, or a sequence (e.g. a MONAI ``Dataset``
             with the transform chain applied) of dict items whose ``image`` is a ``[1, S, S]`` tensor / array in
             ``[0, 1]``. Other keys (``source``, ``patient_id`` ...) are ignored and never written.
-        output_dir: destination folder (created).
+        output_dir: destination folder (created; its previous content, which must be an earlier generation's
+            files, is replaced as a whole when the new set is complete).
         model_version: recorded in the manifest (e.g. a checkpoint name / hash and package version).
         mode: ``"same_z"``, ``"pairs"`` or ``"n_per_class"``.
         n_per_class: images per class in ``"n_per_class"`` mode.
@@ -194,13 +209,18 @@ def generate(
         dp_epsilon: the DP-SGD epsilon the generator (and its conditioning classifier) spent, recorded in the
             manifest's ``dp_epsilon`` column (``none`` for a non-private run; a string is written as is, e.g.
             ``"flow only: 9.9"``).
+        dp_noise: for a DP run, where the DP-SGD noise came from (``"os_entropy"``, ``"secure_mode"``,
+            ``"caller_generator"``; see :data:`monai_condflow.privacy.dp.NOISE_SOURCES`), written in a ``dp_noise``
+            column before ``dp_epsilon`` (no such column when ``None``).
 
     Returns:
         the manifest path.
 
     Raises:
         ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version`` (R9), an image path
-            instead of a tensor, or no input.
+            instead of a tensor, no input, or an ``output_dir`` that holds files this function did not write.
+        NotADirectoryError: ``output_dir`` (or its parent) is a file.
+        PermissionError: the parent of ``output_dir`` cannot be written; the message names it.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {GENERATION_MODES}.")
@@ -218,7 +238,7 @@ def generate(
 
     device = torch.device(device)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(output_dir, manifest_name)
     flow = unwrap_model(flow).to(device)
     if classifier is not None:
         classifier = unwrap_model(classifier).to(device)
@@ -226,6 +246,7 @@ def generate(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     rows: list[dict[str, Any]] = []
+    staging = _staging_dir(output_dir)
 
     def write(originals: torch.Tensor | None, z: torch.Tensor, labels: torch.Tensor) -> None:
         synthetic = generate_tensors(flow, z, temperature, generator).cpu()
@@ -234,75 +255,172 @@ def generate(
             stem = f"synthetic_{index:06d}_class{cls}"
             row: dict[str, Any] = {"index": index}
             if "png" in formats:
-                atomic_write_bytes(output_dir / f"{stem}.png", png16_bytes(synthetic[k]))
+                _write_new_file(staging / f"{stem}.png", png16_bytes(synthetic[k]))
                 row["file"] = f"{stem}.png"
             if "nifti" in formats:
-                atomic_write_bytes(output_dir / f"{stem}.nii.gz", nifti_bytes(synthetic[k]))
+                _write_new_file(staging / f"{stem}.nii.gz", nifti_bytes(synthetic[k]))
                 row["nifti_file"] = f"{stem}.nii.gz"
                 row.setdefault("file", row["nifti_file"])
             if originals is not None:
                 name = f"pair_{index:06d}_class{cls}.png"
-                atomic_write_bytes(output_dir / name, _pair_png_bytes(originals[k], synthetic[k]))
+                _write_new_file(staging / name, _pair_png_bytes(originals[k], synthetic[k]))
                 row["pair_file"] = name
             row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
+            row["dp_noise"] = dp_noise
             row["dp_epsilon"] = (
                 "none" if dp_epsilon is None else dp_epsilon if isinstance(dp_epsilon, str) else f"{dp_epsilon:.6g}"
             )
             rows.append(row)
 
-    all_z: list[torch.Tensor] = []
-    all_labels: list[torch.Tensor] = []
-    for batch in _as_loader(records_or_loader, batch_size):
-        if not isinstance(batch, Mapping) or image_key not in batch:
-            raise ValueError(f"expected dict batches with an '{image_key}' key.")
-        raw = batch[image_key]
-        if isinstance(raw, (str, os.PathLike)) or (isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], str)):
-            raise ValueError(
-                f"'{image_key}' holds file paths: apply the transform chain first (e.g. monai.data.Dataset(records, "
-                "transform=chain)) so that items carry [1, S, S] tensors."
-            )
-        images = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw).float().to(device)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        z = prepare.get_condition(batch, images, device)
-        labels = _labels_of(batch, label_key, classifier, images)
-        if mode == "n_per_class":
+    try:
+        all_z: list[torch.Tensor] = []
+        all_labels: list[torch.Tensor] = []
+        all_images: list[torch.Tensor] = []
+        for batch in _as_loader(records_or_loader, batch_size):
+            if not isinstance(batch, Mapping) or image_key not in batch:
+                raise ValueError(f"expected dict batches with an '{image_key}' key.")
+            raw = batch[image_key]
+            if isinstance(raw, (str, os.PathLike)) or (
+                isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], str)
+            ):
+                raise ValueError(
+                    f"'{image_key}' holds file paths: apply the transform chain first (e.g. monai.data.Dataset("
+                    "records, transform=chain)) so that items carry [1, S, S] tensors."
+                )
+            images = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw).float().to(device)
+            if images.ndim == 3:
+                images = images.unsqueeze(1)
+            z = prepare.get_condition(batch, images, device)
             all_z.append(z.detach().cpu())
-            all_labels.append(labels)
-        else:
-            write(images.cpu() if mode == "pairs" else None, z, labels)
-
-    if mode == "n_per_class":
+            all_labels.append(_labels_of(batch, label_key, classifier, images))
+            if mode == "pairs":
+                all_images.append(images.cpu())
         if not all_z:
             raise ValueError("generate got no input items.")
         z_all, labels_all = torch.cat(all_z), torch.cat(all_labels)
-        draw = torch.Generator().manual_seed(seed)
-        chosen = []
-        for cls in sorted(set(labels_all.tolist())):
-            idx = torch.nonzero(labels_all == cls).reshape(-1)
-            reps = -(-n_per_class // idx.numel())  # without replacement while the class has enough inputs
-            order = torch.cat([idx[torch.randperm(idx.numel(), generator=draw)] for _ in range(reps)])
-            chosen.append(order[:n_per_class])
-        chosen_idx = torch.cat(chosen)
+        if mode == "n_per_class":
+            draw = torch.Generator().manual_seed(seed)
+            chosen = []
+            for cls in sorted(set(labels_all.tolist())):
+                idx = torch.nonzero(labels_all == cls).reshape(-1)
+                reps = -(-n_per_class // idx.numel())  # without replacement while the class has enough inputs
+                order = torch.cat([idx[torch.randperm(idx.numel(), generator=draw)] for _ in range(reps)])
+                chosen.append(order[:n_per_class])
+            chosen_idx = torch.cat(chosen)
+        else:  # a file's index must not be its source's position in the input list
+            chosen_idx = torch.randperm(z_all.shape[0], generator=torch.Generator().manual_seed(_order_key(flow, seed)))
+        originals = torch.cat(all_images) if mode == "pairs" else None
         for start in range(0, chosen_idx.numel(), batch_size):
             sel = chosen_idx[start : start + batch_size]
-            write(None, z_all[sel].to(device), labels_all[sel])
-    elif not rows:
-        raise ValueError("generate got no input items.")
+            write(None if originals is None else originals[sel], z_all[sel].to(device), labels_all[sel])
 
-    columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode", "dp_epsilon"]
-    if "nifti" in formats:
-        columns.insert(2, "nifti_file")
-    if mode == "pairs":
-        columns.insert(2, "pair_file")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        row["class"] = row.pop("class_")
-        writer.writerow({k: row.get(k, "") for k in columns})
-    manifest = atomic_write_bytes(output_dir / manifest_name, buf.getvalue().encode("utf-8"))
+        columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode", "dp_epsilon"]
+        if "nifti" in formats:
+            columns.insert(2, "nifti_file")
+        if mode == "pairs":
+            columns.insert(2, "pair_file")
+        if dp_noise is not None:
+            columns.insert(columns.index("dp_epsilon"), "dp_noise")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            row["class"] = row.pop("class_")
+            writer.writerow({k: row.get(k, "") for k in columns})
+        _write_new_file(staging / manifest_name, buf.getvalue().encode("utf-8"))
+        _swap_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = output_dir / manifest_name
     logger.info(
         "wrote %d synthetic image(s) (%s mode, T=%s, seed %d) to %s", len(rows), mode, temperature, seed, output_dir
     )
     return manifest
+
+
+_OWN_FILE = re.compile(r"^(synthetic_\d+_class\d+\.(png|nii\.gz)|pair_\d+_class\d+\.png|\..*\.tmp)$")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_output_dir(output_dir: Path, manifest_name: str) -> None:
+    """Refuse an ``output_dir`` that is a file, whose parent cannot be written, or that holds foreign files."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(
+            f"output_dir {output_dir} is a file, not a folder: give a folder for the synthetic set."
+        )
+    parent = output_dir.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"the parent of output_dir, {parent}, is a file, not a folder.")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create the folder {parent} for output_dir {output_dir}: {err}") from err
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write into {parent} (the folder that holds output_dir {output_dir}): it is read-only for this "
+            "user; choose another output folder."
+        )
+    if output_dir.is_dir():
+        foreign = sorted(
+            p.name for p in output_dir.iterdir() if p.name != manifest_name and not _OWN_FILE.match(p.name)
+        )
+        if foreign:
+            raise ValueError(
+                f"output_dir {output_dir} holds files that generate() did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); the synthetic set replaces the whole folder, so choose an "
+                "empty or new folder (or move those files)."
+            )
+
+
+def _staging_dir(output_dir: Path) -> Path:
+    """A fresh hidden sibling of ``output_dir`` for the new set; leftovers of killed runs are removed first."""
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in output_dir.parent.glob(f".{output_dir.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Write a new file in the staging folder (permissions ``0666`` under the umask, e.g. ``0644``)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(staging: Path, output_dir: Path) -> None:
+    """Replace ``output_dir`` by the complete ``staging`` folder with renames (the old set is deleted last)."""
+    old = None
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.old-{secrets.token_hex(4)}"
+        os.rename(output_dir, old)
+    os.rename(staging, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    try:  # make the renames durable
+        fd = os.open(output_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _order_key(flow: torch.nn.Module, seed: int) -> int:
+    """Seed of the file order in ``same_z`` / ``pairs`` mode: a hash of ``seed`` and the flow's weights, so the order
+    is reproducible with the model but cannot be recomputed from the public seed and the training list alone."""
+    h = hashlib.sha256(b"monai_condflow synthetic file order\0" + str(int(seed)).encode() + b"\0")
+    for name, tensor in sorted(flow.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little")

@@ -50,6 +50,7 @@ __all__ = [
     "load_flow",
     "model_version",
     "privacy_spent",
+    "privacy_noise",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,3 +239,24 @@ def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         "covers": covers,
         "label": label,
     }
+
+
+def privacy_noise(output_dir: str | os.PathLike) -> str | None:
+    """Where the DP-SGD noise of a run's private stages came from, for the manifest's ``dp_noise`` column.
+
+    Returns:
+        ``None`` when no stage used DP-SGD; else the ``noise`` key of the stages' ``dp`` records (``"os_entropy"``,
+        ``"secure_mode"``, ``"caller_generator"``; ``"unknown"`` for a stage trained before it was recorded), one
+        value when the private stages agree, else ``"classifier: ...; flow: ..."``.
+    """
+    spent = privacy_spent(output_dir)
+    if spent is None:
+        return None
+    noise = {
+        stage: str(spent[stage].get("noise", "unknown"))
+        for stage in ("classifier", "flow")
+        if spent[stage] is not None and not spent[stage].get("public")
+    }
+    if len(set(noise.values())) == 1:
+        return next(iter(noise.values()))
+    return "; ".join(f"{stage}: {value}" for stage, value in noise.items())

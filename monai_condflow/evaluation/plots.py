@@ -34,11 +34,18 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 _W, _H, _L, _R, _T, _B = 640, 400, 70, 150, 36, 50  # canvas size and margins (left, right, top, bottom)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save a PIL image as PNG atomically (temp file + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # an ordinary file's permissions (0644 under umask 022), not mkstemp's 0600
     os.close(fd)
     try:
         image.save(tmp, format="PNG")

@@ -42,10 +42,16 @@ from monai_condflow.evaluation.tstr import (
     evaluate_tstr,
     train_real_classifier,
 )
-from monai_condflow.metrics.fid import extract_features, fid_from_features, fid_to_floor_ratio
+from monai_condflow.metrics.fid import (
+    check_fid_sample_size,
+    extract_features,
+    fid_from_features,
+    fid_to_floor_ratio,
+)
 
 __all__ = [
     "atomic_write_text",
+    "shareable_file_mode",
     "find_model_checkpoint",
     "load_module",
     "read_tensorboard_scalars",
@@ -59,12 +65,22 @@ logger = logging.getLogger(__name__)
 _STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
 
 
+def shareable_file_mode() -> int:
+    """``0o666`` under the process umask (``0o644`` with the usual ``022``): the mode of an ordinary new file, for
+    results meant to be read by others (temp files are created ``0600``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    """Write text atomically (temp file in the same folder, fsync, ``os.replace``), with the permissions of an
+    ordinary new file (:func:`shareable_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, shareable_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -372,6 +388,28 @@ def _flow_sampler(flow: nn.Module, temperature: float) -> Callable[[torch.Tensor
     return sample
 
 
+def _check_fid_sample_sizes(factory: Callable[[], nn.Module], sets: Mapping[str, ImageSet]) -> None:
+    """Fail before any training when a real set is too small for FID with the evaluation network's features.
+
+    The feature dimension ``D`` comes from one forward pass of a freshly built network (its construction does not
+    consume the global random stream); FID needs ``N > D`` images per set.
+    """
+    first = next((s[0][:1] for s in sets.values() if len(s[0])), None)
+    if first is None:
+        raise ValueError("evaluation needs validation and test images; both sets are empty.")
+    with torch.random.fork_rng(devices=[]):
+        probe = factory()
+    dim = extract_features(probe, first, 1, "cpu").shape[1]
+    for name, images in sets.items():
+        try:
+            check_fid_sample_size(len(images[0]), dim, f"the {name} set")
+        except ValueError as err:
+            raise ValueError(
+                f"{err} Evaluation stops before training its classifier: add {name} images (or use a smaller "
+                "evaluation network)."
+            ) from None
+
+
 def run_evaluation(
     output_dir: str | os.PathLike,
     real_train: ImageSet | Sequence[Mapping[str, Any]],
@@ -471,6 +509,7 @@ def run_evaluation(
             return ConditionalGlow.from_preset("small")
 
     eval_factory = eval_network_factory or classifier_factory
+    _check_fid_sample_sizes(eval_factory, {"validation": val, "test": test})
     cond_net = load_module(
         classifier if classifier is not None else out / "classifier", classifier_factory, "classifier", device
     )

@@ -49,6 +49,11 @@ class PrivacyAccountantHandler:
         output_file: optional JSON file for ``summary_fn()``.
         summary_fn: ``() -> dict`` written to ``output_file``; default ``{"epsilon", "delta", "steps"}``.
         tag: TensorBoard tag.
+        target_epsilon: the run's target. When given, the handler checks at ``STARTED`` (attach it after the
+            checkpoint loader, so a resumed run's accountant and iteration are restored) that the steps already taken
+            plus the steps still to come at the optimiser's noise multiplier stay within it, and refuses to train
+            otherwise (:func:`monai_condflow.privacy.dp.check_resume_budget`): a resume with a larger ``max_epochs``
+            or another target cannot overspend.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class PrivacyAccountantHandler:
         output_file: str | os.PathLike | None = None,
         summary_fn: Any = None,
         tag: str = "privacy/epsilon",
+        target_epsilon: float | None = None,
     ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}.")
@@ -68,6 +74,7 @@ class PrivacyAccountantHandler:
         self.output_file = Path(output_file) if output_file is not None else None
         self.summary_fn = summary_fn
         self.tag = tag
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
 
     def steps(self) -> int:
         """Noisy steps recorded by the accountant so far."""
@@ -80,8 +87,33 @@ class PrivacyAccountantHandler:
     def attach(self, engine: Engine) -> None:
         """Register on ``EPOCH_COMPLETED`` and ``COMPLETED`` of ``engine``; sets ``engine.state.epsilon = 0.0``."""
         engine.state.epsilon = 0.0
+        if self.target_epsilon is not None:
+            engine.add_event_handler(Events.STARTED, self.check_budget)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def check_budget(self, engine: Engine) -> None:
+        """Refuse to train when the run, as resumed, would end above ``target_epsilon``.
+
+        Raises:
+            ValueError: from :func:`monai_condflow.privacy.dp.check_resume_budget`.
+        """
+        from monai_condflow.privacy.dp import check_resume_budget
+
+        epoch_length = int(engine.state.epoch_length or len(engine.state.dataloader))
+        total = int(engine.state.max_epochs) * epoch_length
+        projected = check_resume_budget(
+            self.privacy_engine.accountant,
+            float(engine.optimizer.noise_multiplier),
+            1.0 / epoch_length,
+            int(engine.state.iteration),
+            total,
+            self.target_epsilon,
+            self.delta,
+        )
+        if engine.state.iteration:
+            logger.info("DP-SGD resume: epsilon %.4f projected at the end (target %.4f)", projected,
+                        self.target_epsilon)  # fmt: skip
 
     def __call__(self, engine: Engine) -> None:
         eps = self.epsilon()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,12 @@ from monai_condflow.networks.blocks.squeeze import contiguous_layout
 
 __all__ = [
     "FLOW_GRAD_SAMPLE_MODE",
+    "NOISE_SOURCES",
     "check_dp_settings",
+    "os_entropy_generator",
+    "drop_nonfinite_examples",
+    "projected_epsilon",
+    "check_resume_budget",
     "log_unused_unlabelled",
     "is_flow",
     "prepare_module",
@@ -74,12 +80,21 @@ __all__ = [
     "covered_parameters",
     "coverage_note",
     "dp_summary",
+    "DPPlan",
 ]
 
 logger = logging.getLogger(__name__)
 
 FLOW_GRAD_SAMPLE_MODE = "no_op"  # Opacus wrapper mode for flows: per-sample gradients come from per_sample_gradients
 
+
+NOISE_SOURCES = {
+    "os_entropy": "torch.Generator seeded from the operating system's entropy (secrets), drawn anew at every start "
+    "and never saved: the noise does not depend on the public seed",
+    "secure_mode": "Opacus secure_mode (torchcsprng, /dev/urandom)",
+    "caller_generator": "a torch.Generator given by the caller: whoever knows its seed can replay the noise",
+}
+"""Where the DP-SGD noise (and the Poisson sampling) comes from, as :func:`dp_summary` records it."""
 
 _DP_KEYS = ("target_epsilon", "target_delta", "max_grad_norm", "accountant")
 
@@ -122,6 +137,17 @@ def log_unused_unlabelled(unlabelled: Any, num_labels: Any = None) -> int:
     if n:
         logger.info("DP-SGD classifier: %d unlabelled images are not used (num_labels=%s)", n, num_labels)
     return n
+
+
+def os_entropy_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with 64 bits from the operating system (:mod:`secrets`).
+
+    Its seed is not derived from the run's seed, not logged and not saved in checkpoints, so neither the noise it
+    draws nor the Poisson batches can be replayed from anything the run writes.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(64))
+    return generator
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -185,12 +211,16 @@ def make_private(
         poisson_sampling: Poisson batches (required by the accounting; keep ``True``).
         public_init: for a flow that is already initialised: its current parameters (a data-dependent ActNorm
             initialisation or a checkpoint) come from public data only.
-        noise_generator: optional generator for the noise.
-        secure_mode: Opacus' cryptographically secure noise (needs ``torchcsprng``).
+        noise_generator: generator for the noise. ``None`` (default): a generator seeded from the operating
+            system's entropy (:func:`os_entropy_generator`), which also draws the Poisson batches, so the noise does
+            not follow the public ``seed`` of the run. A generator given here (e.g. for a reproducible test) makes the
+            noise replayable by whoever knows its seed.
+        secure_mode: Opacus' cryptographically secure noise and sampling (needs ``torchcsprng``).
 
     Returns:
         ``(module, optimizer, data_loader, privacy_engine)``: the Opacus-wrapped module (train it through this
-        object), the ``DPOptimizer``, the Poisson ``DPDataLoader`` and the engine (``get_epsilon(delta)``).
+        object), the ``DPOptimizer``, the Poisson ``DPDataLoader`` and the engine (``get_epsilon(delta)``); the
+        engine's ``noise_source`` (a key of :data:`NOISE_SOURCES`) says where the noise comes from.
 
     Raises:
         ValueError: invalid targets, a module with BatchNorm (call :func:`prepare_module` first), Opacus' layer-wise
@@ -234,6 +264,14 @@ def make_private(
                 f"make_private: the module cannot be trained with DP-SGD as is ({errors[0]}); call "
                 "prepare_module(module) (or build PEPXNet with norm='group') before creating the optimizer."
             )
+    if secure_mode:
+        noise_source = "secure_mode"
+    elif noise_generator is not None:
+        noise_source = "caller_generator"
+    else:
+        noise_source = "os_entropy"
+        param = next(module.parameters(), None)
+        noise_generator = os_entropy_generator(param.device if param is not None else "cpu")
     engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
     module, optimizer, data_loader = engine.make_private_with_epsilon(
         module=module,
@@ -247,12 +285,50 @@ def make_private(
         grad_sample_mode=grad_sample_mode,
         noise_generator=noise_generator,
     )
+    _zero_nonfinite_grad_samples(optimizer)
+    sampler = getattr(data_loader, "batch_sampler", None)
+    if noise_source == "os_entropy" and hasattr(sampler, "generator"):
+        sampler.generator = os_entropy_generator("cpu")  # Poisson batches: not from the loader's seeded generator
+    engine.noise_source = noise_source
     logger.info(
         "DP-SGD (%s): noise multiplier %.4g, clip %.4g, sample rate %.4g, target (%.4g, %.3g) over %d epochs",
         grad_sample_mode, optimizer.noise_multiplier, max_grad_norm, 1 / len(data_loader), target_epsilon,
         target_delta, epochs,
     )  # fmt: skip
+    logger.info("DP-SGD noise: %s", NOISE_SOURCES[noise_source])
     return module, optimizer, data_loader, engine
+
+
+def _zero_nonfinite_grad_samples(optimizer: Any) -> None:
+    """Make the ``DPOptimizer`` zero the per-sample gradients of examples that are not finite before it clips.
+
+    Without it one NaN example turns the clipped sum, hence every parameter, into NaN. With it the example
+    contributes nothing, and the step is still noised and accounted (see :func:`drop_nonfinite_examples`); the
+    optimiser's ``nonfinite_examples`` counts them.
+    """
+    original = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate() -> None:
+        try:
+            samples = [optimizer._get_flat_grad_sample(p) for p in optimizer.params]
+        except ValueError:  # a parameter without per-sample gradients: Opacus reports it itself
+            samples = []
+        if samples and samples[0].shape[0]:
+            bad = torch.zeros(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
+            for g in samples:
+                bad |= ~torch.isfinite(g.flatten(1)).all(dim=1).to(bad.device)
+            if bad.any():
+                for p, g in zip(optimizer.params, samples):
+                    g = g.detach().clone()
+                    g[bad.to(g.device)] = 0.0
+                    p.grad_sample = g
+                optimizer.nonfinite_examples += int(bad.sum())
+                logger.warning("DP-SGD: %d example(s) with a non-finite gradient contribute zero; the step is still "
+                               "noised and accounted", int(bad.sum()))  # fmt: skip
+        original()
+
+    optimizer.nonfinite_examples = 0
+    optimizer.clip_and_accumulate = clip_and_accumulate
 
 
 def per_sample_gradients(
@@ -400,9 +476,35 @@ def dp_flow_step(
     """
     optimizer.zero_grad(set_to_none=True)
     batch = (x,) if condition is None else (x, condition)
-    _, losses = per_sample_gradients(flow, loss_fn, *batch, method=method)
+    grads, losses = per_sample_gradients(flow, loss_fn, *batch, method=method)
+    drop_nonfinite_examples(grads, losses)
     optimizer.step()
     return losses
+
+
+def drop_nonfinite_examples(grads: dict[str, Tensor], losses: Tensor) -> Tensor:
+    """Zero, in place, the per-example gradients of the examples whose loss or gradient is not finite.
+
+    The DP-SGD step then still happens: the optimiser clips, adds noise and the accountant counts the step, whatever
+    the data. Skipping the step instead would make *whether* a step happens depend on one private example, outside
+    the mechanism. A zero gradient is within the clipping bound, so the guarantee is unchanged; the example simply
+    contributes nothing to this step.
+
+    Args:
+        grads: ``{name: [B, *p.shape]}`` from :func:`per_sample_gradients` (the tensors Opacus reads as
+            ``p.grad_sample``, modified in place).
+        losses: per-example losses ``[B]``.
+
+    Returns:
+        boolean mask ``[B]`` of the examples that were zeroed.
+    """
+    bad = ~torch.isfinite(losses.detach()).reshape(-1)
+    for g in grads.values():
+        bad |= ~torch.isfinite(g.detach().flatten(1)).all(dim=1).to(bad.device)
+    if bad.any():
+        for g in grads.values():
+            g.detach()[bad.to(g.device)] = 0.0
+    return bad
 
 
 def covered_parameters(module: nn.Module) -> list[str]:
@@ -452,7 +554,9 @@ def dp_summary(
 
     Returns:
         ``{"epsilon", "delta", "noise_multiplier", "max_grad_norm", "expected_batch_size", "steps", "accountant",
-        "covered_parameters", "covers"}``; ``epsilon`` is 0.0 before the first step.
+        "noise", "noise_source", "covered_parameters", "covers"}``; ``epsilon`` is 0.0 before the first step;
+        ``noise`` is the key of :data:`NOISE_SOURCES` (``"os_entropy"`` by default) and ``noise_source`` its
+        description.
     """
     accountant = privacy_engine.accountant
     steps = sum(int(h[2]) for h in getattr(accountant, "history", []))
@@ -465,6 +569,109 @@ def dp_summary(
         "expected_batch_size": getattr(optimizer, "expected_batch_size", None),
         "steps": steps,
         "accountant": accountant.mechanism(),
+        "noise": getattr(privacy_engine, "noise_source", "unknown"),
+        "noise_source": NOISE_SOURCES.get(getattr(privacy_engine, "noise_source", ""), "unknown"),
         "covered_parameters": covered_parameters(module),
         "covers": coverage_note(module),
     }
+
+
+def projected_epsilon(
+    accountant: Any, noise_multiplier: float, sample_rate: float, remaining_steps: int, delta: float
+) -> float:
+    """Epsilon a run will have spent at its end: the steps in ``accountant.history`` plus ``remaining_steps`` more at
+    ``(noise_multiplier, sample_rate)``.
+
+    Consecutive history entries with the same noise and sample rate are merged, so a resumed run with its original
+    plan projects exactly what the uninterrupted run spends. The ``gdp`` accountant cannot compose different noise
+    levels (it keeps only the last one): a mixed history gives ``inf``.
+    """
+    merged: list[tuple[float, float, int]] = []
+    entries = [tuple(h) for h in getattr(accountant, "history", [])]
+    if remaining_steps > 0:
+        entries.append((float(noise_multiplier), float(sample_rate), int(remaining_steps)))
+    for sigma, rate, steps in entries:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + int(steps))
+        else:
+            merged.append((float(sigma), float(rate), int(steps)))
+    if not merged:
+        return 0.0
+    if accountant.mechanism() == "gdp" and len(merged) > 1:
+        return math.inf
+    projection = type(accountant)()
+    projection.history = merged
+    return float(projection.get_epsilon(delta))
+
+
+def check_resume_budget(
+    accountant: Any,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps_done: int,
+    total_steps: int,
+    target_epsilon: float,
+    delta: float,
+) -> float:
+    """Refuse to continue a resumed DP-SGD run that would end above ``target_epsilon``.
+
+    Opacus calibrates the noise from the target and the planned epochs alone: resuming a run with a larger
+    ``max_epochs`` (or another target) lowers the noise while the restored accountant keeps the steps already taken,
+    and the total would overspend the target (e.g. 2 epochs at target 2, then ``max_epochs`` 6: epsilon 2.48).
+
+    Args:
+        accountant: the restored Opacus accountant (its ``history`` holds the steps taken so far).
+        noise_multiplier: the noise multiplier of the steps still to come (``DPOptimizer.noise_multiplier``).
+        sample_rate: their Poisson sample rate (``1 / len(dp_loader)``).
+        steps_done: steps the run has taken (the trainer's restored iteration).
+        total_steps: steps at the end of the run (``max_epochs * epoch_length``).
+        target_epsilon: the target the run must not exceed.
+        delta: the delta of the target.
+
+    Returns:
+        the projected epsilon at the end of the run.
+
+    Raises:
+        ValueError: when the projection exceeds the target (the message names ``max_epochs`` / ``target_epsilon``
+            and how to continue).
+    """
+    projected = projected_epsilon(accountant, noise_multiplier, sample_rate, total_steps - steps_done, delta)
+    if projected > target_epsilon * (1 + 1e-6):
+        raise ValueError(
+            f"cannot resume this DP-SGD run: with the current max_epochs / target_epsilon the noise was calibrated "
+            f"anew (noise multiplier {noise_multiplier:.4g}) while {steps_done} steps were already taken with the "
+            f"original plan, so the run would end at epsilon {projected:.4g} > target_epsilon {target_epsilon:.4g}. "
+            "Resume with the original max_epochs and target_epsilon, or train in a new output folder."
+        )
+    return projected
+
+
+class DPPlan:
+    """What the DP noise was calibrated for, saved in a checkpoint as ``dp_plan``.
+
+    A resumed DP run must keep the plan: Opacus derives the noise multiplier from the target and the planned epochs
+    alone, so resuming with a larger ``max_epochs`` (or another target) would spend more than the target.
+    :meth:`load_state_dict` refuses a changed plan, naming the setting.
+    """
+
+    def __init__(self, **plan: Any) -> None:
+        self.plan = dict(plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plan, as saved."""
+        return dict(self.plan)
+
+    def load_state_dict(self, state: Any) -> None:
+        """Compare a saved plan with this one.
+
+        Raises:
+            ValueError: naming every setting whose saved value differs.
+        """
+        changed = {k: (state.get(k), v) for k, v in self.plan.items() if state.get(k) != v}
+        if changed:
+            detail = ", ".join(f"'{k}' was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"cannot resume this DP-SGD run with different settings ({detail}): the noise was calibrated for the "
+                "original plan, so the target would not hold. Resume with the original values or train in a new "
+                "output folder."
+            )

@@ -36,6 +36,7 @@ from scipy import ndimage
 
 __all__ = [
     "INTENSITY_MODES",
+    "DEFAULT_MAX_PIXELS",
     "LoadCTSlice",
     "ToGrayscale",
     "HUOffset",
@@ -55,6 +56,8 @@ INTENSITY_MODES = ("auto", "hu", "hu_offset", "uint8", "uint16", "unit")
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Default pixel limit of :class:`LoadCTSlice`: larger images are refused from their header, before decoding."""
 
 
 def _where(source: str | None) -> str:
@@ -86,14 +89,22 @@ class LoadCTSlice(Transform):
     Args:
         check_exists: raise ``FileNotFoundError`` naming the file before trying the readers (MONAI otherwise tries
             every registered reader and prints their tracebacks).
+        max_pixels: largest image (pixels per slice, ``H * W``) to decode; the size is read from the file's header
+            (PNG / JPEG / TIFF ..., NIfTI, DICOM) before any pixel is decoded, so a small file that claims a huge
+            image (a decompression bomb) costs no memory. ``None`` disables the limit (PIL's own decompression-bomb
+            check still applies). Default :data:`DEFAULT_MAX_PIXELS` (4096 x 4096).
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file cannot be read (corrupt / unsupported), or an array has a shape other than
-            ``[H, W]`` / ``[C, H, W]``; the message names the file / record.
+        ValueError: the file cannot be read (corrupt / unsupported), is larger than ``max_pixels`` or is a
+            decompression bomb, or an array has a shape other than ``[H, W]`` / ``[C, H, W]``; the message names the
+            file / record.
     """
 
-    def __init__(self, check_exists: bool = True) -> None:
+    def __init__(self, check_exists: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        if max_pixels is not None and (isinstance(max_pixels, bool) or int(max_pixels) < 1):
+            raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}.")
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.check_exists = check_exists
         readers = [NibabelReader(), PydicomReader(swap_ij=False), PILReader(reverse_indexing=False)]
         self.loader = LoadImage(reader=readers, image_only=True, dtype=None)
@@ -104,6 +115,7 @@ class LoadCTSlice(Transform):
         where = f"{name} (record {source})" if source and source != name else name
         if self.check_exists and not os.path.isfile(name):
             raise FileNotFoundError(f"image file not found: {where}")
+        self._check_size(name, where)
         try:
             img = self.loader(name)
         except Exception as e:  # MONAI wraps every reader failure into one long RuntimeError
@@ -119,6 +131,39 @@ class LoadCTSlice(Transform):
         if meta.get("mode") in _PIL_16BIT_MODES:
             img = self._to_uint16(img, where)
         return img
+
+    def _check_size(self, name: str, where: str) -> None:
+        """Refuse, from the header only, an image above ``max_pixels`` or one PIL flags as a decompression bomb."""
+        from PIL import Image
+
+        lower = name.lower()
+        try:
+            if lower.endswith(_NIFTI_SUFFIXES):
+                import nibabel as nib
+
+                shape = tuple(int(v) for v in nib.load(name).shape)  # header only; the data is a lazy proxy
+                pixels = int(np.prod(shape[:2])) if shape else 0
+                size = " x ".join(str(v) for v in shape[:2])
+            else:
+                try:
+                    with Image.open(name) as im:  # reads the header; no pixel is decoded here
+                        width, height = im.size
+                except Image.UnidentifiedImageError:
+                    rows, cols = _dicom_size(name)
+                    width, height = cols, rows
+                pixels, size = width * height, f"{width} x {height}"
+        except Image.DecompressionBombError as err:
+            raise ValueError(
+                f"refusing image file {where}: decompression bomb (PIL: {err}). The file claims far more pixels than a "
+                "CT slice; it was not decoded."
+            ) from None
+        except Exception:  # noqa: BLE001 - unreadable headers are reported by the loader with its own message
+            return
+        if self.max_pixels is not None and pixels > self.max_pixels:
+            raise ValueError(
+                f"refusing image file {where}: {size} = {pixels} pixels is above the limit of {self.max_pixels} "
+                "(LoadCTSlice max_pixels); it was not decoded. Raise max_pixels if such images are expected."
+            )
 
     @staticmethod
     def _to_uint16(img: NdarrayOrTensor, where: str) -> NdarrayOrTensor:
@@ -147,6 +192,15 @@ class LoadCTSlice(Transform):
         if img.ndim == 3:
             return img
         raise ValueError(f"{_where(source)}expected an array [H, W] or [C, H, W], got shape {_shape(img)}")
+
+
+def _dicom_size(name: str) -> tuple[int, int]:
+    """``(rows, columns)`` of a DICOM file from its header (pixel data not read); frames multiply the rows."""
+    import pydicom
+
+    ds = pydicom.dcmread(name, stop_before_pixels=True)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    return int(ds.Rows) * frames, int(ds.Columns)
 
 
 class ToGrayscale(Transform):

@@ -26,6 +26,7 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, RandomizableTransform
 
 from monai_condflow.transforms.array import (
+    DEFAULT_MAX_PIXELS,
     AutoBodyCrop,
     CTIntensity,
     CTWindow,
@@ -65,6 +66,7 @@ class LoadCTSliced(MapTransform):
         keys: keys of the images.
         source_key: key of the record's source (named in errors).
         check_exists: see :class:`LoadCTSlice`.
+        max_pixels: see :class:`LoadCTSlice` (images above it are refused by name before decoding).
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -74,10 +76,11 @@ class LoadCTSliced(MapTransform):
         source_key: str | None = "source",
         check_exists: bool = True,
         allow_missing_keys: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.source_key = source_key
-        self.loader = LoadCTSlice(check_exists=check_exists)
+        self.loader = LoadCTSlice(check_exists=check_exists, max_pixels=max_pixels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

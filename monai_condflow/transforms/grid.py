@@ -142,6 +142,9 @@ def save_png_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # an ordinary file's permissions (0644 under umask 022), not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(grid, mode="L").save(f, format="PNG")
         os.replace(tmp, path)

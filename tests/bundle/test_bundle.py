@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 from monai_condflow.data.phantom import generate_phantom_dataset
@@ -181,6 +182,7 @@ def test_verify_metadata_and_network():
     "files, overrides, error, text",
     [
         (["train_classifier.json"], {"max_epochs": -1}, ConfigValueError, "'max_epochs'"),
+        (["train_classifier.json"], {"max_epochs": 0}, ConfigValueError, "'max_epochs'"),
         (["train_classifier.json"], {"image_size": 60}, ConfigValueError, "'image_size'"),
         (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
@@ -194,6 +196,36 @@ def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, erro
     while cause.__cause__ is not None and not isinstance(cause, error):
         cause = cause.__cause__
     assert isinstance(cause, error) and text in str(cause)
+
+
+def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(dataset, tmp_path):
+    """R24: checked in ``initialize``, before any image is read or any training."""
+    from monai_condflow.data.errors import DataError
+
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "images").symlink_to(dataset / "images")
+    for split in ("train", "val"):
+        (bad / f"{split}.txt").write_text((dataset / f"{split}.txt").read_text())
+    leaked = (dataset / "train.txt").read_text().splitlines()[0]
+    (bad / "test.txt").write_text((dataset / "test.txt").read_text() + leaked + "\n")
+    wf = _workflow(["train_classifier.json"], dataset_dir=str(bad), output_dir=str(tmp_path / "o"))
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    cause = _root_cause(info.value)
+    assert isinstance(cause, DataError) and "both the train and the test split" in str(cause)
+    (tmp_path / "afile").write_text("x")
+    wf = _workflow(["train_flow.json"], dataset_dir=str(dataset), output_dir=str(tmp_path / "afile"))
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    assert isinstance(_root_cause(info.value), ConfigValueError) and "'output_dir'" in str(_root_cause(info.value))
+    if not torch.cuda.is_available():
+        for files in (["train_classifier.json"], ["generate.json"]):
+            wf = _workflow(files, dataset_dir=str(dataset), output_dir=str(tmp_path / "o"), device="cuda")
+            with pytest.raises(RuntimeError) as info:
+                wf.initialize()
+            cause = _root_cause(info.value)
+            assert isinstance(cause, ConfigValueError) and "'device'" in str(cause) and "CUDA" in str(cause)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -267,6 +299,8 @@ def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
     rows = (out / "synthetic" / "manifest.csv").read_text().splitlines()
     eps_total = cls["dp"]["epsilon"] + flow["dp"]["epsilon"]
     assert rows[0].endswith(",dp_epsilon") and rows[1].endswith(f",{eps_total:.4g}")
+    assert rows[0].endswith(",dp_noise,dp_epsilon") and rows[1].endswith(f",os_entropy,{eps_total:.4g}")
+    assert cls["dp"]["noise"] == flow["dp"]["noise"] == "os_entropy"
     _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
     privacy = json.loads((out / "metrics.json").read_text())["privacy"]
     assert privacy["epsilon"] == pytest.approx(eps_total) and privacy["delta"] == pytest.approx(2e-4)

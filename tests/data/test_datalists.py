@@ -111,3 +111,44 @@ def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path):
     assert "phantom_p0003_s000.png" not in [Path(r["image_path"]).name for r in kept]
     again = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip")
     assert [r["image_path"] for r in again] == [r["image_path"] for r in kept]
+
+
+def test_a_truncated_cache_file_is_rebuilt_with_a_hint(tmp_path: Path, caplog):
+    from monai_condflow.data.datalists import preprocess_cached
+    from monai_condflow.transforms import get_preprocess_transforms
+
+    records = load_covidx_split(_folder(tmp_path / "d", n=4), class_map="three")
+    chain = get_preprocess_transforms(image_size=8, intensity="uint16", crop="box")
+    first = preprocess_cached(records, chain, tmp_path / "cache", {"image_size": 8})
+    (cache_file,) = (tmp_path / "cache").glob("*.npz")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # a kill or a full disk mid-copy
+    with caplog.at_level("WARNING"):
+        again = preprocess_cached(records, chain, tmp_path / "cache", {"image_size": 8})
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert "unreadable" in caplog.text and "delete the cache folder" in caplog.text and cache_file.name in caplog.text
+    assert np.load(cache_file)["images"].shape == (4, 1, 8, 8)  # rewritten whole
+
+
+def _splits(root: Path, train: list[str], val: list[str], test: list[str]) -> Path:
+    for name, lines in (("train", train), ("val", val), ("test", test)):
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_check_splits_reports_shared_images_and_classes_without_training_images(tmp_path: Path):
+    from monai_condflow.data.datalists import check_splits
+    from monai_condflow.data.errors import DataError
+
+    names = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    _splits(root, ["a.png 0 0 0 4 4", "b.png 2 0 0 4 4"], ["c.png 0 0 0 4 4"], ["d.png 2 0 0 4 4"])
+    assert check_splits(root, names, class_map="binary", num_classes=2)
+    _splits(root, ["a.png 0 0 0 4 4", "b.png 2 0 0 4 4"], ["c.png 0 0 0 4 4"], ["x.png 0 0 0 4 4", "./b.png 2 0 0 4 4"])
+    with pytest.raises(DataError, match=r"both the train and the test split.*b\.png.*train\.txt:2 and .*test\.txt:2"):
+        check_splits(root, names, class_map="binary", num_classes=2)
+    _splits(root, ["a.png 0 0 0 4 4", "b.png 1 0 0 4 4"], ["c.png 2 0 0 4 4"], ["d.png 2 0 0 4 4"])
+    with pytest.raises(DataError, match=r"train\.txt: no training image of class\(es\) \[1\]"):
+        check_splits(root, names, class_map="binary", num_classes=2)
+    with pytest.raises(DataError, match=r"no training image of class\(es\) \[2\]"):
+        check_splits(root, names, class_map="three", num_classes=3)

@@ -471,3 +471,50 @@ def test_report_merge_and_summary(caplog):
         report.log_summary(logging.getLogger("t"), "what")
     assert "what: skipped 1 bad entry (bad box: 1); read 3. First: f:1: x" in caplog.text
     assert errors_module.check_on_error("skip") == "skip"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# R24: containment, duplicates, encoding
+
+
+def test_annotation_paths_must_stay_inside_the_image_folder(covidx_dir: Path, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "test_image.png"
+    outside.write_bytes(b"png")
+    images = covidx_dir / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(b"png")
+    (images / "sub").mkdir()
+    (images / "sub" / "deep.png").write_bytes(b"png")
+    escape = f"../../{outside.parent.name}/{outside.name}"
+    for bad in (escape, str(outside), "../NCP_96_1328_0032.png", "sub/../../CP_1_3034_0001.png"):
+        ann = _write(covidx_dir / "train.txt", ["ok.png 0 0 0 5 5", f"{bad} 2 0 0 5 5"])
+        with pytest.raises(DataError, match=r"train\.txt:2: .*outside the image folder"):
+            read_covidx_annotations(ann, image_dir=images)
+        report = ReadReport()
+        kept = read_covidx_annotations(ann, image_dir=images, on_error="skip", report=report)
+        assert [Path(r["image"]).name for r in kept] == ["ok.png"]
+        assert report.counts == {"path outside image folder": 1}
+    ann = _write(covidx_dir / "train.txt", ["ok.png 0 0 0 5 5", "sub/deep.png 1 0 0 5 5", "./sub/../ok2.png 1 0 0 5 5"])
+    assert len(read_covidx_annotations(ann, image_dir=images, check_files=False)) == 3  # inside: fine
+    ann = _write(covidx_dir / "train.txt", [f"{images / 'ok.png'} 0 0 0 5 5"])  # an absolute path inside: fine
+    assert Path(read_covidx_annotations(ann, image_dir=images)[0]["image"]) == images / "ok.png"
+
+
+def test_duplicate_annotation_lines_are_reported(covidx_dir: Path):
+    ann = _write(covidx_dir / "a.txt", [GOOD_LINES[0], GOOD_LINES[3], "./NCP_96_1328_0032.png 2 0 0 9 9"])
+    with pytest.raises(DataError, match=r"a\.txt:3: .*listed again \(first at line 1\)"):
+        read_covidx_annotations(ann)
+    report = ReadReport()
+    assert len(read_covidx_annotations(ann, on_error="skip", report=report)) == 2
+    assert report.counts == {"duplicate line": 1}
+
+
+def test_a_non_utf8_byte_names_file_and_line_also_in_skip_mode(covidx_dir: Path):
+    ann = covidx_dir / "latin1.txt"
+    ann.write_bytes(GOOD_LINES[0].encode() + b"\n" + "CP_1_3034_0001.png 1 0 0 5 6 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt:2: line is not valid UTF-8 .*0xe9"):
+        read_covidx_annotations(ann)
+    report = ReadReport()
+    kept = read_covidx_annotations(ann, on_error="skip", report=report)
+    assert len(kept) == 1 and report.counts == {"bad encoding": 1}
+    assert report.skipped[0][0].endswith("latin1.txt:2")

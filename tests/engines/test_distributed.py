@@ -138,6 +138,37 @@ def test_create_loader_is_seeded_and_uses_the_global_batch():
         D.create_loader(data, 0, shuffle=True, seed=0)
 
 
+def test_batch_size_above_the_training_set_is_a_clear_error():
+    data = [{"image": torch.zeros(1, 2, 2), "label": i} for i in range(5)]
+    with pytest.raises(ValueError, match=r"batch_size 8 is larger than the training set \(5 items\).*'batch_size'"):
+        D.create_loader(data, 8, shuffle=True, seed=0, drop_last=True)
+    assert len(D.create_loader(data, 5, shuffle=True, seed=0, drop_last=True)) == 1
+    assert len(D.create_loader(data, 8, shuffle=True, seed=0)) == 1  # without drop_last the short batch is kept
+
+
+def test_process_group_timeout_is_short_and_configurable(monkeypatch):
+    """A stopped (not dead) rank makes the others fail after the timeout (default 600 s), not PyTorch's 30 min."""
+    seen = {}
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(D, "is_distributed", lambda: bool(seen))
+    monkeypatch.setattr(D, "get_rank", lambda: 0)
+    monkeypatch.setattr(D, "get_world_size", lambda: 2)
+    for var, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.init_distributed("gloo") and seen["timeout"].total_seconds() == 600
+    seen.clear()
+    monkeypatch.setenv(D.TIMEOUT_ENV, "45")
+    assert D.init_distributed("gloo") and seen["timeout"].total_seconds() == 45
+    seen.clear()
+    assert D.init_distributed("gloo", timeout_s=7) and seen["timeout"].total_seconds() == 7
+    monkeypatch.setenv(D.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=D.TIMEOUT_ENV):
+        D.process_group_timeout()
+
+
 # ---------------------------------------------------------------- two gloo processes (R17, R13)
 def test_flow_two_processes_equal_one_process_float64(two_process_dir, worker, tmp_path):
     r0, r1 = _ranks(two_process_dir, "flow64")

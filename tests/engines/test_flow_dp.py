@@ -167,7 +167,9 @@ def test_bad_dp_settings_are_refused_before_anything_is_written(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_non_finite_per_example_loss_skips_the_dp_step(tmp_path, monkeypatch):
+def test_non_finite_per_example_loss_is_dropped_but_the_step_is_noised_and_accounted(tmp_path, monkeypatch):
+    """R23: a NaN example contributes a zero gradient; the step itself still happens (clip, noise, accounting), so
+    whether a step happens never depends on private data."""
     real = dp_module.per_sample_gradients
     calls = []
 
@@ -176,23 +178,50 @@ def test_non_finite_per_example_loss_skips_the_dp_step(tmp_path, monkeypatch):
         calls.append(losses.numel())
         if len(calls) == 2:
             losses = torch.cat([torch.tensor([float("nan")]), losses[1:]])
+            for g in grads.values():
+                g[0] = float("nan")
         return grads, losses
 
     monkeypatch.setattr(dp_module, "per_sample_gradients", poisoned)  # _dp_iteration imports it at call time
     flow, trainer, _ = _build(tmp_path, max_epochs=1, val=False)
-    skipped, states = [], []
+    skipped, dropped, losses, states = [], [], [], []
 
     def record(engine):
         skipped.append(engine.state.output["skipped"])
+        dropped.append(engine.state.output["nonfinite_examples"])
+        losses.append(float(engine.state.output["loss"]))
         states.append({k: v.clone() for k, v in flow.state_dict().items()})
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
     trainer.run()
     assert len(calls) == 2 and calls[1] > 0
-    assert skipped == [False, True] and trainer.state.skipped_steps == 1
-    # the skipped step neither moved the parameters nor counted in the accounting
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert _privacy(tmp_path)["steps"] == 1
+    assert skipped == [False, False] and dropped == [0, 1] and trainer.state.skipped_steps == 0
+    assert all(math.isfinite(v) for v in losses)  # the loss logged is over the finite examples
+    # the step with the NaN example moved the (finite) parameters and counted in the accounting
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0] if states[0][k].is_floating_point())
+    assert all(torch.isfinite(v).all() for v in states[1].values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], states[0][k]) for k in before if before[k].is_floating_point())
+    assert _privacy(tmp_path)["steps"] == 2
+
+
+def test_dp_noise_does_not_follow_the_public_seed(tmp_path):
+    """R23: two DP runs with the same seed, data and settings end with different weights (OS-entropy noise), and
+    privacy.json says where the noise came from."""
+    weights = []
+    for name in ("a", "b"):
+        flow, trainer, _ = _build(tmp_path / name, max_epochs=1, val=False)
+        trainer.run()
+        weights.append({k: v.clone() for k, v in flow.state_dict().items()})
+    floats = [k for k in weights[0] if weights[0][k].is_floating_point()]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in floats)
+    for name in ("a", "b"):
+        info = _privacy(tmp_path / name)
+        assert "operating system" in info["noise_source"] and "public seed" in info["noise_source"]
+    # the OS-seeded generators are not in the checkpoint: nothing there replays the noise
+    ckpt = load_checkpoint(tmp_path / "a" / "latest_checkpoint_1.pt")
+    assert set(ckpt) <= {"flow", "optimizer", "lr_scheduler", "trainer", "rng", "privacy_accountant", "dp_plan",
+                         "checkpointer"}  # fmt: skip
 
 
 def test_public_init_fine_tunes_a_pretrained_flow_privately(tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -184,3 +186,106 @@ def test_paths_instead_of_tensors_are_refused(flow, tmp_path):
         generate(flow, None, [{"image": "/x/a.png", "label": 0}], output_dir=tmp_path, model_version="v")
     with pytest.raises(KeyError, match="condition"):
         generate(flow, None, [{"image": torch.rand(1, S, S), "label": 0}], output_dir=tmp_path, model_version="v")
+
+
+def _listed(manifest: Path) -> set[str]:
+    names = {manifest.name}
+    for r in _manifest(manifest):
+        names.update(r[k] for k in ("file", "nifti_file", "pair_file") if r.get(k))
+    return names
+
+
+def test_smaller_rerun_leaves_exactly_the_files_of_its_manifest(flow, tmp_path):
+    """R25: the folder and its manifest describe the same files after a smaller rerun (no stale images)."""
+    out = tmp_path / "synthetic"
+    generate(flow, None, _records(6), output_dir=out, model_version="v", seed=0)
+    manifest = generate(flow, None, _records(3), output_dir=out, model_version="v", seed=1, formats=("png",))
+    assert {p.name for p in out.iterdir()} == _listed(manifest) and len(_manifest(manifest)) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_a_kill_mid_write_keeps_the_previous_set_and_the_next_run_cleans_up(flow, tmp_path):
+    """R25: kill -9 in the middle of writing a new set (simulated with os._exit in a forked child, so no cleanup
+    code runs): the folder still holds the previous set exactly as its manifest says; the next run removes the
+    leftovers."""
+    import multiprocessing
+
+    import monai_condflow.engines.generation as gen
+
+    out = tmp_path / "synthetic"
+    first = generate(flow, None, _records(6), output_dir=out, model_version="v", seed=0, formats=("png",))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed_run():
+        calls = []
+        real = gen.png16_bytes
+
+        def dying(image):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(9)
+            return real(image)
+
+        gen.png16_bytes = dying
+        gen.generate(flow, None, _records(4), output_dir=out, model_version="v2", seed=5, formats=("png",))
+        os._exit(0)
+
+    child = multiprocessing.get_context("fork").Process(target=killed_run)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _listed(first) == set(before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".synthetic.partial-")]  # the killed run's leftover
+    manifest = generate(flow, None, _records(4), output_dir=out, model_version="v2", seed=5, formats=("png",))
+    assert {p.name for p in out.iterdir()} == _listed(manifest)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_same_z_file_index_is_not_the_source_position(flow, tmp_path):
+    """A file's index is a shuffled position (keyed by seed and weights), not the input's index in the list."""
+    records = _records(6)
+    for i, r in enumerate(records):
+        r["label"] = i  # class i identifies source i in the file name
+    rows = _manifest(generate(flow, None, records, output_dir=tmp_path / "s", model_version="v", formats=("png",)))
+    order = [int(r["class"]) for r in rows]
+    assert sorted(order) == list(range(6)) and order != list(range(6))
+    again = _manifest(generate(flow, None, records, output_dir=tmp_path / "t", model_version="v", formats=("png",)))
+    assert [int(r["class"]) for r in again] == order  # reproducible with the same model and seed
+
+
+def test_synthetic_files_get_normal_permissions(flow, tmp_path):
+    old = os.umask(0o022)
+    try:
+        manifest = generate(flow, None, _records(2), output_dir=tmp_path / "s", model_version="v")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o755
+    assert {stat.S_IMODE((tmp_path / "s" / n).stat().st_mode) for n in _listed(manifest)} == {0o644}
+
+
+def test_output_dir_with_foreign_files_a_file_or_read_only_is_refused(flow, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="notes.txt"):
+        generate(flow, None, _records(2), output_dir=mine, model_version="v")
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile"):
+        generate(flow, None, _records(2), output_dir=tmp_path / "afile", model_version="v")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(PermissionError, match="locked"):
+                generate(flow, None, _records(2), output_dir=locked / "s", model_version="v")
+        finally:
+            locked.chmod(0o755)
+
+
+def test_a_dp_manifest_records_where_the_noise_came_from(flow, tmp_path):
+    rows = _manifest(generate(flow, None, _records(2), output_dir=tmp_path / "d", model_version="v", dp_epsilon=3.5,
+                              dp_noise="os_entropy", formats=("png",)))  # fmt: skip
+    assert list(rows[0])[-2:] == ["dp_noise", "dp_epsilon"]
+    assert {(r["dp_noise"], r["dp_epsilon"]) for r in rows} == {("os_entropy", "3.5")}

@@ -103,6 +103,7 @@ def test_json_and_stage_info(tmp_path: Path):
     "kwargs, key",
     [
         ({"max_epochs": -1}, "max_epochs"),
+        ({"max_epochs": 0}, "max_epochs"),
         ({"batch_size": 0}, "batch_size"),
         ({"image_size": 60}, "image_size"),
         ({"image_size": 64.0}, "image_size"),
@@ -117,9 +118,28 @@ def test_check_common_names_the_bad_id(kwargs, key):
 
 
 def test_check_common_ok_and_missing_dataset(tmp_path: Path):
-    assert check_common(0, 4, 64, 2, tmp_path)
+    assert check_common(1, 4, 64, 2, tmp_path)  # max_epochs 0 is refused (see test_check_common_names_the_bad_id)
     with pytest.raises(FileNotFoundError, match="dataset_dir"):
         check_common(1, 4, 64, 2, tmp_path / "nope")
+
+
+def test_device_without_cuda_and_unusable_output_dir_are_named(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(ConfigValueError, match="'device'.*CUDA is not available"):
+            check_common(1, 4, 64, 2, device=device)
+    with pytest.raises(ConfigValueError, match="'device' is not a device"):
+        check_common(1, 4, 64, 2, device="gpu0")
+    assert check_common(1, 4, 64, 2, device="cpu", output_dir=tmp_path / "new" / "run")
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ConfigValueError, match="'output_dir'.*afile.*is a file"):
+            check_common(1, 4, 64, 2, output_dir=bad)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(ConfigValueError, match="'output_dir'.*locked.*read-only"):
+            check_common(1, 4, 64, 2, output_dir=locked / "run")
 
 
 def test_temperature_and_preset():

@@ -70,3 +70,17 @@ def test_only_the_flow_private_with_the_classifier_file_missing(tmp_path):
     assert spent["label"] == "flow only: 4"
     assert "only the flow was trained with DP-SGD (epsilon 4)" in spent["covers"]
     assert "the conditioning classifier was not" in spent["covers"]
+
+
+def test_privacy_noise_names_the_noise_source_of_the_private_stages(tmp_path):
+    from monai_condflow.engines.stages import privacy_noise
+
+    assert privacy_noise(tmp_path) is None
+    _stage(tmp_path, "classifier", {"epsilon": 1.0, "delta": 1e-6, "noise": "os_entropy"})
+    _stage(tmp_path, "flow", {"epsilon": 2.0, "delta": 1e-6, "noise": "os_entropy"})
+    assert privacy_noise(tmp_path) == "os_entropy"
+    _stage(tmp_path, "flow", {"epsilon": 2.0, "delta": 1e-6})  # a stage trained before the source was recorded
+    assert privacy_noise(tmp_path) == "classifier: os_entropy; flow: unknown"
+    _stage(tmp_path, "classifier", {"epsilon": 0.0, "delta": 0.0, "public": True})
+    _stage(tmp_path, "flow", {"epsilon": 2.0, "delta": 1e-6, "noise": "secure_mode"})
+    assert privacy_noise(tmp_path) == "secure_mode"

@@ -194,3 +194,39 @@ def test_run_evaluation_privacy_block(tmp_path, held_back):
             n_bootstrap=5,
             audit_holdout=torch.ones(3, dtype=torch.bool),
         )
+
+
+def test_report_metrics_and_figures_get_normal_permissions(tmp_path):
+    """Results meant to be shared (metrics.json, report.md, figures) are 0644 under umask 022, not mkstemp's 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        metrics = {"trtr": _SCORES, "tstr": _SCORES, "fid": 0.1}
+        report, js = write_report(tmp_path, metrics, sample_images={"c": torch.rand(2, 1, 8, 8)})
+    finally:
+        os.umask(old)
+    files = [report, js, *(tmp_path / "figures").iterdir()]
+    assert len(files) >= 3 and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_path):
+    """R24: the evaluation refuses sets too small for FID (N <= D) before it trains its classifier or samples."""
+    trained = []
+
+    def fit(network, train, val, **kwargs):
+        trained.append(1)
+        return _fit(network, train, val, **kwargs)
+
+    class _Wide(_Centroid):  # D = 16 features
+        def embed(self, x):
+            return x.flatten(1)
+
+    common = {"classifier": _Centroid(), "flow": _FlowStandIn(), "eval_network_factory": _Wide, "fit_fn": fit,
+              "n_synthetic_sets": 1, "n_bootstrap": 2, "augmentation": False, "privacy_audit": False}  # fmt: skip
+    with pytest.raises(ValueError, match=r"validation set has N=10 .*D=16.*before training its classifier"):
+        run_evaluation(tmp_path, _data(40, 12, 0), _data(6, 4, 1), _data(20, 10, 2), **common)
+    with pytest.raises(ValueError, match=r"test set has N=16 .*D=16"):
+        run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(8, 8, 2), **common)
+    assert trained == [] and not (tmp_path / "metrics.json").exists()

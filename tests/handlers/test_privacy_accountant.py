@@ -127,3 +127,71 @@ def test_tensorboard_scalar_per_epoch(tmp_path):
 def test_delta_outside_the_open_unit_interval_is_refused(delta):
     with pytest.raises(ValueError, match=r"delta must be in \(0, 1\)"):
         PrivacyAccountantHandler(_FakePrivacyEngine(), delta)
+
+
+def _dp_classifier_trainer(max_epochs: int, accountant_state: dict | None = None, epoch: int = 0):
+    """A tiny DP-SGD classifier (MONAI SupervisedTrainer + make_private, GDP accountant) planned for ``max_epochs``,
+    optionally resumed at ``epoch`` with a saved accountant (what the bundle's CheckpointLoader restores)."""
+    import warnings
+
+    import torch
+    from monai.engines import SupervisedTrainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from monai_condflow.privacy.dp import make_private
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = TensorDataset(torch.randn(20, 4), torch.randint(0, 2, (20,)))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, optimizer, loader, engine = make_private(
+            net, optimizer, DataLoader(data, batch_size=10), target_epsilon=2.0, target_delta=DELTA,
+            epochs=max_epochs, max_grad_norm=1.0, accountant="gdp",
+        )  # fmt: skip
+    trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=model,
+                                optimizer=optimizer, loss_function=torch.nn.CrossEntropyLoss())  # fmt: skip
+    if accountant_state is not None:
+        engine.accountant.load_state_dict(accountant_state)
+        trainer.load_state_dict({"epoch": epoch, "epoch_length": len(loader), "max_epochs": max_epochs})
+    handler = PrivacyAccountantHandler(engine, DELTA, target_epsilon=2.0)
+    handler.attach(trainer)
+    return trainer, engine, handler
+
+
+def test_dp_classifier_resume_that_would_overspend_is_refused():
+    """R23: a DP run planned for 2 epochs, resumed with max_epochs 6, would end above its target: refused before any
+    step; resuming with the original plan continues and ends within the target."""
+    trainer, engine, _ = _dp_classifier_trainer(2)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # "killed" after epoch 1
+    trainer.run()
+    saved = engine.accountant.state_dict()
+    assert sum(h[2] for h in saved["history"]) == 2
+
+    longer, longer_engine, _ = _dp_classifier_trainer(6, saved, epoch=1)
+    with pytest.raises(ValueError, match="target_epsilon"):
+        longer.run()
+    assert sum(h[2] for h in longer_engine.accountant.history) == 2  # no step was taken
+
+    same, same_engine, handler = _dp_classifier_trainer(2, saved, epoch=1)
+    same.run()
+    assert same.state.epoch == 2 and 0 < handler.epsilon() <= 2.0 * 1.001
+
+
+def test_projected_epsilon_composes_the_history_with_the_steps_to_come():
+    from opacus.accountants import RDPAccountant
+
+    from monai_condflow.privacy.dp import check_resume_budget, projected_epsilon
+
+    planned = RDPAccountant()
+    planned.history = [(1.0, 0.5, 12)]
+    target = planned.get_epsilon(DELTA)
+    done = RDPAccountant()
+    done.history = [(1.0, 0.5, 4)]
+    # the original plan projects exactly the uninterrupted run; a lower noise for the rest overspends
+    assert projected_epsilon(done, 1.0, 0.5, 8, DELTA) == pytest.approx(target, rel=1e-12)
+    assert check_resume_budget(done, 1.0, 0.5, 4, 12, target, DELTA) == pytest.approx(target, rel=1e-12)
+    assert projected_epsilon(done, 0.8, 0.5, 8, DELTA) > target
+    with pytest.raises(ValueError, match="max_epochs"):
+        check_resume_budget(done, 0.8, 0.5, 4, 12, target, DELTA)

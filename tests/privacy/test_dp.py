@@ -169,3 +169,24 @@ def test_refusals_batchnorm_initialised_flow_and_layerwise_modes():
                      grad_sample_mode="functorch")  # fmt: skip
     with pytest.raises(ValueError, match="target_epsilon"):
         make_private(fixed, torch.optim.SGD(fixed.parameters(), lr=0.1), loader, 0.0, DELTA, 1, 1.0)
+
+
+def test_a_nan_example_in_a_dp_classifier_step_contributes_zero_and_the_step_is_accounted():
+    """R23: one non-finite example neither poisons the weights nor skips the (noised, accounted) step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    x[3] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (8,))), batch_size=8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    model, optimizer, loader, engine = make_private(
+        net, optimizer, loader, 4.0, 1e-3, epochs=1, max_grad_norm=1.0, accountant="gdp", poisson_sampling=False
+    )
+    before = [p.detach().clone() for p in net.parameters()]
+    for xb, yb in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert optimizer.nonfinite_examples == 1 and sum(h[2] for h in engine.accountant.history) == 1

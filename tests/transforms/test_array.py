@@ -333,3 +333,39 @@ def test_load_errors_name_file(tmp_path):
     bad.write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match=r"cannot read image file .*corrupt\.png"):
         LoadCTSlice()(bad)
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A tiny PNG file whose header claims ``width x height`` 16-bit pixels (the pixel data is not there)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_load_refuses_huge_images_and_decompression_bombs_by_name(tmp_path):
+    """R24: the size comes from the header; nothing is decoded, and the file is named."""
+    big, bomb = tmp_path / "big_scan.png", tmp_path / "bomb.png"
+    _png_header_only(big, 10000, 10000)
+    _png_header_only(bomb, 15000, 15000)
+    assert big.stat().st_size < 1000
+    with pytest.raises(ValueError, match=r"big_scan\.png.*10000 x 10000 = 100000000 pixels is above the limit"):
+        LoadCTSlice()(str(big))
+    with pytest.raises(ValueError, match=r"bomb\.png.*decompression bomb"):
+        LoadCTSlice(max_pixels=None)(str(bomb))
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(small)
+    with pytest.raises(ValueError, match=r"small\.png: 30 x 20 = 600 pixels"):
+        LoadCTSlice(max_pixels=500)(str(small))
+    assert LoadCTSlice(max_pixels=600)(str(small)).shape == (1, 20, 30)
+    nii = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((30, 20), np.float32), np.eye(4)), nii)
+    with pytest.raises(ValueError, match=r"slice\.nii\.gz: 30 x 20 = 600 pixels"):
+        LoadCTSlice(max_pixels=500)(str(nii))
+    with pytest.raises(ValueError, match="max_pixels"):
+        LoadCTSlice(max_pixels=0)
