@@ -25,6 +25,7 @@ initialisation once before DDP, validation bits/dim, atomic checkpoints with res
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -65,7 +66,7 @@ Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
 global_step_from_engine, _ = optional_import("ignite.handlers", name="global_step_from_engine")
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
-__all__ = ["FlowBitsPerDim", "FlowTrainer", "warmup_exponential_lambda", "create_flow_trainer"]
+__all__ = ["FlowBitsPerDim", "FlowDivergedError", "FlowTrainer", "warmup_exponential_lambda", "create_flow_trainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ class FlowBitsPerDim(torch.nn.Module):
     ``forward(x, condition) -> [B]`` bits/dim of a conditional flow; the module to wrap in DDP.
 
     Uses ``flow.bits_per_dim`` when the flow has it, else computes bits/dim from ``flow(x, condition) ->
-    (nu, logdet)`` under a standard normal prior.
+    (nu, logdet)`` under a standard normal prior. In training mode it also applies the flow's training-time
+    regularisers: Gaussian noise augmentation ``x + noise_std * eps`` (the flow's ``noise_std``, in image units;
+    the model then learns the smoothed density that its sampler denoises) and condition dropout (the flow's
+    ``drop_condition``, for classifier-free guidance). Evaluation mode sees the clean data and the true condition.
 
     Args:
         flow: the conditional flow.
@@ -88,6 +92,12 @@ class FlowBitsPerDim(torch.nn.Module):
         self.n_bits = n_bits
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            noise_std = float(getattr(self.flow, "noise_std", 0.0))
+            if noise_std > 0:
+                x = x + noise_std * torch.randn_like(x)
+            if condition is not None and hasattr(self.flow, "drop_condition"):
+                condition = self.flow.drop_condition(condition)
         if hasattr(self.flow, "bits_per_dim"):
             return self.flow.bits_per_dim(x, condition, n_bits=self.n_bits)
         nu, logdet = self.flow(x, condition)
@@ -100,6 +110,10 @@ def _loss_value(output: Mapping[str, Any]) -> float:
 
 def _mean_loss(pred: torch.Tensor, target: Any = None) -> torch.Tensor:
     return pred.mean()
+
+
+class FlowDivergedError(RuntimeError):
+    """Flow training diverged: loss spikes persisted after restoring the last good state."""
 
 
 class FlowTrainer(SupervisedTrainer):
@@ -129,6 +143,13 @@ class FlowTrainer(SupervisedTrainer):
             (:func:`~monai_condflow.privacy.dp.per_sample_gradients`); the optimizer clips each one to its
             ``max_grad_norm``, adds the calibrated noise and steps. ``max_grad_norm`` of this trainer is unused then.
         n_bits: bit depth of the data, added to the DP loss so that the logged loss is in bits/dim.
+        spike_threshold: loss-spike guard (bits/dim; ``None``: off). A finite batch loss more than this above the
+            running mean of the accepted losses skips the step on every rank (``engine.state.spike_steps``);
+            ``spike_patience`` such steps in a row restore the weights and optimiser state of the last epoch that
+            ended without a spike and halve the learning rate (``engine.state.spike_restores``); after
+            ``max_restores`` restores training stops with :class:`FlowDivergedError` instead of carrying on.
+        spike_patience: consecutive spikes that trigger a restore.
+        max_restores: restores before the run is declared diverged.
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
             supported (flows are trained in fp32) and ``decollate`` is off.
     """
@@ -145,8 +166,15 @@ class FlowTrainer(SupervisedTrainer):
         loss_function: Callable = _mean_loss,
         dp_module: torch.nn.Module | None = None,
         n_bits: int = 8,
+        spike_threshold: float | None = None,
+        spike_patience: int = 5,
+        max_restores: int = 3,
         **kwargs: Any,
     ) -> None:
+        if spike_threshold is not None and not spike_threshold > 0:
+            raise ValueError(f"spike_threshold must be positive or None, got {spike_threshold}.")
+        if spike_patience < 1 or max_restores < 0:
+            raise ValueError(f"bad spike guard: spike_patience={spike_patience}, max_restores={max_restores}.")
         if kwargs.pop("amp", False):
             raise ValueError("FlowTrainer does not support amp; flows are trained in fp32.")
         if kwargs.get("accumulation_steps", 1) != 1:
@@ -168,8 +196,20 @@ class FlowTrainer(SupervisedTrainer):
         self.dp_module = dp_module
         self.n_bits = n_bits
         self.state.skipped_steps = 0
+        self.state.spike_steps = 0
+        self.state.spike_restores = 0
         self.state.lr = float(optimizer.param_groups[0]["lr"])
-        self.state_dict_user_keys.append("skipped_steps")
+        self.state_dict_user_keys.extend(["skipped_steps", "spike_steps", "spike_restores"])
+        self.spike_threshold = spike_threshold
+        self.spike_patience = int(spike_patience)
+        self.max_restores = int(max_restores)
+        self.lr_scheduler: Any = None  # set by create_flow_trainer: its base lrs are halved on a restore
+        self._loss_ref: float | None = None
+        self._spikes_in_a_row = 0
+        self._epoch_had_spike = False
+        self._good_state: dict[str, Any] | None = None
+        if spike_threshold is not None:
+            self.add_event_handler(Events.EPOCH_COMPLETED, FlowTrainer._snapshot_good_state)
         self.resume_completed = False
         self.output_lock: Any = None
 
@@ -226,8 +266,22 @@ class FlowTrainer(SupervisedTrainer):
         else:
             grad_norm = torch.zeros(())
         grad_finite = bool(torch.isfinite(grad_norm).item())
-        skip = any_across_ranks(not (loss_finite and grad_finite), device=grad_norm.device)
-        if skip:
+        loss_value = float(loss.detach().item()) if loss_finite else float("nan")
+        local_spike = (
+            self.spike_threshold is not None
+            and loss_finite
+            and self._loss_ref is not None
+            and loss_value > self._loss_ref + self.spike_threshold
+        )
+        spike = any_across_ranks(local_spike, device=grad_norm.device)
+        skip = any_across_ranks(not (loss_finite and grad_finite), device=grad_norm.device) or spike
+        if spike:
+            self._on_spike(engine, loss_value)
+        elif not skip:
+            self._spikes_in_a_row = 0
+            if loss_finite:
+                self._loss_ref = loss_value if self._loss_ref is None else 0.9 * self._loss_ref + 0.1 * loss_value
+        if skip and not spike:
             engine.optimizer.zero_grad(set_to_none=True)
             engine.state.skipped_steps += 1
             logger.warning(
@@ -239,12 +293,61 @@ class FlowTrainer(SupervisedTrainer):
                 grad_finite,
                 engine.state.skipped_steps,
             )
+        elif spike:
+            engine.optimizer.zero_grad(set_to_none=True)
         else:
             engine.optimizer.step()
         engine.state.output["grad_norm"] = float(grad_norm.item())
         engine.state.output["skipped"] = skip
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _on_spike(self, engine: FlowTrainer, loss_value: float) -> None:
+        engine.state.spike_steps += 1
+        self._spikes_in_a_row += 1
+        self._epoch_had_spike = True
+        logger.warning(
+            "loss spike at iteration %d: %.3f bits/dim vs a running mean of %.3f (threshold +%.3g): step skipped "
+            "(%d in a row).", engine.state.iteration, loss_value, self._loss_ref, self.spike_threshold,
+            self._spikes_in_a_row,
+        )  # fmt: skip
+        if self._spikes_in_a_row < self.spike_patience:
+            return
+        if self._good_state is None or engine.state.spike_restores >= self.max_restores:
+            raise FlowDivergedError(
+                f"flow training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
+                f"{self._spikes_in_a_row} loss spikes in a row ({loss_value:.3f} bits/dim vs a running mean of "
+                f"{self._loss_ref:.3f}) after {engine.state.spike_restores} restore(s) of the last good state. "
+                "Lower the learning rate (config id 'lr') or raise 'warmup_epochs', and start again with fresh=true."
+            )
+        self._restore_good_state(engine)
+
+    @torch.no_grad()
+    def _snapshot_good_state(self) -> None:
+        """At an epoch end without a spike: keep the weights and optimiser state (on the CPU) to restore."""
+        if not self._epoch_had_spike:
+            model = unwrap_model(self.network)
+            self._good_state = {
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            }
+        self._epoch_had_spike = False
+
+    def _restore_good_state(self, engine: FlowTrainer) -> None:
+        model = unwrap_model(self.network)
+        model.load_state_dict(self._good_state["model"])
+        self.optimizer.load_state_dict(self._good_state["optimizer"])
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.base_lrs = [lr * 0.5 for lr in self.lr_scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= 0.5
+        engine.state.spike_restores += 1
+        self._spikes_in_a_row = 0
+        self._loss_ref = None
+        logger.warning(
+            "restored the weights and optimiser state of the last good epoch and halved the learning rate "
+            "(restore %d of at most %d).", engine.state.spike_restores, self.max_restores,
+        )  # fmt: skip
 
     def _empty_dp_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         shapes = getattr(self, "_dp_shapes", None)
@@ -363,6 +466,9 @@ def create_flow_trainer(
     dp: Mapping[str, Any] | None = None,
     public_init: bool = False,
     settings: Mapping[str, Any] | None = None,
+    ema_decay: float | None = None,
+    spike_threshold: float | None = None,
+    early_stop_patience: int = 0,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) with the paper's recipe.
@@ -419,6 +525,12 @@ def create_flow_trainer(
             trainer's own (lr, weight decay, betas, warm-up, decay, clipping, bits, seed) in
             ``output_dir/run_settings.json``; a rerun into the folder with another value is refused with the setting
             named (R22).
+        ema_decay: keep an exponential moving average of the weights (:class:`~monai_condflow.engines.ema.ModelEMA`)
+            with this decay; validation, the ``best`` checkpoint and the sample grids then use the average
+            (``trainer.ema.module``), and the ``latest`` checkpoints hold it for resume. ``None`` or 0: off. Not
+            used under DP.
+        spike_threshold: the trainer's loss-spike guard in bits/dim (see :class:`FlowTrainer`); ``None``: off.
+        early_stop_patience: stop when validation bits/dim has not improved for this many validations (0: never).
 
     Crash safety (R14, R21): every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
@@ -446,6 +558,10 @@ def create_flow_trainer(
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
     if warmup_epochs < 0 or n_saved < 1:
         raise ValueError(f"bad settings: warmup_epochs={warmup_epochs}, n_saved={n_saved}.")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}.")
+    if early_stop_patience < 0:
+        raise ValueError(f"early_stop_patience must be >= 0, got {early_stop_patience}.")
     if dp is not None:
         from monai_condflow.privacy.dp import check_dp_settings
 
@@ -501,6 +617,14 @@ def create_flow_trainer(
         flow.initialize(init_batch[0], init_batch[2])
         logger.info("initialised the flow's ActNorm layers on a batch of %d images.", init_batch[0].shape[0])
 
+    # EMA of the weights (after the initialisation, so the copy starts initialised); its saved state comes in step 7
+    ema = None
+    if ema_decay and dp is None:
+        from monai_condflow.engines.ema import ModelEMA
+
+        ema = ModelEMA(flow, decay=ema_decay)
+    eval_flow = ema.module if ema is not None else flow
+
     # 3. DDP, optimiser, schedule
     network = wrap_ddp(FlowBitsPerDim(flow, n_bits=n_bits), device)
     optimizer = torch.optim.AdamW(flow.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
@@ -543,7 +667,7 @@ def create_flow_trainer(
         evaluator = SupervisedEvaluator(
             device=device,
             val_data_loader=val_loader,
-            network=FlowBitsPerDim(flow, n_bits=n_bits),
+            network=FlowBitsPerDim(eval_flow, n_bits=n_bits),
             prepare_batch=prepare_batch,
             key_val_metric={"val_bpd": BitsPerDim(output_transform=from_engine(Keys.PRED))},
             metric_cmp_fn=lambda current, best: current < best,
@@ -585,7 +709,21 @@ def create_flow_trainer(
         train_handlers=train_handlers,
         dp_module=dp_module,
         n_bits=n_bits,
+        spike_threshold=spike_threshold,
     )
+    trainer.lr_scheduler = scheduler
+    trainer.ema = ema
+    if ema is not None:
+        ema.attach(trainer)
+    early_stopping = None
+    if evaluator is not None and early_stop_patience > 0:
+        EarlyStopping, _ = optional_import("ignite.handlers", name="EarlyStopping")
+        early_stopping = EarlyStopping(
+            patience=early_stop_patience,
+            score_function=lambda engine: -float(engine.state.metrics["val_bpd"]),
+            trainer=trainer,
+        )
+        evaluator.add_event_handler(Events.COMPLETED, early_stopping)
     if dp_engine is not None:
         from monai_condflow.handlers.privacy_accountant import PrivacyAccountantHandler
         from monai_condflow.privacy.dp import dp_summary
@@ -609,7 +747,7 @@ def create_flow_trainer(
             conditions = _conditions_per_class(init_batch[1], init_batch[2])
         if conditions:
             SampleGridHandler(
-                flow,
+                eval_flow,
                 conditions,
                 every_n_epochs=sample_every,
                 temperature=sample_temperature,
@@ -624,7 +762,7 @@ def create_flow_trainer(
     best_handler = None
     if evaluator is not None and dp is None:  # under DP, choosing an epoch on private validation data is not covered
         best_handler = create_checkpoint_handler(
-            {"flow": flow},
+            {"flow": eval_flow},
             output_dir,
             prefix="best",
             n_saved=1,
@@ -644,6 +782,10 @@ def create_flow_trainer(
     }
     if best_handler is not None:
         to_save["best_checkpoint"] = best_handler
+    if ema is not None:
+        to_save["ema"] = ema
+    if early_stopping is not None:
+        to_save["early_stopping"] = early_stopping
     loader_rng = LoaderRandomState(train_loader) if dp is None else None
     if loader_rng is not None:
         to_save["loader_rng"] = loader_rng
@@ -677,6 +819,10 @@ def create_flow_trainer(
             objects["checkpointer"] = latest_handler
         if best_handler is not None and "best_checkpoint" in checkpoint:
             objects["best_checkpoint"] = best_handler
+        if ema is not None and "ema" in checkpoint:
+            objects["ema"] = ema
+        if early_stopping is not None and "early_stopping" in checkpoint:
+            objects["early_stopping"] = early_stopping
         if dp_engine is not None:
             if "privacy_accountant" not in checkpoint:
                 raise ValueError(
