@@ -164,7 +164,8 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         same classifier on the real test split), "fid", "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
         "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
-        "images_with_overflow", "n_images"} or None}`` (accuracies and agreement as fractions).
+        "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
+        fractions).
     """
 
     def _block(block: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,7 +200,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
         base = {k: b[k] for k in ("tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
-                                  "images_with_overflow", "n_images")}  # fmt: skip
+                                  "images_with_overflow", "n_images", "overflow_pixel_fraction")}  # fmt: skip
     return {
         "trtr_accuracy": _finite((metrics.get("trtr") or {}).get("accuracy")),
         **{k: v for k, v in flow.items()},
