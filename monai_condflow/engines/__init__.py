@@ -55,7 +55,9 @@ from .generation import (
     generate,
     generate_tensors,
     nifti_bytes,
+    pixel_range_stats,
     png16_bytes,
+    summarize_sample_stats,
 )
 from .label_propagation import (
     SIMILARITY_KINDS,
@@ -121,6 +123,8 @@ __all__ = [
     "GENERATION_MODES",
     "generate",
     "generate_tensors",
+    "pixel_range_stats",
+    "summarize_sample_stats",
     "nifti_bytes",
     "png16_bytes",
     "ConditionPrepareBatch",

@@ -21,6 +21,8 @@ Modes of :func:`generate`:
 
 Output hygiene (R4): files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
 PNGs carry no text chunks and the NIfTI headers a fixed description; the manifest CSV records index, file(s), class,
+temperature, seed, model version and mode; ``generation.json`` the per-image pixel counts that were non-finite
+or outside ``SAMPLE_RANGE`` *before* clamping (R26: a failed decode is reported, not hidden).
 temperature, seed, model version and mode. No source file name, patient id or DICOM tag is read into any output.
 In ``same_z`` / ``pairs`` mode the files are numbered in a shuffled order (a permutation keyed by the seed *and* the
 flow's weights), so a file's index is not its source image's position in the training list: the order is
@@ -43,7 +45,9 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import inspect
 import io
+import json
 import logging
 import os
 import re
@@ -63,15 +67,85 @@ from torch.utils.data import DataLoader
 
 from monai_condflow.engines.distributed import unwrap_model
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.transforms.grid import make_grid
 
-__all__ = ["GENERATION_MODES", "generate_tensors", "generate", "png16_bytes", "nifti_bytes"]
+__all__ = [
+    "GENERATION_MODES",
+    "SUMMARY_NAME",
+    "generate_tensors",
+    "generate",
+    "pixel_range_stats",
+    "png16_bytes",
+    "nifti_bytes",
+    "summarize_sample_stats",
+]
 
 logger = logging.getLogger(__name__)
 
 GENERATION_MODES = ("same_z", "pairs", "n_per_class")
 _FORMATS = ("png", "nifti")
 _NIFTI_DESCRIP = b"monai_condflow synthetic image"
+SUMMARY_NAME = "generation.json"
+"""Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written (R26)."""
+
+
+def pixel_range_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image counts of the pixels of *unclamped* images that are non-finite or outside :data:`SAMPLE_RANGE`.
+
+    Args:
+        x: ``[N, C, *spatial]`` images as decoded, before any clamping.
+
+    Returns:
+        ``{"overflow_pixels": LongTensor[N], "nonfinite_pixels": LongTensor[N]}`` (overflow includes non-finite).
+    """
+    flat = x.detach().flatten(1)
+    finite = torch.isfinite(flat)
+    lo, hi = SAMPLE_RANGE
+    overflow = (~finite | (flat < lo) | (flat > hi)).sum(1)
+    return {"overflow_pixels": overflow.long().cpu(), "nonfinite_pixels": (~finite).sum(1).long().cpu()}
+
+
+def summarize_sample_stats(
+    overflow_pixels: torch.Tensor | Sequence[int],
+    nonfinite_pixels: torch.Tensor | Sequence[int],
+    pixels_per_image: int,
+    source: str = "flow",
+) -> dict[str, Any]:
+    """The ``samples`` block of ``metrics.json`` / ``generation.json`` from per-image pixel counts (R26).
+
+    Args:
+        overflow_pixels: ``[N]`` pixels per image that were non-finite or outside :data:`SAMPLE_RANGE` before clamping.
+        nonfinite_pixels: ``[N]`` non-finite pixels per image before clamping.
+        pixels_per_image: ``C * H * W`` of one image.
+        source: where the counts come from: ``"flow"`` (``sample(return_stats=True)``, before the flow's own clamp)
+            or ``"sampler output"`` (counted on the raw output of a sampler without statistics, e.g. the ACGAN).
+
+    Returns:
+        ``{n_images, images_with_overflow, images_with_nonfinite, overflow_pixel_fraction, nonfinite_pixel_fraction,
+        range, counted_on}`` (fractions of all pixels of all images; ``range`` is :data:`SAMPLE_RANGE`).
+    """
+    over = torch.as_tensor(overflow_pixels, dtype=torch.long).reshape(-1)
+    bad = torch.as_tensor(nonfinite_pixels, dtype=torch.long).reshape(-1)
+    n = int(over.numel())
+    total = n * int(pixels_per_image)
+    return {
+        "n_images": n,
+        "images_with_overflow": int((over > 0).sum()),
+        "images_with_nonfinite": int((bad > 0).sum()),
+        "overflow_pixel_fraction": float(over.sum()) / total if total else 0.0,
+        "nonfinite_pixel_fraction": float(bad.sum()) / total if total else 0.0,
+        "range": [float(SAMPLE_RANGE[0]), float(SAMPLE_RANGE[1])],
+        "counted_on": source,
+    }
+
+
+def _accepts_return_stats(sample_fn: Any) -> bool:
+    try:
+        params = inspect.signature(sample_fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return "return_stats" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def generate_tensors(
@@ -79,17 +153,23 @@ def generate_tensors(
     z: torch.Tensor,
     temperature: float = 0.9,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """
     Decode ``nu ~ N(0, T^2 I)`` with conditions ``z``: ``[N, condition_dim] -> [N, C, S, S]`` in ``[0, 1]``.
 
-    Runs in eval mode without gradients (the flow's mode is restored) and on the flow's device.
+    Runs in eval mode without gradients (the flow's mode is restored) and on the flow's device. The per-image
+    overflow / non-finite pixel counts are taken *before* clamping (R26): from ``flow.sample(return_stats=True)``
+    when the flow offers it (:class:`~monai_condflow.networks.nets.ConditionalGlow` clamps inside ``sample``),
+    otherwise on the flow's raw output (:func:`pixel_range_stats`). Non-finite pixels of a flow without statistics
+    are kept non-finite (callers drop or count them); the values are clamped to ``[0, 1]``.
 
     Args:
         flow: the conditional flow (``sample(condition, temperature, generator)``); DDP wrappers are unwrapped.
         z: conditions, one row per image.
         temperature: ``T > 0`` (0.9 in the paper).
         generator: random generator on the flow's device, for reproducible noise.
+        return_stats: also return ``{"overflow_pixels": LongTensor[N], "nonfinite_pixels": LongTensor[N]}`` (CPU).
 
     Raises:
         ValueError: ``temperature <= 0`` or ``z`` not 2-D.
@@ -106,10 +186,16 @@ def generate_tensors(
     flow.eval()
     try:
         with torch.no_grad():
-            x = flow.sample(z, temperature=temperature, generator=generator)
+            if _accepts_return_stats(flow.sample):
+                x, stats = flow.sample(z, temperature=temperature, generator=generator, return_stats=True)
+                stats = {k: torch.as_tensor(v).long().cpu() for k, v in stats.items()}
+            else:
+                x = flow.sample(z, temperature=temperature, generator=generator)
+                stats = pixel_range_stats(x)
     finally:
         flow.train(was_training)
-    return x.clamp(0.0, 1.0)
+    x = x.clamp(0.0, 1.0)
+    return (x, stats) if return_stats else x
 
 
 def png16_bytes(image: torch.Tensor | np.ndarray) -> bytes:
@@ -214,7 +300,8 @@ def generate(
             column before ``dp_epsilon`` (no such column when ``None``).
 
     Returns:
-        the manifest path.
+        the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
+        :func:`summarize_sample_stats` (pre-clamp overflow / non-finite counts) and the overflowed images' indices.
 
     Raises:
         ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version`` (R9), an image path
@@ -247,9 +334,17 @@ def generate(
     generator.manual_seed(seed)
     rows: list[dict[str, Any]] = []
     staging = _staging_dir(output_dir)
+    overflow: list[torch.Tensor] = []
+    nonfinite: list[torch.Tensor] = []
+    pixels_per_image = [0]
 
     def write(originals: torch.Tensor | None, z: torch.Tensor, labels: torch.Tensor) -> None:
-        synthetic = generate_tensors(flow, z, temperature, generator).cpu()
+        synthetic, stats = generate_tensors(flow, z, temperature, generator, return_stats=True)
+        overflow.append(stats["overflow_pixels"])
+        nonfinite.append(stats["nonfinite_pixels"])
+        # a flow without its own clamp may hand back NaN / Inf: counted above, written as the flow's own fallback
+        synthetic = torch.nan_to_num(synthetic.cpu(), nan=0.5, posinf=1.0, neginf=0.0)
+        pixels_per_image[0] = int(synthetic[0].numel()) if synthetic.shape[0] else pixels_per_image[0]
         for k in range(synthetic.shape[0]):
             index, cls = len(rows), int(labels[k])
             stem = f"synthetic_{index:06d}_class{cls}"
@@ -327,6 +422,23 @@ def generate(
         for row in rows:
             row["class"] = row.pop("class_")
             writer.writerow({k: row.get(k, "") for k in columns})
+        over_all, bad_all = torch.cat(overflow), torch.cat(nonfinite)
+        samples = summarize_sample_stats(over_all, bad_all, pixels_per_image[0])
+        summary = {
+            "manifest": manifest_name,
+            "mode": mode,
+            "temperature": temperature,
+            "seed": seed,
+            "model_version": model_version,
+            "samples": samples,
+            # per image (manifest index) only where something overflowed: the honest pre-clamp record (R26)
+            "overflowed_images": [
+                {"index": i, "overflow_pixels": int(o), "nonfinite_pixels": int(b)}
+                for i, (o, b) in enumerate(zip(over_all.tolist(), bad_all.tolist()))
+                if o > 0
+            ],
+        }
+        _write_new_file(staging / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
         _write_new_file(staging / manifest_name, buf.getvalue().encode("utf-8"))
         _swap_into_place(staging, output_dir)
     except BaseException:
@@ -336,10 +448,21 @@ def generate(
     logger.info(
         "wrote %d synthetic image(s) (%s mode, T=%s, seed %d) to %s", len(rows), mode, temperature, seed, output_dir
     )
+    if samples["images_with_overflow"]:
+        logger.warning(
+            "%d of %d synthetic image(s) had pixels outside %s or non-finite before clamping (%.3g%% of all pixels, "
+            "%.3g%% non-finite); see %s",
+            samples["images_with_overflow"],
+            samples["n_images"],
+            tuple(samples["range"]),
+            100 * samples["overflow_pixel_fraction"],
+            100 * samples["nonfinite_pixel_fraction"],
+            output_dir / SUMMARY_NAME,
+        )
     return manifest
 
 
-_OWN_FILE = re.compile(r"^(synthetic_\d+_class\d+\.(png|nii\.gz)|pair_\d+_class\d+\.png|\..*\.tmp)$")
+_OWN_FILE = re.compile(r"^(synthetic_\d+_class\d+\.(png|nii\.gz)|pair_\d+_class\d+\.png|generation\.json|\..*\.tmp)$")
 
 
 def _umask() -> int:

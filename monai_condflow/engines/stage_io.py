@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "require_file",
     "write_json_atomic",
     "remove_training_labels",
+    "presumptive_label_summary",
     "write_stage_info",
     "read_stage_info",
     "load_weights",
@@ -120,6 +122,68 @@ def write_training_labels(
     entries = [_entry(r, r["label"], False) for r in labelled]
     entries += [_entry(r, g, True) for r, g in zip(unlabelled, guesses)]
     return write_json_atomic(Path(directory) / TRAINING_LABELS, entries)
+
+
+def presumptive_label_summary(
+    directory: str | os.PathLike, true_records: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """How right the presumptive labels of a semi-supervised classifier stage were (``None`` without any).
+
+    Reads ``directory/train_labels.json`` (:func:`write_training_labels`) and compares each presumptive label with the
+    true label of the same record in ``true_records`` (matched by ``source``, else by image path). Without
+    ``true_records`` (or no match) it falls back to the last label-propagation round's ``presumptive_accuracy`` in
+    ``directory/classifier.json``.
+
+    Args:
+        directory: the classifier stage's folder.
+        true_records: the training split's records with their true ``label`` (e.g. ``load_covidx_split``).
+
+    Returns:
+        ``{"accuracy": float | None, "n_labelled": int, "n_presumptive": int, "n_compared": int, "source": str |
+        None}``, or ``None`` when the stage wrote no presumptive labels (a fully supervised run).
+    """
+    path = Path(directory) / TRAINING_LABELS
+    if not path.is_file():
+        return None
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    guesses = [e for e in entries if e.get("presumptive")]
+    if not guesses:
+        return None
+    out: dict[str, Any] = {
+        "accuracy": None,
+        "n_labelled": len(entries) - len(guesses),
+        "n_presumptive": len(guesses),
+        "n_compared": 0,
+        "source": None,
+    }
+    by_source: dict[str, int] = {}
+    by_image: dict[str, int] = {}
+    for r in true_records or []:
+        if r.get("label") is None:
+            continue
+        if isinstance(r.get("source"), str):
+            by_source.setdefault(r["source"], int(r["label"]))
+        for key in ("image_path", "image"):
+            if isinstance(r.get(key), (str, os.PathLike)):
+                by_image.setdefault(str(r[key]), int(r["label"]))
+    correct = compared = 0
+    for e in guesses:
+        truth = by_source.get(e["source"]) if isinstance(e.get("source"), str) else None
+        if truth is None:
+            truth = by_image.get(str(e.get("image")))
+        if truth is not None:
+            compared += 1
+            correct += int(int(e["label"]) == truth)
+    if compared:
+        out.update(accuracy=correct / compared, n_compared=compared, source=f"{TRAINING_LABELS} vs true labels")
+        return out
+    info = Path(directory) / "classifier.json"
+    if info.is_file():
+        rounds = json.loads(info.read_text(encoding="utf-8")).get("rounds") or []
+        value = rounds[-1].get("presumptive_accuracy") if rounds and isinstance(rounds[-1], Mapping) else None
+        if isinstance(value, (int, float)):
+            out.update(accuracy=float(value), source="classifier.json (last label-propagation round)")
+    return out
 
 
 def remove_training_labels(directory: str | os.PathLike) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
 from monai_condflow.evaluation.tstr import (
     METRIC_KEYS,
@@ -53,6 +54,7 @@ __all__ = [
     "atomic_write_text",
     "shareable_file_mode",
     "find_model_checkpoint",
+    "headline_figures",
     "load_module",
     "read_tensorboard_scalars",
     "run_evaluation",
@@ -164,6 +166,142 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures ``report.md`` opens with (and ``metrics.json`` holds under ``headline``), for the flow and, when
+    evaluated, the ACGAN baseline. Missing figures are ``None``.
+
+    Returns:
+        ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
+        "class_agreement" (real-trained evaluation classifier on the synthetic images), "real_test_accuracy" (the
+        same classifier on the real test split), "fid", "fid_floor", "fid_ratio", "images_with_overflow",
+        "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
+        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
+        "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
+        fractions).
+    """
+
+    def _block(block: Mapping[str, Any]) -> dict[str, Any]:
+        trtr = _finite((metrics.get("trtr") or {}).get("accuracy"))
+        tstr = _finite((block.get("tstr") or {}).get("accuracy"))
+        fid, floor = _finite(block.get("fid")), _finite(metrics.get("fid_floor"))
+        ratio = _finite(block.get("fid_ratio"))
+        if ratio is None and fid is not None and floor:
+            ratio = _finite(fid_to_floor_ratio(fid, floor))
+        samples = block.get("samples") if isinstance(block.get("samples"), Mapping) else {}
+        return {
+            "tstr_accuracy": tstr,
+            "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
+            "class_agreement": _finite(block.get("class_agreement")),
+            "fid": fid,
+            "fid_ratio": ratio,
+            "images_with_overflow": samples.get("images_with_overflow"),
+            "n_images": samples.get("n_images"),
+            "overflow_pixel_fraction": _finite(samples.get("overflow_pixel_fraction")),
+            "nonfinite_pixel_fraction": _finite(samples.get("nonfinite_pixel_fraction")),
+        }
+
+    flow = _block(metrics)
+    privacy = metrics.get("privacy") if isinstance(metrics.get("privacy"), Mapping) else {}
+    real_acc = _finite(metrics.get("real_classifier_test_accuracy"))
+    if real_acc is None:
+        real_acc = _finite((metrics.get("trtr") or {}).get("accuracy"))
+    pres = metrics.get("presumptive_accuracy")
+    if pres is None and isinstance(metrics.get("presumptive_labels"), Mapping):
+        pres = metrics["presumptive_labels"].get("accuracy")
+    base = None
+    if isinstance(metrics.get("baseline"), Mapping):
+        b = _block(metrics["baseline"])
+        base = {k: b[k] for k in ("tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
+                                  "images_with_overflow", "n_images", "overflow_pixel_fraction")}  # fmt: skip
+    return {
+        "trtr_accuracy": _finite((metrics.get("trtr") or {}).get("accuracy")),
+        **{k: v for k, v in flow.items()},
+        "real_test_accuracy": real_acc,
+        "fid_floor": _finite(metrics.get("fid_floor")),
+        "mia_auc": _finite(privacy.get("mia_auc")),
+        "presumptive_accuracy": _finite(pres),
+        "baseline": base,
+    }
+
+
+def _headline_lines(metrics: Mapping[str, Any]) -> list[str]:
+    h = headline_figures(metrics)
+    base = h["baseline"]
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    def overflow(b: Mapping[str, Any]) -> str:
+        if b.get("n_images") is None:
+            return "n/a"
+        text = f"{b['images_with_overflow']} / {b['n_images']}"
+        if b.get("overflow_pixel_fraction") is not None:
+            text += f" ({100 * b['overflow_pixel_fraction']:.3g} % of pixels)"
+        return text
+
+    def agreement(b: Mapping[str, Any]) -> str:
+        return f"{_num(b['class_agreement'], '.3f')} (real test accuracy {_num(h['real_test_accuracy'], '.3f')})"
+
+    def gap(b: Mapping[str, Any]) -> str:
+        return "n/a" if b["gap_points"] is None else f"{b['gap_points']:+.1f} points"
+
+    rows = [
+        ("TRTR accuracy (real-trained, real test)", pct(h["trtr_accuracy"]), None),
+        ("TSTR accuracy (synthetic-trained, real test)", pct(h["tstr_accuracy"]),
+         pct(base["tstr_accuracy"]) if base else None),
+        ("gap TRTR - TSTR", gap(h), gap(base) if base else None),
+        ("class agreement on synthetic images (vs the same classifier's real test accuracy)", agreement(h),
+         agreement(base) if base else None),
+        ("FID / floor", f"{_num(h['fid'])} / {_num(h['fid_floor'])} = {_num(h['fid_ratio'], '.3g')}",
+         f"{_num(base['fid'])} / {_num(h['fid_floor'])} = {_num(base['fid_ratio'], '.3g')}" if base else None),
+        ("samples overflowed before clamping (outside [-0.25, 1.25] or non-finite)", overflow(h),
+         overflow(base) if base else None),
+        ("membership-inference AUC (0.5 = no memorisation signal)", _num(h["mia_auc"], ".3f"), None),
+        ("presumptive-label accuracy (label propagation)",
+         _num(h["presumptive_accuracy"], ".3f") if h["presumptive_accuracy"] is not None
+         else "n/a (all labels or not recorded)", None),
+    ]  # fmt: skip
+    if base:
+        lines = ["| figure | conditional flow | ACGAN baseline |", "|---|---|---|"]
+        lines += [f"| {name} | {flow} | {'' if b is None else b} |" for name, flow, b in rows]
+    else:
+        lines = ["| figure | conditional flow |", "|---|---|"]
+        lines += [f"| {name} | {flow} |" for name, flow, _ in rows]
+    return lines
+
+
+def _grid_pngs(fig_dir: Path, sample_images: Mapping[str, torch.Tensor]) -> dict[str, Path]:
+    out = {}
+    for name, imgs in sample_images.items():
+        safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+        out[name] = image_grid(fig_dir / f"grid_{safe}.png", imgs, nrow=8)
+    return out
+
+
+def _side_by_side_lines(grids: Mapping[str, Path]) -> list[str]:
+    """Per class a table row ``real | flow | acgan | ...`` of the grids named ``"<source> <class>"``."""
+    classes = [name.split(" ", 1)[1] for name in grids if name.startswith("real ") and " " in name]
+    if not classes:
+        return []
+    sources: list[str] = []
+    for name in grids:
+        src = name.split(" ", 1)[0]
+        if src != "real" and src not in sources and " " in name:
+            sources.append(src)
+    lines = ["| class | real | " + " | ".join(sources) + " |", "|---" * (len(sources) + 2) + "|"]
+    for cls in classes:
+        cells = [f"![real {cls}](figures/{grids[f'real {cls}'].name})"]
+        for src in sources:
+            png = grids.get(f"{src} {cls}")
+            cells.append(f"![{src} {cls}](figures/{png.name})" if png is not None else "")
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(
     output_dir: str | os.PathLike,
     metrics: Mapping[str, Any],
@@ -175,6 +313,12 @@ def write_report(
     title: str = "monai_condflow evaluation",
 ) -> tuple[Path, Path]:
     """Write ``report.md`` (with PNG figures under ``figures/``) and ``metrics.json`` into ``output_dir``.
+
+    The report opens with a headline table (:func:`headline_figures`: TRTR, TSTR, their gap, class agreement next to
+    the real test accuracy, FID / floor, samples overflowed before clamping, membership-inference AUC, presumptive-
+    label accuracy) and, per class, the real and synthetic grids side by side (``sample_images`` named
+    ``"real <class>"``, ``"flow <class>"``, ``"acgan <class>"``); the detailed sections follow. ``metrics.json``
+    gets the headline figures under ``headline``.
 
     Args:
         output_dir: run folder (created if needed).
@@ -201,6 +345,13 @@ def write_report(
     out = Path(output_dir)
     fig_dir = out / "figures"
     lines = [f"# {title}", ""]
+
+    # headline: the figures a reader needs first, then the real and synthetic grids side by side (issue 14)
+    lines += ["## Headline", ""] + _headline_lines(metrics) + [""]
+    grids = _grid_pngs(fig_dir, sample_images or {})
+    side = _side_by_side_lines(grids)
+    if side:
+        lines += ["Real (test split) and synthetic images per class, side by side:", ""] + side + [""]
 
     if data_summary:
         lines += ["## Data", "", "| item | value |", "|---|---|"]
@@ -280,9 +431,7 @@ def write_report(
 
     if sample_images:
         lines += ["## Sample grids", "", "Look at them: TSTR alone can be fooled by class-correlated textures.", ""]
-        for name, imgs in sample_images.items():
-            safe = "".join(ch if ch.isalnum() else "_" for ch in name)
-            png = image_grid(fig_dir / f"grid_{safe}.png", imgs, nrow=8)
+        for name, png in grids.items():
             lines.append(f"- {name}: [figures/{png.name}](figures/{png.name})")
             lines.append(f"  ![{name}](figures/{png.name})")
         lines.append("")
@@ -291,7 +440,9 @@ def write_report(
         lines += [f"## {heading}", "", body, ""]
 
     report = atomic_write_text(out / "report.md", "\n".join(lines))
-    payload = json.dumps(_jsonable(dict(metrics)), indent=2, sort_keys=True, allow_nan=False)
+    payload = json.dumps(
+        _jsonable({**dict(metrics), "headline": headline_figures(metrics)}), indent=2, sort_keys=True, allow_nan=False
+    )
     metrics_path = atomic_write_text(out / "metrics.json", payload + "\n")
     logger.info("wrote %s and %s", report, metrics_path)
     return report, metrics_path
@@ -343,47 +494,88 @@ def load_module(
 
 
 def sample_synthetic_set(
-    sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
     conditions: torch.Tensor,
     labels: torch.Tensor,
     seed: int,
-    batch_size: int = 64,
-) -> tuple[ImageSet, int]:
-    """Draw one synthetic set and drop non-finite images.
+    batch_size: int,
+    return_stats: bool = False,
+) -> tuple[ImageSet, int] | tuple[ImageSet, int, dict[str, Any]]:
+    """Draw one synthetic set, count its overflowed pixels before clamping, and drop images still non-finite.
 
     Args:
-        sampler: ``(condition batch, generator) -> images [B, 1, S, S]`` (flow: ``z``; ACGAN: labels).
-        conditions: ``[N, ...]`` one condition per synthetic image.
-        labels: ``[N]`` conditioning class of each image.
-        seed: seed of the sampling generator.
+        sampler: ``(conditions [B, ...], generator) -> images [B, 1, S, S]``, or ``-> (images, stats)`` with the
+            per-image pre-clamp counts ``{"overflow_pixels": [B], "nonfinite_pixels": [B]}`` of a sampler that clamps
+            itself (the flow through :func:`~monai_condflow.engines.generation.generate_tensors`). For a sampler
+            without statistics (e.g. the ACGAN) the counts are taken on its raw output.
+        conditions: ``[N, ...]`` what the sampler is conditioned on (embeddings ``z`` or class labels).
+        labels: ``[N]`` class label of each condition.
+        seed: seed of the CPU generator handed to the sampler.
         batch_size: conditions per sampler call.
+        return_stats: also return the statistics.
 
     Returns:
-        ``((images, labels), n_dropped)`` with images clamped to ``[0, 1]``.
+        ``((images, labels), n_dropped)`` with images clamped to ``[0, 1]``, and with ``return_stats`` a third item
+        ``{"overflow_pixels": LongTensor[N], "nonfinite_pixels": LongTensor[N], "pixels_per_image": int,
+        "counted_on": "flow" | "sampler output"}`` over *all* drawn images (dropped ones included).
     """
+    from monai_condflow.engines.generation import pixel_range_stats
+
     g = torch.Generator().manual_seed(int(seed))
-    outs = []
+    outs, overflow, nonfinite, own_stats = [], [], [], True
     with torch.no_grad():
         for start in range(0, conditions.shape[0], batch_size):
-            outs.append(sampler(conditions[start : start + batch_size], g).detach().float().cpu())
+            res = sampler(conditions[start : start + batch_size], g)
+            if isinstance(res, tuple):
+                x, stats = res
+            else:
+                x, stats, own_stats = res, None, False
+            x = x.detach().float().cpu()
+            if stats is None:
+                stats = pixel_range_stats(x)
+            overflow.append(torch.as_tensor(stats["overflow_pixels"]).long().cpu().reshape(-1))
+            nonfinite.append(torch.as_tensor(stats["nonfinite_pixels"]).long().cpu().reshape(-1))
+            outs.append(x)
     images = torch.cat(outs)
     finite = torch.isfinite(images.flatten(1)).all(1)
     n_bad = int((~finite).sum())
     if n_bad:
         logger.warning("dropping %d of %d synthetic images with NaN / Inf pixels", n_bad, images.shape[0])
-    return (images[finite].clamp(0.0, 1.0), labels.reshape(-1)[finite].long()), n_bad
+    result = (images[finite].clamp(0.0, 1.0), labels.reshape(-1)[finite].long())
+    if not return_stats:
+        return result, n_bad
+    info = {
+        "overflow_pixels": torch.cat(overflow),
+        "nonfinite_pixels": torch.cat(nonfinite),
+        "pixels_per_image": int(images[0].numel()) if images.shape[0] else 0,
+        "counted_on": "flow" if own_stats else "sampler output",
+    }
+    return result, n_bad, info
 
 
-def _flow_sampler(flow: nn.Module, temperature: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    try:
-        from monai_condflow.engines.generation import generate_tensors
-    except ImportError:
-        generate_tensors = None
+def _samples_block(stats: Sequence[Mapping[str, Any]], n_dropped: int) -> dict[str, Any]:
+    """The ``samples`` block of ``metrics.json`` over the synthetic sets' statistics (see
+    :func:`sample_synthetic_set`)."""
+    from monai_condflow.engines.generation import summarize_sample_stats
 
-    def sample(z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if generate_tensors is not None:
-            return generate_tensors(flow, z, temperature, g)
-        return flow.sample(z, temperature=temperature, generator=g)
+    block = summarize_sample_stats(
+        torch.cat([s["overflow_pixels"] for s in stats]),
+        torch.cat([s["nonfinite_pixels"] for s in stats]),
+        stats[0]["pixels_per_image"],
+        source=stats[0]["counted_on"],
+    )
+    block["n_dropped_nonfinite"] = int(n_dropped)
+    return block
+
+
+def _flow_sampler(
+    flow: nn.Module, temperature: float
+) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow (R26)."""
+    from monai_condflow.engines.generation import generate_tensors
+
+    def sample(z: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return generate_tensors(flow, z, temperature, g, return_stats=True)
 
     return sample
 
@@ -439,17 +631,19 @@ def run_evaluation(
     privacy_audit: bool = True,
     n_bits: int = 8,
     audit_holdout: torch.Tensor | None = None,
+    true_train_records: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run end to end and write ``report.md`` / ``metrics.json`` into ``output_dir``.
 
     Steps: load the conditioning classifier and the flow (default: the checkpoints in ``output_dir/classifier`` and
     ``output_dir/flow``); embed the real training images (``z``) and draw ``n_synthetic_sets`` synthetic sets
-    (one image per real training image, same ``z``, temperature ``temperature``, seeds ``seed + k``; non-finite
-    samples are dropped and counted); train the evaluation classifier on real data only (it is the TRTR classifier,
-    the FID feature extractor and the class-agreement judge); TSTR / TRTR with bootstraps; FID of each synthetic set
-    vs the real test split, the floor (real val vs real test) and their ratio. When an ACGAN checkpoint exists
-    (``acgan`` or ``output_dir/acgan``) the same is done for it under ``baseline``. ``augmentation=True`` adds the
-    augmentation study for the minority class.
+    (one image per real training image, same ``z``, temperature ``temperature``, seeds ``seed + k``; the pixels
+    that were non-finite or outside ``SAMPLE_RANGE`` *before* clamping are counted per image into the ``samples``
+    block, and images still non-finite after sampling are dropped and counted); train the evaluation classifier on
+    real data only (it is the TRTR classifier, the FID feature extractor and the class-agreement judge); TSTR / TRTR
+    with bootstraps; FID of each synthetic set vs the real test split, the floor (real val vs real test) and their
+    ratio. When an ACGAN checkpoint exists (``acgan`` or ``output_dir/acgan``) the same is done for it under
+    ``baseline``. ``augmentation=True`` adds the augmentation study for the minority class.
 
     Args:
         output_dir: run folder (holds ``classifier/``, ``flow/``, optionally ``acgan/`` and ``tensorboard/``).
@@ -488,6 +682,11 @@ def run_evaluation(
             ``audit_holdout`` of ``train_flow.json``). With it, both audits compare the flow's real training images
             with these non-members of the same distribution; without it, with the real test split (a shift between
             the splits then also raises the attack AUC).
+        true_train_records: the training split's records with their *true* labels (e.g. ``load_covidx_split`` of
+            ``train.txt``). When the semi-supervised classifier stage ran (``classifier/train_labels.json``), its
+            presumptive labels are compared with these (matched by ``source``, else image path) for
+            ``presumptive_accuracy``; without them the last label-propagation round's accuracy in
+            ``classifier/classifier.json`` is used when recorded.
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -516,13 +715,14 @@ def run_evaluation(
     flow_net = load_module(flow if flow is not None else out / "flow", flow_factory, "flow", device)
 
     z = extract_features(cond_net, train[0], batch_size, device)
-    flow_sets, flow_bad = [], 0
+    flow_sets, flow_bad, flow_stats = [], 0, []
     for k in range(n_synthetic_sets):
-        syn, bad = sample_synthetic_set(
-            _flow_sampler(flow_net, temperature), z.to(device), train[1], seed + k, batch_size
+        syn, bad, stats = sample_synthetic_set(
+            _flow_sampler(flow_net, temperature), z.to(device), train[1], seed + k, batch_size, return_stats=True
         )
         flow_sets.append(syn)
         flow_bad += bad
+        flow_stats.append(stats)
 
     logger.info("training the evaluation classifier on real data only")
     eval_net = train_real_classifier(
@@ -531,7 +731,7 @@ def run_evaluation(
     test_feats = extract_features(eval_net, test[0], batch_size, device)
     floor = fid_from_features(extract_features(eval_net, val[0], batch_size, device), test_feats)
 
-    def _evaluate(sets: list[ImageSet], n_bad: int) -> dict[str, Any]:
+    def _evaluate(sets: list[ImageSet], samples_block: dict[str, Any]) -> dict[str, Any]:
         res = evaluate_tstr(
             train,
             val,
@@ -551,11 +751,19 @@ def run_evaluation(
         res["fid_std"] = float(np.std(fids))
         res["fid_per_set"] = fids
         res["fid_ratio"] = fid_to_floor_ratio(res["fid"], floor)
-        total = sum(s[1].numel() for s in sets) + n_bad
-        res["nonfinite_fraction"] = n_bad / total if total else 0.0
+        # honest (R26): images with a non-finite pixel before any clamping, over all images drawn
+        n_images = samples_block["n_images"]
+        res["nonfinite_fraction"] = samples_block["images_with_nonfinite"] / n_images if n_images else 0.0
+        res["samples"] = samples_block
         return res
 
-    metrics: dict[str, Any] = _evaluate(flow_sets, flow_bad)
+    metrics: dict[str, Any] = _evaluate(flow_sets, _samples_block(flow_stats, flow_bad))
+    trtr_point = metrics.get("trtr_point") or []
+    metrics["real_classifier_test_accuracy"] = (
+        float(trtr_point[0]["accuracy"]) if trtr_point and "accuracy" in trtr_point[0] else metrics["trtr"]["accuracy"]
+    )
+    metrics["presumptive_labels"] = presumptive_label_summary(out / "classifier", true_train_records)
+    metrics["presumptive_accuracy"] = (metrics["presumptive_labels"] or {}).get("accuracy")
     metrics["fid_floor"] = floor
     metrics["temperature"] = float(temperature)
     metrics["seed"] = int(seed)
@@ -575,14 +783,20 @@ def run_evaluation(
                 return ACGANGenerator(num_classes=num_classes)
 
         gen = load_module(acgan_spec, acgan_factory, "acgan", device)
-        acgan_sets, acgan_bad = [], 0
+        acgan_sets, acgan_bad, acgan_stats = [], 0, []
         for k in range(n_synthetic_sets):
-            syn, bad = sample_synthetic_set(
-                lambda y, g: gen.sample(y.to(device), generator=g), train[1], train[1], seed + k, batch_size
+            syn, bad, stats = sample_synthetic_set(
+                lambda y, g: gen.sample(y.to(device), generator=g),
+                train[1],
+                train[1],
+                seed + k,
+                batch_size,
+                return_stats=True,
             )
             acgan_sets.append(syn)
             acgan_bad += bad
-        base = _evaluate(acgan_sets, acgan_bad)
+            acgan_stats.append(stats)
+        base = _evaluate(acgan_sets, _samples_block(acgan_stats, acgan_bad))
         base["name"] = "acgan"
         metrics["baseline"] = base
         for c in range(num_classes):
@@ -639,7 +853,15 @@ def run_evaluation(
         counts = torch.bincount(s[1], minlength=num_classes).tolist()
         summary[f"{split} per class"] = ", ".join(f"{names[c]}: {n}" for c, n in enumerate(counts))
     summary["synthetic sets (flow)"] = f"{n_synthetic_sets} x {train[1].numel()} (T = {temperature})"
-    summary["non-finite flow samples dropped"] = str(flow_bad)
+    fs = metrics["samples"]
+    lo, hi = fs["range"]
+    summary["flow samples overflowed before clamping"] = (
+        f"{fs['images_with_overflow']} of {fs['n_images']} images had pixels outside [{lo:g}, {hi:g}] or non-finite "
+        f"({100 * fs['overflow_pixel_fraction']:.3g}% of pixels); {fs['images_with_nonfinite']} images with non-finite "
+        f"pixels ({100 * fs['nonfinite_pixel_fraction']:.3g}% of pixels)"
+    )
+    if flow_bad:
+        summary["flow samples dropped (still non-finite after sampling)"] = str(flow_bad)
     write_report(out, metrics, data_summary=summary, sample_images=samples, extra_sections=extra_sections)
     return metrics
 

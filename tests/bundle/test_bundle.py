@@ -114,6 +114,15 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert set(metrics["baseline"]) >= {"trtr", "tstr", "fid"}
     assert set(metrics["baseline"]["tstr"]) >= {"accuracy", "f1", "precision", "recall"}
     assert (trained_run / "report.md").read_text().count("TSTR") >= 1
+    # R26: pre-clamp overflow counts from the generation and evaluation stages; issue 14: headline, presumptive labels
+    generation = json.loads((trained_run / "synthetic" / "generation.json").read_text())
+    assert generation["samples"]["n_images"] == len(labels) and generation["samples"]["range"] == [-0.25, 1.25]
+    assert metrics["samples"]["n_images"] == len(labels) and metrics["samples"]["counted_on"] == "flow"
+    assert 0 <= metrics["samples"]["images_with_overflow"] <= len(labels)
+    assert metrics["presumptive_labels"]["n_compared"] == len(labels) - 20
+    assert 0.0 <= metrics["presumptive_accuracy"] <= 1.0
+    assert metrics["headline"]["presumptive_accuracy"] == metrics["presumptive_accuracy"]
+    assert (trained_run / "report.md").read_text().startswith("# monai_condflow evaluation\n\n## Headline")
     # R4: nothing next to the synthetic images names a source file or patient
     for path in (trained_run / "synthetic").iterdir():
         assert "phantom_p" not in path.name

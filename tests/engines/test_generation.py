@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import stat
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_condflow.engines.generation import generate, generate_tensors
+from monai_condflow.engines.generation import SUMMARY_NAME, generate, generate_tensors, summarize_sample_stats
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.networks.nets.pepx_net import PEPXNet
 
@@ -189,7 +190,7 @@ def test_paths_instead_of_tensors_are_refused(flow, tmp_path):
 
 
 def _listed(manifest: Path) -> set[str]:
-    names = {manifest.name}
+    names = {manifest.name, SUMMARY_NAME}  # the set: images, manifest and its pre-clamp summary
     for r in _manifest(manifest):
         names.update(r[k] for k in ("file", "nifti_file", "pair_file") if r.get(k))
     return names
@@ -289,3 +290,55 @@ def test_a_dp_manifest_records_where_the_noise_came_from(flow, tmp_path):
                               dp_noise="os_entropy", formats=("png",)))  # fmt: skip
     assert list(rows[0])[-2:] == ["dp_noise", "dp_epsilon"]
     assert {(r["dp_noise"], r["dp_epsilon"]) for r in rows} == {("os_entropy", "3.5")}
+
+def test_overflowing_inverse_is_counted_before_clamping(flow, tmp_path, monkeypatch):
+    """R26: an inverse that returns NaN / 1e6 in some pixels shows up in the per-image counts and generation.json,
+    although the written images are finite and in [0, 1]."""
+    real_inverse = flow.inverse
+
+    def broken_inverse(*args, **kwargs):
+        x, logdet = real_inverse(*args, **kwargs)
+        x = x.clone()
+        x[0, 0, 0, :3] = 1e6  # image 0: 3 overflowed pixels
+        x[2, 0, 1, :2] = float("nan")  # image 2: 2 non-finite pixels
+        return x, logdet
+
+    monkeypatch.setattr(flow, "inverse", broken_inverse)
+    z = torch.nn.functional.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    x, stats = generate_tensors(flow, z, 0.9, torch.Generator().manual_seed(1), return_stats=True)
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert stats["overflow_pixels"][0] >= 3 and stats["overflow_pixels"][2] >= 2
+    assert stats["nonfinite_pixels"].tolist()[0] == 0 and stats["nonfinite_pixels"].tolist()[2] == 2
+
+    manifest = generate(flow, None, _records(4), output_dir=tmp_path, model_version="v", formats=("png",))
+    summary = json.loads((tmp_path / SUMMARY_NAME).read_text())
+    samples = summary["samples"]
+    assert samples["n_images"] == 4 and samples["images_with_nonfinite"] == 1
+    assert samples["images_with_overflow"] >= 2 and samples["overflow_pixel_fraction"] >= 5 / (4 * S * S)
+    assert samples["nonfinite_pixel_fraction"] == pytest.approx(2 / (4 * S * S))
+    assert samples["range"] == [-0.25, 1.25]
+    flagged = {e["index"]: e for e in summary["overflowed_images"]}
+    assert flagged[2]["nonfinite_pixels"] == 2 and flagged[0]["overflow_pixels"] >= 3
+    assert len(_manifest(manifest)) == 4
+
+
+def test_flow_without_stats_is_counted_on_its_raw_output(tmp_path):
+    """A sampler without ``return_stats`` (raw output, no own clamp): counted on what it returns."""
+
+    class RawFlow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def sample(self, condition, temperature=0.9, generator=None):
+            x = torch.full((condition.shape[0], 1, S, S), 0.5)
+            x[0, 0, 0, 0] = -3.0
+            x[1, 0, 0, 0] = float("inf")
+            return x
+
+    z = torch.zeros(3, 32)
+    x, stats = generate_tensors(RawFlow(), z, 0.9, return_stats=True)
+    assert stats["overflow_pixels"].tolist() == [1, 1, 0] and stats["nonfinite_pixels"].tolist() == [0, 1, 0]
+    generate(RawFlow(), None, _records(3), output_dir=tmp_path, model_version="v", formats=("png",))
+    samples = json.loads((tmp_path / SUMMARY_NAME).read_text())["samples"]
+    assert samples == summarize_sample_stats([1, 1, 0], [0, 1, 0], S * S)

@@ -54,6 +54,51 @@ def test_write_report_tables_json_and_curves(tmp_path):
     assert data["odd"] is None and data["fid"] == 0.163 and data["baseline"]["tstr"]["accuracy"] == 0.5
     assert set(data["trtr"]) >= {"accuracy", "f1", "precision", "recall"}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    # the report opens with the headline figures (issue 14)
+    assert text.startswith("# monai_condflow evaluation\n\n## Headline\n")
+    assert text.index("## Headline") < text.index("## Fidelity") < text.index("## Utility")
+    assert "| figure | conditional flow | ACGAN baseline |" in text
+    assert "| TSTR accuracy (synthetic-trained, real test) | 64.0 % | 50.0 % |" in text
+    assert "| gap TRTR - TSTR | +6.0 points | +20.0 points |" in text
+    assert "0.678 (real test accuracy 0.700)" in text and "0.163 / 0.0034 = 47.9" in text
+    assert "| membership-inference AUC (0.5 = no memorisation signal) | n/a |" in text
+    assert "n/a (all labels or not recorded)" in text
+    assert data["headline"]["gap_points"] == pytest.approx(6.0) and data["headline"]["mia_auc"] is None
+    assert data["headline"]["baseline"]["tstr_accuracy"] == 0.5
+
+
+def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids(tmp_path):
+    metrics = {
+        "trtr": _SCORES,
+        "tstr": dict(_SCORES, accuracy=0.61),
+        "fid": 0.2,
+        "fid_floor": 0.01,
+        "class_agreement": 0.538,
+        "real_classifier_test_accuracy": 0.886,
+        "samples": {"n_images": 200, "images_with_overflow": 3, "overflow_pixel_fraction": 0.0005, "n_dropped": 0},
+        "privacy": {"mia_auc": 0.976},
+        "presumptive_accuracy": 0.712,
+    }
+    grids = {f"{src} {c}": torch.rand(4, 1, 8, 8) for c in ("non-COVID", "COVID") for src in ("real", "flow")}
+    report, js = write_report(tmp_path, metrics, sample_images=grids)
+    text = report.read_text()
+    head = text[: text.index("## Fidelity")]
+    assert "| figure | conditional flow |" in head and "ACGAN" not in head
+    assert "| TRTR accuracy (real-trained, real test) | 70.0 % |" in head
+    assert "| gap TRTR - TSTR | +9.0 points |" in head
+    assert "0.538 (real test accuracy 0.886)" in head and "0.2 / 0.01 = 20" in head
+    assert "| 3 / 200 (0.05 % of pixels) |" in head
+    assert "| membership-inference AUC (0.5 = no memorisation signal) | 0.976 |" in head
+    assert "| presumptive-label accuracy (label propagation) | 0.712 |" in head
+    # real and synthetic grids side by side, one row per class, right below the headline table
+    assert "| class | real | flow |" in head
+    assert "| COVID | ![real COVID](figures/grid_real_COVID.png) | ![flow COVID](figures/grid_flow_COVID.png) |" in head
+    assert "| non-COVID | ![real non-COVID](figures/grid_real_non_COVID.png) |" in head
+    assert (tmp_path / "figures" / "grid_flow_non_COVID.png").is_file()
+    assert "## Sample grids" in text  # the detailed sections are kept below
+    data = json.loads(js.read_text())
+    assert data["headline"]["images_with_overflow"] == 3 and data["headline"]["presumptive_accuracy"] == 0.712
+    assert data["headline"]["real_test_accuracy"] == 0.886 and data["headline"]["fid_ratio"] == pytest.approx(20)
 
 
 def test_write_report_rejects_missing_metric(tmp_path):
@@ -93,6 +138,35 @@ class _FlowStandIn(nn.Module):
         )
         x[0] = float("nan")
         return x
+
+
+class _ClampingFlow(nn.Module):
+    """Like ``ConditionalGlow.sample``: its inverse overflows (1e6 in image 1, NaN in image 2 of every call); it counts
+    per image before clamping and hands back finite images in [0, 1] with ``return_stats``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def inverse(self, condition, temperature, generator):
+        x = condition.reshape(-1, 1, 1, 1) + 0.05 * temperature * torch.randn(
+            condition.shape[0], 1, 4, 4, generator=generator
+        )
+        if x.shape[0] > 2:
+            x[1, 0, 0, :2] = 1e6
+            x[2, 0, 0, 0] = float("nan")
+        return x
+
+    def sample(self, condition, temperature=0.9, generator=None, return_stats=False):
+        x = self.inverse(condition, temperature, generator)
+        flat = x.flatten(1)
+        finite = torch.isfinite(flat)
+        stats = {
+            "overflow_pixels": (~finite | (flat < -0.25) | (flat > 1.25)).sum(1),
+            "nonfinite_pixels": (~finite).sum(1),
+        }
+        x = torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp(0, 1)
+        return (x, stats) if return_stats else x
 
 
 class _MemorisingFlow(_FlowStandIn):
@@ -140,6 +214,15 @@ def test_run_evaluation_end_to_end(tmp_path):
     )
     assert metrics["trtr"]["accuracy"] == 1.0 and metrics["tstr"]["accuracy"] > 0.95
     assert metrics["class_agreement"] > 0.95 and metrics["nonfinite_fraction"] > 0
+    # the stand-in's first image of every call (16 per batch) is NaN: counted before clamping, then dropped
+    samples = metrics["samples"]
+    assert samples["n_images"] == 2 * 52 and samples["images_with_nonfinite"] == 2 * 4
+    assert samples["images_with_overflow"] >= 8 and samples["n_dropped_nonfinite"] == 8
+    assert samples["nonfinite_pixel_fraction"] == pytest.approx(8 / (2 * 52))
+    assert samples["counted_on"] == "flow" and samples["range"] == [-0.25, 1.25]
+    assert metrics["nonfinite_fraction"] == pytest.approx(8 / 104)
+    assert metrics["baseline"]["samples"]["counted_on"] == "sampler output"
+    assert metrics["presumptive_accuracy"] is None and metrics["presumptive_labels"] is None
     assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
     assert metrics["baseline"]["fid"] > metrics["fid"]  # the stand-in GAN shifts both class means
     assert [r["n_added"] for r in metrics["augmentation"]["rows"]] == [0, 7, 14, 28]
@@ -147,6 +230,10 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert data["baseline"]["tstr"]["recall"] == pytest.approx(metrics["baseline"]["tstr"]["recall"])
     text = (tmp_path / "report.md").read_text()
     assert "grid_flow_COVID.png" in text and "augmentation.png" in text
+    assert text.index("## Headline") < text.index("| class | real | flow | acgan |") < text.index("## Data")
+    assert "| 8 / 104 (" in text and "non-finite flow samples dropped" not in text
+    assert "8 of 104 images had pixels outside [-0.25, 1.25] or non-finite" in text
+    assert data["samples"]["images_with_overflow"] == samples["images_with_overflow"]
     assert (tmp_path / "figures" / "augmentation.png").is_file()
 
 
@@ -230,3 +317,80 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
     with pytest.raises(ValueError, match=r"test set has N=16 .*D=16"):
         run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(8, 8, 2), **common)
     assert trained == [] and not (tmp_path / "metrics.json").exists()
+
+def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
+    """R26: a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
+    metrics.json and report.md (the old code saw clean images and reported 0)."""
+    metrics = run_evaluation(
+        tmp_path,
+        _data(40, 12, 0),
+        _data(20, 10, 1),
+        _data(20, 10, 2),
+        classifier=_Centroid(),
+        flow=_ClampingFlow(),
+        eval_network_factory=_Centroid,
+        fit_fn=_fit,
+        n_synthetic_sets=2,
+        n_bootstrap=5,
+        batch_size=16,
+        privacy_audit=False,
+    )
+    samples = json.loads((tmp_path / "metrics.json").read_text())["samples"]
+    # 52 images per set in batches of 16, 16, 16, 4: images 1 and 2 of every batch overflow, image 2 non-finite
+    assert samples["n_images"] == 104 and samples["images_with_overflow"] == 16
+    assert samples["images_with_nonfinite"] == 8 and samples["n_dropped_nonfinite"] == 0
+    assert samples["overflow_pixel_fraction"] == pytest.approx((8 * 2 + 8) / (104 * 16))
+    assert samples["nonfinite_pixel_fraction"] == pytest.approx(8 / (104 * 16))
+    assert metrics["nonfinite_fraction"] == pytest.approx(8 / 104)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 16 / 104 (1.44 % of pixels) |" in text
+
+
+def test_run_evaluation_presumptive_label_accuracy(tmp_path):
+    """Presumptive labels of classifier/train_labels.json are scored against the true labels of the same records."""
+    from monai_condflow.engines.stage_io import write_training_labels
+
+    train = _data(40, 12, 0)
+    records = [{"image": f"/d/img_{i}.png", "source": f"train.txt:{i + 1}", "label": int(y)} for i, y in
+               enumerate(train[1])]  # fmt: skip
+    labelled, unlabelled = records[:10], records[10:]
+    guesses = [r["label"] for r in unlabelled]
+    for i in range(0, 42, 6):  # 7 of 42 wrong
+        guesses[i] = 1 - guesses[i]
+    write_training_labels(tmp_path / "classifier", labelled, unlabelled, guesses)
+    metrics = run_evaluation(
+        tmp_path,
+        train,
+        _data(20, 10, 1),
+        _data(20, 10, 2),
+        classifier=_Centroid(),
+        flow=_FlowStandIn(),
+        eval_network_factory=_Centroid,
+        fit_fn=_fit,
+        n_synthetic_sets=1,
+        n_bootstrap=5,
+        batch_size=16,
+        privacy_audit=False,
+        true_train_records=records,
+    )
+    assert metrics["presumptive_accuracy"] == pytest.approx(35 / 42)
+    block = json.loads((tmp_path / "metrics.json").read_text())["presumptive_labels"]
+    assert block["n_presumptive"] == 42 and block["n_compared"] == 42 and block["n_labelled"] == 10
+    assert "| presumptive-label accuracy (label propagation) | 0.833 |" in (tmp_path / "report.md").read_text()
+    # without the true labels: the last label-propagation round of classifier.json
+    (tmp_path / "classifier" / "classifier.json").write_text(json.dumps({"rounds": [{"presumptive_accuracy": 0.7}]}))
+    again = run_evaluation(
+        tmp_path,
+        train,
+        _data(20, 10, 1),
+        _data(20, 10, 2),
+        classifier=_Centroid(),
+        flow=_FlowStandIn(),
+        eval_network_factory=_Centroid,
+        fit_fn=_fit,
+        n_synthetic_sets=1,
+        n_bootstrap=5,
+        batch_size=16,
+        privacy_audit=False,
+    )
+    assert again["presumptive_accuracy"] == 0.7 and again["presumptive_labels"]["n_compared"] == 0
