@@ -342,8 +342,7 @@ class FlowTrainer(SupervisedTrainer):
         for group in self.optimizer.param_groups:
             group["lr"] *= 0.5
         engine.state.spike_restores += 1
-        self._spikes_in_a_row = 0
-        self._loss_ref = None
+        self._spikes_in_a_row = 0  # the reference loss is kept: a model still diverging keeps spiking against it
         logger.warning(
             "restored the weights and optimiser state of the last good epoch and halved the learning rate "
             "(restore %d of at most %d).", engine.state.spike_restores, self.max_restores,
@@ -847,6 +846,8 @@ def create_flow_trainer(
                 "epoch_length": epoch_length,
                 "max_epochs": max(max_epochs, epoch),
                 "skipped_steps": int(saved.get("skipped_steps", 0)),
+                "spike_steps": int(saved.get("spike_steps", 0)),
+                "spike_restores": int(saved.get("spike_restores", 0)),
             }
         )
         rng_state = checkpoint["rng"]
