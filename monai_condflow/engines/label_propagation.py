@@ -361,6 +361,20 @@ class _LabelledView(Dataset):
         return item
 
 
+class _Augmented(Dataset):
+    """``dataset`` with a (random) ``transform`` applied to every item it returns."""
+
+    def __init__(self, dataset: Dataset, transform: Callable) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.transform(self.dataset[index])
+
+
 def _as_dataset(data: Dataset | Sequence, transform: Callable | None) -> Dataset:
     if isinstance(data, Dataset):
         return data
@@ -403,6 +417,8 @@ def run_semisupervised(
     presumptive_lr_decay: float = PRESUMPTIVE_LR_DECAY,
     label_key: str = "label",
     class_prior: Any = "labelled",
+    train_transform: Callable | None = None,
+    min_steps: int = 0,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Alternate label propagation and classifier retraining until the presumptive labels converge.
@@ -440,6 +456,11 @@ def run_semisupervised(
             ratio, which the stratified label sampler keeps equal to the data's), class weights ``[C]``, or ``None``
             for the paper's plain nearest-centroid rule (a weak round-0 classifier can then give the minority class
             a large share of the unlabelled data).
+        train_transform: random augmentation applied to the training items of every round (labelled and
+            presumptive); embeddings for the centroids and the propagation always see the un-augmented images.
+        min_steps: round 0 trains at least this many optimiser steps (its epochs are raised to
+            ``ceil(min_steps / steps_per_epoch)``): with 20-50 labels an epoch is one or two steps, far too few for
+            a classifier whose embedding must carry the class.
         trainer_kwargs: passed to :func:`~monai_condflow.engines.classifier.train_classifier` (``lr``, ...).
 
     Returns:
@@ -460,6 +481,8 @@ def run_semisupervised(
         raise ValueError(f"max_rounds must be a non-negative integer, got {max_rounds!r}.")
     if not 0 <= tol <= 1:
         raise ValueError(f"tol must be in [0, 1], got {tol!r}.")
+    if not isinstance(min_steps, int) or min_steps < 0:
+        raise ValueError(f"min_steps must be a non-negative integer, got {min_steps!r}.")
     labelled_ds = _as_dataset(labelled, transform)
     unlabelled_ds = _as_dataset(unlabelled, transform)
     val_ds = None if val_data is None else _as_dataset(val_data, transform)
@@ -491,10 +514,13 @@ def run_semisupervised(
     for round_index in range(max_rounds + 1):
         if round_index == 0:
             train_ds: Dataset = labelled_ds
-            epochs, decay = initial_epochs, lr_decay
+            steps_per_epoch = max(1, -(-n_labelled // batch_size))
+            epochs, decay = max(initial_epochs, -(-min_steps // steps_per_epoch)), lr_decay
         else:
             train_ds = ConcatDataset([labelled_ds, _LabelledView(unlabelled_ds, presumptive.tolist(), label_key)])
             epochs, decay = epochs_per_round, presumptive_lr_decay
+        if train_transform is not None:
+            train_ds = _Augmented(train_ds, train_transform)
             if factory is not None:
                 model = factory()
         round_dir = None if output_dir is None else os.path.join(os.fspath(output_dir), f"round_{round_index}")
