@@ -53,12 +53,15 @@ def make_flow_data(n: int, seed: int, dtype: torch.dtype = torch.float32) -> lis
 
 
 def make_flow(seed: int = 1) -> torch.nn.Module:
-    """A tiny ConditionalGlow (2 levels, 2 steps, width 8) for 16x16 images."""
+    """A tiny ConditionalGlow (2 levels, 2 steps, width 8) for 16x16 images, without the random training-time
+    mechanisms of the ``small`` preset (condition dropout, Gaussian noise): with them a 2-rank run equals the
+    1-rank run only in distribution (each rank draws its own noise), and these scenarios compare weights."""
     from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 
     torch.manual_seed(seed)
     return ConditionalGlow.from_preset(
-        "small", num_levels=2, image_size=SIZE, num_steps=2, num_blocks=(1, 1), hidden_channels=8
+        "small", num_levels=2, image_size=SIZE, num_steps=2, num_blocks=(1, 1), hidden_channels=8, cond_dropout=0.0,
+        noise_std=0.0,
     )
 
 

@@ -62,8 +62,14 @@ def test_paper_preset_and_parameter_counts():
     small, paper = PEPXNet.from_preset("small"), PEPXNet.from_preset("paper")
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # reported in docs/networks.md; a change of the architecture must update the docs
-    assert count(small) == 28_990
+    assert count(small) == 28_350  # 3x3 stride-1 stem (was 28,990 with COVIDNet's 7x7 stride-2 stem)
     assert count(paper) == 1_725_086
+    assert (small.stem[0].kernel_size, small.stem[0].stride) == ((3, 3), (1, 1))
+    assert (paper.stem[0].kernel_size, paper.stem[0].stride) == ((7, 7), (2, 2))
+    covidnet_stem = PEPXNet.from_preset("small", stem_kernel_size=7, stem_stride=2)
+    assert count(covidnet_stem) == 28_990
+    with pytest.raises(ValueError, match="stem_stride"):
+        PEPXNet.from_preset("small", stem_stride=0)
     assert [stage.projection[0].out_channels for stage in paper.stages if hasattr(stage, "projection")] == [
         56,
         112,
