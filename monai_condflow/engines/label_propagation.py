@@ -458,9 +458,9 @@ def run_semisupervised(
             a large share of the unlabelled data).
         train_transform: random augmentation applied to the training items of every round (labelled and
             presumptive); embeddings for the centroids and the propagation always see the un-augmented images.
-        min_steps: round 0 trains at least this many optimiser steps (its epochs are raised to
-            ``ceil(min_steps / steps_per_epoch)``): with 20-50 labels an epoch is one or two steps, far too few for
-            a classifier whose embedding must carry the class.
+        min_steps: round 0 trains at least this many optimiser steps: its epoch goes over the labelled set
+            ``ceil(min_steps * batch_size / (initial_epochs * n_labelled))`` times (with 20-50 labels an epoch is one
+            or two steps, far too few for a classifier whose embedding must carry the class).
         trainer_kwargs: passed to :func:`~monai_condflow.engines.classifier.train_classifier` (``lr``, ...).
 
     Returns:
@@ -514,8 +514,10 @@ def run_semisupervised(
     for round_index in range(max_rounds + 1):
         if round_index == 0:
             train_ds: Dataset = labelled_ds
-            steps_per_epoch = max(1, -(-n_labelled // batch_size))
-            epochs, decay = max(initial_epochs, -(-min_steps // steps_per_epoch)), lr_decay
+            epochs, decay = initial_epochs, lr_decay
+            repeats = -(-min_steps * batch_size // max(1, initial_epochs * n_labelled))
+            if repeats > 1:  # a longer epoch, not more epochs: validation and checkpoints stay once per epoch
+                train_ds = ConcatDataset([labelled_ds] * repeats)
         else:
             train_ds = ConcatDataset([labelled_ds, _LabelledView(unlabelled_ds, presumptive.tolist(), label_key)])
             epochs, decay = epochs_per_round, presumptive_lr_decay

@@ -234,8 +234,9 @@ def test_label_propagation_labelled_prior_and_bad_priors():
 
 
 def test_min_steps_raises_round_zero_epochs_and_augmentation_sees_only_training_items():
-    """Round 0 on 8 labels at batch 16 is one step per epoch: ``min_steps=12`` makes it 12 epochs. The training
-    transform is applied to training items only; the embeddings that make the centroids see clean images."""
+    """Round 0 on 8 labels at batch 16 is one step per epoch: ``min_steps=12`` over 2 epochs makes each epoch go over
+    the labelled set 12 times (6 steps). The training transform is applied to training items only; the embeddings
+    that make the centroids see clean images."""
     seen: list[float] = []
 
     def mark(item):
@@ -244,10 +245,10 @@ def test_min_steps_raises_round_zero_epochs_and_augmentation_sees_only_training_
 
     result, _ = _run(max_rounds=1, tol=0.0, initial_epochs=2, min_steps=12, train_transform=mark)
     rounds = result["rounds"]
-    assert rounds[0]["train"]["epochs"] == 12
+    assert rounds[0]["train"]["epochs"] == 2
     assert rounds[1]["train"]["epochs"] == 1  # retrain rounds keep epochs_per_round
-    # 8 labelled items x 12 epochs in round 0, (8 + 64) items x 1 epoch in round 1; embeddings add none
-    assert len(seen) == 8 * 12 + 72
+    # 8 labelled items x 12 repeats x 2 epochs in round 0, (8 + 64) items x 1 epoch in round 1; embeddings add none
+    assert len(seen) == 8 * 12 * 2 + 72
     result, _ = _run(max_rounds=0, initial_epochs=2, min_steps=0)
     assert result["rounds"][0]["train"]["epochs"] == 2
     with pytest.raises(ValueError, match="min_steps"):
