@@ -632,6 +632,12 @@ def create_flow_trainer(
     if dp is not None:
         from monai_condflow.privacy.dp import make_private
 
+        # the DP step trains on the plain likelihood (no condition dropout, no training noise): a null condition,
+        # which only condition dropout trains, stays frozen so that the accounting covers exactly what is trained
+        null = getattr(flow, "null_condition", None)
+        if isinstance(null, torch.nn.Parameter):
+            null.requires_grad_(False)
+
         # a resumed flow is initialised by its own DP checkpoint, whose privacy cost the restored accountant holds
         dp_module, train_optimizer, train_loader, dp_engine = make_private(
             flow,
