@@ -145,7 +145,9 @@ def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
     """R21 with a real SIGKILL: just before the 3rd rename into place (epoch 2's best file) / the 1st delete of a
     rotation (the old best file, after its successor is written)."""
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    # the same intra-op thread count as this process (the reference run): float sums differ between thread counts
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": threads}
     args = [sys.executable, "-c", _KILLER, str(run), op, str(k), str(Path(__file__).parent)]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
