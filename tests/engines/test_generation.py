@@ -206,36 +206,46 @@ def test_smaller_rerun_leaves_exactly_the_files_of_its_manifest(flow, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
-def test_a_kill_mid_write_keeps_the_previous_set_and_the_next_run_cleans_up(flow, tmp_path):
-    """R25: kill -9 in the middle of writing a new set (simulated with os._exit in a forked child, so no cleanup
-    code runs): the folder still holds the previous set exactly as its manifest says; the next run removes the
-    leftovers."""
-    import multiprocessing
+_KILLED_GENERATION = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[3])
+import test_generation as T
+import monai_condflow.engines.generation as gen
+from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
+flow = ConditionalGlow.from_preset(
+    "small", num_levels=2, image_size=T.S, num_steps=2, num_blocks=(1, 1), hidden_channels=8
+)
+flow.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+calls, real = [], gen.png16_bytes
+def dying(image):
+    calls.append(1)
+    if len(calls) == 3:
+        os._exit(9)  # like kill -9: no cleanup code runs
+    return real(image)
+gen.png16_bytes = dying
+gen.generate(flow, None, T._records(4), output_dir=sys.argv[2], model_version="v2", seed=5, formats=("png",))
+os._exit(0)
+"""
 
-    import monai_condflow.engines.generation as gen
+
+def test_a_kill_mid_write_keeps_the_previous_set_and_the_next_run_cleans_up(flow, tmp_path):
+    """R25: kill -9 in the middle of writing a new set (a separate process that exits with os._exit while writing
+    its third image, so no cleanup code runs): the folder still holds the previous set exactly as its manifest says;
+    the next run removes the leftovers. (A fresh interpreter, not a fork: forking a process whose OpenMP pool is
+    running can deadlock the child.)"""
+    import subprocess
+    import sys
 
     out = tmp_path / "synthetic"
     first = generate(flow, None, _records(6), output_dir=out, model_version="v", seed=0, formats=("png",))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    def killed_run():
-        calls = []
-        real = gen.png16_bytes
-
-        def dying(image):
-            calls.append(1)
-            if len(calls) == 3:
-                os._exit(9)
-            return real(image)
-
-        gen.png16_bytes = dying
-        gen.generate(flow, None, _records(4), output_dir=out, model_version="v2", seed=5, formats=("png",))
-        os._exit(0)
-
-    child = multiprocessing.get_context("fork").Process(target=killed_run)
-    child.start()
-    child.join(600)  # a loaded 2-core CI machine can be slow to fork and import
-    assert child.exitcode == 9
+    weights = tmp_path / "flow.pt"
+    torch.save(flow.state_dict(), weights)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [sys.executable, "-c", _KILLED_GENERATION, str(weights), str(out), str(Path(__file__).parent)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _listed(first) == set(before)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".synthetic.partial-")]  # the killed run's leftover
     manifest = generate(flow, None, _records(4), output_dir=out, model_version="v2", seed=5, formats=("png",))
