@@ -249,24 +249,28 @@ def create_loader(
     return loader
 
 
-def any_across_ranks(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+def any_across_ranks(
+    flag: bool | torch.Tensor | Sequence[bool], device: torch.device | str | None = None
+) -> bool | list[bool]:
     """
     ``True`` on every rank when ``flag`` is true on at least one rank (an all-reduce with ``MAX``).
 
-    All ranks must call it the same number of times (it is a collective).
+    A sequence of flags is reduced in the same single all-reduce and gives a list (one collective per training step
+    however many decisions it needs). All ranks must call it the same number of times (it is a collective).
 
     Args:
-        flag: this rank's flag.
+        flag: this rank's flag, or a sequence of flags.
         device: device of the reduction tensor; defaults to the current CUDA device for ``nccl``, else CPU.
     """
-    value = bool(flag.item()) if isinstance(flag, torch.Tensor) else bool(flag)
-    if not is_distributed():
-        return value
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if value else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    many = isinstance(flag, (list, tuple))
+    values = [bool(f) for f in flag] if many else [bool(flag.item()) if isinstance(flag, torch.Tensor) else bool(flag)]
+    if is_distributed():
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([1 if v else 0 for v in values], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        values = [bool(v) for v in t.tolist()]
+    return values if many else values[0]
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

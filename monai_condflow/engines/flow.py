@@ -273,8 +273,9 @@ class FlowTrainer(SupervisedTrainer):
             and self._loss_ref is not None
             and loss_value > self._loss_ref + self.spike_threshold
         )
-        spike = any_across_ranks(local_spike, device=grad_norm.device)
-        skip = any_across_ranks(not (loss_finite and grad_finite), device=grad_norm.device) or spike
+        # one all-reduce for both decisions (a collective per step, not two)
+        nonfinite, spike = any_across_ranks([not (loss_finite and grad_finite), local_spike], device=grad_norm.device)
+        skip = nonfinite or spike
         if spike:
             self._on_spike(engine, loss_value)
         elif not skip:

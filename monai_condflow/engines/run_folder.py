@@ -44,6 +44,7 @@ __all__ = [
     "OutputFolderLockedError",
     "RunSettingsError",
     "OutputFolderLock",
+    "pid_alive",
     "lock_output_dir",
     "release_output_dir",
     "check_run_settings",
@@ -70,7 +71,8 @@ class RunSettingsError(ValueError):
     """The output folder holds files of a run with other settings."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (owned by anyone)."""
     if pid <= 0:
         return False
     try:
@@ -133,7 +135,7 @@ class OutputFolderLock:
                     break
                 except FileExistsError:
                     pid = self.path.read_text(encoding="ascii", errors="replace").strip()
-                    if pid.isdigit() and _pid_alive(int(pid)):
+                    if pid.isdigit() and pid_alive(int(pid)):
                         self._refuse(pid)
                     logger.info("taking over the stale lock of %s (process %s is gone).", self.directory, pid)
                     self.path.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_condflow.engines.run_folder import pid_alive
 from monai_condflow.evaluation.plots import line_chart
 from monai_condflow.evaluation.report import atomic_write_text
 from monai_condflow.pipeline import CPU_BUDGET, _parse_num_labels, default_stages, parse_stage_overrides, run_pipeline
@@ -219,16 +220,6 @@ LOCK_NAME = "sweep.lock"
 """File in ``labels_<level>`` that marks a level as being run by a live sweep process (its pid inside)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _claim_level(run_dir: Path) -> bool:
     """Create ``run_dir/sweep.lock`` for this process; ``False`` if a live process holds it (a dead one's is taken)."""
     lock = run_dir / LOCK_NAME
@@ -240,7 +231,7 @@ def _claim_level(run_dir: Path) -> bool:
                 holder = int(lock.read_text().strip() or "0")
             except (OSError, ValueError):
                 holder = 0
-            if holder > 0 and holder != os.getpid() and _pid_alive(holder):
+            if holder > 0 and holder != os.getpid() and pid_alive(holder):
                 return False
             logger.warning("sweep: taking over the stale lock %s (process %s is gone)", lock, holder or "unknown")
             lock.unlink(missing_ok=True)

@@ -178,6 +178,9 @@ def main() -> None:
     init_distributed("gloo")
     out = Path(args.out)
     try:
+        # several flags in one all-reduce: true where any rank says so (rank 0 alone says the first)
+        if any_across_ranks([get_rank() == 0, False]) != [True, False]:
+            raise RuntimeError("any_across_ranks reduced a list of flags wrongly")
         for name in args.scenarios.split(","):
             target = out / f"{name}_rank{get_rank()}.pt"
             # after a torchrun restart, skip the scenarios that every rank already finished

@@ -113,6 +113,7 @@ def test_helpers_without_process_group(monkeypatch):
     assert not D.is_distributed()
     assert (D.get_rank(), D.get_world_size()) == (0, 1)
     assert D.any_across_ranks(True) and not D.any_across_ranks(False)
+    assert D.any_across_ranks([True, False]) == [True, False] and D.any_across_ranks((False,)) == [False]
     model = torch.nn.Linear(2, 2)
     assert D.wrap_ddp(model, "cpu") is model and D.unwrap_model(model) is model
     x = torch.arange(6.0).reshape(3, 2)
