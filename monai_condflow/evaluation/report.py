@@ -177,9 +177,11 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
         "class_agreement" (real-trained evaluation classifier on the synthetic images), "real_test_accuracy" (the
-        same classifier on the real test split), "fid", "fid_floor", "fid_ratio", "images_with_overflow",
+        same classifier on the real test split), "class_agreement_real_blurred" (on the real training images
+        blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones), "fid",
+        "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
-        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
+        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "fid", "fid_ratio",
         "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
         fractions).
     """
@@ -196,6 +198,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "tstr_accuracy": tstr,
             "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
             "class_agreement": _finite(block.get("class_agreement")),
+            "sharpness_ratio": _finite(block.get("sharpness_ratio")),
             "fid": fid,
             "fid_ratio": ratio,
             "images_with_overflow": samples.get("images_with_overflow"),
@@ -215,12 +218,14 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     base = None
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
-        base = {k: b[k] for k in ("tstr_accuracy", "gap_points", "class_agreement", "fid", "fid_ratio",
-                                  "images_with_overflow", "n_images", "overflow_pixel_fraction")}  # fmt: skip
+        keys = ("tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "fid", "fid_ratio",
+                "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
+        base = {k: b[k] for k in keys}
     return {
         "trtr_accuracy": _finite((metrics.get("trtr") or {}).get("accuracy")),
         **{k: v for k, v in flow.items()},
         "real_test_accuracy": real_acc,
+        "class_agreement_real_blurred": _finite(metrics.get("class_agreement_real_blurred")),
         "fid_floor": _finite(metrics.get("fid_floor")),
         "mia_auc": _finite(privacy.get("mia_auc")),
         "presumptive_accuracy": _finite(pres),
@@ -244,7 +249,10 @@ def _headline_lines(metrics: Mapping[str, Any]) -> list[str]:
         return text
 
     def agreement(b: Mapping[str, Any]) -> str:
-        return f"{_num(b['class_agreement'], '.3f')} (real test accuracy {_num(h['real_test_accuracy'], '.3f')})"
+        text = f"{_num(b['class_agreement'], '.3f')} (real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
+        if h["class_agreement_real_blurred"] is not None:
+            text += f"; real training slices blurred by 1 px: {h['class_agreement_real_blurred']:.3f}"
+        return text + ")"
 
     def gap(b: Mapping[str, Any]) -> str:
         return "n/a" if b["gap_points"] is None else f"{b['gap_points']:+.1f} points"
@@ -256,6 +264,8 @@ def _headline_lines(metrics: Mapping[str, Any]) -> list[str]:
         ("gap TRTR - TSTR", gap(h), gap(base) if base else None),
         ("class agreement on synthetic images (vs the same classifier's real test accuracy)", agreement(h),
          agreement(base) if base else None),
+        ("fine detail, synthetic / real (Laplacian energy; below 1: blurrier)", _num(h["sharpness_ratio"], ".3f"),
+         _num(base["sharpness_ratio"], ".3f") if base else None),
         ("FID / floor", f"{_num(h['fid'])} / {_num(h['fid_floor'])} = {_num(h['fid_ratio'], '.3g')}",
          f"{_num(base['fid'])} / {_num(h['fid_floor'])} = {_num(base['fid_ratio'], '.3g')}" if base else None),
         ("samples overflowed before clamping (outside [-0.25, 1.25] or non-finite)", overflow(h),

@@ -22,6 +22,7 @@ from .classification import (
     report_from_confusion_matrix,
 )
 from .fid import EmbeddingFID, embedding_fid, extract_features, fid_floor, fid_from_features, fid_to_floor_ratio
+from .sharpness import laplacian_energy, sharpness_ratio
 
 __all__ = [
     "BitsPerDim",
@@ -40,4 +41,6 @@ __all__ = [
     "fid_floor",
     "fid_from_features",
     "fid_to_floor_ratio",
+    "laplacian_energy",
+    "sharpness_ratio",
 ]

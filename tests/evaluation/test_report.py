@@ -74,6 +74,8 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
         "fid": 0.2,
         "fid_floor": 0.01,
         "class_agreement": 0.538,
+        "class_agreement_real_blurred": 0.371,
+        "sharpness_ratio": 0.4567,
         "real_classifier_test_accuracy": 0.886,
         "samples": {"n_images": 200, "images_with_overflow": 3, "overflow_pixel_fraction": 0.0005, "n_dropped": 0},
         "privacy": {"mia_auc": 0.976},
@@ -86,7 +88,9 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert "| figure | conditional flow |" in head and "ACGAN" not in head
     assert "| TRTR accuracy (real-trained, real test) | 70.0 % |" in head
     assert "| gap TRTR - TSTR | +9.0 points |" in head
-    assert "0.538 (real test accuracy 0.886)" in head and "0.2 / 0.01 = 20" in head
+    assert "0.538 (real test accuracy 0.886; real training slices blurred by 1 px: 0.371)" in head
+    assert "| fine detail, synthetic / real (Laplacian energy; below 1: blurrier) | 0.457 |" in head
+    assert "0.2 / 0.01 = 20" in head
     assert "| 3 / 200 (0.05 % of pixels) |" in head
     assert "| membership-inference AUC (0.5 = no memorisation signal) | 0.976 |" in head
     assert "| presumptive-label accuracy (label propagation) | 0.712 |" in head
@@ -99,6 +103,7 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     data = json.loads(js.read_text())
     assert data["headline"]["images_with_overflow"] == 3 and data["headline"]["presumptive_accuracy"] == 0.712
     assert data["headline"]["real_test_accuracy"] == 0.886 and data["headline"]["fid_ratio"] == pytest.approx(20)
+    assert data["headline"]["sharpness_ratio"] == 0.4567 and data["headline"]["class_agreement_real_blurred"] == 0.371
 
 
 def test_write_report_rejects_missing_metric(tmp_path):

@@ -124,3 +124,50 @@ def test_default_fit_fn_trains_with_engine(tmp_path):
     )
     assert (tmp_path / "classifier_best.pt").is_file()
     assert class_agreement(net, *val) >= 0.9
+
+
+def test_blurred_keeps_flat_images_and_matches_a_separable_gaussian():
+    from monai.networks.layers import gaussian_1d
+
+    from monai_condflow.evaluation.tstr import blurred
+
+    flat = torch.full((2, 1, 9, 9), 0.3)
+    # edges replicated: no dark border (zero padding would darken it)
+    assert torch.allclose(blurred(flat), flat, atol=1e-5)
+    impulse = torch.zeros(1, 1, 11, 11)
+    impulse[0, 0, 5, 5] = 1.0
+    k = gaussian_1d(torch.tensor(1.0), truncated=4.0)
+    expected = torch.zeros(11, 11)
+    half = k.numel() // 2
+    expected[5 - half : 5 + half + 1, 5 - half : 5 + half + 1] = torch.outer(k, k)
+    assert torch.allclose(blurred(impulse, sigma=1.0)[0, 0], expected, atol=1e-6)
+    assert blurred(impulse, sigma=1.0, batch_size=1).shape == impulse.shape
+
+
+def test_evaluate_tstr_reports_sharpness_and_the_blurred_reference():
+    from monai_condflow.evaluation.tstr import blurred
+
+    class _SharpIsZero(nn.Module):
+        """Class 0 for images with fine detail, class 1 for smooth ones (a classifier that reads blur as a class)."""
+
+        out_channels = 2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            detail = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1, keepdim=True)
+            return torch.cat([detail - 0.15, 0.15 - detail], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 1, 12, 12, generator=g)
+    labels = torch.zeros(20, dtype=torch.long)
+    labels[:2] = 1
+    train = (images, labels)
+    sharp_syn, blurred_syn = (images.clone(), labels.clone()), (blurred(images, 2.0), labels.clone())
+    res = evaluate_tstr(
+        train, None, train, [sharp_syn, blurred_syn], network_factory=_Centroid, fit_fn=_centroid_fit,
+        n_bootstrap=0, real_classifier=_SharpIsZero(), num_classes=2,
+    )  # fmt: skip
+    assert res["class_agreement_real"] == pytest.approx(0.9)  # the 18 class-0 images are sharp
+    assert res["class_agreement_real_blurred"] == pytest.approx(0.1)  # blurred, every image reads as class 1
+    assert res["class_agreement_per_set"] == pytest.approx([0.9, 0.1])
+    assert res["sharpness_ratio_per_set"][0] == pytest.approx(1.0) and res["sharpness_ratio_per_set"][1] < 0.3
+    assert res["blur_sigma"] == 1.0
