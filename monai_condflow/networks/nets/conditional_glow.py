@@ -37,6 +37,7 @@ from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlow
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
+from monai_condflow.networks.blocks.pixel_spline import PixelSpline
 from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
 
 __all__ = ["ConditionalGlow", "SAMPLE_RANGE"]
@@ -122,6 +123,9 @@ class ConditionalGlow(nn.Module):
         scale_bound: bound ``a`` on every log-scale (coupling and priors), ``|log s| < a``.
         shift_bound: bound ``b`` on every coupling shift and prior mean, ``|t| < b``.
         pixel_norm: standardise every pixel by the training set's mean image and spread first (:class:`PixelNorm`).
+        pixel_spline_bins: ``> 0`` puts a learned monotone spline per pixel (:class:`PixelSpline`, that many
+            pieces) between the data (after ``pixel_norm``) and the levels, so each position can learn a
+            non-Gaussian marginal (dark lung or bright vessel); 0 (default): none.
         cond_dropout: fraction of training images whose condition is replaced by a learned null condition
             (:meth:`drop_condition`, applied by the trainer's loss), which enables classifier-free guidance.
         guidance: default guidance weight ``w`` of :meth:`sample` (1: none; needs ``cond_dropout > 0`` otherwise).
@@ -153,6 +157,7 @@ class ConditionalGlow(nn.Module):
         scale_bound: float = 2.0,
         shift_bound: float = 5.0,
         pixel_norm: bool = False,
+        pixel_spline_bins: int = 0,
         cond_dropout: float = 0.0,
         guidance: float = 1.0,
         noise_std: float = 0.0,
@@ -230,6 +235,13 @@ class ConditionalGlow(nn.Module):
         self.levels = nn.ModuleList(levels)
         # optional fixed per-pixel normalisation in front of the levels (see PixelNorm); fixes the image size
         self.pixel_norm = PixelNorm(spatial_dims, in_channels, self.image_size) if pixel_norm else None
+        if int(pixel_spline_bins) < 0 or int(pixel_spline_bins) == 1:
+            raise ValueError(f"ConditionalGlow: pixel_spline_bins must be 0 or >= 2, got {pixel_spline_bins}.")
+        self.pixel_spline = (
+            PixelSpline(spatial_dims, in_channels, self.image_size, num_bins=int(pixel_spline_bins))
+            if pixel_spline_bins
+            else None
+        )
         self._level_channels = level_channels
         self._keep_channels = keep_channels
         self._split_channels = split_channels
@@ -246,6 +258,7 @@ class ConditionalGlow(nn.Module):
             "scale_bound": scale_bound,
             "shift_bound": shift_bound,
             "pixel_norm": pixel_norm,
+            "pixel_spline_bins": int(pixel_spline_bins),
             "cond_dropout": cond_dropout,
             "guidance": guidance,
             "noise_std": noise_std,
@@ -406,6 +419,9 @@ class ConditionalGlow(nn.Module):
         logdet = x.new_zeros(x.shape[0])
         if self.pixel_norm is not None:
             h, logdet = self.pixel_norm.initialize(h) if init else self.pixel_norm(h)
+        if self.pixel_spline is not None:
+            h, ld = self.pixel_spline(h)
+            logdet = logdet + ld
         pieces = []
         for level, keep in zip(self.levels, self._keep_channels):
             h, ld = level.initialize(h, condition) if init else level(h, condition)
@@ -471,6 +487,9 @@ class ConditionalGlow(nn.Module):
                 chunk = chunks[i].reshape(batch, self._level_channels[i] - self._keep_channels[i], *level_size)
                 h = chunk if h is None else torch.cat([h, chunk], dim=1)
             h, ld = self.levels[i].inverse(_channels_last(h), condition)
+            logdet = logdet + ld
+        if self.pixel_spline is not None:
+            h, ld = self.pixel_spline.inverse(h.contiguous())
             logdet = logdet + ld
         if self.pixel_norm is not None:
             h, ld = self.pixel_norm.inverse(h.contiguous())

@@ -309,6 +309,32 @@ def test_pixel_norm_option_is_exact_and_persisted():
         flow.sample(z, spatial_size=(32, 32))
 
 
+def test_pixel_spline_option_is_exact_learnable_and_persisted():
+    torch.manual_seed(0)
+    flow = ConditionalGlow.from_preset(
+        "small", image_size=16, num_levels=2, num_steps=2, num_blocks=1, hidden_channels=8, pixel_spline_bins=4
+    ).double()
+    x = torch.rand(6, 1, 16, 16, dtype=torch.float64)
+    z = torch.nn.functional.normalize(torch.randn(6, 32, dtype=torch.float64), dim=1)
+    flow.initialize(x, z)
+    with torch.no_grad():
+        for p in flow.pixel_spline.parameters():
+            p.add_(torch.randn_like(p))
+    nu, logdet = flow(x, z)
+    back, inv_logdet = flow.inverse(nu, z)
+    assert torch.allclose(back, x, atol=1e-9) and torch.allclose(inv_logdet, -logdet, atol=1e-7)
+    # the spline's log-det is part of log p(x | z): dropping the layer changes the log-det by exactly its share
+    h = flow.pixel_norm(x - 0.5)[0]
+    assert not torch.allclose(flow.pixel_spline(h)[1], torch.zeros(6, dtype=torch.float64))
+    flow.log_prob(x, z).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.pixel_spline.parameters())
+    other = ConditionalGlow(**flow.config).double()
+    other.load_state_dict(flow.state_dict())
+    assert other.config["pixel_spline_bins"] == 4 and torch.equal(other(x, z)[0], nu)
+    with pytest.raises(ValueError, match="pixel_spline_bins"):
+        ConditionalGlow.from_preset("small", pixel_spline_bins=1)
+
+
 def test_sample_equals_decode_of_the_same_latents():
     """``sample`` (no-grad inverse, inference mode) returns exactly the decode of the latents it draws."""
     model = tiny()
