@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.networks.blocks.conditional_pixel_affine import ConditionalPixelAffine
 from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep, GuidedCondition
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
@@ -126,6 +127,9 @@ class ConditionalGlow(nn.Module):
         pixel_spline_bins: ``> 0`` puts a learned monotone spline per pixel (:class:`PixelSpline`, that many
             pieces) between the data (after ``pixel_norm``) and the levels, so each position can learn a
             non-Gaussian marginal (dark lung or bright vessel); 0 (default): none.
+        condition_pixels: put a :class:`ConditionalPixelAffine` (a shift and scale image computed linearly from
+            ``z``) between the data (after ``pixel_norm``) and the levels, a direct path from ``z`` to every pixel;
+            ``False`` (default): none.
         cond_dropout: fraction of training images whose condition is replaced by a learned null condition
             (:meth:`drop_condition`, applied by the trainer's loss), which enables classifier-free guidance.
         guidance: default guidance weight ``w`` of :meth:`sample` (1: none; needs ``cond_dropout > 0`` otherwise).
@@ -158,6 +162,7 @@ class ConditionalGlow(nn.Module):
         shift_bound: float = 5.0,
         pixel_norm: bool = False,
         pixel_spline_bins: int = 0,
+        condition_pixels: bool = False,
         cond_dropout: float = 0.0,
         guidance: float = 1.0,
         noise_std: float = 0.0,
@@ -237,6 +242,11 @@ class ConditionalGlow(nn.Module):
         self.pixel_norm = PixelNorm(spatial_dims, in_channels, self.image_size) if pixel_norm else None
         if int(pixel_spline_bins) < 0 or int(pixel_spline_bins) == 1:
             raise ValueError(f"ConditionalGlow: pixel_spline_bins must be 0 or >= 2, got {pixel_spline_bins}.")
+        self.condition_pixels = (
+            ConditionalPixelAffine(spatial_dims, in_channels, self.image_size, condition_dim)
+            if condition_pixels
+            else None
+        )
         self.pixel_spline = (
             PixelSpline(spatial_dims, in_channels, self.image_size, num_bins=int(pixel_spline_bins))
             if pixel_spline_bins
@@ -259,6 +269,7 @@ class ConditionalGlow(nn.Module):
             "shift_bound": shift_bound,
             "pixel_norm": pixel_norm,
             "pixel_spline_bins": int(pixel_spline_bins),
+            "condition_pixels": bool(condition_pixels),
             "cond_dropout": cond_dropout,
             "guidance": guidance,
             "noise_std": noise_std,
@@ -419,6 +430,9 @@ class ConditionalGlow(nn.Module):
         logdet = x.new_zeros(x.shape[0])
         if self.pixel_norm is not None:
             h, logdet = self.pixel_norm.initialize(h) if init else self.pixel_norm(h)
+        if self.condition_pixels is not None:
+            h, ld = self.condition_pixels(h, condition)
+            logdet = logdet + ld
         if self.pixel_spline is not None:
             h, ld = self.pixel_spline(h)
             logdet = logdet + ld
@@ -490,6 +504,9 @@ class ConditionalGlow(nn.Module):
             logdet = logdet + ld
         if self.pixel_spline is not None:
             h, ld = self.pixel_spline.inverse(h.contiguous())
+            logdet = logdet + ld
+        if self.condition_pixels is not None:
+            h, ld = self.condition_pixels.inverse(h, condition)
             logdet = logdet + ld
         if self.pixel_norm is not None:
             h, ld = self.pixel_norm.inverse(h.contiguous())
