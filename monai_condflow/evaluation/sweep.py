@@ -36,7 +36,14 @@ from typing import Any
 from monai_condflow.engines.run_folder import pid_alive
 from monai_condflow.evaluation.plots import line_chart
 from monai_condflow.evaluation.report import atomic_write_text
-from monai_condflow.pipeline import CPU_BUDGET, _parse_num_labels, default_stages, parse_stage_overrides, run_pipeline
+from monai_condflow.pipeline import (
+    BUNDLE_ROOT,
+    CPU_BUDGET,
+    _parse_num_labels,
+    default_stages,
+    parse_stage_overrides,
+    run_pipeline,
+)
 
 __all__ = ["DEFAULT_LEVELS", "level_name", "labelled_count", "summarize_sweep", "run_label_sweep", "main"]
 
@@ -143,6 +150,7 @@ def run_label_sweep(
     overrides: dict[str, object] | None = None,
     baseline_at: Sequence[object] = (),
     seed: int = 0,
+    bundle_root: Path = BUNDLE_ROOT,
 ) -> dict[str, Any]:
     """Run the pipeline at every label level (resuming finished levels) and write the sweep summary.
 
@@ -154,6 +162,7 @@ def run_label_sweep(
         overrides: bundle overrides for every stage (``seed`` is added).
         baseline_at: levels at which the ACGAN baseline also runs.
         seed: seed of every stage.
+        bundle_root: the bundle whose configs the stages run (default: the one installed with the package).
 
     Returns:
         The summary written to ``sweep.json`` (``rows``, ``times``, ``levels``).
@@ -184,7 +193,15 @@ def run_label_sweep(
                 print(f"[sweep] level {name}: running the pipeline into {run_dir}", flush=True)
                 t0 = time.perf_counter()
                 stages = default_stages(level, budget, baseline=level in baseline_at)
-                run_pipeline(dataset_dir, run_dir, level, {"seed": seed, **(overrides or {})}, stages=stages, seed=seed)
+                run_pipeline(
+                    dataset_dir,
+                    run_dir,
+                    level,
+                    {"seed": seed, **(overrides or {})},
+                    stages=stages,
+                    seed=seed,
+                    bundle_root=bundle_root,
+                )
                 # one file per level, so that sweeps of different levels can run side by side into one folder
                 atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
             finally:
@@ -252,16 +269,40 @@ def _labels_used(run_dir: Path) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monai_condflow.evaluation.sweep", description=__doc__.splitlines()[0]
+        prog="python -m monai_condflow.evaluation.sweep",
+        description="Label-scarcity sweep: the whole semi-supervised pipeline at several label levels, one table "
+        "(OUTPUT_DIR/sweep.md, sweep.json) and one plot (OUTPUT_DIR/figures/label_sweep.png). Finished levels are "
+        "not run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("dataset_dir", type=Path, help="COVIDx-CT-format dataset folder")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
     parser.add_argument(
-        "--levels", nargs="+", type=_parse_num_labels, default=list(DEFAULT_LEVELS), help="e.g. 20 50 0.05 all"
+        "--output-dir", type=Path, default=Path("runs/sweep"), help="sweep folder; level L runs in labels_L"
     )
-    parser.add_argument("--stage-set", action="append", default=[], metavar="STAGE.ID=VALUE")
-    parser.add_argument("--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels with the ACGAN")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        type=_parse_num_labels,
+        default=list(DEFAULT_LEVELS),
+        help="label levels: counts, fractions in (0, 1) or all",
+    )
+    parser.add_argument(
+        "--stage-set",
+        action="append",
+        default=[],
+        metavar="STAGE.ID=VALUE",
+        help="override for one stage at every level, e.g. flow.max_epochs=30 (repeatable)",
+    )
+    parser.add_argument(
+        "--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels at which the ACGAN also runs"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument(
+        "--bundle-root",
+        type=Path,
+        default=BUNDLE_ROOT,
+        help="the MONAI bundle whose configs/ the stages run (default: the bundle installed with the package)",
+    )
     args = parser.parse_args(argv)
     try:
         budget = parse_stage_overrides(args.stage_set, CPU_BUDGET)
@@ -269,7 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     try:
         summary = run_label_sweep(
-            args.dataset_dir, args.output_dir, args.levels, budget, baseline_at=args.baseline_at, seed=args.seed
+            args.dataset_dir,
+            args.output_dir,
+            args.levels,
+            budget,
+            baseline_at=args.baseline_at,
+            seed=args.seed,
+            bundle_root=args.bundle_root,
         )
     except (FileNotFoundError, RuntimeError) as e:
         print(f"[sweep] error: {e}", file=sys.stderr)
