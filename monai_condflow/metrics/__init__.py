@@ -21,7 +21,15 @@ from .classification import (
     confusion_matrix,
     report_from_confusion_matrix,
 )
-from .fid import EmbeddingFID, embedding_fid, extract_features, fid_floor, fid_from_features, fid_to_floor_ratio
+from .fid import (
+    EmbeddingFID,
+    embedding_fid,
+    extract_features,
+    fid_floor,
+    fid_from_features,
+    fid_to_floor_ratio,
+    frechet_distance,
+)
 
 __all__ = [
     "BitsPerDim",
@@ -40,4 +48,5 @@ __all__ = [
     "fid_floor",
     "fid_from_features",
     "fid_to_floor_ratio",
+    "frechet_distance",
 ]
