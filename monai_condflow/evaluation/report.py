@@ -15,7 +15,7 @@
 evaluated. Both files are written atomically (temporary file + ``os.replace``).
 
 Read TSTR beside the FID-to-floor ratio, the class agreement and the sample grids: a generator of class-correlated
-textures can reach a respectable TSTR without producing anatomy (see ``docs/peer-baseline.md``).
+textures can reach a respectable TSTR without producing anatomy (see the peer comparison in ``docs/results.md``).
 """
 
 from __future__ import annotations
