@@ -124,10 +124,20 @@ def augmentation_study(
 
 
 def plot_augmentation(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Line chart of minority recall, macro recall, accuracy and macro-F1 against the % of the gap filled."""
+    """Minority recall, macro recall, accuracy and macro-F1 (+- bootstrap std) against the % of the gap filled.
+
+    Writes the PNG ``path`` and a PDF beside it; returns the PNG path.
+    """
     xs = [100 * r["fraction"] for r in result["rows"]]
-    series = {
-        key.replace("_", " "): (xs, [r[key] for r in result["rows"]])
-        for key in ("minority_recall", "recall", "accuracy", "f1")
-    }
-    return line_chart(path, series, "Augmentation with synthetic minority images", "% of class gap filled", "score")
+    keys = ("minority_recall", "recall", "accuracy", "f1")
+    names = {"minority_recall": "minority recall", "recall": "macro recall", "accuracy": "accuracy", "f1": "macro F1"}
+    series = {names[key]: (xs, [r[key] for r in result["rows"]]) for key in keys}
+    errors = {names[key]: [r.get(f"{key}_std") for r in result["rows"]] for key in keys}
+    return line_chart(
+        path,
+        series,
+        "Augmentation with synthetic minority images",
+        "synthetic minority images added (% of the class gap)",
+        "score on the real test split",
+        errors=errors,
+    )

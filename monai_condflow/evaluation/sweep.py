@@ -17,7 +17,8 @@ Usage::
 
 Every level runs :func:`monai_condflow.pipeline.run_pipeline` into ``OUTPUT_DIR/labels_<level>``; a level whose
 ``metrics.json`` already exists is not run again, so a killed sweep resumes where it stopped. The summary goes to
-``OUTPUT_DIR/sweep.md``, ``OUTPUT_DIR/sweep.json`` and ``OUTPUT_DIR/figures/label_sweep.png``.
+``OUTPUT_DIR/sweep.md``, ``OUTPUT_DIR/sweep.json`` and ``OUTPUT_DIR/figures/label_sweep.png`` (and
+``label_sweep.pdf`` beside it: accuracy against the number of labels on a log axis).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_condflow.engines.run_folder import pid_alive
-from monai_condflow.evaluation.plots import line_chart
+from monai_condflow.evaluation.plots import label_sweep_chart
 from monai_condflow.evaluation.report import atomic_write_text
 from monai_condflow.pipeline import (
     BUNDLE_ROOT,
@@ -216,18 +217,9 @@ def run_label_sweep(
     summary = summarize_sweep(results)
     summary["times"] = {k: v for k, v in times.items() if k in results}
     summary["levels"] = [level_name(v) for v in levels]
-    xs = list(range(len(summary["rows"])))
-    series = {
-        "TSTR accuracy": (xs, [r["tstr_accuracy"] for r in summary["rows"]]),
-        "TRTR accuracy": (xs, [r["trtr_accuracy"] for r in summary["rows"]]),
-    }
-    line_chart(
-        output_dir / "figures" / "label_sweep.png",
-        series,
-        "accuracy vs labels (x: " + ", ".join(r["level"] for r in summary["rows"]) + ")",
-        "label level (index)",
-        "accuracy",
-    )
+    train_list = Path(dataset_dir) / "train.txt"
+    n_all = sum(1 for line in train_list.read_text().splitlines() if line.strip()) if train_list.is_file() else None
+    label_sweep_chart(output_dir / "figures" / "label_sweep.png", summary["rows"], n_all=n_all)
     atomic_write_text(output_dir / "sweep.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(output_dir / "sweep.md", _markdown(summary, times) + "\n")
     return summary
