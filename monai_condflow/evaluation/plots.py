@@ -256,7 +256,8 @@ def bar_figure(
         ax.bar(xs, vals, width=width, yerr=errs, capsize=3, label=name)
     ax.set_xticks(range(len(categories)), [str(c) for c in categories])
     ax.grid(False, axis="x")
-    _legend(ax)
+    if series:  # below the axes: bars fill the data area, so a legend inside would hide some
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(series), 3), frameon=False)
     return fig
 
 
