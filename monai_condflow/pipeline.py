@@ -257,7 +257,7 @@ def _foreign_files(data_dir: Path) -> list[str]:
     return found
 
 
-def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Path:
+def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int, progress: bool = True) -> Path:
     """The phantom dataset in ``output_dir/data``: reused when it matches, (re)generated when absent or when it is a
     phantom with other settings. A folder that holds anything else (the user's own data) is refused, never
     overwritten.
@@ -290,7 +290,9 @@ def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Pa
             print(f"[pipeline] reusing the phantom dataset in {data_dir}", flush=True)
             return data_dir
     t0 = time.perf_counter()
-    generate_phantom_dataset(data_dir, num_images=num_images, seed=seed, overwrite=True, num_workers=2)
+    generate_phantom_dataset(
+        data_dir, num_images=num_images, seed=seed, overwrite=True, num_workers=2, progress=progress
+    )
     print(
         f"[pipeline] generated {num_images} phantom slices in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True
     )
@@ -325,8 +327,9 @@ def run_pipeline(
     output_dir.mkdir(parents=True, exist_ok=True)
     stages = list(stages) if stages is not None else default_stages(num_labels)
     private_is_phantom = dataset_dir is None
+    progress = (overrides or {}).get("progress", True) not in (False, "false", "False", 0)
     if dataset_dir is None:
-        dataset_dir = _prepare_default_dataset(output_dir, num_images, seed)
+        dataset_dir = _prepare_default_dataset(output_dir, num_images, seed, progress)
     dataset_dir = Path(dataset_dir).resolve()
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset_dir}")
@@ -339,7 +342,7 @@ def run_pipeline(
     if any(stage.public for stage in stages):
         # the public phantom must not be the private one: when the private data is the phantom too, draw other patients
         public_seed = seed + PUBLIC_PHANTOM_SEED_OFFSET if private_is_phantom else seed
-        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, public_seed)
+        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, public_seed, progress)
     common: dict[str, object] = {
         "dataset_dir": str(dataset_dir),
         "output_dir": str(output_dir),

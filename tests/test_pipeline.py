@@ -309,7 +309,9 @@ def test_public_pretraining_without_dp_starts_the_private_flow_from_the_phantom_
 
 def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: Path, monkeypatch):
     made = []
-    monkeypatch.setattr(pipeline, "_prepare_default_dataset", lambda out, n, seed: made.append((out, n, seed)))
+    monkeypatch.setattr(
+        pipeline, "_prepare_default_dataset", lambda out, n, seed, progress=True: made.append((out, n, seed))
+    )
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
     data = _dataset(tmp_path / "d")
     run_pipeline(data, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], num_images=80, seed=4)
@@ -325,7 +327,7 @@ def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: P
 def test_the_public_phantom_differs_from_a_private_phantom(tmp_path: Path, monkeypatch):
     made = []
 
-    def fake_prepare(out, n, seed):
+    def fake_prepare(out, n, seed, progress=True):
         made.append((out, seed))
         data = _dataset(out / "data")
         return data
@@ -358,7 +360,7 @@ def test_without_a_dataset_the_pipeline_never_overwrites_the_users_files(tmp_pat
 
     made = []
 
-    def fake_generate(out, num_images, seed, overwrite, num_workers):
+    def fake_generate(out, num_images, seed, overwrite, num_workers, progress=True):
         made.append(seed)
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "images" / "phantom_p0_s0.png").write_bytes(b"png")

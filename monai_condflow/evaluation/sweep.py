@@ -45,6 +45,7 @@ from monai_condflow.pipeline import (
     parse_stage_overrides,
     run_pipeline,
 )
+from monai_condflow.progress import ProgressLog
 
 __all__ = ["DEFAULT_LEVELS", "level_name", "labelled_count", "summarize_sweep", "run_label_sweep", "main"]
 
@@ -152,6 +153,7 @@ def run_label_sweep(
     baseline_at: Sequence[object] = (),
     seed: int = 0,
     bundle_root: Path = BUNDLE_ROOT,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run the pipeline at every label level (resuming finished levels) and write the sweep summary.
 
@@ -164,6 +166,8 @@ def run_label_sweep(
         baseline_at: levels at which the ACGAN baseline also runs.
         seed: seed of every stage.
         bundle_root: the bundle whose configs the stages run (default: the one installed with the package).
+        progress: print ``[sweep] levels: done/total levels, ETA`` after each level run here, and pass
+            ``progress=False`` to the stages when off.
 
     Returns:
         The summary written to ``sweep.json`` (``rows``, ``times``, ``levels``).
@@ -175,6 +179,12 @@ def run_label_sweep(
     legacy_times = output_dir / "sweep_times.json"  # one shared file in earlier versions
     if legacy_times.is_file():
         times.update(json.loads(legacy_times.read_text()))
+    if not progress:
+        overrides = {**(overrides or {}), "progress": False}
+    to_run = [v for v in levels if not (output_dir / f"labels_{level_name(v)}" / "metrics.json").is_file()]
+    bar = ProgressLog(
+        len(to_run), "[sweep] levels", unit="levels", enabled=progress, interval=0.0, log=lambda t: print(t, flush=True)
+    )
     for level in levels:
         name = level_name(level)
         run_dir = output_dir / f"labels_{name}"
@@ -207,6 +217,7 @@ def run_label_sweep(
                 atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
             finally:
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            bar.update()
         level_time = run_dir / "sweep_time.json"
         if level_time.is_file():
             times[name] = json.loads(level_time.read_text())["seconds"]
@@ -295,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=BUNDLE_ROOT,
         help="the MONAI bundle whose configs/ the stages run (default: the bundle installed with the package)",
     )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress lines (levels done, ETA; stages: --set progress=false)"
+    )
     args = parser.parse_args(argv)
     try:
         budget = parse_stage_overrides(args.stage_set, CPU_BUDGET)
@@ -309,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             baseline_at=args.baseline_at,
             seed=args.seed,
             bundle_root=args.bundle_root,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, RuntimeError) as e:
         print(f"[sweep] error: {e}", file=sys.stderr)

@@ -124,3 +124,21 @@ def test_default_fit_fn_trains_with_engine(tmp_path):
     )
     assert (tmp_path / "classifier_best.pt").is_file()
     assert class_agreement(net, *val) >= 0.9
+
+
+def test_evaluate_tstr_counts_the_classifier_trainings(caplog, monkeypatch):
+    """Issue 16: one progress count per trained classifier (the given real classifier is not trained again)."""
+    import logging
+
+    monkeypatch.delenv("CONDFLOW_PROGRESS", raising=False)
+    train, test = _data(40, 10, 0), _data(30, 20, 2)
+    sets = [_data(60, 60, 3), _data(60, 60, 5), _data(60, 60, 6)]
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0,
+                      n_real_models=2)  # fmt: skip
+    assert "TRTR / TSTR classifiers: 5/5 trainings (100 %)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0,
+                      progress=False)  # fmt: skip
+    assert "classifiers:" not in caplog.text
