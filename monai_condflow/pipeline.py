@@ -33,6 +33,8 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLE_ROOT",
+    "DESCRIPTION",
+    "build_parser",
     "CPU_BUDGET",
     "PUBLIC_DIR",
     "STAGE_KEYS",
@@ -44,7 +46,19 @@ __all__ = [
     "main",
 ]
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+
+def _find_bundle_root() -> Path:
+    """The bundle shipped with the package: ``monai_condflow/bundle`` in an installed wheel (package data, see
+    ``setup.py``), else the checkout's top-level ``bundle/`` (a source tree or an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "bundle"
+    if (packaged / "configs" / "metadata.json").is_file():
+        return packaged
+    return here.parent / "bundle"
+
+
+BUNDLE_ROOT = _find_bundle_root()
+"""The default ``--bundle-root``: the bundle (``configs/``, ``docs/``, ``LICENSE``) that ships with the package."""
 
 
 class Stage:
@@ -52,7 +66,7 @@ class Stage:
 
     Args:
         name: short name used in the progress output.
-        config_files: config file names under ``bundle/configs`` (later files override earlier ones).
+        config_files: config file names under ``BUNDLE_ROOT/configs`` (later files override earlier ones).
         overrides: extra ``--id value`` pairs for this stage only.
         public: the stage trains on the public phantom in ``OUTPUT_DIR/public`` (public pretraining of a DP run):
             its ``dataset_dir``, ``output_dir`` and ``num_labels`` are fixed to that folder, the generated phantom
@@ -243,7 +257,7 @@ def _foreign_files(data_dir: Path) -> list[str]:
     return found
 
 
-def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Path:
+def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int, progress: bool = True) -> Path:
     """The phantom dataset in ``output_dir/data``: reused when it matches, (re)generated when absent or when it is a
     phantom with other settings. A folder that holds anything else (the user's own data) is refused, never
     overwritten.
@@ -276,7 +290,9 @@ def _prepare_default_dataset(output_dir: Path, num_images: int, seed: int) -> Pa
             print(f"[pipeline] reusing the phantom dataset in {data_dir}", flush=True)
             return data_dir
     t0 = time.perf_counter()
-    generate_phantom_dataset(data_dir, num_images=num_images, seed=seed, overwrite=True, num_workers=2)
+    generate_phantom_dataset(
+        data_dir, num_images=num_images, seed=seed, overwrite=True, num_workers=2, progress=progress
+    )
     print(
         f"[pipeline] generated {num_images} phantom slices in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True
     )
@@ -304,12 +320,16 @@ def run_pipeline(
     """
     from monai_condflow.engines.config_checks import check_output_dir
 
+    bundle_root = Path(bundle_root).resolve()
+    if not (bundle_root / "configs").is_dir():
+        raise FileNotFoundError(f"bundle not found: {bundle_root} has no configs/ folder (see --bundle-root)")
     output_dir = check_output_dir(Path(output_dir).resolve(), "output_dir")
     output_dir.mkdir(parents=True, exist_ok=True)
     stages = list(stages) if stages is not None else default_stages(num_labels)
     private_is_phantom = dataset_dir is None
+    progress = (overrides or {}).get("progress", True) not in (False, "false", "False", 0)
     if dataset_dir is None:
-        dataset_dir = _prepare_default_dataset(output_dir, num_images, seed)
+        dataset_dir = _prepare_default_dataset(output_dir, num_images, seed, progress)
     dataset_dir = Path(dataset_dir).resolve()
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset_dir}")
@@ -322,7 +342,7 @@ def run_pipeline(
     if any(stage.public for stage in stages):
         # the public phantom must not be the private one: when the private data is the phantom too, draw other patients
         public_seed = seed + PUBLIC_PHANTOM_SEED_OFFSET if private_is_phantom else seed
-        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, public_seed)
+        _prepare_default_dataset(output_dir / PUBLIC_DIR, num_images, public_seed, progress)
     common: dict[str, object] = {
         "dataset_dir": str(dataset_dir),
         "output_dir": str(output_dir),
@@ -393,27 +413,67 @@ def _parse_num_labels(text: str) -> object:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monai_condflow.pipeline", description=__doc__.splitlines()[0])
+DESCRIPTION = (
+    "The main job of monai_condflow: classifier (semi-supervised when labels are few) -> conditional Glow flow -> "
+    "synthetic images -> evaluation (TRTR vs TSTR, embedding FID, report), every stage a MONAI bundle run. Without "
+    "DATASET_DIR the embedded phantom dataset is generated first in OUTPUT_DIR/data."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main` (every option's default is shown by ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_condflow.pipeline",
+        description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
-        "dataset_dir", nargs="?", type=Path, default=None, help="COVIDx-CT-format folder (default: phantom)"
+        "dataset_dir",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="COVIDx-CT-format folder (images plus train.txt, val.txt, test.txt); omitted: the generated phantom",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/main"), help="where every output goes")
     parser.add_argument(
-        "--num-labels", type=_parse_num_labels, default=50, help="20, 50, a fraction such as 0.05, or all"
+        "--num-labels",
+        type=_parse_num_labels,
+        default=50,
+        help="labelled training images: a count such as 20 or 50, a fraction such as 0.05, or all (no "
+        "semi-supervised step)",
     )
-    parser.add_argument("--num-images", type=int, default=600, help="phantom slices when no dataset is given")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--set", action="append", default=[], metavar="ID=VALUE", help="extra bundle override, e.g. --set max_epochs=2"
+        "--num-images",
+        type=int,
+        default=600,
+        help="phantom slices to generate when no DATASET_DIR is given (ignored with a DATASET_DIR)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every stage (bundle id seed) and of the generated phantom dataset",
+    )
+    parser.add_argument(
+        "--bundle-root",
+        type=Path,
+        default=BUNDLE_ROOT,
+        help="the MONAI bundle whose configs/ the stages run (default: the bundle installed with the package)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="extra bundle override for every stage, e.g. --set max_epochs=2 (repeatable)",
     )
     parser.add_argument(
         "--stage-set",
         action="append",
         default=[],
         metavar="STAGE.ID=VALUE",
-        help="override for one stage only, e.g. --stage-set evaluation.max_epochs=30 "
-        f"(stages: {', '.join(STAGE_KEYS)})",
+        help="override for one stage only, e.g. --stage-set evaluation.max_epochs=30 (repeatable; "
+        f"stages: {', '.join(STAGE_KEYS)})",
     )
     parser.add_argument("--baseline", action="store_true", help="also train the ACGAN baseline and compare")
     parser.add_argument(
@@ -435,6 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="fraction of the training images the flow never sees, as non-members for the privacy audit",
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress lines (counts and ETA) from the long loops; same as --set progress=false",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.audit_holdout is not None:
         args.stage_set.append(f"flow.audit_holdout={args.audit_holdout}")
@@ -450,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     overrides: dict[str, object] = {"seed": args.seed}
+    if args.no_progress:
+        overrides["progress"] = False
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set expects ID=VALUE, got {item!r}")
@@ -473,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dp_delta=args.dp_delta,
                 public_pretrain=args.public_pretrain,
             ),
+            bundle_root=args.bundle_root,
             num_images=args.num_images,
             seed=args.seed,
         )

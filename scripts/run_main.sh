@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: set up .venv if needed, then run the whole pipeline.
-# Usage: bash scripts/run_main.sh [DATASET_DIR] [OUTPUT_DIR]
-#   DATASET_DIR  a COVIDx-CT-format folder (images + train.txt/val.txt/test.txt);
-#                omitted: the embedded phantom dataset is generated first.
-#   OUTPUT_DIR   where everything is written (default: runs/main).
+# Usage: bash scripts/run_main.sh [DATASET_DIR] [--output-dir OUTPUT_DIR] [OPTIONS...]
+#   DATASET_DIR         a COVIDx-CT-format folder (images + train.txt/val.txt/test.txt);
+#                       omitted: the embedded phantom dataset is generated first.
+#   --output-dir DIR    where everything is written (default: runs/main).
+#   Every argument goes to python -m monai_condflow.pipeline; its --help lists the options and their defaults.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"

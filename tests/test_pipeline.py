@@ -208,7 +208,7 @@ def test_main_refuses_bad_stage_overrides_and_dp_settings(tmp_path: Path, capsys
 def test_main_passes_dp_baseline_and_audit_holdout_to_the_stages(tmp_path: Path, monkeypatch, capsys):
     calls = []
 
-    def fake_run_pipeline(dataset_dir, output_dir, num_labels, overrides, stages, num_images, seed):
+    def fake_run_pipeline(dataset_dir, output_dir, num_labels, overrides, stages, num_images, seed, bundle_root):
         calls.append((num_labels, overrides, stages, seed))
         return {s.name: 1.0 for s in stages}
 
@@ -309,7 +309,9 @@ def test_public_pretraining_without_dp_starts_the_private_flow_from_the_phantom_
 
 def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: Path, monkeypatch):
     made = []
-    monkeypatch.setattr(pipeline, "_prepare_default_dataset", lambda out, n, seed: made.append((out, n, seed)))
+    monkeypatch.setattr(
+        pipeline, "_prepare_default_dataset", lambda out, n, seed, progress=True: made.append((out, n, seed))
+    )
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
     data = _dataset(tmp_path / "d")
     run_pipeline(data, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], num_images=80, seed=4)
@@ -325,7 +327,7 @@ def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: P
 def test_the_public_phantom_differs_from_a_private_phantom(tmp_path: Path, monkeypatch):
     made = []
 
-    def fake_prepare(out, n, seed):
+    def fake_prepare(out, n, seed, progress=True):
         made.append((out, seed))
         data = _dataset(out / "data")
         return data
@@ -358,7 +360,7 @@ def test_without_a_dataset_the_pipeline_never_overwrites_the_users_files(tmp_pat
 
     made = []
 
-    def fake_generate(out, num_images, seed, overwrite, num_workers):
+    def fake_generate(out, num_images, seed, overwrite, num_workers, progress=True):
         made.append(seed)
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "images" / "phantom_p0_s0.png").write_bytes(b"png")
@@ -396,3 +398,64 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path, capsys):
     assert main([str(_dataset(tmp_path / "d")), "--output-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert "'output_dir'" in err and "runs is a file" in err
+
+
+@pytest.mark.parametrize("module", ["monai_condflow.pipeline", "monai_condflow.evaluation.sweep"])
+def test_every_cli_option_has_help_and_shows_its_default(module, capsys):
+    """Issue 16: help text on every option, defaults shown, no raw reStructuredText in the description."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "::" not in text
+    for option in ("--seed", "--output-dir", "--bundle-root"):
+        assert option in text
+    assert "(default: 0)" in text  # --seed
+    assert f"(default: {BUNDLE_ROOT})" in " ".join(text.split())
+    if module == "monai_condflow.pipeline":
+        parser = mod.build_parser()
+        for action in parser._actions:
+            assert action.help, action.option_strings or action.dest
+        for option in ("--num-images", "--num-labels", "--dp-delta"):
+            assert option in text
+        assert "(default: 600)" in text and "(default: 50)" in text
+
+
+def test_main_passes_the_bundle_root_and_a_missing_bundle_is_named(tmp_path: Path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_run_pipeline(*args, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr("monai_condflow.pipeline.run_pipeline", fake_run_pipeline)
+    assert main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--bundle-root", str(tmp_path / "b")]) == 0
+    assert seen["bundle_root"] == tmp_path / "b"
+    assert main([str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 0
+    assert seen["bundle_root"] == BUNDLE_ROOT and (BUNDLE_ROOT / "configs" / "metadata.json").is_file()
+    monkeypatch.undo()
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train.txt", "val.txt", "test.txt"):
+        (data / split).write_text("")
+    with pytest.raises(FileNotFoundError, match=r"has no configs/ folder"):
+        run_pipeline(data, tmp_path / "out", stages=[Stage("first", ["ok.json"])], bundle_root=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("module", ["monai_condflow.data.phantom", "monai_condflow.data.export"])
+def test_the_other_command_lines_document_every_option(module, capsys):
+    """Issue 16: the phantom and export command lines: help on every option, defaults shown, no raw markup."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text
+    options = [tok for tok in text.split() if tok.startswith("--") and tok != "--help"]
+    assert options
+    if module.endswith("phantom"):
+        assert "(default: 600)" in text and "(default: 0)" in text and "--no-progress" in text

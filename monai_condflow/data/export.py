@@ -102,7 +102,12 @@ def write_covidx_folder(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monai_condflow.data.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_condflow.data.export",
+        description="Write a compact .npz dataset (images, labels, official_split) as a COVIDx-CT-format folder "
+        "(images/*.png plus train.txt, val.txt, test.txt) that the bundle configs read.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--npz", required=True, type=Path, help=".npz with images, labels and official_split")
     parser.add_argument("--out", required=True, type=Path, help="destination folder")
     parser.add_argument(

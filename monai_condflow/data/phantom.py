@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from monai_condflow.progress import ProgressLog
+
 __all__ = [
     "CLASS_NAMES",
     "DEFAULT_CLASS_FRACTIONS",
@@ -871,6 +873,7 @@ def generate_phantom_dataset(
     slices_per_patient: int = 6,
     overwrite: bool = False,
     num_workers: int = 1,
+    progress: bool = True,
 ) -> dict:
     """Generate the phantom dataset: PNG slices, COVIDx-CT-format split files, ``README.md`` and ``dataset.json``.
 
@@ -883,6 +886,7 @@ def generate_phantom_dataset(
         slices_per_patient: slices per synthetic patient (the last patient may have fewer).
         overwrite: allow writing into a non-empty ``out_dir`` (files of an earlier phantom set are replaced).
         num_workers: worker processes (patients are rendered independently, so the output does not depend on it).
+        progress: log ``phantom: done/total patients, ETA`` lines (:class:`~monai_condflow.progress.ProgressLog`).
 
     Returns:
         The content of ``dataset.json``: seed, sizes, generator version, counts per split and class, and
@@ -938,11 +942,17 @@ def generate_phantom_dataset(
         )
         for pid in range(n_patients)
     ]
-    if num_workers > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            results = list(pool.map(_render_patient, tasks, chunksize=4))
-    else:
-        results = [_render_patient(t) for t in tasks]
+    results = []
+    with ProgressLog(len(tasks), "phantom", unit="patients", enabled=progress) as bar:
+        if num_workers > 1:
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                for rows in pool.map(_render_patient, tasks, chunksize=4):
+                    results.append(rows)
+                    bar.update()
+        else:
+            for task in tasks:
+                results.append(_render_patient(task))
+                bar.update()
     for (_, pid, cls, *_rest), rows in zip(tasks, results):
         split = split_of[pid]
         n_patients_split[split][cls] += 1
@@ -999,14 +1009,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status (0 on success, 2 when the output folder is not empty or an argument is bad).
     """
-    parser = argparse.ArgumentParser(prog="python -m monai_condflow.data.phantom", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_condflow.data.phantom",
+        description="Generate the embedded phantom chest-CT dataset (PNG slices in COVIDx-CT format, "
+        "patient-disjoint train/val/test split files, README.md and dataset.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-images", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--slices-per-patient", type=int, default=6)
+    parser.add_argument("--num-images", type=int, default=600, help="number of slices")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same arguments, byte-identical files)")
+    parser.add_argument("--image-size", type=int, default=512, help="side of the square PNG slices")
+    parser.add_argument("--slices-per-patient", type=int, default=6, help="slices per synthetic patient")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines (patients done, ETA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -1018,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             slices_per_patient=args.slices_per_patient,
             overwrite=args.overwrite,
             num_workers=args.workers,
+            progress=not args.no_progress,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,8 @@
 """Readers that turn chest-CT datasets on disk into MONAI-style lists of records.
 
 Every reader returns ``list[dict]``, one dict per 2-D slice, with the keys of ``docs/architecture.md``:
-``image`` (a path, or a float32 array for NIfTI slices), ``label`` (class id after the class map), ``box``
+``image`` (a path, or a :class:`NiftiSlice` for NIfTI volumes: a float32 slice read when used), ``label``
+(class id after the class map), ``box``
 (optional lung box ``(xmin, ymin, xmax, ymax)``), ``patient_id`` (optional) and ``source`` (where the record
 came from, for error messages).
 
@@ -34,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
 from monai.utils import optional_import
 
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
@@ -53,6 +55,8 @@ __all__ = [
     "read_covidx_annotations",
     "read_class_folders",
     "read_nifti_slices",
+    "NiftiSlice",
+    "NiftiVolumeLoader",
     "read_dicom_slice",
     "read_dicom_folder",
 ]
@@ -343,14 +347,22 @@ def read_nifti_slices(
     slice_range: tuple[int | None, int | None] | None = None,
     on_error: str = "raise",
     report: ReadReport | None = None,
+    orientation: str | None = "RAS",
 ) -> list[dict]:
     """Read NIfTI volumes listed in a CSV file as 2-D slices in Hounsfield units.
 
     The CSV has a header with columns ``image`` (path of the volume, relative to ``root``) and ``label``, and
     optionally ``slice`` and ``patient_id``. Without ``slice``, a row labels every slice of its volume (within
     ``slice_range``); with ``slice``, a row labels that one slice (empty ``slice`` cells label the whole volume).
-    Voxel values are ``get_fdata()`` values, i.e. with ``scl_slope`` / ``scl_inter`` applied. Each volume is
-    read once.
+    Volumes are read with MONAI's :class:`~monai.transforms.LoadImage` (nibabel; voxel values with ``scl_slope``
+    / ``scl_inter`` applied, as float32) and turned to ``orientation`` with :class:`~monai.transforms.Orientation`
+    (from the file's affine), so ``axis`` names the same anatomical direction whatever the storage order: with the
+    default ``"RAS"``, axis 2 runs inferior -> superior (axial slices), and a volume stored LPS or with permuted
+    axes gives the same slices as its RAS copy. Each volume is read once here to check it (3-D, finite, slice
+    indices) and then released; the records hold :class:`NiftiSlice` references that read their slice when used
+    (``np.asarray(record["image"])``), through a loader that keeps only the most recent volume. Memory is one
+    volume, not the whole set; reading the records in order (as the preprocessing cache does) reads each volume
+    once more.
 
     Args:
         csv_file: the CSV file.
@@ -360,11 +372,13 @@ def read_nifti_slices(
             end), applied to whole-volume rows.
         on_error: ``"raise"`` or ``"skip"`` (bad rows and every row of an unreadable volume are left out).
         report: filled in with the number of records read and the skipped rows.
+        orientation: axis codes the volumes are turned to before slicing (``"RAS"``, ``"LPS"``...), or ``None`` to
+            slice the voxel axes in file order.
 
     Returns:
-        One record per slice: ``{"image": float32 ndarray [H, W], "label": int, "patient_id": str, "source":
-        "volume#slice"}``; ``[H, W]`` are the two remaining voxel axes in file order (as MONAI's NIfTI reader
-        keeps them). ``patient_id`` is the CSV value, or the volume path as written in the CSV when that is
+        One record per slice: ``{"image": NiftiSlice (float32 [H, W] when read), "label": int, "patient_id": str,
+        "source": "volume#slice"}``; ``[H, W]`` are the two remaining axes in the ``orientation`` order (file order
+        with ``None``). ``patient_id`` is the CSV value, or the volume path as written in the CSV when that is
         absent, so slices of one volume never land in different splits.
 
     Raises:
@@ -386,7 +400,8 @@ def read_nifti_slices(
     base = Path(root) if root is not None else path.parent
     local = ReadReport()
     records: list[dict] = []
-    volumes: dict[Path, np.ndarray | DataError] = {}
+    loader = NiftiVolumeLoader(orientation)
+    volumes: dict[Path, tuple[int, ...] | DataError] = {}
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -397,7 +412,7 @@ def read_nifti_slices(
         for row in reader:
             source = f"{path}:{reader.line_num}"
             try:
-                records.extend(_nifti_row(row, source, base, axis, slice_range, volumes))
+                records.extend(_nifti_row(row, source, base, axis, slice_range, volumes, loader))
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -610,10 +625,98 @@ def _parse_annotation_line(
     return _record(str(image), mapping[class_id], box, parse_patient_id(name, patient_pattern), source)
 
 
-def _load_volume(file: Path, source: str, cache: dict[Path, np.ndarray | DataError]) -> np.ndarray:
+class NiftiVolumeLoader:
+    """Reads NIfTI volumes through MONAI: :class:`~monai.transforms.LoadImage` (nibabel, float32, scaling
+    applied), :class:`~monai.transforms.EnsureChannelFirst` and :class:`~monai.transforms.Orientation`.
+
+    Keeps the most recent volume only, so that slices read in volume order cost one read per volume and memory
+    stays at one volume. Picklable (the cache is not pickled), so records can go to ``DataLoader`` workers.
+
+    Args:
+        orientation: axis codes (``"RAS"``...) or ``None`` for the file's voxel order.
+    """
+
+    def __init__(self, orientation: str | None = "RAS") -> None:
+        self.orientation = orientation
+        self._setup()
+
+    def _setup(self) -> None:
+        self._load = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)
+        self._channel_first = EnsureChannelFirst(channel_dim="no_channel")
+        self._orient = Orientation(axcodes=self.orientation, labels=None) if self.orientation else None
+        self._cached: tuple[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"orientation": self.orientation}
+
+    def __setstate__(self, state: dict) -> None:
+        self.orientation = state["orientation"]
+        self._setup()
+
+    def read(self, file: str | os.PathLike) -> np.ndarray:
+        """The volume as a float32 array (trailing singleton axes dropped; oriented when it is 3-D).
+
+        Raises:
+            Exception: whatever MONAI / nibabel raise for a missing, truncated or unreadable file.
+        """
+        key = os.fspath(file)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        self._cached = None  # release the previous volume before reading the next
+        img = self._load(key)
+        while img.ndim > 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim == 3 and self._orient is not None:
+            img = self._orient(self._channel_first(img))[0]
+        volume = np.ascontiguousarray(np.asarray(img.detach().cpu().numpy() if hasattr(img, "detach") else img))
+        volume = volume.astype(np.float32, copy=False)
+        self._cached = (key, volume)
+        return volume
+
+
+class NiftiSlice:
+    """One 2-D slice of a NIfTI volume, read when used: ``np.asarray(s)`` is the float32 ``[H, W]`` slice.
+
+    Records of :func:`read_nifti_slices` hold these instead of arrays, so listing a dataset does not keep its
+    volumes in memory. ``shape``, ``dtype`` and ``ndim`` are known without reading; ``str(s)`` names the file,
+    axis, index, orientation and the file's size and modification time (what the preprocessing cache keys on).
+
+    Args:
+        loader: the volume loader (shared by the slices of one listing).
+        file: the volume.
+        axis: sliced axis (after orientation).
+        index: slice index along ``axis``.
+        shape: ``(H, W)`` of the slice.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, loader: NiftiVolumeLoader, file: str | os.PathLike, axis: int, index: int, shape: tuple) -> None:
+        self.loader = loader
+        self.file = os.fspath(file)
+        self.axis = int(axis)
+        self.index = int(index)
+        self.shape = tuple(int(s) for s in shape)
+        try:
+            st = os.stat(self.file)
+            self._stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            self._stamp = "?"
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = np.ascontiguousarray(np.take(self.loader.read(self.file), self.index, axis=self.axis))
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"NiftiSlice({self.file}#{self.index}, axis {self.axis}, {self.loader.orientation}, {self._stamp})"
+
+
+def _check_volume(file: Path, source: str, cache: dict, loader: NiftiVolumeLoader) -> tuple[int, ...]:
+    """Shape of the (oriented) volume, checked once per file; errors re-raised with each row's source."""
     if file not in cache:
         try:
-            cache[file] = _read_volume(file, source)
+            cache[file] = _read_volume(file, source, loader)
         except DataError as err:
             cache[file] = err
     found = cache[file]
@@ -623,23 +726,22 @@ def _load_volume(file: Path, source: str, cache: dict[Path, np.ndarray | DataErr
     return found
 
 
-def _read_volume(file: Path, source: str) -> np.ndarray:
+def _read_volume(file: Path, source: str, loader: NiftiVolumeLoader) -> tuple[int, ...]:
     if not file.is_file():
         raise DataError(f"volume {file} does not exist.", source, "missing file")
     try:
-        volume = nib.load(str(file)).get_fdata(dtype=np.float32)
-    except Exception as err:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error, ValueError ...
+        volume = loader.read(file)
+    except Exception as err:  # MONAI / nibabel raise RuntimeError, ImageFileError, EOFError, OSError, zlib.error ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DataError(
-            f"volume {file} is truncated or unreadable ({type(err).__name__}: {err}).", source, "unreadable file"
+            f"volume {file} is truncated or unreadable ({type(err).__name__}: {first})", source, "unreadable file"
         ) from err
-    while volume.ndim > 3 and volume.shape[-1] == 1:
-        volume = volume[..., 0]
     if volume.ndim != 3:
         raise DataError(f"volume {file} must be 3-D, got shape {tuple(volume.shape)}.", source, "bad shape")
     if not np.isfinite(volume).all():
         n_bad = int((~np.isfinite(volume)).sum())
         raise DataError(f"volume {file} holds {n_bad} NaN / Inf voxels.", source, "non-finite")
-    return volume
+    return tuple(int(s) for s in volume.shape)
 
 
 def _nifti_row(
@@ -648,7 +750,8 @@ def _nifti_row(
     base: Path,
     axis: int,
     slice_range: tuple[int | None, int | None] | None,
-    cache: dict[Path, np.ndarray | DataError],
+    cache: dict,
+    loader: NiftiVolumeLoader,
 ) -> list[dict]:
     name = (row.get("image") or "").strip()
     if not name:
@@ -659,8 +762,9 @@ def _nifti_row(
     slice_text = (row.get("slice") or "").strip()
     patient_id = (row.get("patient_id") or "").strip() or name
     file = base / name
-    volume = _load_volume(file, source, cache)
-    size = volume.shape[axis]
+    shape = _check_volume(file, source, cache, loader)
+    axis = axis % 3
+    size = shape[axis]
     if slice_text:
         index = _parse_int(slice_text, "slice", source)
         if not 0 <= index < size:
@@ -679,10 +783,8 @@ def _nifti_row(
                 source,
                 "bad slice",
             )
-    return [
-        _record(np.ascontiguousarray(np.take(volume, k, axis=axis)), label, None, patient_id, f"{file}#{k}")
-        for k in indices
-    ]
+    plane = tuple(s for i, s in enumerate(shape) if i != axis)
+    return [_record(NiftiSlice(loader, file, axis, k, plane), label, None, patient_id, f"{file}#{k}") for k in indices]
 
 
 def _dicom_record(

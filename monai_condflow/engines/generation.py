@@ -68,6 +68,7 @@ from torch.utils.data import DataLoader
 from monai_condflow.engines.distributed import unwrap_model
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
+from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
 
 __all__ = [
@@ -267,6 +268,7 @@ def generate(
     manifest_name: str = "manifest.csv",
     dp_epsilon: float | str | None = None,
     dp_noise: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -298,6 +300,9 @@ def generate(
         dp_noise: for a DP run, where the DP-SGD noise came from (``"os_entropy"``, ``"secure_mode"``,
             ``"caller_generator"``; see :data:`monai_condflow.privacy.dp.NOISE_SOURCES`), written in a ``dp_noise``
             column before ``dp_epsilon`` (no such column when ``None``).
+
+        progress: log ``generation: done/total images, ETA`` lines (:class:`~monai_condflow.progress.ProgressLog`;
+            bundle id ``progress``).
 
     Returns:
         the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
@@ -405,9 +410,11 @@ def generate(
         else:  # a file's index must not be its source's position in the input list
             chosen_idx = torch.randperm(z_all.shape[0], generator=torch.Generator().manual_seed(_order_key(flow, seed)))
         originals = torch.cat(all_images) if mode == "pairs" else None
-        for start in range(0, chosen_idx.numel(), batch_size):
-            sel = chosen_idx[start : start + batch_size]
-            write(None if originals is None else originals[sel], z_all[sel].to(device), labels_all[sel])
+        with ProgressLog(chosen_idx.numel(), "generation", unit="images", enabled=progress) as bar:
+            for start in range(0, chosen_idx.numel(), batch_size):
+                sel = chosen_idx[start : start + batch_size]
+                write(None if originals is None else originals[sel], z_all[sel].to(device), labels_all[sel])
+                bar.update(sel.numel())
 
         columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode", "dp_epsilon"]
         if "nifti" in formats:

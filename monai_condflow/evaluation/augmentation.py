@@ -38,6 +38,7 @@ from monai_condflow.evaluation.tstr import (
     summarize_scores,
 )
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
+from monai_condflow.progress import ProgressLog
 
 __all__ = ["augmentation_study", "plot_augmentation"]
 
@@ -59,6 +60,7 @@ def augmentation_study(
     n_bootstrap: int = 200,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train on real + ``f`` x gap synthetic minority images for each ``f`` and score on the real test split.
 
@@ -77,6 +79,7 @@ def augmentation_study(
         n_bootstrap: test-set bootstraps (shared by every fraction).
         seed: initialisation / data-order / bootstrap seed.
         device: training device.
+        progress: log ``augmentation study: done/total trainings, ETA`` lines.
 
     Returns:
         ``{"minority_class", "gap", "rows": [{"fraction", "n_added", "minority_recall", "minority_recall_std",
@@ -100,6 +103,7 @@ def augmentation_study(
         raise ValueError(f"synthetic pool has {pool.shape[0]} images of class {minority}, {need} are needed.")
     idx = bootstrap_indices(test[1].numel(), n_bootstrap, seed)
     rows = []
+    bar = ProgressLog(len(fractions), "augmentation study", unit="trainings", enabled=progress)
     for f in fractions:
         n_add = round(f * gap)
         images = torch.cat([train[0], pool[:n_add]])
@@ -120,14 +124,25 @@ def augmentation_study(
         row["minority_recall"] = float(np.mean(minority_recalls))
         row["minority_recall_std"] = float(np.std(minority_recalls))
         rows.append(row)
+        bar.update()
     return {"minority_class": minority, "gap": gap, "n_bootstrap": int(n_bootstrap), "rows": rows}
 
 
 def plot_augmentation(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Line chart of minority recall, macro recall, accuracy and macro-F1 against the % of the gap filled."""
+    """Minority recall, macro recall, accuracy and macro-F1 (+- bootstrap std) against the % of the gap filled.
+
+    Writes the PNG ``path`` and a PDF beside it; returns the PNG path.
+    """
     xs = [100 * r["fraction"] for r in result["rows"]]
-    series = {
-        key.replace("_", " "): (xs, [r[key] for r in result["rows"]])
-        for key in ("minority_recall", "recall", "accuracy", "f1")
-    }
-    return line_chart(path, series, "Augmentation with synthetic minority images", "% of class gap filled", "score")
+    keys = ("minority_recall", "recall", "accuracy", "f1")
+    names = {"minority_recall": "minority recall", "recall": "macro recall", "accuracy": "accuracy", "f1": "macro F1"}
+    series = {names[key]: (xs, [r[key] for r in result["rows"]]) for key in keys}
+    errors = {names[key]: [r.get(f"{key}_std") for r in result["rows"]] for key in keys}
+    return line_chart(
+        path,
+        series,
+        "Augmentation with synthetic minority images",
+        "synthetic minority images added (% of the class gap)",
+        "score on the real test split",
+        errors=errors,
+    )

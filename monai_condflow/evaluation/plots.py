@@ -8,9 +8,16 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Minimal PNG charts drawn with PIL (no matplotlib dependency): line charts, grouped bar charts, image grids.
+"""Charts drawn with matplotlib (Agg canvas, no pyplot state) and image grids drawn with PIL.
 
-Every writer saves atomically (temporary file in the same folder, then ``os.replace``) and returns the path.
+Every chart is written twice, atomically (temporary file in the same folder, then ``os.replace``): the PNG named by
+``path`` (for ``report.md``) and a PDF beside it with the same stem (vector output for papers). Legend entries and
+tick labels are never truncated. The writers return the PNG path.
+
+- :func:`line_chart`: one or more ``name -> (xs, ys)`` series, optional +- error bars and a log x axis.
+- :func:`bar_chart`: grouped bars with optional +- error bars.
+- :func:`label_sweep_chart`: accuracy against the number of labels (log axis) with error bars, from sweep rows.
+- :func:`image_grid`: ``[N, 1, H, W]`` images as one grayscale PNG (PIL).
 """
 
 from __future__ import annotations
@@ -21,17 +28,33 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-__all__ = ["bar_chart", "image_grid", "line_chart", "save_png_atomic"]
+__all__ = [
+    "bar_chart",
+    "bar_figure",
+    "image_grid",
+    "label_sweep_chart",
+    "label_sweep_figure",
+    "line_chart",
+    "line_figure",
+    "save_figure_atomic",
+    "save_png_atomic",
+]
 
 logger = logging.getLogger(__name__)
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-_W, _H, _L, _R, _T, _B = 640, 400, 70, 150, 36, 50  # canvas size and margins (left, right, top, bottom)
+VECTOR_FORMAT = "pdf"
+"""Format of the vector copy written beside every chart's PNG."""
+
+_FIGSIZE = (6.4, 4.0)  # inches
+_DPI = 150
 
 
 def _umask() -> int:
@@ -56,54 +79,73 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     return path
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return []
-    if hi <= lo:
-        hi = lo + 1.0
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    for m in (1, 2, 5, 10):
-        if (hi - lo) / (step * m) <= n:
-            step *= m
-            break
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+def save_figure_atomic(fig: Figure, path: str | os.PathLike, vector_format: str | None = VECTOR_FORMAT) -> Path:
+    """Save a matplotlib figure as ``path`` (PNG) and, unless ``vector_format`` is ``None``, as
+    ``path.with_suffix("." + vector_format)`` beside it; both atomically, with ordinary file permissions.
+
+    Args:
+        fig: the figure (any canvas; it is drawn with Agg).
+        path: the PNG file.
+        vector_format: ``"pdf"`` or ``"svg"`` (or ``None`` for the PNG only).
+
+    Returns:
+        The PNG path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    targets = [(path, "png")] + ([(path.with_suffix(f".{vector_format}"), vector_format)] if vector_format else [])
+    for target, fmt in targets:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=f".{fmt}.tmp")
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight", metadata=_metadata(fmt))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+def _metadata(fmt: str) -> dict[str, Any]:
+    """No creation date in the files, so that the same data gives the same bytes."""
+    if fmt == "pdf":
+        return {"CreationDate": None, "ModDate": None}
+    if fmt == "svg":
+        return {"Date": None}
+    return {}
 
 
-def _axes(draw: ImageDraw.ImageDraw, font, title: str, xlabel: str, ylabel: str, xr, yr, xticks, yticks):
-    """Draw frame, ticks and labels; return the data -> pixel mapping."""
-    x0, x1, y0, y1 = _L, _W - _R, _T, _H - _B
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = x0 + (x - xr[0]) / ((xr[1] - xr[0]) or 1.0) * (x1 - x0)
-        py = y1 - (y - yr[0]) / ((yr[1] - yr[0]) or 1.0) * (y1 - y0)
-        return px, py
-
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    for t in yticks:
-        _, py = to_px(xr[0], t)
-        draw.line([x0 - 4, py, x0, py], fill=(0, 0, 0))
-        draw.line([x0 + 1, py, x1 - 1, py], fill=(230, 230, 230))
-        draw.text((4, py - 6), _fmt(t), fill=(0, 0, 0), font=font)
-    for t, label in xticks:
-        px, _ = to_px(t, yr[0])
-        draw.line([px, y1, px, y1 + 4], fill=(0, 0, 0))
-        draw.text((px - 3 * len(label), y1 + 6), label, fill=(0, 0, 0), font=font)
-    draw.text((x0, 10), title, fill=(0, 0, 0), font=font)
-    draw.text(((x0 + x1) // 2 - 3 * len(xlabel), _H - 20), xlabel, fill=(0, 0, 0), font=font)
-    draw.text((4, y0 - 16), ylabel, fill=(0, 0, 0), font=font)
-    return to_px
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
-def _legend(draw: ImageDraw.ImageDraw, font, names: Sequence[str]) -> None:
-    for i, name in enumerate(names):
-        y = _T + 4 + 16 * i
-        draw.rectangle([_W - _R + 10, y, _W - _R + 20, y + 10], fill=_COLORS[i % len(_COLORS)])
-        draw.text((_W - _R + 25, y - 1), name[:20], fill=(0, 0, 0), font=font)
+def _new_axes(title: str, xlabel: str, ylabel: str):
+    fig = Figure(figsize=_FIGSIZE)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _legend(ax, handles: list | None = None) -> None:
+    """Full legend names in the order the series were given, outside the data area when they are long."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    else:
+        labels = [h.get_label() for h in handles]
+    if not labels:
+        return
+    if max(len(label) for label in labels) > 24 or len(labels) > 4:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    else:
+        ax.legend(handles, labels, loc="best")
 
 
 def line_chart(
@@ -112,33 +154,63 @@ def line_chart(
     title: str = "",
     xlabel: str = "",
     ylabel: str = "",
+    errors: Mapping[str, Sequence[float | None]] | None = None,
+    logx: bool = False,
+    xticks: Sequence[tuple[float, str]] | None = None,
 ) -> Path:
-    """Line chart of one or more ``name -> (xs, ys)`` series, with axes, ticks, labels and a legend.
+    """Write :func:`line_figure` to ``path`` (PNG) and a PDF beside it; returns the PNG path."""
+    return save_figure_atomic(line_figure(series, title, xlabel, ylabel, errors, logx, xticks), path)
 
-    Non-finite points are skipped. Returns the PNG path.
+
+def line_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    errors: Mapping[str, Sequence[float | None]] | None = None,
+    logx: bool = False,
+    xticks: Sequence[tuple[float, str]] | None = None,
+) -> Figure:
+    """Line chart of one or more ``name -> (xs, ys)`` series, with axes, labels and a legend of the full names.
+
+    Args:
+        series: ``name -> (xs, ys)``; non-finite points are skipped.
+        title: chart title.
+        xlabel: x axis label.
+        ylabel: y axis label.
+        errors: ``name -> +- error per point`` (``None`` or non-finite: no bar at that point).
+        logx: logarithmic x axis (points with ``x <= 0`` are skipped).
+        xticks: ``(position, label)`` pairs replacing the automatic x ticks.
+
+    Returns:
+        The figure (not yet saved).
     """
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (_W, _H), "white")
-    draw = ImageDraw.Draw(img)
-    pts = {
-        k: [(float(x), float(y)) for x, y in zip(*v) if math.isfinite(float(x)) and math.isfinite(float(y))]
-        for k, v in series.items()
-    }
-    all_x = [p[0] for v in pts.values() for p in v] or [0.0, 1.0]
-    all_y = [p[1] for v in pts.values() for p in v] or [0.0, 1.0]
-    yt = _ticks(min(all_y), max(all_y))
-    xt = _ticks(min(all_x), max(all_x))
-    xr, yr = (xt[0], xt[-1]) if xt else (0, 1), (yt[0], yt[-1]) if yt else (0, 1)
-    to_px = _axes(draw, font, title, xlabel, ylabel, xr, yr, [(t, _fmt(t)) for t in xt], yt)
-    for i, (_, p) in enumerate(pts.items()):
-        color = _COLORS[i % len(_COLORS)]
-        px = [to_px(x, y) for x, y in p]
-        if len(px) > 1:
-            draw.line(px, fill=color, width=2)
-        for x, y in px if len(px) <= 30 else []:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    _legend(draw, font, list(pts))
-    return save_png_atomic(img, path)
+    fig, ax = _new_axes(title, xlabel, ylabel)
+    handles: list = []
+    for name, (xs, ys) in series.items():
+        errs = list((errors or {}).get(name) or [None] * len(list(xs)))
+        pts = [
+            (float(x), float(y), float(e) if _finite(e) else 0.0)
+            for x, y, e in zip(xs, ys, errs)
+            if _finite(x) and _finite(y) and (not logx or float(x) > 0)
+        ]
+        if not pts:
+            handles += ax.plot([], [], label=name)
+            continue
+        px, py, pe = (list(v) for v in zip(*pts))
+        marker = "o" if len(pts) <= 30 else None
+        if errors and name in errors:
+            handles.append(ax.errorbar(px, py, yerr=pe, label=name, marker=marker, capsize=3, linewidth=1.5))
+        else:
+            handles += ax.plot(px, py, label=name, marker=marker, linewidth=1.5)
+    if logx:
+        ax.set_xscale("log")
+    if xticks:
+        ax.set_xticks([t for t, _ in xticks], [label for _, label in xticks])
+        if logx:
+            ax.minorticks_off()
+    _legend(ax, handles)
+    return fig
 
 
 def bar_chart(
@@ -149,43 +221,97 @@ def bar_chart(
     title: str = "",
     ylabel: str = "",
 ) -> Path:
-    """Grouped bar chart: one group per category, one bar per series (optional +- error whiskers)."""
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (_W, _H), "white")
-    draw = ImageDraw.Draw(img)
-    vals = [float(v) for s in series.values() for v in s if math.isfinite(float(v))]
-    errs = [float(e) for s in (errors or {}).values() for e in s if math.isfinite(float(e))]
-    hi = max(vals + [0.0]) + (max(errs) if errs else 0.0)
-    yt = _ticks(min(0.0, min(vals + [0.0])), hi if hi > 0 else 1.0)
-    n_cat, n_ser = len(categories), max(len(series), 1)
-    to_px = _axes(
-        draw,
-        font,
-        title,
-        "",
-        ylabel,
-        (0, n_cat),
-        (yt[0], yt[-1]),
-        [(i + 0.5, str(c)[:14]) for i, c in enumerate(categories)],
-        yt,
-    )
+    """Write :func:`bar_figure` to ``path`` (PNG) and a PDF beside it; returns the PNG path."""
+    return save_figure_atomic(bar_figure(categories, series, errors, title, ylabel), path)
+
+
+def bar_figure(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    errors: Mapping[str, Sequence[float]] | None = None,
+    title: str = "",
+    ylabel: str = "",
+) -> Figure:
+    """Grouped bar chart: one group per category, one bar per series, optional +- error bars.
+
+    Args:
+        categories: group names (x axis).
+        series: ``name -> one value per category``; non-finite values draw no bar.
+        errors: ``name -> +- error per category``.
+        title: chart title.
+        ylabel: y axis label.
+
+    Returns:
+        The figure (not yet saved).
+    """
+    fig, ax = _new_axes(title, "", ylabel)
+    n_ser = max(len(series), 1)
     width = 0.8 / n_ser
     for j, (name, values) in enumerate(series.items()):
-        color = _COLORS[j % len(_COLORS)]
-        for i, v in enumerate(values):
-            if not math.isfinite(float(v)):
-                continue
-            left = i + 0.1 + j * width
-            (xa, ya), (xb, yb) = to_px(left, float(v)), to_px(left + width, 0.0)
-            draw.rectangle([xa, min(ya, yb), xb, max(ya, yb)], fill=color)
-            if errors and name in errors:
-                e = float(errors[name][i])
-                xm = (xa + xb) / 2
-                _, ylo = to_px(0, float(v) - e)
-                _, yhi = to_px(0, float(v) + e)
-                draw.line([xm, ylo, xm, yhi], fill=(0, 0, 0), width=1)
-    _legend(draw, font, list(series))
-    return save_png_atomic(img, path)
+        xs = [i - 0.4 + (j + 0.5) * width for i in range(len(categories))]
+        vals = [float(v) if _finite(v) else float("nan") for v in values]
+        errs = None
+        if errors and name in errors:
+            errs = [float(e) if _finite(e) else 0.0 for e in errors[name]]
+        ax.bar(xs, vals, width=width, yerr=errs, capsize=3, label=name)
+    ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+    ax.grid(False, axis="x")
+    if series:  # below the axes: bars fill the data area, so a legend inside would hide some
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(series), 3), frameon=False)
+    return fig
+
+
+def label_sweep_chart(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], n_all: int | None = None, title: str = ""
+) -> Path:
+    """Write :func:`label_sweep_figure` to ``path`` (PNG) and a PDF beside it; returns the PNG path."""
+    return save_figure_atomic(label_sweep_figure(rows, n_all, title), path)
+
+
+def label_sweep_figure(rows: Sequence[Mapping[str, Any]], n_all: int | None = None, title: str = "") -> Figure:
+    """TSTR and TRTR accuracy against the number of labels (log x axis), with +- std error bars.
+
+    Args:
+        rows: sweep rows (:func:`~monai_condflow.evaluation.sweep.summarize_sweep`) with ``level``, ``num_labels``,
+            ``tstr_accuracy``, ``trtr_accuracy`` and optionally ``tstr_accuracy_std`` / ``trtr_accuracy_std``.
+        n_all: the label count of the ``all`` level when its row has no ``num_labels`` (the training set size).
+        title: chart title (default: "Accuracy against the number of labels").
+
+    Returns:
+        The figure (not yet saved). Rows without a label count are left out, with a warning.
+    """
+
+    def count(row: Mapping[str, Any]) -> float | None:
+        n = row.get("num_labels")
+        if not _finite(n) and str(row.get("level")) == "all":
+            n = n_all
+        return float(n) if _finite(n) and float(n) > 0 else None
+
+    usable = sorted(((count(r), r) for r in rows if count(r) is not None), key=lambda t: t[0])
+    if len(usable) < len(rows):
+        logger.warning("label sweep chart: %d level(s) without a label count left out", len(rows) - len(usable))
+    xs = [n for n, _ in usable]
+    series, errors = {}, {}
+    # the two series side by side (x 0.97 and x 1.03) so that their error bars do not hide each other
+    for key, name, shift in (("tstr_accuracy", "flow synthetic (TSTR)", 0.97), ("trtr_accuracy", "real (TRTR)", 1.03)):
+        series[name] = ([x * shift for x in xs], [r.get(key) for _, r in usable])
+        errors[name] = [r.get(f"{key}_std") for _, r in usable]
+    ticks: list[tuple[float, str]] = []
+    for n, r in usable:
+        label = f"{n:g}\n(all)" if str(r.get("level")) == "all" else f"{n:g}"
+        if ticks and n / ticks[-1][0] < 1.25:  # too close to read apart on a log axis: one tick "20/21"
+            ticks[-1] = (ticks[-1][0], ticks[-1][1].split("\n")[0] + "/" + label)
+        else:
+            ticks.append((n, label))
+    return line_figure(
+        series,
+        title or "Accuracy against the number of labels",
+        "labelled training images (log scale)",
+        "accuracy on the real test split",
+        errors=errors,
+        logx=True,
+        xticks=ticks,
+    )
 
 
 def image_grid(path: str | os.PathLike, images: torch.Tensor | np.ndarray, nrow: int = 8, scale: int = 2) -> Path:

@@ -15,7 +15,7 @@
 evaluated. Both files are written atomically (temporary file + ``os.replace``).
 
 Read TSTR beside the FID-to-floor ratio, the class agreement and the sample grids: a generator of class-correlated
-textures can reach a respectable TSTR without producing anatomy (see ``docs/peer-baseline.md``).
+textures can reach a respectable TSTR without producing anatomy (see the peer comparison in ``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -642,6 +642,7 @@ def run_evaluation(
     n_bits: int = 8,
     audit_holdout: torch.Tensor | None = None,
     true_train_records: Sequence[Mapping[str, Any]] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a trained run end to end and write ``report.md`` / ``metrics.json`` into ``output_dir``.
 
@@ -697,6 +698,8 @@ def run_evaluation(
             presumptive labels are compared with these (matched by ``source``, else image path) for
             ``presumptive_accuracy``; without them the last label-propagation round's accuracy in
             ``classifier/classifier.json`` is used when recorded.
+        progress: log progress lines (count and ETA) for the classifier trainings of the TSTR / TRTR evaluation and
+            the augmentation study (bundle id ``progress``; see :mod:`monai_condflow.progress`).
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -755,6 +758,7 @@ def run_evaluation(
             real_classifier=eval_net,
             seed=seed,
             device=device,
+            progress=progress,
         )
         fids = [fid_from_features(extract_features(eval_net, s[0], batch_size, device), test_feats) for s in sets]
         res["fid"] = float(np.mean(fids))
@@ -838,6 +842,7 @@ def run_evaluation(
             n_bootstrap=n_bootstrap,
             seed=seed,
             device=device,
+            progress=progress,
         )
         aug["plot"] = str(plot_augmentation(aug, out / "figures" / "augmentation.png"))
         metrics["augmentation"] = aug

@@ -17,7 +17,8 @@ Usage::
 
 Every level runs :func:`monai_condflow.pipeline.run_pipeline` into ``OUTPUT_DIR/labels_<level>``; a level whose
 ``metrics.json`` already exists is not run again, so a killed sweep resumes where it stopped. The summary goes to
-``OUTPUT_DIR/sweep.md``, ``OUTPUT_DIR/sweep.json`` and ``OUTPUT_DIR/figures/label_sweep.png``.
+``OUTPUT_DIR/sweep.md``, ``OUTPUT_DIR/sweep.json`` and ``OUTPUT_DIR/figures/label_sweep.png`` (and
+``label_sweep.pdf`` beside it: accuracy against the number of labels on a log axis).
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from monai_condflow.engines.run_folder import pid_alive
-from monai_condflow.evaluation.plots import line_chart
+from monai_condflow.evaluation.plots import label_sweep_chart
 from monai_condflow.evaluation.report import atomic_write_text
-from monai_condflow.pipeline import CPU_BUDGET, _parse_num_labels, default_stages, parse_stage_overrides, run_pipeline
+from monai_condflow.pipeline import (
+    BUNDLE_ROOT,
+    CPU_BUDGET,
+    _parse_num_labels,
+    default_stages,
+    parse_stage_overrides,
+    run_pipeline,
+)
+from monai_condflow.progress import ProgressLog
 
 __all__ = ["DEFAULT_LEVELS", "level_name", "labelled_count", "summarize_sweep", "run_label_sweep", "main"]
 
@@ -143,6 +152,8 @@ def run_label_sweep(
     overrides: dict[str, object] | None = None,
     baseline_at: Sequence[object] = (),
     seed: int = 0,
+    bundle_root: Path = BUNDLE_ROOT,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run the pipeline at every label level (resuming finished levels) and write the sweep summary.
 
@@ -154,6 +165,9 @@ def run_label_sweep(
         overrides: bundle overrides for every stage (``seed`` is added).
         baseline_at: levels at which the ACGAN baseline also runs.
         seed: seed of every stage.
+        bundle_root: the bundle whose configs the stages run (default: the one installed with the package).
+        progress: print ``[sweep] levels: done/total levels, ETA`` after each level run here, and pass
+            ``progress=False`` to the stages when off.
 
     Returns:
         The summary written to ``sweep.json`` (``rows``, ``times``, ``levels``).
@@ -165,6 +179,12 @@ def run_label_sweep(
     legacy_times = output_dir / "sweep_times.json"  # one shared file in earlier versions
     if legacy_times.is_file():
         times.update(json.loads(legacy_times.read_text()))
+    if not progress:
+        overrides = {**(overrides or {}), "progress": False}
+    to_run = [v for v in levels if not (output_dir / f"labels_{level_name(v)}" / "metrics.json").is_file()]
+    bar = ProgressLog(
+        len(to_run), "[sweep] levels", unit="levels", enabled=progress, interval=0.0, log=lambda t: print(t, flush=True)
+    )
     for level in levels:
         name = level_name(level)
         run_dir = output_dir / f"labels_{name}"
@@ -184,11 +204,20 @@ def run_label_sweep(
                 print(f"[sweep] level {name}: running the pipeline into {run_dir}", flush=True)
                 t0 = time.perf_counter()
                 stages = default_stages(level, budget, baseline=level in baseline_at)
-                run_pipeline(dataset_dir, run_dir, level, {"seed": seed, **(overrides or {})}, stages=stages, seed=seed)
+                run_pipeline(
+                    dataset_dir,
+                    run_dir,
+                    level,
+                    {"seed": seed, **(overrides or {})},
+                    stages=stages,
+                    seed=seed,
+                    bundle_root=bundle_root,
+                )
                 # one file per level, so that sweeps of different levels can run side by side into one folder
                 atomic_write_text(run_dir / "sweep_time.json", json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
             finally:
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            bar.update()
         level_time = run_dir / "sweep_time.json"
         if level_time.is_file():
             times[name] = json.loads(level_time.read_text())["seconds"]
@@ -199,18 +228,9 @@ def run_label_sweep(
     summary = summarize_sweep(results)
     summary["times"] = {k: v for k, v in times.items() if k in results}
     summary["levels"] = [level_name(v) for v in levels]
-    xs = list(range(len(summary["rows"])))
-    series = {
-        "TSTR accuracy": (xs, [r["tstr_accuracy"] for r in summary["rows"]]),
-        "TRTR accuracy": (xs, [r["trtr_accuracy"] for r in summary["rows"]]),
-    }
-    line_chart(
-        output_dir / "figures" / "label_sweep.png",
-        series,
-        "accuracy vs labels (x: " + ", ".join(r["level"] for r in summary["rows"]) + ")",
-        "label level (index)",
-        "accuracy",
-    )
+    train_list = Path(dataset_dir) / "train.txt"
+    n_all = sum(1 for line in train_list.read_text().splitlines() if line.strip()) if train_list.is_file() else None
+    label_sweep_chart(output_dir / "figures" / "label_sweep.png", summary["rows"], n_all=n_all)
     atomic_write_text(output_dir / "sweep.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(output_dir / "sweep.md", _markdown(summary, times) + "\n")
     return summary
@@ -252,16 +272,43 @@ def _labels_used(run_dir: Path) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monai_condflow.evaluation.sweep", description=__doc__.splitlines()[0]
+        prog="python -m monai_condflow.evaluation.sweep",
+        description="Label-scarcity sweep: the whole semi-supervised pipeline at several label levels, one table "
+        "(OUTPUT_DIR/sweep.md, sweep.json) and one plot (OUTPUT_DIR/figures/label_sweep.png). Finished levels are "
+        "not run again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("dataset_dir", type=Path, help="COVIDx-CT-format dataset folder")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
     parser.add_argument(
-        "--levels", nargs="+", type=_parse_num_labels, default=list(DEFAULT_LEVELS), help="e.g. 20 50 0.05 all"
+        "--output-dir", type=Path, default=Path("runs/sweep"), help="sweep folder; level L runs in labels_L"
     )
-    parser.add_argument("--stage-set", action="append", default=[], metavar="STAGE.ID=VALUE")
-    parser.add_argument("--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels with the ACGAN")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        type=_parse_num_labels,
+        default=list(DEFAULT_LEVELS),
+        help="label levels: counts, fractions in (0, 1) or all",
+    )
+    parser.add_argument(
+        "--stage-set",
+        action="append",
+        default=[],
+        metavar="STAGE.ID=VALUE",
+        help="override for one stage at every level, e.g. flow.max_epochs=30 (repeatable)",
+    )
+    parser.add_argument(
+        "--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels at which the ACGAN also runs"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument(
+        "--bundle-root",
+        type=Path,
+        default=BUNDLE_ROOT,
+        help="the MONAI bundle whose configs/ the stages run (default: the bundle installed with the package)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress lines (levels done, ETA; stages: --set progress=false)"
+    )
     args = parser.parse_args(argv)
     try:
         budget = parse_stage_overrides(args.stage_set, CPU_BUDGET)
@@ -269,7 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     try:
         summary = run_label_sweep(
-            args.dataset_dir, args.output_dir, args.levels, budget, baseline_at=args.baseline_at, seed=args.seed
+            args.dataset_dir,
+            args.output_dir,
+            args.levels,
+            budget,
+            baseline_at=args.baseline_at,
+            seed=args.seed,
+            bundle_root=args.bundle_root,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, RuntimeError) as e:
         print(f"[sweep] error: {e}", file=sys.stderr)

@@ -38,6 +38,7 @@ from monai.networks.layers import gaussian_1d, separable_filtering
 
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
 from monai_condflow.metrics.sharpness import sharpness_ratio
+from monai_condflow.progress import ProgressLog
 
 __all__ = [
     "BLUR_SIGMA",
@@ -310,6 +311,7 @@ def evaluate_tstr(
     match_composition: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """TSTR vs TRTR on the real test split, mean +- std over bootstraps and synthetic sets; class agreement.
 
@@ -336,6 +338,8 @@ def evaluate_tstr(
         match_composition: subsample each synthetic set to the real training set's size and class counts.
         seed: base seed (bootstrap, subsampling, initialisation).
         device: training device.
+        progress: log ``TRTR / TSTR classifiers: done/total, ETA`` lines
+            (:class:`~monai_condflow.progress.ProgressLog`).
 
     Returns:
         ``{"trtr": scores, "tstr": scores, "tstr_per_set": [point scores per synthetic set], "trtr_point": ...,
@@ -376,6 +380,8 @@ def evaluate_tstr(
         summary["n_models"] = len(runs)
         return summary
 
+    n_fits = n_real_models - (real_classifier is not None) + len(synthetic_sets)
+    bar = ProgressLog(n_fits, "TRTR / TSTR classifiers", unit="trainings", enabled=progress)
     real_nets = []
     for r in range(n_real_models):
         if r == 0 and real_classifier is not None:
@@ -393,6 +399,7 @@ def evaluate_tstr(
                 device=device,
             )
         )
+        bar.update()
     trtr_runs = [_score(n) for n in real_nets]
 
     tstr_runs, agreement, sharpness = [], [], []
@@ -408,6 +415,8 @@ def evaluate_tstr(
         net = _seeded_network(network_factory, seed + 100 + i)
         net = fit_fn(net, syn, val, seed=seed + 100 + i, device=device, **kwargs)
         tstr_runs.append(_score(net))
+        bar.update()
+    bar.close()
 
     trtr, tstr = _collect(trtr_runs), _collect(tstr_runs)
     return {

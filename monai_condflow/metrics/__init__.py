@@ -21,7 +21,15 @@ from .classification import (
     confusion_matrix,
     report_from_confusion_matrix,
 )
-from .fid import EmbeddingFID, embedding_fid, extract_features, fid_floor, fid_from_features, fid_to_floor_ratio
+from .fid import (
+    EmbeddingFID,
+    embedding_fid,
+    extract_features,
+    fid_floor,
+    fid_from_features,
+    fid_to_floor_ratio,
+    frechet_distance,
+)
 from .sharpness import laplacian_energy, sharpness_ratio
 
 __all__ = [
@@ -43,4 +51,5 @@ __all__ = [
     "fid_to_floor_ratio",
     "laplacian_energy",
     "sharpness_ratio",
+    "frechet_distance",
 ]

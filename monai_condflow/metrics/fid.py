@@ -17,15 +17,19 @@ is copied into every synthetic image and would make the score trivially small).
 Two entry points:
 
 - :func:`embedding_fid` / :func:`fid_floor`: standalone functions on two image sets; features are extracted in
-  batches and the distance is computed by MONAI's :class:`monai.metrics.FIDMetric`.
+  batches and the distance is computed by :func:`frechet_distance` (Ignite's ``fid_score``).
 - :class:`EmbeddingFID`: an Ignite metric (usable as a MONAI evaluator key metric / handler). It keeps float64 running
   sums (count, sum, sum of outer products) of each feature set, all-reduced across ranks with ``sync_all_reduce``, so
   memory is ``O(D^2)`` whatever the number of images and the distributed result equals the single-process one. The
-  distance itself is MONAI's ``compute_frechet_distance`` (what ``FIDMetric`` calls). Lower is better: use
+  distance itself is :func:`frechet_distance`. Lower is better: use
   ``metric_cmp_fn=lambda current, prev: current < prev`` when it is a key metric.
 
 A full-rank covariance needs more samples than feature dimensions (``N > D``); fewer samples raise ``ValueError``.
 The FID *floor* (two real sets, e.g. val vs test) is the sampling noise level; report ``fid / floor`` beside ``fid``.
+
+The matrix square root is Ignite's :func:`ignite.metrics.gan.fid.fid_score` (``scipy.linalg.sqrtm`` without the
+``disp`` argument that SciPy 1.18 removed and MONAI 1.6's ``FIDMetric`` still passes), so any SciPy >= 1.10 works;
+the values equal those of ``FIDMetric`` to round-off (``tests/metrics/test_fid.py``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import scipy
 import torch
 import torch.nn as nn
-from monai.metrics import FIDMetric
-from monai.metrics.fid import compute_frechet_distance
 from monai.utils import IgniteInfo, min_version, optional_import
 
+fid_score, _ = optional_import("ignite.metrics.gan.fid", IgniteInfo.OPT_IMPORT_VERSION, min_version, "fid_score")
 Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric", as_type="base")
 reinit__is_reduced, _ = optional_import(
     "ignite.metrics.metric", IgniteInfo.OPT_IMPORT_VERSION, min_version, "reinit__is_reduced", as_type="decorator"
@@ -62,6 +64,7 @@ __all__ = [
     "fid_floor",
     "fid_from_features",
     "fid_to_floor_ratio",
+    "frechet_distance",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,8 +139,32 @@ def extract_features(
     return torch.cat(feats)
 
 
+def frechet_distance(mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor, sigma_b: torch.Tensor) -> float:
+    """Frechet distance between two Gaussians ``N(mu_a, sigma_a)`` and ``N(mu_b, sigma_b)`` (float64 arithmetic).
+
+    ``|mu_a - mu_b|^2 + Tr(sigma_a) + Tr(sigma_b) - 2 Tr(sqrt(sigma_a sigma_b))``, computed by Ignite's
+    :func:`~ignite.metrics.gan.fid.fid_score`; the 1-D case in closed form ``(m_a - m_b)^2 + (s_a - s_b)^2``.
+
+    Args:
+        mu_a: mean ``[D]``.
+        sigma_a: covariance ``[D, D]``.
+        mu_b: mean ``[D]``.
+        sigma_b: covariance ``[D, D]``.
+
+    Returns:
+        The distance; tiny negative round-off is clipped to 0.
+    """
+    mu_a, mu_b = mu_a.detach().double().cpu(), mu_b.detach().double().cpu()
+    sigma_a, sigma_b = sigma_a.detach().double().cpu(), sigma_b.detach().double().cpu()
+    if mu_a.numel() == 1:
+        value = float((mu_a - mu_b).square().sum() + (sigma_a.sqrt() - sigma_b.sqrt()).square().sum())
+    else:
+        value = float(fid_score(mu_a, mu_b, sigma_a, sigma_b))
+    return max(value, 0.0)
+
+
 def fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """FID between two feature sets with MONAI's :class:`~monai.metrics.FIDMetric`.
+    """FID between two feature sets: sample means and (unbiased) covariances into :func:`frechet_distance`.
 
     Args:
         features_a: ``[N_a, D]`` (e.g. synthetic).
@@ -159,20 +186,9 @@ def fid_from_features(features_a: torch.Tensor, features_b: torch.Tensor) -> flo
     check_fid_sample_size(features_a.shape[0], features_a.shape[1], "features_a")
     check_fid_sample_size(features_b.shape[0], features_b.shape[1], "features_b")
     fa, fb = features_a.double(), features_b.double()
-    if fa.shape[1] == 1:  # MONAI's 1x1 covariance / sqrtm path breaks; the 1-D distance is (m1-m2)^2 + (s1-s2)^2
-        va, vb = fa.var(0, unbiased=True), fb.var(0, unbiased=True)
-        value = float((fa.mean() - fb.mean()) ** 2 + (va.sqrt() - vb.sqrt()).square().sum())
-    else:
-        try:
-            value = float(FIDMetric()(fa, fb))
-        except TypeError as e:
-            if "disp" not in str(e):
-                raise
-            raise RuntimeError(
-                "MONAI's FIDMetric calls scipy.linalg.sqrtm(..., disp=False), which SciPy 1.18 removed "
-                f"(installed: SciPy {scipy.__version__}); install 'scipy<1.18' (the project's constraints pin 1.17.1)."
-            ) from e
-    return max(value, 0.0)
+    return frechet_distance(
+        fa.mean(0), torch.atleast_2d(torch.cov(fa.T)), fb.mean(0), torch.atleast_2d(torch.cov(fb.T))
+    )
 
 
 def embedding_fid(
@@ -330,8 +346,4 @@ class EmbeddingFID(Metric):
         check_fid_sample_size(int(self._n_b), dim, "real set")
         mu_a, sigma_a = self._moments(self._n_a, self._sum_a, self._outer_a)
         mu_b, sigma_b = self._moments(self._n_b, self._sum_b, self._outer_b)
-        if dim == 1:  # see fid_from_features: the 1-D distance in closed form
-            value = float((mu_a - mu_b).square().sum() + (sigma_a.sqrt() - sigma_b.sqrt()).square().sum())
-        else:
-            value = float(compute_frechet_distance(mu_a.cpu(), sigma_a.cpu(), mu_b.cpu(), sigma_b.cpu()))
-        return max(value, 0.0)
+        return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)

@@ -84,7 +84,9 @@ class LoadCTSlice(Transform):
     arrays are read without MONAI's axis swap, and the first two (in-plane) voxel axes of a NIfTI slice
     ``[i, j]`` are transposed to ``[j, i]``.
 
-    Arrays (numpy or torch) are accepted as ``[H, W]`` (a channel axis is added) or channel-first ``[C, H, W]``.
+    Arrays (numpy or torch, or anything ``np.asarray`` reads, such as the lazy NIfTI slices of
+    :func:`~monai_condflow.data.readers.read_nifti_slices`) are accepted as ``[H, W]`` (a channel axis is added) or
+    channel-first ``[C, H, W]``.
 
     Args:
         check_exists: raise ``FileNotFoundError`` naming the file before trying the readers (MONAI otherwise tries
@@ -185,6 +187,8 @@ class LoadCTSlice(Transform):
         """
         if isinstance(img, (str, Path, os.PathLike)):
             return self._load_path(img, source)
+        if not isinstance(img, (np.ndarray, torch.Tensor)) and hasattr(img, "__array__"):
+            img = np.asarray(img)  # e.g. a NiftiSlice of read_nifti_slices, read here
         if not isinstance(img, (np.ndarray, torch.Tensor)):
             raise ValueError(f"{_where(source)}expected a file path or an array, got {type(img).__name__}")
         if img.ndim == 2:

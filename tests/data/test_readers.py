@@ -518,3 +518,52 @@ def test_a_non_utf8_byte_names_file_and_line_also_in_skip_mode(covidx_dir: Path)
     kept = read_covidx_annotations(ann, on_error="skip", report=report)
     assert len(kept) == 1 and report.counts == {"bad encoding": 1}
     assert report.skipped[0][0].endswith("latin1.txt:2")
+
+
+def test_nifti_orientation_gives_the_same_slices_whatever_the_storage_order(tmp_path: Path):
+    """Issue 16: volumes go through MONAI's LoadImage + Orientation: an LPS-stored and an axis-permuted copy of a
+    RAS volume give the RAS volume's axial slices; ``orientation=None`` keeps the file order."""
+    ras = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), str(tmp_path / "ras.nii"))
+    lps = np.ascontiguousarray(ras[::-1, ::-1, :])  # stored right-to-left and anterior-to-posterior
+    nib.save(nib.Nifti1Image(lps, np.diag([-1.0, -1.0, 1.0, 1.0])), str(tmp_path / "lps.nii"))
+    perm = np.ascontiguousarray(ras.transpose(2, 0, 1))  # stored S, R, A
+    affine = np.zeros((4, 4))
+    affine[2, 0] = affine[0, 1] = affine[1, 2] = affine[3, 3] = 1.0  # voxel (k, i, j) -> world (i, j, k)
+    nib.save(nib.Nifti1Image(perm, affine), str(tmp_path / "perm.nii"))
+    csv_file = _write(tmp_path / "o.csv", ["image,label", "ras.nii,0", "lps.nii,1", "perm.nii,1"])
+    records = read_nifti_slices(csv_file)
+    assert len(records) == 9
+    for k in range(3):
+        expected = ras[:, :, k].astype(np.float32)
+        for volume in range(3):
+            np.testing.assert_array_equal(np.asarray(records[3 * volume + k]["image"]), expected)
+    raw = read_nifti_slices(csv_file, orientation=None)  # the file's voxel order
+    assert len(raw) == 3 + 3 + 5 and raw[3]["image"].shape == (4, 5) and raw[6]["image"].shape == (3, 4)
+    np.testing.assert_array_equal(np.asarray(raw[3]["image"]), lps[:, :, 0])
+    lps_records = read_nifti_slices(_write(tmp_path / "l.csv", ["image,label", "ras.nii,0"]), orientation="LPS")
+    np.testing.assert_array_equal(np.asarray(lps_records[0]["image"]), lps[:, :, 0])
+
+
+def test_nifti_records_stream_their_slices(nifti_dir: Path):
+    """Issue 16: the records hold references, read when used, one volume in memory at a time; they pickle."""
+    import pickle
+
+    from monai_condflow.data.readers import NiftiSlice
+    from monai_condflow.transforms.array import LoadCTSlice
+
+    csv_file = _write(nifti_dir / "list.csv", ["image,label", "vol_a.nii.gz,1", "vol_b.nii,0"])
+    records = read_nifti_slices(csv_file)
+    assert all(isinstance(r["image"], NiftiSlice) for r in records)
+    loader = records[0]["image"].loader
+    assert all(r["image"].loader is loader for r in records)
+    np.asarray(records[0]["image"])
+    assert loader._cached[0].endswith("vol_a.nii.gz")
+    np.asarray(records[4]["image"])
+    assert loader._cached[0].endswith("vol_b.nii")  # the first volume was released
+    copy = pickle.loads(pickle.dumps(records[1]["image"]))
+    assert copy.loader._cached is None
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(records[1]["image"]))
+    loaded = LoadCTSlice()(records[2]["image"])
+    assert tuple(loaded.shape) == (1, 4, 5)
+    assert "vol_a.nii.gz#2" in str(records[2]["image"])

@@ -60,7 +60,13 @@ def make_flow(seed: int = 1) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return ConditionalGlow.from_preset(
-        "small", num_levels=2, image_size=SIZE, num_steps=2, num_blocks=(1, 1), hidden_channels=8, cond_dropout=0.0,
+        "small",
+        num_levels=2,
+        image_size=SIZE,
+        num_steps=2,
+        num_blocks=(1, 1),
+        hidden_channels=8,
+        cond_dropout=0.0,
         noise_std=0.0,
     )
 

@@ -302,6 +302,7 @@ def test_a_dp_manifest_records_where_the_noise_came_from(flow, tmp_path):
     assert list(rows[0])[-2:] == ["dp_noise", "dp_epsilon"]
     assert {(r["dp_noise"], r["dp_epsilon"]) for r in rows} == {("os_entropy", "3.5")}
 
+
 def test_overflowing_inverse_is_counted_before_clamping(flow, tmp_path, monkeypatch):
     """R26: an inverse that returns NaN / 1e6 in some pixels shows up in the per-image counts and generation.json,
     although the written images are finite and in [0, 1]."""
@@ -353,3 +354,17 @@ def test_flow_without_stats_is_counted_on_its_raw_output(tmp_path):
     generate(RawFlow(), None, _records(3), output_dir=tmp_path, model_version="v", formats=("png",))
     samples = json.loads((tmp_path / SUMMARY_NAME).read_text())["samples"]
     assert samples == summarize_sample_stats([1, 1, 0], [0, 1, 0], S * S)
+
+
+def test_generation_logs_progress_unless_switched_off(flow, tmp_path, caplog, monkeypatch):
+    """Issue 16: counts and ETA for the generation loop; ``progress=False`` (bundle id) silences it."""
+    import logging
+
+    monkeypatch.delenv("CONDFLOW_PROGRESS", raising=False)
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        generate(flow, None, _records(5), output_dir=tmp_path / "a", model_version="v", batch_size=2)
+    assert "generation: 5/5 images (100 %)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        generate(flow, None, _records(5), output_dir=tmp_path / "b", model_version="v", batch_size=2, progress=False)
+    assert "generation: " not in caplog.text

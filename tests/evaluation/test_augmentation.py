@@ -58,3 +58,16 @@ def test_minority_recall_rises_to_balance(tmp_path):
     assert plot_augmentation(res, tmp_path / "aug.png").is_file()
     with pytest.raises(ValueError, match="25 images of class 1, 40 are needed"):
         augmentation_study(train, None, test, pool, network_factory=_Prior, fit_fn=_fit, fractions=(2.0,))
+
+
+def test_augmentation_study_reports_progress_and_writes_a_pdf_beside_the_plot(tmp_path, caplog, monkeypatch):
+    """Issue 16: one progress count per fraction; the plot has error bars' data and a vector copy."""
+    import logging
+
+    monkeypatch.delenv("CONDFLOW_PROGRESS", raising=False)
+    train, test, pool = _data(30, 10), _data(10, 10), _data(0, 25)
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        res = augmentation_study(train, None, test, pool, network_factory=_Prior, fit_fn=_fit, n_bootstrap=3)
+    assert "augmentation study: 4/4 trainings (100 %)" in caplog.text
+    png = plot_augmentation(res, tmp_path / "aug.png")
+    assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"

@@ -323,6 +323,7 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
         run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(8, 8, 2), **common)
     assert trained == [] and not (tmp_path / "metrics.json").exists()
 
+
 def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
     """R26: a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
     metrics.json and report.md (the old code saw clean images and reported 0)."""

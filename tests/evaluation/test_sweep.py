@@ -221,3 +221,18 @@ def test_run_label_sweep_with_a_null_fid(tmp_path, fake_pipeline, monkeypatch):
     run_label_sweep(tmp_path / "data", tmp_path / "sweep", levels=["all"])
     row = [line for line in (tmp_path / "sweep" / "sweep.md").read_text().splitlines() if line.startswith("| all")]
     assert row == ["| all | - | - | 92.00 ± 1.00 | 80.00 ± 1.50 | 78.00 | - | 1.000 | 12 |"]
+
+
+def test_sweep_progress_lines_and_the_switch(tmp_path, fake_pipeline, capsys, monkeypatch):
+    """Issue 16: a count and ETA per level run here; ``progress=False`` also reaches the stages as an override."""
+    monkeypatch.delenv("CONDFLOW_PROGRESS", raising=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text("".join(f"img_{i}.png 0 0 0 1 1\n" for i in range(50)))
+    run_label_sweep(tmp_path / "data", tmp_path / "a", levels=[20, "all"])
+    out = capsys.readouterr().out
+    assert "[sweep] levels: 1/2 levels (50 %)" in out and "ETA" in out and "[sweep] levels: 2/2 levels" in out
+    assert (tmp_path / "a" / "figures" / "label_sweep.png").is_file()
+    assert (tmp_path / "a" / "figures" / "label_sweep.pdf").is_file()
+    run_label_sweep(tmp_path / "data", tmp_path / "b", levels=[20], progress=False)
+    assert "[sweep] levels:" not in capsys.readouterr().out
+    assert fake_pipeline[-1]["overrides"] == {"seed": 0, "progress": False}

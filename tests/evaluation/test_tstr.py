@@ -171,3 +171,21 @@ def test_evaluate_tstr_reports_sharpness_and_the_blurred_reference():
     assert res["class_agreement_per_set"] == pytest.approx([0.9, 0.1])
     assert res["sharpness_ratio_per_set"][0] == pytest.approx(1.0) and res["sharpness_ratio_per_set"][1] < 0.3
     assert res["blur_sigma"] == 1.0
+
+
+def test_evaluate_tstr_counts_the_classifier_trainings(caplog, monkeypatch):
+    """Issue 16: one progress count per trained classifier (the given real classifier is not trained again)."""
+    import logging
+
+    monkeypatch.delenv("CONDFLOW_PROGRESS", raising=False)
+    train, test = _data(40, 10, 0), _data(30, 20, 2)
+    sets = [_data(60, 60, 3), _data(60, 60, 5), _data(60, 60, 6)]
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0,
+                      n_real_models=2)  # fmt: skip
+    assert "TRTR / TSTR classifiers: 5/5 trainings (100 %)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
+        evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0,
+                      progress=False)  # fmt: skip
+    assert "classifiers:" not in caplog.text

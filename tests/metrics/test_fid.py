@@ -27,6 +27,7 @@ from monai_condflow.metrics.fid import (
     fid_floor,
     fid_from_features,
     fid_to_floor_ratio,
+    frechet_distance,
 )
 
 
@@ -130,18 +131,62 @@ def test_one_dimensional_features_closed_form():
     assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
 
 
-def test_scipy_without_sqrtm_disp_gets_a_clear_error(monkeypatch):
-    """SciPy 1.18 removed ``sqrtm(disp=...)``, which MONAI 1.6's FIDMetric passes: say so, not a bare TypeError."""
+def test_works_with_a_scipy_without_sqrtm_disp(monkeypatch):
+    """SciPy 1.18 removed ``sqrtm(disp=...)`` (which MONAI 1.6's FIDMetric passes): the FID must not need it.
+
+    Replaces the old "clear error" test: with Ignite's ``fid_score`` the value is computed, and it is the same.
+    """
     import scipy.linalg
 
     original = scipy.linalg.sqrtm
+    calls = []
 
     def sqrtm_without_disp(a, **kwargs):
         if "disp" in kwargs:
             raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        calls.append(a.shape)
         return original(a, **kwargs)
 
+    x, y = _gauss(64, 4, 0), 1.5 * _gauss(80, 4, 1)
+    before = fid_from_features(x, y + 1.0)
     monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
-    x = _gauss(64, 4, 0)
-    with pytest.raises(RuntimeError, match=r"SciPy 1\.18 removed .*install 'scipy<1\.18'"):
-        fid_from_features(x, x + 1.0)
+    assert fid_from_features(x, y + 1.0) == pytest.approx(before, rel=1e-12)
+    assert calls == [(4, 4)]  # the patched sqrtm was the one used
+    metric = EmbeddingFID()
+    metric.update((y + 1.0, x))
+    assert metric.compute() == pytest.approx(before, rel=1e-9)
+
+
+# FID values of the implementation before issue 16 (MONAI 1.6.1 FIDMetric / compute_frechet_distance, SciPy 1.17.1)
+# on fixed float64 features: the Ignite-based distance must reproduce them.
+_PREVIOUS_VALUES = [
+    ((300, 8, 11, 1.5, 0.3), 2.7578806242598084, 2.7578806242597977),
+    ((120, 32, 21, None, None), 8.14642936258015, 8.1464293625801),
+    ((200, 2, 31, None, None), 4.008910658992518, 4.008910658992519),
+]
+
+
+def _previous_case(n: int, d: int, seed: int, scale: float | None, shift: float | None):
+    a = _gauss(n, d, seed)
+    if scale is not None:
+        return a, scale * _gauss(250, d, seed + 1) + shift
+    if d == 32:
+        return a, _gauss(140, d, seed + 1) @ torch.linspace(0.5, 1.5, d, dtype=torch.float64).diag()
+    return a, _gauss(n, d, seed + 1) * torch.tensor([1.0, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case, functional, metric", _PREVIOUS_VALUES)
+def test_values_equal_those_of_monai_fidmetric(case, functional, metric):
+    a, b = _previous_case(*case)
+    assert fid_from_features(a, b) == pytest.approx(functional, rel=1e-6)
+    m = EmbeddingFID()
+    m.update((a, b))
+    assert m.compute() == pytest.approx(metric, rel=1e-6)
+
+
+def test_frechet_distance_is_ignites_fid_score():
+    from ignite.metrics.gan.fid import fid_score
+
+    a, b = _gauss(100, 3, 5), 2.0 * _gauss(90, 3, 6) - 1.0
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    assert frechet_distance(mu_a, s_a, mu_b, s_b) == pytest.approx(fid_score(mu_a, mu_b, s_a, s_b), rel=1e-12)

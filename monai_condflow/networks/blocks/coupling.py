@@ -234,9 +234,7 @@ class ConditionalAffineCoupling(FlowLayer):
 
     def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(a tanh(r / a), b tanh(u / b))`` with ``(r, u)`` the two halves of the network output."""
-        return guided_parameters(
-            lambda h, c: _soft_bound(self.net(h, c), self._bound).chunk(2, dim=1), x_a, condition
-        )
+        return guided_parameters(lambda h, c: _soft_bound(self.net(h, c), self._bound).chunk(2, dim=1), x_a, condition)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Args:

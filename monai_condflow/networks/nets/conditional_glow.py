@@ -405,9 +405,7 @@ class ConditionalGlow(nn.Module):
         if w == 1.0 or condition is None or isinstance(condition, GuidedCondition):
             return condition
         if self.null_condition is None:
-            raise ValueError(
-                f"guidance={w} needs a null condition: build the flow with cond_dropout > 0 and train it."
-            )
+            raise ValueError(f"guidance={w} needs a null condition: build the flow with cond_dropout > 0 and train it.")
         null = self.null_condition.to(condition.dtype).expand(condition.shape[0], -1)
         return GuidedCondition(condition, null, w)
 

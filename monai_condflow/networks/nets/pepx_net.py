@@ -179,8 +179,12 @@ class PEPXNet(nn.Module):
 
         self.stem = nn.Sequential(
             conv_type(
-                in_channels, stem_channels, kernel_size=stem_kernel_size, stride=stem_stride,
-                padding=stem_kernel_size // 2, bias=bias,
+                in_channels,
+                stem_channels,
+                kernel_size=stem_kernel_size,
+                stride=stem_stride,
+                padding=stem_kernel_size // 2,
+                bias=bias,
             ),  # fmt: skip
             make_norm_layer(norm, spatial_dims, stem_channels),
             get_act_layer(name=act),
