@@ -41,6 +41,8 @@ def _metrics(trtr: float, tstr: float, agree: float, overflow: int, mia: float, 
         "fid_floor": 0.05,
         "fid_ratio": 10.0,
         "class_agreement": agree,
+        "class_agreement_real_blurred": 0.31,
+        "sharpness_ratio": 0.62,
         "samples": {"n_images": 840, "images_with_overflow": overflow, "overflow_pixel_fraction": 1e-4},
         "privacy": {"mia_auc": mia},
         "presumptive_accuracy": pres,
@@ -93,6 +95,7 @@ def test_summary_table_and_json_line(bench):
     assert row["gap_points"] == pytest.approx(4.0) and row["real_test_accuracy"] == pytest.approx(0.91)
     assert row["overflowed_images"] == 0 and row["n_images"] == 840 and row["fid_ratio"] == 10.0
     assert row["baseline_tstr"] == 0.7 and row["baseline_fid_ratio"] == pytest.approx(20.0)
+    assert row["blurred_agreement"] == 0.31 and row["sharpness_ratio"] == 0.62
     summary = bench.summarize(rows)
     p50 = summary["phantom50"]
     assert p50["seeds"] == [0, 1]
