@@ -67,6 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # inference AUC (0.98 -> 0.86) and the overflowing samples at T = 0.9; the denoising step at this sigma made FID
     # worse, so it is off by default; guidance weights 2-3 did not change the class agreement, so w = 1.
     "small": {
+        # a learned spline per pixel next to the data (PixelSpline): over two flow seeds at 30 epochs validation
+        # bits/dim 5.12 -> 4.97 and 5.17 -> 5.00, FID / floor on an independent judge's features 4-5x lower, and the
+        # first class agreement above "everything is COVID" (0.243 -> 0.27-0.32); docs/results.md.
+        "pixel_spline_bins": 8,
         "cond_dropout": 0.1,
         "noise_std": 0.02,
         "denoise": False,
