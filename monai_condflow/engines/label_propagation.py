@@ -509,7 +509,11 @@ def run_semisupervised(
     min_steps: int = 0,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Alternate label propagation and classifier retraining until the presumptive labels converge.
+    """Alternate label propagation and classifier retraining until the presumptive labels converge (Python API).
+
+    The bundle's overlay ``train_semisupervised.json`` runs the same rounds with :class:`SemiSupervisedWorkflow`
+    around the config's own trainer; this function wires a trainer per round with
+    :func:`~monai_condflow.engines.classifier.train_classifier`, for use outside a bundle.
 
     Round 0 trains on the labelled data only (``initial_epochs``, lr decay from the label count via
     :func:`~monai_condflow.engines.classifier.lr_decay_for_label_fraction` unless ``lr_decay`` is given) and
@@ -716,7 +720,8 @@ class RoundLRScheduler:
         """Reset the optimizer and begin the schedule of a round of ``epochs`` epochs of ``steps_per_epoch`` steps."""
         if epochs < 1 or steps_per_epoch < 1:
             raise ValueError(f"a round needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}.")
-        self.round, self.epochs, self.steps_per_epoch, self.steps = int(round_index), int(epochs), int(steps_per_epoch), 0
+        self.round, self.epochs, self.steps_per_epoch = int(round_index), int(epochs), int(steps_per_epoch)
+        self.steps = 0
         self.optimizer.state.clear()
         self._build()
 
@@ -742,6 +747,7 @@ class RoundLRScheduler:
             "epochs": self.epochs,
             "steps_per_epoch": self.steps_per_epoch,
             "steps": self.steps,
+            "initial": [dict(g) for g in self._initial],
         }
         if self.inner is not None:
             state["inner"] = {k: v for k, v in self.inner.state_dict().items() if k != "optimizer"}
@@ -751,6 +757,7 @@ class RoundLRScheduler:
         """Rebuild the saved round's schedule (the optimizer's own state is restored from its own entry)."""
         self.round, self.epochs = int(state["round"]), int(state["epochs"])
         self.steps_per_epoch, self.steps = int(state["steps_per_epoch"]), int(state["steps"])
+        self._initial = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["initial"]]
         if "inner" not in state:
             self.inner = None
             return
