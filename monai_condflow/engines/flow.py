@@ -461,6 +461,7 @@ def create_flow_trainer(
     seed: int = 0,
     log_every: int = 10,
     tensorboard: bool = True,
+    tensorboard_dir: str | os.PathLike | None = None,
     n_saved: int = 2,
     extra_train_handlers: Sequence[Any] = (),
     dp: Mapping[str, Any] | None = None,
@@ -480,7 +481,8 @@ def create_flow_trainer(
 
     Outputs in ``output_dir``: ``latest_checkpoint_{epoch}.pt`` (flow, optimizer, lr scheduler, trainer, random
     states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``best_flow_{epoch}.pt`` (flow state dict with the
-    lowest validation bits/dim), ``tensorboard/`` and ``samples/``. All files are written atomically by rank 0.
+    lowest validation bits/dim), ``tensorboard/`` (or ``tensorboard_dir``) and ``samples/``. All files are written
+    atomically by rank 0.
 
     Args:
         flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
@@ -508,6 +510,8 @@ def create_flow_trainer(
         seed: seeds torch / numpy / random (``monai.utils.set_determinism``).
         log_every: log the training loss every N iterations.
         tensorboard: write TensorBoard scalars (and grids) on rank 0.
+        tensorboard_dir: folder of the TensorBoard files (default ``output_dir/tensorboard``; the bundle's flow
+            stage uses ``OUTPUT_DIR/tensorboard/flow`` beside the other stages).
         n_saved: how many ``latest`` checkpoints to keep.
         extra_train_handlers: more handlers to attach to the trainer.
         dp: DP-SGD settings, or ``None`` for ordinary training: ``target_epsilon``, ``target_delta`` (required),
@@ -658,7 +662,7 @@ def create_flow_trainer(
 
     writer = None
     if tensorboard and rank == 0:
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" if tensorboard_dir is None else tensorboard_dir))
 
     # 4. evaluator
     evaluator = None

@@ -13,7 +13,8 @@
 Stages share one ``output_dir``::
 
     output_dir/classifier/  model.pt, classifier.json, train_labels.json (semi-supervised), state checkpoints
-    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, tensorboard/, samples/
+    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, samples/
+    output_dir/tensorboard/ one folder per stage: classifier/ (and classifier/label_propagation/), flow/, projector/
     output_dir/synthetic/   synthetic PNG / NIfTI files and manifest.csv
     output_dir/report.md, output_dir/metrics.json
 

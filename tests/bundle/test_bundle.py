@@ -26,6 +26,7 @@ from monai.bundle import ConfigWorkflow
 
 from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.engines.config_checks import ConfigValueError
+from monai_condflow.evaluation.report import read_tensorboard_scalars
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 CONFIGS = BUNDLE / "configs"
@@ -140,6 +141,16 @@ def test_flow_train_workflow_properties(dataset, trained_run):
     )
     wf.initialize()
     assert wf.check_properties() == []
+
+
+def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves(trained_run: Path):
+    """The flow stage writes beside the classifier under ``OUTPUT_DIR/tensorboard/<stage>``, where the report looks."""
+    runs = read_tensorboard_scalars(trained_run / "tensorboard")
+    assert {"classifier", "classifier/label_propagation", "flow"} <= set(runs)
+    assert "val_bpd" in runs["flow"] and "val_macro_f1" in runs["classifier"]
+    assert not (trained_run / "flow" / "tensorboard").exists()
+    report = (trained_run / "report.md").read_text()
+    assert "figures/curve_flow_val_bpd.png" in report and (trained_run / "figures" / "curve_flow_val_bpd.png").is_file()
 
 
 def test_verify_metadata_and_network():
