@@ -42,6 +42,7 @@ __all__ = [
     "parse_stage_overrides",
     "run_pipeline",
     "main",
+    "num_labels_arg",
 ]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
@@ -384,13 +385,22 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
     return lines
 
 
-def _parse_num_labels(text: str) -> object:
-    if text == "all":
-        return "all"
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--num-labels must be > 0, a fraction in (0, 1] or 'all', got {text}")
-    return int(value) if value >= 1 and value.is_integer() else value
+def num_labels_arg(text: str) -> object:
+    """``--num-labels`` as the bundle's ``num_labels`` id: ``"all"``, a count or a fraction.
+
+    The value is read by :func:`monai_condflow.data.datalists.parse_num_labels`, the one parser the bundle uses too
+    (``"1"`` is one label; ``"1.0"`` is every label, passed on as ``"all"``).
+
+    Raises:
+        argparse.ArgumentTypeError: for a value ``parse_num_labels`` refuses.
+    """
+    from monai_condflow.data.datalists import parse_num_labels
+
+    try:
+        value = parse_num_labels(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--num-labels: {err}") from None
+    return "all" if value is None else value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -400,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/main"), help="where every output goes")
     parser.add_argument(
-        "--num-labels", type=_parse_num_labels, default=50, help="20, 50, a fraction such as 0.05, or all"
+        "--num-labels", type=num_labels_arg, default=50, help="20, 50, a fraction such as 0.05, or all"
     )
     parser.add_argument("--num-images", type=int, default=600, help="phantom slices when no dataset is given")
     parser.add_argument("--seed", type=int, default=0)

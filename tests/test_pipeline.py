@@ -25,10 +25,10 @@ from monai_condflow.pipeline import (
     BUNDLE_ROOT,
     CPU_BUDGET,
     Stage,
-    _parse_num_labels,
     cli_value,
     default_stages,
     main,
+    num_labels_arg,
     parse_stage_overrides,
     run_pipeline,
 )
@@ -81,12 +81,12 @@ def test_default_stages():
 
 @pytest.mark.parametrize("text, value", [("all", "all"), ("50", 50), ("0.05", 0.05), ("1", 1)])
 def test_parse_num_labels(text, value):
-    assert _parse_num_labels(text) == value
+    assert num_labels_arg(text) == value
 
 
 def test_parse_num_labels_bad():
     with pytest.raises(argparse.ArgumentTypeError, match="--num-labels"):
-        _parse_num_labels("-2")
+        num_labels_arg("-2")
 
 
 def test_missing_dataset_and_split_files(tmp_path: Path):

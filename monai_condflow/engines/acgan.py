@@ -30,7 +30,7 @@ from monai.engines import GanTrainer
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_condflow.engines.checkpoint import atomic_torch_save
+from monai_condflow.utils.io import atomic_torch_save
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 

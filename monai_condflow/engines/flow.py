@@ -59,6 +59,7 @@ from monai_condflow.engines.distributed import (
 )
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
+from monai_condflow.utils.checks import check_positive_int, check_temperature
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
@@ -552,12 +553,10 @@ def create_flow_trainer(
         RunSettingsError: ``output_dir`` holds the files of a run with other settings.
         OutputFolderLockedError: another process writes into ``output_dir``.
     """
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    check_positive_int("max_epochs", max_epochs)
     if not lr > 0 or weight_decay < 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
-    if not sample_temperature > 0:
-        raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}.")
+    check_temperature(sample_temperature, "sample_temperature")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
     if warmup_epochs < 0 or n_saved < 1:

@@ -65,10 +65,11 @@ from monai.data import list_data_collate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from monai_condflow.engines.distributed import unwrap_model
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.transforms.grid import make_grid
+from monai_condflow.utils.checks import check_temperature
+from monai_condflow.utils.distributed import unwrap_model
 
 __all__ = [
     "GENERATION_MODES",
@@ -174,8 +175,7 @@ def generate_tensors(
     Raises:
         ValueError: ``temperature <= 0`` or ``z`` not 2-D.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     if z.ndim != 2:
         raise ValueError(f"z must be [N, condition_dim], got shape {tuple(z.shape)}.")
     flow = unwrap_model(flow)
@@ -314,8 +314,7 @@ def generate(
     formats = tuple(formats)
     if not formats or any(f not in _FORMATS for f in formats):
         raise ValueError(f"formats must be a non-empty subset of {_FORMATS}, got {formats}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     if mode == "n_per_class" and (n_per_class is None or n_per_class < 1):
         raise ValueError(f"mode 'n_per_class' needs n_per_class >= 1, got {n_per_class}.")
     if not isinstance(model_version, str) or not model_version.strip():

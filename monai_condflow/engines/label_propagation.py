@@ -54,7 +54,7 @@ from monai_condflow.engines.classifier import (
     lr_decay_for_label_fraction,
     train_classifier,
 )
-from monai_condflow.engines.distributed import create_loader, get_rank
+from monai_condflow.utils.distributed import create_loader, get_rank
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -31,7 +31,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes, remove_temp_files
+from monai_condflow.handlers.checkpoint import remove_temp_files
+from monai_condflow.utils.distributed import get_rank
+from monai_condflow.utils.io import atomic_write_bytes
 
 try:
     import fcntl
@@ -180,8 +182,6 @@ def lock_output_dir(directory: str | os.PathLike, rank: int | None = None) -> Ou
         OutputFolderLockedError: another live process holds the lock (the message names its pid).
     """
     if rank is None:
-        from monai_condflow.engines.distributed import get_rank
-
         rank = get_rank()
     if rank != 0:
         return None

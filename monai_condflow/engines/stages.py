@@ -32,14 +32,17 @@ from typing import Any
 import torch
 
 import monai_condflow
-from monai_condflow.engines.checkpoint import (
+from monai_condflow.engines.config_checks import check_preset
+from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
+from monai_condflow.handlers.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     find_latest_checkpoint,
     load_checkpoint,
 )
-from monai_condflow.engines.config_checks import ConfigValueError, check_preset, check_temperature
-from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
+from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
+from monai_condflow.networks.nets.conditional_glow import PRESETS as GLOW_PRESETS
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -56,8 +59,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_PRESETS = ("small", "paper")
-FLOW_PRESETS = ("small", "paper")
+CLASSIFIER_PRESETS: tuple[str, ...] = PEPXNet.preset_names()
+"""Classifier presets (``classifier_preset``): the names :meth:`PEPXNet.from_preset` accepts."""
+FLOW_PRESETS: tuple[str, ...] = tuple(GLOW_PRESETS)
+"""Flow presets (``flow_preset``): the names :meth:`ConditionalGlow.from_preset` accepts."""
 
 
 def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -66,8 +71,6 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
     Raises:
         FileNotFoundError: when the classifier stage has not run (the message says to run train_classifier.json).
     """
-    from monai_condflow.networks.nets import PEPXNet
-
     folder = Path(output_dir) / "classifier"
     info = read_stage_info(folder, "classifier", "train_classifier.json")
     path = require_file(folder / "model.pt", "classifier checkpoint", "train_classifier.json")
@@ -86,9 +89,7 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
 
 
 def build_flow(preset: str, image_size: int, overrides: dict | None = None) -> torch.nn.Module:
-    """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked (R9)."""
-    from monai_condflow.networks.nets import ConditionalGlow
-
+    """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked."""
     check_preset(preset, FLOW_PRESETS, "flow_preset")
     return ConditionalGlow.from_preset(preset, image_size=image_size, **dict(overrides or {}))
 
@@ -114,11 +115,6 @@ def build_flow_trainer(
     component holding ``max_epochs``; training resumes from the newest complete checkpoint in ``output_dir``
     (a killed run restarts where it stopped). The validation evaluator is kept as ``trainer.flow_evaluator``.
     """
-    from monai_condflow.engines.flow import create_flow_trainer
-
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ConfigValueError(f"config id 'max_epochs' must be an integer >= 1, got {max_epochs!r}.")
-    check_temperature(sample_temperature)
     trainer, evaluator = create_flow_trainer(
         flow,
         classifier,

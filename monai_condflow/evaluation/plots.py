@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from monai_condflow.utils.io import atomic_write_png
 
 __all__ = ["bar_chart", "image_grid", "line_chart", "save_png_atomic"]
 
@@ -34,26 +35,9 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 _W, _H, _L, _R, _T, _B = 640, 400, 70, 150, 36, 50  # canvas size and margins (left, right, top, bottom)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # an ordinary file's permissions (0644 under umask 022), not mkstemp's 0600
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Save a PIL image as PNG atomically (:func:`monai_condflow.utils.io.atomic_write_png`)."""
+    return atomic_write_png(image, path)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
 from monai_condflow.engines.stage_io import presumptive_label_summary
+from monai_condflow.engines.stages import privacy_spent
+from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
 from monai_condflow.evaluation.tstr import (
     METRIC_KEYS,
@@ -43,12 +45,17 @@ from monai_condflow.evaluation.tstr import (
     evaluate_tstr,
     train_real_classifier,
 )
+from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.metrics.fid import (
     check_fid_sample_size,
     extract_features,
     fid_from_features,
     fid_to_floor_ratio,
 )
+from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
+from monai_condflow.networks.nets.acgan import ACGANGenerator
+from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
+from monai_condflow.utils.io import atomic_write_text, shareable_file_mode  # noqa: F401  (re-exported)
 
 __all__ = [
     "atomic_write_text",
@@ -65,33 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
-
-
-def shareable_file_mode() -> int:
-    """``0o666`` under the process umask (``0o644`` with the usual ``022``): the mode of an ordinary new file, for
-    results meant to be read by others (temp files are created ``0600``)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, fsync, ``os.replace``), with the permissions of an
-    ordinary new file (:func:`shareable_file_mode`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, shareable_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
@@ -474,8 +454,6 @@ def load_module(
     The state dict is the checkpoint itself or its entry under ``network`` / ``model`` / ``state_dict`` / ``name``
     / ... Loading goes through ``torch.load(weights_only=True)``.
     """
-    from monai_condflow.engines.checkpoint import load_checkpoint
-
     if isinstance(spec, nn.Module):
         return spec.to(device).eval()
     path = Path(spec)
@@ -519,8 +497,6 @@ def sample_synthetic_set(
         ``{"overflow_pixels": LongTensor[N], "nonfinite_pixels": LongTensor[N], "pixels_per_image": int,
         "counted_on": "flow" | "sampler output"}`` over *all* drawn images (dropped ones included).
     """
-    from monai_condflow.engines.generation import pixel_range_stats
-
     g = torch.Generator().manual_seed(int(seed))
     outs, overflow, nonfinite, own_stats = [], [], [], True
     with torch.no_grad():
@@ -556,8 +532,6 @@ def sample_synthetic_set(
 def _samples_block(stats: Sequence[Mapping[str, Any]], n_dropped: int) -> dict[str, Any]:
     """The ``samples`` block of ``metrics.json`` over the synthetic sets' statistics (see
     :func:`sample_synthetic_set`)."""
-    from monai_condflow.engines.generation import summarize_sample_stats
-
     block = summarize_sample_stats(
         torch.cat([s["overflow_pixels"] for s in stats]),
         torch.cat([s["nonfinite_pixels"] for s in stats]),
@@ -572,8 +546,6 @@ def _flow_sampler(
     flow: nn.Module, temperature: float
 ) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow (R26)."""
-    from monai_condflow.engines.generation import generate_tensors
-
     def sample(z: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return generate_tensors(flow, z, temperature, g, return_stats=True)
 
@@ -691,8 +663,6 @@ def run_evaluation(
     Returns:
         The metrics dict written to ``metrics.json``.
     """
-    from monai_condflow.networks.nets import PEPXNet
-
     out = Path(output_dir)
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
     train, val, test = as_image_set(real_train), as_image_set(real_val), as_image_set(real_test)
@@ -702,8 +672,6 @@ def run_evaluation(
             return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
 
     if flow_factory is None:
-        from monai_condflow.networks.nets import ConditionalGlow
-
         def flow_factory() -> nn.Module:
             return ConditionalGlow.from_preset("small")
 
@@ -778,8 +746,6 @@ def run_evaluation(
         if acgan_factory is None:
 
             def acgan_factory() -> nn.Module:
-                from monai_condflow.networks.nets.acgan import ACGANGenerator
-
                 return ACGANGenerator(num_classes=num_classes)
 
         gen = load_module(acgan_spec, acgan_factory, "acgan", device)
@@ -803,8 +769,6 @@ def run_evaluation(
             samples[f"acgan {names[c]}"] = acgan_sets[0][0][acgan_sets[0][1] == c][:n_grid]
 
     if augmentation:
-        from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
-
         counts = torch.bincount(train[1], minlength=num_classes)
         minority = int(counts.argmin())
         gap = int(counts.max() - counts[minority])
@@ -879,8 +843,6 @@ def _privacy_audit(
     batch_size: int,
 ) -> tuple[dict[str, Any], str]:
     """The ``privacy`` block of ``metrics.json`` and the report section (the "## Privacy" heading removed)."""
-    from monai_condflow.engines.stages import privacy_spent
-    from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
 
     logger.info("privacy audit: DCR and membership inference (%d train vs %d held-out)", len(train), len(holdout))
     dcr = dcr_audit(synthetic, train, holdout, feature_extractor=eval_net, batch_size=max(batch_size, 256))

@@ -35,8 +35,8 @@ from typing import Any
 
 from monai_condflow.engines.run_folder import pid_alive
 from monai_condflow.evaluation.plots import line_chart
-from monai_condflow.evaluation.report import atomic_write_text
-from monai_condflow.pipeline import CPU_BUDGET, _parse_num_labels, default_stages, parse_stage_overrides, run_pipeline
+from monai_condflow.pipeline import CPU_BUDGET, default_stages, num_labels_arg, parse_stage_overrides, run_pipeline
+from monai_condflow.utils.io import atomic_write_text
 
 __all__ = ["DEFAULT_LEVELS", "level_name", "labelled_count", "summarize_sweep", "run_label_sweep", "main"]
 
@@ -257,10 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dataset_dir", type=Path, help="COVIDx-CT-format dataset folder")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
     parser.add_argument(
-        "--levels", nargs="+", type=_parse_num_labels, default=list(DEFAULT_LEVELS), help="e.g. 20 50 0.05 all"
+        "--levels", nargs="+", type=num_labels_arg, default=list(DEFAULT_LEVELS), help="e.g. 20 50 0.05 all"
     )
     parser.add_argument("--stage-set", action="append", default=[], metavar="STAGE.ID=VALUE")
-    parser.add_argument("--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels with the ACGAN")
+    parser.add_argument("--baseline-at", nargs="*", type=num_labels_arg, default=[], help="levels with the ACGAN")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

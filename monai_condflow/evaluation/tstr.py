@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
+from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
 
 __all__ = [
@@ -208,8 +210,6 @@ def default_fit_fn(
     Returns:
         The trained ``network`` (same object) in eval mode.
     """
-    from monai_condflow.engines.checkpoint import load_checkpoint
-    from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
 
     kwargs = {"max_epochs": 10, "lr": 1e-3, "iteration_log": False}
     kwargs.update(train_kwargs)

@@ -22,8 +22,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from monai_condflow.data.phantom import generate_phantom_dataset
-from monai_condflow.engines.checkpoint import load_checkpoint
 from monai_condflow.engines.run_folder import RunSettingsError
+from monai_condflow.handlers.checkpoint import load_checkpoint
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 CONFIGS = BUNDLE / "configs"

@@ -23,8 +23,8 @@ from monai.bundle import ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monai_condflow.data.phantom import generate_phantom_dataset
-from monai_condflow.engines.checkpoint import load_checkpoint
 from monai_condflow.engines.label_propagation import RoundLRScheduler
+from monai_condflow.handlers.checkpoint import load_checkpoint
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 CONFIGS = BUNDLE / "configs"

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines import distributed as D
+from monai_condflow.utils import distributed as D
 
 pytestmark = pytest.mark.slow
 

@@ -29,11 +29,11 @@ from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from monai_condflow.engines.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, create_flow_trainer, warmup_exponential_lambda
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch, attach_conditions, cache_embeddings
+from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets.pepx_net import PEPXNet
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)

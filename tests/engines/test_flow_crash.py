@@ -26,12 +26,12 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
-from monai_condflow.engines.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import create_flow_trainer
 from monai_condflow.engines.run_folder import RunSettingsError
 from monai_condflow.engines.stages import finish_flow_stage
+from monai_condflow.handlers.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
 from monai_condflow.transforms import Dequantized
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)

@@ -24,10 +24,10 @@ import torch
 from ignite.engine import Events
 
 import monai_condflow.privacy.dp as dp_module
-from monai_condflow.engines.checkpoint import load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
