@@ -143,6 +143,25 @@ def test_flow_train_workflow_properties(dataset, trained_run):
     assert wf.check_properties() == []
 
 
+def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, dataset: Path):
+    """``inference.json`` through ``monai.bundle run``: the trained flow (``network_def``) writes PNG samples."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+           "--meta_file", META, "--bundle_root", str(BUNDLE), "--dataset_dir", str(dataset),
+           "--output_dir", str(trained_run), "--image_size", str(TINY["image_size"]), "--device", "cpu",
+           "--num_samples", "5", "--batch_size", "2",
+           "--flow_overrides", repr(TINY_FLOW["flow_overrides"])]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = sorted((trained_run / "inference").glob("*.png"))
+    assert len(images) == 5
+    from PIL import Image
+
+    with Image.open(images[0]) as img:
+        assert img.size == (TINY["image_size"], TINY["image_size"])
+    assert not any("phantom_p" in p.name for p in images)  # no source file or patient in the names
+
+
 def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves(trained_run: Path):
     """The flow stage writes beside the classifier under ``OUTPUT_DIR/tensorboard/<stage>``, where the report looks."""
     runs = read_tensorboard_scalars(trained_run / "tensorboard")
@@ -153,7 +172,12 @@ def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves
     assert "figures/curve_flow_val_bpd.png" in report and (trained_run / "figures" / "curve_flow_val_bpd.png").is_file()
 
 
-def test_verify_metadata_and_network():
+@pytest.mark.parametrize(
+    "meta_file, config_file",
+    [(META, "inference.json"), (str(CONFIGS / "metadata_classifier.json"), "train_classifier.json")],
+)
+def test_verify_metadata_and_network(meta_file: str, config_file: str):
+    """One network per metadata file: the flow sampler of inference.json, the classifier of train_classifier.json."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     meta = subprocess.run(
         [
@@ -162,7 +186,7 @@ def test_verify_metadata_and_network():
             "monai.bundle",
             "verify_metadata",
             "--meta_file",
-            META,
+            meta_file,
             "--filepath",
             str(BUNDLE / "docs" / "metadata_schema.json"),
         ],
@@ -181,9 +205,9 @@ def test_verify_metadata_and_network():
             "verify_net_in_out",
             "network_def",
             "--meta_file",
-            META,
+            meta_file,
             "--config_file",
-            str(CONFIGS / "train_classifier.json"),
+            str(CONFIGS / config_file),
             "--bundle_root",
             str(BUNDLE),
             "--device",
