@@ -293,7 +293,6 @@ def run_pipeline(
     bundle_root: Path = BUNDLE_ROOT,
     num_images: int = 600,
     seed: int = 0,
-    baseline: bool = False,
 ) -> dict[str, float]:
     """Run every stage in order; returns the wall time of each stage in seconds.
 

@@ -104,7 +104,7 @@ def check_splits(
     num_classes: int | None = None,
     train_split: str = "train",
 ) -> bool:
-    """Check a dataset's splits against each other before any training (R24).
+    """Check a dataset's splits against each other before any training.
 
     Args:
         dataset_dir: the dataset folder.

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Validation of bundle configuration values (R9): every bad value stops the run with the id that holds it."""
+"""Validation of bundle configuration values: every bad value stops the run with the id that holds it."""
 
 from __future__ import annotations
 

@@ -19,16 +19,16 @@ Modes of :func:`generate`:
 - ``"n_per_class"``: ``n_per_class`` images per class, whose conditions are real inputs drawn class-balanced
   (without replacement when the class has enough inputs).
 
-Output hygiene (R4): files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
+Output hygiene: files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
 PNGs carry no text chunks and the NIfTI headers a fixed description; the manifest CSV records index, file(s), class,
 temperature, seed, model version and mode; ``generation.json`` the per-image pixel counts that were non-finite
-or outside ``SAMPLE_RANGE`` *before* clamping (R26: a failed decode is reported, not hidden).
+or outside ``SAMPLE_RANGE`` *before* clamping (a failed decode is reported, not hidden).
 temperature, seed, model version and mode. No source file name, patient id or DICOM tag is read into any output.
 In ``same_z`` / ``pairs`` mode the files are numbered in a shuffled order (a permutation keyed by the seed *and* the
 flow's weights), so a file's index is not its source image's position in the training list: the order is
 reproducible with the model, but not from the training list and the manifest's seed alone.
 
-Output sets (R25): the whole set (images + manifest) is written into a hidden sibling folder
+Output sets: the whole set (images + manifest) is written into a hidden sibling folder
 (``.<name>.partial-*``) and swapped into place by renaming when complete, so the folder and its manifest always
 describe the same files: a killed run leaves the previous set untouched, a smaller rerun leaves no stale file, and
 leftovers of a killed run are removed by the next one. ``output_dir`` must hold only files of an earlier generation
@@ -88,7 +88,7 @@ GENERATION_MODES = ("same_z", "pairs", "n_per_class")
 _FORMATS = ("png", "nifti")
 _NIFTI_DESCRIP = b"monai_condflow synthetic image"
 SUMMARY_NAME = "generation.json"
-"""Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written (R26)."""
+"""Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written."""
 
 
 def pixel_range_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,7 +113,7 @@ def summarize_sample_stats(
     pixels_per_image: int,
     source: str = "flow",
 ) -> dict[str, Any]:
-    """The ``samples`` block of ``metrics.json`` / ``generation.json`` from per-image pixel counts (R26).
+    """The ``samples`` block of ``metrics.json`` / ``generation.json`` from per-image pixel counts.
 
     Args:
         overflow_pixels: ``[N]`` pixels per image that were non-finite or outside :data:`SAMPLE_RANGE` before clamping.
@@ -160,7 +160,7 @@ def generate_tensors(
     Decode ``nu ~ N(0, T^2 I)`` with conditions ``z``: ``[N, condition_dim] -> [N, C, S, S]`` in ``[0, 1]``.
 
     Runs in eval mode without gradients (the flow's mode is restored) and on the flow's device. The per-image
-    overflow / non-finite pixel counts are taken *before* clamping (R26): from ``flow.sample(return_stats=True)``
+    overflow / non-finite pixel counts are taken *before* clamping: from ``flow.sample(return_stats=True)``
     when the flow offers it (:class:`~monai_condflow.networks.nets.ConditionalGlow` clamps inside ``sample``),
     otherwise on the flow's raw output (:func:`pixel_range_stats`). Non-finite pixels of a flow without statistics
     are kept non-finite (callers drop or count them); the values are clamped to ``[0, 1]``.
@@ -304,7 +304,7 @@ def generate(
         :func:`summarize_sample_stats` (pre-clamp overflow / non-finite counts) and the overflowed images' indices.
 
     Raises:
-        ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version`` (R9), an image path
+        ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version``, an image path
             instead of a tensor, no input, or an ``output_dir`` that holds files this function did not write.
         NotADirectoryError: ``output_dir`` (or its parent) is a file.
         PermissionError: the parent of ``output_dir`` cannot be written; the message names it.
@@ -430,7 +430,7 @@ def generate(
             "seed": seed,
             "model_version": model_version,
             "samples": samples,
-            # per image (manifest index) only where something overflowed: the honest pre-clamp record (R26)
+            # per image (manifest index) only where something overflowed: the honest pre-clamp record
             "overflowed_images": [
                 {"index": i, "overflow_pixels": int(o), "nonfinite_pixels": int(b)}
                 for i, (o, b) in enumerate(zip(over_all.tolist(), bad_all.tolist()))

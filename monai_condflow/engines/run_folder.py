@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""One writer per output folder, and no leftovers from a run with other settings (R22).
+"""One writer per output folder, and no leftovers from a run with other settings.
 
 - :class:`OutputFolderLock`: a lock file (``.lock``, ``fcntl.flock``; ``O_EXCL`` where there is no ``fcntl``)
   holding the writer's pid. A second process is refused with the pid of the first; the lock of a dead process is

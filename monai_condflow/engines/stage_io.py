@@ -189,7 +189,7 @@ def presumptive_label_summary(
 
 def remove_training_labels(directory: str | os.PathLike) -> bool:
     """Delete ``directory/train_labels.json`` left by an earlier semi-supervised run: a stage that trains on the true
-    labels only writes none, and a stale list would give the flow stage the old presumptive labels (R22).
+    labels only writes none, and a stale list would give the flow stage the old presumptive labels.
 
     Returns:
         whether a file was deleted.

@@ -133,7 +133,7 @@ def build_flow_trainer(
 
 def _best_of_this_run(folder: Path) -> tuple[Path, dict] | None:
     """The best flow checkpoint that the run's newest ``latest`` checkpoint names (its ``best_checkpoint``
-    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run (R22).
+    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run.
 
     Folders written before the bookkeeping was kept (no ``best_checkpoint`` entry) fall back to the newest valid
     ``best_*`` file.

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
 from monai_condflow.engines.stage_io import presumptive_label_summary
@@ -79,13 +80,8 @@ def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, 
 
     Returns:
         ``{run: {tag: (steps, values)}}`` where ``run`` is the folder of the event files relative to ``log_dir``
-        (``"."`` for the folder itself); empty when there are none or TensorBoard is not installed.
+        (``"."`` for the folder itself); empty when there are none.
     """
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:  # pragma: no cover
-        logger.warning("tensorboard is not installed; training curves are left out of the report")
-        return {}
     log_dir = Path(log_dir)
     if not log_dir.is_dir():
         return {}
@@ -545,7 +541,7 @@ def _samples_block(stats: Sequence[Mapping[str, Any]], n_dropped: int) -> dict[s
 def _flow_sampler(
     flow: nn.Module, temperature: float
 ) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow (R26)."""
+    """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow."""
     def sample(z: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return generate_tensors(flow, z, temperature, g, return_stats=True)
 
@@ -644,7 +640,7 @@ def run_evaluation(
         batch_size: batch size of embedding / sampling / FID feature passes.
         seed: base seed.
         device: device for every network.
-        privacy_audit: run the memorisation and membership-inference audits (R18, R19) on the flow: distance to
+        privacy_audit: run the memorisation and membership-inference audits on the flow: distance to
             closest training record of the first synthetic set vs the real test split (pixels and evaluation-
             classifier embeddings) and the likelihood-threshold attack (training vs test images). They go to the
             ``privacy`` object of ``metrics.json`` (with ``epsilon`` / ``delta`` when the run used DP-SGD, from
@@ -719,7 +715,7 @@ def run_evaluation(
         res["fid_std"] = float(np.std(fids))
         res["fid_per_set"] = fids
         res["fid_ratio"] = fid_to_floor_ratio(res["fid"], floor)
-        # honest (R26): images with a non-finite pixel before any clamping, over all images drawn
+        # honest: images with a non-finite pixel before any clamping, over all images drawn
         n_images = samples_block["n_images"]
         res["nonfinite_fraction"] = samples_block["images_with_nonfinite"] / n_images if n_images else 0.0
         res["samples"] = samples_block

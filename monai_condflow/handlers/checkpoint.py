@@ -12,17 +12,17 @@
 Safe, atomic checkpoints and file writes.
 
 Why not MONAI's ``CheckpointSaver`` alone: in MONAI 1.6.1 it builds Ignite's ``DiskSaver`` with ``atomic=False``
-(a process killed mid-save leaves a truncated file under the final name, R14), and Ignite's ``Checkpoint`` deletes
-the oldest file *before* it writes the new one (a kill in between leaves bookkeeping that names a deleted file,
-R21). Here checkpoints are written by Ignite's ``Checkpoint`` with :class:`AtomicDiskSaver` (temp file in the same
+(a process killed mid-save leaves a truncated file under the final name), and Ignite's ``Checkpoint`` deletes
+the oldest file *before* it writes the new one (a kill in between leaves bookkeeping that names a deleted file).
+Here checkpoints are written by Ignite's ``Checkpoint`` with :class:`AtomicDiskSaver` (temp file in the same
 folder, then ``os.replace``; old files are deleted only after the new one is in place, a missing file is no error,
 and a symlink under a checkpoint name is replaced, never followed), and every load goes through
-:func:`load_checkpoint` (``torch.load(..., weights_only=True)``, R1). MONAI's ``CheckpointLoader`` also loads with
+:func:`load_checkpoint` (``torch.load(..., weights_only=True)``). MONAI's ``CheckpointLoader`` also loads with
 ``weights_only=True`` and can be used on these files.
 
 A checkpoint is a plain dict of state dicts (tensors, numbers, strings); :class:`RandomStateTracker` turns the
 global random generators' states into such tensors so that a resumed run continues the same random streams, and
-:class:`LoaderRandomState` does the same for a data loader's own generators and its random transforms (R15).
+:class:`LoaderRandomState` does the same for a data loader's own generators and its random transforms.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def find_latest_checkpoint(
 
 
 class AtomicDiskSaver(DiskSaver):
-    """Ignite ``DiskSaver`` that survives a kill at any instant of a checkpoint rotation (R14, R21).
+    """Ignite ``DiskSaver`` that survives a kill at any instant of a checkpoint rotation.
 
     - Writes with :func:`atomic_torch_save` (temp file + fsync + ``os.replace``): a reader never sees a partial file,
       and a symlink under the checkpoint's name is replaced by the file, its target is never written.
@@ -229,7 +229,7 @@ class AtomicDiskSaver(DiskSaver):
 
 
 def prune_missing_files(handler: Checkpoint) -> list[str]:
-    """Drop the entries of a restored Ignite ``Checkpoint``'s bookkeeping whose file is gone (R21).
+    """Drop the entries of a restored Ignite ``Checkpoint``'s bookkeeping whose file is gone.
 
     A kill between two steps of a rotation, or a user deleting a file, may leave the bookkeeping saved in a
     checkpoint naming a file that no longer exists; without its entry, the handler saves a new file when it is due
@@ -393,7 +393,7 @@ def _random_transforms(root: Any, max_depth: int = 6) -> list[Any]:
 
 
 class LoaderRandomState:
-    """``state_dict`` / ``load_state_dict`` for the random streams a data loader owns (R15).
+    """``state_dict`` / ``load_state_dict`` for the random streams a data loader owns.
 
     The global generators (:class:`RandomStateTracker`) are not all a loader draws from: its own ``generator``
     (shuffling, worker seeds), its sampler's ``generator``, and the ``R`` of every MONAI random transform of its

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""MONAI's ``CheckpointSaver`` made crash-safe, and the evaluator's best score as resumable state (R14, R21).
+"""MONAI's ``CheckpointSaver`` made crash-safe, and the evaluator's best score as resumable state.
 
 MONAI 1.6.1's ``CheckpointSaver`` writes with ``atomic=False`` (a kill leaves a truncated file under the final
 name, and ``torch.save`` follows a symlink planted under that name), and the key-metric tracking is not part of a

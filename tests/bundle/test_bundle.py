@@ -115,7 +115,7 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert set(metrics["baseline"]) >= {"trtr", "tstr", "fid"}
     assert set(metrics["baseline"]["tstr"]) >= {"accuracy", "f1", "precision", "recall"}
     assert (trained_run / "report.md").read_text().count("TSTR") >= 1
-    # R26: pre-clamp overflow counts from the generation and evaluation stages; issue 14: headline, presumptive labels
+    # pre-clamp overflow counts from the generation and evaluation stages; issue 14: headline, presumptive labels
     generation = json.loads((trained_run / "synthetic" / "generation.json").read_text())
     assert generation["samples"]["n_images"] == len(labels) and generation["samples"]["range"] == [-0.25, 1.25]
     assert metrics["samples"]["n_images"] == len(labels) and metrics["samples"]["counted_on"] == "flow"
@@ -124,7 +124,7 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert 0.0 <= metrics["presumptive_accuracy"] <= 1.0
     assert metrics["headline"]["presumptive_accuracy"] == metrics["presumptive_accuracy"]
     assert (trained_run / "report.md").read_text().startswith("# monai_condflow evaluation\n\n## Headline")
-    # R4: nothing next to the synthetic images names a source file or patient
+    # nothing next to the synthetic images names a source file or patient
     for path in (trained_run / "synthetic").iterdir():
         assert "phantom_p" not in path.name
     assert "phantom_p" not in (trained_run / "synthetic" / "manifest.csv").read_text()
@@ -243,7 +243,7 @@ def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, erro
 
 
 def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(dataset, tmp_path):
-    """R24: checked in ``initialize``, before any image is read or any training."""
+    """checked in ``initialize``, before any image is read or any training."""
     from monai_condflow.data.errors import DataError
 
     bad = tmp_path / "data"

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The bundle's stages after a kill or beside leftovers (R14, R15, R21, R22): the classifier's ``model.pt`` stays the
+"""The bundle's stages after a kill or beside leftovers: the classifier's ``model.pt`` stays the
 best epoch across a resume and is never written through a symlink; a rerun with other settings is refused before
 anything is written; a stale label list does not survive."""
 

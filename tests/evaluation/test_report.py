@@ -299,7 +299,7 @@ def test_report_metrics_and_figures_get_normal_permissions(tmp_path):
 
 
 def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_path):
-    """R24: the evaluation refuses sets too small for FID (N <= D) before it trains its classifier or samples."""
+    """the evaluation refuses sets too small for FID (N <= D) before it trains its classifier or samples."""
     trained = []
 
     def fit(network, train, val, **kwargs):
@@ -319,7 +319,7 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
     assert trained == [] and not (tmp_path / "metrics.json").exists()
 
 def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
-    """R26: a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
+    """a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
     metrics.json and report.md (the old code saw clean images and reported 0)."""
     metrics = run_evaluation(
         tmp_path,
