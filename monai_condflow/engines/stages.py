@@ -43,6 +43,7 @@ from monai_condflow.handlers.checkpoint import (
 )
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.networks.nets.conditional_glow import PRESETS as GLOW_PRESETS
+from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -73,7 +74,7 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
     """
     folder = Path(output_dir) / "classifier"
     info = read_stage_info(folder, "classifier", "train_classifier.json")
-    path = require_file(folder / "model.pt", "classifier checkpoint", "train_classifier.json")
+    path = require_file(folder / MODEL_FILE, "classifier checkpoint", "train_classifier.json")
     net = PEPXNet.from_preset(
         info["preset"],
         spatial_dims=2,
@@ -166,7 +167,7 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
     else:
         state = flow.state_dict()
         source = "last epoch"
-    target = atomic_torch_save({"network": state}, folder / "model.pt")
+    target = atomic_torch_save({"network": state}, folder / MODEL_FILE)
     write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
     logger.info("flow stage: %s -> %s", source, target)
     return target
@@ -180,7 +181,7 @@ def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu")
     """
     folder = Path(output_dir) / "flow"
     info = read_stage_info(folder, "flow", "train_flow.json")
-    path = require_file(folder / "model.pt", "flow checkpoint", "train_flow.json")
+    path = require_file(folder / MODEL_FILE, "flow checkpoint", "train_flow.json")
     flow = build_flow(info["preset"], int(info["image_size"]), info.get("overrides"))
     state = load_checkpoint(path)
     flow.load_state_dict(state["network"])

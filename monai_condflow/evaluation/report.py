@@ -56,7 +56,7 @@ from monai_condflow.metrics.fid import (
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.networks.nets.acgan import ACGANGenerator
 from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
-from monai_condflow.utils.io import atomic_write_text, shareable_file_mode  # noqa: F401  (re-exported)
+from monai_condflow.utils.io import MODEL_FILE, atomic_write_text, shareable_file_mode  # noqa: F401  (re-exported)
 
 __all__ = [
     "atomic_write_text",
@@ -71,9 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
-
 
 def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """All scalar series of the TensorBoard event files under ``log_dir``.
@@ -425,30 +422,24 @@ def write_report(
 
 
 def find_model_checkpoint(directory: str | os.PathLike, name: str) -> Path:
-    """The checkpoint of a model folder: ``{name}_best.pt``, else ``*best*.pt``, ``*final*.pt``, else the newest
-    ``*.pt`` (temporary files are ignored).
+    """The model of a stage folder: ``directory/model.pt``, the one name every stage saves its model under.
 
     Raises:
-        FileNotFoundError: when the folder holds no ``.pt`` file.
+        FileNotFoundError: naming ``name`` and the folder when the stage has not written its model.
     """
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.pt") if p.is_file() and not p.name.startswith((".", "tmp")))
-    for pattern in (f"{name}_best.pt", "*best*.pt", "*final*.pt"):
-        hits = sorted(p for p in files if p.match(pattern))
-        if hits:
-            return hits[-1]
-    if not files:
-        raise FileNotFoundError(f"no .pt checkpoint in {directory}.")
-    return max(files, key=lambda p: p.stat().st_mtime)
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {name} model at {path}: run the {name} stage first with this output_dir.")
+    return path
 
 
 def load_module(
     spec: nn.Module | str | os.PathLike, factory: Callable[[], nn.Module], name: str, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """A module given as itself, a checkpoint file, or a folder (see :func:`find_model_checkpoint`), in eval mode.
+    """A module given as itself, a checkpoint file, or a stage folder (its ``model.pt``), in eval mode.
 
-    The state dict is the checkpoint itself or its entry under ``network`` / ``model`` / ``state_dict`` / ``name``
-    / ... Loading goes through ``torch.load(weights_only=True)``.
+    The weights are the checkpoint's ``network`` entry (how every stage saves its model), or the checkpoint itself
+    when it is a bare state dict. Loading goes through ``torch.load(weights_only=True)``.
     """
     if isinstance(spec, nn.Module):
         return spec.to(device).eval()
@@ -456,11 +447,7 @@ def load_module(
     if path.is_dir():
         path = find_model_checkpoint(path, name)
     ckpt = load_checkpoint(path, map_location=device)
-    state = ckpt
-    for key in (name,) + _STATE_KEYS:
-        if isinstance(ckpt.get(key), Mapping):
-            state = ckpt[key]
-            break
+    state = ckpt["network"] if isinstance(ckpt.get("network"), Mapping) else ckpt
     module = factory()
     module.load_state_dict(state)
     logger.info("loaded %s from %s", name, path)
@@ -668,6 +655,7 @@ def run_evaluation(
             return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
 
     if flow_factory is None:
+
         def flow_factory() -> nn.Module:
             return ConditionalGlow.from_preset("small")
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "MODEL_FILE",
     "TEMP_SUFFIX",
     "shareable_file_mode",
     "atomic_write_bytes",
@@ -36,6 +37,8 @@ __all__ = [
     "atomic_torch_save",
 ]
 
+MODEL_FILE = "model.pt"
+"""File name of a stage's model in its folder (the model-zoo name): ``{"network": state_dict, ...}``."""
 TEMP_SUFFIX = ".tmp"
 """Suffix of the temporary files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
 

@@ -394,3 +394,19 @@ def test_run_evaluation_presumptive_label_accuracy(tmp_path):
         privacy_audit=False,
     )
     assert again["presumptive_accuracy"] == 0.7 and again["presumptive_labels"]["n_compared"] == 0
+
+
+def test_load_module_reads_the_stages_model_pt_and_nothing_else(tmp_path):
+    """One name per stage model: ``model.pt`` with its weights under ``network``; no guessing among other files."""
+    from monai_condflow.evaluation.report import load_module
+
+    net = nn.Linear(3, 2)
+    (tmp_path / "stage").mkdir()
+    torch.save({"network": net.state_dict()}, tmp_path / "stage" / "other_best.pt")
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_module(tmp_path / "stage", lambda: nn.Linear(3, 2), "stage")
+    torch.save({"network": net.state_dict(), "optimizer": {}}, tmp_path / "stage" / "model.pt")
+    loaded = load_module(tmp_path / "stage", lambda: nn.Linear(3, 2), "stage")
+    assert torch.equal(loaded.weight, net.weight) and not loaded.training
+    torch.save(net.state_dict(), tmp_path / "bare.pt")  # a bare state dict file
+    assert torch.equal(load_module(tmp_path / "bare.pt", lambda: nn.Linear(3, 2), "x").bias, net.bias)
