@@ -33,6 +33,7 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLE_ROOT",
+    "COMMON_CONFIG",
     "CPU_BUDGET",
     "PUBLIC_DIR",
     "STAGE_KEYS",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundle"
+COMMON_CONFIG = "common.json"
+"""The config every stage stacks first: the shared ids (data, device, seed) and the ``records`` block."""
 
 
 class Stage:
@@ -69,8 +72,11 @@ class Stage:
         self.public = public
 
     def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
-        """The command line of this stage."""
-        files = [str(bundle_root / "configs" / f) for f in self.config_files]
+        """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first."""
+        names = list(self.config_files)
+        if (bundle_root / "configs" / COMMON_CONFIG).is_file() and COMMON_CONFIG not in names:
+            names.insert(0, COMMON_CONFIG)
+        files = [str(bundle_root / "configs" / f) for f in names]
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]

@@ -396,3 +396,19 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path: Path, capsys):
     assert main([str(_dataset(tmp_path / "d")), "--output-dir", str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert "'output_dir'" in err and "runs is a file" in err
+
+
+def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there():
+    """``common.json`` holds the shared ids and the one ``records`` block; the stages only refer to it."""
+    configs = BUNDLE_ROOT / "configs"
+    for stages in (default_stages(50, baseline=True), default_stages("all", dp_epsilon=1.0, public_pretrain=True)):
+        for stage in stages:
+            files = json.loads(stage.command(BUNDLE_ROOT, {"output_dir": "/o"})[5])
+            assert Path(files[0]).name == pipeline.COMMON_CONFIG and pipeline.COMMON_CONFIG not in files[1:]
+    common = json.loads((configs / "common.json").read_text())
+    assert set(common["records"]) == {"train_raw", "train", "val", "test", "training"}
+    for path in configs.glob("*.json"):
+        text = path.read_text()
+        if path.name != "common.json":
+            assert "load_covidx_split(" not in text and '"bundle_root"' not in text, path.name
+            assert '"imports"' not in text, f"{path.name} must add to common.json's imports with +imports"

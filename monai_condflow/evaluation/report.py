@@ -10,6 +10,8 @@
 # limitations under the License.
 """Evaluation report (``report.md`` + ``metrics.json``) and the end-to-end :func:`run_evaluation` of a trained run.
 
+The stage models are found and loaded by :mod:`.checkpoints`, the training curves read by :mod:`.tensorboard`.
+
 ``metrics.json`` always holds ``trtr`` and ``tstr`` objects with ``accuracy``, ``f1``, ``precision``, ``recall``
 (fractions, plus ``*_std``) and ``fid`` (a number); ``baseline`` holds the same keys when the ACGAN baseline was
 evaluated. Both files are written atomically (temporary file + ``os.replace``).
@@ -31,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
 from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
 from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
+from monai_condflow.evaluation.checkpoints import find_model_checkpoint, load_module
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
+from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 from monai_condflow.evaluation.tstr import (
     METRIC_KEYS,
     ImageSet,
@@ -46,7 +49,6 @@ from monai_condflow.evaluation.tstr import (
     evaluate_tstr,
     train_real_classifier,
 )
-from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.metrics.fid import (
     check_fid_sample_size,
     extract_features,
@@ -71,29 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """All scalar series of the TensorBoard event files under ``log_dir``.
-
-    Returns:
-        ``{run: {tag: (steps, values)}}`` where ``run`` is the folder of the event files relative to ``log_dir``
-        (``"."`` for the folder itself); empty when there are none.
-    """
-    log_dir = Path(log_dir)
-    if not log_dir.is_dir():
-        return {}
-    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*") if p.is_file()})
-    for folder in folders:
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags = acc.Tags().get("scalars", [])
-        if tags:
-            runs[str(folder.relative_to(log_dir))] = {
-                t: ([e.step for e in acc.Scalars(t)], [float(e.value) for e in acc.Scalars(t)]) for t in tags
-            }
-    return runs
-
 
 def _pct(scores: Mapping[str, Any], key: str) -> str:
     v, s = scores.get(key), scores.get(f"{key}_std")
@@ -419,39 +398,6 @@ def write_report(
     metrics_path = atomic_write_text(out / "metrics.json", payload + "\n")
     logger.info("wrote %s and %s", report, metrics_path)
     return report, metrics_path
-
-
-def find_model_checkpoint(directory: str | os.PathLike, name: str) -> Path:
-    """The model of a stage folder: ``directory/model.pt``, the one name every stage saves its model under.
-
-    Raises:
-        FileNotFoundError: naming ``name`` and the folder when the stage has not written its model.
-    """
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {name} model at {path}: run the {name} stage first with this output_dir.")
-    return path
-
-
-def load_module(
-    spec: nn.Module | str | os.PathLike, factory: Callable[[], nn.Module], name: str, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """A module given as itself, a checkpoint file, or a stage folder (its ``model.pt``), in eval mode.
-
-    The weights are the checkpoint's ``network`` entry (how every stage saves its model), or the checkpoint itself
-    when it is a bare state dict. Loading goes through ``torch.load(weights_only=True)``.
-    """
-    if isinstance(spec, nn.Module):
-        return spec.to(device).eval()
-    path = Path(spec)
-    if path.is_dir():
-        path = find_model_checkpoint(path, name)
-    ckpt = load_checkpoint(path, map_location=device)
-    state = ckpt["network"] if isinstance(ckpt.get("network"), Mapping) else ckpt
-    module = factory()
-    module.load_state_dict(state)
-    logger.info("loaded %s from %s", name, path)
-    return module.to(device).eval()
 
 
 def sample_synthetic_set(

@@ -46,7 +46,7 @@ TINY_FLOW = {
 
 def _workflow(files: list[str], workflow_type: str | None = None, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files],
+        config_file=[str(CONFIGS / f) for f in ["common.json", *files]],
         meta_file=META,
         workflow_type=workflow_type,
         bundle_root=str(BUNDLE),
@@ -76,7 +76,7 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out)}
     train = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train_classifier.json"), str(CONFIGS / "train_semisupervised.json")],
+        config_file=[str(CONFIGS / f) for f in ("common.json", "train_classifier.json", "train_semisupervised.json")],
         meta_file=META,
         workflow_type="train",
         bundle_root=str(BUNDLE),
@@ -146,7 +146,8 @@ def test_flow_train_workflow_properties(dataset, trained_run):
 def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, dataset: Path):
     """``inference.json`` through ``monai.bundle run``: the trained flow (``network_def``) writes PNG samples."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / "inference.json")]),
            "--meta_file", META, "--bundle_root", str(BUNDLE), "--dataset_dir", str(dataset),
            "--output_dir", str(trained_run), "--image_size", str(TINY["image_size"]), "--device", "cpu",
            "--num_samples", "5", "--batch_size", "2",
@@ -207,7 +208,7 @@ def test_verify_metadata_and_network(meta_file: str, config_file: str):
             "--meta_file",
             meta_file,
             "--config_file",
-            str(CONFIGS / config_file),
+            json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / config_file)]),
             "--bundle_root",
             str(BUNDLE),
             "--device",
@@ -302,7 +303,7 @@ def _torchrun(files: list[str], overrides: dict, timeout: int = 600) -> subproce
         "monai.bundle",
         "run",
         "--config_file",
-        json.dumps([str(CONFIGS / f) for f in files]),
+        json.dumps([str(CONFIGS / f) for f in ["common.json", *files]]),
         "--bundle_root",
         str(BUNDLE),
     ]

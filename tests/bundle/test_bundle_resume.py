@@ -39,7 +39,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files],
+        config_file=[str(CONFIGS / f) for f in ["common.json", *files]],
         meta_file=str(CONFIGS / "metadata.json"),
         bundle_root=str(BUNDLE),
         **overrides,

@@ -59,7 +59,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def _workflow(dataset: Path, out: Path, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train_classifier.json"), str(CONFIGS / "train_semisupervised.json")],
+        config_file=[str(CONFIGS / f) for f in ("common.json", "train_classifier.json", "train_semisupervised.json")],
         meta_file=str(CONFIGS / "metadata.json"),
         bundle_root=str(BUNDLE),
         workflow_type="train",
