@@ -35,6 +35,7 @@ __all__ = [
     "BUNDLE_ROOT",
     "DESCRIPTION",
     "build_parser",
+    "COMMON_CONFIG",
     "CPU_BUDGET",
     "PUBLIC_DIR",
     "STAGE_KEYS",
@@ -44,6 +45,7 @@ __all__ = [
     "parse_stage_overrides",
     "run_pipeline",
     "main",
+    "num_labels_arg",
 ]
 
 
@@ -59,6 +61,8 @@ def _find_bundle_root() -> Path:
 
 BUNDLE_ROOT = _find_bundle_root()
 """The default ``--bundle-root``: the bundle (``configs/``, ``docs/``, ``LICENSE``) that ships with the package."""
+COMMON_CONFIG = "common.json"
+"""The config every stage stacks first: the shared ids (data, device, seed) and the ``records`` block."""
 
 
 class Stage:
@@ -82,8 +86,11 @@ class Stage:
         self.public = public
 
     def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
-        """The command line of this stage."""
-        files = [str(bundle_root / "configs" / f) for f in self.config_files]
+        """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first."""
+        names = list(self.config_files)
+        if (bundle_root / "configs" / COMMON_CONFIG).is_file() and COMMON_CONFIG not in names:
+            names.insert(0, COMMON_CONFIG)
+        files = [str(bundle_root / "configs" / f) for f in names]
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
@@ -308,7 +315,6 @@ def run_pipeline(
     bundle_root: Path = BUNDLE_ROOT,
     num_images: int = 600,
     seed: int = 0,
-    baseline: bool = False,
 ) -> dict[str, float]:
     """Run every stage in order; returns the wall time of each stage in seconds.
 
@@ -404,13 +410,22 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
     return lines
 
 
-def _parse_num_labels(text: str) -> object:
-    if text == "all":
-        return "all"
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--num-labels must be > 0, a fraction in (0, 1] or 'all', got {text}")
-    return int(value) if value >= 1 and value.is_integer() else value
+def num_labels_arg(text: str) -> object:
+    """``--num-labels`` as the bundle's ``num_labels`` id: ``"all"``, a count or a fraction.
+
+    The value is read by :func:`monai_condflow.data.datalists.parse_num_labels`, the one parser the bundle uses too
+    (``"1"`` is one label; ``"1.0"`` is every label, passed on as ``"all"``).
+
+    Raises:
+        argparse.ArgumentTypeError: for a value ``parse_num_labels`` refuses.
+    """
+    from monai_condflow.data.datalists import parse_num_labels
+
+    try:
+        value = parse_num_labels(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--num-labels: {err}") from None
+    return "all" if value is None else value
 
 
 DESCRIPTION = (
@@ -437,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/main"), help="where every output goes")
     parser.add_argument(
         "--num-labels",
-        type=_parse_num_labels,
+        type=num_labels_arg,
         default=50,
         help="labelled training images: a count such as 20 or 50, a fraction such as 0.05, or all (no "
         "semi-supervised step)",

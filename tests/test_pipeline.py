@@ -25,10 +25,10 @@ from monai_condflow.pipeline import (
     BUNDLE_ROOT,
     CPU_BUDGET,
     Stage,
-    _parse_num_labels,
     cli_value,
     default_stages,
     main,
+    num_labels_arg,
     parse_stage_overrides,
     run_pipeline,
 )
@@ -81,12 +81,12 @@ def test_default_stages():
 
 @pytest.mark.parametrize("text, value", [("all", "all"), ("50", 50), ("0.05", 0.05), ("1", 1)])
 def test_parse_num_labels(text, value):
-    assert _parse_num_labels(text) == value
+    assert num_labels_arg(text) == value
 
 
 def test_parse_num_labels_bad():
     with pytest.raises(argparse.ArgumentTypeError, match="--num-labels"):
-        _parse_num_labels("-2")
+        num_labels_arg("-2")
 
 
 def test_missing_dataset_and_split_files(tmp_path: Path):
@@ -459,3 +459,17 @@ def test_the_other_command_lines_document_every_option(module, capsys):
     assert options
     if module.endswith("phantom"):
         assert "(default: 600)" in text and "(default: 0)" in text and "--no-progress" in text
+def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there():
+    """``common.json`` holds the shared ids and the one ``records`` block; the stages only refer to it."""
+    configs = BUNDLE_ROOT / "configs"
+    for stages in (default_stages(50, baseline=True), default_stages("all", dp_epsilon=1.0, public_pretrain=True)):
+        for stage in stages:
+            files = json.loads(stage.command(BUNDLE_ROOT, {"output_dir": "/o"})[5])
+            assert Path(files[0]).name == pipeline.COMMON_CONFIG and pipeline.COMMON_CONFIG not in files[1:]
+    common = json.loads((configs / "common.json").read_text())
+    assert set(common["records"]) == {"train_raw", "train", "val", "test", "training"}
+    for path in configs.glob("*.json"):
+        text = path.read_text()
+        if path.name != "common.json":
+            assert "load_covidx_split(" not in text and '"bundle_root"' not in text, path.name
+            assert '"imports"' not in text, f"{path.name} must add to common.json's imports with +imports"

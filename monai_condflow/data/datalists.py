@@ -32,7 +32,7 @@ import numpy as np
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
 from monai_condflow.data.readers import read_covidx_annotations, resolve_class_map
 from monai_condflow.data.splits import sample_labelled_subset
-from monai_condflow.engines.checkpoint import atomic_write_bytes
+from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = ["load_covidx_split", "check_splits", "parse_num_labels", "select_labelled", "preprocess_cached"]
 
@@ -104,7 +104,7 @@ def check_splits(
     num_classes: int | None = None,
     train_split: str = "train",
 ) -> bool:
-    """Check a dataset's splits against each other before any training (R24).
+    """Check a dataset's splits against each other before any training.
 
     Args:
         dataset_dir: the dataset folder.
@@ -160,24 +160,40 @@ def check_splits(
     return True
 
 
-def parse_num_labels(num_labels: int | float | str) -> int | float | None:
-    """Normalise the ``num_labels`` setting: ``"all"`` / ``None`` / ``1.0`` -> ``None`` (every label), an integer
-    count (20, 50) -> ``int``, a fraction in ``(0, 1)`` -> ``float``.
+def parse_num_labels(num_labels: int | float | str | None) -> int | float | None:
+    """The one reading of the ``num_labels`` setting (config id and ``--num-labels``).
+
+    ``"all"`` / ``None`` / ``1.0`` -> ``None`` (every label); a whole count (``20``, ``"50"``) -> ``int``; a fraction
+    in ``(0, 1)`` (``0.05``, ``"0.05"``) -> ``float``. A string reads as a count when it is an integer literal (``"1"``
+    is one label) and as a number otherwise (``"1.0"`` is every label, as the float ``1.0``).
 
     Raises:
         ValueError: naming ``num_labels`` for a value that is none of these.
     """
     if num_labels is None or (isinstance(num_labels, str) and num_labels.strip().lower() == "all"):
         return None
-    try:
-        value = float(num_labels)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"num_labels must be a count (20, 50), a fraction in (0, 1] or 'all', got {num_labels!r}."
-        ) from None
-    if value <= 0:
+    bad = f"num_labels must be a count (20, 50), a fraction in (0, 1] or 'all', got {num_labels!r}."
+    value: int | float
+    if isinstance(num_labels, bool):
+        raise ValueError(bad)
+    if isinstance(num_labels, str):
+        text = num_labels.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(bad) from None
+    elif isinstance(num_labels, (int, float)):
+        value = num_labels
+    else:
+        raise ValueError(bad)
+    if not value > 0:
         raise ValueError(f"num_labels must be positive, got {num_labels!r}.")
-    if value == 1.0 and not (isinstance(num_labels, int) and not isinstance(num_labels, bool)):
+    if isinstance(value, int):
+        return value
+    if value == 1.0:
         return None
     if value < 1:
         return value

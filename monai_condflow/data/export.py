@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes
+from monai_condflow.data.npz import class_names_from_npz, load_npz_dataset
+from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = ["write_covidx_folder", "main"]
 
@@ -114,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--covid-label", type=int, default=None, help="label of COVID-19 in the npz (binary sets: maps it to class 2)"
     )
     args = parser.parse_args(argv)
-    from monai_condflow.data.npz import class_names_from_npz, load_npz_dataset
-
     names = [n.lower() for n in class_names_from_npz(args.npz)]
     covid = args.covid_label
     if covid is None and len(names) == 2:

@@ -44,6 +44,7 @@ from PIL import Image
 from scipy import ndimage
 
 from monai_condflow.progress import ProgressLog
+from monai_condflow.utils.io import atomic_write_png, atomic_write_text
 
 __all__ = [
     "CLASS_NAMES",
@@ -809,17 +810,8 @@ def hu_to_png(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu + HU_OFFSET), 0, 4095).astype(np.uint16)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _write_png(path: Path, hu: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(hu_to_png(hu)).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    atomic_write_png(Image.fromarray(hu_to_png(hu)), path, compress_level=1)
 
 
 def _class_counts(n_patients: int, fractions: Sequence[float]) -> list[int]:
@@ -972,9 +964,9 @@ def generate_phantom_dataset(
         "patients": {sp: dict(zip(CLASS_NAMES, n_patients_split[sp])) for sp in lines},
     }
     for sp, rows in lines.items():
-        _atomic_write_bytes(out / f"{sp}.txt", ("\n".join(sorted(rows)) + "\n").encode())
-    _atomic_write_bytes(out / "dataset.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-    _atomic_write_bytes(out / "README.md", _readme(info).encode())
+        atomic_write_text(out / f"{sp}.txt", "\n".join(sorted(rows)) + "\n")
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "README.md", _readme(info))
     info["seconds"] = time.perf_counter() - start
     logger.info("phantom: wrote %d images to %s in %.1f s", num_images, out, info["seconds"])
     return info

@@ -11,8 +11,8 @@
 """Training of the ACGAN baseline with a MONAI :class:`~monai.engines.GanTrainer` whose iteration adds class labels.
 
 Losses (Odena et al. 2017): discriminator ``BCE(real) + BCE(fake) + CE(class | real) + CE(class | fake)``;
-generator ``BCE(fake -> real) + CE(class | fake)``. :func:`train_acgan` writes ``acgan_final.pt`` =
-``{"generator": state_dict, "discriminator": state_dict}`` atomically, which
+generator ``BCE(fake -> real) + CE(class | fake)``. :func:`train_acgan` writes ``model.pt`` =
+``{"network": generator state_dict, "discriminator": state_dict}`` atomically, which
 :func:`~monai_condflow.evaluation.report.run_evaluation` picks up from ``output_dir/acgan``.
 """
 
@@ -30,7 +30,7 @@ from monai.engines import GanTrainer
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_condflow.engines.checkpoint import atomic_torch_save
+from monai_condflow.utils.io import MODEL_FILE, atomic_torch_save
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -180,8 +180,8 @@ def train_acgan(
     path = None
     if output_dir is not None:
         path = atomic_torch_save(
-            {"generator": generator.state_dict(), "discriminator": discriminator.state_dict()},
-            Path(output_dir) / "acgan_final.pt",
+            {"network": generator.state_dict(), "discriminator": discriminator.state_dict()},
+            Path(output_dir) / MODEL_FILE,
         )
     return {
         "epochs": int(trainer.state.epoch),

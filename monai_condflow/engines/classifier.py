@@ -29,9 +29,9 @@ depends only on ``(seed, epoch)`` (``DistributedSampler.set_epoch`` from MONAI's
 generator), so two seeded CPU runs give identical losses and a run resumed at an epoch boundary ends with the weights
 of an uninterrupted run.
 
-Distributed (``torchrun``): when a process group is initialised (:func:`~monai_condflow.engines.distributed.
+Distributed (``torchrun``): when a process group is initialised (:func:`~monai_condflow.utils.distributed.
 init_distributed`), the network is wrapped in DDP, metrics are all-reduced, and only rank 0 logs and writes files.
-Loaders should come from :func:`~monai_condflow.engines.distributed.create_loader` (as :func:`train_classifier`
+Loaders should come from :func:`~monai_condflow.utils.distributed.create_loader` (as :func:`train_classifier`
 does), whose ``batch_size`` is the global batch.
 """
 
@@ -56,15 +56,17 @@ from monai.handlers import (
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, Dataset
 
-from monai_condflow.engines.checkpoint import AtomicDiskSaver, LoaderRandomState
-from monai_condflow.engines.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
-from monai_condflow.engines.distributed import create_loader, get_rank, is_distributed, unwrap_model, wrap_ddp
+from monai_condflow.handlers.checkpoint import AtomicDiskSaver, LoaderRandomState
+from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
     MacroF1,
     MacroPrecision,
     MacroRecall,
 )
+from monai_condflow.networks.embeddings import compute_embeddings
+from monai_condflow.utils.checks import check_positive_int
+from monai_condflow.utils.distributed import create_loader, get_rank, is_distributed, unwrap_model, wrap_ddp
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -242,7 +244,7 @@ def create_classifier_trainer(
         network: a module with ``forward(x) -> logits [B, C]`` (and ``embed(x) -> z``), e.g. ``PEPXNet``. It is
             moved to ``device`` and, when a process group is initialised, wrapped in DDP (``trainer.network``).
         train_loader: batches ``{"image": [B, 1, S, S], "label": [B]}``; use
-            :func:`~monai_condflow.engines.distributed.create_loader` for deterministic, torchrun-ready loading.
+            :func:`~monai_condflow.utils.distributed.create_loader` for deterministic, torchrun-ready loading.
         val_loader: validation batches of the same form; ``None`` for no evaluator (and no best checkpoint).
         device: training device.
         max_epochs: total number of epochs (a resumed run continues up to this number).
@@ -275,8 +277,7 @@ def create_classifier_trainer(
         ValueError: on a bad ``max_epochs``, ``val_interval``, ``lr``, ``lr_decay``, ``class_weights`` value, or a
             ``resume_from`` path that does not exist.
     """
-    if not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}.")
+    check_positive_int("max_epochs", max_epochs)
     if not isinstance(val_interval, int) or val_interval < 1:
         raise ValueError(f"val_interval must be a positive integer, got {val_interval!r}.")
     if not lr > 0:
@@ -478,7 +479,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train the classifier and return its best validation metrics and checkpoint paths.
 
-    Datasets are turned into loaders with :func:`~monai_condflow.engines.distributed.create_loader` (``batch_size``
+    Datasets are turned into loaders with :func:`~monai_condflow.utils.distributed.create_loader` (``batch_size``
     is the global batch; training data shuffled with ``seed``); loaders are used as given.
 
     Args:
@@ -541,50 +542,3 @@ def train_classifier(
             result[key] = path if os.path.isfile(path) else None
     logger.info("classifier trained: %s", {k: v for k, v in result.items() if k != "train_metrics"})
     return result
-
-
-@torch.no_grad()
-def compute_embeddings(
-    network: torch.nn.Module,
-    loader: Iterable,
-    device: str | torch.device,
-    image_key: str = "image",
-    label_key: str = "label",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings ``z = network.embed(x)`` and labels of every batch of ``loader``, in eval mode without gradients.
-
-    Use a loader that visits every item once in a fixed order (not a sharded distributed one). The network's
-    training mode is restored afterwards.
-
-    Args:
-        network: a module with ``embed(x) -> z [B, D]`` (a DDP wrapper is unwrapped).
-        loader: batches with ``image_key`` (and optionally ``label_key``).
-        device: device of the forward pass.
-        image_key: key of the images.
-        label_key: key of the labels; batches without it give label ``-1``.
-
-    Returns:
-        ``(z, labels)``: ``float32`` ``[N, D]`` and ``int64`` ``[N]``, on CPU.
-    """
-    module = unwrap_model(network)
-    if not callable(getattr(module, "embed", None)):
-        raise TypeError(f"{type(module).__name__} has no `embed(x)` method.")
-    device = torch.device(device)
-    was_training = module.training
-    module.eval()
-    zs: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    try:
-        for batch in loader:
-            images = torch.as_tensor(batch[image_key]).to(device)
-            z = module.embed(images).float().cpu()
-            zs.append(z)
-            if label_key in batch:
-                labels.append(torch.as_tensor(batch[label_key]).reshape(-1).long().cpu())
-            else:
-                labels.append(torch.full((z.shape[0],), -1, dtype=torch.long))
-    finally:
-        module.train(was_training)
-    if not zs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(zs), torch.cat(labels)

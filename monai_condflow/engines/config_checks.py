@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Validation of bundle configuration values (R9): every bad value stops the run with the id that holds it."""
+"""Validation of bundle configuration values: every bad value stops the run with the id that holds it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from monai_condflow.utils.checks import ConfigValueError, check_positive_int, check_temperature
 
 __all__ = [
     "ConfigValueError",
@@ -26,24 +28,6 @@ __all__ = [
     "check_output_dir",
     "check_common",
 ]
-
-
-class ConfigValueError(ValueError):
-    """A configuration id holds a value the pipeline cannot use; the message names the id."""
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` as an int, or raise :class:`ConfigValueError` naming the config id ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigValueError(f"config id '{name}' must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def check_temperature(value: object, name: str = "temperature") -> float:
-    """Sampling temperature: a finite float > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ConfigValueError(f"config id '{name}' must be a number > 0, got {value!r}.")
-    return float(value)
 
 
 def check_preset(value: object, valid: tuple[str, ...], name: str) -> str:

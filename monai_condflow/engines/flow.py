@@ -16,8 +16,8 @@ The step differs from the supervised one in three ways, so :class:`FlowTrainer` 
 - the loss is the flow's bits/dim of the batch, computed by :class:`FlowBitsPerDim` (a wrapper whose ``forward``
   returns per-sample bits/dim, so that DDP's gradient hooks fire through the wrapper's forward);
 - gradients are clipped by norm (``max_grad_norm``);
-- a non-finite loss or gradient norm on *any* rank skips the optimizer step on *all* ranks (an all-reduce decides,
-  R13); the backward pass always runs on every rank so that DDP never waits for a missing rank.
+- a non-finite loss or gradient norm on *any* rank skips the optimizer step on *all* ranks (an all-reduce
+  decides); the backward pass always runs on every rank so that DDP never waits for a missing rank.
 
 :func:`create_flow_trainer` wires the paper's recipe (AdamW, linear warm-up then exponential decay, ActNorm
 initialisation once before DDP, validation bits/dim, atomic checkpoints with resume, TensorBoard, sample grids).
@@ -59,6 +59,7 @@ from monai_condflow.engines.distributed import (
 )
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
+from monai_condflow.utils.checks import check_positive_int, check_temperature
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
@@ -461,6 +462,7 @@ def create_flow_trainer(
     seed: int = 0,
     log_every: int = 10,
     tensorboard: bool = True,
+    tensorboard_dir: str | os.PathLike | None = None,
     n_saved: int = 2,
     extra_train_handlers: Sequence[Any] = (),
     dp: Mapping[str, Any] | None = None,
@@ -473,14 +475,15 @@ def create_flow_trainer(
     """
     Build the flow trainer (and its validation evaluator) with the paper's recipe.
 
-    Order of set-up (R12): the flow is moved to ``device``; a checkpoint is loaded when resuming; *then*, only if the
+    Order of set-up: the flow is moved to ``device``; a checkpoint is loaded when resuming; *then*, only if the
     flow is still not initialised, its ActNorms are initialised on the first global training batch (every rank
     gathers the first batches of all ranks, so one process and N processes initialise on the same images); only
     then is the network wrapped in DDP (which broadcasts rank 0's parameters).
 
     Outputs in ``output_dir``: ``latest_checkpoint_{epoch}.pt`` (flow, optimizer, lr scheduler, trainer, random
     states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``best_flow_{epoch}.pt`` (flow state dict with the
-    lowest validation bits/dim), ``tensorboard/`` and ``samples/``. All files are written atomically by rank 0.
+    lowest validation bits/dim), ``tensorboard/`` (or ``tensorboard_dir``) and ``samples/``. All files are written
+    atomically by rank 0.
 
     Args:
         flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
@@ -508,6 +511,8 @@ def create_flow_trainer(
         seed: seeds torch / numpy / random (``monai.utils.set_determinism``).
         log_every: log the training loss every N iterations.
         tensorboard: write TensorBoard scalars (and grids) on rank 0.
+        tensorboard_dir: folder of the TensorBoard files (default ``output_dir/tensorboard``; the bundle's flow
+            stage uses ``OUTPUT_DIR/tensorboard/flow`` beside the other stages).
         n_saved: how many ``latest`` checkpoints to keep.
         extra_train_handlers: more handlers to attach to the trainer.
         dp: DP-SGD settings, or ``None`` for ordinary training: ``target_epsilon``, ``target_delta`` (required),
@@ -524,7 +529,7 @@ def create_flow_trainer(
         settings: more settings the run's files depend on (dataset, labels, hold-out, preset ...), recorded with the
             trainer's own (lr, weight decay, betas, warm-up, decay, clipping, bits, seed) in
             ``output_dir/run_settings.json``; a rerun into the folder with another value is refused with the setting
-            named (R22).
+            named.
         ema_decay: keep an exponential moving average of the weights (:class:`~monai_condflow.engines.ema.ModelEMA`)
             with this decay; validation, the ``best`` checkpoint and the sample grids then use the average
             (``trainer.ema.module``), and the ``latest`` checkpoints hold it for resume. ``None`` or 0: off. Not
@@ -532,28 +537,26 @@ def create_flow_trainer(
         spike_threshold: the trainer's loss-spike guard in bits/dim (see :class:`FlowTrainer`); ``None``: off.
         early_stop_patience: stop when validation bits/dim has not improved for this many validations (0: never).
 
-    Crash safety (R14, R21): every file is written aside and moved into place; an old checkpoint is deleted only
+    Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
     of an interrupted save are deleted; a fresh start (no valid ``latest`` checkpoint) deletes the ``best_*``
     files of the earlier run so that they can never be taken for this run's. One process writes into
     ``output_dir`` at a time (a lock, rank 0). The loader's own random streams (shuffling, dequantisation noise,
-    augmentation) are saved with each ``latest`` checkpoint, so a resumed run equals the uninterrupted one (R15).
+    augmentation) are saved with each ``latest`` checkpoint, so a resumed run equals the uninterrupted one.
 
     Returns:
         ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
 
     Raises:
-        ValueError: bad hyper-parameters (R9).
+        ValueError: bad hyper-parameters.
         CheckpointError: ``resume_from`` is a file that cannot be loaded safely.
         RunSettingsError: ``output_dir`` holds the files of a run with other settings.
         OutputFolderLockedError: another process writes into ``output_dir``.
     """
-    if max_epochs < 1:
-        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    check_positive_int("max_epochs", max_epochs)
     if not lr > 0 or weight_decay < 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
-    if not sample_temperature > 0:
-        raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}.")
+    check_temperature(sample_temperature, "sample_temperature")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
     if warmup_epochs < 0 or n_saved < 1:
@@ -607,7 +610,7 @@ def create_flow_trainer(
             Checkpoint.load_objects({"flow": flow}, checkpoint)
             logger.info("resuming from %s", resume_path)
 
-    # 2. ActNorm initialisation, once, before DDP (R12)
+    # 2. ActNorm initialisation, once, before DDP
     init_batch = None
     if checkpoint is None or (sample_every > 0 and sample_conditions is None):
         init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
@@ -658,7 +661,7 @@ def create_flow_trainer(
 
     writer = None
     if tensorboard and rank == 0:
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" if tensorboard_dir is None else tensorboard_dir))
 
     # 4. evaluator
     evaluator = None
@@ -842,7 +845,7 @@ def create_flow_trainer(
         Checkpoint.load_objects(objects, checkpoint)
         for handler in (latest_handler, best_handler):
             if handler is not None and rank == 0:
-                prune_missing_files(handler)  # bookkeeping may name a file deleted by a kill mid-rotation (R21)
+                prune_missing_files(handler)  # bookkeeping may name a file deleted by a kill mid-rotation
         saved = checkpoint["trainer"]
         # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)
         epoch = int(saved["iteration"]) // int(saved["epoch_length"])
@@ -895,7 +898,7 @@ def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -
 def _forget_earlier_run(output_dir: Path) -> None:
     """A fresh start in a folder without a valid ``latest`` checkpoint: the ``best_*`` files there come from an
     earlier run (killed before its first ``latest`` checkpoint, or whose checkpoints were deleted); delete them so
-    that the stage never selects one as this run's model (R22)."""
+    that the stage never selects one as this run's model."""
     stale = sorted(output_dir.glob("best_*.pt"))
     for p in stale:
         p.unlink(missing_ok=True)

@@ -19,16 +19,16 @@ Modes of :func:`generate`:
 - ``"n_per_class"``: ``n_per_class`` images per class, whose conditions are real inputs drawn class-balanced
   (without replacement when the class has enough inputs).
 
-Output hygiene (R4): files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
+Output hygiene: files are named only by index and class (``synthetic_000123_class1.png`` / ``.nii.gz``); the
 PNGs carry no text chunks and the NIfTI headers a fixed description; the manifest CSV records index, file(s), class,
 temperature, seed, model version and mode; ``generation.json`` the per-image pixel counts that were non-finite
-or outside ``SAMPLE_RANGE`` *before* clamping (R26: a failed decode is reported, not hidden).
+or outside ``SAMPLE_RANGE`` *before* clamping (a failed decode is reported, not hidden).
 temperature, seed, model version and mode. No source file name, patient id or DICOM tag is read into any output.
 In ``same_z`` / ``pairs`` mode the files are numbered in a shuffled order (a permutation keyed by the seed *and* the
 flow's weights), so a file's index is not its source image's position in the training list: the order is
 reproducible with the model, but not from the training list and the manifest's seed alone.
 
-Output sets (R25): the whole set (images + manifest) is written into a hidden sibling folder
+Output sets: the whole set (images + manifest) is written into a hidden sibling folder
 (``.<name>.partial-*``) and swapped into place by renaming when complete, so the folder and its manifest always
 describe the same files: a killed run leaves the previous set untouched, a smaller rerun leaves no stale file, and
 leftovers of a killed run are removed by the next one. ``output_dir`` must hold only files of an earlier generation
@@ -65,11 +65,12 @@ from monai.data import list_data_collate
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from monai_condflow.engines.distributed import unwrap_model
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
+from monai_condflow.utils.checks import check_temperature
+from monai_condflow.utils.distributed import unwrap_model
 
 __all__ = [
     "GENERATION_MODES",
@@ -88,7 +89,7 @@ GENERATION_MODES = ("same_z", "pairs", "n_per_class")
 _FORMATS = ("png", "nifti")
 _NIFTI_DESCRIP = b"monai_condflow synthetic image"
 SUMMARY_NAME = "generation.json"
-"""Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written (R26)."""
+"""Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written."""
 
 
 def pixel_range_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ def summarize_sample_stats(
     pixels_per_image: int,
     source: str = "flow",
 ) -> dict[str, Any]:
-    """The ``samples`` block of ``metrics.json`` / ``generation.json`` from per-image pixel counts (R26).
+    """The ``samples`` block of ``metrics.json`` / ``generation.json`` from per-image pixel counts.
 
     Args:
         overflow_pixels: ``[N]`` pixels per image that were non-finite or outside :data:`SAMPLE_RANGE` before clamping.
@@ -160,7 +161,7 @@ def generate_tensors(
     Decode ``nu ~ N(0, T^2 I)`` with conditions ``z``: ``[N, condition_dim] -> [N, C, S, S]`` in ``[0, 1]``.
 
     Runs in eval mode without gradients (the flow's mode is restored) and on the flow's device. The per-image
-    overflow / non-finite pixel counts are taken *before* clamping (R26): from ``flow.sample(return_stats=True)``
+    overflow / non-finite pixel counts are taken *before* clamping: from ``flow.sample(return_stats=True)``
     when the flow offers it (:class:`~monai_condflow.networks.nets.ConditionalGlow` clamps inside ``sample``),
     otherwise on the flow's raw output (:func:`pixel_range_stats`). Non-finite pixels of a flow without statistics
     are kept non-finite (callers drop or count them); the values are clamped to ``[0, 1]``.
@@ -175,8 +176,7 @@ def generate_tensors(
     Raises:
         ValueError: ``temperature <= 0`` or ``z`` not 2-D.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     if z.ndim != 2:
         raise ValueError(f"z must be [N, condition_dim], got shape {tuple(z.shape)}.")
     flow = unwrap_model(flow)
@@ -309,7 +309,7 @@ def generate(
         :func:`summarize_sample_stats` (pre-clamp overflow / non-finite counts) and the overflowed images' indices.
 
     Raises:
-        ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version`` (R9), an image path
+        ValueError: bad mode / formats / temperature / ``n_per_class`` / ``model_version``, an image path
             instead of a tensor, no input, or an ``output_dir`` that holds files this function did not write.
         NotADirectoryError: ``output_dir`` (or its parent) is a file.
         PermissionError: the parent of ``output_dir`` cannot be written; the message names it.
@@ -319,8 +319,7 @@ def generate(
     formats = tuple(formats)
     if not formats or any(f not in _FORMATS for f in formats):
         raise ValueError(f"formats must be a non-empty subset of {_FORMATS}, got {formats}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     if mode == "n_per_class" and (n_per_class is None or n_per_class < 1):
         raise ValueError(f"mode 'n_per_class' needs n_per_class >= 1, got {n_per_class}.")
     if not isinstance(model_version, str) or not model_version.strip():
@@ -438,7 +437,7 @@ def generate(
             "seed": seed,
             "model_version": model_version,
             "samples": samples,
-            # per image (manifest index) only where something overflowed: the honest pre-clamp record (R26)
+            # per image (manifest index) only where something overflowed: the honest pre-clamp record
             "overflowed_images": [
                 {"index": i, "overflow_pixels": int(o), "nonfinite_pixels": int(b)}
                 for i, (o, b) in enumerate(zip(over_all.tolist(), bad_all.tolist()))

@@ -54,7 +54,7 @@ from monai_condflow.engines.classifier import (
     lr_decay_for_label_fraction,
     train_classifier,
 )
-from monai_condflow.engines.distributed import create_loader, get_rank
+from monai_condflow.utils.distributed import create_loader, get_rank
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -70,6 +70,8 @@ __all__ = [
     "propagate_labels",
     "class_quotas",
     "LabelPropagation",
+    "RoundLRScheduler",
+    "SemiSupervisedWorkflow",
     "run_semisupervised",
 ]
 
@@ -394,6 +396,92 @@ def _dataset_label_list(dataset: Dataset, label_key: str) -> list[int]:
     return [int(dataset[i][label_key]) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
+
+def _propagate_round(
+    propagation: LabelPropagation,
+    z_labelled: torch.Tensor,
+    labels_labelled: torch.Tensor,
+    z_unlabelled: torch.Tensor,
+    previous: torch.Tensor | None,
+    true_labels: torch.Tensor | None,
+    round_index: int,
+    num_classes: int,
+) -> dict[str, Any]:
+    """Fit the centroids on the labelled embeddings, label the unlabelled ones and summarise the round.
+
+    Args:
+        propagation: the propagation rule (refitted here).
+        z_labelled: labelled embeddings ``[N_l, D]``.
+        labels_labelled: their labels ``[N_l]``.
+        z_unlabelled: unlabelled embeddings ``[N_u, D]``.
+        previous: the presumptive labels of the previous round ``[N_u]`` (``None`` in round 0).
+        true_labels: true labels of the unlabelled data ``[N_u]`` to log the presumptive accuracy, or ``None``.
+        round_index: the round.
+        num_classes: number of classes ``C``.
+
+    Returns:
+        ``round``, ``fraction_changed`` (``None`` in round 0), ``class_balance`` (``C`` fractions),
+        ``mean_confidence``, ``presumptive_accuracy`` (with ``true_labels``), and the tensors ``labels`` and
+        ``confidence`` ``[N_u]``.
+    """
+    propagation.fit(z_labelled, labels_labelled)
+    labels, confidence = propagation.predict(z_unlabelled)
+    n = max(1, labels.numel())
+    stats: dict[str, Any] = {
+        "round": round_index,
+        "fraction_changed": None if previous is None else float((labels != previous).float().mean()),
+        "class_balance": (torch.bincount(labels, minlength=num_classes).double() / n).tolist(),
+        "mean_confidence": float(confidence.mean()),
+    }
+    if true_labels is not None:
+        stats["presumptive_accuracy"] = float((labels == true_labels).float().mean())
+    logger.info(
+        "label propagation round %d: changed %s, class balance %s, mean confidence %.4f%s",
+        round_index,
+        "-" if stats["fraction_changed"] is None else f"{stats['fraction_changed']:.4f}",
+        [round(b, 4) for b in stats["class_balance"]],
+        stats["mean_confidence"],
+        "" if true_labels is None else f", presumptive accuracy {stats['presumptive_accuracy']:.4f}",
+    )
+    stats["labels"], stats["confidence"] = labels, confidence
+    return stats
+
+
+def _log_round(writer: Any, stats: Mapping[str, Any]) -> None:
+    """Write a round's summary (see :func:`_propagate_round`) as TensorBoard scalars at step ``round``."""
+    if writer is None:
+        return
+    step = stats["round"]
+    if stats["fraction_changed"] is not None:
+        writer.add_scalar("fraction_changed", stats["fraction_changed"], step)
+    for k, b in enumerate(stats["class_balance"]):
+        writer.add_scalar(f"class_balance/{k}", b, step)
+    writer.add_scalar("mean_confidence", stats["mean_confidence"], step)
+    if "presumptive_accuracy" in stats:
+        writer.add_scalar("presumptive_accuracy", stats["presumptive_accuracy"], step)
+    writer.flush()
+
+
+def _min_steps_repeats(min_steps: int, batch_size: int, epochs: int, n_labelled: int) -> int:
+    """How many times round 0's epoch goes over the labelled set so that it trains at least ``min_steps`` steps."""
+    return max(1, -(-min_steps * batch_size // max(1, epochs * n_labelled)))
+
+
+def _check_round_options(max_rounds: int, tol: float, min_steps: int, network: Any) -> None:
+    """Validate the options shared by :func:`run_semisupervised` and :class:`SemiSupervisedWorkflow`."""
+    if type(network).__module__.startswith("opacus"):
+        raise ValueError(
+            "label propagation got an Opacus-wrapped (DP-SGD) network: it computes presumptive labels "
+            "outside the DP mechanism, so train_semisupervised.json cannot be combined with train_classifier_dp.json."
+            " Train the DP classifier on the labelled images only."
+        )
+    if not isinstance(max_rounds, int) or max_rounds < 0:
+        raise ValueError(f"max_rounds must be a non-negative integer, got {max_rounds!r}.")
+    if not 0 <= tol <= 1:
+        raise ValueError(f"tol must be in [0, 1], got {tol!r}.")
+    if not isinstance(min_steps, int) or min_steps < 0:
+        raise ValueError(f"min_steps must be a non-negative integer, got {min_steps!r}.")
+
 def run_semisupervised(
     network: torch.nn.Module | Callable[[], torch.nn.Module],
     labelled: Dataset | Sequence[Mapping],
@@ -421,7 +509,11 @@ def run_semisupervised(
     min_steps: int = 0,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Alternate label propagation and classifier retraining until the presumptive labels converge.
+    """Alternate label propagation and classifier retraining until the presumptive labels converge (Python API).
+
+    The bundle's overlay ``train_semisupervised.json`` runs the same rounds with :class:`SemiSupervisedWorkflow`
+    around the config's own trainer; this function wires a trainer per round with
+    :func:`~monai_condflow.engines.classifier.train_classifier`, for use outside a bundle.
 
     Round 0 trains on the labelled data only (``initial_epochs``, lr decay from the label count via
     :func:`~monai_condflow.engines.classifier.lr_decay_for_label_fraction` unless ``lr_decay`` is given) and
@@ -469,20 +561,9 @@ def run_semisupervised(
         ``true_labels``), ``train`` (the training result)), ``presumptive_labels`` and ``confidence`` (tensors
         ``[N_u]``), ``centroids``, ``converged`` (bool), ``num_rounds`` and ``network`` (the final classifier).
     """
-    if type(network).__module__.startswith("opacus"):
-        raise ValueError(
-            "run_semisupervised got an Opacus-wrapped (DP-SGD) network: label propagation computes presumptive labels "
-            "outside the DP mechanism, so train_semisupervised.json cannot be combined with train_classifier_dp.json."
-            " Train the DP classifier on the labelled images only."
-        )
     if kind not in SIMILARITY_KINDS:
         raise ValueError(f"kind must be one of {SIMILARITY_KINDS}, got {kind!r}.")
-    if not isinstance(max_rounds, int) or max_rounds < 0:
-        raise ValueError(f"max_rounds must be a non-negative integer, got {max_rounds!r}.")
-    if not 0 <= tol <= 1:
-        raise ValueError(f"tol must be in [0, 1], got {tol!r}.")
-    if not isinstance(min_steps, int) or min_steps < 0:
-        raise ValueError(f"min_steps must be a non-negative integer, got {min_steps!r}.")
+    _check_round_options(max_rounds, tol, min_steps, network)
     labelled_ds = _as_dataset(labelled, transform)
     unlabelled_ds = _as_dataset(unlabelled, transform)
     val_ds = None if val_data is None else _as_dataset(val_data, transform)
@@ -515,7 +596,7 @@ def run_semisupervised(
         if round_index == 0:
             train_ds: Dataset = labelled_ds
             epochs, decay = initial_epochs, lr_decay
-            repeats = -(-min_steps * batch_size // max(1, initial_epochs * n_labelled))
+            repeats = _min_steps_repeats(min_steps, batch_size, initial_epochs, n_labelled)
             if repeats > 1:  # a longer epoch, not more epochs: validation and checkpoints stay once per epoch
                 train_ds = ConcatDataset([labelled_ds] * repeats)
         else:
@@ -542,35 +623,11 @@ def run_semisupervised(
         )
         z_l, _ = compute_embeddings(model, embed_labelled, device)
         z_u, _ = compute_embeddings(model, embed_unlabelled, device)
-        propagation.fit(z_l, labels_l)
-        presumptive, confidence = propagation.predict(z_u)
-        stats: dict[str, Any] = {
-            "round": round_index,
-            "fraction_changed": None if previous is None else float((presumptive != previous).float().mean()),
-            "class_balance": (torch.bincount(presumptive, minlength=num_classes).double() / n_unlabelled).tolist(),
-            "mean_confidence": float(confidence.mean()),
-            "train": train_result,
-        }
-        if y_true is not None:
-            stats["presumptive_accuracy"] = float((presumptive == y_true).float().mean())
+        stats = _propagate_round(propagation, z_l, labels_l, z_u, previous, y_true, round_index, num_classes)
+        presumptive, confidence = stats.pop("labels"), stats.pop("confidence")
+        stats["train"] = train_result
         rounds.append(stats)
-        logger.info(
-            "label propagation round %d: changed %s, class balance %s, mean confidence %.4f%s",
-            round_index,
-            "-" if stats["fraction_changed"] is None else f"{stats['fraction_changed']:.4f}",
-            [round(b, 4) for b in stats["class_balance"]],
-            stats["mean_confidence"],
-            "" if y_true is None else f", presumptive accuracy {stats['presumptive_accuracy']:.4f}",
-        )
-        if writer is not None:
-            if stats["fraction_changed"] is not None:
-                writer.add_scalar("fraction_changed", stats["fraction_changed"], round_index)
-            for k, b in enumerate(stats["class_balance"]):
-                writer.add_scalar(f"class_balance/{k}", b, round_index)
-            writer.add_scalar("mean_confidence", stats["mean_confidence"], round_index)
-            if y_true is not None:
-                writer.add_scalar("presumptive_accuracy", stats["presumptive_accuracy"], round_index)
-            writer.flush()
+        _log_round(writer, stats)
         if stats["fraction_changed"] is not None and stats["fraction_changed"] < tol:
             converged = True
             break
@@ -589,3 +646,337 @@ def run_semisupervised(
         if output_dir is None
         else os.path.join(os.fspath(output_dir), f"round_{len(rounds) - 1}", LAST_CHECKPOINT_NAME),
     }
+
+
+SCHEDULES = ("exponential", "onecycle")
+
+
+class RoundLRScheduler:
+    """A learning-rate schedule that starts afresh in every round of label propagation.
+
+    Each round trains as a new run would: the optimizer's ``lr`` (and betas) go back to their initial values, its
+    moment estimates are cleared, and a new schedule covers the round: ``"exponential"`` (the paper:
+    ``ExponentialLR`` with ``gamma`` in round 0 and ``presumptive_gamma`` afterwards, stepped once per epoch) or
+    ``"onecycle"`` (``OneCycleLR`` to the initial ``lr`` over the round's steps, 15 % warm-up). Step it once per
+    iteration (``LrScheduleHandler(epoch_level=False)``); the exponential schedule counts the iterations of an epoch
+    itself. It saves and restores the round's schedule with ``state_dict`` / ``load_state_dict`` (tensors and
+    numbers only), so a checkpointed run resumes mid-round.
+
+    Args:
+        optimizer: the classifier's optimizer (the config's ``optimizer`` id).
+        schedule: ``"exponential"`` or ``"onecycle"``.
+        gamma: per-epoch decay of round 0 (the config's ``lr_decay`` id).
+        presumptive_gamma: per-epoch decay of the rounds with presumptive labels (paper: 0.99).
+        pct_start: warm-up fraction of the one-cycle schedule.
+
+    Example::
+
+        scheduler = RoundLRScheduler(optimizer, "onecycle")
+        scheduler.start_round(0, epochs=30, steps_per_epoch=8)  # then step() after every iteration
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedule: str = "onecycle",
+        gamma: float = PRESUMPTIVE_LR_DECAY,
+        presumptive_gamma: float = PRESUMPTIVE_LR_DECAY,
+        pct_start: float = 0.15,
+    ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+        for name, value in (("gamma", gamma), ("presumptive_gamma", presumptive_gamma)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.gamma = float(gamma)
+        self.presumptive_gamma = float(presumptive_gamma)
+        self.pct_start = float(pct_start)
+        # the hyperparameters every round starts from
+        self._initial = [{k: g[k] for k in ("lr", "betas") if k in g} for g in optimizer.param_groups]
+        self.round = -1
+        self.epochs = 0
+        self.steps_per_epoch = 1
+        self.steps = 0
+        self.inner: Any = None
+
+    def _build(self) -> None:
+        for group, initial in zip(self.optimizer.param_groups, self._initial):
+            group.update(initial)
+            for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
+                group.pop(key, None)
+        if self.schedule == "onecycle":
+            total = max(1, self.epochs * self.steps_per_epoch)
+            max_lr = [g["lr"] for g in self.optimizer.param_groups]
+            self.inner = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=max_lr, total_steps=total, pct_start=self.pct_start
+            )
+        else:
+            gamma = self.gamma if self.round == 0 else self.presumptive_gamma
+            self.inner = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
+
+    def start_round(self, round_index: int, epochs: int, steps_per_epoch: int) -> None:
+        """Reset the optimizer and begin the schedule of a round of ``epochs`` epochs of ``steps_per_epoch`` steps."""
+        if epochs < 1 or steps_per_epoch < 1:
+            raise ValueError(f"a round needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}.")
+        self.round, self.epochs, self.steps_per_epoch = int(round_index), int(epochs), int(steps_per_epoch)
+        self.steps = 0
+        self.optimizer.state.clear()
+        self._build()
+
+    def step(self) -> None:
+        """Advance by one iteration (no-op before the first :meth:`start_round` and after the round's last step)."""
+        if self.inner is None:
+            return
+        self.steps += 1
+        if self.schedule == "onecycle":
+            if self.steps < self.epochs * self.steps_per_epoch:  # OneCycleLR refuses a step past its total
+                self.inner.step()
+        elif self.steps % self.steps_per_epoch == 0:
+            self.inner.step()
+
+    def get_last_lr(self) -> list[float]:
+        """The current learning rate of every parameter group."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The round's schedule: round, epochs, steps per epoch, steps taken and the inner scheduler's state."""
+        state: dict[str, Any] = {
+            "round": self.round,
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps": self.steps,
+            "initial": [dict(g) for g in self._initial],
+        }
+        if self.inner is not None:
+            state["inner"] = {k: v for k, v in self.inner.state_dict().items() if k != "optimizer"}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rebuild the saved round's schedule (the optimizer's own state is restored from its own entry)."""
+        self.round, self.epochs = int(state["round"]), int(state["epochs"])
+        self.steps_per_epoch, self.steps = int(state["steps_per_epoch"]), int(state["steps"])
+        self._initial = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["initial"]]
+        if "inner" not in state:
+            self.inner = None
+            return
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        betas = [g.get("betas") for g in self.optimizer.param_groups]
+        self._build()
+        self.inner.load_state_dict(dict(state["inner"]))
+        for group, lr, beta in zip(self.optimizer.param_groups, lrs, betas):  # the optimizer's saved values win
+            group["lr"] = lr
+            if beta is not None:
+                group["betas"] = beta
+
+
+class SemiSupervisedWorkflow:
+    """Label propagation around the bundle's own classifier trainer (``@train#trainer`` of ``train_classifier.json``).
+
+    Round 0 trains the trainer on the labelled records, then every round embeds the labelled and unlabelled images,
+    propagates labels from the labelled class centroids (:class:`LabelPropagation`) and, until the presumptive
+    labels change by less than ``tol`` or after ``max_rounds`` retrains, trains on labelled + presumptive records.
+    The training data of a round is set on the trainer's own dataset (``set_data`` of its ``CacheDataset``), so every
+    round uses the config's transforms (augmentation), loader, loss, optimizer, handlers (validation, TensorBoard,
+    checkpoints) and network. The trainer's epochs run on across rounds (round ``r`` continues the epoch count), and
+    the workflow's own state (round, presumptive labels, round summaries) is saved with the trainer's checkpoints
+    (put it in the ``state_saver`` / ``state_loader`` dicts), so a killed run resumes where it stopped.
+
+    Args:
+        trainer: a MONAI ``SupervisedTrainer`` whose ``data_loader.dataset`` has ``set_data`` (``CacheDataset``).
+        labelled: labelled records ``{"image", "label", ...}``.
+        unlabelled: unlabelled records (their ``label``, if any, is replaced by the presumptive label).
+        embed_labelled: dataset of the labelled images without augmentation (for the centroids), in ``labelled``'s
+            order.
+        embed_unlabelled: dataset of the unlabelled images without augmentation, in ``unlabelled``'s order.
+        num_classes: number of classes ``C``.
+        initial_epochs: epochs of round 0.
+        epochs_per_round: epochs of each retrain round.
+        max_rounds: retrain rounds after round 0 at most.
+        tol: stop when fewer than this fraction of the presumptive labels change.
+        kind: ``"gaussian"`` or ``"wasserstein"`` similarity.
+        bandwidth: Gaussian bandwidth (``None``: median distance).
+        class_prior: ``"labelled"``, class weights ``[C]`` or ``None`` (see :class:`LabelPropagation`).
+        min_steps: round 0 trains at least this many optimiser steps (its epoch goes over the labelled set several
+            times; with 20-50 labels an epoch is one or two steps).
+        lr_scheduler: a :class:`RoundLRScheduler` to restart every round, or ``None`` to keep the trainer's schedule.
+        true_labels: true labels ``[N_u]`` of the unlabelled records, to log the presumptive-label accuracy.
+        log_dir: folder of the per-round TensorBoard scalars (rank 0 writes), or ``None``.
+        seed: the trainer loader's generator is reseeded with ``seed + round`` at the start of every round.
+        batch_size: batch size of the embedding passes.
+        label_key: key of the labels.
+
+    Example (the overlay ``train_semisupervised.json``)::
+
+        "semi": {"workflow": {"_target_": "monai_condflow.engines.label_propagation.SemiSupervisedWorkflow",
+                              "trainer": "@train#trainer", ...}, "result": "$@semi#workflow.run()"}
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        labelled: Sequence[Mapping],
+        unlabelled: Sequence[Mapping],
+        embed_labelled: Dataset,
+        embed_unlabelled: Dataset,
+        *,
+        num_classes: int,
+        initial_epochs: int,
+        epochs_per_round: int,
+        max_rounds: int = 3,
+        tol: float = 0.01,
+        kind: str = "gaussian",
+        bandwidth: float | None = None,
+        class_prior: Any = "labelled",
+        min_steps: int = 0,
+        lr_scheduler: RoundLRScheduler | None = None,
+        true_labels: Sequence[int] | None = None,
+        log_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        label_key: str = "label",
+    ) -> None:
+        _check_round_options(max_rounds, tol, min_steps, trainer.network)
+        for name, value in (("initial_epochs", initial_epochs), ("epochs_per_round", epochs_per_round)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not hasattr(trainer.data_loader.dataset, "set_data"):
+            raise TypeError("the trainer's dataset must have `set_data` (a MONAI CacheDataset).")
+        if not labelled or not unlabelled:
+            raise ValueError(f"need labelled and unlabelled records, got {len(labelled)} and {len(unlabelled)}.")
+        self.trainer = trainer
+        self.labelled = list(labelled)
+        self.unlabelled = list(unlabelled)
+        self.num_classes = num_classes
+        self.initial_epochs, self.epochs_per_round = initial_epochs, epochs_per_round
+        self.max_rounds, self.tol, self.min_steps = max_rounds, tol, min_steps
+        self.lr_scheduler = lr_scheduler
+        self.log_dir = log_dir
+        self.seed = seed
+        self.label_key = label_key
+        self.propagation = LabelPropagation(num_classes, kind=kind, bandwidth=bandwidth, class_prior=class_prior)
+        self.true_labels = None if true_labels is None else torch.as_tensor(list(true_labels)).reshape(-1).long()
+        if self.true_labels is not None and self.true_labels.numel() != len(self.unlabelled):
+            raise ValueError(f"true_labels has {self.true_labels.numel()} entries for {len(self.unlabelled)} records.")
+        self.embed_labelled = MonaiDataLoader(embed_labelled, batch_size=batch_size, shuffle=False)
+        self.embed_unlabelled = MonaiDataLoader(embed_unlabelled, batch_size=batch_size, shuffle=False)
+        self.labels_labelled = torch.as_tensor([int(r[label_key]) for r in self.labelled], dtype=torch.long)
+        # progress, saved with the trainer's checkpoints
+        self.round = 0
+        self.round_end_epoch = -1  # -1: the round's training has not started
+        self.presumptive: torch.Tensor | None = None  # labels the current round trains on
+        self.rounds: list[dict[str, Any]] = []
+        self.converged = False
+        self.confidence: torch.Tensor | None = None
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs the trainer can run over all rounds."""
+        return self.initial_epochs + self.max_rounds * self.epochs_per_round
+
+    def state_dict(self) -> dict[str, Any]:
+        """Round, the round's last epoch, its presumptive labels and the summaries of the finished rounds."""
+        return {
+            "round": self.round,
+            "round_end_epoch": self.round_end_epoch,
+            "presumptive": torch.zeros(0, dtype=torch.long) if self.presumptive is None else self.presumptive,
+            "rounds": [dict(r) for r in self.rounds],
+            "converged": self.converged,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.round, self.round_end_epoch = int(state["round"]), int(state["round_end_epoch"])
+        presumptive = torch.as_tensor(state["presumptive"]).long()
+        self.presumptive = presumptive if presumptive.numel() else None
+        self.rounds = [dict(r) for r in state["rounds"]]
+        self.converged = bool(state["converged"])
+
+    def _round_records(self) -> list[dict]:
+        if self.round == 0:
+            batch = int(getattr(self.trainer.data_loader, "batch_size", None) or 1)
+            repeats = _min_steps_repeats(self.min_steps, batch, self.initial_epochs, len(self.labelled))
+            return [dict(r) for r in self.labelled] * repeats
+        assert self.presumptive is not None
+        presumptive = [{**r, self.label_key: int(y)} for r, y in zip(self.unlabelled, self.presumptive.tolist())]
+        return [dict(r) for r in self.labelled] + presumptive
+
+    def _train_round(self) -> None:
+        trainer = self.trainer
+        loader = trainer.data_loader
+        loader.dataset.set_data(self._round_records())
+        steps = len(loader)
+        starting = self.round_end_epoch < 0
+        if starting:
+            epochs = self.initial_epochs if self.round == 0 else self.epochs_per_round
+            self.round_end_epoch = int(trainer.state.epoch) + epochs
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.start_round(self.round, epochs, steps)
+            generator = getattr(loader, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(self.seed + self.round)
+        # continue the epoch count with this round's epoch length; ignite starts an epoch at iteration % length == 0
+        trainer.state.epoch_length = steps
+        trainer.state.iteration = int(trainer.state.epoch) * steps
+        trainer.state.max_epochs = self.round_end_epoch
+        if trainer.state.epoch < self.round_end_epoch:
+            trainer.run()
+
+    def resume(self, state_loader: Any) -> None:
+        """Restore the trainer's checkpoint (with this workflow's state in its ``load_dict``) before :meth:`run`.
+
+        Call it instead of attaching the loader to the trainer, which would reload at the start of every round.
+
+        Args:
+            state_loader: a MONAI ``CheckpointLoader``, or ``None`` (nothing to resume).
+        """
+        if state_loader is None:
+            return
+        self.trainer.state.max_epochs = self.max_epochs  # so that a checkpoint of a late round loads
+        state_loader(self.trainer)
+
+    def run(self) -> dict[str, Any]:
+        """Train and propagate round by round (after :meth:`resume`, from where the checkpoint stopped).
+
+        Returns:
+            A dict: ``rounds`` (per round: ``round``, ``fraction_changed``, ``class_balance``, ``mean_confidence``,
+            ``presumptive_accuracy`` with true labels, ``epochs`` (the trainer's epoch count at the round's end)),
+            ``presumptive_labels`` and ``confidence`` (``[N_u]``), ``centroids`` ``[C, D]``, ``converged``,
+            ``num_rounds`` and ``network``.
+        """
+        writer = None
+        if self.log_dir is not None and get_rank() == 0:
+            writer = SummaryWriter(log_dir=os.fspath(self.log_dir))
+        labels = None
+        try:
+            while True:
+                self._train_round()
+                device = self.trainer.state.device
+                z_l, _ = compute_embeddings(self.trainer.network, self.embed_labelled, device)
+                z_u, _ = compute_embeddings(self.trainer.network, self.embed_unlabelled, device)
+                stats = _propagate_round(
+                    self.propagation, z_l, self.labels_labelled, z_u, self.presumptive, self.true_labels,
+                    self.round, self.num_classes,
+                )  # fmt: skip
+                labels, self.confidence = stats.pop("labels"), stats.pop("confidence")
+                stats["epochs"] = int(self.trainer.state.epoch)
+                self.rounds = [r for r in self.rounds if r["round"] != self.round] + [stats]
+                _log_round(writer, stats)
+                changed = stats["fraction_changed"]
+                self.converged = changed is not None and changed < self.tol
+                if self.converged or self.round >= self.max_rounds:
+                    break
+                self.round, self.round_end_epoch, self.presumptive = self.round + 1, -1, labels
+        finally:
+            if writer is not None:
+                writer.close()
+        return {
+            "rounds": self.rounds,
+            "presumptive_labels": labels,
+            "confidence": self.confidence,
+            "centroids": self.propagation.centroids,
+            "converged": self.converged,
+            "num_rounds": len(self.rounds),
+            "network": self.trainer.network,
+        }

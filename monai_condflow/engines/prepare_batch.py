@@ -27,7 +27,13 @@ from monai.data import list_data_collate
 from monai.engines.utils import PrepareBatch
 from torch.utils.data import DataLoader
 
-__all__ = ["ConditionPrepareBatch", "compute_condition", "cache_embeddings", "attach_conditions"]
+__all__ = [
+    "ConditionPrepareBatch",
+    "EmbeddingPrepareBatch",
+    "compute_condition",
+    "cache_embeddings",
+    "attach_conditions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -176,3 +182,35 @@ def attach_conditions(
     if len(records) != emb.shape[0]:
         raise ValueError(f"{len(records)} records but {emb.shape[0]} embeddings.")
     return [{**dict(r), key: emb[i].astype(np.float32)} for i, r in enumerate(records)]
+
+
+class EmbeddingPrepareBatch(PrepareBatch):
+    """Returns ``(z, label, (), {})`` with ``z = classifier.embed(image)``: the network is called as ``network(z)``.
+
+    ``inference.json`` uses it to feed a :class:`~monai_condflow.networks.nets.FlowSampler` the conditions of real
+    images (the paper's "same z" generation). The images' metadata (source file names) stays behind.
+
+    Args:
+        classifier: the frozen classifier with ``embed(x) -> z``.
+        image_key: key of the images in the batch.
+        label_key: key of the class labels (returned as the target when present, else ``None``).
+    """
+
+    def __init__(self, classifier: torch.nn.Module, image_key: str = "image", label_key: str = "label") -> None:
+        self.classifier = classifier
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
+        """``(z [B, D], label [B] or None, (), {})`` on ``device``."""
+        images = _as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking)
+        z = compute_condition(self.classifier, images)
+        label = batchdata.get(self.label_key)
+        label = None if label is None else _as_tensor(label).to(device=device, non_blocking=non_blocking)
+        return z, label, (), {}

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""One writer per output folder, and no leftovers from a run with other settings (R22).
+"""One writer per output folder, and no leftovers from a run with other settings.
 
 - :class:`OutputFolderLock`: a lock file (``.lock``, ``fcntl.flock``; ``O_EXCL`` where there is no ``fcntl``)
   holding the writer's pid. A second process is refused with the pid of the first; the lock of a dead process is
@@ -31,7 +31,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes, remove_temp_files
+from monai_condflow.handlers.checkpoint import remove_temp_files
+from monai_condflow.utils.distributed import get_rank
+from monai_condflow.utils.io import atomic_write_bytes
 
 try:
     import fcntl
@@ -180,8 +182,6 @@ def lock_output_dir(directory: str | os.PathLike, rank: int | None = None) -> Ou
         OutputFolderLockedError: another live process holds the lock (the message names its pid).
     """
     if rank is None:
-        from monai_condflow.engines.distributed import get_rank
-
         rank = get_rank()
     if rank != 0:
         return None

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes, find_latest_checkpoint, load_module_weights
+from monai_condflow.data.splits import patient_disjoint_split
+from monai_condflow.handlers.checkpoint import find_latest_checkpoint, load_module_weights
+from monai_condflow.utils.io import atomic_write_json
 
 __all__ = [
     "AUDIT_HOLDOUT",
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "state") -> str | None:
     """The newest complete checkpoint ``<prefix>_*_<step>.pt`` in ``directory`` as a string, or ``None``.
 
-    A thin wrapper of :func:`monai_condflow.engines.checkpoint.find_latest_checkpoint` for config expressions:
+    A thin wrapper of :func:`monai_condflow.handlers.checkpoint.find_latest_checkpoint` for config expressions:
     temporary files of an interrupted save never match, and a file that does not load with ``weights_only=True``
     (truncated or unsafe) is skipped, so resume falls back to the previous one.
     """
@@ -58,9 +60,8 @@ def require_file(path: str | os.PathLike, what: str, run_first: str) -> str:
     return str(path)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON through a temporary file and ``os.replace`` (never a half-written file)."""
-    return atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode("utf-8"))
+write_json_atomic = atomic_write_json
+"""Write ``data`` as JSON atomically (:func:`monai_condflow.utils.io.atomic_write_json`)."""
 
 
 def write_stage_info(directory: str | os.PathLike, stage: str, info: dict) -> Path:
@@ -77,7 +78,7 @@ def read_stage_info(directory: str | os.PathLike, stage: str, run_first: str) ->
 def load_weights(module: torch.nn.Module, path: str | os.PathLike, key: str = "network") -> torch.nn.Module:
     """Load a stage's ``model.pt`` (``{key: state_dict}`` as ``CheckpointSaver`` writes it, or a bare state dict).
 
-    :func:`~monai_condflow.engines.checkpoint.load_module_weights`: ``weights_only=True`` (a checkpoint that would run
+    :func:`~monai_condflow.handlers.checkpoint.load_module_weights`: ``weights_only=True`` (a checkpoint that would run
     code when unpickled is refused) and every tensor must fit; errors name the file and the offending keys.
 
     Raises:
@@ -188,7 +189,7 @@ def presumptive_label_summary(
 
 def remove_training_labels(directory: str | os.PathLike) -> bool:
     """Delete ``directory/train_labels.json`` left by an earlier semi-supervised run: a stage that trains on the true
-    labels only writes none, and a stale list would give the flow stage the old presumptive labels (R22).
+    labels only writes none, and a stale list would give the flow stage the old presumptive labels.
 
     Returns:
         whether a file was deleted.
@@ -244,8 +245,6 @@ def split_audit_holdout(
     Raises:
         ValueError: ``fraction`` outside ``[0, 0.5]`` (config id ``audit_holdout``).
     """
-    from monai_condflow.data.splits import patient_disjoint_split
-
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 0.5:
         raise ValueError(f"config id 'audit_holdout' must be a fraction in [0, 0.5], got {fraction!r}.")
     path = None if directory is None else Path(directory) / AUDIT_HOLDOUT

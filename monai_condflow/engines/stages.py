@@ -13,7 +13,8 @@
 Stages share one ``output_dir``::
 
     output_dir/classifier/  model.pt, classifier.json, train_labels.json (semi-supervised), state checkpoints
-    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, tensorboard/, samples/
+    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, samples/
+    output_dir/tensorboard/ one folder per stage: classifier/ (and classifier/label_propagation/), flow/, projector/
     output_dir/synthetic/   synthetic PNG / NIfTI files and manifest.csv
     output_dir/report.md, output_dir/metrics.json
 
@@ -31,14 +32,18 @@ from typing import Any
 import torch
 
 import monai_condflow
-from monai_condflow.engines.checkpoint import (
+from monai_condflow.engines.config_checks import check_preset
+from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
+from monai_condflow.handlers.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     find_latest_checkpoint,
     load_checkpoint,
 )
-from monai_condflow.engines.config_checks import ConfigValueError, check_preset, check_temperature
-from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
+from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
+from monai_condflow.networks.nets.conditional_glow import PRESETS as GLOW_PRESETS
+from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = [
     "CLASSIFIER_PRESETS",
@@ -55,8 +60,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_PRESETS = ("small", "paper")
-FLOW_PRESETS = ("small", "paper")
+CLASSIFIER_PRESETS: tuple[str, ...] = PEPXNet.preset_names()
+"""Classifier presets (``classifier_preset``): the names :meth:`PEPXNet.from_preset` accepts."""
+FLOW_PRESETS: tuple[str, ...] = tuple(GLOW_PRESETS)
+"""Flow presets (``flow_preset``): the names :meth:`ConditionalGlow.from_preset` accepts."""
 
 
 def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -65,11 +72,9 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
     Raises:
         FileNotFoundError: when the classifier stage has not run (the message says to run train_classifier.json).
     """
-    from monai_condflow.networks.nets import PEPXNet
-
     folder = Path(output_dir) / "classifier"
     info = read_stage_info(folder, "classifier", "train_classifier.json")
-    path = require_file(folder / "model.pt", "classifier checkpoint", "train_classifier.json")
+    path = require_file(folder / MODEL_FILE, "classifier checkpoint", "train_classifier.json")
     net = PEPXNet.from_preset(
         info["preset"],
         spatial_dims=2,
@@ -85,9 +90,7 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
 
 
 def build_flow(preset: str, image_size: int, overrides: dict | None = None) -> torch.nn.Module:
-    """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked (R9)."""
-    from monai_condflow.networks.nets import ConditionalGlow
-
+    """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked."""
     check_preset(preset, FLOW_PRESETS, "flow_preset")
     return ConditionalGlow.from_preset(preset, image_size=image_size, **dict(overrides or {}))
 
@@ -113,11 +116,6 @@ def build_flow_trainer(
     component holding ``max_epochs``; training resumes from the newest complete checkpoint in ``output_dir``
     (a killed run restarts where it stopped). The validation evaluator is kept as ``trainer.flow_evaluator``.
     """
-    from monai_condflow.engines.flow import create_flow_trainer
-
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ConfigValueError(f"config id 'max_epochs' must be an integer >= 1, got {max_epochs!r}.")
-    check_temperature(sample_temperature)
     trainer, evaluator = create_flow_trainer(
         flow,
         classifier,
@@ -136,7 +134,7 @@ def build_flow_trainer(
 
 def _best_of_this_run(folder: Path) -> tuple[Path, dict] | None:
     """The best flow checkpoint that the run's newest ``latest`` checkpoint names (its ``best_checkpoint``
-    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run (R22).
+    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run.
 
     Folders written before the bookkeeping was kept (no ``best_checkpoint`` entry) fall back to the newest valid
     ``best_*`` file.
@@ -169,7 +167,7 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
     else:
         state = flow.state_dict()
         source = "last epoch"
-    target = atomic_torch_save({"network": state}, folder / "model.pt")
+    target = atomic_torch_save({"network": state}, folder / MODEL_FILE)
     write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
     logger.info("flow stage: %s -> %s", source, target)
     return target
@@ -183,7 +181,7 @@ def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu")
     """
     folder = Path(output_dir) / "flow"
     info = read_stage_info(folder, "flow", "train_flow.json")
-    path = require_file(folder / "model.pt", "flow checkpoint", "train_flow.json")
+    path = require_file(folder / MODEL_FILE, "flow checkpoint", "train_flow.json")
     flow = build_flow(info["preset"], int(info["image_size"]), info.get("overrides"))
     state = load_checkpoint(path)
     flow.load_state_dict(state["network"])

@@ -22,10 +22,10 @@ tick labels are never truncated. The writers return the PNG path.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from monai_condflow.utils.io import atomic_write_bytes, atomic_write_png, shareable_file_mode
 
 __all__ = [
     "bar_chart",
@@ -57,26 +59,9 @@ _FIGSIZE = (6.4, 4.0)  # inches
 _DPI = 150
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # an ordinary file's permissions (0644 under umask 022), not mkstemp's 0600
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Save a PIL image as PNG atomically (:func:`monai_condflow.utils.io.atomic_write_png`)."""
+    return atomic_write_png(image, path)
 
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, vector_format: str | None = VECTOR_FORMAT) -> Path:
@@ -96,15 +81,9 @@ def save_figure_atomic(fig: Figure, path: str | os.PathLike, vector_format: str 
     FigureCanvasAgg(fig)
     targets = [(path, "png")] + ([(path.with_suffix(f".{vector_format}"), vector_format)] if vector_format else [])
     for target, fmt in targets:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=f".{fmt}.tmp")
-        os.fchmod(fd, 0o666 & ~_umask())
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight", metadata=_metadata(fmt))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=_DPI, bbox_inches="tight", metadata=_metadata(fmt))
+        atomic_write_bytes(target, buffer.getvalue(), mode=shareable_file_mode())
     return path
 
 

@@ -10,6 +10,8 @@
 # limitations under the License.
 """Evaluation report (``report.md`` + ``metrics.json``) and the end-to-end :func:`run_evaluation` of a trained run.
 
+The stage models are found and loaded by :mod:`.checkpoints`, the training curves read by :mod:`.tensorboard`.
+
 ``metrics.json`` always holds ``trtr`` and ``tstr`` objects with ``accuracy``, ``f1``, ``precision``, ``recall``
 (fractions, plus ``*_std``) and ``fid`` (a number); ``baseline`` holds the same keys when the ACGAN baseline was
 evaluated. Both files are written atomically (temporary file + ``os.replace``).
@@ -24,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
 from monai_condflow.engines.stage_io import presumptive_label_summary
+from monai_condflow.engines.stages import privacy_spent
+from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
+from monai_condflow.evaluation.checkpoints import find_model_checkpoint, load_module
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
+from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 from monai_condflow.evaluation.tstr import (
     METRIC_KEYS,
     ImageSet,
@@ -49,6 +55,10 @@ from monai_condflow.metrics.fid import (
     fid_from_features,
     fid_to_floor_ratio,
 )
+from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
+from monai_condflow.networks.nets.acgan import ACGANGenerator
+from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
+from monai_condflow.utils.io import MODEL_FILE, atomic_write_text, shareable_file_mode  # noqa: F401  (re-exported)
 
 __all__ = [
     "atomic_write_text",
@@ -63,64 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_STATE_KEYS = ("network", "model", "state_dict", "flow", "classifier", "generator", "g_network", "net")
-
-
-def shareable_file_mode() -> int:
-    """``0o666`` under the process umask (``0o644`` with the usual ``022``): the mode of an ordinary new file, for
-    results meant to be read by others (temp files are created ``0600``)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, fsync, ``os.replace``), with the permissions of an
-    ordinary new file (:func:`shareable_file_mode`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, shareable_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """All scalar series of the TensorBoard event files under ``log_dir``.
-
-    Returns:
-        ``{run: {tag: (steps, values)}}`` where ``run`` is the folder of the event files relative to ``log_dir``
-        (``"."`` for the folder itself); empty when there are none or TensorBoard is not installed.
-    """
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:  # pragma: no cover
-        logger.warning("tensorboard is not installed; training curves are left out of the report")
-        return {}
-    log_dir = Path(log_dir)
-    if not log_dir.is_dir():
-        return {}
-    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*") if p.is_file()})
-    for folder in folders:
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags = acc.Tags().get("scalars", [])
-        if tags:
-            runs[str(folder.relative_to(log_dir))] = {
-                t: ([e.step for e in acc.Scalars(t)], [float(e.value) for e in acc.Scalars(t)]) for t in tags
-            }
-    return runs
-
 
 def _pct(scores: Mapping[str, Any], key: str) -> str:
     v, s = scores.get(key), scores.get(f"{key}_std")
@@ -458,51 +410,6 @@ def write_report(
     return report, metrics_path
 
 
-def find_model_checkpoint(directory: str | os.PathLike, name: str) -> Path:
-    """The checkpoint of a model folder: ``{name}_best.pt``, else ``*best*.pt``, ``*final*.pt``, else the newest
-    ``*.pt`` (temporary files are ignored).
-
-    Raises:
-        FileNotFoundError: when the folder holds no ``.pt`` file.
-    """
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.pt") if p.is_file() and not p.name.startswith((".", "tmp")))
-    for pattern in (f"{name}_best.pt", "*best*.pt", "*final*.pt"):
-        hits = sorted(p for p in files if p.match(pattern))
-        if hits:
-            return hits[-1]
-    if not files:
-        raise FileNotFoundError(f"no .pt checkpoint in {directory}.")
-    return max(files, key=lambda p: p.stat().st_mtime)
-
-
-def load_module(
-    spec: nn.Module | str | os.PathLike, factory: Callable[[], nn.Module], name: str, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """A module given as itself, a checkpoint file, or a folder (see :func:`find_model_checkpoint`), in eval mode.
-
-    The state dict is the checkpoint itself or its entry under ``network`` / ``model`` / ``state_dict`` / ``name``
-    / ... Loading goes through ``torch.load(weights_only=True)``.
-    """
-    from monai_condflow.engines.checkpoint import load_checkpoint
-
-    if isinstance(spec, nn.Module):
-        return spec.to(device).eval()
-    path = Path(spec)
-    if path.is_dir():
-        path = find_model_checkpoint(path, name)
-    ckpt = load_checkpoint(path, map_location=device)
-    state = ckpt
-    for key in (name,) + _STATE_KEYS:
-        if isinstance(ckpt.get(key), Mapping):
-            state = ckpt[key]
-            break
-    module = factory()
-    module.load_state_dict(state)
-    logger.info("loaded %s from %s", name, path)
-    return module.to(device).eval()
-
-
 def sample_synthetic_set(
     sampler: Callable[[torch.Tensor, torch.Generator], torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
     conditions: torch.Tensor,
@@ -529,8 +436,6 @@ def sample_synthetic_set(
         ``{"overflow_pixels": LongTensor[N], "nonfinite_pixels": LongTensor[N], "pixels_per_image": int,
         "counted_on": "flow" | "sampler output"}`` over *all* drawn images (dropped ones included).
     """
-    from monai_condflow.engines.generation import pixel_range_stats
-
     g = torch.Generator().manual_seed(int(seed))
     outs, overflow, nonfinite, own_stats = [], [], [], True
     with torch.no_grad():
@@ -566,8 +471,6 @@ def sample_synthetic_set(
 def _samples_block(stats: Sequence[Mapping[str, Any]], n_dropped: int) -> dict[str, Any]:
     """The ``samples`` block of ``metrics.json`` over the synthetic sets' statistics (see
     :func:`sample_synthetic_set`)."""
-    from monai_condflow.engines.generation import summarize_sample_stats
-
     block = summarize_sample_stats(
         torch.cat([s["overflow_pixels"] for s in stats]),
         torch.cat([s["nonfinite_pixels"] for s in stats]),
@@ -581,9 +484,7 @@ def _samples_block(stats: Sequence[Mapping[str, Any]], n_dropped: int) -> dict[s
 def _flow_sampler(
     flow: nn.Module, temperature: float
 ) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow (R26)."""
-    from monai_condflow.engines.generation import generate_tensors
-
+    """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow."""
     def sample(z: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return generate_tensors(flow, z, temperature, g, return_stats=True)
 
@@ -683,7 +584,7 @@ def run_evaluation(
         batch_size: batch size of embedding / sampling / FID feature passes.
         seed: base seed.
         device: device for every network.
-        privacy_audit: run the memorisation and membership-inference audits (R18, R19) on the flow: distance to
+        privacy_audit: run the memorisation and membership-inference audits on the flow: distance to
             closest training record of the first synthetic set vs the real test split (pixels and evaluation-
             classifier embeddings) and the likelihood-threshold attack (training vs test images). They go to the
             ``privacy`` object of ``metrics.json`` (with ``epsilon`` / ``delta`` when the run used DP-SGD, from
@@ -704,8 +605,6 @@ def run_evaluation(
     Returns:
         The metrics dict written to ``metrics.json``.
     """
-    from monai_condflow.networks.nets import PEPXNet
-
     out = Path(output_dir)
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
     train, val, test = as_image_set(real_train), as_image_set(real_val), as_image_set(real_test)
@@ -715,7 +614,6 @@ def run_evaluation(
             return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
 
     if flow_factory is None:
-        from monai_condflow.networks.nets import ConditionalGlow
 
         def flow_factory() -> nn.Module:
             return ConditionalGlow.from_preset("small")
@@ -765,7 +663,7 @@ def run_evaluation(
         res["fid_std"] = float(np.std(fids))
         res["fid_per_set"] = fids
         res["fid_ratio"] = fid_to_floor_ratio(res["fid"], floor)
-        # honest (R26): images with a non-finite pixel before any clamping, over all images drawn
+        # honest: images with a non-finite pixel before any clamping, over all images drawn
         n_images = samples_block["n_images"]
         res["nonfinite_fraction"] = samples_block["images_with_nonfinite"] / n_images if n_images else 0.0
         res["samples"] = samples_block
@@ -792,8 +690,6 @@ def run_evaluation(
         if acgan_factory is None:
 
             def acgan_factory() -> nn.Module:
-                from monai_condflow.networks.nets.acgan import ACGANGenerator
-
                 return ACGANGenerator(num_classes=num_classes)
 
         gen = load_module(acgan_spec, acgan_factory, "acgan", device)
@@ -817,8 +713,6 @@ def run_evaluation(
             samples[f"acgan {names[c]}"] = acgan_sets[0][0][acgan_sets[0][1] == c][:n_grid]
 
     if augmentation:
-        from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
-
         counts = torch.bincount(train[1], minlength=num_classes)
         minority = int(counts.argmin())
         gap = int(counts.max() - counts[minority])
@@ -894,8 +788,6 @@ def _privacy_audit(
     batch_size: int,
 ) -> tuple[dict[str, Any], str]:
     """The ``privacy`` block of ``metrics.json`` and the report section (the "## Privacy" heading removed)."""
-    from monai_condflow.engines.stages import privacy_spent
-    from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
 
     logger.info("privacy audit: DCR and membership inference (%d train vs %d held-out)", len(train), len(holdout))
     dcr = dcr_audit(synthetic, train, holdout, feature_extractor=eval_net, batch_size=max(batch_size, 256))

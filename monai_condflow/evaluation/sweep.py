@@ -36,16 +36,16 @@ from typing import Any
 
 from monai_condflow.engines.run_folder import pid_alive
 from monai_condflow.evaluation.plots import label_sweep_chart
-from monai_condflow.evaluation.report import atomic_write_text
 from monai_condflow.pipeline import (
     BUNDLE_ROOT,
     CPU_BUDGET,
-    _parse_num_labels,
     default_stages,
+    num_labels_arg,
     parse_stage_overrides,
     run_pipeline,
 )
 from monai_condflow.progress import ProgressLog
+from monai_condflow.utils.io import atomic_write_text
 
 __all__ = ["DEFAULT_LEVELS", "level_name", "labelled_count", "summarize_sweep", "run_label_sweep", "main"]
 
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--levels",
         nargs="+",
-        type=_parse_num_labels,
+        type=num_labels_arg,
         default=list(DEFAULT_LEVELS),
         help="label levels: counts, fractions in (0, 1) or all",
     )
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override for one stage at every level, e.g. flow.max_epochs=30 (repeatable)",
     )
     parser.add_argument(
-        "--baseline-at", nargs="*", type=_parse_num_labels, default=[], help="levels at which the ACGAN also runs"
+        "--baseline-at", nargs="*", type=num_labels_arg, default=[], help="levels at which the ACGAN also runs"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument(

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import gaussian_1d, separable_filtering
 
+from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
+from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
 from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.progress import ProgressLog
@@ -218,8 +220,6 @@ def default_fit_fn(
     Returns:
         The trained ``network`` (same object) in eval mode.
     """
-    from monai_condflow.engines.checkpoint import load_checkpoint
-    from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
 
     kwargs = {"max_epochs": 10, "lr": 1e-3, "iteration_log": False}
     kwargs.update(train_kwargs)

@@ -10,7 +10,7 @@
 # limitations under the License.
 """monai_condflow.handlers."""
 
-from monai_condflow.engines.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
+from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 
 from .embedding_projector import EmbeddingProjectorHandler
 from .privacy_accountant import PrivacyAccountantHandler

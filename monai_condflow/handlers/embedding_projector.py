@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_condflow.engines.classifier import compute_embeddings
-from monai_condflow.engines.distributed import get_rank
+from monai_condflow.networks.embeddings import compute_embeddings
+from monai_condflow.utils.distributed import get_rank
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:

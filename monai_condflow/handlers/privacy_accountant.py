@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import optional_import
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes
+from monai_condflow.privacy.dp import check_resume_budget
+from monai_condflow.utils.io import atomic_write_bytes
 
 Events, _ = optional_import("ignite.engine", name="Events")
 if TYPE_CHECKING:
@@ -98,8 +99,6 @@ class PrivacyAccountantHandler:
         Raises:
             ValueError: from :func:`monai_condflow.privacy.dp.check_resume_budget`.
         """
-        from monai_condflow.privacy.dp import check_resume_budget
-
         epoch_length = int(engine.state.epoch_length or len(engine.state.dataloader))
         total = int(engine.state.max_epochs) * epoch_length
         projected = check_resume_budget(

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import optional_import
 
-from monai_condflow.engines.distributed import get_rank, unwrap_model
 from monai_condflow.transforms.grid import make_grid, save_png_grid
+from monai_condflow.utils.checks import check_temperature
+from monai_condflow.utils.distributed import get_rank, unwrap_model
 
 Events, _ = optional_import("ignite.engine", name="Events")
 if TYPE_CHECKING:
@@ -84,8 +85,7 @@ class SampleGridHandler:
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         if samples_per_condition < 1:
             raise ValueError(f"samples_per_condition must be >= 1, got {samples_per_condition}.")
         if not conditions:

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""monai_condflow.privacy: memorisation and membership-inference audits (R18, R19) and DP-SGD wiring (R20).
+"""monai_condflow.privacy: memorisation and membership-inference audits and DP-SGD wiring.
 
 The DP-SGD helpers need Opacus; they are imported lazily so the audits work without it.
 """

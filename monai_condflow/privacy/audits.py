@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Privacy audits of a synthetic-image generator: memorisation (R18) and membership inference (R19).
+"""Privacy audits of a synthetic-image generator: memorisation and membership inference.
 
 * :func:`distance_to_closest_record` (DCR): for every query image the distance to its nearest reference image.
 * :func:`dcr_audit`: synthetic -> train DCR against the baseline of fresh real images, held-out -> train DCR, in
@@ -181,7 +181,7 @@ def dcr_audit(
     embedding_metric: str = "l2",
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Memorisation audit (R18): synthetic -> train DCR vs held-out -> train DCR, in pixel and embedding space.
+    """Memorisation audit: synthetic -> train DCR vs held-out -> train DCR, in pixel and embedding space.
 
     Args:
         synthetic: ``[N_syn, C, *S]`` synthetic images in ``[0, 1]``.
@@ -294,7 +294,7 @@ def membership_inference_auc(
     n_bits: int = 8,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Likelihood-threshold membership-inference attack (R19): "lower bits/dim means training member".
+    """Likelihood-threshold membership-inference attack: "lower bits/dim means training member".
 
     Args:
         flow: the trained conditional flow.

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""DP-SGD with Opacus for the classifier and the conditional flow (R20).
+"""DP-SGD with Opacus for the classifier and the conditional flow.
 
 :func:`make_private` wraps a module, its optimiser and its data loader with
 :meth:`opacus.PrivacyEngine.make_private_with_epsilon`: the noise multiplier follows from
@@ -513,7 +513,7 @@ def covered_parameters(module: nn.Module) -> list[str]:
 
 
 def coverage_note(module: nn.Module, conditioning: str = "a frozen classifier") -> str:
-    """One-line statement of what the (epsilon, delta) covers, for reports (R20).
+    """One-line statement of what the (epsilon, delta) covers, for reports.
 
     Args:
         module: the privately trained module (or its wrapper).

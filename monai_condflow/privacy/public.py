@@ -37,8 +37,11 @@ from typing import Any
 
 import torch
 
-from monai_condflow.engines.checkpoint import atomic_write_bytes, load_checkpoint, load_module_weights
 from monai_condflow.engines.stage_io import write_stage_info
+from monai_condflow.handlers.checkpoint import load_checkpoint, load_module_weights
+from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
+from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = [
     "file_sha256",
@@ -57,8 +60,6 @@ TRAINABLE_PRESETS = ("all", "affine", "conditioning")
 
 
 def _preset_names(module: torch.nn.Module, preset: str) -> set[str]:
-    from monai_condflow.networks.blocks.actnorm import ActNorm
-    from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 
     names: set[str] = set()
     for prefix, sub in module.named_modules():

@@ -391,7 +391,7 @@ class LungBoxCrop(Transform):
     Raises:
         ValueError: the box does not have 4 finite values, is empty (``xmax == xmin`` or ``ymax == ymin``),
             inverted (``xmax < xmin`` or ``ymax < ymin``) or out of the image (negative mins, ``xmax > W`` or
-            ``ymax > H``); the message names the record's source, the box and the image size (R8).
+            ``ymax > H``); the message names the record's source, the box and the image size.
     """
 
     def __init__(self, margin: int = 0) -> None:
@@ -597,7 +597,7 @@ class Dequantize(RandomizableTransform):
 
 
 class ValidateImage(Transform):
-    """Refuse slices that would break training (R6, R7); returns the image unchanged when it passes.
+    """Refuse slices that would break training; returns the image unchanged when it passes.
 
     Args:
         spatial_dims: number of spatial dims; the image must have ``spatial_dims + 1`` dims (channel-first).

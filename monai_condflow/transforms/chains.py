@@ -103,11 +103,11 @@ def get_preprocess_transforms(
            stored dtype; an array ``[H, W]`` / ``[C, H, W]`` is taken as it is; the result is channel-first
            ``[C, H, W]`` in row-major order (y = row, x = column).
         2. :class:`ToGrayscaled`: RGB / RGBA / gray + alpha -> one channel (BT.601 luminance).
-        3. :class:`ValidateImaged` (if ``validate``): refuse NaN / Inf, constant images, bad shapes (R6, R7).
+        3. :class:`ValidateImaged` (if ``validate``): refuse NaN / Inf, constant images, bad shapes.
         4. :class:`CTIntensityd`: to float32 ``[0, 1]`` following ``intensity`` (``"auto"`` decides per image:
            uint8 -> / 255; uint16 -> HU + 1024 then the HU window; other integers and floats outside ``[0, 1]``
            -> HU window; floats in ``[0, 1]`` kept).
-        5. crop (``crop``): ``"box"`` -> :class:`LungBoxCropd` to ``d[box_key]`` (required, validated, R8);
+        5. crop (``crop``): ``"box"`` -> :class:`LungBoxCropd` to ``d[box_key]`` (required, validated);
            ``"auto"`` -> :class:`AutoBodyCropd`; ``"box_or_auto"`` -> the box when the record has one, else the
            automatic crop; ``"none"`` -> no crop.
         6. :class:`~monai.transforms.Resized` to ``image_size`` x ``image_size`` (aspect ratio not kept, as in the

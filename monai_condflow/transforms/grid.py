@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from monai_condflow.utils.io import atomic_write_png
 
 __all__ = ["make_grid", "save_png_grid", "save_chain_preview"]
 
@@ -139,20 +140,7 @@ def save_png_grid(
         if len(labels) != rows:
             raise ValueError(f"labels must give one title per grid row: {rows} row(s), got {len(labels)} label(s)")
         grid = _add_row_titles(grid, labels, h, padding)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # an ordinary file's permissions (0644 under umask 022), not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid, mode="L").save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_png(Image.fromarray(grid, mode="L"), path)
 
 
 def save_chain_preview(

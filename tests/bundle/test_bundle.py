@@ -26,6 +26,7 @@ from monai.bundle import ConfigWorkflow
 
 from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.engines.config_checks import ConfigValueError
+from monai_condflow.evaluation.report import read_tensorboard_scalars
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 CONFIGS = BUNDLE / "configs"
@@ -45,7 +46,7 @@ TINY_FLOW = {
 
 def _workflow(files: list[str], workflow_type: str | None = None, **overrides) -> ConfigWorkflow:
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files],
+        config_file=[str(CONFIGS / f) for f in ["common.json", *files]],
         meta_file=META,
         workflow_type=workflow_type,
         bundle_root=str(BUNDLE),
@@ -75,7 +76,7 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out)}
     train = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train_classifier.json"), str(CONFIGS / "train_semisupervised.json")],
+        config_file=[str(CONFIGS / f) for f in ("common.json", "train_classifier.json", "train_semisupervised.json")],
         meta_file=META,
         workflow_type="train",
         bundle_root=str(BUNDLE),
@@ -114,7 +115,7 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert set(metrics["baseline"]) >= {"trtr", "tstr", "fid"}
     assert set(metrics["baseline"]["tstr"]) >= {"accuracy", "f1", "precision", "recall"}
     assert (trained_run / "report.md").read_text().count("TSTR") >= 1
-    # R26: pre-clamp overflow counts from the generation and evaluation stages; issue 14: headline, presumptive labels
+    # pre-clamp overflow counts from the generation and evaluation stages; issue 14: headline, presumptive labels
     generation = json.loads((trained_run / "synthetic" / "generation.json").read_text())
     assert generation["samples"]["n_images"] == len(labels) and generation["samples"]["range"] == [-0.25, 1.25]
     assert metrics["samples"]["n_images"] == len(labels) and metrics["samples"]["counted_on"] == "flow"
@@ -123,7 +124,7 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert 0.0 <= metrics["presumptive_accuracy"] <= 1.0
     assert metrics["headline"]["presumptive_accuracy"] == metrics["presumptive_accuracy"]
     assert (trained_run / "report.md").read_text().startswith("# monai_condflow evaluation\n\n## Headline")
-    # R4: nothing next to the synthetic images names a source file or patient
+    # nothing next to the synthetic images names a source file or patient
     for path in (trained_run / "synthetic").iterdir():
         assert "phantom_p" not in path.name
     assert "phantom_p" not in (trained_run / "synthetic" / "manifest.csv").read_text()
@@ -142,7 +143,42 @@ def test_flow_train_workflow_properties(dataset, trained_run):
     assert wf.check_properties() == []
 
 
-def test_verify_metadata_and_network():
+def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, dataset: Path):
+    """``inference.json`` through ``monai.bundle run``: the trained flow (``network_def``) writes PNG samples."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / "inference.json")]),
+           "--meta_file", META, "--bundle_root", str(BUNDLE), "--dataset_dir", str(dataset),
+           "--output_dir", str(trained_run), "--image_size", str(TINY["image_size"]), "--device", "cpu",
+           "--num_samples", "5", "--batch_size", "2",
+           "--flow_overrides", repr(TINY_FLOW["flow_overrides"])]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = sorted((trained_run / "inference").glob("*.png"))
+    assert len(images) == 5
+    from PIL import Image
+
+    with Image.open(images[0]) as img:
+        assert img.size == (TINY["image_size"], TINY["image_size"])
+    assert not any("phantom_p" in p.name for p in images)  # no source file or patient in the names
+
+
+def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves(trained_run: Path):
+    """The flow stage writes beside the classifier under ``OUTPUT_DIR/tensorboard/<stage>``, where the report looks."""
+    runs = read_tensorboard_scalars(trained_run / "tensorboard")
+    assert {"classifier", "classifier/label_propagation", "flow"} <= set(runs)
+    assert "val_bpd" in runs["flow"] and "val_macro_f1" in runs["classifier"]
+    assert not (trained_run / "flow" / "tensorboard").exists()
+    report = (trained_run / "report.md").read_text()
+    assert "figures/curve_flow_val_bpd.png" in report and (trained_run / "figures" / "curve_flow_val_bpd.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "meta_file, config_file",
+    [(META, "inference.json"), (str(CONFIGS / "metadata_classifier.json"), "train_classifier.json")],
+)
+def test_verify_metadata_and_network(meta_file: str, config_file: str):
+    """One network per metadata file: the flow sampler of inference.json, the classifier of train_classifier.json."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     meta = subprocess.run(
         [
@@ -151,7 +187,7 @@ def test_verify_metadata_and_network():
             "monai.bundle",
             "verify_metadata",
             "--meta_file",
-            META,
+            meta_file,
             "--filepath",
             str(BUNDLE / "docs" / "metadata_schema.json"),
         ],
@@ -170,9 +206,9 @@ def test_verify_metadata_and_network():
             "verify_net_in_out",
             "network_def",
             "--meta_file",
-            META,
+            meta_file,
             "--config_file",
-            str(CONFIGS / "train_classifier.json"),
+            json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / config_file)]),
             "--bundle_root",
             str(BUNDLE),
             "--device",
@@ -208,7 +244,7 @@ def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, erro
 
 
 def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(dataset, tmp_path):
-    """R24: checked in ``initialize``, before any image is read or any training."""
+    """checked in ``initialize``, before any image is read or any training."""
     from monai_condflow.data.errors import DataError
 
     bad = tmp_path / "data"
@@ -267,7 +303,7 @@ def _torchrun(files: list[str], overrides: dict, timeout: int = 600) -> subproce
         "monai.bundle",
         "run",
         "--config_file",
-        json.dumps([str(CONFIGS / f) for f in files]),
+        json.dumps([str(CONFIGS / f) for f in ["common.json", *files]]),
         "--bundle_root",
         str(BUNDLE),
     ]

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The bundle's stages after a kill or beside leftovers (R14, R15, R21, R22): the classifier's ``model.pt`` stays the
+"""The bundle's stages after a kill or beside leftovers: the classifier's ``model.pt`` stays the
 best epoch across a resume and is never written through a symlink; a rerun with other settings is refused before
 anything is written; a stale label list does not survive."""
 
@@ -22,8 +22,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from monai_condflow.data.phantom import generate_phantom_dataset
-from monai_condflow.engines.checkpoint import load_checkpoint
 from monai_condflow.engines.run_folder import RunSettingsError
+from monai_condflow.handlers.checkpoint import load_checkpoint
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 CONFIGS = BUNDLE / "configs"
@@ -39,7 +39,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
     return ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files],
+        config_file=[str(CONFIGS / f) for f in ["common.json", *files]],
         meta_file=str(CONFIGS / "metadata.json"),
         bundle_root=str(BUNDLE),
         **overrides,

@@ -63,7 +63,7 @@ def test_verify_net_in_out_for_the_flow_with_its_condition():
     # verify_net_in_out checks the output declared as "pred" (the classifier's); the flow's is "sample"
     sample_as_pred = {"_meta_#network_data_format#outputs#pred": meta["outputs"]["sample"]}
     verify_net_in_out(
-        net_id="sampler_def",
+        net_id="decoder_def",
         meta_file=str(META),
         config_file=str(CONFIGS / "train_flow.json"),
         device="cpu",
@@ -72,7 +72,7 @@ def test_verify_net_in_out_for_the_flow_with_its_condition():
         **sample_as_pred,
     )
     with pytest.raises(ValueError, match="condition"):  # the second input is needed: the check is not vacuous
-        verify_net_in_out(net_id="sampler_def", meta_file=str(META), config_file=str(CONFIGS / "train_flow.json"),
+        verify_net_in_out(net_id="decoder_def", meta_file=str(META), config_file=str(CONFIGS / "train_flow.json"),
                           device="cpu", extra_forward_args={"condition": z[:, :5]}, bundle_root=str(BUNDLE_ROOT),
                           **sample_as_pred)  # fmt: skip
 
@@ -89,7 +89,7 @@ def test_verify_net_in_out_for_the_classifier_python_api():
 
 def test_flow_config_ids_export_with_torch_export():
     small = {"image_size": 32, "flow_overrides": {"num_steps": 2, "num_blocks": 1, "hidden_channels": 8}}
-    sampler = _parsed("train_flow.json", "sampler_def", **small).eval()
+    sampler = _parsed("train_flow.json", "decoder_def", **small).eval()
     log_prob = _parsed("train_flow.json", "log_prob_def", **small).eval()
     z = torch.nn.functional.normalize(torch.randn(1, 32), dim=1)
     exported = torch.export.export(sampler, (torch.randn(1, 1, 32, 32), z)).module()

@@ -152,3 +152,14 @@ def test_check_splits_reports_shared_images_and_classes_without_training_images(
         check_splits(root, names, class_map="binary", num_classes=2)
     with pytest.raises(DataError, match=r"no training image of class\(es\) \[2\]"):
         check_splits(root, names, class_map="three", num_classes=3)
+
+
+def test_parse_num_labels_reads_one_and_one_point_zero_as_the_pipeline_does():
+    """One parser for the config id and ``--num-labels``: "1" is one label, "1.0" (like 1.0) every label."""
+    from monai_condflow.pipeline import num_labels_arg
+
+    assert parse_num_labels("1") == 1 and parse_num_labels(1) == 1 and num_labels_arg("1") == 1
+    assert parse_num_labels("1.0") is None and parse_num_labels(1.0) is None and num_labels_arg("1.0") == "all"
+    assert parse_num_labels("50.0") == 50 and num_labels_arg("50.0") == 50
+    with pytest.raises(ValueError, match="num_labels"):
+        parse_num_labels(True)

@@ -474,7 +474,7 @@ def test_report_merge_and_summary(caplog):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# R24: containment, duplicates, encoding
+# containment, duplicates, encoding
 
 
 def test_annotation_paths_must_stay_inside_the_image_folder(covidx_dir: Path, tmp_path_factory):

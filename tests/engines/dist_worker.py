@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from monai_condflow.engines.distributed import (
+from monai_condflow.utils.distributed import (
     any_across_ranks,
     cleanup_distributed,
     create_loader,

@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of the classifier trainer: accuracy, checkpoints, TensorBoard, determinism (R16), resume (R15), R1, R14."""
+"""Tests of the classifier trainer: accuracy, checkpoints, TensorBoard, determinism, resume,
+weights-only loading, atomic checkpoints."""
 
 from __future__ import annotations
 

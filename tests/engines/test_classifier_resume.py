@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Classifier resume with augmentation (R15): a run killed mid-epoch and resumed ends with the uninterrupted run's
+"""Classifier resume with augmentation: a run killed mid-epoch and resumed ends with the uninterrupted run's
 weights, because the loader's augmentation states are saved with each epoch's checkpoint."""
 
 from __future__ import annotations

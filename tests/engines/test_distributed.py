@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Distributed helpers, and two-process gloo runs on CPU (R13, R17).
+Distributed helpers, and two-process gloo runs on CPU.
 
 One ``torchrun --nproc_per_node=2 --max-restarts=1`` launch (module fixture) runs every scenario of
 ``dist_worker.py``; the single-process references run the same functions in this process. Tolerances:
@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines import distributed as D
+from monai_condflow.utils import distributed as D
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_process_group_timeout_is_short_and_configurable(monkeypatch):
         D.process_group_timeout()
 
 
-# ---------------------------------------------------------------- two gloo processes (R17, R13)
+# ---------------------------------------------------------------- two gloo processes
 def test_flow_two_processes_equal_one_process_float64(two_process_dir, worker, tmp_path):
     r0, r1 = _ranks(two_process_dir, "flow64")
     ref = _single(worker, "flow64", tmp_path, dtype=torch.float64)

@@ -9,8 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Flow trainer (single process): step, NaN skip (R13), ActNorm init once (R12), checkpoints (R1, R14), resume (R15),
-determinism (R16), prepare-batch for conditions, bad settings (R9).
+Flow trainer (single process): step, NaN skip, ActNorm init once, checkpoints, resume,
+determinism, prepare-batch for conditions, bad settings.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from monai_condflow.engines.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, create_flow_trainer, warmup_exponential_lambda
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch, attach_conditions, cache_embeddings
+from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets.pepx_net import PEPXNet
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -96,7 +96,7 @@ def test_training_logs_checkpoints_and_samples(tmp_path):
 
 
 def test_two_seeded_runs_are_identical(tmp_path):
-    """R16."""
+    """Two runs with the same seed give the same losses, metrics and weights."""
     t1, e1, l1 = _train(tmp_path / "a")
     t2, e2, l2 = _train(tmp_path / "b")
     assert l1 == l2 and e1.state.metrics == e2.state.metrics
@@ -104,7 +104,7 @@ def test_two_seeded_runs_are_identical(tmp_path):
 
 
 def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    """R15 (and R12: a reloaded flow is not re-initialised)."""
+    """A resumed run continues the random streams exactly (and a reloaded flow is not re-initialised)."""
     full, _, full_losses = _train(tmp_path / "full", max_epochs=3)
     _, _, first = _train(tmp_path / "cut", max_epochs=3, stop_after=2)
     assert len(first) == 4
@@ -118,7 +118,7 @@ def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(t
 
 
 def test_resume_skips_partial_corrupt_and_unknown_files(tmp_path):
-    """R14: a truncated newest checkpoint and temp files are ignored; the newest valid checkpoint is used."""
+    """a truncated newest checkpoint and temp files are ignored; the newest valid checkpoint is used."""
     _train(tmp_path, max_epochs=2)
     good = (tmp_path / "latest_checkpoint_2.pt").read_bytes()
     (tmp_path / "latest_checkpoint_7.pt").write_bytes(good[: len(good) // 2])  # killed mid-copy
@@ -148,7 +148,7 @@ class _Sentinel:
 
 
 def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
-    """R1: every load path refuses it and the sentinel file never appears."""
+    """every load path refuses it and the sentinel file never appears."""
     sentinel = tmp_path / "pwned.txt"
     _train(tmp_path / "run", max_epochs=1)
     evil = tmp_path / "run" / "latest_checkpoint_5.pt"
@@ -167,7 +167,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
 
 
 def test_nonfinite_loss_or_gradient_skips_the_step():
-    """R13 in one process: the parameters do not move at the bad iterations, and training goes on."""
+    """In one process: the parameters do not move at the bad iterations, and training goes on."""
     flow = W.make_flow()
     data = W.make_flow_data(16, 0)
     flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))

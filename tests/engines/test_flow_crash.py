@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Flow checkpoints under kills (R14, R21), leftovers of other runs (R22) and exact resume with random transforms
-(R15): a kill at every write / delete of a checkpoint rotation leaves a folder that resumes to the uninterrupted
+"""Flow checkpoints under kills, leftovers of other runs and exact resume with random transforms
+: a kill at every write / delete of a checkpoint rotation leaves a folder that resumes to the uninterrupted
 run's weights."""
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
-from monai_condflow.engines.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import create_flow_trainer
 from monai_condflow.engines.run_folder import RunSettingsError
 from monai_condflow.engines.stages import finish_flow_stage
+from monai_condflow.handlers.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
 from monai_condflow.transforms import Dequantized
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -72,7 +72,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp_path, monkeypatch):
-    """R21: the folder is captured (as a kill -9 would leave it) before and after every rename and delete that the
+    """the folder is captured (as a kill -9 would leave it) before and after every rename and delete that the
     checkpoint rotation does; temp files are captured truncated. Each capture resumes to the uninterrupted run."""
     reference = _weights(_train(tmp_path / "full"))
     run = tmp_path / "run"
@@ -142,7 +142,8 @@ T._train(run)
 
 @pytest.mark.parametrize("op,k", [("replace", 3), ("unlink", 1)])
 def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
-    """R21 with a real SIGKILL: just before the 3rd rename into place (epoch 2's best file) / the 1st delete of a
+    """A crash inside a checkpoint rotation, with a real SIGKILL: just before the 3rd rename into place (epoch 2's
+    best file) / the 1st delete of a
     rotation (the old best file, after its successor is written)."""
     run = tmp_path / "run"
     # the same intra-op thread count as this process (the reference run): float sums differ between thread counts
@@ -194,7 +195,7 @@ def test_a_symlink_at_a_checkpoint_name_is_replaced_not_followed(tmp_path):
 
 
 def test_a_stale_best_checkpoint_never_becomes_the_model_after_a_fresh_start(tmp_path):
-    """R22: a best_flow_9.pt of an earlier run (whose latest checkpoints are gone) is not this run's best."""
+    """a best_flow_9.pt of an earlier run (whose latest checkpoints are gone) is not this run's best."""
     _train(tmp_path, max_epochs=1)
     stale = load_checkpoint(tmp_path / "best_flow_1.pt")
     stale = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in stale.items()}
@@ -219,7 +220,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_setting(tmp_path, cha
 
 
 def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run_with_random_transforms(tmp_path):
-    """R15: dequantisation noise and augmentation drawn by the loader continue where the killed run was."""
+    """dequantisation noise and augmentation drawn by the loader continue where the killed run was."""
     reference = _weights(_train(tmp_path / "full", random_transforms=True))
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):

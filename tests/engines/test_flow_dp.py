@@ -24,10 +24,10 @@ import torch
 from ignite.engine import Events
 
 import monai_condflow.privacy.dp as dp_module
-from monai_condflow.engines.checkpoint import load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -168,7 +168,7 @@ def test_bad_dp_settings_are_refused_before_anything_is_written(tmp_path):
 
 
 def test_non_finite_per_example_loss_is_dropped_but_the_step_is_noised_and_accounted(tmp_path, monkeypatch):
-    """R23: a NaN example contributes a zero gradient; the step itself still happens (clip, noise, accounting), so
+    """a NaN example contributes a zero gradient; the step itself still happens (clip, noise, accounting), so
     whether a step happens never depends on private data."""
     real = dp_module.per_sample_gradients
     calls = []
@@ -206,7 +206,7 @@ def test_non_finite_per_example_loss_is_dropped_but_the_step_is_noised_and_accou
 
 
 def test_dp_noise_does_not_follow_the_public_seed(tmp_path):
-    """R23: two DP runs with the same seed, data and settings end with different weights (OS-entropy noise), and
+    """two DP runs with the same seed, data and settings end with different weights (OS-entropy noise), and
     privacy.json says where the noise came from."""
     weights = []
     for name in ("a", "b"):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines.checkpoint import load_checkpoint
-from monai_condflow.engines.distributed import create_loader
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowDivergedError, FlowTrainer, create_flow_trainer
+from monai_condflow.handlers.checkpoint import load_checkpoint
+from monai_condflow.utils.distributed import create_loader
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Generation of conditional synthetic images: modes, formats, determinism, output hygiene (R4), bad config (R9)."""
+"""Generation of conditional synthetic images: modes, formats, determinism, output hygiene, bad config."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_pairs_and_n_per_class_with_classifier(flow, tmp_path):
 
 
 def test_no_source_name_patient_id_or_tags_in_any_output(flow, tmp_path):
-    """R4: records whose source / patient_id carry a marker; no output byte, name, PNG chunk or NIfTI field has it."""
+    """records whose source / patient_id carry a marker; no output byte, name, PNG chunk or NIfTI field has it."""
     out = tmp_path / "out"
     for mode in ("same_z", "pairs", "n_per_class"):
         generate(flow, None, _records(), output_dir=out / mode, mode=mode, n_per_class=2, model_version="v1")
@@ -198,7 +198,7 @@ def _listed(manifest: Path) -> set[str]:
 
 
 def test_smaller_rerun_leaves_exactly_the_files_of_its_manifest(flow, tmp_path):
-    """R25: the folder and its manifest describe the same files after a smaller rerun (no stale images)."""
+    """the folder and its manifest describe the same files after a smaller rerun (no stale images)."""
     out = tmp_path / "synthetic"
     generate(flow, None, _records(6), output_dir=out, model_version="v", seed=0)
     manifest = generate(flow, None, _records(3), output_dir=out, model_version="v", seed=1, formats=("png",))
@@ -230,7 +230,7 @@ os._exit(0)
 
 
 def test_a_kill_mid_write_keeps_the_previous_set_and_the_next_run_cleans_up(flow, tmp_path):
-    """R25: kill -9 in the middle of writing a new set (a separate process that exits with os._exit while writing
+    """kill -9 in the middle of writing a new set (a separate process that exits with os._exit while writing
     its third image, so no cleanup code runs): the folder still holds the previous set exactly as its manifest says;
     the next run removes the leftovers. (A fresh interpreter, not a fork: forking a process whose OpenMP pool is
     running can deadlock the child.)"""
@@ -304,7 +304,7 @@ def test_a_dp_manifest_records_where_the_noise_came_from(flow, tmp_path):
 
 
 def test_overflowing_inverse_is_counted_before_clamping(flow, tmp_path, monkeypatch):
-    """R26: an inverse that returns NaN / 1e6 in some pixels shows up in the per-image counts and generation.json,
+    """an inverse that returns NaN / 1e6 in some pixels shows up in the per-image counts and generation.json,
     although the written images are finite and in [0, 1]."""
     real_inverse = flow.inverse
 

@@ -29,6 +29,7 @@ from monai_condflow.engines import (
     run_semisupervised,
     similarity,
 )
+from monai_condflow.engines.label_propagation import RoundLRScheduler
 
 
 def clusters(n_per_class: int, dim: int = 32, seed: int = 0, spread: float = 0.05):
@@ -253,3 +254,52 @@ def test_min_steps_raises_round_zero_epochs_and_augmentation_sees_only_training_
     assert result["rounds"][0]["train"]["epochs"] == 2
     with pytest.raises(ValueError, match="min_steps"):
         _run(min_steps=-1)
+
+
+def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def test_round_scheduler_exponential_uses_lr_decay_in_round_zero_and_restarts_each_round():
+    opt = _optimizer()
+    sched = RoundLRScheduler(opt, "exponential", gamma=0.5, presumptive_gamma=0.9)
+    sched.start_round(0, epochs=3, steps_per_epoch=2)
+    lrs = []
+    for _ in range(4):
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])  # once per epoch of two steps, by the config's lr_decay
+    opt.state[opt.param_groups[0]["params"][0]] = {"step": torch.tensor(3.0)}
+    sched.start_round(1, epochs=1, steps_per_epoch=1)
+    assert sched.get_last_lr()[0] == pytest.approx(0.1) and not opt.state  # a fresh start: lr and moments
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.09)  # presumptive rounds decay by presumptive_gamma
+
+
+def test_round_scheduler_onecycle_matches_torch_and_resumes_mid_round():
+    reference_opt = _optimizer()
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_opt, max_lr=0.1, total_steps=8, pct_start=0.15)
+    expected = []
+    for _ in range(7):
+        reference.step()
+        expected.append(reference_opt.param_groups[0]["lr"])
+    opt = _optimizer()
+    sched = RoundLRScheduler(opt, "onecycle")
+    sched.start_round(0, epochs=2, steps_per_epoch=4)
+    got = []
+    for _ in range(3):
+        sched.step()
+        got.append(sched.get_last_lr()[0])
+    state, opt_state = sched.state_dict(), opt.state_dict()
+    resumed_opt = _optimizer()
+    resumed_opt.load_state_dict(opt_state)
+    resumed = RoundLRScheduler(resumed_opt, "onecycle")
+    resumed.load_state_dict(state)
+    for _ in range(5):  # the last call is past OneCycleLR's total and leaves the lr where it is
+        resumed.step()
+        got.append(resumed.get_last_lr()[0])
+    assert got[:7] == pytest.approx(expected) and got[7] == pytest.approx(expected[-1])
+    with pytest.raises(ValueError, match="schedule"):
+        RoundLRScheduler(opt, "cosine")
+    with pytest.raises(ValueError, match="gamma"):
+        RoundLRScheduler(opt, gamma=1.5)

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""One writer per output folder (a lock; a dead writer's lock is taken over) and the settings fingerprint (R22)."""
+"""One writer per output folder (a lock; a dead writer's lock is taken over) and the settings fingerprint."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines.checkpoint import CheckpointError
 from monai_condflow.engines.config_checks import ConfigValueError, check_common, check_preset, check_temperature
 from monai_condflow.engines.stage_io import (
     AUDIT_HOLDOUT,
@@ -33,6 +32,7 @@ from monai_condflow.engines.stage_io import (
     write_json_atomic,
     write_stage_info,
 )
+from monai_condflow.handlers.checkpoint import CheckpointError
 
 
 class _Sentinel:

@@ -304,7 +304,7 @@ def test_report_metrics_and_figures_get_normal_permissions(tmp_path):
 
 
 def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_path):
-    """R24: the evaluation refuses sets too small for FID (N <= D) before it trains its classifier or samples."""
+    """the evaluation refuses sets too small for FID (N <= D) before it trains its classifier or samples."""
     trained = []
 
     def fit(network, train, val, **kwargs):
@@ -325,7 +325,7 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
 
 
 def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
-    """R26: a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
+    """a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
     metrics.json and report.md (the old code saw clean images and reported 0)."""
     metrics = run_evaluation(
         tmp_path,
@@ -400,3 +400,19 @@ def test_run_evaluation_presumptive_label_accuracy(tmp_path):
         privacy_audit=False,
     )
     assert again["presumptive_accuracy"] == 0.7 and again["presumptive_labels"]["n_compared"] == 0
+
+
+def test_load_module_reads_the_stages_model_pt_and_nothing_else(tmp_path):
+    """One name per stage model: ``model.pt`` with its weights under ``network``; no guessing among other files."""
+    from monai_condflow.evaluation.report import load_module
+
+    net = nn.Linear(3, 2)
+    (tmp_path / "stage").mkdir()
+    torch.save({"network": net.state_dict()}, tmp_path / "stage" / "other_best.pt")
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_module(tmp_path / "stage", lambda: nn.Linear(3, 2), "stage")
+    torch.save({"network": net.state_dict(), "optimizer": {}}, tmp_path / "stage" / "model.pt")
+    loaded = load_module(tmp_path / "stage", lambda: nn.Linear(3, 2), "stage")
+    assert torch.equal(loaded.weight, net.weight) and not loaded.training
+    torch.save(net.state_dict(), tmp_path / "bare.pt")  # a bare state dict file
+    assert torch.equal(load_module(tmp_path / "bare.pt", lambda: nn.Linear(3, 2), "x").bias, net.bias)

@@ -161,7 +161,7 @@ def _dp_classifier_trainer(max_epochs: int, accountant_state: dict | None = None
 
 
 def test_dp_classifier_resume_that_would_overspend_is_refused():
-    """R23: a DP run planned for 2 epochs, resumed with max_epochs 6, would end above its target: refused before any
+    """a DP run planned for 2 epochs, resumed with max_epochs 6, would end above its target: refused before any
     step; resuming with the original plan continues and ends within the target."""
     trainer, engine, _ = _dp_classifier_trainer(2)
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # "killed" after epoch 1

@@ -173,7 +173,7 @@ def test_refusals_batchnorm_initialised_flow_and_layerwise_modes():
 
 
 def test_a_nan_example_in_a_dp_classifier_step_contributes_zero_and_the_step_is_accounted():
-    """R23: one non-finite example neither poisons the weights nor skips the (noised, accounted) step."""
+    """one non-finite example neither poisons the weights nor skips the (noised, accounted) step."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     x = torch.randn(8, 4)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines.checkpoint import CheckpointError
 from monai_condflow.engines.stages import load_classifier, privacy_spent
+from monai_condflow.handlers.checkpoint import CheckpointError
 from monai_condflow.networks.nets import PEPXNet
 from monai_condflow.privacy.public import (
     file_sha256,

@@ -349,7 +349,7 @@ def _png_header_only(path, width: int, height: int) -> None:
 
 
 def test_load_refuses_huge_images_and_decompression_bombs_by_name(tmp_path):
-    """R24: the size comes from the header; nothing is decoded, and the file is named."""
+    """the size comes from the header; nothing is decoded, and the file is named."""
     big, bomb = tmp_path / "big_scan.png", tmp_path / "bomb.png"
     _png_header_only(big, 10000, 10000)
     _png_header_only(bomb, 15000, 15000)

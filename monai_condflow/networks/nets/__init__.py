@@ -13,7 +13,8 @@
 from .acgan import ACGANDiscriminator as ACGANDiscriminator
 from .acgan import ACGANGenerator as ACGANGenerator
 from .conditional_glow import ConditionalGlow as ConditionalGlow
+from .flow_export import FlowDecoder as FlowDecoder
 from .flow_export import FlowLogProb as FlowLogProb
-from .flow_export import FlowSampler as FlowSampler
+from .flow_sampler import FlowSampler as FlowSampler
 from .pepx_net import PEPXNet as PEPXNet
 from .pepx_net import PEPXStage as PEPXStage

@@ -14,7 +14,7 @@
 ``torch.inference_mode``; neither is what ``torch.export`` or ``monai.bundle verify_net_in_out`` expect (one tensor
 out of tensors in). These wrappers hold the flow (no copy) and expose one function each:
 
-- :class:`FlowSampler`: ``(noise [B, C, *spatial], condition [B, condition_dim]) -> image [B, C, *spatial]``, the
+- :class:`FlowDecoder`: ``(noise [B, C, *spatial], condition [B, condition_dim]) -> image [B, C, *spatial]``, the
   decoding step of :meth:`ConditionalGlow.sample` with the noise given (standard normal, shaped like the image:
   the flow's latent has exactly one value per pixel), scaled by the temperature and clamped to ``[0, 1]``.
 - :class:`FlowLogProb`: ``(image, condition) -> log p(image | condition)`` ``[B, 1]`` in nats.
@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 
-__all__ = ["FlowLogProb", "FlowSampler"]
+__all__ = ["FlowLogProb", "FlowDecoder"]
 
 
-class FlowSampler(nn.Module):
+class FlowDecoder(nn.Module):
     """``forward(noise, condition)``: images decoded from given standard-normal noise, like ``flow.sample``.
 
     Args:

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tests of the invertible flow layers: exact inverses, brute-force log-determinants (R10, R11), ActNorm (R12)."""
+"""Tests of the invertible flow layers: exact inverses, brute-force log-determinants, ActNorm."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def test_level_layout_and_errors():
         FineGrainedSplit(2, 4, 4, COND, 8)
 
 
-# ---------------------------------------------------------------------------------------------------- ActNorm (R12)
+# ---------------------------------------------------------------------------------------------------- ActNorm
 def test_actnorm_initialize_normalises_and_is_explicit():
     layer = ActNorm(2, 3)
     x = torch.randn(8, 3, 5, 5) * torch.tensor([0.5, 2.0, 3.0]).view(1, 3, 1, 1) + 4.0
@@ -215,7 +215,7 @@ def test_actnorm_state_dict_round_trip():
     torch.testing.assert_close(fresh(x)[0], layer(x)[0], rtol=0, atol=0)
 
 
-# -------------------------------------------------------------------------------------- LU 1x1 conv and its cache (R11)
+# -------------------------------------------------------------------------------------- LU 1x1 conv and its cache
 def test_invconv_lu_structure():
     layer = InvertibleConv1x1(2, 6)
     perturb(layer, 0.5)

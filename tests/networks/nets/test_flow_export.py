@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_condflow.networks.nets import ConditionalGlow, FlowLogProb, FlowSampler
+from monai_condflow.networks.nets import ConditionalGlow, FlowDecoder, FlowLogProb
 
 S = 16
 
@@ -40,11 +40,11 @@ def test_sampler_is_flow_sample_with_the_noise_given(flow):
     expected = flow.sample(z, temperature=0.7, generator=torch.Generator().manual_seed(5))
     noise = torch.randn(3, flow.latent_dim((S, S)), generator=torch.Generator().manual_seed(5)).reshape(3, 1, S, S)
     with torch.no_grad():
-        got = FlowSampler(flow, temperature=0.7)(noise, z)
+        got = FlowDecoder(flow, temperature=0.7)(noise, z)
     assert got.shape == (3, 1, S, S)
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="temperature"):
-        FlowSampler(flow, temperature=-1.0)
+        FlowDecoder(flow, temperature=-1.0)
 
 
 def test_log_prob_module_is_flow_log_prob(flow):
@@ -54,7 +54,7 @@ def test_log_prob_module_is_flow_log_prob(flow):
 
 
 def test_torch_export_of_sample_and_log_prob_gives_the_eager_values(flow):
-    sampler, log_prob = FlowSampler(flow, 0.9).eval(), FlowLogProb(flow).eval()
+    sampler, log_prob = FlowDecoder(flow, 0.9).eval(), FlowLogProb(flow).eval()
     noise, x, z = torch.randn(2, 1, S, S), torch.rand(2, 1, S, S), _z(2, 3)
     exported_sampler = torch.export.export(sampler, (noise, z)).module()
     exported_log_prob = torch.export.export(log_prob, (x, z)).module()

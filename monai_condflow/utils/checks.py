@@ -1,0 +1,43 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Validation of the values that reach the package from configs and callers, one function per kind of value."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["ConfigValueError", "check_positive_int", "check_temperature"]
+
+
+class ConfigValueError(ValueError):
+    """A configuration id holds a value the pipeline cannot use; the message names the id."""
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int of at least ``minimum`` (``max_epochs``, ``batch_size``, ...).
+
+    Raises:
+        ConfigValueError: naming the config id ``name`` for a non-integer (or a ``bool``) or a smaller value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigValueError(f"config id '{name}' must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_temperature(value: object, name: str = "temperature") -> float:
+    """A sampling temperature: a finite number > 0.
+
+    Raises:
+        ConfigValueError: naming the config id ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigValueError(f"config id '{name}' must be a number > 0, got {value!r}.")
+    return float(value)
