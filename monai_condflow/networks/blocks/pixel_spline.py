@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from monai_condflow.networks.blocks.coupling import GuidedCondition, guided_parameters
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer
 
 __all__ = ["PixelSpline"]
@@ -40,6 +41,11 @@ class PixelSpline(FlowLayer):
         num_bins: spline pieces per element (``>= 2``).
         tail_bound: half-width of the spline's interval (identity outside).
         min_bin: smallest bin width / height as a fraction of the interval; ``min_derivative`` the smallest slope.
+        condition_dim: ``> 0`` makes the spline conditional: a linear map of ``z`` (zero-initialised) adds to every
+            knot parameter, on a grid ``condition_factor`` times coarser than the image, bilinearly upsampled, so
+            the marginal of each pixel can differ between classes; guided like the other conditional layers (the
+            raw parameters are mixed, so every guided spline is still monotone). 0: unconditional.
+        condition_factor: downsampling of the conditional parameter grid.
     """
 
     def __init__(
@@ -51,6 +57,8 @@ class PixelSpline(FlowLayer):
         tail_bound: float = 4.0,
         min_bin: float = 1e-3,
         min_derivative: float = 1e-3,
+        condition_dim: int = 0,
+        condition_factor: int = 4,
     ) -> None:
         super().__init__()
         if len(spatial_size) != spatial_dims:
@@ -67,21 +75,45 @@ class PixelSpline(FlowLayer):
         self.heights = nn.Parameter(torch.zeros(*shape, num_bins))
         # softplus(d) + min_derivative = 1 at every interior knot: the identity
         self.derivatives = nn.Parameter(torch.full((*shape, num_bins - 1), _inv_softplus(1.0 - min_derivative)))
+        self.condition_dim = int(condition_dim)
+        self.cond_proj: nn.Linear | None = None
+        if self.condition_dim > 0:
+            if any(s % condition_factor for s in spatial_size):
+                raise ValueError(f"PixelSpline: spatial_size {spatial_size} is not divisible by {condition_factor}.")
+            self.coarse = tuple(s // condition_factor for s in spatial_size)
+            numel = num_channels * (3 * num_bins - 1)
+            for s in self.coarse:
+                numel *= s
+            self.cond_proj = nn.Linear(self.condition_dim, numel)
+            nn.init.zeros_(self.cond_proj.weight)
+            nn.init.zeros_(self.cond_proj.bias)
 
     def extra_repr(self) -> str:
         return f"size={tuple(self.widths.shape[:-1])}, num_bins={self.num_bins}, tail_bound={self.tail_bound}"
 
-    def _knots(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _offsets(self, x: Tensor, condition: Tensor) -> Tensor:
+        """Per-image additions to the raw knot parameters, ``[B, C, *spatial, 3 * num_bins - 1]``."""
+        c, k = self.widths.shape[0], 3 * self.num_bins - 1
+        grid = self.cond_proj(condition.to(x.dtype)).view(x.shape[0], c * k, *self.coarse)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        grid = F.interpolate(grid, size=tuple(self.widths.shape[1:-1]), mode=mode, align_corners=False)
+        return grid.view(x.shape[0], c, k, *grid.shape[2:]).movedim(2, -1)
+
+    def _knots(self, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         span, k = 2 * self.tail_bound, self.num_bins
+        widths, heights, derivatives = self.widths, self.heights, self.derivatives
+        if offsets is not None:
+            dw, dh, dd = offsets.split([k, k, k - 1], dim=-1)
+            widths, heights, derivatives = widths + dw, heights + dh, derivatives + dd
 
         def cumulative(raw: Tensor) -> Tensor:
             size = self.min_bin + (1 - self.min_bin * k) * torch.softmax(raw, dim=-1)
             edges = F.pad(torch.cumsum(size, dim=-1), (1, 0)) * span - self.tail_bound
             return torch.cat([edges[..., :-1], torch.full_like(edges[..., -1:], self.tail_bound)], dim=-1)
 
-        inner = F.softplus(self.derivatives) + self.min_derivative
+        inner = F.softplus(derivatives) + self.min_derivative
         ones = torch.ones_like(inner[..., :1])
-        return cumulative(self.widths), cumulative(self.heights), torch.cat([ones, inner, ones], dim=-1)
+        return cumulative(widths), cumulative(heights), torch.cat([ones, inner, ones], dim=-1)
 
     def _check(self, x: Tensor) -> None:
         if x.shape[1:] != self.widths.shape[:-1]:
@@ -90,9 +122,16 @@ class PixelSpline(FlowLayer):
                 f"got {list(x.shape)}."
             )
 
-    def _transform(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _transform(self, v: Tensor, inverse: bool, condition: Tensor | GuidedCondition | None) -> tuple[Tensor, Tensor]:
         self._check(v)
-        xk, yk, dk = (t.unsqueeze(0).to(v.dtype) for t in self._knots())
+        offsets = None
+        if self.cond_proj is not None:
+            rows = condition.condition if isinstance(condition, GuidedCondition) else condition
+            if rows is None or rows.shape[0] != v.shape[0]:
+                raise ValueError("a conditional PixelSpline needs one condition row per image.")
+            offsets = guided_parameters(self._offsets, v, condition)
+        knots = self._knots(offsets)
+        xk, yk, dk = (t.to(v.dtype) if offsets is not None else t.unsqueeze(0).to(v.dtype) for t in knots)
         inside = (v > -self.tail_bound) & (v < self.tail_bound)
         vc = v.clamp(-self.tail_bound, self.tail_bound).unsqueeze(-1)
         edges = yk if inverse else xk
@@ -126,11 +165,11 @@ class PixelSpline(FlowLayer):
         logdet = log_deriv.flatten(1).sum(1)
         return out, (-logdet if inverse else logdet)
 
-    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._transform(x, inverse=False)
+    def forward(self, x: Tensor, condition: Tensor | GuidedCondition | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(x, False, condition)
 
-    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return self._transform(y, inverse=True)
+    def inverse(self, y: Tensor, condition: Tensor | GuidedCondition | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(y, True, condition)
 
 
 def _inv_softplus(value: float) -> float:

@@ -131,6 +131,8 @@ class ConditionalGlow(nn.Module):
         pixel_spline_bins: ``> 0`` puts a learned monotone spline per pixel (:class:`PixelSpline`, that many
             pieces) between the data (after ``pixel_norm``) and the levels, so each position can learn a
             non-Gaussian marginal (dark lung or bright vessel); 0 (default): none.
+        pixel_spline_conditional: make that spline's knots depend on ``z`` (a zero-initialised linear map on a
+            1/4-resolution grid; see :class:`PixelSpline`).
         condition_pixels: put a :class:`ConditionalPixelAffine` (a shift and scale image computed linearly from
             ``z``) between the data (after ``pixel_norm``) and the levels, a direct path from ``z`` to every pixel;
             ``False`` (default): none.
@@ -166,6 +168,7 @@ class ConditionalGlow(nn.Module):
         shift_bound: float = 5.0,
         pixel_norm: bool = False,
         pixel_spline_bins: int = 0,
+        pixel_spline_conditional: bool = False,
         condition_pixels: bool = False,
         cond_dropout: float = 0.0,
         guidance: float = 1.0,
@@ -252,7 +255,13 @@ class ConditionalGlow(nn.Module):
             else None
         )
         self.pixel_spline = (
-            PixelSpline(spatial_dims, in_channels, self.image_size, num_bins=int(pixel_spline_bins))
+            PixelSpline(
+                spatial_dims,
+                in_channels,
+                self.image_size,
+                num_bins=int(pixel_spline_bins),
+                condition_dim=condition_dim if pixel_spline_conditional else 0,
+            )
             if pixel_spline_bins
             else None
         )
@@ -273,6 +282,7 @@ class ConditionalGlow(nn.Module):
             "shift_bound": shift_bound,
             "pixel_norm": pixel_norm,
             "pixel_spline_bins": int(pixel_spline_bins),
+            "pixel_spline_conditional": bool(pixel_spline_conditional),
             "condition_pixels": bool(condition_pixels),
             "cond_dropout": cond_dropout,
             "guidance": guidance,
@@ -436,7 +446,7 @@ class ConditionalGlow(nn.Module):
             h, ld = self.condition_pixels(h, condition)
             logdet = logdet + ld
         if self.pixel_spline is not None:
-            h, ld = self.pixel_spline(h)
+            h, ld = self.pixel_spline(h, condition)
             logdet = logdet + ld
         pieces = []
         for level, keep in zip(self.levels, self._keep_channels):
@@ -505,7 +515,7 @@ class ConditionalGlow(nn.Module):
             h, ld = self.levels[i].inverse(_channels_last(h), condition)
             logdet = logdet + ld
         if self.pixel_spline is not None:
-            h, ld = self.pixel_spline.inverse(h.contiguous())
+            h, ld = self.pixel_spline.inverse(h.contiguous(), condition)
             logdet = logdet + ld
         if self.condition_pixels is not None:
             h, ld = self.condition_pixels.inverse(h, condition)

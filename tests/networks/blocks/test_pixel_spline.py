@@ -67,3 +67,31 @@ def test_bad_arguments_and_shapes_are_refused():
         PixelSpline(2, 1, (3, 3, 3))
     with pytest.raises(ValueError, match=r"\[B, 1, 3, 3\]"):
         PixelSpline(2, 1, (3, 3))(torch.zeros(2, 1, 4, 4))
+
+
+def test_conditional_spline_is_exact_depends_on_the_condition_and_guides_monotonically():
+    from monai_condflow.networks.blocks.coupling import GuidedCondition
+
+    torch.manual_seed(0)
+    layer = PixelSpline(2, 1, (8, 8), num_bins=6, tail_bound=2.0, condition_dim=5, condition_factor=2).double()
+    x, z = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(layer(x, z)[0], x, atol=1e-7)  # zero-initialised map: the identity for every z
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    y, logdet = layer(x, z)
+    back, inv_logdet = layer.inverse(y, z)
+    assert torch.allclose(back, x, atol=1e-10) and torch.allclose(inv_logdet, -logdet, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(lambda t: layer(t.view(1, 1, 8, 8), z[:1])[0].flatten(), x[0].flatten())
+    assert torch.logdet(jac).item() == pytest.approx(logdet[0].item(), abs=1e-9)
+    assert (layer(x, torch.randn(3, 5, dtype=torch.float64))[0] - y).abs().mean() > 0.05
+    # guidance mixes the raw knot parameters, so an extrapolated spline (w = 3) is still monotone and invertible
+    guided = GuidedCondition(z[:1].expand(2001, -1), torch.zeros(2001, 5, dtype=torch.float64), 3.0)
+    grid = torch.linspace(-3, 3, 2001, dtype=torch.float64).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    out, out_logdet = layer(grid, guided)
+    assert (out[1:] - out[:-1] > 0).all()
+    assert torch.allclose(layer.inverse(out, guided)[0], grid, atol=1e-8)
+    with pytest.raises(ValueError, match="one condition row per image"):
+        layer(x, None)
+    with pytest.raises(ValueError, match="divisible"):
+        PixelSpline(2, 1, (6, 6), condition_dim=5, condition_factor=4)
