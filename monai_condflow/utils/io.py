@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 MODEL_FILE = "model.pt"
-"""File name of a stage's model in its folder (the model-zoo name): ``{"network": state_dict, ...}``."""
+"""File name of a stage's model in its folder (the model-zoo name): ``{"network": state_dict, ...}``, or the bare
+state dict MONAI's ``CheckpointSaver`` writes for a single object (the supervised classifier's best epoch)."""
 TEMP_SUFFIX = ".tmp"
 """Suffix of the temporary files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
 

@@ -163,6 +163,21 @@ def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, d
     assert not any("phantom_p" in p.name for p in images)  # no source file or patient in the names
 
 
+def test_classifier_inference_config_scores_the_test_split(trained_run: Path, dataset: Path):
+    """``inference_classifier.json``: the trained classifier (``network_def``) on the test split, metrics written."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / "inference_classifier.json")]),
+           "--meta_file", str(CONFIGS / "metadata_classifier.json"), "--bundle_root", str(BUNDLE),
+           "--dataset_dir", str(dataset), "--output_dir", str(trained_run),
+           "--image_size", str(TINY["image_size"]), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((trained_run / "classifier" / "test_metrics.json").read_text())
+    assert set(scores) == {"test_accuracy", "test_macro_f1"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
 def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves(trained_run: Path):
     """The flow stage writes beside the classifier under ``OUTPUT_DIR/tensorboard/<stage>``, where the report looks."""
     runs = read_tensorboard_scalars(trained_run / "tensorboard")
@@ -175,7 +190,11 @@ def test_every_stage_logs_under_tensorboard_and_the_report_draws_the_flow_curves
 
 @pytest.mark.parametrize(
     "meta_file, config_file",
-    [(META, "inference.json"), (str(CONFIGS / "metadata_classifier.json"), "train_classifier.json")],
+    [
+        (META, "inference.json"),
+        (str(CONFIGS / "metadata_classifier.json"), "train_classifier.json"),
+        (str(CONFIGS / "metadata_classifier.json"), "inference_classifier.json"),
+    ],
 )
 def test_verify_metadata_and_network(meta_file: str, config_file: str):
     """One network per metadata file: the flow sampler of inference.json, the classifier of train_classifier.json."""
