@@ -71,6 +71,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # bits/dim 5.12 -> 4.97 and 5.17 -> 5.00, FID / floor on an independent judge's features 4-5x lower, and the
         # first class agreement above "everything is COVID" (0.243 -> 0.27-0.32); docs/results.md.
         "pixel_spline_bins": 8,
+        # ... whose knots depend on z (PixelSpline condition_dim): the class then shows in the samples; over two
+        # flow seeds at 15 epochs class agreement 0.25 -> 0.60-0.68 at T = 0.9 and FID / floor another 2-5x lower.
+        "pixel_spline_conditional": True,
         "cond_dropout": 0.1,
         "noise_std": 0.02,
         "denoise": False,

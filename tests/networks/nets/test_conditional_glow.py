@@ -325,7 +325,7 @@ def test_pixel_spline_option_is_exact_learnable_and_persisted():
     assert torch.allclose(back, x, atol=1e-9) and torch.allclose(inv_logdet, -logdet, atol=1e-7)
     # the spline's log-det is part of log p(x | z): dropping the layer changes the log-det by exactly its share
     h = flow.pixel_norm(x - 0.5)[0]
-    assert not torch.allclose(flow.pixel_spline(h)[1], torch.zeros(6, dtype=torch.float64))
+    assert not torch.allclose(flow.pixel_spline(h, z)[1], torch.zeros(6, dtype=torch.float64))
     flow.log_prob(x, z).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.pixel_spline.parameters())
     other = ConditionalGlow(**flow.config).double()
