@@ -40,7 +40,8 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import optional_import, set_determinism
 from torch.utils.data import DataLoader
 
-from monai_condflow.engines.checkpoint import (
+from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.handlers.checkpoint import (
     LoaderRandomState,
     RandomStateTracker,
     create_checkpoint_handler,
@@ -49,7 +50,9 @@ from monai_condflow.engines.checkpoint import (
     prune_missing_files,
     remove_temp_files,
 )
-from monai_condflow.engines.distributed import (
+from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
+from monai_condflow.utils.checks import check_positive_int, check_temperature
+from monai_condflow.utils.distributed import (
     all_gather_tensors,
     any_across_ranks,
     get_rank,
@@ -57,9 +60,6 @@ from monai_condflow.engines.distributed import (
     unwrap_model,
     wrap_ddp,
 )
-from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
-from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
-from monai_condflow.utils.checks import check_positive_int, check_temperature
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
@@ -489,7 +489,7 @@ def create_flow_trainer(
         flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
         classifier: frozen classifier computing ``z = embed(x)`` on the fly, or ``None`` when the batches carry a
             ``condition`` key.
-        train_loader: training batches (use :func:`~monai_condflow.engines.distributed.create_loader`).
+        train_loader: training batches (use :func:`~monai_condflow.utils.distributed.create_loader`).
         val_loader: validation batches, or ``None`` (no evaluator, no best checkpoint).
         device: the run's device.
         max_epochs: total epochs (also when resuming).
