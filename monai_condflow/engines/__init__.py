@@ -8,18 +8,13 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""monai_condflow.engines."""
+"""monai_condflow.engines: the trainers and stage functions.
+
+The checkpoint and distributed helpers they use live in the lower layers: :mod:`monai_condflow.handlers.checkpoint`,
+:mod:`monai_condflow.handlers.checkpoint_saver` and :mod:`monai_condflow.utils.distributed`.
+"""
 
 from .acgan import ACGANTrainer, train_acgan
-from .checkpoint import (
-    CheckpointError,
-    RandomStateTracker,
-    atomic_torch_save,
-    atomic_write_bytes,
-    create_checkpoint_handler,
-    find_latest_checkpoint,
-    load_checkpoint,
-)
 from .classifier import (
     BEST_CHECKPOINT_NAME,
     KEY_METRIC_NAME,
@@ -29,20 +24,6 @@ from .classifier import (
     create_classifier_trainer,
     lr_decay_for_label_fraction,
     train_classifier,
-)
-from .distributed import (
-    all_gather_tensors,
-    any_across_ranks,
-    barrier,
-    broadcast_module,
-    cleanup_distributed,
-    create_loader,
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_distributed,
-    unwrap_model,
-    wrap_ddp,
 )
 from .flow import (
     FlowBitsPerDim,
@@ -78,18 +59,6 @@ from .prepare_batch import (
 )
 
 __all__ = [
-    "all_gather_tensors",
-    "any_across_ranks",
-    "barrier",
-    "broadcast_module",
-    "cleanup_distributed",
-    "create_loader",
-    "get_rank",
-    "get_world_size",
-    "init_distributed",
-    "is_distributed",
-    "unwrap_model",
-    "wrap_ddp",
     "BEST_CHECKPOINT_NAME",
     "KEY_METRIC_NAME",
     "LAST_CHECKPOINT_NAME",
@@ -109,13 +78,6 @@ __all__ = [
     "similarity",
     "ACGANTrainer",
     "train_acgan",
-    "CheckpointError",
-    "RandomStateTracker",
-    "atomic_torch_save",
-    "atomic_write_bytes",
-    "create_checkpoint_handler",
-    "find_latest_checkpoint",
-    "load_checkpoint",
     "FlowBitsPerDim",
     "FlowTrainer",
     "create_flow_trainer",

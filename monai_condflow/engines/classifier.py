@@ -56,7 +56,7 @@ from monai.handlers import (
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, Dataset
 
-from monai_condflow.handlers.checkpoint import AtomicDiskSaver, LoaderRandomState
+from monai_condflow.handlers.checkpoint import LoaderRandomState
 from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
@@ -185,11 +185,6 @@ def _infer_num_classes(network: torch.nn.Module) -> int:
     if not linears:
         raise ValueError("cannot infer the number of classes from the network; pass `num_classes`.")
     return int(linears[-1].out_features)
-
-
-_AtomicDiskSaver = AtomicDiskSaver  # names of earlier releases
-_AtomicCheckpointSaver = AtomicCheckpointSaver
-_BestMetricState = BestMetricState
 
 
 def _epoch_start_handler(
@@ -325,7 +320,7 @@ def create_classifier_trainer(
         writer = SummaryWriter(log_dir=str(output_dir))
 
     evaluator: SupervisedEvaluator | None = None
-    best_state: _BestMetricState | None = None
+    best_state: BestMetricState | None = None
     best_saver: AtomicCheckpointSaver | None = None
     trainer_ref: list[SupervisedTrainer] = []
     if val_loader is not None:

@@ -29,12 +29,12 @@ from monai_condflow.engines import (
     balanced_class_weights,
     compute_embeddings,
     create_classifier_trainer,
-    create_loader,
     lr_decay_for_label_fraction,
     train_classifier,
 )
-from monai_condflow.engines.classifier import _AtomicDiskSaver
+from monai_condflow.handlers.checkpoint import AtomicDiskSaver
 from monai_condflow.networks.nets import PEPXNet
+from monai_condflow.utils.distributed import create_loader
 
 SIZE = 16
 
@@ -180,7 +180,7 @@ def test_resume_refuses_pickled_code(tmp_path):
 
 
 def test_atomic_saver_keeps_previous_file_on_failure(tmp_path):
-    saver = _AtomicDiskSaver(str(tmp_path), filename="ckpt.pt")
+    saver = AtomicDiskSaver(str(tmp_path), filename="ckpt.pt")
     saver({"w": torch.ones(3)}, "ignored_name.pt")
     with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled: the save fails midway
         saver({"w": torch.zeros(3), "bad": lambda: None}, "ignored_name.pt")

@@ -21,8 +21,9 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandAffined, RandGaussianNoised
 
-from monai_condflow.engines import create_classifier_trainer, create_loader
+from monai_condflow.engines import create_classifier_trainer
 from monai_condflow.networks.nets import PEPXNet
+from monai_condflow.utils.distributed import create_loader
 
 SIZE = 16
 
