@@ -17,7 +17,8 @@ tick labels are never truncated. The writers return the PNG path.
 - :func:`line_chart`: one or more ``name -> (xs, ys)`` series, optional +- error bars and a log x axis.
 - :func:`bar_chart`: grouped bars with optional +- error bars.
 - :func:`label_sweep_chart`: accuracy against the number of labels (log axis) with error bars, from sweep rows.
-- :func:`image_grid`: ``[N, 1, H, W]`` images as one grayscale PNG (PIL).
+- :func:`image_grid`: ``[N, 1, H, W]`` images as one grayscale PNG, tiled by
+  :func:`monai_condflow.transforms.grid.make_grid` (non-finite pixels red).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from monai_condflow.transforms.grid import make_grid
 from monai_condflow.utils.io import atomic_write_bytes, atomic_write_png, shareable_file_mode
 
 __all__ = [
@@ -294,29 +296,37 @@ def label_sweep_figure(rows: Sequence[Mapping[str, Any]], n_all: int | None = No
 
 
 def image_grid(path: str | os.PathLike, images: torch.Tensor | np.ndarray, nrow: int = 8, scale: int = 2) -> Path:
-    """Save ``[N, 1, H, W]`` (or ``[N, H, W]``) images in ``[0, 1]`` as a grayscale PNG grid (2-pixel gaps).
+    """Save images in ``[0, 1]`` as a grayscale PNG grid (2-pixel white gaps), non-finite pixels drawn red.
 
-    Non-finite pixels are drawn red so that broken samples stay visible.
+    The tiling is :func:`monai_condflow.transforms.grid.make_grid`'s (called twice: once for the gray levels with
+    non-finite pixels set to 0, once for the non-finite mask); this function only colours the broken pixels, so
+    that broken samples stay visible, and enlarges the grid.
+
+    Args:
+        path: target ``.png`` (written atomically).
+        images: ``[N, C, H, W]`` (channel 0 is shown) or ``[N, H, W]``.
+        nrow: images per grid row (at least 1 is used).
+        scale: integer enlargement factor (nearest neighbour); ``<= 1`` keeps the size.
+
+    Returns:
+        the path written: an RGB PNG of ``scale * (rows * (H + 2) + 2)`` by ``scale * (cols * (W + 2) + 2)`` pixels
+        with ``cols = min(nrow, N)``, ``rows = ceil(N / cols)``.
+
+    Raises:
+        ValueError: ``images`` is not ``[N, C, H, W]`` or ``[N, H, W]`` with ``N >= 1``.
     """
     arr = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float64)
     if arr.ndim == 4:
         arr = arr[:, 0]
     if arr.ndim != 3 or arr.shape[0] == 0:
         raise ValueError(f"image_grid needs [N, 1, H, W] or [N, H, W] images, got shape {arr.shape}.")
-    n, h, w = arr.shape
-    ncol = max(1, min(nrow, n))
-    nrows = math.ceil(n / ncol)
-    canvas = np.full((nrows * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, ncol)
-        tile = arr[k]
-        bad = ~np.isfinite(tile)
-        gray = (np.clip(np.nan_to_num(tile), 0.0, 1.0) * 255).round().astype(np.uint8)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
-        rgb[bad] = (255, 0, 0)
-        y, x = 2 + r * (h + 2), 2 + c * (w + 2)
-        canvas[y : y + h, x : x + w] = rgb
-    img = Image.fromarray(canvas)
+    bad = ~np.isfinite(arr)
+    nrow = max(1, nrow)
+    gray = make_grid(np.where(bad, 0.0, arr), nrow=nrow, padding=2, pad_value=1.0)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if bad.any():
+        rgb[make_grid(bad.astype(np.float64), nrow=nrow, padding=2, pad_value=0.0) > 0] = (255, 0, 0)
+    img = Image.fromarray(rgb)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return save_png_atomic(img, path)

@@ -17,13 +17,16 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
 from monai_condflow.evaluation.plots import (
     bar_chart,
     bar_figure,
+    image_grid,
     label_sweep_figure,
     line_chart,
     line_figure,
@@ -111,3 +114,32 @@ def test_docs_label_sweep_figure_is_drawn_from_the_results_table(tmp_path: Path)
     assert script.main(["--out", str(tmp_path / "sweep.png")]) == 0
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.pdf").is_file()
     assert (ROOT / "docs" / "figures" / "label_sweep_ucsd.pdf").is_file()
+
+
+def test_image_grid_is_make_grid_in_rgb_with_non_finite_pixels_red(tmp_path: Path):
+    """the tiling is transforms.grid.make_grid's (2-pixel white gaps); NaN / inf pixels are red; ``scale`` enlarges."""
+    images = torch.tensor([[[[0.0, 1.0]]], [[[float("nan"), 0.5]]], [[[float("inf"), 0.2]]]])  # [3, 1, 1, 2]
+    path = image_grid(tmp_path / "g.png", images, nrow=2, scale=1)
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    w, r = (255, 255, 255), (255, 0, 0)
+    g = lambda v: (v, v, v)  # noqa: E731
+    row_pad = [w] * 10
+    expected = np.array(
+        [
+            row_pad,
+            row_pad,
+            [w, w, g(0), g(255), w, w, r, g(128), w, w],
+            row_pad,
+            row_pad,
+            [w, w, r, g(51), w, w, w, w, w, w],
+            row_pad,
+            row_pad,
+        ],
+        dtype=np.uint8,
+    )
+    np.testing.assert_array_equal(rgb, expected)
+    with Image.open(image_grid(tmp_path / "g2.png", images, nrow=2, scale=2)) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), expected.repeat(2, axis=0).repeat(2, axis=1))
+    with pytest.raises(ValueError, match="image_grid needs"):
+        image_grid(tmp_path / "bad.png", np.zeros((0, 1, 2, 2)))

@@ -36,6 +36,39 @@ def test_make_grid_layout_and_values():
     np.testing.assert_array_equal(make_grid(np.array([[[2.0, -1.0]]]), padding=0), [[255, 0]])  # clipped
 
 
+def test_make_grid_matches_a_hand_built_array():
+    """exact tiling (row-major, ``cols = min(nrow, N)``), padding around and between tiles, ``round(255 x)``."""
+    images = np.array(
+        [
+            [[0.0, 1.0]],  # tile 0: one row, two columns
+            [[0.5, 0.2]],  # tile 1
+            [[1.5, -3.0]],  # tile 2: clipped to [1, 0]
+        ]
+    )  # [N=3, H=1, W=2]
+    p = 9  # round(0.035 * 255)
+    expected = np.array(
+        [
+            [p, p, p, p, p, p, p],
+            [p, 0, 255, p, 128, 51, p],
+            [p, p, p, p, p, p, p],
+            [p, 255, 0, p, p, p, p],  # empty last slot keeps the padding value
+            [p, p, p, p, p, p, p],
+        ],
+        dtype=np.uint8,
+    )
+    np.testing.assert_array_equal(make_grid(images, nrow=2, padding=1, pad_value=0.035), expected)
+    np.testing.assert_array_equal(make_grid(torch.from_numpy(images)[:, None], nrow=2, padding=1, pad_value=0.035),
+                                  expected)  # fmt: skip
+    # no padding, one row: the tiles side by side
+    np.testing.assert_array_equal(make_grid(images, nrow=3, padding=0), [[0, 255, 128, 51, 255, 0]])
+    # one column, two pixels of white padding
+    column = make_grid(images[:2], nrow=1, padding=2)
+    assert column.shape == (2 * 1 + 3 * 2, 2 + 2 * 2)
+    np.testing.assert_array_equal(column[2, 2:4], [0, 255])
+    np.testing.assert_array_equal(column[5, 2:4], [128, 51])
+    assert (column[[0, 1, 3, 4, 6, 7]] == 255).all() and (column[:, [0, 1, 4, 5]] == 255).all()
+
+
 def test_make_grid_errors():
     with pytest.raises(ValueError, match=r"\[N, 1, H, W\] or \[N, H, W\], got shape \(2, 3, 4, 4\)"):
         make_grid(torch.zeros(2, 3, 4, 4))
