@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from monai_condflow.data.phantom import generate_phantom_dataset, main, render_slice, sample_patient
+from monai_condflow.data.phantom import generate_phantom_dataset, hu_to_png, main, render_slice, sample_patient
 
 SIZE = 128
 N_IMAGES = 36
@@ -142,6 +142,28 @@ def test_render_slice_api_and_findings():
         render_slice(rng, 3, SIZE)
     with pytest.raises(ValueError):
         render_slice(rng, 1, SIZE, sample_patient(rng, 0))
+
+
+# sha256 of the slices below as rendered by the phantom before its renderer was split into named steps
+# (data/phantom_render.py); numpy / scipy pinned by constraints.txt
+_RENDER_SHA256 = "12dc91421450479840ff00f4188706221ca8eb5b27ab3fbd250ee7e67d2bba3a"
+
+
+def test_rendering_is_unchanged_by_the_refactor():
+    """Hash regression, guarding a refactor only: the stored 16-bit values, lung boxes and lung masks of nine 512-px
+    slices (three heights of one patient per class) hash to the value the monolithic ``_render`` gave (computed with
+    that code, not derived from a specification). A deliberate change of the phantom's look changes this value and
+    ``GENERATOR_VERSION`` together."""
+    h = hashlib.sha256()
+    for cls in (0, 1, 2):
+        rng = np.random.default_rng(2024 + cls)
+        patient = sample_patient(rng, cls)
+        for z in (0.15, 0.5, 0.85):
+            hu, box, mask = render_slice(rng, cls, 512, patient, z, return_mask=True)
+            h.update(hu_to_png(hu).tobytes())
+            h.update(np.asarray(box, dtype=np.int64).tobytes())
+            h.update(mask.tobytes())
+    assert h.hexdigest() == _RENDER_SHA256
 
 
 def test_cli_end_to_end_and_overwrite(tmp_path, capsys):
