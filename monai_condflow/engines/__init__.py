@@ -16,9 +16,7 @@ The checkpoint and distributed helpers they use live in the lower layers: :mod:`
 
 from .acgan import ACGANTrainer, train_acgan
 from .classifier import (
-    BEST_CHECKPOINT_NAME,
     KEY_METRIC_NAME,
-    LAST_CHECKPOINT_NAME,
     balanced_class_weights,
     compute_embeddings,
     create_classifier_trainer,
@@ -59,9 +57,7 @@ from .prepare_batch import (
 )
 
 __all__ = [
-    "BEST_CHECKPOINT_NAME",
     "KEY_METRIC_NAME",
-    "LAST_CHECKPOINT_NAME",
     "balanced_class_weights",
     "compute_embeddings",
     "create_classifier_trainer",

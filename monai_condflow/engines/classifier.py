@@ -12,17 +12,20 @@
 
 :func:`create_classifier_trainer` wires a MONAI :class:`~monai.engines.SupervisedTrainer` (AdamW, cross-entropy,
 per-epoch exponential lr decay) and a :class:`~monai.engines.SupervisedEvaluator` (accuracy, macro F1 / precision /
-recall; macro F1 is the key metric) with the standard MONAI handlers. With ``output_dir`` it writes
+recall; macro F1 is the key metric) with the standard MONAI handlers. With ``output_dir`` it writes the files of
+the bundle's classifier stage (``train_classifier.json``), under the same names:
 
-- ``classifier_best.pt``: the network's plain ``state_dict`` at the best validation macro F1,
-- ``classifier_last.pt``: the full training state after every epoch (network, optimizer, lr scheduler, trainer,
-  best-metric tracking), the file to pass as ``resume_from``,
+- ``model.pt`` (:data:`~monai_condflow.utils.io.MODEL_FILE`): the network's plain ``state_dict`` at the best
+  validation macro F1,
+- ``state_checkpoint_epoch=N.pt`` (prefix :data:`~monai_condflow.utils.io.STATE_PREFIX`): the full training state
+  after the latest epoch (network, optimizer, lr scheduler, trainer, loader random state, best-metric tracking),
+  what ``resume_from`` reads; the previous epoch's file is deleted once the new one is in place,
 - TensorBoard event files (``train_loss`` per iteration; ``lr``, ``train_accuracy`` and the ``val_*`` metrics per
   epoch).
 
-Both checkpoint files are written atomically (temporary file + ``os.replace``), so a run killed mid-save keeps the
-previous file. Checkpoints are loaded with ``torch.load(..., weights_only=True)`` (MONAI 1.6.1's
-:class:`~monai.handlers.CheckpointLoader` does so).
+Both checkpoints are written atomically (temporary file + fsync + ``os.replace``), so a run killed mid-save keeps
+the previous file and never shows a partial one. Checkpoints are loaded with ``torch.load(..., weights_only=True)``
+(MONAI 1.6.1's :class:`~monai.handlers.CheckpointLoader` does so).
 
 Determinism: with ``seed`` set, every epoch starts from ``torch.manual_seed(seed + epoch)`` and the data order
 depends only on ``(seed, epoch)`` (``DistributedSampler.set_epoch`` from MONAI's workflow, or the loader's reseeded
@@ -56,7 +59,7 @@ from monai.handlers import (
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, Dataset
 
-from monai_condflow.handlers.checkpoint import LoaderRandomState
+from monai_condflow.handlers.checkpoint import LoaderRandomState, find_latest_checkpoint
 from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
@@ -67,6 +70,7 @@ from monai_condflow.metrics.classification import (
 from monai_condflow.networks.embeddings import compute_embeddings
 from monai_condflow.utils.checks import check_positive_int
 from monai_condflow.utils.distributed import create_loader, get_rank, is_distributed, unwrap_model, wrap_ddp
+from monai_condflow.utils.io import MODEL_FILE, STATE_PREFIX
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -76,8 +80,6 @@ else:
     SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
 __all__ = [
-    "BEST_CHECKPOINT_NAME",
-    "LAST_CHECKPOINT_NAME",
     "KEY_METRIC_NAME",
     "lr_decay_for_label_fraction",
     "balanced_class_weights",
@@ -88,10 +90,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BEST_CHECKPOINT_NAME = "classifier_best.pt"
-"""File name (in ``output_dir``) of the network ``state_dict`` with the best validation macro F1."""
-LAST_CHECKPOINT_NAME = "classifier_last.pt"
-"""File name (in ``output_dir``) of the full training state after the latest epoch (for ``resume_from``)."""
 KEY_METRIC_NAME = "val_macro_f1"
 """Name of the evaluator's key metric (the best checkpoint is chosen by it)."""
 
@@ -261,8 +259,9 @@ def create_classifier_trainer(
         val_interval: validate every ``val_interval`` epochs.
         amp: automatic mixed precision (CUDA).
         seed: per-epoch reseeding (see the module docstring); ``None`` leaves the RNG alone.
-        resume_from: a ``classifier_last.pt`` (or a directory holding one) to resume from, loaded with MONAI's
-            ``CheckpointLoader`` (``weights_only=True``).
+        resume_from: a training-state checkpoint to resume from (a ``state_checkpoint_epoch=N.pt`` file, or a
+            directory whose newest complete one is used), loaded with MONAI's ``CheckpointLoader``
+            (``weights_only=True``).
         iteration_log: also print the loss every iteration (TensorBoard always gets ``train_loss`` per iteration).
 
     Returns:
@@ -270,7 +269,7 @@ def create_classifier_trainer(
 
     Raises:
         ValueError: on a bad ``max_epochs``, ``val_interval``, ``lr``, ``lr_decay``, ``class_weights`` value, or a
-            ``resume_from`` path that does not exist.
+            ``resume_from`` that is neither a file nor a directory holding a complete training-state checkpoint.
     """
     check_positive_int("max_epochs", max_epochs)
     if not isinstance(val_interval, int) or val_interval < 1:
@@ -340,7 +339,7 @@ def create_classifier_trainer(
                 save_dict={"network": unwrap_model(model)},
                 save_key_metric=True,
                 key_metric_name=KEY_METRIC_NAME,
-                key_metric_filename=BEST_CHECKPOINT_NAME,
+                key_metric_filename=MODEL_FILE,
             )
             val_handlers.append(best_saver)
         metric_io = from_engine(["pred", "label"])
@@ -373,7 +372,8 @@ def create_classifier_trainer(
     if resume_from is not None:
         resume_path = os.fspath(resume_from)
         if os.path.isdir(resume_path):
-            resume_path = os.path.join(resume_path, LAST_CHECKPOINT_NAME)
+            found = find_latest_checkpoint(resume_path, STATE_PREFIX)
+            resume_path = os.path.join(resume_path, f"{STATE_PREFIX}_*.pt") if found is None else os.fspath(found[0])
         if not os.path.isfile(resume_path):
             raise ValueError(f"resume_from: no checkpoint at {resume_path!r}.")
         logger.info("resuming the classifier from %s", resume_path)
@@ -436,10 +436,10 @@ def create_classifier_trainer(
         AtomicCheckpointSaver(
             save_dir=str(output_dir),
             save_dict=trainer_state_objects,
+            file_prefix=STATE_PREFIX,
             save_interval=1,
             n_saved=1,
             epoch_level=True,
-            interval_filename=LAST_CHECKPOINT_NAME,
         ).attach(trainer)
     if writer is not None:
         trainer.add_event_handler(Events.COMPLETED, lambda _: writer.flush())
@@ -493,8 +493,9 @@ def train_classifier(
     Returns:
         A dict with ``best_metric`` (validation macro F1, ``None`` without validation), ``best_metric_epoch``,
         ``best_metrics`` (all validation metrics at the best epoch), ``final_metrics`` (validation metrics of the
-        last validation), ``train_metrics`` (last epoch), ``final_loss``, ``epochs``, ``best_checkpoint`` and
-        ``last_checkpoint`` (paths, ``None`` when not written).
+        last validation), ``train_metrics`` (last epoch), ``final_loss``, ``epochs``, ``best_checkpoint``
+        (``output_dir/model.pt``) and ``last_checkpoint`` (the newest ``output_dir/state_checkpoint_epoch=N.pt``);
+        paths, ``None`` when not written.
     """
     train_loader = _make_loader(train_data, batch_size, True, seed, num_workers)
     val_loader = _make_loader(val_data, batch_size, False, seed, num_workers)
@@ -532,8 +533,9 @@ def train_classifier(
         result["best_metrics"] = dict(trainer.best_metric_state.best_metrics)
         result["final_metrics"] = _scalars(evaluator.state.metrics)
     if output_dir is not None:
-        for key, name in (("best_checkpoint", BEST_CHECKPOINT_NAME), ("last_checkpoint", LAST_CHECKPOINT_NAME)):
-            path = os.path.join(os.fspath(output_dir), name)
-            result[key] = path if os.path.isfile(path) else None
+        best = os.path.join(os.fspath(output_dir), MODEL_FILE)
+        result["best_checkpoint"] = best if os.path.isfile(best) else None
+        last = find_latest_checkpoint(output_dir, STATE_PREFIX)
+        result["last_checkpoint"] = None if last is None else os.fspath(last[0])
     logger.info("classifier trained: %s", {k: v for k, v in result.items() if k != "train_metrics"})
     return result

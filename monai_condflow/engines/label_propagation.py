@@ -49,7 +49,6 @@ from monai.utils import optional_import
 from torch.utils.data import ConcatDataset, Dataset
 
 from monai_condflow.engines.classifier import (
-    LAST_CHECKPOINT_NAME,
     compute_embeddings,
     lr_decay_for_label_fraction,
     train_classifier,
@@ -396,7 +395,6 @@ def _dataset_label_list(dataset: Dataset, label_key: str) -> list[int]:
     return [int(dataset[i][label_key]) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
-
 def _propagate_round(
     propagation: LabelPropagation,
     z_labelled: torch.Tensor,
@@ -481,6 +479,7 @@ def _check_round_options(max_rounds: int, tol: float, min_steps: int, network: A
         raise ValueError(f"tol must be in [0, 1], got {tol!r}.")
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ValueError(f"min_steps must be a non-negative integer, got {min_steps!r}.")
+
 
 def run_semisupervised(
     network: torch.nn.Module | Callable[[], torch.nn.Module],
@@ -642,9 +641,7 @@ def run_semisupervised(
         "converged": converged,
         "num_rounds": len(rounds),
         "network": model,
-        "last_checkpoint": None
-        if output_dir is None
-        else os.path.join(os.fspath(output_dir), f"round_{len(rounds) - 1}", LAST_CHECKPOINT_NAME),
+        "last_checkpoint": rounds[-1]["train"]["last_checkpoint"] if rounds else None,
     }
 
 

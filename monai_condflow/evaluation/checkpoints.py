@@ -12,20 +12,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from monai_condflow.handlers.checkpoint import load_checkpoint
+from monai_condflow.handlers.checkpoint import load_module_weights
 from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = ["find_model_checkpoint", "load_module"]
-
-logger = logging.getLogger(__name__)
 
 
 def find_model_checkpoint(directory: str | os.PathLike, name: str) -> Path:
@@ -46,16 +43,18 @@ def load_module(
     """A module given as itself, a checkpoint file, or a stage folder (its ``model.pt``), in eval mode.
 
     The weights are the checkpoint's ``network`` entry (how every stage saves its model), or the checkpoint itself
-    when it is a bare state dict. Loading goes through ``torch.load(weights_only=True)``.
+    when it is a bare state dict (the supervised classifier's best epoch); they are loaded by the package's one
+    weights loader, :func:`~monai_condflow.handlers.checkpoint.load_module_weights` (``weights_only=True``, every
+    tensor must fit).
+
+    Raises:
+        FileNotFoundError: a stage folder without ``model.pt``.
+        CheckpointError: an unreadable or unsafe file, or weights of another network.
     """
     if isinstance(spec, nn.Module):
         return spec.to(device).eval()
     path = Path(spec)
     if path.is_dir():
         path = find_model_checkpoint(path, name)
-    ckpt = load_checkpoint(path, map_location=device)
-    state = ckpt["network"] if isinstance(ckpt.get("network"), Mapping) else ckpt
-    module = factory()
-    module.load_state_dict(state)
-    logger.info("loaded %s from %s", name, path)
+    module = load_module_weights(factory(), path, what=f"{name} checkpoint")
     return module.to(device).eval()

@@ -36,11 +36,12 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import gaussian_1d, separable_filtering
 
-from monai_condflow.engines.classifier import BEST_CHECKPOINT_NAME, train_classifier
-from monai_condflow.handlers.checkpoint import load_checkpoint
+from monai_condflow.engines.classifier import train_classifier
+from monai_condflow.handlers.checkpoint import load_module_weights
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
 from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.progress import ProgressLog
+from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = [
     "BLUR_SIGMA",
@@ -204,7 +205,7 @@ def default_fit_fn(
 ) -> nn.Module:
     """Train a classifier with :func:`monai_condflow.engines.classifier.train_classifier` and keep the best weights.
 
-    With ``val`` the weights of the best validation macro-F1 epoch are loaded back (from ``classifier_best.pt``);
+    With ``val`` the weights of the best validation macro-F1 epoch are loaded back (from ``model.pt``);
     without it the last epoch's weights are kept. Files go to ``output_dir`` (a temporary folder when ``None``).
 
     Args:
@@ -240,10 +241,9 @@ def default_fit_fn(
         )
         best = result.get("best_checkpoint")
         if val is not None and best is not None and os.path.isfile(best):
-            state = load_checkpoint(best, map_location=device)
-            network.load_state_dict(state.get("network", state) if isinstance(state, Mapping) else state)
+            load_module_weights(network, best, what="best validation checkpoint")
         elif val is not None:
-            logger.warning("no %s written; keeping the last epoch's weights", BEST_CHECKPOINT_NAME)
+            logger.warning("no %s written; keeping the last epoch's weights", MODEL_FILE)
     return network.eval()
 
 

@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "MODEL_FILE",
+    "STATE_PREFIX",
     "TEMP_SUFFIX",
     "shareable_file_mode",
     "atomic_write_bytes",
@@ -40,6 +41,11 @@ __all__ = [
 MODEL_FILE = "model.pt"
 """File name of a stage's model in its folder (the model-zoo name): ``{"network": state_dict, ...}``, or the bare
 state dict MONAI's ``CheckpointSaver`` writes for a single object (the supervised classifier's best epoch)."""
+STATE_PREFIX = "state"
+"""File-name prefix of a stage's resumable training state in its folder: ``state_checkpoint_epoch=N.pt`` (MONAI
+``CheckpointSaver``'s interval name with ``file_prefix=STATE_PREFIX``, the latest epoch kept), found with
+``handlers.checkpoint.find_latest_checkpoint(folder, STATE_PREFIX)``. The classifier's bundle config and its Python
+API (:func:`monai_condflow.engines.classifier.create_classifier_trainer`) both write it."""
 TEMP_SUFFIX = ".tmp"
 """Suffix of the temporary files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
 

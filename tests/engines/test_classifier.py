@@ -24,8 +24,6 @@ from monai.data import Dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monai_condflow.engines import (
-    BEST_CHECKPOINT_NAME,
-    LAST_CHECKPOINT_NAME,
     balanced_class_weights,
     compute_embeddings,
     create_classifier_trainer,
@@ -35,6 +33,7 @@ from monai_condflow.engines import (
 from monai_condflow.handlers.checkpoint import AtomicDiskSaver
 from monai_condflow.networks.nets import PEPXNet
 from monai_condflow.utils.distributed import create_loader
+from monai_condflow.utils.io import MODEL_FILE
 
 SIZE = 16
 
@@ -81,7 +80,7 @@ def test_trains_to_high_accuracy_with_checkpoints_and_tensorboard(tmp_path):
     assert set(result["final_metrics"]) == {"val_macro_f1", "val_accuracy", "val_macro_precision", "val_macro_recall"}
 
     # best model: a plain state dict, loadable with weights_only=True, giving the best validation accuracy
-    assert result["best_checkpoint"] == str(tmp_path / BEST_CHECKPOINT_NAME)
+    assert result["best_checkpoint"] == str(tmp_path / MODEL_FILE)
     state = torch.load(result["best_checkpoint"], weights_only=True)
     net = small_net(seed=5)
     net.load_state_dict(state)
@@ -93,6 +92,8 @@ def test_trains_to_high_accuracy_with_checkpoints_and_tensorboard(tmp_path):
         accuracy = (net(x).argmax(1) == y).float().mean().item()
     assert accuracy == pytest.approx(result["best_metrics"]["val_accuracy"])
 
+    assert result["last_checkpoint"] == str(tmp_path / "state_checkpoint_epoch=2.pt")  # the bundle's names
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["model.pt", "state_checkpoint_epoch=2.pt"]
     last = torch.load(result["last_checkpoint"], weights_only=True)
     assert {"network", "optimizer", "lr_scheduler", "trainer", "best", "best_saver"} <= set(last)
     assert last["trainer"]["iteration"] == 2 * 32 and last["trainer"]["max_epochs"] == 2
@@ -159,6 +160,62 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed_eval.state.best_metric == pytest.approx(full_eval.state.best_metric)
 
 
+def test_resume_from_a_state_file_or_its_folder(tmp_path):
+    """``resume_from`` takes a training-state file (the bundle's name) or its folder (the newest complete one)."""
+    _tiny_run(1, output_dir=tmp_path / "run")
+    state = tmp_path / "run" / "state_checkpoint_epoch=1.pt"
+    assert state.is_file()
+    _, from_file, _, _ = _tiny_run(2, resume_from=state)
+    _, from_folder, _, _ = _tiny_run(2, resume_from=tmp_path / "run")
+    assert from_file.state.epoch == from_folder.state.epoch == 2
+    assert from_file.state.iteration == from_folder.state.iteration == 2 * 3  # epoch 1 came from the checkpoint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"resume_from: no checkpoint at .*state_\*\.pt"):
+        _tiny_run(2, resume_from=tmp_path / "empty")
+
+
+def test_every_checkpoint_of_the_python_api_is_written_atomically(tmp_path, monkeypatch):
+    """Each ``.pt`` file of ``create_classifier_trainer`` (``model.pt``, ``state_checkpoint_epoch=N.pt``) gets its
+    name only by ``os.replace`` of a complete temporary file from the same folder, so at no instant is a partial
+    file visible under a checkpoint name; a write interrupted mid-save leaves the previous files as they were and no
+    temporary file."""
+    out = tmp_path / "run"
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def _checked_replace(src, dst, *args, **kwargs):
+        src, dst = Path(src), Path(dst)
+        if dst.parent == out:
+            assert src.parent == out and src.name.startswith(f".{dst.name}.") and src.name.endswith(".tmp"), src
+            torch.load(src, weights_only=True)  # complete before it takes the name
+            for visible in out.glob("*.pt"):  # and every file already under a checkpoint name is complete
+                torch.load(visible, weights_only=True)
+            replaced.append(dst.name)
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", _checked_replace)
+    _tiny_run(2, output_dir=out)
+    monkeypatch.undo()
+    saved = sorted(p.name for p in out.glob("*.pt"))
+    assert saved == ["model.pt", "state_checkpoint_epoch=2.pt"]
+    assert set(saved) <= set(replaced) and "state_checkpoint_epoch=1.pt" in replaced  # every save went through it
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+
+    real_fsync = os.fsync
+
+    def _interrupted_fsync(fd):
+        if any(p.name.endswith(".tmp") for p in out.iterdir()):  # a checkpoint's temporary file is being written
+            raise OSError("disk full")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", _interrupted_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        _tiny_run(3, output_dir=out, resume_from=out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith("tmp")]
+
+
 class _Sentinel:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -198,7 +255,7 @@ def test_no_validation_and_balanced_weights(tmp_path):
     assert evaluator is None
     torch.testing.assert_close(trainer.loss_function.weight, torch.tensor([8 / (2 * 2), 8 / (2 * 6)]))
     trainer.run()
-    assert (tmp_path / LAST_CHECKPOINT_NAME).is_file() and not (tmp_path / BEST_CHECKPOINT_NAME).exists()
+    assert (tmp_path / "state_checkpoint_epoch=1.pt").is_file() and not (tmp_path / MODEL_FILE).exists()
     with pytest.raises(ValueError, match="class_weights"):
         create_classifier_trainer(small_net(), loader, device="cpu", max_epochs=1, class_weights="uniform")
     with pytest.raises(ValueError, match="max_epochs"):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,7 +167,9 @@ def test_semisupervised_loop_recovers_labels_and_logs(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"fraction_changed", "presumptive_accuracy", "class_balance/0", "class_balance/1", "mean_confidence"} <= tags
     assert [e.step for e in acc.Scalars("presumptive_accuracy")] == [0, 1, 2]
-    assert (tmp_path / "round_2" / "classifier_last.pt").is_file()
+    last = Path(result["last_checkpoint"])  # the last round's training state, under the bundle's name
+    assert last.parent == tmp_path / "round_2" and last.name.startswith("state_checkpoint_epoch=")
+    assert [p.name for p in last.parent.glob("state_*.pt")] == [last.name]
 
 
 def test_semisupervised_stops_on_tol_and_max_rounds():

@@ -122,7 +122,7 @@ def test_default_fit_fn_trains_with_engine(tmp_path):
     net = default_fit_fn(
         _Tiny(), train, val, seed=0, device="cpu", max_epochs=3, lr=0.1, batch_size=16, output_dir=tmp_path
     )
-    assert (tmp_path / "classifier_best.pt").is_file()
+    assert (tmp_path / "model.pt").is_file()  # the best validation epoch, loaded back
     assert class_agreement(net, *val) >= 0.9
 
 
