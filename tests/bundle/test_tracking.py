@@ -284,3 +284,36 @@ def test_flow_stage_checkpoints_hold_the_config_objects_and_resume_from_them(dat
     assert get("ema").num_updates == ckpt["ema"]["num_updates"] + len(get("train#dataloader"))
     assert sorted(p.name for p in (out / "flow").glob("latest_*.pt")) == ["latest_checkpoint_1.pt",
                                                                            "latest_checkpoint_2.pt"]  # fmt: skip
+
+
+def test_dp_overlay_resumes_a_killed_run_and_refuses_another_plan(dataset, classifier_dir, tmp_path):
+    """train_flow_dp.json on the config ids: a run killed after epoch 1 resumes with its privacy accountant and DP
+    plan (``resumer`` restores ``dp_plan`` first); a rerun with another target is refused before training."""
+    from ignite.engine import Events
+
+    out = _output_dir(tmp_path, classifier_dir, "flow")
+    common = {"dataset_dir": str(dataset), "output_dir": str(out), **TINY, **TINY_FLOW, "max_epochs": 2,
+              "target_epsilon": 3.0, "target_delta": 1e-4}  # fmt: skip
+    wf = _workflow(["train_flow.json", "train_flow_dp.json"], **common)
+    wf.initialize()
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate()
+    )
+    wf.run()
+    wf.finalize()
+    first = json.loads((out / "flow" / "privacy.json").read_text())
+    assert not list((out / "flow").glob("best_*.pt")) and (out / "flow" / "latest_checkpoint_1.pt").is_file()
+    wf = _run(["train_flow.json", "train_flow_dp.json"], **common)
+    assert wf.parser.get_parsed_content("resumer").resumed_epoch == 1
+    second = json.loads((out / "flow" / "privacy.json").read_text())
+    assert second["steps"] > first["steps"] and first["epsilon"] < second["epsilon"] <= 3.0 * 1.01
+    wf = _workflow(["train_flow.json", "train_flow_dp.json"], **{**common, "target_epsilon": 5.0, "max_epochs": 3})
+    wf.initialize()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - MONAI wraps the error; its cause is checked below
+        wf.run()
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__ or err.__context__
+    assert any("'target_epsilon' was 3.0, now 5.0" in text for text in chain), chain
+    wf.finalize()
