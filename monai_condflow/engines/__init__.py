@@ -10,7 +10,7 @@
 # limitations under the License.
 """monai_condflow.engines."""
 
-from .acgan import ACGANTrainer, train_acgan
+from .acgan import ACGANLossHistory, ACGANTrainer, save_acgan, train_acgan
 from .checkpoint import (
     CheckpointError,
     RandomStateTracker,
@@ -47,7 +47,11 @@ from .distributed import (
 from .flow import (
     FlowBitsPerDim,
     FlowTrainer,
+    conditions_per_class,
     create_flow_trainer,
+    first_global_batch,
+    freeze_null_condition,
+    initialize_flow,
     warmup_exponential_lambda,
 )
 from .generation import (
@@ -70,6 +74,7 @@ from .label_propagation import (
     run_semisupervised,
     similarity,
 )
+from .outputs import StepOutput
 from .prepare_batch import (
     ConditionPrepareBatch,
     attach_conditions,
@@ -109,6 +114,13 @@ __all__ = [
     "similarity",
     "ACGANTrainer",
     "train_acgan",
+    "ACGANLossHistory",
+    "save_acgan",
+    "StepOutput",
+    "first_global_batch",
+    "initialize_flow",
+    "freeze_null_condition",
+    "conditions_per_class",
     "CheckpointError",
     "RandomStateTracker",
     "atomic_torch_save",
