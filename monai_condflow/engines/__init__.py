@@ -14,7 +14,7 @@ The checkpoint and distributed helpers they use live in the lower layers: :mod:`
 :mod:`monai_condflow.handlers.checkpoint_saver` and :mod:`monai_condflow.utils.distributed`.
 """
 
-from .acgan import ACGANTrainer, train_acgan
+from .acgan import ACGANLossHistory, ACGANTrainer, save_acgan, train_acgan
 from .classifier import (
     KEY_METRIC_NAME,
     balanced_class_weights,
@@ -26,7 +26,11 @@ from .classifier import (
 from .flow import (
     FlowBitsPerDim,
     FlowTrainer,
+    conditions_per_class,
     create_flow_trainer,
+    first_global_batch,
+    freeze_null_condition,
+    initialize_flow,
     warmup_exponential_lambda,
 )
 from .generation import (
@@ -49,6 +53,7 @@ from .label_propagation import (
     run_semisupervised,
     similarity,
 )
+from .outputs import StepOutput
 from .prepare_batch import (
     ConditionPrepareBatch,
     attach_conditions,
@@ -74,6 +79,13 @@ __all__ = [
     "similarity",
     "ACGANTrainer",
     "train_acgan",
+    "ACGANLossHistory",
+    "save_acgan",
+    "StepOutput",
+    "first_global_batch",
+    "initialize_flow",
+    "freeze_null_condition",
+    "conditions_per_class",
     "FlowBitsPerDim",
     "FlowTrainer",
     "create_flow_trainer",

@@ -11,7 +11,8 @@
 """Training of the ACGAN baseline with a MONAI :class:`~monai.engines.GanTrainer` whose iteration adds class labels.
 
 Losses (Odena et al. 2017): discriminator ``BCE(real) + BCE(fake) + CE(class | real) + CE(class | fake)``;
-generator ``BCE(fake -> real) + CE(class | fake)``. :func:`train_acgan` writes ``model.pt`` =
+generator ``BCE(fake -> real) + CE(class | fake)``. :func:`save_acgan` (called by :func:`train_acgan` and by the
+bundle's ``train_acgan.json``, which wires :class:`ACGANTrainer` by config ids) writes ``model.pt`` =
 ``{"network": generator state_dict, "discriminator": state_dict}`` atomically, which
 :func:`~monai_condflow.evaluation.report.run_evaluation` picks up from ``output_dir/acgan``.
 """
@@ -30,11 +31,12 @@ from monai.engines import GanTrainer
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.utils.data import DataLoader, TensorDataset
 
+from monai_condflow.engines.outputs import StepOutput
 from monai_condflow.utils.io import MODEL_FILE, atomic_torch_save
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["ACGANTrainer", "acgan_d_loss", "acgan_g_loss", "train_acgan"]
+__all__ = ["ACGANTrainer", "ACGANLossHistory", "acgan_d_loss", "acgan_g_loss", "save_acgan", "train_acgan"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,11 @@ class ACGANTrainer(GanTrainer):
     """MONAI ``GanTrainer`` for a class-conditional generator ``G(noise, labels)`` and an ACGAN discriminator.
 
     Batches are ``(images [B, 1, S, S], labels [B])`` (or dicts with ``image`` / ``label``); fake labels are the
-    batch's real labels (so the class ratio of the data is kept). The output dict holds ``g_loss`` and ``d_loss``.
+    batch's real labels (so the class ratio of the data is kept). The output
+    (a :class:`~monai_condflow.engines.outputs.StepOutput`, read like a dict) holds ``g_loss`` and ``d_loss``
+    (floats) and ``loss`` = ``{"g_loss": ..., "d_loss": ...}``, so MONAI's handlers reading the loss with
+    ``from_engine(["loss"], first=True)`` (the experiment-tracking settings of ``monai.bundle run --tracking``)
+    record both losses under their names.
 
     Args:
         device, max_epochs, train_data_loader, g_network, g_optimizer, d_network, d_optimizer: as ``GanTrainer``.
@@ -115,7 +121,56 @@ class ACGANTrainer(GanTrainer):
         g_loss = engine.g_loss_function(engine.d_network(engine.g_network(noise, labels)), labels)
         g_loss.backward()
         engine.g_optimizer.step()
-        return {"g_loss": float(g_loss.detach()), "d_loss": d_total / max(engine.d_train_steps, 1)}
+        losses = {"g_loss": float(g_loss.detach()), "d_loss": d_total / max(engine.d_train_steps, 1)}
+        return StepOutput({**losses, "loss": dict(losses)})
+
+
+class ACGANLossHistory:
+    """Per-epoch means of the ACGAN's ``g_loss`` and ``d_loss``, logged at every epoch end.
+
+    Attributes:
+        history: ``{"g_loss": [...], "d_loss": [...]}``, one mean per completed epoch.
+
+    Example::
+
+        history = ACGANLossHistory()
+        history.attach(trainer)
+        trainer.run()
+        history.history["g_loss"]
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {"g_loss": [], "d_loss": []}
+        self._epoch: dict[str, list[float]] = {"g_loss": [], "d_loss": []}
+
+    def attach(self, engine: ACGANTrainer) -> None:
+        """Collect after every iteration, average at every epoch end."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _collect(self, engine: ACGANTrainer) -> None:
+        for key in self._epoch:
+            self._epoch[key].append(float(engine.state.output[key]))
+
+    def _epoch_completed(self, engine: ACGANTrainer) -> None:
+        for key, values in self._epoch.items():
+            self.history[key].append(sum(values) / max(len(values), 1))
+            self._epoch[key] = []
+        logger.info(
+            "ACGAN epoch %d: g_loss %.4f d_loss %.4f",
+            engine.state.epoch,
+            self.history["g_loss"][-1],
+            self.history["d_loss"][-1],
+        )
+
+
+def save_acgan(generator: nn.Module, discriminator: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write ``output_dir/model.pt`` = ``{"network": generator, "discriminator": discriminator}`` (state dicts)
+    atomically; returns its path."""
+    return atomic_torch_save(
+        {"network": generator.state_dict(), "discriminator": discriminator.state_dict()},
+        Path(output_dir) / MODEL_FILE,
+    )
 
 
 def train_acgan(
@@ -159,30 +214,11 @@ def train_acgan(
         torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas),
         latent_dim=int(getattr(generator, "latent_dim", 64)),
     )
-    history: dict[str, list[float]] = {"g_loss": [], "d_loss": [], "_g": [], "_d": []}
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _collect(engine: ACGANTrainer) -> None:
-        history["_g"].append(engine.state.output["g_loss"])
-        history["_d"].append(engine.state.output["d_loss"])
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _epoch(engine: ACGANTrainer) -> None:
-        for key in ("g", "d"):
-            values = history.pop(f"_{key}")
-            history[f"{key}_loss"].append(sum(values) / max(len(values), 1))
-            history[f"_{key}"] = []
-        logger.info(
-            "ACGAN epoch %d: g_loss %.4f d_loss %.4f", engine.state.epoch, history["g_loss"][-1], history["d_loss"][-1]
-        )
-
+    losses = ACGANLossHistory()
+    losses.attach(trainer)
     trainer.run()
-    path = None
-    if output_dir is not None:
-        path = atomic_torch_save(
-            {"network": generator.state_dict(), "discriminator": discriminator.state_dict()},
-            Path(output_dir) / MODEL_FILE,
-        )
+    path = None if output_dir is None else save_acgan(generator, discriminator, output_dir)
+    history = losses.history
     return {
         "epochs": int(trainer.state.epoch),
         "g_loss": history["g_loss"],

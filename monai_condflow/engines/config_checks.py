@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from monai_condflow.utils.checks import ConfigValueError, check_positive_int, check_temperature
+from monai_condflow.utils.distributed import is_distributed
 
 __all__ = [
     "ConfigValueError",
@@ -27,6 +28,7 @@ __all__ = [
     "check_device",
     "check_output_dir",
     "check_common",
+    "check_single_process",
 ]
 
 
@@ -116,4 +118,16 @@ def check_common(
         check_device(device)
     if output_dir is not None:
         check_output_dir(output_dir)
+    return True
+
+
+def check_single_process(what: str) -> bool:
+    """Refuse a run started with several processes (``torchrun``) for a stage that runs in one process only;
+    returns True so configs can use it in an expression.
+
+    Raises:
+        ConfigValueError: when ``torch.distributed`` is initialised with more than one process.
+    """
+    if is_distributed():
+        raise ConfigValueError(f"{what} runs in one process; start it without torchrun.")
     return True

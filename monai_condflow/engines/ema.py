@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from monai.utils import optional_import
 
+from monai_condflow.engines.outputs import output_value
+
 Events, _ = optional_import("ignite.engine", name="Events")
 
 __all__ = ["ModelEMA"]
@@ -71,8 +73,7 @@ class ModelEMA:
         self.module.load_state_dict(self.model.state_dict())
 
     def _on_iteration(self, engine: Any) -> None:
-        output = engine.state.output
-        if isinstance(output, Mapping) and output.get("skipped", False):
+        if output_value(engine.state.output, "skipped", False):
             return
         self.update()
 

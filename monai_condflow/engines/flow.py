@@ -40,6 +40,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import optional_import, set_determinism
 from torch.utils.data import DataLoader
 
+from monai_condflow.engines.outputs import StepOutput
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.handlers.checkpoint import (
     LoaderRandomState,
@@ -67,7 +68,18 @@ Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
 global_step_from_engine, _ = optional_import("ignite.handlers", name="global_step_from_engine")
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
-__all__ = ["FlowBitsPerDim", "FlowDivergedError", "FlowTrainer", "warmup_exponential_lambda", "create_flow_trainer"]
+__all__ = [
+    "FlowBitsPerDim",
+    "FlowDivergedError",
+    "FlowTrainer",
+    "warmup_exponential_lambda",
+    "first_global_batch",
+    "initialize_flow",
+    "freeze_null_condition",
+    "conditions_per_class",
+    "lower_is_better",
+    "create_flow_trainer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +140,9 @@ class FlowTrainer(SupervisedTrainer):
 
     ``engine.state.skipped_steps`` counts skipped steps (saved in the engine's ``state_dict``);
     ``engine.state.output`` holds ``image``, ``label``, ``pred`` (per-sample bits/dim), ``loss``, ``grad_norm``
-    and ``skipped``; ``engine.state.lr`` the learning rate of the step.
+    and ``skipped``; ``engine.state.lr`` the learning rate of the step. The output is a
+    :class:`~monai_condflow.engines.outputs.StepOutput` (read it like a dict): MONAI's handlers and its
+    experiment-tracking settings read the loss with ``from_engine(["loss"], first=True)``.
 
     Args:
         device: device of the run.
@@ -151,6 +165,10 @@ class FlowTrainer(SupervisedTrainer):
             ``max_restores`` restores training stops with :class:`FlowDivergedError` instead of carrying on.
         spike_patience: consecutive spikes that trigger a restore.
         max_restores: restores before the run is declared diverged.
+        lr_scheduler: the learning-rate schedule of ``optimizer`` (stepped by a handler, e.g. ``LrScheduleHandler``);
+            a spike restore halves its base learning rates too. ``None``: only the optimizer's rates are halved.
+        ema: a :class:`~monai_condflow.engines.ema.ModelEMA` of the flow, updated after every step that was not
+            skipped (attached here; kept as :attr:`ema`), or ``None``.
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
             supported (flows are trained in fp32) and ``decollate`` is off.
     """
@@ -170,6 +188,8 @@ class FlowTrainer(SupervisedTrainer):
         spike_threshold: float | None = None,
         spike_patience: int = 5,
         max_restores: int = 3,
+        lr_scheduler: Any = None,
+        ema: Any = None,
         **kwargs: Any,
     ) -> None:
         if spike_threshold is not None and not spike_threshold > 0:
@@ -204,7 +224,10 @@ class FlowTrainer(SupervisedTrainer):
         self.spike_threshold = spike_threshold
         self.spike_patience = int(spike_patience)
         self.max_restores = int(max_restores)
-        self.lr_scheduler: Any = None  # set by create_flow_trainer: its base lrs are halved on a restore
+        self.lr_scheduler = lr_scheduler  # its base lrs are halved on a restore
+        self.ema = ema
+        if ema is not None:
+            ema.attach(self)
         self._loss_ref: float | None = None
         self._spikes_in_a_row = 0
         self._epoch_had_spike = False
@@ -240,7 +263,7 @@ class FlowTrainer(SupervisedTrainer):
             kwargs: dict = {}
         else:
             inputs, targets, args, kwargs = batch
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.state.output = StepOutput({Keys.IMAGE: inputs, Keys.LABEL: targets})
         engine.state.lr = float(engine.optimizer.param_groups[0]["lr"])
         if self.dp_module is not None:
             condition = args[0] if args else None
@@ -355,7 +378,7 @@ class FlowTrainer(SupervisedTrainer):
         if shapes is None:
             raise RuntimeError("DP-SGD: the first Poisson batch of the run was empty; use a larger batch size.")
         device = self.state.device
-        self.state.output = {Keys.IMAGE: None, Keys.LABEL: None}
+        self.state.output = StepOutput({Keys.IMAGE: None, Keys.LABEL: None})
         inputs = torch.zeros((0, *shapes[0]), device=device)
         return inputs, None if shapes[1] is None else torch.zeros((0, *shapes[1]), device=device)
 
@@ -411,15 +434,28 @@ def warmup_exponential_lambda(epoch_length: int, warmup_epochs: int, gamma: floa
     return factor
 
 
-def _first_batch_for_init(
-    train_loader: DataLoader, prepare_batch: Callable, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The first global batch (every rank's first batch, gathered): images, labels, conditions."""
+def first_global_batch(
+    train_loader: DataLoader, prepare_batch: Callable, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The first global batch of ``train_loader``: every rank's first batch, gathered across ranks.
+
+    What the flow's data-dependent initialisation and the sample grids' conditions use, so that one process and N
+    processes see the same images. A distributed sampler is set to epoch 1 first (the epoch the trainer starts with).
+
+    Args:
+        train_loader: the training loader (dict batches).
+        prepare_batch: ``(batchdata, device, non_blocking) -> (image, label, (condition,), kwargs)``, e.g.
+            :class:`~monai_condflow.engines.prepare_batch.ConditionPrepareBatch`.
+        device: where to put the batch.
+
+    Returns:
+        ``(images [B, C, H, W], labels [B] or None, conditions [B, condition_dim] or None)``, ``B`` summed over ranks.
+    """
     sampler = getattr(train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(1)  # the epoch the trainer starts with (MONAI workflows count epochs from 1)
     batchdata = next(iter(train_loader))
-    images, labels, args, _ = prepare_batch(batchdata, device, False)
+    images, labels, args, _ = prepare_batch(batchdata, torch.device(device), False)
     condition = args[0] if args else None
     images = all_gather_tensors(images)
     labels = all_gather_tensors(labels) if labels is not None else None
@@ -427,15 +463,70 @@ def _first_batch_for_init(
     return images, labels, condition
 
 
-def _conditions_per_class(
+def initialize_flow(
+    flow: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+    skip: bool = False,
+) -> torch.nn.Module:
+    """The flow's data-dependent (ActNorm) initialisation on ``batch``, once, before any DDP wrapping.
+
+    Does nothing when the flow is already initialised (a pretrained or reloaded flow), when ``skip`` is set (e.g. a
+    run that resumes from a checkpoint, which brings its own initialised weights) or when ``batch`` is ``None``.
+
+    Args:
+        flow: a flow with ``initialize(x, condition)`` and ``is_initialized`` (``ConditionalGlow``).
+        batch: ``(images [B, C, H, W], labels, conditions [B, condition_dim])``, see :func:`first_global_batch`.
+        skip: leave the flow as it is.
+
+    Returns:
+        ``flow`` (initialised in place).
+    """
+    if skip or batch is None or getattr(flow, "is_initialized", True):
+        return flow
+    flow.initialize(batch[0], batch[2])
+    logger.info("initialised the flow's ActNorm layers on a batch of %d images.", batch[0].shape[0])
+    return flow
+
+
+def freeze_null_condition(flow: torch.nn.Module) -> torch.nn.Module:
+    """Freeze the flow's learned null condition (``null_condition``), if it has one, for DP-SGD.
+
+    The DP step trains the plain likelihood (no condition dropout, no training noise); the null condition, which
+    only condition dropout trains, stays frozen so that the accounting covers exactly what is trained.
+
+    Returns:
+        ``flow``.
+    """
+    null = getattr(flow, "null_condition", None)
+    if isinstance(null, torch.nn.Parameter):
+        null.requires_grad_(False)
+    return flow
+
+
+def conditions_per_class(
     labels: torch.Tensor | None, condition: torch.Tensor | None, per_class: int = 4
 ) -> dict[int, torch.Tensor]:
+    """Up to ``per_class`` conditions of each class present in ``labels``: what the sample grids are drawn for.
+
+    Args:
+        labels: ``[B]`` class labels, or ``None``.
+        condition: ``[B, condition_dim]`` conditions, or ``None``.
+        per_class: rows per class.
+
+    Returns:
+        class -> ``[n, condition_dim]`` (on the CPU); empty when labels or conditions are missing.
+    """
     if labels is None or condition is None:
         return {}
     out = {}
     for c in sorted({int(v) for v in labels.reshape(-1).tolist()}):
         out[c] = condition[labels.reshape(-1) == c][:per_class].detach().cpu()
     return out
+
+
+def lower_is_better(current: float, best: float) -> bool:
+    """``metric_cmp_fn`` of an evaluator whose key metric improves downwards (bits/dim)."""
+    return current < best
 
 
 def create_flow_trainer(
@@ -613,12 +704,11 @@ def create_flow_trainer(
     # 2. ActNorm initialisation, once, before DDP
     init_batch = None
     if checkpoint is None or (sample_every > 0 and sample_conditions is None):
-        init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
+        init_batch = first_global_batch(train_loader, prepare_batch, device)
     if not getattr(flow, "is_initialized", True) and dp is None:
         if init_batch is None:
-            init_batch = _first_batch_for_init(train_loader, prepare_batch, device)
-        flow.initialize(init_batch[0], init_batch[2])
-        logger.info("initialised the flow's ActNorm layers on a batch of %d images.", init_batch[0].shape[0])
+            init_batch = first_global_batch(train_loader, prepare_batch, device)
+        initialize_flow(flow, init_batch)
 
     # EMA of the weights (after the initialisation, so the copy starts initialised); its saved state comes in step 7
     ema = None
@@ -636,11 +726,7 @@ def create_flow_trainer(
     if dp is not None:
         from monai_condflow.privacy.dp import make_private
 
-        # the DP step trains on the plain likelihood (no condition dropout, no training noise): a null condition,
-        # which only condition dropout trains, stays frozen so that the accounting covers exactly what is trained
-        null = getattr(flow, "null_condition", None)
-        if isinstance(null, torch.nn.Parameter):
-            null.requires_grad_(False)
+        freeze_null_condition(flow)
 
         # a resumed flow is initialised by its own DP checkpoint, whose privacy cost the restored accountant holds
         dp_module, train_optimizer, train_loader, dp_engine = make_private(
@@ -679,7 +765,7 @@ def create_flow_trainer(
             network=FlowBitsPerDim(eval_flow, n_bits=n_bits),
             prepare_batch=prepare_batch,
             key_val_metric={"val_bpd": BitsPerDim(output_transform=from_engine(Keys.PRED))},
-            metric_cmp_fn=lambda current, best: current < best,
+            metric_cmp_fn=lower_is_better,
             val_handlers=val_handlers,
             decollate=False,
         )
@@ -719,11 +805,9 @@ def create_flow_trainer(
         dp_module=dp_module,
         n_bits=n_bits,
         spike_threshold=spike_threshold,
+        lr_scheduler=scheduler,
+        ema=ema,
     )
-    trainer.lr_scheduler = scheduler
-    trainer.ema = ema
-    if ema is not None:
-        ema.attach(trainer)
     early_stopping = None
     if evaluator is not None and early_stop_patience > 0:
         EarlyStopping, _ = optional_import("ignite.handlers", name="EarlyStopping")
@@ -753,7 +837,7 @@ def create_flow_trainer(
 
         conditions = sample_conditions
         if conditions is None and init_batch is not None:
-            conditions = _conditions_per_class(init_batch[1], init_batch[2])
+            conditions = conditions_per_class(init_batch[1], init_batch[2])
         if conditions:
             SampleGridHandler(
                 eval_flow,

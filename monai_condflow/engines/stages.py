@@ -107,14 +107,13 @@ def build_flow_trainer(
     sample_temperature: float = 0.9,
     **kwargs: Any,
 ):
-    """The flow stage's trainer (a :class:`~monai_condflow.engines.flow.FlowTrainer`) for a bundle config.
+    """The flow stage's trainer (a :class:`~monai_condflow.engines.flow.FlowTrainer`) in one Python call.
 
-    ``dp`` (in ``kwargs``) switches on DP-SGD (``train_flow_dp.json`` sets it from the ids ``target_epsilon``,
-    ``target_delta``, ``dp_max_grad_norm``); see :func:`~monai_condflow.engines.flow.create_flow_trainer`.
-
-    Wraps :func:`~monai_condflow.engines.flow.create_flow_trainer` so that ``train#trainer`` is one config
-    component holding ``max_epochs``; training resumes from the newest complete checkpoint in ``output_dir``
-    (a killed run restarts where it stopped). The validation evaluator is kept as ``trainer.flow_evaluator``.
+    ``train_flow.json`` no longer uses it: the bundle builds the optimizer, schedule, EMA, handlers, evaluator,
+    checkpointer and resumer by config id. This wraps :func:`~monai_condflow.engines.flow.create_flow_trainer`
+    for Python callers: training resumes from the newest complete checkpoint in ``output_dir`` (a killed run
+    restarts where it stopped) and the validation evaluator is kept as ``trainer.flow_evaluator``. ``dp`` (in
+    ``kwargs``) switches on DP-SGD.
     """
     trainer, evaluator = create_flow_trainer(
         flow,

@@ -13,6 +13,7 @@
 from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 
 from .embedding_projector import EmbeddingProjectorHandler
+from .epoch_checkpoint import CheckpointResumer, EpochCheckpointer, ResumableEarlyStopHandler
 from .privacy_accountant import PrivacyAccountantHandler
 from .sample_grid import SampleGridHandler
 
@@ -22,4 +23,7 @@ __all__ = [
     "PrivacyAccountantHandler",
     "AtomicCheckpointSaver",
     "BestMetricState",
+    "EpochCheckpointer",
+    "CheckpointResumer",
+    "ResumableEarlyStopHandler",
 ]
