@@ -147,8 +147,8 @@ def test_default_stages_with_dp_split_the_budget_in_half(num_labels):
     # the DP classifier trains on the labelled images only: no semi-supervised overlay even with 50 labels
     assert clf.config_files == ["train_classifier.json", "train_classifier_dp.json"]
     assert flow.config_files == ["train_flow.json", "train_flow_dp.json"]
-    assert clf.overrides == {"max_epochs": 30, "target_epsilon": 2.0, "target_delta": 5e-6}  # rounds dropped
-    assert flow.overrides == {"max_epochs": 45, "sample_every": 5, "target_epsilon": 2.0, "target_delta": 5e-6}
+    assert clf.overrides == {"target_epsilon": 2.0, "target_delta": 5e-6}
+    assert flow.overrides == {"target_epsilon": 2.0, "target_delta": 5e-6}
     assert clf.name == "classifier (DP-SGD, epsilon 2)" and flow.name == "flow (DP-SGD, epsilon 2)"
     assert [s.name for s in stages[2:]] == ["generation", "evaluation"]
     assert CPU_BUDGET == before  # the shared budget is not modified
@@ -178,7 +178,7 @@ def test_parse_stage_overrides_values_and_copy():
     assert out["flow"] == {**CPU_BUDGET["flow"], "flow_preset": "paper", "audit_holdout": 0.2, "sizes": [1, 2]}
     assert out["generation"] == {"flag": True}
     assert out["classifier"]["note"] == "a=b"  # not JSON: kept as the string after the first '='
-    assert out["acgan"] == {"max_epochs": 40, "lr": 1e-4}
+    assert out["acgan"] == {**CPU_BUDGET["acgan"], "lr": 1e-4}
     assert CPU_BUDGET == before and out["flow"] is not CPU_BUDGET["flow"]
     assert parse_stage_overrides(["acgan.max_epochs=2"], {}) == {"acgan": {"max_epochs": 2}}
     assert parse_stage_overrides([], {"flow": {"a": 1}}) == {"flow": {"a": 1}}
@@ -236,7 +236,10 @@ def test_default_stages_refuses_an_infinite_dp_epsilon():
 
 
 def test_default_stages_with_public_pretraining():
-    budget = parse_stage_overrides(["flow.audit_holdout=0.2", "flow.max_epochs=20"], CPU_BUDGET)
+    budget = parse_stage_overrides(
+        ["flow.audit_holdout=0.2", "flow.max_epochs=20", "classifier.max_epochs=25", "classifier.max_rounds=2"],
+        CPU_BUDGET,
+    )
     stages = default_stages("all", budget, dp_epsilon=10.0, dp_delta=1e-5, public_pretrain=True, baseline=True)
     assert [s.name for s in stages] == [
         "public classifier (phantom)",
@@ -249,9 +252,10 @@ def test_default_stages_with_public_pretraining():
     ]
     assert [s.public for s in stages] == [True, True, False, False, False, False, False]
     pub_clf, pub_flow, install, dp_flow = stages[:4]
-    assert pub_clf.config_files == ["train_classifier.json"] and pub_clf.overrides == {"max_epochs": 30}
+    assert pub_clf.config_files == ["train_classifier.json"]
+    assert pub_clf.overrides == {"max_epochs": 25}  # the rounds are dropped: the public classifier has all labels
     assert pub_flow.config_files == ["train_flow.json"]
-    assert pub_flow.overrides == {"max_epochs": 20, "sample_every": 5}  # no audit split of the public phantom
+    assert pub_flow.overrides == {"max_epochs": 20}  # no audit split of the public phantom
     assert install.config_files == ["public_classifier.json"]
     assert dp_flow.config_files == ["train_flow.json", "train_flow_dp.json"]
     # the whole budget goes to the flow: the public classifier spends nothing
@@ -473,3 +477,27 @@ def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there
         if path.name != "common.json":
             assert "load_covidx_split(" not in text and '"bundle_root"' not in text, path.name
             assert '"imports"' not in text, f"{path.name} must add to common.json's imports with +imports"
+
+
+def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
+    """Issue 15: the pipeline adds no epoch overrides; the stage configs hold the main job's budget, so a stage run
+    by hand trains exactly as the main job does (classifier 30 epochs + 3 rounds of 6, flow 45, evaluation 15 epochs
+    and 2 synthetic sets)."""
+    from monai.bundle import ConfigParser
+
+    assert all(not v for v in CPU_BUDGET.values())
+    for stage in default_stages(50, baseline=True):
+        assert not stage.overrides, stage.name
+    configs = BUNDLE_ROOT / "configs"
+
+    def value(files, key):
+        parser = ConfigParser()
+        parser.read_config([str(configs / "common.json")] + [str(configs / f) for f in files])
+        return parser.get_parsed_content(key)
+
+    assert value(["train_classifier.json"], "max_epochs") == 30
+    semi = ["train_classifier.json", "train_semisupervised.json"]
+    assert (value(semi, "epochs_per_round"), value(semi, "max_rounds")) == (6, 3)
+    assert value(["train_flow.json"], "max_epochs") == 45 and value(["train_flow.json"], "sample_every") == 5
+    assert value(["train_acgan.json"], "max_epochs") == 40
+    assert value(["evaluate.json"], "max_epochs") == 15 and value(["evaluate.json"], "n_synthetic_sets") == 2

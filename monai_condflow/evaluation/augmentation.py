@@ -61,6 +61,7 @@ def augmentation_study(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    real_classifier: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train on real + ``f`` x gap synthetic minority images for each ``f`` and score on the real test split.
 
@@ -80,6 +81,9 @@ def augmentation_study(
         seed: initialisation / data-order / bootstrap seed.
         device: training device.
         progress: log ``augmentation study: done/total trainings, ETA`` lines.
+        real_classifier: a classifier already trained on ``real_train`` alone with this ``seed``, ``fit_fn`` and
+            ``train_kwargs`` (the evaluation's TRTR classifier, :func:`~monai_condflow.evaluation.tstr.
+            train_real_classifier`): it is the ``f = 0`` model, which is then not trained a second time.
 
     Returns:
         ``{"minority_class", "gap", "rows": [{"fraction", "n_added", "minority_recall", "minority_recall_std",
@@ -103,14 +107,18 @@ def augmentation_study(
         raise ValueError(f"synthetic pool has {pool.shape[0]} images of class {minority}, {need} are needed.")
     idx = bootstrap_indices(test[1].numel(), n_bootstrap, seed)
     rows = []
-    bar = ProgressLog(len(fractions), "augmentation study", unit="trainings", enabled=progress)
+    reused = int(real_classifier is not None and any(round(f * gap) == 0 for f in fractions))
+    bar = ProgressLog(len(fractions) - reused, "augmentation study", unit="trainings", enabled=progress)
     for f in fractions:
         n_add = round(f * gap)
         images = torch.cat([train[0], pool[:n_add]])
         labels = torch.cat([train[1], torch.full((n_add,), minority, dtype=torch.long)])
         logger.info("augmentation: +%d synthetic images of class %d (%.0f %% of the gap)", n_add, minority, 100 * f)
-        torch.manual_seed(seed)
-        net = fit_fn(network_factory(), (images, labels), val, seed=seed, device=device, **dict(train_kwargs or {}))
+        if n_add == 0 and real_classifier is not None:
+            net = real_classifier.eval()  # the same training as below with nothing added
+        else:
+            torch.manual_seed(seed)
+            net = fit_fn(network_factory(), (images, labels), val, seed=seed, device=device, **dict(train_kwargs or {}))
         preds = predict(net, test[0])
         row: dict[str, Any] = {"fraction": float(f), "n_added": int(n_add)}
         row.update(summarize_scores(bootstrap_scores(test[1], preds, num_classes, idx)))
@@ -124,7 +132,8 @@ def augmentation_study(
         row["minority_recall"] = float(np.mean(minority_recalls))
         row["minority_recall_std"] = float(np.std(minority_recalls))
         rows.append(row)
-        bar.update()
+        if net is not real_classifier:
+            bar.update()
     return {"minority_class": minority, "gap": gap, "n_bootstrap": int(n_bootstrap), "rows": rows}
 
 

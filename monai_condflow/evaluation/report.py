@@ -737,6 +737,7 @@ def run_evaluation(
             seed=seed,
             device=device,
             progress=progress,
+            real_classifier=eval_net,
         )
         aug["plot"] = str(plot_augmentation(aug, out / "figures" / "augmentation.png"))
         metrics["augmentation"] = aug

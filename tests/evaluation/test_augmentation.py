@@ -71,3 +71,68 @@ def test_augmentation_study_reports_progress_and_writes_a_pdf_beside_the_plot(tm
     assert "augmentation study: 4/4 trainings (100 %)" in caplog.text
     png = plot_augmentation(res, tmp_path / "aug.png")
     assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_the_real_classifier_is_the_zero_fraction_model_and_is_not_trained_again():
+    """The evaluation passes its TRTR classifier: the f = 0 row is scored with it and ``fit_fn`` runs only for the
+    fractions that add images; every row equals the study that trains all fractions itself."""
+    train, test, pool = _data(30, 10), _data(10, 10), _data(0, 25)
+    fitted = []
+
+    def counting_fit(network, data, val, **kwargs):
+        fitted.append(int(data[1].numel()))
+        return _fit(network, data, val, **kwargs)
+
+    own = augmentation_study(train, None, test, pool, network_factory=_Prior, fit_fn=counting_fit, n_bootstrap=5)
+    assert fitted == [40, 45, 50, 60]
+    fitted.clear()
+    reference = counting_fit(_Prior(), train, None, seed=0, device="cpu")
+    fitted.clear()
+    reused = augmentation_study(
+        train, None, test, pool, network_factory=_Prior, fit_fn=counting_fit, n_bootstrap=5, real_classifier=reference
+    )
+    assert fitted == [45, 50, 60]  # no second training on the real set alone
+    assert reused["rows"] == own["rows"]
+
+
+def test_the_real_pepx_classifier_equals_the_zero_fraction_retraining():
+    """With the project's own classifier and fit function, the TRTR classifier trained by ``train_real_classifier``
+    is the same model (same test predictions) as the study's own f = 0 training, so reusing it changes no figure."""
+    from monai_condflow.evaluation.tstr import train_real_classifier
+    from monai_condflow.networks.nets import PEPXNet
+
+    def factory():
+        return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(24, 1, 32, 32, generator=g)
+    labels = (torch.arange(24) % 3 == 0).long()
+    images[labels == 1] += 0.3
+    kwargs = {"max_epochs": 2, "batch_size": 8}
+    real = train_real_classifier((images, labels), None, network_factory=factory, train_kwargs=kwargs, seed=5)
+    pool = (images[labels == 1][:4].clone(), torch.ones(4, dtype=torch.long))
+    res = augmentation_study(
+        (images, labels),
+        None,
+        (images, labels),
+        pool,
+        network_factory=factory,
+        fractions=(0.0,),
+        train_kwargs=kwargs,
+        n_bootstrap=0,
+        seed=5,
+    )
+    torch.manual_seed(5)
+    again = augmentation_study(
+        (images, labels),
+        None,
+        (images, labels),
+        pool,
+        network_factory=factory,
+        fractions=(0.0,),
+        train_kwargs=kwargs,
+        n_bootstrap=0,
+        seed=5,
+        real_classifier=real,
+    )
+    assert res["rows"] == again["rows"]
