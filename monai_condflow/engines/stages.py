@@ -127,24 +127,29 @@ def build_flow_trainer(
     return trainer
 
 
-def _selected_epoch(folder: Path) -> tuple[int | None, float | None] | None:
-    """``(epoch, val bits/dim)`` of the weights in ``folder/model.pt`` when this run's best-validation saver wrote
-    them, else ``None``.
+def _selected_epoch(folder: Path) -> tuple[int | None, float, Path] | None:
+    """``(epoch, val bits/dim, file)`` of the best validated epoch of this run, when its weights are in ``folder``,
+    else ``None``.
 
-    The run's newest state checkpoint (:data:`~monai_condflow.engines.flow.FLOW_STATE_PREFIXES`) holds the saver's
-    bookkeeping (``best_checkpoint``): an entry there means ``model.pt`` was written by this run's saver (a fresh
-    start's bookkeeping is empty, so a ``model.pt`` of an earlier run never counts). No state checkpoint, no entry
-    (no validation set, DP-SGD, no validation yet), or no ``model.pt``: ``None``.
+    The run's newest state checkpoint (:data:`~monai_condflow.engines.flow.FLOW_STATE_PREFIXES`) holds the
+    best-validation saver's bookkeeping (``best_checkpoint``): an entry there means ``model.pt`` was written by this
+    run's saver (a fresh start's bookkeeping is empty, so a ``model.pt`` of an earlier run never counts). A run from
+    before the one naming scheme, resumed at its end, names its ``best_flow_N.pt`` instead: that file is returned
+    when ``model.pt`` is missing. No state checkpoint, no entry (no validation set, DP-SGD, no validation yet) or no
+    file: ``None``.
     """
-    if not (folder / MODEL_FILE).is_file():
-        return None
     found = find_latest_checkpoint(folder, FLOW_STATE_PREFIXES)
     saved = [] if found is None else list(found[1].get("best_checkpoint", {}).get("_saved", []))
     if not saved:
         return None
     priority, name = saved[-1]
+    source = folder / MODEL_FILE
+    if not source.is_file():
+        source = folder / Path(str(name)).name  # an older run's best_flow_N.pt
+        if source.is_symlink() or not source.is_file():
+            return None
     step = _STEP_RE.search(str(name))
-    return (None if step is None else int(step.group(1))), -float(priority)
+    return (None if step is None else int(step.group(1))), -float(priority), source
 
 
 def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
@@ -152,7 +157,8 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
 
     ``model.pt`` is kept when this run's best-validation saver wrote it (lowest validation bits/dim; the EMA weights
     when EMA is on); otherwise (no validation set, DP-SGD, no validation run, the file deleted, or a ``model.pt`` of
-    an earlier run) ``flow``'s weights (the last epoch) are written there atomically as ``{"network": state_dict}``.
+    an earlier run) ``flow``'s weights (the last epoch) are written there atomically as ``{"network": state_dict}``
+    (a run from before the one naming scheme that ended without ``model.pt``: its named ``best_flow_N.pt``).
     ``flow.json`` records ``info``, ``selected`` (``"best validation epoch N"`` or ``"last epoch"``) with
     ``selected_epoch`` and ``best_val_bpd`` for a selected epoch, and ``dp`` with the epsilon spent when
     ``privacy.json`` shows a DP-SGD run.
@@ -164,7 +170,10 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
         info = {**info, "dp": json.loads(privacy_file.read_text(encoding="utf-8"))}
     selected = _selected_epoch(folder)
     if selected is not None:
-        epoch, val_bpd = selected
+        epoch, val_bpd, source_file = selected
+        if source_file != target:
+            state = load_checkpoint(source_file)
+            atomic_torch_save({"network": state.get("flow", state)}, target)
         source = f"best validation epoch {epoch}"
         info = {**info, "selected_epoch": epoch, "best_val_bpd": val_bpd}
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -289,7 +290,8 @@ def test_every_file_of_the_flow_stage_is_written_atomically(tmp_path, monkeypatc
 def test_a_run_folder_with_the_old_checkpoint_names_resumes(tmp_path):
     """A folder written before the one naming scheme (``latest_checkpoint_N.pt`` whose bookkeeping names it, and
     ``best_flow_N.pt``, no ``model.pt``: a run killed before its end) resumes to the uninterrupted run's weights;
-    the new state files rotate the old one out and the stage ends with ``model.pt``."""
+    the new state files rotate the old one out and the stage ends with ``model.pt`` (the old best file when the
+    run had nothing left to train)."""
     reference = _weights(_train(tmp_path / "full"))
     run = tmp_path / "run"
     _train(run, max_epochs=1)
@@ -301,6 +303,13 @@ def test_a_run_folder_with_the_old_checkpoint_names_resumes(tmp_path):
     (run / "state_checkpoint_epoch=1.pt").unlink()
     (run / "model.pt").unlink()
     assert find_latest_checkpoint(run, FLOW_STATE_PREFIXES)[0].name == "latest_checkpoint_1.pt"
+    ended = tmp_path / "ended"  # the same folder resumed at its end: its best_flow_1.pt becomes model.pt
+    shutil.copytree(run, ended)
+    finished = _train(ended, max_epochs=1, resume_from=ended)
+    finish_flow_stage(ended, finished.network.flow, {"preset": "tiny"})
+    assert json.loads((ended / "flow.json").read_text())["selected"] == "best validation epoch 1"
+    best = load_checkpoint(run / "best_flow_1.pt")
+    assert all(torch.equal(load_checkpoint(ended / "model.pt")["network"][k], v) for k, v in best.items())
     resumed = _train(run, resume_from=run)
     assert resumed.state.epoch == 3
     assert _max_diff(reference, _weights(resumed)) <= 1e-6
