@@ -45,12 +45,11 @@ from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.handlers.checkpoint import (
     LoaderRandomState,
     RandomStateTracker,
-    create_checkpoint_handler,
     find_latest_checkpoint,
     load_checkpoint,
-    prune_missing_files,
     remove_temp_files,
 )
+from monai_condflow.handlers.epoch_checkpoint import EpochCheckpointer
 from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
 from monai_condflow.utils.checks import check_positive_int, check_temperature
 from monai_condflow.utils.distributed import (
@@ -61,14 +60,15 @@ from monai_condflow.utils.distributed import (
     unwrap_model,
     wrap_ddp,
 )
+from monai_condflow.utils.io import MODEL_FILE, STATE_PREFIX
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
 Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
-global_step_from_engine, _ = optional_import("ignite.handlers", name="global_step_from_engine")
 SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
 __all__ = [
+    "FLOW_STATE_PREFIXES",
     "FlowBitsPerDim",
     "FlowDivergedError",
     "FlowTrainer",
@@ -82,6 +82,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+LEGACY_STATE_PREFIX = "latest"
+"""Prefix of the flow's resumable state before the one naming scheme: ``latest_checkpoint_N.pt`` (with
+``best_flow_N.pt`` beside it). Still resumed; never written."""
+FLOW_STATE_PREFIXES: tuple[str, ...] = (STATE_PREFIX, LEGACY_STATE_PREFIX)
+"""The prefixes whose newest valid file a flow run resumes from: ``state_checkpoint_epoch=N.pt`` (written), and an
+older run's ``latest_checkpoint_N.pt`` (so a run folder from before the rename resumes; its first new state file
+rotates the old ones out)."""
 
 
 class FlowBitsPerDim(torch.nn.Module):
@@ -571,17 +579,21 @@ def create_flow_trainer(
     gathers the first batches of all ranks, so one process and N processes initialise on the same images); only
     then is the network wrapped in DDP (which broadcasts rank 0's parameters).
 
-    Outputs in ``output_dir``: ``latest_checkpoint_{epoch}.pt`` (flow, optimizer, lr scheduler, trainer, random
-    states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``best_flow_{epoch}.pt`` (flow state dict with the
-    lowest validation bits/dim), ``tensorboard/`` (or ``tensorboard_dir``) and ``samples/``. All files are written
-    atomically by rank 0.
+    Outputs in ``output_dir``, the names of the bundle's flow stage (``train_flow.json``):
+    ``state_checkpoint_epoch={epoch}.pt`` (prefix :data:`~monai_condflow.utils.io.STATE_PREFIX`: flow, optimizer, lr
+    scheduler, trainer, random states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``model.pt``
+    (:data:`~monai_condflow.utils.io.MODEL_FILE`: ``{"network": state_dict}`` of the evaluated flow, the EMA average
+    when ``ema_decay`` is set, at the lowest validation bits/dim so far; replaced only by a better epoch),
+    ``tensorboard/`` (or ``tensorboard_dir``) and ``samples/``. All files are written atomically by rank 0.
+    Without ``val_loader`` or under ``dp`` no ``model.pt`` is written during training
+    (:func:`~monai_condflow.engines.stages.finish_flow_stage` then writes the last epoch's weights).
 
     Args:
         flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
         classifier: frozen classifier computing ``z = embed(x)`` on the fly, or ``None`` when the batches carry a
             ``condition`` key.
         train_loader: training batches (use :func:`~monai_condflow.utils.distributed.create_loader`).
-        val_loader: validation batches, or ``None`` (no evaluator, no best checkpoint).
+        val_loader: validation batches, or ``None`` (no evaluator, no ``model.pt`` chosen on validation).
         device: the run's device.
         max_epochs: total epochs (also when resuming).
         output_dir: where checkpoints, TensorBoard logs and sample grids go.
@@ -597,23 +609,24 @@ def create_flow_trainer(
         sample_conditions: class -> ``[n, condition_dim]`` conditions for the grids; default: up to 4 per class from
             the first training batch.
         sample_temperature: temperature of the grids.
-        resume_from: a ``.pt`` checkpoint file (must exist), or a folder whose newest valid ``latest_*.pt`` is used
-            (a missing or empty folder starts fresh, so the same command serves first start and restart).
+        resume_from: a ``.pt`` checkpoint file (must exist), or a folder whose newest valid ``state_*.pt`` is used
+            (an older run's ``latest_*.pt`` too, :data:`FLOW_STATE_PREFIXES`; a missing or empty folder starts
+            fresh, so the same command serves first start and restart).
         seed: seeds torch / numpy / random (``monai.utils.set_determinism``).
         log_every: log the training loss every N iterations.
         tensorboard: write TensorBoard scalars (and grids) on rank 0.
         tensorboard_dir: folder of the TensorBoard files (default ``output_dir/tensorboard``; the bundle's flow
             stage uses ``OUTPUT_DIR/tensorboard/flow`` beside the other stages).
-        n_saved: how many ``latest`` checkpoints to keep.
+        n_saved: how many ``state`` checkpoints to keep.
         extra_train_handlers: more handlers to attach to the trainer.
         dp: DP-SGD settings, or ``None`` for ordinary training: ``target_epsilon``, ``target_delta`` (required),
             ``max_grad_norm`` (per-example clipping norm, default 1.0), ``accountant`` (default ``"prv"``). The flow
             keeps the identity ActNorm / PixelNorm initialisation (no data-dependent init), the loader becomes a
             Poisson loader, the noise follows from the target over ``max_epochs``, the accountant's state is saved
-            in the ``latest`` checkpoints (a resumed run continues the accounting; resuming with another
+            in the ``state`` checkpoints (a resumed run continues the accounting; resuming with another
             ``max_epochs`` or target is refused), ``output_dir/privacy.json`` and the
-            TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no ``best`` checkpoint is selected on
-            validation data (the last epoch is the model). One process only.
+            TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no epoch is selected on validation
+            data (no ``model.pt`` during training: the last epoch is the model). One process only.
         public_init: with ``dp``: the ``flow`` passed in is already initialised with weights learned on *public*
             data only (e.g. :func:`monai_condflow.privacy.public.load_pretrained_weights`), so DP-SGD fine-tunes it
             instead of starting from the identity initialisation. An initialised flow without it is refused under DP.
@@ -622,18 +635,18 @@ def create_flow_trainer(
             ``output_dir/run_settings.json``; a rerun into the folder with another value is refused with the setting
             named.
         ema_decay: keep an exponential moving average of the weights (:class:`~monai_condflow.engines.ema.ModelEMA`)
-            with this decay; validation, the ``best`` checkpoint and the sample grids then use the average
-            (``trainer.ema.module``), and the ``latest`` checkpoints hold it for resume. ``None`` or 0: off. Not
+            with this decay; validation, ``model.pt`` and the sample grids then use the average
+            (``trainer.ema.module``), and the ``state`` checkpoints hold it for resume. ``None`` or 0: off. Not
             used under DP.
         spike_threshold: the trainer's loss-spike guard in bits/dim (see :class:`FlowTrainer`); ``None``: off.
         early_stop_patience: stop when validation bits/dim has not improved for this many validations (0: never).
 
     Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
-    of an interrupted save are deleted; a fresh start (no valid ``latest`` checkpoint) deletes the ``best_*``
-    files of the earlier run so that they can never be taken for this run's. One process writes into
-    ``output_dir`` at a time (a lock, rank 0). The loader's own random streams (shuffling, dequantisation noise,
-    augmentation) are saved with each ``latest`` checkpoint, so a resumed run equals the uninterrupted one.
+    of an interrupted save are deleted; a ``model.pt`` of an earlier run is never taken for this run's (a fresh
+    start's empty bookkeeping replaces it at the first validation). One process writes into ``output_dir`` at a
+    time (a lock, rank 0). The loader's own random streams (shuffling, dequantisation noise, augmentation) are
+    saved with each ``state`` checkpoint, so a resumed run equals the uninterrupted one.
 
     Returns:
         ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
@@ -688,11 +701,9 @@ def create_flow_trainer(
     if resume_from is not None:
         resume_path = Path(resume_from)
         if resume_path.is_dir() or (not resume_path.exists() and resume_path.suffix != ".pt"):
-            found = find_latest_checkpoint(resume_path, prefix="latest")
+            found = find_latest_checkpoint(resume_path, FLOW_STATE_PREFIXES)
             if found is None:
                 logger.info("no valid checkpoint in %s: starting from scratch.", resume_path)
-                if rank == 0 and resume_path.resolve() == output_dir.resolve():
-                    _forget_earlier_run(output_dir)
             else:
                 resume_path, checkpoint = found
         else:
@@ -851,20 +862,19 @@ def create_flow_trainer(
         else:
             logger.warning("sample grids disabled: no labelled conditions available.")
 
-    # 6. checkpoints (atomic; rank 0 writes). The best one is chosen on the evaluator's key metric.
+    # 6. checkpoints (atomic; rank 0 writes). model.pt is the best epoch on the evaluator's key metric.
     best_handler = None
     if evaluator is not None and dp is None:  # under DP, choosing an epoch on private validation data is not covered
-        best_handler = create_checkpoint_handler(
-            {"flow": eval_flow},
+        best_handler = EpochCheckpointer(
             output_dir,
-            prefix="best",
+            {"model": {"network": eval_flow}},
+            "best",
             n_saved=1,
-            score_function=lambda engine: -float(engine.state.metrics["val_bpd"]),
-            score_name="neg_val_bpd",
-            global_step_transform=global_step_from_engine(trainer),
-            filename_pattern="{filename_prefix}_{name}_{global_step}.{ext}",
+            metric_name="val_bpd",
+            mode="min",
+            filename=MODEL_FILE,
         )
-        evaluator.add_event_handler(Events.EPOCH_COMPLETED, best_handler)
+        best_handler.attach(evaluator)
     rng = RandomStateTracker()
     to_save: dict[str, Any] = {
         "flow": flow,
@@ -890,16 +900,9 @@ def create_flow_trainer(
                                                                       "max_grad_norm", "accountant")})  # fmt: skip
         to_save["privacy_accountant"] = dp_engine.accountant
         to_save["dp_plan"] = dp_plan
-    latest_handler = create_checkpoint_handler(
-        to_save,
-        output_dir,
-        prefix="latest",
-        n_saved=n_saved,
-        global_step_transform=lambda engine, _: engine.state.epoch,
-        include_self=True,
-    )
+    state_handler = EpochCheckpointer(output_dir, to_save, STATE_PREFIX, n_saved=n_saved, include_self=True)
     # registered after the ValidationHandler, so the saved random state is the one the next epoch starts with
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, latest_handler)
+    state_handler.attach(trainer)
 
     if writer is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: writer.flush())
@@ -909,7 +912,7 @@ def create_flow_trainer(
     if checkpoint is not None:
         objects: dict[str, Any] = {"optimizer": optimizer, "lr_scheduler": scheduler}
         if "checkpointer" in checkpoint:
-            objects["checkpointer"] = latest_handler
+            objects["checkpointer"] = state_handler
         if best_handler is not None and "best_checkpoint" in checkpoint:
             objects["best_checkpoint"] = best_handler
         if ema is not None and "ema" in checkpoint:
@@ -927,9 +930,9 @@ def create_flow_trainer(
             dp_plan.load_state_dict(checkpoint["dp_plan"])  # first: refuses a changed plan before anything loads
             objects["privacy_accountant"] = dp_engine.accountant
         Checkpoint.load_objects(objects, checkpoint)
-        for handler in (latest_handler, best_handler):
+        for handler in (state_handler, best_handler):
             if handler is not None and rank == 0:
-                prune_missing_files(handler)  # bookkeeping may name a file deleted by a kill mid-rotation
+                handler.prune_missing()  # bookkeeping may name a file deleted by a kill mid-rotation
         saved = checkpoint["trainer"]
         # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)
         epoch = int(saved["iteration"]) // int(saved["epoch_length"])
@@ -978,14 +981,3 @@ def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -
         raise
     return lock
 
-
-def _forget_earlier_run(output_dir: Path) -> None:
-    """A fresh start in a folder without a valid ``latest`` checkpoint: the ``best_*`` files there come from an
-    earlier run (killed before its first ``latest`` checkpoint, or whose checkpoints were deleted); delete them so
-    that the stage never selects one as this run's model."""
-    stale = sorted(output_dir.glob("best_*.pt"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    if stale:
-        logger.warning("starting from scratch: deleted %s of an earlier run in %s.",
-                       ", ".join(p.name for p in stale), output_dir)  # fmt: skip

@@ -42,12 +42,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def latest_checkpoint(directory: str | os.PathLike, prefix: str = "state") -> str | None:
-    """The newest complete checkpoint ``<prefix>_*_<step>.pt`` in ``directory`` as a string, or ``None``.
+def latest_checkpoint(directory: str | os.PathLike, prefix: str | Sequence[str] = "state") -> str | None:
+    """The newest complete checkpoint ``<prefix>_*_epoch=<step>.pt`` in ``directory`` as a string, or ``None``.
 
     A thin wrapper of :func:`monai_condflow.handlers.checkpoint.find_latest_checkpoint` for config expressions:
     temporary files of an interrupted save never match, and a file that does not load with ``weights_only=True``
-    (truncated or unsafe) is skipped, so resume falls back to the previous one.
+    (truncated or unsafe) is skipped, so resume falls back to the previous one. ``prefix`` may list several prefixes
+    (the flow's :data:`~monai_condflow.engines.flow.FLOW_STATE_PREFIXES` also resume older runs' files).
     """
     found = find_latest_checkpoint(directory, prefix)
     return None if found is None else str(found[0])

@@ -13,7 +13,7 @@
 Stages share one ``output_dir``::
 
     output_dir/classifier/  model.pt, classifier.json, train_labels.json (semi-supervised), state checkpoints
-    output_dir/flow/        model.pt, flow.json, latest_* / best_* checkpoints, samples/
+    output_dir/flow/        model.pt, flow.json, state checkpoints, samples/
     output_dir/tensorboard/ one folder per stage: classifier/ (and classifier/label_propagation/), flow/, projector/
     output_dir/synthetic/   synthetic PNG / NIfTI files and manifest.csv
     output_dir/report.md, output_dir/metrics.json
@@ -33,16 +33,12 @@ import torch
 
 import monai_condflow
 from monai_condflow.engines.config_checks import check_preset
-from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, create_flow_trainer
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
-from monai_condflow.handlers.checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    find_latest_checkpoint,
-    load_checkpoint,
-)
+from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.networks.nets.conditional_glow import PRESETS as GLOW_PRESETS
+from monai_condflow.utils.distributed import unwrap_model
 from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = [
@@ -131,42 +127,58 @@ def build_flow_trainer(
     return trainer
 
 
-def _best_of_this_run(folder: Path) -> tuple[Path, dict] | None:
-    """The best flow checkpoint that the run's newest ``latest`` checkpoint names (its ``best_checkpoint``
-    bookkeeping), never merely the highest-numbered ``best_*`` file, which may come from an earlier run.
+def _selected_epoch(folder: Path) -> tuple[int | None, float, Path] | None:
+    """``(epoch, val bits/dim, file)`` of the best validated epoch of this run, when its weights are in ``folder``,
+    else ``None``.
 
-    Folders written before the bookkeeping was kept (no ``best_checkpoint`` entry) fall back to the newest valid
-    ``best_*`` file.
+    The run's newest state checkpoint (:data:`~monai_condflow.engines.flow.FLOW_STATE_PREFIXES`) holds the
+    best-validation saver's bookkeeping (``best_checkpoint``): an entry there means ``model.pt`` was written by this
+    run's saver (a fresh start's bookkeeping is empty, so a ``model.pt`` of an earlier run never counts). A run from
+    before the one naming scheme, resumed at its end, names its ``best_flow_N.pt`` instead: that file is returned
+    when ``model.pt`` is missing. No state checkpoint, no entry (no validation set, DP-SGD, no validation yet) or no
+    file: ``None``.
     """
-    latest = find_latest_checkpoint(folder, prefix="latest")
-    if latest is None or "best_checkpoint" not in latest[1]:
-        return find_latest_checkpoint(folder, prefix="best") if latest is None else None
-    for _, name in reversed(latest[1]["best_checkpoint"].get("_saved", [])):
-        path = folder / str(name)
-        if path.is_file():
-            try:
-                return path, load_checkpoint(path)
-            except CheckpointError as e:
-                logger.warning("best flow checkpoint unusable: %s", e)
-    return None
+    found = find_latest_checkpoint(folder, FLOW_STATE_PREFIXES)
+    saved = [] if found is None else list(found[1].get("best_checkpoint", {}).get("_saved", []))
+    if not saved:
+        return None
+    priority, name = saved[-1]
+    source = folder / MODEL_FILE
+    if not source.is_file():
+        source = folder / Path(str(name)).name  # an older run's best_flow_N.pt
+        if source.is_symlink() or not source.is_file():
+            return None
+    step = _STEP_RE.search(str(name))
+    return (None if step is None else int(step.group(1))), -float(priority), source
 
 
 def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
-    """Copy the best flow checkpoint (lowest validation bits/dim; else the last weights) to ``flow/model.pt``
-    atomically and write ``flow/flow.json`` (preset, overrides, image size, best bits/dim; ``dp`` with the epsilon
-    spent when ``privacy.json`` shows a DP-SGD run)."""
+    """Settle ``flow/model.pt`` and write ``flow/flow.json``.
+
+    ``model.pt`` is kept when this run's best-validation saver wrote it (lowest validation bits/dim; the EMA weights
+    when EMA is on); otherwise (no validation set, DP-SGD, no validation run, the file deleted, or a ``model.pt`` of
+    an earlier run) ``flow``'s weights (the last epoch) are written there atomically as ``{"network": state_dict}``
+    (a run from before the one naming scheme that ended without ``model.pt``: its named ``best_flow_N.pt``).
+    ``flow.json`` records ``info``, ``selected`` (``"best validation epoch N"`` or ``"last epoch"``) with
+    ``selected_epoch`` and ``best_val_bpd`` for a selected epoch, and ``dp`` with the epsilon spent when
+    ``privacy.json`` shows a DP-SGD run.
+    """
     folder = Path(output_dir)
+    target = folder / MODEL_FILE
     privacy_file = folder / "privacy.json"
     if privacy_file.is_file():
         info = {**info, "dp": json.loads(privacy_file.read_text(encoding="utf-8"))}
-    best = _best_of_this_run(folder)
-    if best is not None:
-        state = best[1]["flow"] if "flow" in best[1] else best[1]
-        source = best[0].name
+    selected = _selected_epoch(folder)
+    if selected is not None:
+        epoch, val_bpd, source_file = selected
+        if source_file != target:
+            state = load_checkpoint(source_file)
+            atomic_torch_save({"network": state.get("flow", state)}, target)
+        source = f"best validation epoch {epoch}"
+        info = {**info, "selected_epoch": epoch, "best_val_bpd": val_bpd}
     else:
-        state = flow.state_dict()
+        atomic_torch_save({"network": unwrap_model(flow).state_dict()}, target)
         source = "last epoch"
-    target = atomic_torch_save({"network": state}, folder / MODEL_FILE)
     write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
     logger.info("flow stage: %s -> %s", source, target)
     return target

@@ -39,13 +39,14 @@ import numpy as np
 import torch
 from monai.utils import optional_import
 
-from monai_condflow.utils.io import TEMP_SUFFIX, atomic_torch_save, atomic_write_bytes
+from monai_condflow.utils.io import STATE_PREFIX, TEMP_SUFFIX, atomic_torch_save, atomic_write_bytes
 
 Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
 DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver", as_type="base")
 
 __all__ = [
     "CheckpointError",
+    "EPOCH_FILENAME_PATTERN",
     "atomic_write_bytes",
     "atomic_torch_save",
     "load_checkpoint",
@@ -62,6 +63,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"[_=](\d+)\.pt$")  # "..._12.pt" (Ignite) and "..._epoch=12.pt" (MONAI CheckpointSaver)
+
+EPOCH_FILENAME_PATTERN = "{filename_prefix}_{name}_epoch={global_step}.{ext}"
+"""Ignite ``Checkpoint`` ``filename_pattern`` of the epoch checkpoints: ``state_checkpoint_epoch=3.pt`` for
+``filename_prefix="state"`` and several objects, the name MONAI's ``CheckpointSaver`` gives its interval files (the
+classifier's), so every stage's resumable state is ``state_checkpoint_epoch=N.pt``."""
 
 
 class CheckpointError(RuntimeError):
@@ -147,14 +153,23 @@ def load_module_weights(
 
 
 def find_latest_checkpoint(
-    directory: str | os.PathLike, prefix: str = "latest", map_location: str | torch.device = "cpu"
+    directory: str | os.PathLike,
+    prefix: str | Sequence[str] = STATE_PREFIX,
+    map_location: str | torch.device = "cpu",
 ) -> tuple[Path, dict] | None:
     """
-    The newest *valid* checkpoint named ``{prefix}_*_{step}.pt`` in ``directory``.
+    The newest *valid* checkpoint named ``{prefix}_*_{step}.pt`` or ``{prefix}_*={step}.pt`` in ``directory``.
 
-    Files are tried from the highest step down; a file that fails :func:`load_checkpoint` (partial, corrupt or
-    unsafe) is logged and skipped, and so is a symlink (the savers never write one). Temp files (``*.tmp``,
-    Ignite's ``tmp*``) never match the pattern.
+    Files are tried from the highest step down (the newest file first on a tie); a file that fails
+    :func:`load_checkpoint` (partial, corrupt or unsafe) is logged and skipped, and so is a symlink (the savers never
+    write one). Temp files (``*.tmp``, Ignite's ``tmp*``) never match the pattern.
+
+    Args:
+        directory: the folder.
+        prefix: the file-name prefix (default :data:`~monai_condflow.utils.io.STATE_PREFIX`: the stages'
+            ``state_checkpoint_epoch=N.pt``), or several prefixes whose files compete on their step (e.g. the
+            flow's ``("state", "latest")``: older runs wrote ``latest_checkpoint_N.pt``).
+        map_location: where the tensors are loaded.
 
     Returns:
         ``(path, checkpoint)`` or ``None`` when there is no valid checkpoint.
@@ -162,14 +177,15 @@ def find_latest_checkpoint(
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
     candidates = []
-    for p in directory.glob(f"{prefix}_*.pt"):
+    for p in {p for pre in prefixes for p in directory.glob(f"{pre}_*.pt")}:
         m = _STEP_RE.search(p.name)
         if m is not None and p.is_symlink():
             logger.warning("skipping %s: a symlink, not a checkpoint this run wrote.", p)
         elif m is not None and p.is_file():
-            candidates.append((int(m.group(1)), p.stat().st_mtime, p))
-    for _, _, p in sorted(candidates, reverse=True):
+            candidates.append((int(m.group(1)), p.stat().st_mtime, p.name, p))
+    for *_, p in sorted(candidates, reverse=True):
         try:
             return p, load_checkpoint(p, map_location=map_location)
         except CheckpointError as e:
@@ -279,6 +295,7 @@ def create_checkpoint_handler(
     score_function: Callable | None = None,
     score_name: str | None = None,
     global_step_transform: Callable | None = None,
+    filename: str | None = None,
     **kwargs: Any,
 ) -> Checkpoint:
     """
@@ -287,10 +304,11 @@ def create_checkpoint_handler(
 
     Only rank 0 writes (Ignite's ``DiskSaver``); DDP / DataParallel modules are saved unwrapped.
     File names: ``{prefix}_{name}_{step}.pt``, or ``{prefix}_{name}_{step}_{score_name}={score}.pt`` with a score
-    (``name`` is ``checkpoint`` when ``to_save`` has several objects). ``kwargs`` go to Ignite's ``Checkpoint``
-    (e.g. ``filename_pattern``, ``include_self``).
+    (``name`` is ``checkpoint`` when ``to_save`` has several objects), or ``filename`` for every save (e.g.
+    ``model.pt``: the bookkeeping keeps the names above to tell the saves apart). ``kwargs`` go to Ignite's
+    ``Checkpoint`` (e.g. ``filename_pattern``, ``include_self``).
     """
-    saver = AtomicDiskSaver(str(output_dir))
+    saver = AtomicDiskSaver(str(output_dir), filename)
     return Checkpoint(
         dict(to_save),
         saver,

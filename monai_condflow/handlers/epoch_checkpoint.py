@@ -12,12 +12,12 @@
 
 - :class:`EpochCheckpointer`: an atomic Ignite ``Checkpoint``
   (:func:`~monai_condflow.handlers.checkpoint.create_checkpoint_handler`) saved at every ``EPOCH_COMPLETED`` of the
-  engine it is attached to: the trainer's ``latest`` state, or the evaluator's ``best`` model (scored on a metric).
-  Its own bookkeeping is saved and restored like any other object.
+  engine it is attached to: the trainer's resumable state (``state_checkpoint_epoch=N.pt``), or the evaluator's best
+  model under one fixed name (``model.pt``, scored on a metric). Its own bookkeeping is saved and restored like any
+  other object.
 - :class:`CheckpointResumer`: at the trainer's ``STARTED``, loads a checkpoint into the objects of ``load_dict``,
   restores the trainer *by epoch* (robust to a changed epoch length or world size), forgets bookkeeping entries whose
-  file is gone and restores the random streams last; on a fresh start it deletes the files of an earlier run that
-  could be taken for this run's (``best_*``).
+  file is gone and restores the random streams last.
 - :class:`ResumableEarlyStopHandler`: MONAI's ``EarlyStopHandler`` whose counter and best score are saved with the
   checkpoints, so a resumed run stops when the uninterrupted one would.
 """
@@ -33,7 +33,12 @@ from typing import Any
 from monai.handlers import EarlyStopHandler
 from monai.utils import optional_import
 
-from monai_condflow.handlers.checkpoint import create_checkpoint_handler, load_checkpoint, prune_missing_files
+from monai_condflow.handlers.checkpoint import (
+    EPOCH_FILENAME_PATTERN,
+    create_checkpoint_handler,
+    load_checkpoint,
+    prune_missing_files,
+)
 from monai_condflow.utils.distributed import get_rank
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -54,11 +59,16 @@ class EpochCheckpointer:
     """
     Save ``save_dict`` atomically at every ``EPOCH_COMPLETED`` of the engine it is attached to (rank 0 writes).
 
-    File names: ``{prefix}_{name}_{epoch}.pt`` where ``name`` is ``checkpoint`` for several objects, else the one
-    object's key (``best_flow_3.pt`` for ``prefix="best"``, ``save_dict={"flow": flow}``). With ``metric_name`` only
-    the ``n_saved`` best epochs on that metric of the engine (an evaluator) are kept. ``None`` values of
-    ``save_dict`` (disabled config components) are left out. Every file is written aside and moved into place, and
-    an old file is deleted only after its successor is written
+    File names: ``{prefix}_{name}_epoch={epoch}.pt``
+    (:data:`~monai_condflow.handlers.checkpoint.EPOCH_FILENAME_PATTERN`) where ``name`` is ``checkpoint`` for several
+    objects, else the one object's key: ``state_checkpoint_epoch=3.pt`` for ``prefix="state"``, the name the
+    classifier's MONAI ``CheckpointSaver`` gives its state. With ``filename`` every save goes to that one name
+    instead (``model.pt``), replaced atomically, and the names above only tell the saves apart in the bookkeeping.
+    With ``metric_name`` only the ``n_saved`` best epochs on that metric of the engine (an evaluator) are kept (with
+    ``filename``: the file is replaced only by a better epoch). ``None`` values of ``save_dict`` (disabled config
+    components) are left out. A ``save_dict`` of one object is saved as that object's ``state_dict()``; a nested
+    dict is saved as a dict of state dicts, so ``{"model": {"network": flow}}`` writes ``{"network": ...}``. Every
+    file is written aside and moved into place, and an old file is deleted only after its successor is written
     (:class:`~monai_condflow.handlers.checkpoint.AtomicDiskSaver`).
 
     The handler has ``state_dict`` / ``load_state_dict`` (its list of saved files), so it can be saved in a checkpoint,
@@ -67,17 +77,22 @@ class EpochCheckpointer:
     Args:
         save_dir: the folder.
         save_dict: name -> object with ``state_dict`` (modules, optimizers, schedulers, engines ...).
-        prefix: the file name prefix (``latest``, ``best``).
+        prefix: the file name prefix (``state``; ``best`` for a scored ``model.pt``).
         n_saved: how many files to keep.
         metric_name: score the files on ``engine.state.metrics[metric_name]`` (``None``: keep the newest).
         mode: ``"min"`` when a lower metric is better (bits/dim), else ``"max"``.
         include_self: save this handler's bookkeeping in its own files (key ``checkpointer``).
+        filename: one fixed file name for every save (e.g. :data:`~monai_condflow.utils.io.MODEL_FILE`), or
+            ``None`` for the numbered names.
 
     Example::
 
-        latest = EpochCheckpointer("runs/flow", {"flow": flow, "optimizer": opt, "trainer": trainer}, "latest",
-                                   n_saved=2, include_self=True)
-        latest.attach(trainer)
+        state = EpochCheckpointer("runs/flow", {"flow": flow, "optimizer": opt, "trainer": trainer}, "state",
+                                  n_saved=2, include_self=True)
+        state.attach(trainer)
+        model = EpochCheckpointer("runs/flow", {"model": {"network": flow}}, "best", metric_name="val_bpd",
+                                  filename="model.pt")
+        model.attach(evaluator)
     """
 
     def __init__(
@@ -89,6 +104,7 @@ class EpochCheckpointer:
         metric_name: str | None = None,
         mode: str = "min",
         include_self: bool = False,
+        filename: str | None = None,
     ) -> None:
         if n_saved < 1:
             raise ValueError(f"n_saved must be >= 1, got {n_saved}.")
@@ -103,7 +119,6 @@ class EpochCheckpointer:
         if metric_name is not None:
             kwargs["score_function"] = self._score
             kwargs["score_name"] = f"neg_{metric_name}" if mode == "min" else metric_name
-            kwargs["filename_pattern"] = "{filename_prefix}_{name}_{global_step}.{ext}"
         self.checkpoint = create_checkpoint_handler(
             to_save,
             Path(save_dir),
@@ -111,6 +126,8 @@ class EpochCheckpointer:
             n_saved=n_saved,
             global_step_transform=_epoch_step,
             include_self=include_self,
+            filename=filename,
+            filename_pattern=EPOCH_FILENAME_PATTERN,
             **kwargs,
         )
 
@@ -139,7 +156,7 @@ class EpochCheckpointer:
 
 class CheckpointResumer:
     """
-    Resume training from ``load_path`` at the trainer's ``STARTED``; on a fresh start, forget an earlier run.
+    Resume training from ``load_path`` at the trainer's ``STARTED``.
 
     At ``STARTED`` (attach it after every handler whose state it restores; a handler that checks the restored state,
     such as :class:`~monai_condflow.handlers.privacy_accountant.PrivacyAccountantHandler`, after it):
@@ -156,20 +173,18 @@ class CheckpointResumer:
     5. the random streams (``rng_keys``: global generators, the loader's streams) are restored last, so the resumed
        run draws what the uninterrupted one draws.
 
-    With ``load_path=None`` nothing is loaded; at :meth:`attach` rank 0 deletes the files matching
-    ``stale_patterns`` in ``stale_dir``: a fresh start in a folder without a valid checkpoint must never select a
-    ``best_*`` file of an earlier run as this run's model.
+    With ``load_path=None`` nothing is loaded (a fresh start). A file of an earlier run in the folder is never taken
+    for this run's: a fixed-name ``model.pt`` is replaced by this run's first evaluated epoch (the restored, or
+    fresh, bookkeeping is what it competes with, never the file).
 
     Args:
-        load_path: the checkpoint, or ``None`` for a fresh start (e.g. ``stage_io.latest_checkpoint(dir, 'latest')``).
+        load_path: the checkpoint, or ``None`` for a fresh start (e.g. ``stage_io.latest_checkpoint(dir, 'state')``).
         load_dict: name -> object with ``load_state_dict``; ``None`` values (disabled components) are skipped.
         trainer_key: the key of the trainer's state in the checkpoint.
         rng_keys: keys of random-state objects, restored last.
         first: keys restored before all others.
         required: key -> message for keys the checkpoint must hold (``None`` values of ``load_dict`` exempt theirs).
         checkpointers: handlers whose restored bookkeeping is pruned of missing files.
-        stale_dir: folder of the stale files of a fresh start.
-        stale_patterns: glob patterns of those files.
         map_location: where the checkpoint's tensors are loaded.
     """
 
@@ -182,8 +197,6 @@ class CheckpointResumer:
         first: Sequence[str] = (),
         required: Mapping[str, str] | None = None,
         checkpointers: Sequence[Any] = (),
-        stale_dir: str | os.PathLike | None = None,
-        stale_patterns: Sequence[str] = ("best_*.pt",),
         map_location: Any = "cpu",
     ) -> None:
         self.load_path = None if load_path is None else Path(load_path)
@@ -193,26 +206,12 @@ class CheckpointResumer:
         self.first = tuple(first)
         self.required = {k: v for k, v in dict(required or {}).items() if k in self.load_dict}
         self.checkpointers = [c for c in checkpointers if c is not None]
-        self.stale_dir = None if stale_dir is None else Path(stale_dir)
-        self.stale_patterns = tuple(stale_patterns)
         self.map_location = map_location
         self.resumed_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Load at ``STARTED`` of ``engine`` (the trainer); on a fresh start delete the stale files now."""
-        if self.load_path is None:
-            self._forget_earlier_run()
+        """Load at ``STARTED`` of ``engine`` (the trainer)."""
         engine.add_event_handler(Events.STARTED, self)
-
-    def _forget_earlier_run(self) -> None:
-        if self.stale_dir is None or get_rank() != 0 or not self.stale_dir.is_dir():
-            return
-        stale = sorted(p for pattern in self.stale_patterns for p in self.stale_dir.glob(pattern))
-        for p in stale:
-            p.unlink(missing_ok=True)
-        if stale:
-            logger.warning("starting from scratch: deleted %s of an earlier run in %s.",
-                           ", ".join(p.name for p in stale), self.stale_dir)  # fmt: skip
 
     def __call__(self, engine: Engine) -> None:
         if self.load_path is None:

@@ -43,9 +43,11 @@ MODEL_FILE = "model.pt"
 state dict MONAI's ``CheckpointSaver`` writes for a single object (the supervised classifier's best epoch)."""
 STATE_PREFIX = "state"
 """File-name prefix of a stage's resumable training state in its folder: ``state_checkpoint_epoch=N.pt`` (MONAI
-``CheckpointSaver``'s interval name with ``file_prefix=STATE_PREFIX``, the latest epoch kept), found with
-``handlers.checkpoint.find_latest_checkpoint(folder, STATE_PREFIX)``. The classifier's bundle config and its Python
-API (:func:`monai_condflow.engines.classifier.create_classifier_trainer`) both write it."""
+``CheckpointSaver``'s interval name with ``file_prefix=STATE_PREFIX``; the classifier keeps the latest epoch, the
+flow its last ``n_saved``), found with ``handlers.checkpoint.find_latest_checkpoint(folder, STATE_PREFIX)``. The
+classifier's and the flow's bundle configs and Python APIs
+(:func:`monai_condflow.engines.classifier.create_classifier_trainer`,
+:func:`monai_condflow.engines.flow.create_flow_trainer`) all write it."""
 TEMP_SUFFIX = ".tmp"
 """Suffix of the temporary files of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
 

@@ -357,7 +357,9 @@ def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
          audit_holdout=0.2)  # fmt: skip
     flow = json.loads((out / "flow" / "flow.json").read_text())
     assert 2.0 < flow["dp"]["epsilon"] <= 3.0 * 1.01 and flow["selected"] == "last epoch"
-    assert not list((out / "flow").glob("best_*.pt"))  # no epoch chosen on (private) validation data
+    assert "selected_epoch" not in flow  # no epoch chosen on (private) validation data: model.pt is the last one
+    assert sorted(p.name for p in (out / "flow").glob("*.pt")) == ["model.pt", "state_checkpoint_epoch=1.pt",
+                                                                   "state_checkpoint_epoch=2.pt"]  # fmt: skip
     assert (out / "flow" / "audit_holdout.json").is_file()
     _run(["generate.json"], **common, formats=["png"])
     rows = (out / "synthetic" / "manifest.csv").read_text().splitlines()

@@ -128,13 +128,16 @@ def test_flow_stage_refuses_another_audit_holdout_before_writing_it(dataset, tmp
 
 
 def test_flow_stage_resumes_after_its_best_checkpoint_was_deleted(dataset, tmp_path):
-    """The issue's reproducer through the bundle: 1 epoch, delete flow/best_flow_1.pt, rerun with max_epochs 3."""
+    """The issue's reproducer through the bundle: 1 epoch, delete flow/model.pt (the best epoch's weights), rerun
+    with max_epochs 3; the stage's folder then holds exactly model.pt and the state files."""
     tiny_flow = {"flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8}}
     common = {"dataset_dir": str(dataset), "output_dir": str(tmp_path), **TINY, **tiny_flow, "sample_every": 0}
     _classifier(dataset, tmp_path, 1)
     _run(["train_flow.json"], **common, max_epochs=1)
-    (tmp_path / "flow" / "best_flow_1.pt").unlink()
+    (tmp_path / "flow" / "model.pt").unlink()
     _run(["train_flow.json"], **common, max_epochs=3)
     info = json.loads((tmp_path / "flow" / "flow.json").read_text())
-    assert info["selected"].startswith("best_flow_") and (tmp_path / "flow" / info["selected"]).is_file()
-    assert (tmp_path / "flow" / "latest_checkpoint_3.pt").is_file()
+    assert info["selected"].startswith("best validation epoch") and info["selected_epoch"] in (2, 3)
+    assert (tmp_path / "flow" / "model.pt").is_file() and (tmp_path / "flow" / "state_checkpoint_epoch=3.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "flow").glob("*.pt")) == [
+        "model.pt", "state_checkpoint_epoch=2.pt", "state_checkpoint_epoch=3.pt"]  # fmt: skip

@@ -260,8 +260,13 @@ def test_flow_stage_uses_its_config_ids(dataset, classifier_dir, tmp_path):
     assert len(batches) == len(get("validate#dataloader"))
     assert evaluator.state.metrics["val_bpd"] == pytest.approx(torch.cat(values).mean().item(), rel=1e-5)
     info = json.loads((out / "flow" / "flow.json").read_text())
-    assert info["selected"] == "best_flow_1.pt" and info["ema_decay"] == 0.9
-    assert (out / "flow" / "latest_checkpoint_1.pt").is_file()
+    assert info["selected"] == "best validation epoch 1" and info["ema_decay"] == 0.9
+    assert info["best_val_bpd"] == pytest.approx(evaluator.state.best_metric)
+    assert (out / "flow" / "state_checkpoint_epoch=1.pt").is_file()
+    from monai_condflow.handlers.checkpoint import load_checkpoint
+
+    model = load_checkpoint(out / "flow" / "model.pt")["network"]  # the EMA weights of the best (only) epoch
+    assert all(torch.equal(model[k], v) for k, v in get("eval_flow").state_dict().items())
 
 
 def test_flow_stage_checkpoints_hold_the_config_objects_and_resume_from_them(dataset, classifier_dir, tmp_path):
@@ -272,7 +277,7 @@ def test_flow_stage_checkpoints_hold_the_config_objects_and_resume_from_them(dat
     out = _output_dir(tmp_path, classifier_dir, "flow")
     common = {"dataset_dir": str(dataset), "output_dir": str(out), **TINY, **TINY_FLOW, "early_stop_patience": 3}
     _run(["train_flow.json"], **common)
-    ckpt = load_checkpoint(out / "flow" / "latest_checkpoint_1.pt")
+    ckpt = load_checkpoint(out / "flow" / "state_checkpoint_epoch=1.pt")
     expected = {"flow", "optimizer", "lr_scheduler", "trainer", "rng", "best_checkpoint", "ema", "early_stopping",
                 "loader_rng", "checkpointer"}  # fmt: skip
     assert expected == set(ckpt)
@@ -282,8 +287,8 @@ def test_flow_stage_checkpoints_hold_the_config_objects_and_resume_from_them(dat
     assert get("resumer").resumed_epoch == 1 and get("train#trainer").state.epoch == 2
     assert get("train#trainer").state.iteration == 2 * len(get("train#dataloader"))
     assert get("ema").num_updates == ckpt["ema"]["num_updates"] + len(get("train#dataloader"))
-    assert sorted(p.name for p in (out / "flow").glob("latest_*.pt")) == ["latest_checkpoint_1.pt",
-                                                                           "latest_checkpoint_2.pt"]  # fmt: skip
+    assert sorted(p.name for p in (out / "flow").glob("*.pt")) == [
+        "model.pt", "state_checkpoint_epoch=1.pt", "state_checkpoint_epoch=2.pt"]  # fmt: skip
 
 
 def test_dp_overlay_resumes_a_killed_run_and_refuses_another_plan(dataset, classifier_dir, tmp_path):
@@ -302,7 +307,9 @@ def test_dp_overlay_resumes_a_killed_run_and_refuses_another_plan(dataset, class
     wf.run()
     wf.finalize()
     first = json.loads((out / "flow" / "privacy.json").read_text())
-    assert not list((out / "flow").glob("best_*.pt")) and (out / "flow" / "latest_checkpoint_1.pt").is_file()
+    info = json.loads((out / "flow" / "flow.json").read_text())  # the stopped run's stage end wrote model.pt ...
+    assert info["selected"] == "last epoch" and "selected_epoch" not in info  # ... not chosen on private data
+    assert (out / "flow" / "state_checkpoint_epoch=1.pt").is_file()
     wf = _run(["train_flow.json", "train_flow_dp.json"], **common)
     assert wf.parser.get_parsed_content("resumer").resumed_epoch == 1
     second = json.loads((out / "flow" / "privacy.json").read_text())

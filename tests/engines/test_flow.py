@@ -34,6 +34,7 @@ from monai_condflow.engines.prepare_batch import ConditionPrepareBatch, attach_c
 from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets.pepx_net import PEPXNet
 from monai_condflow.utils.distributed import create_loader
+from monai_condflow.utils.io import MODEL_FILE
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -82,14 +83,16 @@ def test_training_logs_checkpoints_and_samples(tmp_path):
     assert out[Keys.LOSS].item() == pytest.approx(out[Keys.PRED].mean().item())
     assert math.isfinite(evaluator.state.metrics["val_bpd"]) and 6 < evaluator.state.metrics["val_bpd"] < 10
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"latest_checkpoint_1.pt", "latest_checkpoint_2.pt", "tensorboard", "samples"} <= names
-    assert len([n for n in names if n.startswith("best_flow_")]) == 1
+    assert {"state_checkpoint_epoch=1.pt", "state_checkpoint_epoch=2.pt", "tensorboard", "samples"} <= names
+    assert {p.name for p in tmp_path.glob("*.pt")} == {MODEL_FILE, "state_checkpoint_epoch=1.pt",
+                                                       "state_checkpoint_epoch=2.pt"}  # fmt: skip
     assert not [n for n in names if "tmp" in n]
-    ckpt = load_checkpoint(tmp_path / "latest_checkpoint_2.pt")
+    ckpt = load_checkpoint(tmp_path / "state_checkpoint_epoch=2.pt")
     assert {"flow", "optimizer", "lr_scheduler", "trainer", "rng", "checkpointer", "best_checkpoint"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["skipped_steps"] == 0
-    best = load_checkpoint(next(tmp_path.glob("best_flow_*.pt")))
-    assert set(best) == set(trainer.network.flow.state_dict())  # a plain state dict of the flow
+    best = load_checkpoint(tmp_path / MODEL_FILE)
+    assert set(best) == {"network"}  # the best epoch's flow state dict, as the stages load it
+    assert set(best["network"]) == set(trainer.network.flow.state_dict())
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert {"train_bpd", "lr", "skipped_steps", "val_bpd"} <= set(events.Tags()["scalars"])
     assert len(list((tmp_path / "samples").glob("samples_epoch0002_class*.png"))) == 2
@@ -120,12 +123,12 @@ def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(t
 def test_resume_skips_partial_corrupt_and_unknown_files(tmp_path):
     """a truncated newest checkpoint and temp files are ignored; the newest valid checkpoint is used."""
     _train(tmp_path, max_epochs=2)
-    good = (tmp_path / "latest_checkpoint_2.pt").read_bytes()
-    (tmp_path / "latest_checkpoint_7.pt").write_bytes(good[: len(good) // 2])  # killed mid-copy
-    (tmp_path / ".latest_checkpoint_8.pt.x1y2.tmp").write_bytes(good[:100])  # our temp file
+    good = (tmp_path / "state_checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "state_checkpoint_epoch=7.pt").write_bytes(good[: len(good) // 2])  # killed mid-copy
+    (tmp_path / ".state_checkpoint_epoch=8.pt.x1y2.tmp").write_bytes(good[:100])  # our temp file
     (tmp_path / "tmpa1b2c3").write_bytes(good[:100])  # Ignite DiskSaver's temp file
     path, ckpt = find_latest_checkpoint(tmp_path)
-    assert path.name == "latest_checkpoint_2.pt" and ckpt["trainer"]["iteration"] == 4
+    assert path.name == "state_checkpoint_epoch=2.pt" and ckpt["trainer"]["iteration"] == 4
     trainer, _, losses = _train(tmp_path, max_epochs=3, resume_from=tmp_path)
     assert trainer.state.epoch == 3 and len(losses) == 2
     assert find_latest_checkpoint(tmp_path / "nothing") is None
@@ -151,14 +154,14 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
     """every load path refuses it and the sentinel file never appears."""
     sentinel = tmp_path / "pwned.txt"
     _train(tmp_path / "run", max_epochs=1)
-    evil = tmp_path / "run" / "latest_checkpoint_5.pt"
+    evil = tmp_path / "run" / "state_checkpoint_epoch=5.pt"
     torch.save({"flow": {"w": torch.zeros(1)}, "payload": _Sentinel(sentinel)}, evil)
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(evil)
     with pytest.raises(CheckpointError):
         _train(tmp_path / "other", resume_from=evil)
     path, _ = find_latest_checkpoint(tmp_path / "run")  # skips it, takes the valid epoch-1 file
-    assert path.name == "latest_checkpoint_1.pt"
+    assert path.name == "state_checkpoint_epoch=1.pt"
     flow = W.make_flow()
     loader = CheckpointLoader(load_path=str(evil), load_dict={"flow": flow})
     with pytest.raises(pickle.UnpicklingError):  # MONAI's loader uses torch.load(weights_only=True) too

@@ -15,7 +15,9 @@ run's weights."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
-from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, create_flow_trainer
 from monai_condflow.engines.run_folder import RunSettingsError
 from monai_condflow.engines.stages import finish_flow_stage
 from monai_condflow.handlers.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
@@ -106,8 +108,8 @@ def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp
     _train(run)
     monkeypatch.undo()
     labels = [label for label, _ in snapshots]
-    assert any(label.startswith("before delete latest") for label in labels), labels  # a rotation happened
-    assert any(label.startswith("before delete best") for label in labels), labels
+    assert any(label.startswith("before delete state_") for label in labels), labels  # a rotation happened
+    assert any(label == "before replace model.pt" for label in labels), labels  # the best epoch's model, in place
     for i, (label, files) in enumerate(snapshots):
         folder = tmp_path / f"kill{i}"
         folder.mkdir()
@@ -116,9 +118,10 @@ def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp
         resumed = _train(folder, resume_from=folder)
         assert resumed.state.epoch == 3, label
         assert _max_diff(reference, _weights(resumed)) <= 1e-6, label
-        assert not [p.name for p in folder.iterdir() if p.name.startswith(("tmp", ".latest", ".best"))], label
-        finish_flow_stage(folder, resumed.network.flow, {"preset": "tiny"})  # picks an existing best checkpoint
+        assert not [p.name for p in folder.iterdir() if p.name.startswith("tmp") or p.name.endswith(".tmp")], label
+        finish_flow_stage(folder, resumed.network.flow, {"preset": "tiny"})  # keeps the run's model.pt
         assert "network" in load_checkpoint(folder / "model.pt"), label
+        assert json.loads((folder / "flow.json").read_text())["selected"].startswith("best validation epoch"), label
 
 
 _KILLER = """
@@ -142,9 +145,9 @@ T._train(run)
 
 @pytest.mark.parametrize("op,k", [("replace", 3), ("unlink", 1)])
 def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
-    """A crash inside a checkpoint rotation, with a real SIGKILL: just before the 3rd rename into place (epoch 2's
-    best file) / the 1st delete of a
-    rotation (the old best file, after its successor is written)."""
+    """A crash inside a checkpoint rotation, with a real SIGKILL: just before the 3rd rename into place (epoch 1
+    wrote model.pt then its state file; the 3rd is epoch 2's model.pt, or its state file when epoch 2 did not
+    improve) / the 1st delete of a rotation (epoch 1's state file, after epoch 2's is written)."""
     run = tmp_path / "run"
     # the same intra-op thread count as this process (the reference run): float sums differ between thread counts
     threads = str(torch.get_num_threads())
@@ -158,13 +161,14 @@ def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
 
 
 def test_a_deleted_best_checkpoint_does_not_block_resume(tmp_path):
-    """The issue's reproducer: train 1 epoch, delete best_flow_1.pt, rerun with max_epochs 3."""
+    """The issue's reproducer: train 1 epoch, delete model.pt (the best epoch's weights), rerun with max_epochs 3."""
     _train(tmp_path, max_epochs=1)
-    (tmp_path / "best_flow_1.pt").unlink()
+    (tmp_path / "model.pt").unlink()
     trainer = _train(tmp_path, max_epochs=3, resume_from=tmp_path)
     assert trainer.state.epoch == 3
     finish_flow_stage(tmp_path, trainer.network.flow, {"preset": "tiny"})
-    assert (tmp_path / "model.pt").is_file()
+    assert (tmp_path / "model.pt").is_file()  # the next validation wrote it again
+    assert json.loads((tmp_path / "flow.json").read_text())["selected_epoch"] in (2, 3)
 
 
 def test_rotation_writes_the_new_file_before_deleting_the_old_one(tmp_path):
@@ -189,24 +193,30 @@ def test_a_symlink_at_a_checkpoint_name_is_replaced_not_followed(tmp_path):
     assert not (tmp_path / "ckpt" / "model.pt").is_symlink()
     assert load_checkpoint(tmp_path / "ckpt" / "model.pt")["w"].item() == 1.0
     torch.save({"w": torch.zeros(1)}, tmp_path / "elsewhere.pt")
-    (tmp_path / "ckpt" / "latest_checkpoint_1.pt").write_bytes((tmp_path / "ckpt" / "model.pt").read_bytes())
-    (tmp_path / "ckpt" / "latest_checkpoint_9.pt").symlink_to(tmp_path / "elsewhere.pt")  # planted: not resumed
-    assert find_latest_checkpoint(tmp_path / "ckpt")[0].name == "latest_checkpoint_1.pt"
+    (tmp_path / "ckpt" / "state_checkpoint_epoch=1.pt").write_bytes((tmp_path / "ckpt" / "model.pt").read_bytes())
+    (tmp_path / "ckpt" / "state_checkpoint_epoch=9.pt").symlink_to(tmp_path / "elsewhere.pt")  # planted
+    assert find_latest_checkpoint(tmp_path / "ckpt")[0].name == "state_checkpoint_epoch=1.pt"  # not resumed
 
 
-def test_a_stale_best_checkpoint_never_becomes_the_model_after_a_fresh_start(tmp_path):
-    """a best_flow_9.pt of an earlier run (whose latest checkpoints are gone) is not this run's best."""
+@pytest.mark.parametrize("val_interval", [1, 5])
+def test_a_stale_model_never_becomes_the_model_after_a_fresh_start(tmp_path, val_interval):
+    """a model.pt of an earlier run (whose state checkpoints are gone) is not this run's model: the first validation
+    replaces it, and a run that never validates (``val_interval`` past ``max_epochs``) ends with its last weights."""
     _train(tmp_path, max_epochs=1)
-    stale = load_checkpoint(tmp_path / "best_flow_1.pt")
+    stale = load_checkpoint(tmp_path / "model.pt")["network"]
     stale = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in stale.items()}
-    torch.save(stale, tmp_path / "best_flow_9.pt")
-    for p in tmp_path.glob("latest_*.pt"):
+    torch.save({"network": stale}, tmp_path / "model.pt")
+    for p in tmp_path.glob("state_*.pt"):
         p.unlink()
-    trainer = _train(tmp_path, max_epochs=2, resume_from=tmp_path)  # from scratch
-    assert not (tmp_path / "best_flow_9.pt").exists()
+    trainer = _train(tmp_path, max_epochs=2, resume_from=tmp_path, val_interval=val_interval)  # from scratch
     finish_flow_stage(tmp_path, trainer.network.flow, {"preset": "tiny"})
     model = load_checkpoint(tmp_path / "model.pt")["network"]
     assert all(not (v == 7.0).all() for v in model.values() if v.is_floating_point())
+    selected = json.loads((tmp_path / "flow.json").read_text())["selected"]
+    assert selected.startswith("best validation epoch") if val_interval == 1 else selected == "last epoch"
+    if val_interval > 1:
+        last = trainer.network.flow.state_dict()
+        assert all(torch.equal(model[k], last[k]) for k in last)
 
 
 @pytest.mark.parametrize("change", [{"lr": 2e-3}, {"seed": 6}, {"settings": {"audit_holdout": 0.3}}])
@@ -225,7 +235,84 @@ def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run_with_random_
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         _train(cut, random_transforms=True, stop_at_iteration=5)  # epoch 3, after epoch 2's checkpoint
-    assert load_checkpoint(cut / "latest_checkpoint_2.pt")["trainer"]["iteration"] == 4
+    assert load_checkpoint(cut / "state_checkpoint_epoch=2.pt")["trainer"]["iteration"] == 4
     resumed = _train(cut, random_transforms=True, resume_from=cut)
     assert resumed.state.epoch == 3
     assert _max_diff(reference, _weights(resumed)) <= 1e-6
+
+
+@pytest.mark.parametrize("val_interval", [1, 5])
+def test_every_file_of_the_flow_stage_is_written_atomically(tmp_path, monkeypatch, val_interval):
+    """Each ``.pt`` file of the flow stage (``model.pt`` from the best-validation saver, or from
+    ``finish_flow_stage`` when no epoch was validated; ``state_checkpoint_epoch=N.pt``) gets its name only by
+    ``os.replace`` of a complete temporary file from the same folder, so at no instant is a partial file visible
+    under a checkpoint name; the folder then holds exactly ``model.pt`` and the state files; a write interrupted
+    mid-save leaves the previous files as they were and no temporary file."""
+    out = tmp_path / "run"
+    replaced: list[str] = []
+    real_replace = os.replace
+
+    def _checked_replace(src, dst, *args, **kwargs):
+        src, dst = Path(src), Path(dst)
+        if dst.parent == out and dst.suffix == ".pt":
+            assert src.parent == out and src.name.startswith(f".{dst.name}.") and src.name.endswith(".tmp"), src
+            torch.load(src, weights_only=True)  # complete before it takes the name
+            for visible in out.glob("*.pt"):  # and every file already under a checkpoint name is complete
+                torch.load(visible, weights_only=True)
+            replaced.append(dst.name)
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", _checked_replace)
+    trainer = _train(out, max_epochs=2, n_saved=2, val_interval=val_interval)
+    finish_flow_stage(out, trainer.network.flow, {"preset": "tiny"})
+    monkeypatch.undo()
+    saved = sorted(p.name for p in out.glob("*.pt"))
+    assert saved == ["model.pt", "state_checkpoint_epoch=1.pt", "state_checkpoint_epoch=2.pt"]
+    assert set(saved) <= set(replaced)  # every save went through it
+    assert replaced.count("model.pt") >= 1 and not [n for n in replaced if n not in saved]
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+
+    real_fsync = os.fsync
+
+    def _interrupted_fsync(fd):
+        if any(p.name.endswith(".tmp") for p in out.iterdir()):  # a checkpoint's temporary file is being written
+            raise OSError("disk full")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", _interrupted_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        _train(out, max_epochs=3, n_saved=2, val_interval=val_interval, resume_from=out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith("tmp")]
+
+
+def test_a_run_folder_with_the_old_checkpoint_names_resumes(tmp_path):
+    """A folder written before the one naming scheme (``latest_checkpoint_N.pt`` whose bookkeeping names it, and
+    ``best_flow_N.pt``, no ``model.pt``: a run killed before its end) resumes to the uninterrupted run's weights;
+    the new state files rotate the old one out and the stage ends with ``model.pt`` (the old best file when the
+    run had nothing left to train)."""
+    reference = _weights(_train(tmp_path / "full"))
+    run = tmp_path / "run"
+    _train(run, max_epochs=1)
+    ckpt = load_checkpoint(run / "state_checkpoint_epoch=1.pt")
+    ckpt["checkpointer"]["_saved"] = [(1, "latest_checkpoint_1.pt")]
+    ckpt["best_checkpoint"]["_saved"] = [(ckpt["best_checkpoint"]["_saved"][0][0], "best_flow_1.pt")]
+    torch.save(ckpt, run / "latest_checkpoint_1.pt")
+    torch.save(load_checkpoint(run / "model.pt")["network"], run / "best_flow_1.pt")
+    (run / "state_checkpoint_epoch=1.pt").unlink()
+    (run / "model.pt").unlink()
+    assert find_latest_checkpoint(run, FLOW_STATE_PREFIXES)[0].name == "latest_checkpoint_1.pt"
+    ended = tmp_path / "ended"  # the same folder resumed at its end: its best_flow_1.pt becomes model.pt
+    shutil.copytree(run, ended)
+    finished = _train(ended, max_epochs=1, resume_from=ended)
+    finish_flow_stage(ended, finished.network.flow, {"preset": "tiny"})
+    assert json.loads((ended / "flow.json").read_text())["selected"] == "best validation epoch 1"
+    best = load_checkpoint(run / "best_flow_1.pt")
+    assert all(torch.equal(load_checkpoint(ended / "model.pt")["network"][k], v) for k, v in best.items())
+    resumed = _train(run, resume_from=run)
+    assert resumed.state.epoch == 3
+    assert _max_diff(reference, _weights(resumed)) <= 1e-6
+    assert not (run / "latest_checkpoint_1.pt").exists() and (run / "state_checkpoint_epoch=3.pt").is_file()
+    finish_flow_stage(run, resumed.network.flow, {"preset": "tiny"})
+    assert json.loads((run / "flow.json").read_text())["selected_epoch"] in (2, 3)

@@ -93,9 +93,9 @@ def test_dp_training_accounts_checkpoints_and_skips_data_init(tmp_path):
     assert info["covered_parameters"] == [n for n, _ in flow.named_parameters()]
     assert math.isfinite(evaluator.state.metrics["val_bpd"])  # validation still runs ...
     names = sorted(os.listdir(tmp_path))
-    assert not [n for n in names if n.startswith("best")]  # ... but selects no checkpoint (not covered by DP)
-    assert "latest_checkpoint_2.pt" in names
-    ckpt = load_checkpoint(tmp_path / "latest_checkpoint_2.pt")
+    assert "model.pt" not in names  # ... but selects no epoch (not covered by DP)
+    assert "state_checkpoint_epoch=2.pt" in names
+    ckpt = load_checkpoint(tmp_path / "state_checkpoint_epoch=2.pt")
     assert "privacy_accountant" in ckpt and "best_checkpoint" not in ckpt
     assert ckpt["privacy_accountant"]["mechanism"] == "rdp" and _steps(ckpt["privacy_accountant"]) == 2
     after = flow.state_dict()
@@ -134,7 +134,7 @@ def test_resume_after_a_kill_continues_the_accounting(tmp_path):
     assert eps3["steps"] == eps2["steps"] + 2  # the 4 earlier steps are still counted
     assert eps3["epsilon"] > eps2["epsilon"] > 0 and eps3["epsilon"] <= 8.0 * 1.05
     assert eps3["noise_multiplier"] == eps2["noise_multiplier"]
-    assert _steps(load_checkpoint(tmp_path / "latest_checkpoint_3.pt")["privacy_accountant"]) == 6
+    assert _steps(load_checkpoint(tmp_path / "state_checkpoint_epoch=3.pt")["privacy_accountant"]) == 6
 
 
 def test_extending_a_finished_dp_run_keeps_the_target_or_is_refused(tmp_path):
@@ -153,7 +153,7 @@ def test_extending_a_finished_dp_run_keeps_the_target_or_is_refused(tmp_path):
 def test_dp_resume_from_a_non_dp_checkpoint_is_refused(tmp_path):
     _, trainer, _ = _build(tmp_path, max_epochs=1, dp=None, val=False)
     trainer.run()
-    assert "privacy_accountant" not in load_checkpoint(tmp_path / "latest_checkpoint_1.pt")
+    assert "privacy_accountant" not in load_checkpoint(tmp_path / "state_checkpoint_epoch=1.pt")
     with pytest.raises(ValueError, match="privacy accountant"):
         _build(tmp_path, max_epochs=2, val=False, resume_from=tmp_path)
     assert not (tmp_path / "privacy.json").exists()
@@ -219,7 +219,7 @@ def test_dp_noise_does_not_follow_the_public_seed(tmp_path):
         info = _privacy(tmp_path / name)
         assert "operating system" in info["noise_source"] and "public seed" in info["noise_source"]
     # the OS-seeded generators are not in the checkpoint: nothing there replays the noise
-    ckpt = load_checkpoint(tmp_path / "a" / "latest_checkpoint_1.pt")
+    ckpt = load_checkpoint(tmp_path / "a" / "state_checkpoint_epoch=1.pt")
     assert set(ckpt) <= {"flow", "optimizer", "lr_scheduler", "trainer", "rng", "privacy_accountant", "dp_plan",
                          "checkpointer"}  # fmt: skip
 

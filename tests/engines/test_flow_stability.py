@@ -77,11 +77,11 @@ def test_ema_model_is_validated_checkpointed_and_resumed(tmp_path):
     raw = trainer.network.flow.state_dict()
     avg = ema.module.state_dict()
     assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
-    # the evaluator scores the average, and the best checkpoint holds it
+    # the evaluator scores the average, and model.pt (the best epoch) holds it
     assert evaluator.network.flow is ema.module
-    best = load_checkpoint(next(tmp_path.glob("best_flow_*.pt")))
+    best = load_checkpoint(tmp_path / "model.pt")["network"]
     assert all(torch.equal(best[k], avg[k]) for k in avg)
-    latest = load_checkpoint(tmp_path / "latest_checkpoint_2.pt")
+    latest = load_checkpoint(tmp_path / "state_checkpoint_epoch=2.pt")
     assert latest["ema"]["num_updates"] == 4
     # resume: the average continues from the saved one, not from a copy of the raw weights
     trainer2, _ = create_flow_trainer(W.make_flow(1), None, train, val, max_epochs=3, resume_from=tmp_path, **args)
