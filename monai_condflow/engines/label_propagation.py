@@ -36,6 +36,7 @@ value distributions differ; the Gaussian kernel (the default) compares the vecto
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -53,7 +54,8 @@ from monai_condflow.engines.classifier import (
     lr_decay_for_label_fraction,
     train_classifier,
 )
-from monai_condflow.utils.distributed import create_loader, get_rank
+from monai_condflow.handlers.checkpoint import load_module_weights
+from monai_condflow.utils.distributed import barrier, create_loader, get_rank, is_distributed, unwrap_model
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -803,6 +805,14 @@ class SemiSupervisedWorkflow:
         seed: the trainer loader's generator is reseeded with ``seed + round`` at the start of every round.
         batch_size: batch size of the embedding passes.
         label_key: key of the labels.
+        selected_checkpoint: the file in which the trainer's validator keeps the best-validation weights so far
+            (``{"network": state_dict}``; the overlay's ``model_best_val.pt``), or ``None``. Given, every round
+            propagates with the embeddings of those weights instead of the round's last ones (selection on
+            validation: with 20-50 labels the later epochs of a round can fit wrong presumptive labels), the
+            returned ``network`` is a copy holding them, and each round's summary records ``selection``
+            (``"best validation"`` or ``"last"``) and, with ``true_labels``, the accuracy the last weights would
+            have given (``presumptive_accuracy_last``). The trainer itself always continues from its
+            last weights.
 
     Example (the overlay ``train_semisupervised.json``)::
 
@@ -833,6 +843,7 @@ class SemiSupervisedWorkflow:
         seed: int = 0,
         batch_size: int = 64,
         label_key: str = "label",
+        selected_checkpoint: str | os.PathLike | None = None,
     ) -> None:
         _check_round_options(max_rounds, tol, min_steps, trainer.network)
         for name, value in (("initial_epochs", initial_epochs), ("epochs_per_round", epochs_per_round)):
@@ -852,6 +863,7 @@ class SemiSupervisedWorkflow:
         self.log_dir = log_dir
         self.seed = seed
         self.label_key = label_key
+        self.selected_checkpoint = None if selected_checkpoint is None else os.fspath(selected_checkpoint)
         self.propagation = LabelPropagation(num_classes, kind=kind, bandwidth=bandwidth, class_prior=class_prior)
         self.true_labels = None if true_labels is None else torch.as_tensor(list(true_labels)).reshape(-1).long()
         if self.true_labels is not None and self.true_labels.numel() != len(self.unlabelled):
@@ -946,16 +958,24 @@ class SemiSupervisedWorkflow:
         if self.log_dir is not None and get_rank() == 0:
             writer = SummaryWriter(log_dir=os.fspath(self.log_dir))
         labels = None
+        network = self.trainer.network
         try:
             while True:
                 self._train_round()
                 device = self.trainer.state.device
-                z_l, _ = compute_embeddings(self.trainer.network, self.embed_labelled, device)
-                z_u, _ = compute_embeddings(self.trainer.network, self.embed_unlabelled, device)
+                network, selection = self._selected_network()
+                last_accuracy = None
+                if network is not self.trainer.network and self.true_labels is not None:
+                    last_accuracy = self._last_weights_accuracy(device)
+                z_l, _ = compute_embeddings(network, self.embed_labelled, device)
+                z_u, _ = compute_embeddings(network, self.embed_unlabelled, device)
                 stats = _propagate_round(
                     self.propagation, z_l, self.labels_labelled, z_u, self.presumptive, self.true_labels,
                     self.round, self.num_classes,
                 )  # fmt: skip
+                stats["selection"] = selection
+                if last_accuracy is not None:
+                    stats["presumptive_accuracy_last"] = last_accuracy
                 labels, self.confidence = stats.pop("labels"), stats.pop("confidence")
                 stats["epochs"] = int(self.trainer.state.epoch)
                 self.rounds = [r for r in self.rounds if r["round"] != self.round] + [stats]
@@ -975,5 +995,32 @@ class SemiSupervisedWorkflow:
             "centroids": self.propagation.centroids,
             "converged": self.converged,
             "num_rounds": len(self.rounds),
-            "network": self.trainer.network,
+            "network": network,
         }
+
+    def _selected_network(self) -> tuple[torch.nn.Module, str]:
+        """The network whose embeddings label this round: a copy with the best-validation weights so far when
+        :attr:`selected_checkpoint` exists, else the trainer's network (its last weights)."""
+        if self.selected_checkpoint is None:
+            return self.trainer.network, "last"
+        if is_distributed():
+            barrier()  # rank 0's validator may still be writing the file: every rank reads the same weights
+        if not os.path.isfile(self.selected_checkpoint):
+            logger.warning("no best-validation checkpoint at %s: this round propagates with the last weights",
+                           self.selected_checkpoint)  # fmt: skip
+            return self.trainer.network, "last"
+        network = copy.deepcopy(unwrap_model(self.trainer.network))
+        load_module_weights(network, self.selected_checkpoint, what="best-validation checkpoint")
+        return network.eval(), "best validation"
+
+    def _last_weights_accuracy(self, device: Any) -> float:
+        """Presumptive-label accuracy that the trainer's last weights would give (a diagnostic; true labels only)."""
+        z_l, _ = compute_embeddings(self.trainer.network, self.embed_labelled, device)
+        z_u, _ = compute_embeddings(self.trainer.network, self.embed_unlabelled, device)
+        probe = LabelPropagation(
+            self.num_classes, kind=self.propagation.kind, bandwidth=self.propagation.bandwidth,
+            class_prior=self.propagation.class_prior, eps=self.propagation.eps,
+        ).fit(z_l, self.labels_labelled)  # fmt: skip
+        labels, _ = probe.predict(z_u)
+        assert self.true_labels is not None
+        return float((labels == self.true_labels).float().mean())

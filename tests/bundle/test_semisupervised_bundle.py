@@ -142,3 +142,42 @@ def test_a_killed_semisupervised_run_resumes_where_it_stopped(dataset, tmp_path)
     assert info["rounds"] == full_info["rounds"] and labels == full_labels
     for key in full_weights:
         torch.testing.assert_close(weights[key], full_weights[key], atol=1e-6, rtol=0, msg=key)
+
+
+def _presumptive_from(weights: dict, dataset: Path, out: Path) -> list[int]:
+    """The labels centroid propagation gives with ``weights``: the overlay's own datasets and propagation rule."""
+    from monai_condflow.engines.classifier import compute_embeddings
+    from monai_condflow.engines.label_propagation import LabelPropagation
+
+    wf = _workflow(dataset, out)
+    network = wf.parser.get_parsed_content("network")
+    network.load_state_dict(weights)
+    loader = {k: torch.utils.data.DataLoader(wf.parser.get_parsed_content(f"semi#{k}_dataset"), batch_size=16)
+              for k in ("labelled", "unlabelled")}  # fmt: skip
+    z_l, y_l = compute_embeddings(network.eval(), loader["labelled"], "cpu")
+    z_u, _ = compute_embeddings(network, loader["unlabelled"], "cpu")
+    labels, _ = LabelPropagation(2, class_prior="labelled").fit(z_l, y_l).predict(z_u)
+    return labels.tolist()
+
+
+@pytest.mark.parametrize("select", [True, False])
+def test_rounds_propagate_with_the_best_validation_weights(dataset, tmp_path, select):
+    """Selection on validation (``semi_select``, default on): every round labels the unlabelled images with the
+    embeddings of the best-validation weights so far, and ``model.pt`` (the flow's conditioner) holds those weights;
+    off, the round's last weights do both (the paper)."""
+    out = tmp_path / "run"
+    wf = _workflow(dataset, out, max_epochs=4, epochs_per_round=2, semi_select=select, lr=0.05)
+    wf.run()
+    wf.finalize()
+    info, labels, weights = _outputs(out)
+    best = load_checkpoint(out / "classifier" / "model_best_val.pt")  # MONAI saves a one-item save_dict bare
+    best = best.get("network", best)
+    last = load_checkpoint(next((out / "classifier").glob("state_*")))["network"]
+    differs = any(not torch.equal(best[k], last[k]) for k in best)
+    assert differs, "the best-validation epoch is the last one here: the test cannot tell the two apart"
+    expected = best if select else last
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    presumptive = [e["label"] for e in labels if e["presumptive"]]
+    assert presumptive == _presumptive_from(expected, dataset, tmp_path / "probe")
+    assert [r["selection"] for r in info["rounds"]] == ["best validation" if select else "last"] * 2
+    assert ("presumptive_accuracy_last" in info["rounds"][-1]) == select
