@@ -296,6 +296,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ucsd-npz", type=Path, default=DEFAULT_UCSD, help="UCSD COVID-CT npz (64 px)")
     parser.add_argument("--num-images", type=int, default=None, help="phantom slices (default 600; --quick: 240)")
     parser.add_argument("--force", action="store_true", help="rerun finished runs instead of reusing them")
+    parser.add_argument(
+        "--retrain-classifier",
+        action="store_true",
+        help="with --seed-scope flow, train the classifier in every seed's run (default: the first seed's classifier "
+        "stage, which does not depend on the flow seed, is copied into the other runs)",
+    )
     args = parser.parse_args(argv)
     if args.datasets is None:
         args.datasets = ["phantom50"] if args.quick else list(DATASETS)
@@ -351,16 +357,52 @@ def _run_one(name: str, dataset_dir: Path, seed: int, args: argparse.Namespace) 
     else:
         budget.setdefault("flow", {})["seed"] = seed
     stages = default_stages(num_labels, budget, baseline=args.baseline)
-    print(f"[bench] {name} seed {seed}: {len(stages)} stages into {run_dir}", flush=True)
     t0 = time.perf_counter()
+    reused = None
+    if args.seed_scope == "flow" and not args.retrain_classifier:
+        reused = _reuse_classifier(args.output_dir.resolve() / name, run_dir)
+    if reused is not None:
+        stages = stages[1:]  # the classifier stage (data and seed fixed) is the copied one
+        print(f"[bench] {name} seed {seed}: classifier stage copied from {reused}", flush=True)
+    print(f"[bench] {name} seed {seed}: {len(stages)} stages into {run_dir}", flush=True)
     times = run_pipeline(dataset_dir, run_dir, num_labels, overrides, stages=stages, seed=0)
     wall = time.perf_counter() - t0
+    if reused is not None:  # the copied stage's own time counts: the row's wall time stays a whole run's
+        first_stage, seconds = next(
+            iter(json.loads((reused.parent / "bench_run.json").read_text())["stage_seconds"].items())
+        )
+        times = {f"{first_stage} (copied)": seconds, **times}
+        wall += seconds
     metrics = json.loads((run_dir / "metrics.json").read_text())
     bpd = max_bpd_rise(read_tensorboard_scalars(run_dir / "flow" / "tensorboard"))
     row = run_row(metrics, wall, bpd)
     result = {"row": row, "stage_seconds": times, "bpd": bpd, "run_dir": str(run_dir)}
     saved.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
     return result
+
+
+def _reuse_classifier(dataset_root: Path, run_dir: Path) -> Path | None:
+    """Copy the classifier stage of a finished run of the same dataset (another flow seed) into ``run_dir``.
+
+    With ``--seed-scope flow`` the classifier stage gets the same data, labels and seed in every run, so its outputs
+    (``classifier/``: weights, presumptive labels, stage info; its TensorBoard folder) are the same; copying them
+    saves one classifier training per extra seed. Returns the copied folder, or ``None`` when no finished run has
+    one or ``run_dir`` already has a classifier.
+    """
+    import shutil
+
+    if (run_dir / "classifier").exists():
+        return None
+    for other in sorted(dataset_root.glob("seed_*")):
+        source = other / "classifier"
+        if other != run_dir and (other / "bench_run.json").is_file() and (source / "classifier.json").is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, run_dir / "classifier")
+            tb = other / "tensorboard" / "classifier"
+            if tb.is_dir():
+                shutil.copytree(tb, run_dir / "tensorboard" / "classifier")
+            return source
+    return None
 
 
 def _restore_inf(row: Mapping[str, Any]) -> dict[str, Any]:

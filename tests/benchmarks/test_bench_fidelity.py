@@ -123,3 +123,23 @@ def test_summary_table_and_json_line(bench):
     inf = bench.summarize({"x": {0: {"max_bpd_rise": math.inf}, 1: {"max_bpd_rise": 0.1}}})
     assert math.isinf(inf["x"]["mean"]["max_bpd_rise"]) and "inf" in bench.format_summary(inf)
     assert bench._json_safe(inf)["x"]["mean"]["max_bpd_rise"] == "inf"
+
+
+def test_the_classifier_stage_of_a_finished_seed_is_copied_not_retrained(bench, tmp_path):
+    """With the flow seed the only difference between runs, a later seed copies the finished run's ``classifier/``
+    (and its TensorBoard folder); an unfinished run, a run folder that has a classifier, or no other run: nothing."""
+    root = tmp_path / "phantom50"
+    first, second = root / "seed_0", root / "seed_1"
+    (first / "classifier").mkdir(parents=True)
+    (first / "classifier" / "classifier.json").write_text("{}")
+    (first / "classifier" / "model.pt").write_bytes(b"weights")
+    (first / "tensorboard" / "classifier").mkdir(parents=True)
+    (first / "tensorboard" / "classifier" / "events").write_bytes(b"tb")
+    assert bench._reuse_classifier(root, second) is None  # seed 0 has not finished (no bench_run.json)
+    (first / "bench_run.json").write_text('{"stage_seconds": {"classifier (semi-supervised)": 170.0}}')
+    assert bench._reuse_classifier(root, first) is None  # never from itself
+    assert bench._reuse_classifier(root, second) == first / "classifier"
+    assert (second / "classifier" / "model.pt").read_bytes() == b"weights"
+    assert (second / "tensorboard" / "classifier" / "events").read_bytes() == b"tb"
+    assert bench._reuse_classifier(root, second) is None  # it has one now
+    assert bench.parse_args([]).retrain_classifier is False
