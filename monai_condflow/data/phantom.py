@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from monai_condflow.data.phantom_anatomy import PhantomPatient, sample_patient
-from monai_condflow.data.phantom_render import render_slice
+from monai_condflow.data.phantom_render import render_paired_slices, render_slice
 from monai_condflow.progress import ProgressLog
 from monai_condflow.utils.io import atomic_write_png, atomic_write_text
 
@@ -57,6 +57,7 @@ __all__ = [
     "PhantomPatient",
     "sample_patient",
     "render_slice",
+    "render_paired_slices",
     "hu_to_png",
     "generate_phantom_dataset",
     "main",

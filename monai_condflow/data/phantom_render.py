@@ -38,7 +38,7 @@ from monai_condflow.data.phantom_anatomy import (
 )
 from monai_condflow.data.phantom_findings import _bronchograms, _cap_findings, _covid_findings
 
-__all__ = ["render_slice"]
+__all__ = ["render_slice", "render_paired_slices"]
 
 _BOX_MARGIN_PX = 3  # margin of the lung box at 512 px
 
@@ -86,6 +86,45 @@ def render_slice(
     if return_mask:
         return hu, box, mask
     return hu, box
+
+
+def render_paired_slices(
+    rng: np.random.Generator,
+    cls: int,
+    image_size: int = 512,
+    patient: PhantomPatient | None = None,
+    z: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """Render one slice twice, with and without the class's findings: same patient, height, breathing, vessels,
+    noise and noise placement; the two differ only inside the lungs, where the findings are.
+
+    The slice with findings is bit-identical to ``render_slice(rng, cls, image_size, patient, z)`` from the same
+    generator state, and ``rng`` is left as that call leaves it. For a normal patient (``cls`` 0) the two are equal.
+    This is the ground truth of counterfactuals ("this slice without / with the finding").
+
+    Args:
+        rng: random generator for the slice; consumed as by :func:`render_slice`.
+        cls: class id, 0 normal, 1 pneumonia, 2 COVID-19.
+        image_size: side of the square image in pixels (>= 64).
+        patient: the synthetic patient; drawn from ``rng`` when ``None``.
+        z: axial position in [0, 1]; drawn from ``rng`` when ``None``.
+
+    Returns:
+        ``(hu_with, hu_without, box, lung_mask)``: two float32 ``[image_size, image_size]`` HU images, the lung box
+        ``(xmin, ymin, xmax, ymax)`` and the boolean lung mask (the same for both).
+
+    Raises:
+        ValueError: as :func:`render_slice`.
+    """
+    if patient is None:
+        patient = sample_patient(rng, cls)
+    if z is None:
+        z = float(rng.uniform(0.08, 0.95))
+    twin = np.random.Generator(type(rng.bit_generator)())
+    twin.bit_generator.state = rng.bit_generator.state
+    hu_with, box, mask = render_slice(rng, cls, image_size, patient, z, return_mask=True)
+    hu_without, _ = _render(twin, patient, float(z), int(image_size), findings=False)
+    return hu_with, hu_without, box, mask
 
 
 def _lung_box(mask: np.ndarray, size: int) -> tuple[int, int, int, int]:
@@ -472,11 +511,13 @@ def _lungs(
     lung_w: np.ndarray,
     breath: float,
     scale: float,
+    findings: bool = True,
 ) -> tuple[tuple[slice, slice], np.ndarray]:
     """Draw the lungs (in place, on their bounding window): parenchyma, the class's findings, vessels, bronchograms.
 
     Args:
         lung_w: soft lung weight ``[h, w]`` on the thorax window (cavity minus mediastinum and domes).
+        findings: ``False`` draws the findings (consuming ``rng`` as usual) but leaves them out of the image.
 
     Returns:
         ``(window, lmask)``: the lung window in the thorax window and its boolean lung mask.
@@ -490,6 +531,7 @@ def _lungs(
     vv = np.broadcast_to(th.g.v[sl[0], None], shape)
     vt = np.clip((vv - (geo.v_ant + 0.4 * geo.ry)) / (1.6 * geo.ry), 0.0, 1.0)  # 0 anterior .. 1 posterior
     lung_hu, dist = _parenchyma(rng, pt.params, z, breath, uu, vv, vt, lmask, w_px, scale)
+    healthy = lung_hu
     cons, regions = np.zeros(shape, dtype=np.float32), []
     if pt.cls == 2:
         lung_hu = _covid_findings(rng, pt, z, lung_hu, lmask, dist, uu, vt, w_px, scale)
@@ -499,6 +541,10 @@ def _lungs(
     lung_hu = lung_hu + vessel * (40.0 - lung_hu) * 0.95
     if regions:
         lung_hu = _bronchograms(rng, lung_hu, cons, regions, scale)
+    if not findings:
+        # the findings were drawn (the generator advanced exactly as with them) and are dropped here, so every
+        # later draw (vessels, noise placement) is the one of the slice with findings
+        lung_hu = healthy + vessel * (40.0 - healthy) * 0.95
     region = th.hu[sl]
     th.hu[sl] = region + lw * (lung_hu - region)
     return sl, lmask
@@ -612,8 +658,11 @@ def _acquisition(rng: np.random.Generator, hu: np.ndarray, c: dict, p: dict[str,
     return hu.astype(np.float32)
 
 
-def _render(rng: np.random.Generator, pt: PhantomPatient, z: float, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one slice of ``pt`` at height ``z``, from the inside of the thorax outwards, then the acquisition.
+def _render(
+    rng: np.random.Generator, pt: PhantomPatient, z: float, size: int, findings: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one slice of ``pt`` at height ``z``, from the inside of the thorax outwards, then the acquisition
+    (``findings=False``: the class's findings are drawn but left out, see :func:`render_paired_slices`).
 
     Returns:
         ``(hu, mask)``: float32 HU ``[size, size]`` and the boolean lung mask ``[size, size]``.
@@ -630,7 +679,7 @@ def _render(rng: np.random.Generator, pt: PhantomPatient, z: float, size: int) -
     domes, spleen_s = _diaphragm_domes(th.g, p, z, th.hu.shape)
     lung_w = th.cavity * (1.0 - med) * (1.0 - domes)
     _cavity_contents(th, geo, med, domes, band, heart_s)
-    lung_win, lmask = _lungs(rng, pt, z, th, geo, lung_w, breath, scale)
+    lung_win, lmask = _lungs(rng, pt, z, th, geo, lung_w, breath, scale, findings)
     mask = np.zeros((size, size), dtype=bool)
     mask[th.win][lung_win] = lmask
     _airways(hu, g, geo, p, z)

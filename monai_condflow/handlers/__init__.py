@@ -12,6 +12,7 @@
 
 from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
 
+from .counterfactual_grid import CounterfactualGridHandler, counterfactual_grid
 from .embedding_projector import EmbeddingProjectorHandler
 from .epoch_checkpoint import CheckpointResumer, EpochCheckpointer, ResumableEarlyStopHandler
 from .privacy_accountant import PrivacyAccountantHandler
@@ -19,6 +20,8 @@ from .sample_grid import SampleGridHandler
 
 __all__ = [
     "SampleGridHandler",
+    "CounterfactualGridHandler",
+    "counterfactual_grid",
     "EmbeddingProjectorHandler",
     "PrivacyAccountantHandler",
     "AtomicCheckpointSaver",

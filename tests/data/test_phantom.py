@@ -22,7 +22,14 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from monai_condflow.data.phantom import generate_phantom_dataset, hu_to_png, main, render_slice, sample_patient
+from monai_condflow.data.phantom import (
+    generate_phantom_dataset,
+    hu_to_png,
+    main,
+    render_paired_slices,
+    render_slice,
+    sample_patient,
+)
 
 SIZE = 128
 N_IMAGES = 36
@@ -164,6 +171,33 @@ def test_rendering_is_unchanged_by_the_refactor():
             h.update(np.asarray(box, dtype=np.int64).tobytes())
             h.update(mask.tobytes())
     assert h.hexdigest() == _RENDER_SHA256
+
+
+@pytest.mark.parametrize("cls", [1, 2])
+def test_paired_slices_switch_only_the_findings(cls):
+    """The slice with findings is the ordinary rendering (same generator state, same state afterwards); the one
+    without differs only inside the lungs (after the scanner blur), and is darker there (findings are opacities)."""
+    rng = np.random.default_rng(7 + cls)
+    patient = sample_patient(rng, cls)
+    state = rng.bit_generator.state
+    with_f, without, box, mask = render_paired_slices(rng, cls, SIZE, patient, 0.6)
+    after = rng.bit_generator.state
+    ref = np.random.default_rng(0)
+    ref.bit_generator.state = state
+    hu, box_ref, mask_ref = render_slice(ref, cls, SIZE, patient, 0.6, return_mask=True)
+    assert np.array_equal(with_f, hu) and box == box_ref and np.array_equal(mask, mask_ref)
+    assert ref.bit_generator.state == after
+    diff = np.abs(with_f - without)
+    assert diff.max() > 100.0  # the findings are there
+    near_lungs = ndimage.binary_dilation(mask, iterations=3)
+    assert diff[~near_lungs].max() < 1e-3  # and nothing else changed
+    assert with_f[mask].mean() > without[mask].mean()
+
+
+def test_paired_slices_of_a_normal_patient_are_equal():
+    rng = np.random.default_rng(3)
+    with_f, without, _, _ = render_paired_slices(rng, 0, SIZE, z=0.5)
+    assert np.array_equal(with_f, without)
 
 
 def test_cli_end_to_end_and_overwrite(tmp_path, capsys):

@@ -13,6 +13,9 @@
 from .acgan import ACGANDiscriminator as ACGANDiscriminator
 from .acgan import ACGANGenerator as ACGANGenerator
 from .conditional_glow import ConditionalGlow as ConditionalGlow
+from .counterfactual import class_centroids as class_centroids
+from .counterfactual import nearest_of_class as nearest_of_class
+from .counterfactual import target_conditions as target_conditions
 from .flow_export import FlowDecoder as FlowDecoder
 from .flow_export import FlowLogProb as FlowLogProb
 from .flow_sampler import FlowSampler as FlowSampler

@@ -543,6 +543,75 @@ class ConditionalGlow(nn.Module):
         dims = x[0].numel()
         return -self.log_prob(x, condition) / (dims * math.log(2.0)) + n_bits
 
+    def level_log_probs(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """``log p(x | z)`` split by scale, ``[B, L + 1]`` in nats; the columns sum to :meth:`log_prob`.
+
+        Column 0 holds the per-pixel front layers (PixelNorm, the conditional pixel affine, the pixel spline: their
+        log-determinants); column ``l + 1`` holds level ``l``: its flow steps' log-determinant plus the standard
+        normal log-density of the latents it factors out (level 0 factors none out, the last level all that are
+        left). The coarse columns measure the image's global structure, the fine ones local pixel correlations,
+        which dominate raw likelihoods (Schirrmeister et al. 2020): a per-level statistic can use the coarse ones.
+
+        Args:
+            x: ``[B, in_channels, *spatial]`` in ``[0, 1]``.
+            condition: ``[B, condition_dim]`` (or a guided condition, :meth:`guided`).
+
+        Returns:
+            ``[B, num_levels + 1]``.
+        """
+        self._check_image(x, condition)
+        h = x - 0.5
+        front = x.new_zeros(x.shape[0])
+        if self.pixel_norm is not None:
+            h, front = self.pixel_norm(h)
+        if self.condition_pixels is not None:
+            h, ld = self.condition_pixels(h, condition)
+            front = front + ld
+        if self.pixel_spline is not None:
+            h, ld = self.pixel_spline(h, condition)
+            front = front + ld
+        columns = [front]
+        for level, keep in zip(self.levels, self._keep_channels):
+            h, ld = level(h, condition)
+            if keep < h.shape[1]:
+                out = h[:, keep:].flatten(1)
+                ld = ld - 0.5 * (out.pow(2).sum(1) + out.shape[1] * _LOG_2PI)
+                h = h[:, :keep]
+            columns.append(ld)
+        return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def counterfactual(
+        self,
+        x: Tensor,
+        condition: Tensor,
+        target_condition: Tensor,
+        guidance: float | None = None,
+        return_latents: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """"This slice with another condition": encode ``x`` with its own ``z``, keep its local code ``nu`` and decode
+        it with ``target_condition``: ``x' = inverse(forward(x, z)[0], z')``.
+
+        Both passes use the same guidance weight (:meth:`guided`), so with ``target_condition = condition`` the
+        result is ``x`` up to float rounding for any weight. The output is not clamped (a decode outside ``[0, 1]``
+        stays visible); no denoising step is taken.
+
+        Args:
+            x: ``[B, in_channels, *spatial]`` in ``[0, 1]``.
+            condition: ``[B, condition_dim]``, the images' own conditions (e.g. ``PEPXNet.embed(x)``).
+            target_condition: ``[B, condition_dim]`` (e.g. a class centroid, :func:`class_centroids`).
+            guidance: guidance weight ``w`` (default :attr:`guidance`).
+            return_latents: also return ``nu`` ``[B, D]``.
+
+        Returns:
+            ``x'`` ``[B, in_channels, *spatial]`` (and ``nu`` with ``return_latents``).
+        """
+        self._check_image(x, condition)
+        self._check_condition(target_condition, x.shape[0])
+        nu, _ = self._encode(x, self.guided(condition, guidance))
+        x_cf, _ = self.inverse(nu, self.guided(target_condition, guidance), tuple(x.shape[2:]))
+        return (x_cf, nu) if return_latents else x_cf
+
     # ------------------------------------------------------------------ structured latents
     def encode(self, x: Tensor, condition: Tensor | None = None) -> list[Tensor]:
         """Every latent as its own tensor, in ``nu`` order: the fine-grained splits level by level, then the top.

@@ -1,0 +1,291 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Counterfactual triplets and novelty scores of real images under a trained conditional flow (``counterfactual.json``,
+``novelty.json``).
+
+:func:`write_counterfactuals`: for every input slice ``x`` with embedding ``z = classifier.embed(x)``, encode
+``nu = flow(x, z)``, decode ``x' = flow.inverse(nu, z')`` with the target class's condition ``z'`` (class centroid
+or nearest real embedding of that class, :func:`~monai_condflow.networks.nets.target_conditions`) and write
+``source`` / ``counterfactual`` / ``difference`` files (16-bit PNG and / or NIfTI, the writers of
+:mod:`~monai_condflow.engines.generation`) with ``manifest.csv`` (index, files, source / target / predicted class)
+and ``counterfactual.json`` (flip rate). The set is written into a hidden staging folder and renamed into place, as
+the synthetic set is. The difference PNG stores ``0.5 + (x' - x) / 2`` (mid-grey = no change); its NIfTI the signed
+difference ``x' - x``.
+
+:func:`score_novelty`: per-image novelty scores (:mod:`~monai_condflow.metrics.novelty`) against reference images,
+written to ``scores.csv`` and ``novelty.json`` (with the AUROC of novel versus known images when labels say which
+are novel).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_condflow.engines.generation import (
+    _as_loader,
+    _staging_dir,
+    _swap_into_place,
+    _write_new_file,
+    nifti_bytes,
+    png16_bytes,
+)
+from monai_condflow.metrics.auc import binary_auc
+from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics
+from monai_condflow.networks.embeddings import compute_embeddings
+from monai_condflow.networks.nets.counterfactual import TARGET_MODES, target_conditions
+from monai_condflow.utils.distributed import unwrap_model
+from monai_condflow.utils.io import atomic_write_text
+
+__all__ = ["write_counterfactuals", "score_novelty"]
+
+logger = logging.getLogger(__name__)
+
+_CF_FILE = re.compile(r"^((source|counterfactual|difference)_\d+\.(png|nii\.gz)|counterfactual\.json|\..*\.tmp)$")
+_FORMATS = ("png", "nifti")
+
+
+def _batches(data: Iterable | Sequence[Mapping[str, Any]], batch_size: int) -> Iterable:
+    return _as_loader(data, batch_size)
+
+
+def _check_cf_output_dir(output_dir: Path, own: re.Pattern, manifest: str) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} is a file, not a folder.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if output_dir.is_dir():
+        foreign = sorted(p.name for p in output_dir.iterdir() if p.name != manifest and not own.match(p.name))
+        if foreign:
+            raise ValueError(
+                f"output_dir {output_dir} holds files this stage did not write ({', '.join(foreign[:5])}); the set "
+                "replaces the whole folder, so choose an empty or new folder."
+            )
+
+
+@torch.no_grad()
+def write_counterfactuals(
+    flow: torch.nn.Module,
+    classifier: torch.nn.Module,
+    data: Iterable | Sequence[Mapping[str, Any]],
+    bank: Iterable | Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    num_classes: int,
+    target: int | None = None,
+    mode: str = "centroid",
+    guidance: float | None = None,
+    formats: Sequence[str] = _FORMATS,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    model_version: str = "",
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Write counterfactual triplets of ``data`` (see the module docstring).
+
+    Args:
+        flow: the trained ``ConditionalGlow``.
+        classifier: the frozen classifier (``embed(x) -> z``, ``forward(x) -> logits``).
+        data: records or batches with ``image`` ``[1, S, S]`` (and ``label``; without it the classifier's
+            prediction is the source class).
+        bank: real images of every class (``image``, ``label``), e.g. the training records: the target conditions
+            are computed from their embeddings.
+        output_dir: folder of the set (replaced as a whole).
+        num_classes: number of classes.
+        target: target class of every image; ``None``: the next class, ``(source + 1) % num_classes`` (with two
+            classes: the other one).
+        mode: ``"centroid"`` or ``"nearest"`` (:data:`~monai_condflow.networks.nets.counterfactual.TARGET_MODES`).
+        guidance: guidance weight of both passes (default: the flow's).
+        formats: any of ``"png"``, ``"nifti"``.
+        batch_size: images per forward pass.
+        device: device of the passes.
+        model_version: written to the manifest.
+        limit: at most this many images (``None``: all).
+
+    Returns:
+        The summary written to ``counterfactual.json``: ``count``, ``flip_rate`` (the classifier predicts the
+        target class on the counterfactual), ``source_accuracy``, ``mode``, ``guidance``, ``mean_abs_change``.
+    """
+    if mode not in TARGET_MODES:
+        raise ValueError(f"unknown counterfactual mode {mode!r}; available: {list(TARGET_MODES)}.")
+    formats = list(formats)
+    if not formats or any(f not in _FORMATS for f in formats):
+        raise ValueError(f"formats must be a non-empty subset of {list(_FORMATS)}, got {formats}.")
+    if target is not None and not 0 <= int(target) < num_classes:
+        raise ValueError(f"target must be a class id in [0, {num_classes}), got {target}.")
+    device = torch.device(device)
+    net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
+    bank_z, bank_y = compute_embeddings(clf, _batches(bank, batch_size), device)
+    bank_z, bank_y = bank_z.to(device), bank_y.to(device)
+    if bool((bank_y < 0).any()):
+        raise ValueError("every bank record needs a label (the target conditions are per class).")
+    output_dir = Path(output_dir)
+    _check_cf_output_dir(output_dir, _CF_FILE, "manifest.csv")
+    staging = _staging_dir(output_dir)
+    rows, index, flips, correct, change = [], 0, 0, 0, 0.0
+    try:
+        for batch in _batches(data, batch_size):
+            x = torch.as_tensor(batch["image"]).float().to(device)
+            if limit is not None:
+                x = x[: max(limit - index, 0)]
+            if x.shape[0] == 0:
+                break
+            z = clf.embed(x)
+            pred_src = clf(x).argmax(1)
+            src = torch.as_tensor(batch["label"]).long().to(device)[: x.shape[0]] if "label" in batch else pred_src
+            tgt = torch.full_like(src, int(target)) if target is not None else (src + 1) % num_classes
+            z_t = target_conditions(z, tgt, bank_z, bank_y, num_classes, mode)
+            x_cf = net.counterfactual(x, z, z_t, guidance=guidance).clamp(0.0, 1.0)
+            pred = clf(x_cf).argmax(1)
+            diff = x_cf - x
+            for k in range(x.shape[0]):
+                names = {}
+                for kind, img, png_img in (("source", x[k], x[k]), ("counterfactual", x_cf[k], x_cf[k]),
+                                           ("difference", diff[k], 0.5 + diff[k] / 2)):  # fmt: skip
+                    files = []
+                    if "png" in formats:
+                        files.append(f"{kind}_{index:06d}.png")
+                        _write_new_file(staging / files[-1], png16_bytes(png_img))
+                    if "nifti" in formats:
+                        files.append(f"{kind}_{index:06d}.nii.gz")
+                        _write_new_file(staging / files[-1], nifti_bytes(img))
+                    names[kind] = ";".join(files)
+                classes = [int(src[k]), int(pred_src[k]), int(tgt[k]), int(pred[k]), int(pred[k] == tgt[k])]
+                rows.append([index, names["source"], names["counterfactual"], names["difference"], *classes,
+                             model_version])  # fmt: skip
+                index += 1
+            flips += int((pred == tgt).sum())
+            correct += int((pred_src == src).sum())
+            change += float(diff.abs().flatten(1).mean(1).sum())
+        if index == 0:
+            raise ValueError("write_counterfactuals: no input images.")
+        summary = {
+            "count": index,
+            "flip_rate": flips / index,
+            "source_accuracy": correct / index,
+            "mean_abs_change": change / index,
+            "mode": mode,
+            "target": target,
+            "guidance": float(net.guidance if guidance is None else guidance),
+            "model_version": model_version,
+        }
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["index", "source", "counterfactual", "difference", "source_class", "source_predicted",
+                         "target_class", "predicted_class", "flipped", "model_version"])  # fmt: skip
+        writer.writerows(rows)
+        _write_new_file(staging / "counterfactual.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+        _write_new_file(staging / "manifest.csv", buf.getvalue().encode("utf-8"))
+        _swap_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("counterfactuals: %d images, flip rate %.3f -> %s", index, summary["flip_rate"], output_dir)
+    return summary
+
+
+def _statistics(flow: torch.nn.Module, clf: torch.nn.Module, data: Iterable, batch_size: int, device: torch.device,
+                n_bits: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
+    parts, labels, msp = [], [], []
+    for batch in _batches(data, batch_size):
+        x = torch.as_tensor(batch["image"]).float().to(device)
+        parts.append(flow_statistics(flow, x, clf.embed(x), n_bits))
+        msp.append(1.0 - clf(x).softmax(1).max(1).values.double().cpu())
+        lab = batch.get("label") if isinstance(batch, Mapping) else None
+        labels.append(torch.as_tensor(lab).long().reshape(-1).cpu() if lab is not None else torch.full((len(x),), -1))
+    if not parts:
+        raise ValueError("score_novelty: no input images.")
+    stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return stats, torch.cat(labels), torch.cat(msp)
+
+
+@torch.no_grad()
+def score_novelty(
+    flow: torch.nn.Module,
+    classifier: torch.nn.Module,
+    reference: Iterable | Sequence[Mapping[str, Any]],
+    data: Iterable | Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    statistic: str = "level_typicality",
+    novel_labels: Sequence[int] | None = None,
+    ood_data: Iterable | Sequence[Mapping[str, Any]] | None = None,
+    n_bits: int = 8,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Score every image of ``data`` (and ``ood_data``) by how unusual it is to ``flow``.
+
+    Args:
+        flow: the trained ``ConditionalGlow`` (conditioned on ``classifier.embed(x)``).
+        classifier: the frozen classifier (its max-softmax score is written beside, as a baseline).
+        reference: in-distribution images not used for training the flow (e.g. the validation set).
+        data: images to score (``image``, optional ``label``).
+        output_dir: where ``scores.csv`` and ``novelty.json`` go (created; those two files are replaced).
+        statistic: one of :data:`~monai_condflow.metrics.novelty.NOVELTY_STATISTICS`.
+        novel_labels: labels of ``data`` that count as novel (positives of the AUROC).
+        ood_data: further images that all count as novel (e.g. another dataset).
+        n_bits: bit depth of the data.
+        batch_size: images per forward pass.
+        device: device of the passes.
+
+    Returns:
+        The content of ``novelty.json``: statistic, counts, mean score and, when some images are novel and some
+        known, ``auroc`` (the flow's score) and ``auroc_max_softmax`` (the classifier's).
+    """
+    if statistic not in NOVELTY_STATISTICS:
+        raise ValueError(f"unknown novelty statistic {statistic!r}; available: {list(NOVELTY_STATISTICS)}.")
+    device = torch.device(device)
+    net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
+    ref, _, _ = _statistics(net, clf, reference, batch_size, device, n_bits)
+    scorer = NoveltyScorer(statistic, ref)
+    stats, labels, msp = _statistics(net, clf, data, batch_size, device, n_bits)
+    novel = torch.zeros(len(labels), dtype=torch.bool)
+    if novel_labels is not None:
+        novel = torch.isin(labels, torch.as_tensor(list(novel_labels), dtype=torch.long))
+    source = ["data"] * len(labels)
+    if ood_data is not None:
+        ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits)
+        stats = {k: torch.cat([stats[k], ood[k]]) for k in stats}
+        labels, msp = torch.cat([labels, ood_labels]), torch.cat([msp, ood_msp])
+        novel = torch.cat([novel, torch.ones(len(ood_labels), dtype=torch.bool)])
+        source += ["ood_data"] * len(ood_labels)
+    scores = scorer(stats)
+    summary: dict[str, Any] = {
+        "statistic": statistic,
+        "count": len(scores),
+        "novel": int(novel.sum()),
+        "reference": int(ref["bpd"].numel()),
+        "mean_score": float(scores.mean()),
+        "mean_bpd": float(stats["bpd"].mean()),
+    }
+    if 0 < int(novel.sum()) < len(novel):
+        summary["auroc"] = binary_auc(scores, novel.long())
+        summary["auroc_max_softmax"] = binary_auc(msp, novel.long())
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "source", "label", "novel", "score", "bpd", "png_bpd", "max_softmax_score"])
+    for i in range(len(scores)):
+        values = [scores[i], stats["bpd"][i], stats["png_bpd"][i], msp[i]]
+        writer.writerow([i, source[i], int(labels[i]), int(novel[i]), *(f"{float(v):.6g}" for v in values)])
+    atomic_write_text(output_dir / "scores.csv", buf.getvalue())
+    atomic_write_text(output_dir / "novelty.json", json.dumps(summary, indent=2) + "\n")
+    logger.info("novelty (%s): %d images, AUROC %s -> %s", statistic, len(scores), summary.get("auroc"), output_dir)
+    return summary

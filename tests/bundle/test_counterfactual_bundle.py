@@ -1,0 +1,99 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""``counterfactual.json`` and ``novelty.json`` through ``python -m monai.bundle run`` on a tiny trained run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_condflow.data.phantom import generate_phantom_dataset
+from tests.bundle.test_bundle import CONFIGS, META, TINY, TINY_FLOW, _run
+
+BUNDLE = CONFIGS.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    data = tmp_path_factory.mktemp("phantom_cf")
+    generate_phantom_dataset(data, num_images=90, seed=5, image_size=96, slices_per_patient=6, overwrite=True,
+                             progress=False)  # fmt: skip
+    out = tmp_path_factory.mktemp("run_cf")
+    common = {**TINY, "dataset_dir": str(data), "output_dir": str(out)}
+    _run(["train_classifier.json"], **common)
+    _run(["train_flow.json"], **common, **TINY_FLOW)
+    return data, out
+
+
+def _bundle_run(config: str, data: Path, out: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / config)]),
+           "--meta_file", META, "--bundle_root", str(BUNDLE), "--dataset_dir", str(data),
+           "--output_dir", str(out), "--image_size", str(TINY["image_size"]), "--device", "cpu",
+           "--flow_overrides", repr(TINY_FLOW["flow_overrides"]), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_counterfactual_config_writes_triplets(tiny_run):
+    data, out = tiny_run
+    _bundle_run("counterfactual.json", data, out, "--counterfactual_limit", "5", "--batch_size", "2")
+    folder = out / "counterfactual"
+    rows = list(csv.DictReader((folder / "manifest.csv").open()))
+    assert len(rows) == 5
+    summary = json.loads((folder / "counterfactual.json").read_text())
+    assert summary["count"] == 5 and 0.0 <= summary["flip_rate"] <= 1.0
+    assert summary["flip_rate"] == pytest.approx(sum(int(r["flipped"]) for r in rows) / 5)
+    for r in rows:
+        assert r["target_class"] == str(1 - int(r["source_class"]))  # two classes: the other one
+        for kind in ("source", "counterfactual", "difference"):
+            names = r[kind].split(";")
+            assert [n.rsplit(".", 1)[-1] for n in names] == ["png", "gz"]
+            assert all((folder / n).is_file() for n in names)
+    # the PNG difference map is 0.5 + (cf - source) / 2 (16-bit rounding)
+    src = np.asarray(Image.open(folder / rows[0]["source"].split(";")[0]), dtype=np.float64) / 65535
+    cf = np.asarray(Image.open(folder / rows[0]["counterfactual"].split(";")[0]), dtype=np.float64) / 65535
+    diff = np.asarray(Image.open(folder / rows[0]["difference"].split(";")[0]), dtype=np.float64) / 65535
+    assert np.abs(diff - (0.5 + (cf - src) / 2)).max() < 3e-5
+    assert not any("phantom_p" in p.name for p in folder.iterdir())
+    # a rerun replaces the set; a folder with foreign files is refused
+    _bundle_run("counterfactual.json", data, out, "--counterfactual_limit", "2", "--formats", "['png']")
+    assert len(list(folder.glob("source_*"))) == 2
+
+
+def test_novelty_config_scores_and_auroc(tiny_run):
+    data, out = tiny_run
+    ood = out.parent / "ood.npz"
+    rng = np.random.default_rng(0)
+    np.savez(ood, images=rng.integers(0, 255, (6, 32, 32), dtype=np.uint8), labels=np.zeros(6, dtype=np.int64),
+             class_names=np.array(["noise"]))  # fmt: skip
+    _bundle_run("novelty.json", data, out, "--ood_npz", str(ood), "--novelty_statistic", "typicality")
+    summary = json.loads((out / "novelty" / "novelty.json").read_text())
+    rows = list(csv.DictReader((out / "novelty" / "scores.csv").open()))
+    assert summary["novel"] == 6 and len(rows) == summary["count"]
+    assert summary["auroc"] > 0.9  # uniform noise is far from phantom slices even for a 1-epoch flow
+    assert 0.0 <= summary["auroc_max_softmax"] <= 1.0
+    # the score columns are the typicality statistic: |bpd - mean reference bpd| has one centre for all rows
+    bpd = torch.tensor([float(r["bpd"]) for r in rows], dtype=torch.float64)
+    score = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64)
+    centres = torch.stack([bpd - score, bpd + score], 1)  # one of the two is the reference mean
+    mean = min(centres.flatten().tolist(), key=lambda m: float(((bpd - m).abs() - score).abs().max()))
+    assert torch.allclose((bpd - mean).abs(), score, atol=1e-4)

@@ -1,0 +1,59 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Novelty statistics: flow_statistics against the flow's own likelihood, scores against a hand computation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, png_bits_per_dim
+from tests.networks.nets.test_conditional_glow import conditions, images
+from tests.networks.nets.test_counterfactual import trained_like
+
+
+def test_flow_statistics_match_bits_per_dim_and_png_length():
+    flow = trained_like()
+    x, z = images(3, 8).double(), conditions(3).double()
+    stats = flow_statistics(flow, x, z)
+    assert torch.allclose(stats["bpd"], flow.bits_per_dim(x, z).double(), atol=1e-9)
+    assert torch.allclose(stats["level_bpd"].sum(1) + 8, stats["bpd"], atol=1e-12)
+    assert stats["level_bpd"].shape == (3, flow.num_levels + 1)
+    # PNG length of image 1, by hand
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(x[1, 0].numpy() * 255).astype(np.uint8)).save(buf, format="PNG", optimize=True)
+    assert stats["png_bpd"][1].item() == pytest.approx(len(buf.getvalue()) * 8 / 64)
+    assert png_bits_per_dim(torch.zeros(1, 1, 64, 64))[0] < png_bits_per_dim(torch.rand(1, 1, 64, 64))[0]
+
+
+def test_scores_against_a_brute_force_computation():
+    ref = {"bpd": torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64),
+           "level_bpd": torch.tensor([[1.0, 2.0], [2.0, 2.0], [3.0, 5.0]], dtype=torch.float64),
+           "png_bpd": torch.tensor([3.0, 3.0, 3.0], dtype=torch.float64)}  # fmt: skip
+    new = {"bpd": torch.tensor([7.0, 4.5], dtype=torch.float64),
+           "level_bpd": torch.tensor([[2.0, 3.0], [0.0, 2.0]], dtype=torch.float64),
+           "png_bpd": torch.tensor([6.0, 1.0], dtype=torch.float64)}  # fmt: skip
+    assert NoveltyScorer("bpd")(new).tolist() == [7.0, 4.5]
+    assert NoveltyScorer("complexity")(new).tolist() == [1.0, 3.5]
+    assert NoveltyScorer("typicality", ref)(new).tolist() == [2.0, 0.5]
+    # per level: mean (2, 3), sample std (1, sqrt(3)); image 0 z = (0, 0), image 1 z = (-2, -1/sqrt(3))
+    got = NoveltyScorer("level_typicality", ref)(new)
+    expected = [0.0, math.sqrt((4 + 1 / 3) / 2)]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64))
+    with pytest.raises(RuntimeError):
+        NoveltyScorer("typicality")(new)
+    with pytest.raises(ValueError):
+        NoveltyScorer("likelihood")
