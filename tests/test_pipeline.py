@@ -463,6 +463,8 @@ def test_the_other_command_lines_document_every_option(module, capsys):
     assert options
     if module.endswith("phantom"):
         assert "(default: 600)" in text and "(default: 0)" in text and "--no-progress" in text
+
+
 def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there():
     """``common.json`` holds the shared ids and the one ``records`` block; the stages only refer to it."""
     configs = BUNDLE_ROOT / "configs"

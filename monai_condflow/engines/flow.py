@@ -980,4 +980,3 @@ def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -
         lock.release()
         raise
     return lock
-

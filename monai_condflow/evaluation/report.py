@@ -74,6 +74,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def _pct(scores: Mapping[str, Any], key: str) -> str:
     v, s = scores.get(key), scores.get(f"{key}_std")
     if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -485,6 +486,7 @@ def _flow_sampler(
     flow: nn.Module, temperature: float
 ) -> Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """``(z, generator) -> (images clamped to [0, 1], pre-clamp statistics)`` of the flow."""
+
     def sample(z: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return generate_tensors(flow, z, temperature, g, return_stats=True)
 

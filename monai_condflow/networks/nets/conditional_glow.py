@@ -589,7 +589,7 @@ class ConditionalGlow(nn.Module):
         guidance: float | None = None,
         return_latents: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """"This slice with another condition": encode ``x`` with its own ``z``, keep its local code ``nu`` and decode
+        """ "This slice with another condition": encode ``x`` with its own ``z``, keep its local code ``nu`` and decode
         it with ``target_condition``: ``x' = inverse(forward(x, z)[0], z')``.
 
         Both passes use the same guidance weight (:meth:`guided`), so with ``target_condition = condition`` the
