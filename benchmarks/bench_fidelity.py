@@ -57,6 +57,7 @@ __all__ = [
     "QUICK_BUDGET",
     "format_summary",
     "main",
+    "flow_scalars",
     "max_bpd_rise",
     "parse_args",
     "run_row",
@@ -374,7 +375,7 @@ def _run_one(name: str, dataset_dir: Path, seed: int, args: argparse.Namespace) 
         times = {f"{first_stage} (copied)": seconds, **times}
         wall += seconds
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    bpd = max_bpd_rise(read_tensorboard_scalars(run_dir / "flow" / "tensorboard"))
+    bpd = max_bpd_rise(flow_scalars(run_dir, read_tensorboard_scalars))
     row = run_row(metrics, wall, bpd)
     result = {"row": row, "stage_seconds": times, "bpd": bpd, "run_dir": str(run_dir)}
     saved.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
@@ -403,6 +404,23 @@ def _reuse_classifier(dataset_root: Path, run_dir: Path) -> Path | None:
                 shutil.copytree(tb, run_dir / "tensorboard" / "classifier")
             return source
     return None
+
+
+def flow_scalars(run_dir: Path, reader: Any) -> dict[str, Any]:
+    """The flow stage's TensorBoard scalars of a run: ``RUN/tensorboard/flow`` (runs from before the one-root layout:
+    ``RUN/flow/tensorboard``), read with ``reader``.
+
+    Raises:
+        FileNotFoundError: when neither folder holds a ``train_bpd`` or ``val_bpd`` series, so that the benchmark's
+            bits/dim-spike figure is never silently empty.
+    """
+    for folder in (run_dir / "tensorboard" / "flow", run_dir / "flow" / "tensorboard"):
+        if folder.is_dir():
+            scalars = reader(folder)
+            tags = {t.rsplit("/", 1)[-1].lower() for run in scalars.values() for t in run}
+            if tags & {"train_bpd", "val_bpd"}:
+                return scalars
+    raise FileNotFoundError(f"no flow bits/dim scalars under {run_dir / 'tensorboard' / 'flow'}")
 
 
 def _restore_inf(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -143,3 +143,20 @@ def test_the_classifier_stage_of_a_finished_seed_is_copied_not_retrained(bench, 
     assert (second / "tensorboard" / "classifier" / "events").read_bytes() == b"tb"
     assert bench._reuse_classifier(root, second) is None  # it has one now
     assert bench.parse_args([]).retrain_classifier is False
+
+
+def test_flow_scalars_are_read_where_the_flow_stage_writes_them(bench, tmp_path):
+    """The spike figure reads ``RUN/tensorboard/flow`` (the one-root layout; the old ``RUN/flow/tensorboard`` too) and
+    fails loudly when neither holds a bits/dim series, instead of reporting no rise."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from monai_condflow.evaluation.report import read_tensorboard_scalars
+
+    with pytest.raises(FileNotFoundError, match="no flow bits/dim scalars"):
+        bench.flow_scalars(tmp_path, read_tensorboard_scalars)
+    writer = SummaryWriter(log_dir=str(tmp_path / "tensorboard" / "flow"))
+    for epoch, value in enumerate([5.0, 4.5, 4.9, 4.2], start=1):
+        writer.add_scalar("val_bpd", value, epoch)
+    writer.close()
+    rise = bench.max_bpd_rise(bench.flow_scalars(tmp_path, read_tensorboard_scalars))
+    assert rise["val"] == pytest.approx(0.4) and rise["epochs"] == 4
