@@ -806,8 +806,8 @@ class SemiSupervisedWorkflow:
         batch_size: batch size of the embedding passes.
         label_key: key of the labels.
         selected_checkpoint: the file in which the trainer's validator keeps the best-validation weights so far
-            (``{"network": state_dict}``; the overlay's ``model_best_val.pt``), or ``None``. Given, every round
-            propagates with the embeddings of those weights instead of the round's last ones (selection on
+            (a state dict, bare or under ``"network"``; the overlay's ``model_best_val.pt``), or ``None``. Given,
+            every round propagates with the embeddings of those weights instead of the round's last ones (selection on
             validation: with 20-50 labels the later epochs of a round can fit wrong presumptive labels), the
             returned ``network`` is a copy holding them, and each round's summary records ``selection``
             (``"best validation"`` or ``"last"``) and, with ``true_labels``, the accuracy the last weights would
