@@ -111,28 +111,14 @@ def test_the_real_pepx_classifier_equals_the_zero_fraction_retraining():
     kwargs = {"max_epochs": 2, "batch_size": 8}
     real = train_real_classifier((images, labels), None, network_factory=factory, train_kwargs=kwargs, seed=5)
     pool = (images[labels == 1][:4].clone(), torch.ones(4, dtype=torch.long))
-    res = augmentation_study(
-        (images, labels),
-        None,
-        (images, labels),
-        pool,
-        network_factory=factory,
-        fractions=(0.0,),
-        train_kwargs=kwargs,
-        n_bootstrap=0,
-        seed=5,
-    )
+
+    def study(**extra):
+        return augmentation_study(
+            (images, labels), None, (images, labels), pool, network_factory=factory, fractions=(0.0,),
+            train_kwargs=kwargs, n_bootstrap=0, seed=5, **extra,
+        )  # fmt: skip
+
+    res = study()
     torch.manual_seed(5)
-    again = augmentation_study(
-        (images, labels),
-        None,
-        (images, labels),
-        pool,
-        network_factory=factory,
-        fractions=(0.0,),
-        train_kwargs=kwargs,
-        n_bootstrap=0,
-        seed=5,
-        real_classifier=real,
-    )
+    again = study(real_classifier=real)
     assert res["rows"] == again["rows"]
