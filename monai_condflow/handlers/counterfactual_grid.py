@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import optional_import
 
+from monai_condflow.handlers.sample_grid import EpochGridSchedule
 from monai_condflow.transforms.grid import make_grid
 from monai_condflow.utils.distributed import get_rank, unwrap_model
 
-Events, _ = optional_import("ignite.engine", name="Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from torch.utils.tensorboard import SummaryWriter
@@ -66,7 +66,7 @@ def counterfactual_grid(
     return torch.from_numpy(make_grid(rows, nrow=3)).float().div_(255.0).unsqueeze(0)
 
 
-class CounterfactualGridHandler:
+class CounterfactualGridHandler(EpochGridSchedule):
     """Every ``every_n_epochs`` epochs (and at the end), write :func:`counterfactual_grid` of fixed images to
     TensorBoard (``add_image``, tag ``{tag}``). Only rank 0 writes.
 
@@ -108,17 +108,6 @@ class CounterfactualGridHandler:
         self.flow, self.images, self.conditions, self.targets = flow, images, conditions, targets
         self.every_n_epochs, self.guidance, self.tag = every_n_epochs, guidance, tag
         self._writer, self._log_dir, self._own_writer = summary_writer, log_dir, False
-
-    def attach(self, engine: Engine) -> None:
-        """Register on ``EPOCH_COMPLETED(every=every_n_epochs)`` and ``COMPLETED``."""
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
-
-    def _on_completed(self, engine: Engine) -> None:
-        if engine.state.epoch % self.every_n_epochs != 0:
-            self(engine)
-        if self._own_writer and self._writer is not None:
-            self._writer.close()
 
     def __call__(self, engine: Engine) -> None:
         if get_rank() != 0:

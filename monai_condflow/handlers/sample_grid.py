@@ -40,7 +40,33 @@ __all__ = ["SampleGridHandler"]
 logger = logging.getLogger(__name__)
 
 
-class SampleGridHandler:
+class EpochGridSchedule:
+    """When a grid handler writes: every ``every_n_epochs`` epochs and once more at the end of a run that stopped
+    between two of them; closes a writer the handler opened itself. Subclasses set ``every_n_epochs``, ``_writer``
+    and ``_own_writer`` and write in ``__call__(engine)``."""
+
+    every_n_epochs: int
+    _writer: SummaryWriter | None
+    _own_writer: bool
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``EPOCH_COMPLETED(every=every_n_epochs)`` and ``COMPLETED`` (idempotent)."""
+        if getattr(engine, "_sample_grid_handlers", None) is None:
+            engine._sample_grid_handlers = set()
+        if id(self) in engine._sample_grid_handlers:
+            return
+        engine._sample_grid_handlers.add(id(self))
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_completed(self, engine: Engine) -> None:
+        if engine.state.epoch % self.every_n_epochs != 0:
+            self(engine)
+        if self._own_writer and self._writer is not None:
+            self._writer.close()
+
+
+class SampleGridHandler(EpochGridSchedule):
     """
     Every ``every_n_epochs`` epochs (and at the end of training), sample the flow for each class's conditions and
     write one grid per class to TensorBoard (``add_image``, tag ``{tag}/class_{c}``) and/or as PNG
@@ -107,22 +133,6 @@ class SampleGridHandler:
         self._log_dir = log_dir
         self._own_writer = False
         self.written: list[Path] = []
-
-    def attach(self, engine: Engine) -> None:
-        """Register on ``EPOCH_COMPLETED(every=every_n_epochs)`` and ``COMPLETED`` (idempotent)."""
-        if getattr(engine, "_sample_grid_handlers", None) is None:
-            engine._sample_grid_handlers = set()
-        if id(self) in engine._sample_grid_handlers:
-            return
-        engine._sample_grid_handlers.add(id(self))
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
-
-    def _on_completed(self, engine: Engine) -> None:
-        if engine.state.epoch % self.every_n_epochs != 0:
-            self(engine)
-        if self._own_writer and self._writer is not None:
-            self._writer.close()
 
     def sample_grids(self, device: torch.device | None = None) -> dict[int, torch.Tensor]:
         """Class -> grid ``[1, H, W]`` float in ``[0, 1]`` (rows: conditions, columns: samples)."""
