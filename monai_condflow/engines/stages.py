@@ -152,7 +152,9 @@ def _selected_epoch(folder: Path) -> tuple[int | None, float, Path] | None:
     return (None if step is None else int(step.group(1))), -float(priority), source
 
 
-def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict) -> Path:
+def finish_flow_stage(
+    output_dir: str | os.PathLike, flow: torch.nn.Module, info: dict, sampling_prior: dict | None = None
+) -> Path:
     """Settle ``flow/model.pt`` and write ``flow/flow.json``.
 
     ``model.pt`` is kept when this run's best-validation saver wrote it (lowest validation bits/dim; the EMA weights
@@ -162,6 +164,11 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
     ``flow.json`` records ``info``, ``selected`` (``"best validation epoch N"`` or ``"last epoch"``) with
     ``selected_epoch`` and ``best_val_bpd`` for a selected epoch, and ``dp`` with the epsilon spent when
     ``privacy.json`` shows a DP-SGD run.
+
+    With ``sampling_prior`` (``{"dataset", "prepare_batch", "shrinkage", "seed"}``, from ``train_flow.json``'s
+    ``sampling_prior_shrinkage``) the settled model's sampling prior is then fitted on the training set
+    (:func:`fit_sampling_prior_file`) and ``flow.json`` records the fit under ``sampling_prior``; never for a DP-SGD
+    run (the fit would see the private images without noise) or with ``shrinkage`` ``None``.
     """
     folder = Path(output_dir)
     target = folder / MODEL_FILE
@@ -179,9 +186,70 @@ def finish_flow_stage(output_dir: str | os.PathLike, flow: torch.nn.Module, info
     else:
         atomic_torch_save({"network": unwrap_model(flow).state_dict()}, target)
         source = "last epoch"
+    if sampling_prior is not None:
+        shrinkage = sampling_prior.get("shrinkage")
+        if "dp" in info:
+            info = {**info, "sampling_prior": {"fitted": False, "reason": "DP-SGD run: the fit is not private"}}
+            logger.info("flow stage: no fitted sampling prior (DP-SGD run)")
+        elif shrinkage is not None:
+            fit = fit_sampling_prior_file(
+                target, flow, sampling_prior["dataset"], sampling_prior["prepare_batch"], float(shrinkage),
+                seed=int(sampling_prior.get("seed", 0)),
+            )  # fmt: skip
+            info = {**info, "sampling_prior": {"fitted": True, **fit}}
     write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
     logger.info("flow stage: %s -> %s", source, target)
     return target
+
+
+def fit_sampling_prior_file(
+    model_file: Path,
+    flow: torch.nn.Module,
+    dataset: Any,
+    prepare_batch: Any,
+    shrinkage: float,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Fit the sampling prior of the flow in ``model_file`` on ``dataset`` and save the file again (atomically).
+
+    Args:
+        model_file: a ``{"network": state_dict}`` checkpoint of ``flow``'s architecture.
+        flow: the stage's flow (its architecture; a copy on the CPU is loaded with the file's weights).
+        dataset: the flow's training dataset (dicts with an image), read in order.
+        prepare_batch: the stage's ``ConditionPrepareBatch`` (the conditioning classifier's z).
+        shrinkage: covariance shrinkage in ``(0, 1]`` (:meth:`ConditionalGlow.fit_sampling_prior`).
+        seed: seed of the training-noise draws.
+        batch_size: images per encoding pass.
+
+    Returns:
+        The fit's summary plus ``seconds``.
+    """
+    import copy
+    import time
+
+    from monai.data import DataLoader
+
+    t0 = time.perf_counter()
+    net = copy.deepcopy(unwrap_model(flow)).cpu().eval()
+    state = load_checkpoint(model_file)
+    net.load_state_dict(state["network"])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+
+    def batches() -> Any:
+        for batch in loader:
+            images, _, args, _ = prepare_batch(batch, torch.device("cpu"))
+            yield images, args[0] if args else None
+
+    generator = torch.Generator().manual_seed(seed)
+    fit = net.fit_sampling_prior(batches(), shrinkage=shrinkage, noise_generator=generator)
+    atomic_torch_save({**state, "network": net.state_dict()}, model_file)
+    fit["seconds"] = round(time.perf_counter() - t0, 1)
+    logger.info(
+        "flow stage: sampling prior fitted on %d training slices (shrinkage %.3g, %.1f s) -> %s",
+        int(fit["count"]), shrinkage, fit["seconds"], model_file,
+    )  # fmt: skip
+    return fit
 
 
 def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ConfigValueError", "check_positive_int", "check_temperature"]
+__all__ = ["ConfigValueError", "check_positive_int", "check_shrinkage", "check_temperature"]
 
 
 class ConfigValueError(ValueError):
@@ -40,4 +40,17 @@ def check_temperature(value: object, name: str = "temperature") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ConfigValueError(f"config id '{name}' must be a number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_shrinkage(value: object, name: str = "sampling_prior_shrinkage") -> float | None:
+    """A covariance shrinkage in ``(0, 1]``, or ``None`` (no fitted sampling prior).
+
+    Raises:
+        ConfigValueError: naming the config id ``name`` otherwise.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigValueError(f"config id '{name}' must be a number in (0, 1] or null, got {value!r}.")
     return float(value)

@@ -36,6 +36,7 @@ from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.conditional_pixel_affine import ConditionalPixelAffine
 from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep, GuidedCondition
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential
+from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, LatentMoments
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.pixel_spline import PixelSpline
@@ -271,6 +272,9 @@ class ConditionalGlow(nn.Module):
         self._level_channels = level_channels
         self._keep_channels = keep_channels
         self._split_channels = split_channels
+        # drawn instead of N(0, T^2 I) for the top latent once fitted after training (fit_sampling_prior)
+        self.top_latent_dim = level_channels[-1] * math.prod(s // self.size_multiple for s in self.image_size)
+        self.sampling_prior = FittedLatentPrior(self.top_latent_dim, condition_dim)
         self.config = {
             "spatial_dims": spatial_dims,
             "in_channels": in_channels,
@@ -670,8 +674,13 @@ class ConditionalGlow(nn.Module):
         guidance: float | None = None,
         denoise: bool | None = None,
         return_stats: bool = False,
+        prior: str = "auto",
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Draw ``nu ~ N(0, T^2 I)`` and decode it with the given conditions.
+
+        With a fitted sampling prior (:meth:`fit_sampling_prior`) the top latent is drawn from it instead:
+        ``t = mean(z) + T * L eps``, the encoded training set's correlated Gaussian (``prior="standard"``: the
+        independent ``N(0, T^2 I)`` of the model's density).
 
         Decodes under :func:`torch.inference_mode` (no autograd, version-counter or view bookkeeping), so the 1x1
         convolutions use their cached inverses. With guidance (``w != 1``) every conditional layer mixes its
@@ -693,6 +702,8 @@ class ConditionalGlow(nn.Module):
                 (constructor argument ``denoise``).
             return_stats: also return ``{"overflow_pixels": [B], "nonfinite_pixels": [B]}`` (pixel counts per
                 image, before clamping).
+            prior: ``"auto"`` (the fitted sampling prior when there is one), ``"fitted"`` (required) or
+                ``"standard"``.
 
         Returns:
             ``[B, in_channels, *spatial]`` in ``[0, 1]`` (and the statistics with ``return_stats``).
@@ -713,6 +724,9 @@ class ConditionalGlow(nn.Module):
             nu = nu.to(param.device)
             if temperature != 1.0:
                 nu.mul_(temperature)
+            if self._use_fitted_prior(prior, size):
+                top = nu[:, -self.top_latent_dim :]
+                nu = torch.cat([nu[:, : -self.top_latent_dim], self.sampling_prior.draw(top, cond)], dim=1)
             compiled = self._compiled_inverse is not None and not isinstance(cond, GuidedCondition)
             decode = self._compiled_inverse if compiled else self.inverse
             x, _ = decode(nu, cond, size)
@@ -729,6 +743,61 @@ class ConditionalGlow(nn.Module):
         if return_stats:
             return x, {"overflow_pixels": overflow, "nonfinite_pixels": nonfinite}
         return x
+
+    def _use_fitted_prior(self, prior: str, size: tuple[int, ...]) -> bool:
+        if prior not in ("auto", "fitted", "standard"):
+            raise ValueError(f"prior must be 'auto', 'fitted' or 'standard', got {prior!r}.")
+        if prior == "standard" or (prior == "auto" and not self.sampling_prior.fitted):
+            return False
+        if not self.sampling_prior.fitted:
+            raise RuntimeError("prior='fitted' but the flow has no fitted sampling prior (fit_sampling_prior).")
+        if tuple(size) != tuple(self.image_size):
+            if prior == "fitted":
+                raise ValueError(
+                    f"the fitted sampling prior covers images of size {list(self.image_size)}, not {list(size)}."
+                )
+            return False
+        return True
+
+    @torch.no_grad()
+    def fit_sampling_prior(
+        self, batches: Any, shrinkage: float = 0.1, ridge: float = 1e-3, noise_generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """Fit the sampling prior of the top latent (:class:`~monai_condflow.networks.blocks.FittedLatentPrior`) to the
+        training set: encode every ``(x, z)`` batch, regress the top latents on ``z`` and keep their residual
+        covariance shrunk by ``shrinkage`` towards its diagonal. :meth:`sample` then draws the top latent from it.
+
+        Run it after training on the weights that will sample (the EMA weights when EMA is on). With ``noise_std > 0``
+        the images get the training noise first (the distribution the flow was trained on). The bijection and
+        :meth:`log_prob` do not change. Never on private data under DP-SGD: the fit is not differentially private.
+
+        Args:
+            batches: iterable of ``(x [B, C, *S], z [B, condition_dim] or None)`` at :attr:`image_size`.
+            shrinkage: ``s`` in ``(0, 1]``; 1 keeps only the fitted variances (no correlations).
+            ridge: ridge penalty of the regression on ``z``.
+            noise_generator: generator of the training noise (reproducible fits).
+
+        Returns:
+            The fit's summary (:meth:`FittedLatentPrior.fit`).
+        """
+        moments = LatentMoments(self.top_latent_dim, self.condition_dim)
+        was_training = self.training
+        self.eval()
+        try:
+            for x, z in batches:
+                self._check_image(x, z)
+                if tuple(x.shape[2:]) != tuple(self.image_size):
+                    raise ValueError(
+                        f"fit_sampling_prior needs images of size {list(self.image_size)}, got {list(x.shape[2:])}."
+                    )
+                if self.noise_std > 0:
+                    noise = torch.randn(x.shape, generator=noise_generator, dtype=x.dtype, device="cpu")
+                    x = x + self.noise_std * noise.to(x.device)
+                nu, _ = self._encode(x, z)
+                moments.update(nu[:, -self.top_latent_dim :], z)
+        finally:
+            self.train(was_training)
+        return self.sampling_prior.fit(moments, shrinkage=shrinkage, ridge=ridge)
 
     def denoise(self, x: Tensor, condition: Tensor | GuidedCondition | None, sigma: float | None = None) -> Tensor:
         """One score-based denoising step ``x + sigma^2 * grad_x log p(x | z)`` with the flow's exact likelihood
