@@ -58,6 +58,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="default: BASE/ablations")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.9])
     parser.add_argument("--tstr-temperature", type=float, default=0.9, help="temperature of the TSTR row")
+    parser.add_argument(
+        "--priors", nargs="+", default=["auto"], choices=["auto", "fitted", "standard"],
+        help="sampling priors to judge (ConditionalGlow.sample's prior; 'standard': N(0, T^2 I) for every latent)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fit-shrinkage", type=float, default=None,
+        help="fit the sampling prior on the training split when the trained flow has none (e.g. an older run)",
+    )  # fmt: skip
+    parser.add_argument("--tstr-seeds", type=int, nargs="+", default=[0], help="training seeds of the TSTR classifier")
     parser.add_argument("--judge-epochs", type=int, default=15)
     parser.add_argument("--tstr-epochs", type=int, default=15)
     args = parser.parse_args(argv)
@@ -157,10 +166,15 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
     from monai_condflow.metrics.auc import mann_whitney_auc
     from monai_condflow.metrics.fid import fid_from_features
     from monai_condflow.metrics.sharpness import sharpness_ratio
-    from monai_condflow.privacy.audits import membership_inference_scores
+    from monai_condflow.privacy.audits import dcr_audit, membership_inference_scores
 
     train, val, test = splits["train"], splits["val"], splits["test"]
     classifier, flow = load_classifier(seed_dir).eval(), load_flow(seed_dir).eval()
+    if args.fit_shrinkage is not None and not flow.sampling_prior.fitted:
+        with torch.no_grad():
+            pairs = [(x, classifier.embed(x)) for x in train[0].split(64)]
+        generator = torch.Generator().manual_seed(0)
+        flow.fit_sampling_prior(pairs, shrinkage=args.fit_shrinkage, noise_generator=generator)
     bpd = {k: membership_inference_scores(flow, classifier, splits[k][0]) for k in ("train", "val", "test")}
     row: dict[str, Any] = {f"{k}_bpd": float(v[torch.isfinite(v)].mean()) for k, v in bpd.items()}
     row["mia_auc"] = mann_whitney_auc(-bpd["train"], -bpd["test"])
@@ -169,11 +183,13 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
         feat_val, feat_test = judge.embed(val[0]), judge.embed(test[0])
     floor = fid_from_features(feat_val, feat_test)
     labels = train[1]
-    for temperature in args.temperatures:
+    for temperature, prior in [(t, p) for t in args.temperatures for p in args.priors]:
         generator = torch.Generator().manual_seed(1)
         parts, over = [], []
         for i in range(0, len(z), 140):
-            x, stats = flow.sample(z[i : i + 140], temperature=temperature, generator=generator, return_stats=True)
+            x, stats = flow.sample(
+                z[i : i + 140], temperature=temperature, generator=generator, return_stats=True, prior=prior
+            )
             parts.append(x)
             over.append(stats["overflow_pixels"])
         x, overflow = torch.cat(parts), torch.cat(over)
@@ -185,11 +201,21 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
         )
         if temperature == args.tstr_temperature:
             kwargs = {"max_epochs": args.tstr_epochs, "lr": 0.002, "batch_size": 32}
-            tstr = train_real_classifier((x, labels), val, network_factory=_factory, train_kwargs=kwargs, seed=0)
-            figures["tstr"] = float((predict(tstr, test[0]) == test[1]).float().mean())
-        row[f"T{temperature:g}"] = figures
+            accuracies = []
+            for tstr_seed in args.tstr_seeds:
+                net = train_real_classifier(
+                    (x, labels), val, network_factory=_factory, train_kwargs=kwargs, seed=tstr_seed
+                )
+                accuracies.append(float((predict(net, test[0]) == test[1]).float().mean()))
+            figures["tstr"] = sum(accuracies) / len(accuracies)
+            figures["tstr_per_seed"] = {str(k): v for k, v in zip(args.tstr_seeds, accuracies)}
+        dcr = dcr_audit(x, train[0], torch.cat([val[0], test[0]]))["pixel"]
+        figures["dcr_closer_auc"] = dcr["closer_auc"]
+        figures["near_copy_fraction"] = dcr["near_copy_fraction"]
+        key = f"T{temperature:g}" if args.priors == ["auto"] else f"T{temperature:g}_{prior}"
+        row[key] = figures
         pick = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in labels.unique().tolist()])
-        image_grid(seed_dir / f"grid_T{temperature:g}.png", torch.cat([train[0][pick], x[pick]]), nrow=8, scale=3)
+        image_grid(seed_dir / f"grid_{key}.png", torch.cat([train[0][pick], x[pick]]), nrow=8, scale=3)
     return row
 
 

@@ -36,6 +36,7 @@ def test_arguments(ablate, tmp_path):
     args = ablate.parse_args([str(tmp_path), "--name", "base"])
     assert args.seeds == [0, 1] and args.overrides == {} and args.bundle_args == []
     assert args.out == (tmp_path / "ablations").resolve() and args.temperatures == [0.7, 0.9]
+    assert args.priors == ["auto"] and args.fit_shrinkage is None and args.tstr_seeds == [0]
     args = ablate.parse_args(
         [str(tmp_path), "--name", "n05", "--seeds", "3", "--overrides", '{"noise_std": 0.05}', "--bundle-args",
          "--max_epochs", "15"]
@@ -51,6 +52,7 @@ def test_arguments(ablate, tmp_path):
         (["--name", "x", "--overrides", "[1, 2]"], "must be a JSON object"),
         (["--name", "a/b"], "plain folder name"),
         (["--name", "x", "--tstr-temperature", "1.0"], "is not one of --temperatures"),
+        (["--name", "x", "--priors", "empirical"], "invalid choice: 'empirical'"),
     ],
 )
 def test_bad_arguments_name_the_argument(ablate, tmp_path, capsys, argv, message):
