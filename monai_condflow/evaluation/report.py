@@ -672,6 +672,12 @@ def run_evaluation(
         return res
 
     metrics: dict[str, Any] = _evaluate(flow_sets, _samples_block(flow_stats, flow_bad))
+    prior = getattr(flow_net, "sampling_prior", None)
+    metrics["samples"]["sampling_prior"] = (
+        {"kind": "fitted", "shrinkage": float(prior.shrinkage)}
+        if prior is not None and prior.fitted
+        else {"kind": "standard"}
+    )
     trtr_point = metrics.get("trtr_point") or []
     metrics["real_classifier_test_accuracy"] = (
         float(trtr_point[0]["accuracy"]) if trtr_point and "accuracy" in trtr_point[0] else metrics["trtr"]["accuracy"]
@@ -771,6 +777,12 @@ def run_evaluation(
         f"{fs['images_with_overflow']} of {fs['n_images']} images had pixels outside [{lo:g}, {hi:g}] or non-finite "
         f"({100 * fs['overflow_pixel_fraction']:.3g}% of pixels); {fs['images_with_nonfinite']} images with non-finite "
         f"pixels ({100 * fs['nonfinite_pixel_fraction']:.3g}% of pixels)"
+    )
+    sp = fs.get("sampling_prior") or {"kind": "standard"}
+    summary["flow sampling prior of the top latent"] = (
+        f"fitted to the encoded training set (covariance shrinkage {sp['shrinkage']:g})"
+        if sp["kind"] == "fitted"
+        else "standard N(0, T^2 I)"
     )
     if flow_bad:
         summary["flow samples dropped (still non-finite after sampling)"] = str(flow_bad)

@@ -225,6 +225,7 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert samples["images_with_overflow"] >= 8 and samples["n_dropped_nonfinite"] == 8
     assert samples["nonfinite_pixel_fraction"] == pytest.approx(8 / (2 * 52))
     assert samples["counted_on"] == "flow" and samples["range"] == [-0.25, 1.25]
+    assert samples["sampling_prior"] == {"kind": "standard"}  # a flow without a fitted sampling prior
     assert metrics["nonfinite_fraction"] == pytest.approx(8 / 104)
     assert metrics["baseline"]["samples"]["counted_on"] == "sampler output"
     assert metrics["presumptive_accuracy"] is None and metrics["presumptive_labels"] is None
@@ -238,6 +239,7 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert text.index("## Headline") < text.index("| class | real | flow | acgan |") < text.index("## Data")
     assert "| 8 / 104 (" in text and "non-finite flow samples dropped" not in text
     assert "8 of 104 images had pixels outside [-0.25, 1.25] or non-finite" in text
+    assert "standard N(0, T^2 I)" in text
     assert data["samples"]["images_with_overflow"] == samples["images_with_overflow"]
     assert (tmp_path / "figures" / "augmentation.png").is_file()
 
@@ -327,13 +329,16 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
 def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
     """a flow whose inverse returns 1e6 / NaN in some pixels but clamps its output: the pre-clamp counts reach
     metrics.json and report.md (the old code saw clean images and reported 0)."""
+    clamping = _ClampingFlow()
+    # a flow whose sampling prior was fitted (the report names it and its shrinkage)
+    clamping.sampling_prior = type("Fitted", (), {"fitted": True, "shrinkage": torch.tensor(0.25)})()
     metrics = run_evaluation(
         tmp_path,
         _data(40, 12, 0),
         _data(20, 10, 1),
         _data(20, 10, 2),
         classifier=_Centroid(),
-        flow=_ClampingFlow(),
+        flow=clamping,
         eval_network_factory=_Centroid,
         fit_fn=_fit,
         n_synthetic_sets=2,
@@ -345,6 +350,8 @@ def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
     # 52 images per set in batches of 16, 16, 16, 4: images 1 and 2 of every batch overflow, image 2 non-finite
     assert samples["n_images"] == 104 and samples["images_with_overflow"] == 16
     assert samples["images_with_nonfinite"] == 8 and samples["n_dropped_nonfinite"] == 0
+    assert samples["sampling_prior"] == {"kind": "fitted", "shrinkage": 0.25}
+    assert "fitted to the encoded training set (covariance shrinkage 0.25)" in (tmp_path / "report.md").read_text()
     assert samples["overflow_pixel_fraction"] == pytest.approx((8 * 2 + 8) / (104 * 16))
     assert samples["nonfinite_pixel_fraction"] == pytest.approx(8 / (104 * 16))
     assert metrics["nonfinite_fraction"] == pytest.approx(8 / 104)
