@@ -108,7 +108,8 @@ def load_module_weights(
     Loads with :func:`load_checkpoint` (``weights_only=True``). Every parameter and buffer of ``module`` must be in
     the file with the module's shape and the file must hold nothing else, except that names starting with one of
     ``fresh_prefixes`` (e.g. ``("head.",)`` for a classifier head with another number of classes) keep the module's
-    own initialisation when their shape differs (logged).
+    own initialisation when their shape differs (logged), and that a buffer empty on one side (a sampling prior not
+    yet fitted, :class:`~monai_condflow.networks.blocks.latent_prior.FittedLatentPrior`) takes the file's shape.
 
     Args:
         module: the network to fill.
@@ -133,6 +134,8 @@ def load_module_weights(
     mismatched = [
         k for k in own if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(own[k].shape))
     ]
+    # a buffer left empty until fitted (FittedLatentPrior) takes the file's shape; its module checks it on loading
+    mismatched = [k for k in mismatched if not (torch.is_tensor(state[k]) and 0 in (state[k].numel(), own[k].numel()))]
     kept = [k for k in mismatched if k.startswith(tuple(fresh_prefixes)) and torch.is_tensor(state[k])]
     problems = {
         "missing": missing,
@@ -144,7 +147,10 @@ def load_module_weights(
         text = "; ".join(f"{name}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else "")
                          for name, keys in problems.items())  # fmt: skip
         raise CheckpointError(f"{what} {path} does not fit the {type(module).__name__}: {text}.")
-    module.load_state_dict({k: (own[k] if k in kept else state[k]) for k in own})
+    try:
+        module.load_state_dict({k: (own[k] if k in kept else state[k]) for k in own})
+    except (ValueError, RuntimeError) as err:  # a module's own check (e.g. a fitted prior of another size)
+        raise CheckpointError(f"{what} {path} does not fit the {type(module).__name__}: {err}") from err
     if kept:
         logger.info("%s %s loaded; kept the fresh initialisation of %s", what, path, ", ".join(kept))
     else:

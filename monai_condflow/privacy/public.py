@@ -41,6 +41,7 @@ from monai_condflow.engines.stage_io import write_stage_info
 from monai_condflow.handlers.checkpoint import load_checkpoint, load_module_weights
 from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
+from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior
 from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = [
@@ -135,7 +136,8 @@ def load_pretrained_weights(
 
     Loads with ``weights_only=True``. Every parameter and buffer must be in the file with the module's shape, except
     those whose names start with one of ``fresh_prefixes`` (e.g. ``("head.",)`` for a classifier head whose number of
-    classes differs): when their shape does not match they keep the module's own initialisation and are logged.
+    classes differs): when their shape does not match they keep the module's own initialisation and are logged. A
+    flow's fitted sampling prior is reset: it describes the pretraining data (the flow stage refits it at its end).
 
     Args:
         module: the freshly built network.
@@ -152,7 +154,12 @@ def load_pretrained_weights(
     """
     if path is None:
         return module
-    return load_module_weights(module, path, key, fresh_prefixes, what="pretrained checkpoint")
+    load_module_weights(module, path, key, fresh_prefixes, what="pretrained checkpoint")
+    for sub in module.modules():  # a sampling prior fitted to the pretraining data does not describe the new data
+        if isinstance(sub, FittedLatentPrior) and sub.fitted:
+            sub.reset()
+            logger.info("pretrained checkpoint %s: its fitted sampling prior is reset (refitted after training)", path)
+    return module
 
 
 def install_public_classifier(public_dir: str | os.PathLike, output_dir: str | os.PathLike, **expected: Any) -> Path:

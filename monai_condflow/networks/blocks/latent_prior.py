@@ -109,6 +109,14 @@ class FittedLatentPrior(nn.Module):
     def fitted(self) -> bool:
         return self.scale_tril.numel() > 0
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the fit (e.g. when fine-tuning a pretrained flow on other data: its prior no longer applies)."""
+        device = self.scale_tril.device
+        self.loc_weight = torch.zeros(0, device=device)
+        self.scale_tril = torch.zeros(0, device=device)
+        self.shrinkage.fill_(-1.0)
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # a checkpoint from before this prior existed loads as an unfitted prior
         state_dict.setdefault(prefix + "loc_weight", torch.zeros(0))

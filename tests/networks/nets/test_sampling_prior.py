@@ -97,3 +97,24 @@ def test_a_fitted_flow_round_trips_through_a_checkpoint_and_old_checkpoints_load
     again.load_state_dict(unfitted)
     again.fit_sampling_prior([(x, z)], shrinkage=0.5, noise_generator=torch.Generator().manual_seed(7))
     assert not torch.allclose(again.sampling_prior.scale_tril, flow.sampling_prior.scale_tril)
+
+
+def test_the_strict_loaders_accept_a_fitted_prior_and_pretraining_resets_it(tmp_path):
+    from monai_condflow.handlers.checkpoint import CheckpointError, load_module_weights
+    from monai_condflow.privacy.public import load_pretrained_weights
+
+    flow, x, z = _flow_and_data()
+    flow.fit_sampling_prior([(x, z)], shrinkage=0.3)
+    torch.save({"network": flow.state_dict()}, tmp_path / "model.pt")
+    loaded = load_module_weights(ConditionalGlow(condition_dim=6, **TINY), tmp_path / "model.pt")
+    assert loaded.sampling_prior.fitted
+    assert torch.equal(loaded.sampling_prior.scale_tril, flow.sampling_prior.scale_tril)
+    # fine-tuning from it: the weights come, the prior fitted to the pretraining data does not
+    tuned = load_pretrained_weights(ConditionalGlow(condition_dim=6, **TINY), tmp_path / "model.pt")
+    assert not tuned.sampling_prior.fitted and float(tuned.sampling_prior.shrinkage) == -1.0
+    key = "levels.0.layers.1.layers.2.net.conv_out.weight"  # perturbed away from its zero initialisation
+    assert torch.equal(tuned.state_dict()[key], flow.state_dict()[key]) and flow.state_dict()[key].abs().sum() > 0
+    # a prior of another size is still refused, by name
+    other = ConditionalGlow(condition_dim=6, **{**TINY, "image_size": 32})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_module_weights(other, tmp_path / "model.pt")
