@@ -88,7 +88,7 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     assert train.check_properties() == []
     train.run()
     train.finalize()
-    _run(["train_flow.json"], **common, **TINY_FLOW)
+    _run(["train_flow.json"], **common, **TINY_FLOW, sampling_prior_shrinkage=0.3)  # off by default
     _run(["generate.json"], **common, formats=["png"])
     _run(["train_acgan.json"], **common)
     _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
@@ -103,7 +103,12 @@ def test_stages_write_their_outputs(trained_run: Path):
     projector = list((trained_run / "tensorboard" / "projector").rglob("projector_config.pbtxt"))
     assert projector and "z_unlabelled" in projector[0].read_text()
     assert (trained_run / "flow" / "model.pt").is_file()
-    assert json.loads((trained_run / "flow" / "flow.json").read_text())["preset"] == "small"
+    flow_info = json.loads((trained_run / "flow" / "flow.json").read_text())
+    assert flow_info["preset"] == "small"
+    assert flow_info["sampling_prior"]["fitted"] and flow_info["sampling_prior"]["shrinkage"] == 0.3
+    assert flow_info["sampling_prior"]["count"] == len(
+        json.loads((trained_run / "classifier" / "train_labels.json").read_text())
+    )  # every flow-training slice
     assert list((trained_run / "flow" / "samples").glob("*.png"))
     manifest = (trained_run / "synthetic" / "manifest.csv").read_text().splitlines()
     assert manifest[0].startswith("index,file") and len(manifest) == len(labels) + 1
@@ -119,6 +124,7 @@ def test_stages_write_their_outputs(trained_run: Path):
     generation = json.loads((trained_run / "synthetic" / "generation.json").read_text())
     assert generation["samples"]["n_images"] == len(labels) and generation["samples"]["range"] == [-0.25, 1.25]
     assert metrics["samples"]["n_images"] == len(labels) and metrics["samples"]["counted_on"] == "flow"
+    assert metrics["samples"]["sampling_prior"] == {"kind": "fitted", "shrinkage": pytest.approx(0.3)}
     assert 0 <= metrics["samples"]["images_with_overflow"] <= len(labels)
     assert metrics["presumptive_labels"]["n_compared"] == len(labels) - 20
     assert 0.0 <= metrics["presumptive_accuracy"] <= 1.0
@@ -249,6 +255,7 @@ def test_verify_metadata_and_network(meta_file: str, config_file: str):
         (["train_classifier.json"], {"max_epochs": 0}, ConfigValueError, "'max_epochs'"),
         (["train_classifier.json"], {"image_size": 60}, ConfigValueError, "'image_size'"),
         (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
+        (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
     ],
 )
