@@ -17,6 +17,8 @@ from .coupling import ConditionalFlowStep as ConditionalFlowStep
 from .flow_sequential import FlowLayer as FlowLayer
 from .flow_sequential import FlowSequential as FlowSequential
 from .invertible_conv import InvertibleConv1x1 as InvertibleConv1x1
+from .latent_prior import FittedLatentPrior as FittedLatentPrior
+from .latent_prior import LatentMoments as LatentMoments
 from .multiscale import ConditionalTopPrior as ConditionalTopPrior
 from .multiscale import FineGrainedLevel as FineGrainedLevel
 from .multiscale import FineGrainedSplit as FineGrainedSplit

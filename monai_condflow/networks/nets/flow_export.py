@@ -34,7 +34,8 @@ __all__ = ["FlowLogProb", "FlowDecoder"]
 
 
 class FlowDecoder(nn.Module):
-    """``forward(noise, condition)``: images decoded from given standard-normal noise, like ``flow.sample``.
+    """``forward(noise, condition)``: images decoded from given standard-normal noise, like ``flow.sample`` (with the
+    flow's fitted sampling prior for the top latent when it has one, as ``sample(prior="auto")``).
 
     Args:
         flow: the conditional flow (initialised or loaded).
@@ -57,7 +58,12 @@ class FlowDecoder(nn.Module):
             ``[B, in_channels, *spatial]`` in ``[0, 1]``.
         """
         nu = noise.flatten(1) * self.temperature
-        x, _ = self.flow.inverse(nu, condition, tuple(noise.shape[2:]))
+        size = tuple(noise.shape[2:])
+        prior = getattr(self.flow, "sampling_prior", None)
+        if prior is not None and prior.fitted and size == tuple(self.flow.image_size):  # as sample(prior="auto")
+            d = self.flow.top_latent_dim
+            nu = torch.cat([nu[:, :-d], prior.draw(nu[:, -d:], condition)], dim=1)
+        x, _ = self.flow.inverse(nu, condition, size)
         return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
 

@@ -47,6 +47,23 @@ def test_sampler_is_flow_sample_with_the_noise_given(flow):
         FlowDecoder(flow, temperature=-1.0)
 
 
+def test_sampler_draws_the_fitted_sampling_prior_like_flow_sample():
+    torch.manual_seed(0)
+    f = ConditionalGlow.from_preset(
+        "small", num_levels=2, image_size=S, num_steps=2, num_blocks=(1, 1), hidden_channels=8
+    )
+    x, z = torch.rand(40, 1, S, S), _z(40, 2)
+    f.initialize(x, z)
+    f.eval().fit_sampling_prior([(x, z)], shrinkage=0.2)
+    expected = f.sample(z[:3], temperature=0.7, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(3, f.latent_dim((S, S)), generator=torch.Generator().manual_seed(5)).reshape(3, 1, S, S)
+    with torch.no_grad():
+        got = FlowDecoder(f, temperature=0.7)(noise, z[:3])
+    assert torch.allclose(got, expected, atol=1e-6)
+    standard = f.sample(z[:3], temperature=0.7, generator=torch.Generator().manual_seed(5), prior="standard")
+    assert not torch.allclose(got, standard, atol=1e-3)
+
+
 def test_log_prob_module_is_flow_log_prob(flow):
     x, z = torch.rand(3, 1, S, S), _z(3, 2)
     with torch.no_grad():
