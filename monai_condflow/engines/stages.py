@@ -192,11 +192,17 @@ def finish_flow_stage(
             info = {**info, "sampling_prior": {"fitted": False, "reason": "DP-SGD run: the fit is not private"}}
             logger.info("flow stage: no fitted sampling prior (DP-SGD run)")
         elif shrinkage is not None:
-            fit = fit_sampling_prior_file(
-                target, flow, sampling_prior["dataset"], sampling_prior["prepare_batch"], float(shrinkage),
-                seed=int(sampling_prior.get("seed", 0)),
-            )  # fmt: skip
-            info = {**info, "sampling_prior": {"fitted": True, **fit}}
+            try:
+                fit = fit_sampling_prior_file(
+                    target, flow, sampling_prior["dataset"], sampling_prior["prepare_batch"], float(shrinkage),
+                    seed=int(sampling_prior.get("seed", 0)),
+                )  # fmt: skip
+                info = {**info, "sampling_prior": {"fitted": True, **fit}}
+            except (ValueError, RuntimeError) as err:  # model.pt stays as trained: sampling uses the standard prior
+                logger.warning(
+                    "flow stage: the sampling prior could not be fitted (%s); model.pt keeps N(0, T^2 I)", err
+                )
+                info = {**info, "sampling_prior": {"fitted": False, "reason": f"fit failed: {err}"}}
     write_stage_info(folder, "flow", {**info, "selected": source, "package_version": monai_condflow.__version__})
     logger.info("flow stage: %s -> %s", source, target)
     return target

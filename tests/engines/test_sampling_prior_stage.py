@@ -79,3 +79,17 @@ def test_shrinkage_config_value_is_checked_by_name():
     for bad in (0, -0.5, 1.01, True, "0.1"):
         with pytest.raises(ConfigValueError, match="config id 'sampling_prior_shrinkage' must be a number in"):
             check_shrinkage(bad)
+
+
+def test_a_failed_fit_keeps_the_trained_model_and_says_why(trained, tmp_path):
+    src, flow, data = trained
+    (tmp_path / "model.pt").write_bytes((src / "model.pt").read_bytes())
+    before = load_checkpoint(tmp_path / "model.pt")["network"]
+    bad = [dict(d) for d in data]
+    bad[3]["image"] = torch.full_like(bad[3]["image"], float("nan"))  # a NaN slice: non-finite latents
+    spec = {"dataset": bad, "prepare_batch": ConditionPrepareBatch(), "shrinkage": 0.2, "seed": 0}
+    finish_flow_stage(tmp_path, flow, {"preset": "tiny"}, sampling_prior=spec)
+    info = json.loads((tmp_path / "flow.json").read_text())
+    assert info["sampling_prior"]["fitted"] is False and "non-finite" in info["sampling_prior"]["reason"]
+    after = load_checkpoint(tmp_path / "model.pt")["network"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -177,9 +177,16 @@ class FittedLatentPrior(nn.Module):
         diag = torch.diagonal(resid).clamp_min(1e-12)
         cov = (1.0 - float(shrinkage)) * resid
         cov.diagonal().copy_(diag)
-        jitter = 1e-6 * float(diag.mean())
-        cov.diagonal().add_(jitter)
-        scale = torch.linalg.cholesky(cov)
+        scale, jitter = None, 1e-6 * float(diag.mean())
+        for _ in range(6):  # rounding can leave a shrunk covariance of a few slices barely indefinite
+            scale, info = torch.linalg.cholesky_ex(cov + jitter * torch.eye(self.latent_dim, dtype=cov.dtype))
+            if int(info) == 0:
+                break
+            jitter *= 10.0
+        else:
+            raise ValueError(
+                "FittedLatentPrior.fit: the shrunk covariance is not positive definite (non-finite latents?)."
+            )
         mean = moments.att[-1] / n
         total = float(torch.diagonal(moments.ttt).sum() / n - mean.pow(2).sum())
         eig = torch.linalg.eigvalsh(resid)
