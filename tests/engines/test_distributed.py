@@ -50,9 +50,9 @@ def _load_worker():
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     return max(
-        (a[k].double() - b[k].double()).abs().max().item()
+        ((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
         if a[k].is_floating_point()
         else float(not torch.equal(a[k], b[k]))
         for k in a

@@ -63,7 +63,14 @@ def _state(trainer) -> dict:
 
 
 def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    """largest entry-wise difference of two state dicts (shapes must agree; an empty buffer, e.g. an unfitted
+    sampling prior, compares equal to an empty buffer)."""
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    return max(
+        (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        for k in a
+        if a[k].is_floating_point()
+    )
 
 
 def test_warmup_then_exponential_decay():
