@@ -24,6 +24,7 @@ so ``eps ~ N(0, I)`` under the prior and the prior's log-density is part of the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,10 +123,12 @@ class FineGrainedSplit(FlowLayer):
 
 
 class ConditionalTopPrior(FlowLayer):
-    """Standardise the top latent under a per-channel Gaussian whose mean / log-std are a linear function of ``z``.
+    """Standardise the top latent under a Gaussian whose mean / log-std are a linear function of ``z``.
 
     ``(m, r) = A z + c`` (zero-initialised), ``mu = b tanh(m / b)``, ``log sigma = a tanh(r / a)``,
-    ``y = (x - mu) e^{-log sigma}`` broadcast over space; ``log|det J| = -N_spatial * sum_c log sigma_c``.
+    ``y = (x - mu) e^{-log sigma}``. Per channel and broadcast over space by default (Glow's conditional top prior),
+    ``log|det J| = -N_spatial * sum_c log sigma_c``; with ``spatial_shape`` one mean and log-std per entry of the
+    ``[C, *spatial_shape]`` latent, ``log|det J| = -sum log sigma``, so ``z`` can place structure in space.
     Unconditional (``condition_dim = 0``): ``m`` and ``r`` are free parameters.
 
     Args:
@@ -134,6 +137,7 @@ class ConditionalTopPrior(FlowLayer):
         condition_dim: size of ``z``.
         scale_bound: bound ``a`` on ``|log sigma|``.
         shift_bound: bound ``b`` on ``|mu|``.
+        spatial_shape: the top latent's spatial size for a per-entry prior; ``None``: per channel.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class ConditionalTopPrior(FlowLayer):
         condition_dim: int,
         scale_bound: float = 2.0,
         shift_bound: float = 5.0,
+        spatial_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.shift_bound = float(shift_bound)
@@ -150,13 +155,22 @@ class ConditionalTopPrior(FlowLayer):
         self.num_channels = num_channels
         self.condition_dim = condition_dim
         self.scale_bound = float(scale_bound)
+        if spatial_shape is not None:
+            spatial_shape = tuple(int(s) for s in spatial_shape)
+            if len(spatial_shape) != spatial_dims or min(spatial_shape) < 1:
+                raise ValueError(
+                    f"ConditionalTopPrior: spatial_shape needs {spatial_dims} sizes >= 1, got {list(spatial_shape)}."
+                )
+        self.spatial_shape = spatial_shape
+        self._param_shape = spatial_shape if spatial_shape is not None else (1,) * spatial_dims
+        size = 2 * num_channels * math.prod(self._param_shape)
         if condition_dim > 0:
-            self.proj = nn.Linear(condition_dim, 2 * num_channels)
+            self.proj = nn.Linear(condition_dim, size)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
         else:
             self.proj = None
-            self.params = nn.Parameter(torch.zeros(2 * num_channels))
+            self.params = nn.Parameter(torch.zeros(size))
 
     def _prior(self, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         return guided_parameters(self._prior_params, x, condition)
@@ -167,7 +181,12 @@ class ConditionalTopPrior(FlowLayer):
             out = self.proj(condition)
         else:
             out = self.params.expand(x.shape[0], -1)
-        out = out.view(x.shape[0], 2 * self.num_channels, *([1] * self.spatial_dims))
+        if self.spatial_shape is not None and tuple(x.shape[2:]) != self.spatial_shape:
+            raise ValueError(
+                f"{type(self).__name__}: a per-entry prior for a top latent of spatial size {list(self.spatial_shape)}"
+                f" got {list(x.shape[2:])} (the flow's image size is fixed)."
+            )
+        out = out.view(x.shape[0], 2 * self.num_channels, *self._param_shape)
         mean, raw = out.chunk(2, dim=1)
         a, b = self.scale_bound, self.shift_bound
         return b * torch.tanh(mean / b), a * torch.tanh(raw / a)
@@ -181,12 +200,17 @@ class ConditionalTopPrior(FlowLayer):
             ``(eps [B, C, *spatial], logdet [B])``.
         """
         mean, log_std = self._prior(x, condition)
-        return (x - mean) * torch.exp(-log_std), -log_std.flatten(1).sum(1) * math.prod(x.shape[2:])
+        return (x - mean) * torch.exp(-log_std), -self._log_std_sum(log_std, x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x = mu + eps e^{log sigma}``; returns ``(x, -logdet)``."""
         mean, log_std = self._prior(y, condition)
-        return torch.addcmul(mean, y, log_std.exp()), log_std.flatten(1).sum(1) * math.prod(y.shape[2:])
+        return torch.addcmul(mean, y, log_std.exp()), self._log_std_sum(log_std, y)
+
+    @staticmethod
+    def _log_std_sum(log_std: Tensor, x: Tensor) -> Tensor:
+        """``sum log sigma`` over every entry of ``x`` ``[B]`` (a per-channel log-std counts once per position)."""
+        return log_std.flatten(1).sum(1) * (x[0, 0].numel() // log_std[0, 0].numel())
 
 
 class FineGrainedLevel(FlowLayer):

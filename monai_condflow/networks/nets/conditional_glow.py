@@ -147,6 +147,9 @@ class ConditionalGlow(nn.Module):
             by the trainer; :meth:`sample` then takes one score-based denoising step
             ``x + noise_std^2 * grad_x log p(x | z)`` (0: no noise, no denoising).
         denoise: default of :meth:`sample`'s ``denoise`` (whether a noise-trained flow takes the denoising step).
+        spatial_top_prior: give the top latent's conditional prior one mean and log-std per entry (a linear map
+            from ``z`` to ``[2C, H / 2^L, W / 2^L]``, :class:`ConditionalTopPrior` ``spatial_shape``) instead of
+            one per channel broadcast over space (Glow's); fixes the image size. ``False`` (default).
 
     Example::
 
@@ -178,6 +181,7 @@ class ConditionalGlow(nn.Module):
         guidance: float = 1.0,
         noise_std: float = 0.0,
         denoise: bool = True,
+        spatial_top_prior: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_dropout < 1.0:
@@ -241,7 +245,10 @@ class ConditionalGlow(nn.Module):
                 ]
                 keep, splits = channels, []
                 if lvl == num_levels - 1:
-                    layers.append(ConditionalTopPrior(spatial_dims, channels, condition_dim, scale_bound, shift_bound))
+                    top_size = tuple(s // self.size_multiple for s in self.image_size) if spatial_top_prior else None
+                    layers.append(
+                        ConditionalTopPrior(spatial_dims, channels, condition_dim, scale_bound, shift_bound, top_size)
+                    )
                     keep, splits = 0, [channels]
             levels.append(FlowSequential(*layers))
             level_channels.append(channels)
@@ -295,6 +302,7 @@ class ConditionalGlow(nn.Module):
             "guidance": guidance,
             "noise_std": noise_std,
             "denoise": bool(denoise),
+            "spatial_top_prior": bool(spatial_top_prior),
         }
         self.cond_dropout = float(cond_dropout)
         self.guidance = float(guidance)

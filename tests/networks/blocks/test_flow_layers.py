@@ -69,6 +69,8 @@ def _layers() -> dict[str, tuple[nn.Module, tuple[int, ...], bool]]:
         "split": (FineGrainedSplit(2, 4, 1, COND, 8), (2, 4, 4, 4), True),
         "top_prior": (ConditionalTopPrior(2, 4, COND), (2, 4, 2, 2), True),
         "top_prior_uncond": (ConditionalTopPrior(2, 4, 0), (2, 4, 2, 2), False),
+        "top_prior_spatial": (ConditionalTopPrior(2, 4, COND, spatial_shape=(2, 3)), (2, 4, 2, 3), True),
+        "top_prior_spatial_uncond": (ConditionalTopPrior(2, 3, 0, spatial_shape=(3, 2)), (2, 3, 3, 2), False),
         "step": (ConditionalFlowStep(2, 4, COND, 8), (2, 4, 4, 4), True),
         "sequential": (FlowSequential(Squeeze(2), ConditionalFlowStep(2, 4, COND, 8)), (2, 1, 4, 4), True),
         "level": (FineGrainedLevel(2, 8, COND, num_blocks=2, num_steps=1, hidden_channels=8), (2, 8, 2, 2), True),
@@ -113,7 +115,7 @@ def test_exact_inverse(name):
         torch.testing.assert_close(logdet_inv, -logdet, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["coupling", "split", "top_prior", "step"])
+@pytest.mark.parametrize("name", ["coupling", "split", "top_prior", "top_prior_spatial", "step"])
 def test_zero_init_is_identity_transform(name):
     layer, shape, conditional = _layers()[name]
     x = torch.randn(shape)
@@ -364,3 +366,19 @@ def test_invconv_triangular_inverse_matches_linalg_inv():
         reference = torch.linalg.inv(layer._compose(torch.float64)).float()
     torch.testing.assert_close(inverse, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(weight @ inverse, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_spatial_top_prior_places_the_mean_per_entry_and_checks_the_size():
+    """per-entry prior: the standardised latent of x = mu(z) is zero everywhere, though mu varies over space."""
+    layer = ConditionalTopPrior(2, 2, COND, spatial_shape=(2, 3)).double()
+    cond = torch.randn(3, COND, dtype=torch.float64)
+    perturb(layer, 0.5)
+    mean, log_std = layer._prior(torch.zeros(3, 2, 2, 3, dtype=torch.float64), cond)
+    assert mean.shape == (3, 2, 2, 3) and mean.flatten(2).std(2).min() > 1e-3  # not constant over space
+    eps, logdet = layer(mean, cond)
+    assert eps.abs().max() < 1e-12
+    torch.testing.assert_close(logdet, -log_std.flatten(1).sum(1))
+    with pytest.raises(ValueError, match=r"spatial size \[2, 3\] got \[3, 2\]"):
+        layer(torch.zeros(3, 2, 3, 2, dtype=torch.float64), cond)
+    with pytest.raises(ValueError, match="spatial_shape needs 2 sizes"):
+        ConditionalTopPrior(2, 2, COND, spatial_shape=(4,))

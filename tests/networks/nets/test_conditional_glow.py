@@ -409,3 +409,23 @@ def test_compile_sampling_is_opt_in_and_matches_eager():
     eager = model.compile_sampling(False).sample(z, generator=torch.Generator().manual_seed(5))
     assert model._compiled_inverse is None
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_spatial_top_prior_flow_is_exact_and_fixes_the_image_size():
+    """``spatial_top_prior``: brute-force log-det and round trip hold, the prior has one mean per top-latent entry
+    (16 px, 3 levels: a 48 x 2 x 2 top latent), and other sizes are refused."""
+    model = tiny(image_size=16, spatial_top_prior=True).double()
+    top = model.levels[-1][-1]
+    assert top.spatial_shape == (2, 2) and top.proj.out_features == 2 * 48 * 4
+    x, z = images(2, 16).double(), conditions(2).double()
+    model.initialize(x, z)
+    perturb(model, 0.3)
+    nu, logdet = model(x, z)
+    jac = torch.autograd.functional.jacobian(lambda v: model(v.view(1, 1, 16, 16), z[:1])[0][0], x[0])
+    torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac.reshape(256, 256))[1], atol=1e-8, rtol=1e-8)
+    back, inv_logdet = model.inverse(nu, z)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(inv_logdet, -logdet, atol=1e-8, rtol=1e-8)
+    assert model.config["spatial_top_prior"] is True
+    with pytest.raises(ValueError, match="spatial size"):
+        model(images(2, 32).double(), z)
