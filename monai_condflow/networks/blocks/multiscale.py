@@ -210,7 +210,7 @@ class ConditionalTopPrior(FlowLayer):
     @staticmethod
     def _log_std_sum(log_std: Tensor, x: Tensor) -> Tensor:
         """``sum log sigma`` over every entry of ``x`` ``[B]`` (a per-channel log-std counts once per position)."""
-        return log_std.flatten(1).sum(1) * (x[0, 0].numel() // log_std[0, 0].numel())
+        return log_std.flatten(1).sum(1) * (math.prod(x.shape[2:]) // math.prod(log_std.shape[2:]))
 
 
 class FineGrainedLevel(FlowLayer):

@@ -378,6 +378,8 @@ def test_spatial_top_prior_places_the_mean_per_entry_and_checks_the_size():
     eps, logdet = layer(mean, cond)
     assert eps.abs().max() < 1e-12
     torch.testing.assert_close(logdet, -log_std.flatten(1).sum(1))
+    empty = layer(torch.zeros(0, 2, 2, 3, dtype=torch.float64), torch.zeros(0, COND, dtype=torch.float64))
+    assert empty[0].shape == (0, 2, 2, 3) and empty[1].shape == (0,)  # an empty batch is not an error
     with pytest.raises(ValueError, match=r"spatial size \[2, 3\] got \[3, 2\]"):
         layer(torch.zeros(3, 2, 3, 2, dtype=torch.float64), cond)
     with pytest.raises(ValueError, match="spatial_shape needs 2 sizes"):
