@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from monai_condflow.utils import distributed as D
+from tests.engines.state_diff import max_state_diff
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +43,15 @@ HAS_CLASSIFIER = importlib.util.find_spec("monai_condflow.engines.classifier") i
 SCENARIOS = ["flow", "flow64", "nan", *(["classifier"] if HAS_CLASSIFIER else []), "crash"]
 
 
+def _max_abs_diff(a: dict, b: dict) -> float:
+    return max_state_diff(a, b, floats_only=False)  # integer buffers must match too
+
+
 def _load_worker():
     spec = importlib.util.spec_from_file_location("condflow_dist_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    return max(
-        ((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
-        if a[k].is_floating_point()
-        else float(not torch.equal(a[k], b[k]))
-        for k in a
-    )
 
 
 @pytest.fixture(scope="module")

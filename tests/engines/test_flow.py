@@ -35,6 +35,7 @@ from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_chec
 from monai_condflow.networks.nets.pepx_net import PEPXNet
 from monai_condflow.utils.distributed import create_loader
 from monai_condflow.utils.io import MODEL_FILE
+from tests.engines.state_diff import max_state_diff
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -60,17 +61,6 @@ def _train(out: Path, *, max_epochs=2, flow_seed=1, stop_after=None, record=None
 
 def _state(trainer) -> dict:
     return {k: v.clone() for k, v in trainer.network.flow.state_dict().items()}
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    """largest entry-wise difference of two state dicts (shapes must agree; an empty buffer, e.g. an unfitted
-    sampling prior, compares equal to an empty buffer)."""
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    return max(
-        (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
-        for k in a
-        if a[k].is_floating_point()
-    )
 
 
 def test_warmup_then_exponential_decay():
@@ -110,7 +100,7 @@ def test_two_seeded_runs_are_identical(tmp_path):
     t1, e1, l1 = _train(tmp_path / "a")
     t2, e2, l2 = _train(tmp_path / "b")
     assert l1 == l2 and e1.state.metrics == e2.state.metrics
-    assert _max_diff(_state(t1), _state(t2)) == 0.0
+    assert max_state_diff(_state(t1), _state(t2)) == 0.0
 
 
 def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -124,7 +114,7 @@ def test_resume_after_a_kill_at_an_epoch_boundary_equals_the_uninterrupted_run(t
     assert calls == []  # ActNorm state came from the checkpoint
     assert resumed.state.epoch == 3 and len(rest) == 2
     assert first + rest == full_losses
-    assert _max_diff(_state(full), _state(resumed)) <= 1e-6
+    assert max_state_diff(_state(full), _state(resumed)) <= 1e-6
 
 
 def test_resume_skips_partial_corrupt_and_unknown_files(tmp_path):

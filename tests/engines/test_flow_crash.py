@@ -34,6 +34,7 @@ from monai_condflow.engines.stages import finish_flow_stage
 from monai_condflow.handlers.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint
 from monai_condflow.transforms import Dequantized
 from monai_condflow.utils.distributed import create_loader
+from tests.engines.state_diff import max_state_diff
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -63,17 +64,6 @@ def _train(out: Path, *, max_epochs=3, random_transforms=False, stop_at_iteratio
 
 def _weights(trainer) -> dict:
     return {k: v.clone() for k, v in trainer.network.flow.state_dict().items()}
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    """largest entry-wise difference of two state dicts (shapes must agree; an empty buffer, e.g. an unfitted
-    sampling prior, compares equal to an empty buffer)."""
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    return max(
-        (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
-        for k in a
-        if a[k].is_floating_point()
-    )
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -124,7 +114,7 @@ def test_a_kill_at_every_checkpoint_write_point_leaves_a_folder_that_resumes(tmp
             (folder / name).write_bytes(data)
         resumed = _train(folder, resume_from=folder)
         assert resumed.state.epoch == 3, label
-        assert _max_diff(reference, _weights(resumed)) <= 1e-6, label
+        assert max_state_diff(reference, _weights(resumed)) <= 1e-6, label
         assert not [p.name for p in folder.iterdir() if p.name.startswith("tmp") or p.name.endswith(".tmp")], label
         finish_flow_stage(folder, resumed.network.flow, {"preset": "tiny"})  # keeps the run's model.pt
         assert "network" in load_checkpoint(folder / "model.pt"), label
@@ -164,7 +154,7 @@ def test_a_real_kill_9_during_a_rotation_then_resume(tmp_path, op, k):
     assert proc.returncode == -9, proc.stderr[-2000:]
     resumed = _train(run, resume_from=run)
     assert resumed.state.epoch == 3
-    assert _max_diff(_weights(_train(tmp_path / "full")), _weights(resumed)) <= 1e-6
+    assert max_state_diff(_weights(_train(tmp_path / "full")), _weights(resumed)) <= 1e-6
 
 
 def test_a_deleted_best_checkpoint_does_not_block_resume(tmp_path):
@@ -245,7 +235,7 @@ def test_resume_after_a_kill_mid_epoch_equals_the_uninterrupted_run_with_random_
     assert load_checkpoint(cut / "state_checkpoint_epoch=2.pt")["trainer"]["iteration"] == 4
     resumed = _train(cut, random_transforms=True, resume_from=cut)
     assert resumed.state.epoch == 3
-    assert _max_diff(reference, _weights(resumed)) <= 1e-6
+    assert max_state_diff(reference, _weights(resumed)) <= 1e-6
 
 
 @pytest.mark.parametrize("val_interval", [1, 5])
@@ -319,7 +309,7 @@ def test_a_run_folder_with_the_old_checkpoint_names_resumes(tmp_path):
     assert all(torch.equal(load_checkpoint(ended / "model.pt")["network"][k], v) for k, v in best.items())
     resumed = _train(run, resume_from=run)
     assert resumed.state.epoch == 3
-    assert _max_diff(reference, _weights(resumed)) <= 1e-6
+    assert max_state_diff(reference, _weights(resumed)) <= 1e-6
     assert not (run / "latest_checkpoint_1.pt").exists() and (run / "state_checkpoint_epoch=3.pt").is_file()
     finish_flow_stage(run, resumed.network.flow, {"preset": "tiny"})
     assert json.loads((run / "flow.json").read_text())["selected_epoch"] in (2, 3)
