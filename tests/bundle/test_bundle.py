@@ -248,6 +248,17 @@ def test_verify_metadata_and_network(meta_file: str, config_file: str):
     assert "verified with no error" in net.stdout + net.stderr
 
 
+@pytest.mark.parametrize("overrides, expected", [({}, "onecycle"), ({"schedule": "exponential"}, "exponential")])
+def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dataset, monkeypatch, overrides, expected):
+    """``evaluate.json``'s ``schedule`` (default one-cycle) and ``lr`` reach every evaluation classifier's training."""
+    import monai_condflow.evaluation.report as report
+
+    seen = {}
+    monkeypatch.setattr(report, "run_evaluation", lambda *args, **kwargs: seen.update(kwargs))
+    _run(["evaluate.json"], **TINY, dataset_dir=str(dataset), output_dir=str(trained_run), lr=0.004, **overrides)
+    assert seen["train_kwargs"] == {"max_epochs": 1, "lr": 0.004, "batch_size": 16, "schedule": expected}
+
+
 @pytest.mark.parametrize(
     "files, overrides, error, text",
     [
@@ -257,6 +268,7 @@ def test_verify_metadata_and_network(meta_file: str, config_file: str):
         (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
         (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
+        (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
     ],
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
