@@ -687,6 +687,11 @@ def run_evaluation(
     metrics["fid_floor"] = floor
     metrics["temperature"] = float(temperature)
     metrics["seed"] = int(seed)
+    # how every evaluation classifier was trained (the arguments given to fit_fn; absent ones take its defaults)
+    metrics["evaluation_training"] = {
+        k: v if isinstance(v, (int, float, str, bool)) or v is None else repr(v)
+        for k, v in (train_kwargs or {}).items()
+    }
 
     samples: dict[str, torch.Tensor] = {}
     for c in range(num_classes):
@@ -771,6 +776,10 @@ def run_evaluation(
         counts = torch.bincount(s[1], minlength=num_classes).tolist()
         summary[f"{split} per class"] = ", ".join(f"{names[c]}: {n}" for c, n in enumerate(counts))
     summary["synthetic sets (flow)"] = f"{n_synthetic_sets} x {train[1].numel()} (T = {temperature})"
+    summary["evaluation classifiers (TRTR, TSTR, augmentation, FID features)"] = (
+        ", ".join(f"{k} {v}" for k, v in sorted(metrics["evaluation_training"].items()))
+        or "the fit function's defaults"
+    ) + ("" if fit_fn is default_fit_fn else f" ({getattr(fit_fn, '__name__', 'custom fit function')})")
     fs = metrics["samples"]
     lo, hi = fs["range"]
     summary["flow samples overflowed before clamping"] = (

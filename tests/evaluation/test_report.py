@@ -216,8 +216,10 @@ def test_run_evaluation_end_to_end(tmp_path):
         augmentation=True,
         batch_size=16,
         class_names=["non-COVID", "COVID"],
+        train_kwargs={"max_epochs": 3, "schedule": "onecycle"},
     )
     assert metrics["trtr"]["accuracy"] == 1.0 and metrics["tstr"]["accuracy"] > 0.95
+    assert metrics["evaluation_training"] == {"max_epochs": 3, "schedule": "onecycle"}
     assert metrics["class_agreement"] > 0.95 and metrics["nonfinite_fraction"] > 0
     # the stand-in's first image of every call (16 per batch) is NaN: counted before clamping, then dropped
     samples = metrics["samples"]
@@ -240,6 +242,10 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert "| 8 / 104 (" in text and "non-finite flow samples dropped" not in text
     assert "8 of 104 images had pixels outside [-0.25, 1.25] or non-finite" in text
     assert "standard N(0, T^2 I)" in text
+    assert (
+        "| evaluation classifiers (TRTR, TSTR, augmentation, FID features) | max_epochs 3, schedule onecycle (_fit) |"
+        in text
+    )
     assert data["samples"]["images_with_overflow"] == samples["images_with_overflow"]
     assert (tmp_path / "figures" / "augmentation.png").is_file()
 
