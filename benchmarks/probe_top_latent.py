@@ -145,7 +145,7 @@ def probe_flow(
     from monai_condflow.evaluation.plots import image_grid
     from monai_condflow.evaluation.tstr import predict
     from monai_condflow.metrics.fid import fid_from_features
-    from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
+    from monai_condflow.networks.nets.conditional_glow import clamp_decoded
     from monai_condflow.privacy.audits import dcr_audit
 
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -159,7 +159,6 @@ def probe_flow(
     classes = predict(classifier, x0)  # the class the pipeline conditions each slice on
     floor = fid_from_features(feat_val, feat_test)
     top = latents[-1].flatten(1)
-    low, high = SAMPLE_RANGE
     rows: dict[str, Any] = {}
     for source in sources:
         kind, values = parse_source(source)
@@ -171,8 +170,9 @@ def probe_flow(
             new_top = sampler(idx, generator).reshape(latents[-1][idx].shape).float()
             with torch.no_grad():
                 x = flow.decode([*finer, new_top], z[idx])
-            overflow.append(((x < low) | (x > high) | ~torch.isfinite(x)).flatten(1).sum(1))
-            images.append(x.nan_to_num(0.5).clamp(0, 1))
+            x, over, _ = clamp_decoded(x)
+            overflow.append(over)
+            images.append(x)
         x, overflow = torch.cat(images), torch.cat(overflow)
         row = judge_rows(x, overflow, labels, predict(judge, x))
         with torch.no_grad():

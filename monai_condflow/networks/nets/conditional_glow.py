@@ -42,12 +42,31 @@ from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.pixel_spline import PixelSpline
 from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
 
-__all__ = ["ConditionalGlow", "SAMPLE_RANGE"]
+__all__ = ["ConditionalGlow", "SAMPLE_RANGE", "clamp_decoded"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 # a decoded pixel outside this range (images live in [0, 1]) or non-finite counts as overflowed (R26)
 SAMPLE_RANGE: tuple[float, float] = (-0.25, 1.25)
+
+
+def clamp_decoded(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, per image, the decoded pixels outside :data:`SAMPLE_RANGE` or non-finite, *then* make them finite
+    (NaN -> 0.5, +inf -> 1, -inf -> 0) and clamp to ``[0, 1]``.
+
+    Args:
+        x: decoded images ``[B, ...]``.
+
+    Returns:
+        ``(images [B, ...] in [0, 1], overflow_pixels [B], nonfinite_pixels [B])``.
+    """
+    flat = x.flatten(1)
+    finite = torch.isfinite(flat)
+    lo, hi = SAMPLE_RANGE
+    overflow = (~finite | (flat < lo) | (flat > hi)).sum(1)
+    nonfinite = (~finite).sum(1)
+    return torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0), overflow, nonfinite
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Das et al. 2022: 4 levels, 8 steps in the first and last, 3 x 8 in the two inner ones, hidden 24/512/512/512.
@@ -742,12 +761,7 @@ class ConditionalGlow(nn.Module):
             x = x.clone()  # an ordinary tensor for callers outside inference mode (and for the denoising step)
             if (self.denoise_samples if denoise is None else denoise) and self.noise_std > 0:
                 x = self.denoise(x, cond)
-        flat = x.flatten(1)
-        finite = torch.isfinite(flat)
-        lo, hi = SAMPLE_RANGE
-        overflow = (~finite | (flat < lo) | (flat > hi)).sum(1)
-        nonfinite = (~finite).sum(1)
-        x = torch.nan_to_num(x, nan=0.5, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+        x, overflow, nonfinite = clamp_decoded(x)
         if return_stats:
             return x, {"overflow_pixels": overflow, "nonfinite_pixels": nonfinite}
         return x

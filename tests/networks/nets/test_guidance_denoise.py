@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from monai_condflow.networks.blocks.coupling import GuidedCondition
-from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE, ConditionalGlow
+from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE, ConditionalGlow, clamp_decoded
 
 TINY = {"num_levels": 3, "num_steps": 2, "num_blocks": (1, 1, 1), "hidden_channels": 8, "image_size": 16}
 
@@ -133,3 +133,14 @@ def test_sample_denoises_only_a_noise_trained_flow_and_counts_before_clamping(mo
     assert (stats["overflow_pixels"] - base["overflow_pixels"]).tolist() == [3, 2, 1, 0]
     assert (stats["nonfinite_pixels"] - base["nonfinite_pixels"]).tolist() == [0, 2, 0, 0]
     assert bool(torch.isfinite(x).all()) and x.min() >= 0 and x.max() <= 1
+
+
+def test_clamp_decoded_counts_before_it_clamps():
+    lo, hi = SAMPLE_RANGE
+    x = torch.full((3, 1, 2, 2), 0.5)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = hi + 0.5, lo - 0.5  # two overflowed
+    x[1, 0, 1, 0], x[1, 0, 1, 1] = float("nan"), float("inf")  # two non-finite (also overflowed)
+    x[2, 0, 0, 0] = 1.1  # above 1, inside the sane range: clamped, not counted
+    out, overflow, nonfinite = clamp_decoded(x)
+    assert overflow.tolist() == [2, 2, 0] and nonfinite.tolist() == [0, 2, 0]
+    assert out[1, 0, 1].tolist() == [0.5, 1.0] and out[0, 0, 0].tolist() == [1.0, 0.0] and out[2, 0, 0, 0] == 1.0
