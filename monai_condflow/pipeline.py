@@ -31,6 +31,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai_condflow.utils.bundle import BUNDLE_ROOT
+
 __all__ = [
     "BUNDLE_ROOT",
     "DESCRIPTION",
@@ -49,18 +51,6 @@ __all__ = [
 ]
 
 
-def _find_bundle_root() -> Path:
-    """The bundle shipped with the package: ``monai_condflow/bundle`` in an installed wheel (package data, see
-    ``setup.py``), else the checkout's top-level ``bundle/`` (a source tree or an editable install)."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "bundle"
-    if (packaged / "configs" / "metadata.json").is_file():
-        return packaged
-    return here.parent / "bundle"
-
-
-BUNDLE_ROOT = _find_bundle_root()
-"""The default ``--bundle-root``: the bundle (``configs/``, ``docs/``, ``LICENSE``) that ships with the package."""
 COMMON_CONFIG = "common.json"
 """The config every stage stacks first: the shared ids (data, device, seed) and the ``records`` block."""
 

@@ -27,12 +27,12 @@ from .flow import (
     FlowBitsPerDim,
     FlowTrainer,
     conditions_per_class,
-    create_flow_trainer,
     first_global_batch,
     freeze_null_condition,
     initialize_flow,
     warmup_exponential_lambda,
 )
+from .flow_trainer import create_flow_trainer
 from .generation import (
     GENERATION_MODES,
     generate,

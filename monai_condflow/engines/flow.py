@@ -19,53 +19,37 @@ The step differs from the supervised one in three ways, so :class:`FlowTrainer` 
 - a non-finite loss or gradient norm on *any* rank skips the optimizer step on *all* ranks (an all-reduce
   decides); the backward pass always runs on every rank so that DDP never waits for a missing rank.
 
-:func:`create_flow_trainer` wires the paper's recipe (AdamW, linear warm-up then exponential decay, ActNorm
-initialisation once before DDP, validation bits/dim, atomic checkpoints with resume, TensorBoard, sample grids).
+The bundle's ``train_flow.json`` wires the stage (AdamW, linear warm-up then exponential decay, ActNorm initialisation
+once before DDP, validation bits/dim, atomic checkpoints with resume, TensorBoard, sample grids) from the pieces here;
+:func:`monai_condflow.engines.flow_trainer.create_flow_trainer` builds the same config from Python.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
 from monai.utils import CommonKeys as Keys
-from monai.utils import optional_import, set_determinism
+from monai.utils import optional_import
 from torch.utils.data import DataLoader
 
 from monai_condflow.engines.outputs import StepOutput
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
-from monai_condflow.handlers.checkpoint import (
-    LoaderRandomState,
-    RandomStateTracker,
-    find_latest_checkpoint,
-    load_checkpoint,
-    remove_temp_files,
-)
-from monai_condflow.handlers.epoch_checkpoint import EpochCheckpointer
-from monai_condflow.metrics.bits_per_dim import BitsPerDim, bits_per_dim_from_latent
-from monai_condflow.utils.checks import check_positive_int, check_temperature
+from monai_condflow.metrics.bits_per_dim import bits_per_dim_from_latent
 from monai_condflow.utils.distributed import (
     all_gather_tensors,
     any_across_ranks,
     get_rank,
-    is_distributed,
     unwrap_model,
-    wrap_ddp,
 )
-from monai_condflow.utils.io import MODEL_FILE, STATE_PREFIX
+from monai_condflow.utils.io import STATE_PREFIX
 
 Events, _ = optional_import("ignite.engine", name="Events")
-Engine, _ = optional_import("ignite.engine", name="Engine")
-Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
-SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
 __all__ = [
     "FLOW_STATE_PREFIXES",
@@ -78,7 +62,6 @@ __all__ = [
     "freeze_null_condition",
     "conditions_per_class",
     "lower_is_better",
-    "create_flow_trainer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,10 +106,6 @@ class FlowBitsPerDim(torch.nn.Module):
             return self.flow.bits_per_dim(x, condition, n_bits=self.n_bits)
         nu, logdet = self.flow(x, condition)
         return bits_per_dim_from_latent(nu, logdet, x[0].numel(), self.n_bits)
-
-
-def _loss_value(output: Mapping[str, Any]) -> float:
-    return float(output[Keys.LOSS].item())
 
 
 def _mean_loss(pred: torch.Tensor, target: Any = None) -> torch.Tensor:
@@ -535,448 +514,3 @@ def conditions_per_class(
 def lower_is_better(current: float, best: float) -> bool:
     """``metric_cmp_fn`` of an evaluator whose key metric improves downwards (bits/dim)."""
     return current < best
-
-
-def create_flow_trainer(
-    flow: torch.nn.Module,
-    classifier: torch.nn.Module | None,
-    train_loader: DataLoader,
-    val_loader: DataLoader | None = None,
-    *,
-    device: str | torch.device,
-    max_epochs: int,
-    output_dir: str | os.PathLike,
-    lr: float = 5e-4,
-    weight_decay: float = 1e-6,
-    betas: tuple[float, float] = (0.5, 0.999),
-    warmup_epochs: int = 10,
-    lr_decay: float = 0.99,
-    max_grad_norm: float | None = 50.0,
-    n_bits: int = 8,
-    val_interval: int = 1,
-    sample_every: int = 0,
-    sample_conditions: Mapping[int, torch.Tensor] | None = None,
-    sample_temperature: float = 0.9,
-    resume_from: str | os.PathLike | None = None,
-    seed: int = 0,
-    log_every: int = 10,
-    tensorboard: bool = True,
-    tensorboard_dir: str | os.PathLike | None = None,
-    n_saved: int = 2,
-    extra_train_handlers: Sequence[Any] = (),
-    dp: Mapping[str, Any] | None = None,
-    public_init: bool = False,
-    settings: Mapping[str, Any] | None = None,
-    ema_decay: float | None = None,
-    spike_threshold: float | None = None,
-    early_stop_patience: int = 0,
-) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
-    """
-    Build the flow trainer (and its validation evaluator) with the paper's recipe.
-
-    Order of set-up: the flow is moved to ``device``; a checkpoint is loaded when resuming; *then*, only if the
-    flow is still not initialised, its ActNorms are initialised on the first global training batch (every rank
-    gathers the first batches of all ranks, so one process and N processes initialise on the same images); only
-    then is the network wrapped in DDP (which broadcasts rank 0's parameters).
-
-    Outputs in ``output_dir``, the names of the bundle's flow stage (``train_flow.json``):
-    ``state_checkpoint_epoch={epoch}.pt`` (prefix :data:`~monai_condflow.utils.io.STATE_PREFIX`: flow, optimizer, lr
-    scheduler, trainer, random states, checkpoint bookkeeping; the last ``n_saved`` epochs), ``model.pt``
-    (:data:`~monai_condflow.utils.io.MODEL_FILE`: ``{"network": state_dict}`` of the evaluated flow, the EMA average
-    when ``ema_decay`` is set, at the lowest validation bits/dim so far; replaced only by a better epoch),
-    ``tensorboard/`` (or ``tensorboard_dir``) and ``samples/``. All files are written atomically by rank 0.
-    Without ``val_loader`` or under ``dp`` no ``model.pt`` is written during training
-    (:func:`~monai_condflow.engines.stages.finish_flow_stage` then writes the last epoch's weights).
-
-    Args:
-        flow: the conditional flow (``ConditionalGlow`` or any module with ``forward(x, z) -> (nu, logdet)``).
-        classifier: frozen classifier computing ``z = embed(x)`` on the fly, or ``None`` when the batches carry a
-            ``condition`` key.
-        train_loader: training batches (use :func:`~monai_condflow.utils.distributed.create_loader`).
-        val_loader: validation batches, or ``None`` (no evaluator, no ``model.pt`` chosen on validation).
-        device: the run's device.
-        max_epochs: total epochs (also when resuming).
-        output_dir: where checkpoints, TensorBoard logs and sample grids go.
-        lr: AdamW learning rate (peak, after warm-up).
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_epochs: epochs of linear warm-up (per iteration).
-        lr_decay: exponential decay factor per epoch after warm-up.
-        max_grad_norm: gradient-norm clipping threshold (``None``: no clipping).
-        n_bits: bits of the quantised data for bits/dim.
-        val_interval: validate every N epochs.
-        sample_every: write sample grids every N epochs (0: never).
-        sample_conditions: class -> ``[n, condition_dim]`` conditions for the grids; default: up to 4 per class from
-            the first training batch.
-        sample_temperature: temperature of the grids.
-        resume_from: a ``.pt`` checkpoint file (must exist), or a folder whose newest valid ``state_*.pt`` is used
-            (an older run's ``latest_*.pt`` too, :data:`FLOW_STATE_PREFIXES`; a missing or empty folder starts
-            fresh, so the same command serves first start and restart).
-        seed: seeds torch / numpy / random (``monai.utils.set_determinism``).
-        log_every: log the training loss every N iterations.
-        tensorboard: write TensorBoard scalars (and grids) on rank 0.
-        tensorboard_dir: folder of the TensorBoard files (default ``output_dir/tensorboard``; the bundle's flow
-            stage uses ``OUTPUT_DIR/tensorboard/flow`` beside the other stages).
-        n_saved: how many ``state`` checkpoints to keep.
-        extra_train_handlers: more handlers to attach to the trainer.
-        dp: DP-SGD settings, or ``None`` for ordinary training: ``target_epsilon``, ``target_delta`` (required),
-            ``max_grad_norm`` (per-example clipping norm, default 1.0), ``accountant`` (default ``"prv"``). The flow
-            keeps the identity ActNorm / PixelNorm initialisation (no data-dependent init), the loader becomes a
-            Poisson loader, the noise follows from the target over ``max_epochs``, the accountant's state is saved
-            in the ``state`` checkpoints (a resumed run continues the accounting; resuming with another
-            ``max_epochs`` or target is refused), ``output_dir/privacy.json`` and the
-            TensorBoard tag ``privacy/epsilon`` record the epsilon spent, and no epoch is selected on validation
-            data (no ``model.pt`` during training: the last epoch is the model). One process only.
-        public_init: with ``dp``: the ``flow`` passed in is already initialised with weights learned on *public*
-            data only (e.g. :func:`monai_condflow.privacy.public.load_pretrained_weights`), so DP-SGD fine-tunes it
-            instead of starting from the identity initialisation. An initialised flow without it is refused under DP.
-        settings: more settings the run's files depend on (dataset, labels, hold-out, preset ...), recorded with the
-            trainer's own (lr, weight decay, betas, warm-up, decay, clipping, bits, seed) in
-            ``output_dir/run_settings.json``; a rerun into the folder with another value is refused with the setting
-            named.
-        ema_decay: keep an exponential moving average of the weights (:class:`~monai_condflow.engines.ema.ModelEMA`)
-            with this decay; validation, ``model.pt`` and the sample grids then use the average
-            (``trainer.ema.module``), and the ``state`` checkpoints hold it for resume. ``None`` or 0: off. Not
-            used under DP.
-        spike_threshold: the trainer's loss-spike guard in bits/dim (see :class:`FlowTrainer`); ``None``: off.
-        early_stop_patience: stop when validation bits/dim has not improved for this many validations (0: never).
-
-    Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
-    after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
-    of an interrupted save are deleted; a ``model.pt`` of an earlier run is never taken for this run's (a fresh
-    start's empty bookkeeping replaces it at the first validation). One process writes into ``output_dir`` at a
-    time (a lock, rank 0). The loader's own random streams (shuffling, dequantisation noise, augmentation) are
-    saved with each ``state`` checkpoint, so a resumed run equals the uninterrupted one.
-
-    Returns:
-        ``(trainer, evaluator)``; ``evaluator`` is ``None`` without ``val_loader``. Call ``trainer.run()``.
-
-    Raises:
-        ValueError: bad hyper-parameters.
-        CheckpointError: ``resume_from`` is a file that cannot be loaded safely.
-        RunSettingsError: ``output_dir`` holds the files of a run with other settings.
-        OutputFolderLockedError: another process writes into ``output_dir``.
-    """
-    check_positive_int("max_epochs", max_epochs)
-    if not lr > 0 or weight_decay < 0 or not 0 < lr_decay <= 1:
-        raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
-    check_temperature(sample_temperature, "sample_temperature")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
-    if warmup_epochs < 0 or n_saved < 1:
-        raise ValueError(f"bad settings: warmup_epochs={warmup_epochs}, n_saved={n_saved}.")
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}.")
-    if early_stop_patience < 0:
-        raise ValueError(f"early_stop_patience must be >= 0, got {early_stop_patience}.")
-    if dp is not None:
-        from monai_condflow.privacy.dp import check_dp_settings
-
-        dp = check_dp_settings(dp)
-        if is_distributed():
-            raise ValueError("DP-SGD flow training runs in one process; start it without torchrun.")
-    if val_interval < 1 or sample_every < 0 or log_every < 1:
-        raise ValueError(
-            f"bad intervals: val_interval={val_interval}, sample_every={sample_every}, log_every={log_every}."
-        )
-    device = torch.device(device)
-    output_dir = Path(output_dir)
-    rank = get_rank()
-    output_lock = _open_output_dir(
-        output_dir,
-        rank,
-        {"lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_epochs": warmup_epochs,
-         "lr_decay": lr_decay, "max_grad_norm": max_grad_norm, "n_bits": n_bits, "seed": seed,
-         **dict(settings or {})},
-    )  # fmt: skip
-    set_determinism(seed=seed)
-
-    flow = unwrap_model(flow).to(device)
-    prepare_batch = ConditionPrepareBatch(classifier=classifier)
-    if classifier is not None:
-        classifier.to(device)
-
-    # 1. resume: the flow's weights (ActNorm flags included) first, so a reloaded model is never re-initialised
-    checkpoint: dict | None = None
-    if resume_from is not None:
-        resume_path = Path(resume_from)
-        if resume_path.is_dir() or (not resume_path.exists() and resume_path.suffix != ".pt"):
-            found = find_latest_checkpoint(resume_path, FLOW_STATE_PREFIXES)
-            if found is None:
-                logger.info("no valid checkpoint in %s: starting from scratch.", resume_path)
-            else:
-                resume_path, checkpoint = found
-        else:
-            checkpoint = load_checkpoint(resume_path)
-        if checkpoint is not None:
-            Checkpoint.load_objects({"flow": flow}, checkpoint)
-            logger.info("resuming from %s", resume_path)
-
-    # 2. ActNorm initialisation, once, before DDP
-    init_batch = None
-    if checkpoint is None or (sample_every > 0 and sample_conditions is None):
-        init_batch = first_global_batch(train_loader, prepare_batch, device)
-    if not getattr(flow, "is_initialized", True) and dp is None:
-        if init_batch is None:
-            init_batch = first_global_batch(train_loader, prepare_batch, device)
-        initialize_flow(flow, init_batch)
-
-    # EMA of the weights (after the initialisation, so the copy starts initialised); its saved state comes in step 7
-    ema = None
-    if ema_decay and dp is None:
-        from monai_condflow.engines.ema import ModelEMA
-
-        ema = ModelEMA(flow, decay=ema_decay)
-    eval_flow = ema.module if ema is not None else flow
-
-    # 3. DDP, optimiser, schedule
-    network = wrap_ddp(FlowBitsPerDim(flow, n_bits=n_bits), device)
-    optimizer = torch.optim.AdamW(flow.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    dp_module = dp_engine = None
-    train_optimizer: torch.optim.Optimizer = optimizer
-    if dp is not None:
-        from monai_condflow.privacy.dp import make_private
-
-        freeze_null_condition(flow)
-
-        # a resumed flow is initialised by its own DP checkpoint, whose privacy cost the restored accountant holds
-        dp_module, train_optimizer, train_loader, dp_engine = make_private(
-            flow,
-            optimizer,
-            train_loader,
-            target_epsilon=dp["target_epsilon"],
-            target_delta=dp["target_delta"],
-            epochs=max_epochs,
-            max_grad_norm=dp["max_grad_norm"],
-            accountant=dp["accountant"],
-            public_init=checkpoint is not None or public_init,
-        )
-    epoch_length = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_exponential_lambda(epoch_length, warmup_epochs, lr_decay)
-    )
-
-    writer = None
-    if tensorboard and rank == 0:
-        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard" if tensorboard_dir is None else tensorboard_dir))
-
-    # 4. evaluator
-    evaluator = None
-    if val_loader is not None:
-        val_handlers: list = []
-        if rank == 0:
-            val_handlers.append(StatsHandler(iteration_log=False, output_transform=lambda _: None))
-            if writer is not None:
-                val_handlers.append(
-                    TensorBoardStatsHandler(writer, iteration_log=False, output_transform=lambda _: None)
-                )
-        evaluator = SupervisedEvaluator(
-            device=device,
-            val_data_loader=val_loader,
-            network=FlowBitsPerDim(eval_flow, n_bits=n_bits),
-            prepare_batch=prepare_batch,
-            key_val_metric={"val_bpd": BitsPerDim(output_transform=from_engine(Keys.PRED))},
-            metric_cmp_fn=lower_is_better,
-            val_handlers=val_handlers,
-            decollate=False,
-        )
-
-    # 5. trainer
-    train_handlers: list = [LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)]
-    if evaluator is not None:
-        train_handlers.append(ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=True))
-    if rank == 0:
-        train_handlers.append(
-            StatsHandler(
-                iteration_log=lambda _, it: it % log_every == 0,
-                tag_name="train_bpd",
-                output_transform=_loss_value,
-                state_attributes=["lr", "skipped_steps"],
-            )
-        )
-        if writer is not None:
-            train_handlers.append(
-                TensorBoardStatsHandler(
-                    writer,
-                    tag_name="train_bpd",
-                    output_transform=_loss_value,
-                    state_attributes=["lr", "skipped_steps"],
-                )
-            )
-    train_handlers.extend(extra_train_handlers)
-    trainer = FlowTrainer(
-        device=device,
-        max_epochs=max_epochs,
-        train_data_loader=train_loader,
-        network=network,
-        optimizer=train_optimizer,
-        max_grad_norm=max_grad_norm,
-        prepare_batch=prepare_batch,
-        train_handlers=train_handlers,
-        dp_module=dp_module,
-        n_bits=n_bits,
-        spike_threshold=spike_threshold,
-        lr_scheduler=scheduler,
-        ema=ema,
-    )
-    early_stopping = None
-    if evaluator is not None and early_stop_patience > 0:
-        EarlyStopping, _ = optional_import("ignite.handlers", name="EarlyStopping")
-        early_stopping = EarlyStopping(
-            patience=early_stop_patience,
-            score_function=lambda engine: -float(engine.state.metrics["val_bpd"]),
-            trainer=trainer,
-        )
-        evaluator.add_event_handler(Events.COMPLETED, early_stopping)
-    if dp_engine is not None:
-        from monai_condflow.handlers.privacy_accountant import PrivacyAccountantHandler
-        from monai_condflow.privacy.dp import dp_summary
-
-        PrivacyAccountantHandler(
-            dp_engine,
-            dp["target_delta"],
-            summary_writer=writer,
-            output_file=output_dir / "privacy.json" if rank == 0 else None,
-            summary_fn=lambda: {
-                **dp_summary(dp_engine, train_optimizer, dp_module, dp["target_delta"]),
-                "target_epsilon": dp["target_epsilon"],
-            },
-        ).attach(trainer)
-
-    if sample_every > 0 and rank == 0:
-        from monai_condflow.handlers.sample_grid import SampleGridHandler
-
-        conditions = sample_conditions
-        if conditions is None and init_batch is not None:
-            conditions = conditions_per_class(init_batch[1], init_batch[2])
-        if conditions:
-            SampleGridHandler(
-                eval_flow,
-                conditions,
-                every_n_epochs=sample_every,
-                temperature=sample_temperature,
-                summary_writer=writer,
-                output_dir=output_dir / "samples",
-                seed=seed,
-            ).attach(trainer)
-        else:
-            logger.warning("sample grids disabled: no labelled conditions available.")
-
-    # 6. checkpoints (atomic; rank 0 writes). model.pt is the best epoch on the evaluator's key metric.
-    best_handler = None
-    if evaluator is not None and dp is None:  # under DP, choosing an epoch on private validation data is not covered
-        best_handler = EpochCheckpointer(
-            output_dir,
-            {"model": {"network": eval_flow}},
-            "best",
-            n_saved=1,
-            metric_name="val_bpd",
-            mode="min",
-            filename=MODEL_FILE,
-        )
-        best_handler.attach(evaluator)
-    rng = RandomStateTracker()
-    to_save: dict[str, Any] = {
-        "flow": flow,
-        "optimizer": optimizer,
-        "lr_scheduler": scheduler,
-        "trainer": trainer,
-        "rng": rng,
-    }
-    if best_handler is not None:
-        to_save["best_checkpoint"] = best_handler
-    if ema is not None:
-        to_save["ema"] = ema
-    if early_stopping is not None:
-        to_save["early_stopping"] = early_stopping
-    loader_rng = LoaderRandomState(train_loader) if dp is None else None
-    if loader_rng is not None:
-        to_save["loader_rng"] = loader_rng
-    dp_plan = None
-    if dp_engine is not None:
-        from monai_condflow.privacy.dp import DPPlan  # refuses a resume with another plan
-
-        dp_plan = DPPlan(max_epochs=max_epochs, **{k: dp[k] for k in ("target_epsilon", "target_delta",
-                                                                      "max_grad_norm", "accountant")})  # fmt: skip
-        to_save["privacy_accountant"] = dp_engine.accountant
-        to_save["dp_plan"] = dp_plan
-    state_handler = EpochCheckpointer(output_dir, to_save, STATE_PREFIX, n_saved=n_saved, include_self=True)
-    # registered after the ValidationHandler, so the saved random state is the one the next epoch starts with
-    state_handler.attach(trainer)
-
-    if writer is not None:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: writer.flush())
-        trainer.add_event_handler(Events.COMPLETED, lambda _: writer.close())
-
-    # 7. the rest of the resumed state
-    if checkpoint is not None:
-        objects: dict[str, Any] = {"optimizer": optimizer, "lr_scheduler": scheduler}
-        if "checkpointer" in checkpoint:
-            objects["checkpointer"] = state_handler
-        if best_handler is not None and "best_checkpoint" in checkpoint:
-            objects["best_checkpoint"] = best_handler
-        if ema is not None and "ema" in checkpoint:
-            objects["ema"] = ema
-        if early_stopping is not None and "early_stopping" in checkpoint:
-            objects["early_stopping"] = early_stopping
-        if dp_engine is not None:
-            if "privacy_accountant" not in checkpoint:
-                raise ValueError(
-                    f"cannot resume DP-SGD training from {resume_path}: the checkpoint has no privacy accountant "
-                    "state (it comes from a non-private run); use a new output folder."
-                )
-            if "dp_plan" not in checkpoint:
-                raise ValueError(f"cannot resume DP-SGD training from {resume_path}: the checkpoint has no DP plan.")
-            dp_plan.load_state_dict(checkpoint["dp_plan"])  # first: refuses a changed plan before anything loads
-            objects["privacy_accountant"] = dp_engine.accountant
-        Checkpoint.load_objects(objects, checkpoint)
-        for handler in (state_handler, best_handler):
-            if handler is not None and rank == 0:
-                handler.prune_missing()  # bookkeeping may name a file deleted by a kill mid-rotation
-        saved = checkpoint["trainer"]
-        # checkpoints are taken at epoch ends: restore by epoch (robust to a changed epoch length / world size)
-        epoch = int(saved["iteration"]) // int(saved["epoch_length"])
-        trainer.resume_completed = epoch >= max_epochs
-        trainer.load_state_dict(
-            {
-                "epoch": epoch,
-                "epoch_length": epoch_length,
-                "max_epochs": max(max_epochs, epoch),
-                "skipped_steps": int(saved.get("skipped_steps", 0)),
-                "spike_steps": int(saved.get("spike_steps", 0)),
-                "spike_restores": int(saved.get("spike_restores", 0)),
-            }
-        )
-        rng_state = checkpoint["rng"]
-        loader_state = checkpoint.get("loader_rng") if loader_rng is not None else None
-
-        def _restore_rng(_: Engine) -> None:
-            rng.load_state_dict(rng_state)
-            if loader_state is not None:
-                loader_rng.load_state_dict(loader_state)
-
-        trainer.add_event_handler(Events.STARTED, _restore_rng)
-        logger.info(
-            "resumed at epoch %d (iteration %d), %d skipped step(s) so far.",
-            trainer.state.epoch,
-            trainer.state.iteration,
-            trainer.state.skipped_steps,
-        )
-    trainer.output_lock = output_lock
-    return trainer, evaluator
-
-
-def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -> Any:
-    """Rank 0: lock ``output_dir``, delete temp files of an interrupted save, check / record the settings."""
-    if rank != 0:
-        return None
-    from monai_condflow.engines.run_folder import check_run_settings, lock_output_dir
-
-    lock = lock_output_dir(output_dir, rank=rank)
-    try:
-        remove_temp_files(output_dir)
-        check_run_settings(output_dir, settings, section="trainer")
-    except BaseException:
-        lock.release()
-        raise
-    return lock

@@ -33,7 +33,7 @@ import torch
 
 import monai_condflow
 from monai_condflow.engines.config_checks import check_preset
-from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, create_flow_trainer
+from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
@@ -46,7 +46,6 @@ __all__ = [
     "FLOW_PRESETS",
     "load_classifier",
     "build_flow",
-    "build_flow_trainer",
     "finish_flow_stage",
     "load_flow",
     "model_version",
@@ -89,42 +88,6 @@ def build_flow(preset: str, image_size: int, overrides: dict | None = None) -> t
     """``ConditionalGlow.from_preset(preset, image_size=..., **overrides)`` with the preset name checked."""
     check_preset(preset, FLOW_PRESETS, "flow_preset")
     return ConditionalGlow.from_preset(preset, image_size=image_size, **dict(overrides or {}))
-
-
-def build_flow_trainer(
-    *,
-    flow: torch.nn.Module,
-    classifier: torch.nn.Module,
-    train_loader: Any,
-    val_loader: Any,
-    device: str | torch.device,
-    max_epochs: int,
-    output_dir: str | os.PathLike,
-    sample_temperature: float = 0.9,
-    **kwargs: Any,
-):
-    """The flow stage's trainer (a :class:`~monai_condflow.engines.flow.FlowTrainer`) in one Python call.
-
-    ``train_flow.json`` no longer uses it: the bundle builds the optimizer, schedule, EMA, handlers, evaluator,
-    checkpointer and resumer by config id. This wraps :func:`~monai_condflow.engines.flow.create_flow_trainer`
-    for Python callers: training resumes from the newest complete checkpoint in ``output_dir`` (a killed run
-    restarts where it stopped) and the validation evaluator is kept as ``trainer.flow_evaluator``. ``dp`` (in
-    ``kwargs``) switches on DP-SGD.
-    """
-    trainer, evaluator = create_flow_trainer(
-        flow,
-        classifier,
-        train_loader,
-        val_loader,
-        device=device,
-        max_epochs=max_epochs,
-        output_dir=output_dir,
-        resume_from=output_dir,
-        sample_temperature=sample_temperature,
-        **kwargs,
-    )
-    trainer.flow_evaluator = evaluator
-    return trainer
 
 
 def _selected_epoch(folder: Path) -> tuple[int | None, float, Path] | None:

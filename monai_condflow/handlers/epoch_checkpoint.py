@@ -213,10 +213,14 @@ class CheckpointResumer:
         """Load at ``STARTED`` of ``engine`` (the trainer)."""
         engine.add_event_handler(Events.STARTED, self)
 
-    def __call__(self, engine: Engine) -> None:
-        if self.load_path is None:
-            return
-        checkpoint = load_checkpoint(self.load_path, map_location=self.map_location)
+    def check(self, checkpoint: Mapping[str, Any]) -> None:
+        """Steps 1-2a without training: refuse ``checkpoint`` (loaded from ``load_path``) when it lacks a ``required``
+        key or the trainer's state, and restore the objects of ``first`` (which refuse a changed plan). Python builders
+        call it before training so that an incompatible checkpoint fails at construction, not at the first epoch.
+
+        Raises:
+            ValueError: a required key or the trainer's state is missing (the message names the file and the key).
+        """
         for key, message in self.required.items():
             if key not in checkpoint:
                 raise ValueError(f"cannot resume from {self.load_path}: the checkpoint has no '{key}' ({message}).")
@@ -225,6 +229,19 @@ class CheckpointResumer:
         for key in self.first:
             if key in self.load_dict and key in checkpoint:
                 self.load_dict[key].load_state_dict(checkpoint[key])
+
+    def __call__(self, engine: Engine) -> None:
+        if self.load_path is None:
+            return
+        checkpoint = load_checkpoint(self.load_path, map_location=self.map_location)
+        self.restore(engine, checkpoint)
+        self.restore_random_state(checkpoint)
+
+    def restore(self, engine: Engine, checkpoint: Mapping[str, Any]) -> None:
+        """Steps 1-4 on ``checkpoint`` (loaded from ``load_path``): everything but the random streams. A Python
+        builder may call it before ``engine.run()`` (the trainer's state then reads the resumed epoch at once) and
+        leave step 5 to ``STARTED`` (:meth:`restore_random_state`)."""
+        self.check(checkpoint)
         skip = {self.trainer_key, *self.rng_keys, *self.first}
         objects = {k: v for k, v in self.load_dict.items() if k not in skip and k in checkpoint}
         if objects:
@@ -245,13 +262,16 @@ class CheckpointResumer:
         for key in getattr(engine, "_state_dict_user_keys", []):
             state[key] = saved.get(key, getattr(engine.state, key, None))
         engine.load_state_dict(state)
-        for key in self.rng_keys:
-            if key in self.load_dict and key in checkpoint:
-                self.load_dict[key].load_state_dict(checkpoint[key])
         self.resumed_epoch = epoch
         logger.info("resumed from %s at epoch %d (iteration %d).", self.load_path, epoch, engine.state.iteration)
         if epoch >= engine.state.max_epochs:
             logger.info("resumed at epoch %d: max_epochs already reached, nothing to train.", epoch)
+
+    def restore_random_state(self, checkpoint: Mapping[str, Any]) -> None:
+        """Step 5: the random streams of ``rng_keys`` (call it at ``STARTED``, after the loaders are built)."""
+        for key in self.rng_keys:
+            if key in self.load_dict and key in checkpoint:
+                self.load_dict[key].load_state_dict(checkpoint[key])
 
 
 class ResumableEarlyStopHandler(EarlyStopHandler):

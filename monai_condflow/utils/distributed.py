@@ -19,6 +19,12 @@ Data order is deterministic: :func:`create_loader` always uses a seeded ``Distri
 MONAI workflows call ``sampler.set_epoch(epoch)`` for it at every epoch start. With ``world_size`` ranks and
 a global batch ``B``, rank ``r`` receives the items at positions ``r, r + world_size, ...`` of each global
 batch, so the union over ranks of an iteration's batches is exactly the single-process batch.
+
+The collectives (all-reduce, all-gather of unequal lengths, broadcast, barrier) are Ignite's
+(``ignite.distributed``), which MONAI's handlers and metrics use too. :func:`init_distributed` synchronises Ignite
+with the new process group on every rank at once: Ignite's first look at a native group builds a helper group (a
+collective), so a rank query must not be the first Ignite call from code that only rank 0 runs. The rank and world
+size are therefore read from ``torch.distributed`` itself, which is safe anywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ignite import distributed as idist
 from monai.data import list_data_collate
 from monai.data.utils import set_rnd, worker_init_fn
 from torch.nn.parallel import DistributedDataParallel
@@ -127,6 +134,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    idist.sync()  # every rank, now: Ignite's helper group is created collectively
     logger.info("initialised %s process group: rank %d of %d (timeout %.0f s)", backend, get_rank(), get_world_size(),
                 timeout.total_seconds())  # fmt: skip
     return True
@@ -268,7 +276,7 @@ def any_across_ranks(
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([1 if v else 0 for v in values], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = idist.all_reduce(t, op="MAX")
         values = [bool(v) for v in t.tolist()]
     return values if many else values[0]
 
@@ -279,7 +287,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=src)
+            tensor.data.copy_(idist.broadcast(tensor.data, src=src))
 
 
 def all_gather_tensors(tensor: torch.Tensor) -> torch.Tensor:
@@ -290,25 +298,23 @@ def all_gather_tensors(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    world_size = get_world_size()
-    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    max_size = int(max(int(s.item()) for s in sizes))
-    padded = torch.zeros((max_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
+    sizes = idist.all_gather(torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device))
+    shapes = [[int(n), *tensor.shape[1:]] for n in sizes.tolist()]
+    return torch.cat(idist.all_gather_tensors_with_shapes(tensor.contiguous(), shapes), dim=0)
 
 
 def barrier() -> None:
     """Synchronise all ranks (no-op in a single process)."""
     if is_distributed():
-        dist.barrier()
+        idist.barrier()
 
 
 def cleanup_distributed() -> None:
-    """Destroy the default process group if one is initialised."""
-    if is_distributed():
+    """Destroy the default process group if one is initialised, and return Ignite to its serial mode (so that a
+    later process group in the same process is seen afresh)."""
+    if not is_distributed():
+        return
+    if idist.model_name() == "native-dist":
+        idist.finalize()  # destroys the group and resets Ignite's view of it
+    else:
         dist.destroy_process_group()

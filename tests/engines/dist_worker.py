@@ -27,10 +27,13 @@ from typing import Any
 import torch
 
 from monai_condflow.utils.distributed import (
+    all_gather_tensors,
     any_across_ranks,
+    broadcast_module,
     cleanup_distributed,
     create_loader,
     get_rank,
+    get_world_size,
     init_distributed,
     unwrap_model,
 )
@@ -86,7 +89,7 @@ def run_flow(
     from monai.engines.utils import IterationEvents
     from monai.utils import CommonKeys as Keys
 
-    from monai_condflow.engines.flow import create_flow_trainer
+    from monai_condflow.engines.flow_trainer import create_flow_trainer
 
     out_dir = Path(out_dir)
     train = create_loader(make_flow_data(N_TRAIN, 0, dtype), GLOBAL_BATCH, shuffle=True, seed=3)
@@ -187,6 +190,17 @@ def main() -> None:
         # several flags in one all-reduce: true where any rank says so (rank 0 alone says the first)
         if any_across_ranks([get_rank() == 0, False]) != [True, False]:
             raise RuntimeError("any_across_ranks reduced a list of flags wrongly")
+        # rank r contributes r + 1 rows: unequal lengths come back in rank order
+        rows = torch.arange(get_rank() + 1, dtype=torch.float64).view(-1, 1).repeat(1, 3) + 10 * get_rank()
+        expected = torch.cat([torch.arange(r + 1, dtype=torch.float64).view(-1, 1).repeat(1, 3) + 10 * r
+                              for r in range(get_world_size())])  # fmt: skip
+        if not torch.equal(all_gather_tensors(rows), expected):
+            raise RuntimeError("all_gather_tensors gathered unequal lengths wrongly")
+        module = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(module.weight, float(get_rank()))
+        broadcast_module(module, src=0)
+        if not torch.equal(module.weight, torch.zeros(2, 2)):
+            raise RuntimeError("broadcast_module did not copy rank 0's parameters")
         for name in args.scenarios.split(","):
             target = out / f"{name}_rank{get_rank()}.pt"
             # after a torchrun restart, skip the scenarios that every rank already finished

@@ -20,7 +20,7 @@ from monai.data import Dataset
 
 from monai_condflow.data.npz import load_npz_dataset
 from monai_condflow.engines.classifier import compute_embeddings, train_classifier
-from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.engines.generation import generate
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.transforms import get_array_transforms

@@ -29,7 +29,8 @@ from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, create_flow_trainer, warmup_exponential_lambda
+from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, warmup_exponential_lambda
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch, attach_conditions, cache_embeddings
 from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets.pepx_net import PEPXNet

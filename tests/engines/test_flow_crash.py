@@ -28,7 +28,8 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
-from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, create_flow_trainer
+from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.engines.run_folder import RunSettingsError
 from monai_condflow.engines.stages import finish_flow_stage
 from monai_condflow.handlers.checkpoint import AtomicDiskSaver, find_latest_checkpoint, load_checkpoint

@@ -24,7 +24,7 @@ import torch
 from ignite.engine import Events
 
 import monai_condflow.privacy.dp as dp_module
-from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.utils.distributed import create_loader

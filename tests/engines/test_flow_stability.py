@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines.flow import FlowBitsPerDim, FlowDivergedError, FlowTrainer, create_flow_trainer
+from monai_condflow.engines.flow import FlowBitsPerDim, FlowDivergedError, FlowTrainer
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.utils.distributed import create_loader
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_condflow.engines.flow import create_flow_trainer
+from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.engines.stages import finish_flow_stage
 from monai_condflow.handlers.checkpoint import load_checkpoint
