@@ -11,7 +11,7 @@
 """Packaging beyond ``setup.cfg``: the top-level ``bundle/`` folder ships as ``monai_condflow/bundle``.
 
 The checkout keeps ``bundle/`` at the repository root (``python -m monai.bundle run --bundle_root bundle``); an
-installed wheel carries the same files as package data, which :data:`monai_condflow.pipeline.BUNDLE_ROOT` finds.
+installed wheel carries the same files as package data, which :data:`monai_condflow.utils.bundle.BUNDLE_ROOT` finds.
 """
 
 from setuptools import find_packages, setup
