@@ -288,14 +288,15 @@ def _build(
     if sample_conditions is not None:
         overrides["sample_conditions"] = dict(sample_conditions)
     if not tensorboard:
-        overrides.update(
-            {"tb_writer": None, "train#handlers#3#_disabled_": True, "validate#handlers#1#_disabled_": True}
-        )
+        overrides["tb_writer"] = None
+        overrides[_handler_id(parser, "train#handlers", "TensorBoardStatsHandler") + "#_disabled_"] = True
+        overrides[_handler_id(parser, "validate#handlers", "TensorBoardStatsHandler") + "#_disabled_"] = True
     if val_loader is None:  # no evaluator: no validation, no best model, no early stopping
+        overrides[_handler_id(parser, "train#handlers", "ValidationHandler") + "#_disabled_"] = True
         overrides.update({
-            "train#handlers#1#_disabled_": True, "checkpointer#save_dict#best_checkpoint": None,
-            "checkpointer#save_dict#early_stopping": None, "resumer#load_dict#best_checkpoint": None,
-            "resumer#load_dict#early_stopping": None, "resumer#checkpointers": ["@checkpointer"],
+            "checkpointer#save_dict#best_checkpoint": None, "checkpointer#save_dict#early_stopping": None,
+            "resumer#load_dict#best_checkpoint": None, "resumer#load_dict#early_stopping": None,
+            "resumer#checkpointers": ["@checkpointer"],
         })  # fmt: skip
     for key, value in overrides.items():
         parser[key] = value
@@ -308,7 +309,10 @@ def _build(
             resumer.check(checkpoint)  # refuses an incompatible checkpoint before anything is built or written
         trainer: FlowTrainer = parser.get_parsed_content("train#trainer")
         evaluator = parser.get_parsed_content("validate#evaluator") if val_loader is not None else None
-        early_stop = parser.get_parsed_content("validate#handlers#3") if val_loader is not None else None
+        early_stop = None
+        if val_loader is not None:
+            stop_id = _handler_id(parser, "validate#handlers", "ResumableEarlyStopHandler")
+            early_stop = parser.get_parsed_content(stop_id)
         checkpointer = parser.get_parsed_content("checkpointer")
         writer = parser.get_parsed_content("tb_writer")
         grids = int(ids["sample_every"]) > 0 and bool(parser.get_parsed_content("sample_conditions"))
@@ -327,6 +331,18 @@ def _build(
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: writer.flush())
         trainer.add_event_handler(Events.COMPLETED, lambda _: writer.close())
     return trainer, evaluator
+
+
+def _handler_id(parser: Any, list_id: str, target: str) -> str:
+    """The id (``list_id#i``) of the one handler of ``list_id`` whose ``_target_`` ends with ``target``.
+
+    Raises:
+        KeyError: none or several match (the bundle config changed; the message names both).
+    """
+    found = [i for i, h in enumerate(parser[list_id]) if str(h.get("_target_", "")).split(".")[-1] == target]
+    if len(found) != 1:
+        raise KeyError(f"the bundle config's '{list_id}' must hold exactly one {target}, found {len(found)}.")
+    return f"{list_id}#{found[0]}"
 
 
 @contextmanager

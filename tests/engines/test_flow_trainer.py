@@ -107,3 +107,14 @@ def test_read_bundle_config_names_a_missing_file(tmp_path):
         read_bundle_config([*FLOW_CONFIGS, "nope.json"])
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         read_bundle_config(FLOW_CONFIGS, bundle_root=tmp_path)
+
+
+def test_a_config_whose_handlers_changed_shape_is_refused_by_name(tmp_path, monkeypatch):
+    """the builder finds handlers by their _target_, not by position; an ambiguous list is an error, not a guess."""
+    root = _edited_bundle(tmp_path, lambda c: c["train"]["handlers"].append(dict(c["train"]["handlers"][3])))
+    monkeypatch.setattr(bundle_module, "BUNDLE_ROOT", root)
+    train, val = _loaders()
+    with pytest.raises(KeyError, match="'train#handlers' must hold exactly one TensorBoardStatsHandler, found 2"):
+        create_flow_trainer(W.make_flow(1), None, train, val, device="cpu", max_epochs=1, output_dir=tmp_path / "x",
+                            tensorboard=False)  # fmt: skip
+    assert not (tmp_path / "x" / "tensorboard").exists()
