@@ -255,11 +255,17 @@ def load_or_train_judge(out: Path, splits: Mapping[str, Any], epochs: int) -> to
     return judge
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def splits_and_judge(args: argparse.Namespace, judge_dir: Path | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The set-up every judging script shares: create ``args.out``, read the base run's splits (``args.base``) and load
+    (or train, ``args.judge_epochs``) the true-label judge of ``judge_dir`` (default ``args.out``)."""
     args.out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(args.base)
-    judge = load_or_train_judge(args.out, splits, args.judge_epochs)
+    return splits, load_or_train_judge(judge_dir or args.out, splits, args.judge_epochs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits, judge = splits_and_judge(args)
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         seed_dir = args.out / f"{args.name}_s{seed}"

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate_flow import judge_rows, load_or_train_judge, load_splits  # noqa: E402
+from ablate_flow import judge_rows, splits_and_judge  # noqa: E402
 
 DEFAULT_SOURCES = ("standard", "own", "own+noise:0.3", "owncoef:64:0", "owncoef:256:0", "gmm:16:8", "gmm:64:8")
 
@@ -211,9 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from monai_condflow.utils.io import atomic_write_text
 
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(args.base)
-    judge = load_or_train_judge(args.out, splits, args.judge_epochs)
+    splits, judge = splits_and_judge(args)
     result = {str(f): probe_flow(f, judge, splits, args.sources, args.temperature) for f in args.flows}
     atomic_write_text(args.out / "probe_top_latent.json", json.dumps(result, indent=1) + "\n")
     print("PROBE_TOP_LATENT " + json.dumps(result, separators=(",", ":")), flush=True)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -21,15 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ablate_flow.py"
+from tests.benchmarks.script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablate():
-    spec = importlib.util.spec_from_file_location("ablate_flow", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablate_flow")
 
 
 def test_arguments(ablate, tmp_path):

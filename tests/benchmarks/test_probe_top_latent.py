@@ -12,23 +12,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_top_latent.py"
+from tests.benchmarks.script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("probe_top_latent", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("probe_top_latent")
 
 
 def test_sources_parse_and_bad_ones_are_named(probe, tmp_path, capsys):
