@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_sampling import _images  # noqa: E402
+from sweep_sampling import load_splits  # noqa: E402
 
 LINKED = ("data", "classifier")
 
@@ -223,17 +223,6 @@ def _factory() -> torch.nn.Module:
     from monai_condflow.networks.nets import PEPXNet
 
     return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
-
-
-def load_splits(base: Path) -> dict[str, Any]:
-    from monai.bundle import ConfigParser
-
-    from monai_condflow.pipeline import BUNDLE_ROOT
-
-    config = ConfigParser()
-    config.read_config(str(BUNDLE_ROOT / "configs" / "common.json"))
-    config.update({"dataset_dir": str(base / "data"), "output_dir": str(base)})
-    return {k: _images(config.get_parsed_content(f"records#{k}")) for k in ("train", "val", "test")}
 
 
 def load_or_train_judge(out: Path, splits: Mapping[str, Any], epochs: int) -> torch.nn.Module:

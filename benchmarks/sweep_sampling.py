@@ -44,15 +44,22 @@ def _images(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([d["image"] for d in ds]), torch.tensor([int(d["label"]) for d in ds])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from monai.bundle import ConfigParser
+def load_splits(run: Path, dataset_dir: Path | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train" | "val" | "test": (images [N, 1, S, S], labels [N])}`` of a finished run (its data and cache), read
+    through the bundle's ``common.json`` records as the stages read them."""
+    from monai_condflow.utils.bundle import COMMON_CONFIG, read_bundle_config
 
+    config = read_bundle_config([COMMON_CONFIG])
+    config.update({"dataset_dir": str(dataset_dir or run / "data"), "output_dir": str(run)})
+    return {k: _images(config.get_parsed_content(f"records#{k}")) for k in ("train", "val", "test")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from monai_condflow.engines.stages import load_classifier, load_flow
     from monai_condflow.evaluation.plots import image_grid
     from monai_condflow.evaluation.tstr import blurred, predict, train_real_classifier
     from monai_condflow.metrics.sharpness import sharpness_ratio
     from monai_condflow.networks.nets import PEPXNet
-    from monai_condflow.pipeline import BUNDLE_ROOT
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished run folder (classifier/, flow/, data/)")
@@ -62,10 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--judge-epochs", type=int, default=15)
     args = parser.parse_args(argv)
     run = args.run.resolve()
-    config = ConfigParser()
-    config.read_config(str(BUNDLE_ROOT / "configs" / "common.json"))
-    config.update({"dataset_dir": str(args.dataset_dir or run / "data"), "output_dir": str(run)})
-    train, val, test = (_images(config.get_parsed_content(f"records#{k}")) for k in ("train", "val", "test"))
+    splits = load_splits(run, args.dataset_dir)
+    train, val, test = splits["train"], splits["val"], splits["test"]
 
     def factory() -> torch.nn.Module:
         return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)

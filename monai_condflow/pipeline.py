@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_condflow.utils.bundle import BUNDLE_ROOT
+from monai_condflow.utils.bundle import BUNDLE_ROOT, COMMON_CONFIG
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 
-COMMON_CONFIG = "common.json"
-"""The config every stage stacks first: the shared ids (data, device, seed) and the ``records`` block."""
 
 
 class Stage:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, FlowTrainer
 from monai_condflow.engines.run_folder import check_run_settings, lock_output_dir
 from monai_condflow.handlers.checkpoint import find_latest_checkpoint, load_checkpoint, remove_temp_files
-from monai_condflow.utils.bundle import read_bundle_config
+from monai_condflow.utils.bundle import COMMON_CONFIG, read_bundle_config
 from monai_condflow.utils.checks import check_positive_int, check_temperature
 from monai_condflow.utils.distributed import get_rank, is_distributed, unwrap_model
 
@@ -43,7 +43,7 @@ __all__ = ["FLOW_CONFIGS", "FLOW_DP_CONFIGS", "create_flow_trainer"]
 
 logger = logging.getLogger(__name__)
 
-FLOW_CONFIGS: tuple[str, ...] = ("common.json", "train_flow.json")
+FLOW_CONFIGS: tuple[str, ...] = (COMMON_CONFIG, "train_flow.json")
 """The bundle configs of the flow stage, stacked in this order."""
 FLOW_DP_CONFIGS: tuple[str, ...] = (*FLOW_CONFIGS, "train_flow_dp.json")
 """The flow stage under DP-SGD."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-__all__ = ["BUNDLE_ROOT", "read_bundle_config"]
+__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config"]
 
 
 def _find_bundle_root() -> Path:
@@ -39,6 +39,8 @@ def _find_bundle_root() -> Path:
 
 BUNDLE_ROOT = _find_bundle_root()
 """The bundle (``configs/``, ``docs/``, ``LICENSE``) that ships with the package."""
+COMMON_CONFIG = "common.json"
+"""The config every stage stacks first: the shared ids (data, device, seed) and the ``records`` block."""
 
 
 def read_bundle_config(files: Sequence[str], bundle_root: str | Path | None = None) -> ConfigParser:
