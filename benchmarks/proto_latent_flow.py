@@ -20,9 +20,27 @@ split, the flow's training time, the likelihood membership-inference AUC (traini
 the judge's features and the synthetic images whose decoded pixels left ``[-0.25, 1.25]`` or were non-finite. The
 last line is ``PROTO_LATENT {json}``; sample grids go to ``OUTPUT_DIR/seed_<s>/``.
 
+Two autoencoders:
+
+- ``tiny`` (the first prototype): BatchNorm convolutions, MSE + L1, deterministic.
+- ``sharp``: GroupNorm / SiLU residual convolutions, L1 plus an L1 on the image gradients, a decoder that takes one
+  channel of fresh Gaussian noise at full resolution (so it can draw pixel-scale texture instead of averaging it),
+  and latent noise in training (``--kl-weight 0``: ``+0.1 N(0, 1)``; ``> 0``: a VAE with that weight on the mean
+  KL per latent entry), so that the decoder is not only defined on the training slices' own latents.
+
+``--latent-probe`` asks whether the autoencoder's latent space can be sampled at all before any flow is fitted: it
+decodes, per class, the midpoints of random pairs of training latents and draws of a 32-component PCA Gaussian fitted
+to them (T = 0.7), and reports the judge's class agreement on those.
+
+``--base-run RUN`` uses a finished main-job run (its splits and its 50-label conditioning classifier) instead of
+training a conditioner on all labels; ``--judge FILE`` loads a judge (a ``PEPXNet`` ``small`` state dict) instead of
+training one.
+
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/proto_latent_flow.py --output-dir runs/proto_latent --seeds 0 1 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/proto_latent_flow.py --output-dir runs/sharp --autoencoder sharp \
+        --base-run runs/main --judge runs/ablate/judge.pt --flow-epochs 30 --latent-probe --tstr --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -114,21 +132,116 @@ class TinyAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(self.enc(x))
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(x)
 
-def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
-    (xt, yt), (xv, _), (xs, ys) = data["train"], data["val"], data["test"]
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
+    def decode(self, latent: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.dec(latent)
+
+
+def _gn_block(cin: int, cout: int, stride: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_gn_block(channels, channels), nn.Conv2d(channels, channels, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SharpAutoencoder(nn.Module):
+    """1 x 64 x 64 <-> ``latent_channels`` x 16 x 16 with a noise-fed decoder.
+
+    The decoder's last two convolutions see one channel of fresh ``N(0, 1)`` noise at full resolution besides the
+    upsampled features. With ``vae=True`` the encoder also gives a log-variance (its second half of channels).
+    """
+
+    def __init__(self, latent_channels: int = 4, vae: bool = False) -> None:
+        super().__init__()
+        self.latent_channels, self.vae = latent_channels, vae
+        self.enc = nn.Sequential(
+            _gn_block(1, 16), _gn_block(16, 32, 2), _gn_block(32, 64, 2), _Residual(64),
+            nn.Conv2d(64, 2 * latent_channels if vae else latent_channels, 1),
+        )  # fmt: skip
+        self.up = nn.Sequential(
+            nn.Conv2d(latent_channels, 64, 3, 1, 1), _Residual(64), nn.Upsample(scale_factor=2), _gn_block(64, 32),
+            nn.Upsample(scale_factor=2), _gn_block(32, 16),
+        )  # fmt: skip
+        self.out = nn.Sequential(_gn_block(17, 16), nn.Conv2d(16, 1, 3, 1, 1))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent mean ``[B, C, H/4, W/4]``."""
+        return self.enc(x)[:, : self.latent_channels]
+
+    def encode_noisy(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training latent and its regulariser: a VAE draw and its mean KL per entry, or the mean plus
+        ``0.1 N(0, 1)`` and the mean squared latent."""
+        h = self.enc(x)
+        if not self.vae:
+            noise = torch.randn(h.shape, generator=generator, dtype=h.dtype)
+            return h + 0.1 * noise, h.pow(2).mean()
+        mean, log_var = h[:, : self.latent_channels], h[:, self.latent_channels :].clamp(-10.0, 5.0)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).mean()
+        noise = torch.randn(mean.shape, generator=generator, dtype=h.dtype)
+        return mean + (0.5 * log_var).exp() * noise, kl
+
+    def decode(self, latent: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        h = self.up(latent)
+        noise = torch.randn((h.shape[0], 1, *h.shape[2:]), generator=generator, dtype=h.dtype)
+        return self.out(torch.cat([h, noise], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the vertical and horizontal finite differences of ``a`` and ``b`` (``[B, C, H,
+    W]``), summed over the two directions."""
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    return dy.abs().mean() + dx.abs().mean()
+
+
+def train_sharp_autoencoder(x: torch.Tensor, args, g: torch.Generator) -> SharpAutoencoder:
+    """``args.ae_steps`` Adam steps (lr 1e-3, batch 32, random left-right flips) of L1 + 0.5 gradient L1 + the
+    latent regulariser (``args.kl_weight`` for a VAE, 1e-4 on the squared latent otherwise)."""
+    ae = SharpAutoencoder(args.latent_channels, vae=args.kl_weight > 0)
+    opt = torch.optim.Adam(ae.parameters(), 1e-3)
+    step = 0
+    while step < args.ae_steps:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - 31, 32):
+            b = x[perm[i : i + 32]]
+            b = torch.where(torch.rand(len(b), 1, 1, 1, generator=g) < 0.5, b.flip(-1), b)
+            latent, reg = ae.encode_noisy(b, g)
+            r = ae.decode(latent, g)
+            loss = F.l1_loss(r, b) + 0.5 * gradient_l1(r, b) + (args.kl_weight if ae.vae else 1e-4) * reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 100 == 0:
+                print(f"autoencoder step {step}: L1 {float(F.l1_loss(r, b)):.4f}", flush=True)
+            if step == args.ae_steps:
+                break
+    return ae.eval()
+
+
+def train_tiny_autoencoder(x: torch.Tensor, args, g: torch.Generator) -> TinyAutoencoder:
+    """The first prototype's recipe: ``args.ae_epochs`` of AdamW one-cycle on MSE + 0.5 L1."""
     ae = TinyAutoencoder(args.latent_channels)
     opt = torch.optim.AdamW(ae.parameters(), 2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.ae_epochs * (len(xt) // 32))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=args.ae_epochs * (len(x) // 32))
     for _ in range(args.ae_epochs):
         ae.train()
-        perm = torch.randperm(len(xt), generator=g)
-        for i in range(0, len(xt) - 31, 32):
-            b = xt[perm[i : i + 32]]
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - 31, 32):
+            b = x[perm[i : i + 32]]
             b = torch.where(torch.rand(len(b), 1, 1, 1, generator=g) < 0.5, b.flip(-1), b)
             r = ae(b)
             loss = F.mse_loss(r, b) + 0.5 * F.l1_loss(r, b)
@@ -136,12 +249,58 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-    ae.eval()
+    return ae.eval()
+
+
+def probe_latents(latents: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per class, as many probe latents as it has training latents: ``midpoint`` of two random training latents of
+    the class, and ``pca32`` draws (T = 0.7) of a Gaussian on the class mean and its top 32 principal components."""
+    flat = latents.flatten(1)
+    out = {"midpoint": torch.empty_like(flat), "pca32": torch.empty_like(flat)}
+    for c in labels.unique().tolist():
+        member = labels == c
+        cls = flat[member]
+        n = len(cls)
+        i, j = torch.randint(n, (n,), generator=g), torch.randint(n, (n,), generator=g)
+        out["midpoint"][member] = 0.5 * (cls[i] + cls[j])
+        mean = cls.mean(0)
+        q = min(32, n - 1, cls.shape[1])
+        _, s, v = torch.pca_lowrank(cls - mean, q=q, center=False)
+        draws = torch.randn(n, q, generator=g) * s / max(n - 1, 1) ** 0.5
+        out["pca32"][member] = mean + 0.7 * draws @ v.T
+    return {k: v.view_as(latents) for k, v in out.items()}
+
+
+def agreement_row(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Class agreement of ``predicted`` with the conditioning ``labels``, overall and per class (``agree_c<k>``)."""
+    row = {"agree": float((predicted == labels).float().mean())}
+    for c in labels.unique().tolist():
+        row[f"agree_c{c}"] = float((predicted[labels == c] == c).float().mean())
+    return row
+
+
+def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
+    (xt, yt), (xv, _), (xs, ys) = data["train"], data["val"], data["test"]
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    ae = (train_sharp_autoencoder if args.autoencoder == "sharp" else train_tiny_autoencoder)(xt, args, g)
+    dec_g = torch.Generator().manual_seed(7 + seed)  # the sharp decoder's texture noise
     with torch.no_grad():
-        rec = ae(xs)
-        lt, lv, ls = ae.enc(xt), ae.enc(xv), ae.enc(xs)
+        rec = ae.decode(ae.encode(xs), dec_g)
+        lt, lv, ls = ae.encode(xt), ae.encode(xv), ae.encode(xs)
         zt, zv, zs = conditioner.embed(xt), conditioner.embed(xv), conditioner.embed(xs)
         rec_acc = float((judge(rec.clamp(0, 1)).argmax(1) == ys).float().mean())
+    probe_rows = {}
+    if args.latent_probe:
+        with torch.no_grad():
+            for name, lat in probe_latents(lt, yt, torch.Generator().manual_seed(seed)).items():
+                x = ae.decode(lat, dec_g).clamp(0, 1)
+                probe_rows[name] = agreement_row(judge(x).argmax(1), yt)
+                print(f"[seed {seed}] latent probe {name}: {json.dumps(probe_rows[name])}", flush=True)
+                idx = torch.cat([torch.nonzero(yt == c).reshape(-1)[:8] for c in (0, 1)])
+                image_grid(out / f"probe_{name}.png", x[idx], nrow=8, scale=2)
     mu, sd = lt.mean((0, 2, 3), keepdim=True), lt.std((0, 2, 3), keepdim=True)
 
     def to_flow(lat):  # standardised latents, scaled into about [0, 1] (the flow subtracts 0.5)
@@ -166,6 +325,7 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
     )
     t1 = time.time()
     curve = []
+    best = (math.inf, None, 0)
     for ep in range(args.flow_epochs):
         flow.train()
         perm = torch.randperm(len(ut), generator=g)
@@ -179,13 +339,17 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
             opt.step()
             sched.step()
             ema.update()
-        if (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
+        if args.select == "val" or (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
             with torch.no_grad():
                 val = float(-ema.module.log_prob(uv, zv).mean() / uv[0].numel())
             curve.append([ep + 1, val])
             print(f"[seed {seed}] flow epoch {ep + 1}: val NLL/dim {val:.4f} ({time.time() - t1:.0f} s)", flush=True)
+            if args.select == "val" and val < best[0]:
+                best = (val, {k: v.clone() for k, v in ema.module.state_dict().items()}, ep + 1)
     flow_time = time.time() - t1
     m = ema.module.eval()
+    if args.select == "val":
+        m.load_state_dict(best[1])
     with torch.no_grad():
         mia = mann_whitney_auc(m.log_prob(ut, zt), m.log_prob(us, zs))
 
@@ -201,23 +365,39 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
             with torch.no_grad():
                 nu = torch.randn(len(zt), m.latent_dim(), generator=gg) * temp
                 u, _ = m.inverse(nu, m.guided(zt, w))
-                x = ae.dec(from_flow(u))
+                x = ae.decode(from_flow(u), dec_g)
             flat = x.flatten(1)
             bad = (~torch.isfinite(flat) | (flat < -0.25) | (flat > 1.25)).any(1)
             x = torch.nan_to_num(x, nan=0.5).clamp(0, 1)
             with torch.no_grad():
                 p = judge(x).argmax(1)
             rows.append({
-                "T": temp, "w": w, "agree": float((p == yt).float().mean()),
-                "agree_c0": float((p[yt == 0] == 0).float().mean()),
-                "agree_c1": float((p[yt == 1] == 1).float().mean()),
+                "T": temp, "w": w, **agreement_row(p, yt),
                 "fid_over_floor": fid_from_features(feats(x), feats(xs)) / floor, "overflowed": int(bad.sum()),
             })  # fmt: skip
+            if args.tstr and temp == 0.9 and w == 1.0:
+                rows[-1]["tstr_per_seed"] = [tstr_accuracy(x, yt, data, s) for s in (0, 1, 2)]
+                rows[-1]["tstr"] = sum(rows[-1]["tstr_per_seed"]) / 3
             print(f"[seed {seed}] {json.dumps(rows[-1])}", flush=True)
             idx = torch.cat([torch.nonzero(yt == 0).reshape(-1)[:16], torch.nonzero(yt == 1).reshape(-1)[:16]])
             image_grid(out / f"grid_T{temp}_w{w}.png", x[idx], nrow=8, scale=2)
     return {"seed": seed, "ae_time_s": ae_time, "flow_time_s": flow_time, "ae_recon_mse": float(F.mse_loss(rec, xs)),
-            "judge_acc_on_reconstructions": rec_acc, "mia_auc": mia, "val_curve": curve, "rows": rows}  # fmt: skip
+            "judge_acc_on_reconstructions": rec_acc, "latent_probe": probe_rows, "selected_epoch": best[2] or None,
+            "mia_auc": mia, "val_curve": curve, "rows": rows}  # fmt: skip
+
+
+def tstr_accuracy(x: torch.Tensor, y: torch.Tensor, data, seed: int) -> float:
+    """Real test accuracy of a classifier trained on the synthetic ``(x, y)`` (the evaluation's recipe: PEPXNet
+    ``small``, 15 epochs, lr 0.002, epoch selection on the real validation split)."""
+    from monai_condflow.evaluation.tstr import predict, train_real_classifier
+
+    kwargs = {"max_epochs": 15, "lr": 0.002, "batch_size": 32}
+    net = train_real_classifier((x, y), data["val"], network_factory=_small_pepx, train_kwargs=kwargs, seed=seed)
+    return float((predict(net, data["test"][0]) == data["test"][1]).float().mean())
+
+
+def _small_pepx() -> nn.Module:
+    return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
 
 
 def main(argv=None) -> int:
@@ -226,17 +406,44 @@ def main(argv=None) -> int:
     )
     p.add_argument("--output-dir", type=Path, default=Path("runs/proto_latent"), help="grids and JSON go here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="flow (and autoencoder) training seeds")
-    p.add_argument("--ae-epochs", type=int, default=30, help="autoencoder epochs")
+    p.add_argument("--autoencoder", choices=["tiny", "sharp"], default="tiny", help="autoencoder (module docstring)")
+    p.add_argument("--ae-epochs", type=int, default=30, help="epochs of the tiny autoencoder")
+    p.add_argument("--ae-steps", type=int, default=900, help="optimiser steps of the sharp autoencoder")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="sharp autoencoder: > 0 makes it a VAE")
+    p.add_argument(
+        "--select",
+        choices=["last", "val"],
+        default="last",
+        help="flow weights sampled: the last EMA, or the EMA of best validation NLL (checked every epoch)",
+    )
+    p.add_argument("--latent-probe", action="store_true", help="judge decoded midpoints and PCA draws of latents")
+    p.add_argument("--tstr", action="store_true", help="TSTR (3 classifier seeds) at T 0.9, w 1")
+    p.add_argument("--base-run", type=Path, default=None, help="a finished main-job run: its splits and conditioner")
+    p.add_argument("--judge", type=Path, default=None, help="a judge state dict (PEPXNet small) instead of training")
     p.add_argument("--flow-epochs", type=int, default=150, help="latent flow epochs")
     p.add_argument("--latent-channels", type=int, default=4, help="channels of the 16 x 16 latent")
     p.add_argument("--noise", type=float, default=0.05, help="training noise, in standardised latent units")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.9, 1.0], help="sampling temperatures")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0], help="guidance weights")
     args = p.parse_args(argv)
-    data = load_phantom(args.output_dir / "data")
+    if args.base_run is not None:
+        from sweep_sampling import load_splits
+
+        from monai_condflow.engines.stages import load_classifier
+
+        data = load_splits(args.base_run.resolve())
+        conditioner = load_classifier(args.base_run).eval()
+    else:
+        data = load_phantom(args.output_dir / "data")
     (xt, yt), (xv, yv), (xs, ys) = data["train"], data["val"], data["test"]
-    conditioner = train_classifier(xt, yt, xv, yv, seed=0)
-    judge = train_classifier(xt, yt, xv, yv, seed=1)
+    if args.base_run is None:
+        conditioner = train_classifier(xt, yt, xv, yv, seed=0)
+    if args.judge is not None:
+        judge = _small_pepx()
+        judge.load_state_dict(torch.load(args.judge, weights_only=True))
+        judge.eval()
+    else:
+        judge = train_classifier(xt, yt, xv, yv, seed=1)
     with torch.no_grad():
         judge_acc = float((judge(xs).argmax(1) == ys).float().mean())
         cond_acc = float((conditioner(xs).argmax(1) == ys).float().mean())

@@ -1,0 +1,140 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""benchmarks/proto_latent_flow.py: the sharp autoencoder's losses and noise, the latent probe and the agreement
+rows against hand-computed values, and one tiny seed end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.benchmarks.script import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def proto():
+    return load_benchmark("proto_latent_flow")
+
+
+def test_gradient_l1_by_hand(proto):
+    ramp = torch.arange(4.0).repeat(4, 1).view(1, 1, 4, 4)  # every row 0 1 2 3: dx = 1, dy = 0
+    assert float(proto.gradient_l1(ramp, torch.zeros_like(ramp))) == pytest.approx(1.0)
+    assert float(proto.gradient_l1(ramp, ramp + 5.0)) == 0.0  # an offset has the same gradients
+    steep = 3.0 * ramp.transpose(-1, -2)  # dy = 3, dx = 0
+    assert float(proto.gradient_l1(steep, ramp)) == pytest.approx(3.0 + 1.0)
+
+
+def test_sharp_autoencoder_shapes_and_decoder_noise(proto):
+    torch.manual_seed(0)
+    ae = proto.SharpAutoencoder(latent_channels=4).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        latent = ae.encode(x)
+        assert latent.shape == (3, 4, 16, 16)
+        a = ae.decode(latent, torch.Generator().manual_seed(1))
+        b = ae.decode(latent, torch.Generator().manual_seed(1))
+        c = ae.decode(latent, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 1, 64, 64)
+    torch.testing.assert_close(a, b)  # the texture noise comes from the generator given
+    assert not torch.allclose(a, c)  # and the decoder uses it
+
+
+@pytest.mark.parametrize("mean, log_var", [(0.0, 0.0), (0.5, -1.0), (-2.0, 1.5)])
+def test_vae_kl_and_draws_by_hand(proto, mean, log_var):
+    ae = proto.SharpAutoencoder(latent_channels=2, vae=True)
+    head = ae.enc[-1]
+    with torch.no_grad():  # a constant posterior: mean and log-variance come from the head's bias alone
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([mean, mean, log_var, log_var]))
+    x = torch.rand(64, 1, 64, 64)
+    with torch.no_grad():
+        draw, kl = ae.encode_noisy(x, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ae.encode(x), torch.full((64, 2, 16, 16), mean))
+    expected = 0.5 * (mean**2 + torch.exp(torch.tensor(log_var)) - 1.0 - log_var)
+    assert float(kl) == pytest.approx(float(expected), abs=1e-6)
+    std = float(torch.exp(torch.tensor(0.5 * log_var)))
+    assert float(draw.mean()) == pytest.approx(mean, abs=5 * std / draw.numel() ** 0.5)  # 5 standard errors
+    assert float(draw.std()) == pytest.approx(std, rel=0.03)
+
+
+def test_deterministic_autoencoder_adds_fixed_latent_noise(proto):
+    torch.manual_seed(0)
+    ae = proto.SharpAutoencoder(latent_channels=4)
+    x = torch.rand(32, 1, 64, 64)
+    with torch.no_grad():
+        draw, reg = ae.encode_noisy(x, torch.Generator().manual_seed(0))
+        clean = ae.encode(x)
+    assert float((draw - clean).std()) == pytest.approx(0.1, rel=0.05)
+    assert float(reg) == pytest.approx(float(clean.pow(2).mean()), rel=1e-5)
+
+
+def test_latent_probe_stays_within_each_class(proto):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 40 + [1] * 50)
+    direction = torch.randn(2 * 4 * 4, generator=g)
+    direction /= direction.norm()
+    coeff = torch.rand(90, 1, generator=g)  # class 0 on the segment [0, 1] x direction; class 1 shifted by 10
+    latents = (coeff * direction + 10.0 * labels[:, None].float() * torch.ones(32) / 32**0.5).view(90, 2, 4, 4)
+    probes = proto.probe_latents(latents, labels, torch.Generator().manual_seed(1))
+    assert set(probes) == {"midpoint", "pca32"}
+    for c in (0, 1):
+        member = labels == c
+        base = latents[member].flatten(1).mean(0)
+        mid = probes["midpoint"][member].flatten(1)
+        # a midpoint of two class members: on the class's segment, between its smallest and largest coefficient
+        t = (mid - 10.0 * c * torch.ones(32) / 32**0.5) @ direction
+        assert float(t.min()) >= float(coeff[member].min()) - 1e-5
+        assert float(t.max()) <= float(coeff[member].max()) + 1e-5
+        # the PCA draws stay on the class's one-dimensional span around its mean
+        pca = probes["pca32"][member].flatten(1) - base
+        off_span = pca - (pca @ direction)[:, None] * direction
+        assert float(off_span.abs().max()) < 1e-4
+        assert float((pca @ direction).std()) > 0.05  # and they do vary along it
+
+
+def test_agreement_row_by_hand(proto):
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    predicted = torch.tensor([0, 1, 0, 1, 0])
+    row = proto.agreement_row(predicted, labels)
+    assert row == pytest.approx({"agree": 3 / 5, "agree_c0": 2 / 3, "agree_c1": 1 / 2})
+
+
+class _Conditioner(torch.nn.Module):
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.flatten(1)[:, :32] + 0.1, dim=1)
+
+
+def test_one_tiny_seed_end_to_end(proto, tmp_path):
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.rand(n, 1, 64, 64, generator=g), torch.arange(n) % 2
+
+    data = {"train": split(64), "val": split(40), "test": split(40)}
+    judge = proto._small_pepx().eval()
+    args = argparse.Namespace(
+        autoencoder="sharp", ae_steps=2, kl_weight=0.01, latent_channels=4, latent_probe=True, flow_epochs=2,
+        select="val", noise=0.05, temperatures=[0.9], guidance=[1.0, 2.0], tstr=False,
+    )  # fmt: skip
+    result = proto.run_seed(data, judge, _Conditioner(), 0, args, tmp_path / "seed_0")
+    assert set(result["latent_probe"]) == {"midpoint", "pca32"}
+    assert set(result["latent_probe"]["midpoint"]) == {"agree", "agree_c0", "agree_c1"}
+    assert result["selected_epoch"] in (1, 2)
+    assert [c[0] for c in result["val_curve"]] == [1, 2]  # selection reads the validation NLL every epoch
+    best = min(c[1] for c in result["val_curve"])
+    assert result["val_curve"][result["selected_epoch"] - 1][1] == best
+    assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.9, 1.0), (0.9, 2.0)]
+    assert all(0 <= r["overflowed"] <= 64 for r in result["rows"])
+    assert (tmp_path / "seed_0" / "probe_midpoint.png").is_file()
+    assert (tmp_path / "seed_0" / "grid_T0.9_w2.0.png").is_file()
