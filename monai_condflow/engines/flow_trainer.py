@@ -31,8 +31,8 @@ from monai.utils import optional_import, set_determinism
 from torch.utils.data import DataLoader
 
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, FlowTrainer
-from monai_condflow.engines.run_folder import check_run_settings, lock_output_dir
-from monai_condflow.handlers.checkpoint import find_latest_checkpoint, load_checkpoint, remove_temp_files
+from monai_condflow.engines.run_folder import open_run_folder
+from monai_condflow.handlers.checkpoint import find_latest_checkpoint, load_checkpoint
 from monai_condflow.utils.bundle import COMMON_CONFIG, read_bundle_config
 from monai_condflow.utils.checks import check_positive_int, check_temperature
 from monai_condflow.utils.distributed import get_rank, is_distributed, unwrap_model
@@ -201,12 +201,12 @@ def create_flow_trainer(
     device = torch.device(device)
     output_dir = Path(output_dir)
     rank = get_rank()
-    output_lock = _open_output_dir(
+    output_lock = open_run_folder(
         output_dir,
-        rank,
         {"lr": lr, "weight_decay": weight_decay, "betas": list(betas), "warmup_epochs": warmup_epochs,
          "lr_decay": lr_decay, "max_grad_norm": max_grad_norm, "n_bits": n_bits, "seed": seed,
          **dict(settings or {})},
+        section="trainer", fresh_hint=f"delete the folder {output_dir}",
     )  # fmt: skip
     try:
         trainer, evaluator = _build(
@@ -358,17 +358,3 @@ def _config_errors() -> Iterator[None]:
         if cause is err:
             raise
         raise cause from None
-
-
-def _open_output_dir(output_dir: Path, rank: int, settings: Mapping[str, Any]) -> Any:
-    """Rank 0: lock ``output_dir``, delete temp files of an interrupted save, check / record the settings."""
-    if rank != 0:
-        return None
-    lock = lock_output_dir(output_dir, rank=rank)
-    try:
-        remove_temp_files(output_dir)
-        check_run_settings(output_dir, settings, section="trainer")
-    except BaseException:
-        lock.release()
-        raise
-    return lock

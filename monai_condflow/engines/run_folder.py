@@ -282,6 +282,7 @@ def open_run_folder(
     fresh: bool = False,
     clear: Iterable[str] = ("*",),
     section: str = "stage",
+    fresh_hint: str | None = None,
 ) -> OutputFolderLock | None:
     """Lock a stage's output folder, then start fresh (``fresh=True``) or check that it holds files of a run with
     the same ``settings`` (:func:`check_run_settings`); temp files of an interrupted save are deleted. Rank 0 does
@@ -293,6 +294,8 @@ def open_run_folder(
         fresh: delete the files matching ``clear`` (and the recorded settings) first.
         clear: glob patterns of the stage's files for ``fresh``.
         section: the settings group (see :func:`check_run_settings`).
+        fresh_hint: how to start fresh, for the settings error (default: "delete the folder DIR or pass
+            fresh=true", the bundle's config id).
 
     Returns:
         the lock (release it with :func:`close_run_folder`), or ``None`` on ranks other than 0.
@@ -310,7 +313,8 @@ def open_run_folder(
         if fresh:
             clear_run_files(directory, clear)
         remove_temp_files(directory)  # of a save that a kill interrupted
-        check_run_settings(directory, settings, section, fresh_hint=f"delete the folder {directory} or pass fresh=true")
+        hint = fresh_hint or f"delete the folder {directory} or pass fresh=true"
+        check_run_settings(directory, settings, section, fresh_hint=hint)
     except BaseException:
         lock.release()
         raise

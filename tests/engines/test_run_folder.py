@@ -95,3 +95,12 @@ def test_fresh_clears_the_earlier_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME, SETTINGS_NAME]
     with pytest.raises(ValueError, match="'fresh'"):
         open_run_folder(tmp_path, {}, fresh="yes")
+
+
+def test_a_caller_without_fresh_gives_its_own_hint(tmp_path):
+    open_run_folder(tmp_path, {"lr": 0.001}, section="trainer")
+    close_run_folder(tmp_path)
+    with pytest.raises(RunSettingsError, match=r"'lr' was 0.001, now 0.002") as refused:
+        open_run_folder(tmp_path, {"lr": 0.002}, section="trainer", fresh_hint="start in a new folder")
+    assert str(refused.value).endswith("start fresh: start in a new folder.")
+    assert "fresh=true" not in str(refused.value)
