@@ -271,6 +271,59 @@ def probe_latents(latents: torch.Tensor, labels: torch.Tensor, g: torch.Generato
     return {k: v.view_as(latents) for k, v in out.items()}
 
 
+class LatentGaussian:
+    """A conditional linear-Gaussian model of flattened latents ``u [N, D]`` given conditions ``z [N, K]``: ``u = W^T
+    [z, 1] + V diag(s) e + sigma n`` (ridge regression on ``z``, then probabilistic PCA of the residual: its top
+    ``rank`` principal directions ``V [D, rank]`` with standard deviations ``s``, and ``sigma^2`` the mean variance of
+    the ``D - rank`` directions they leave). It is a one-layer conditional affine flow, so its likelihood is exact.
+
+    Sampling at temperature ``T`` draws only the principal part, ``W^T [z, 1] + T V diag(s) e``: the isotropic rest
+    decodes to texture that breaks the anatomy (measured in docs/results.md).
+    """
+
+    def __init__(self, weight: torch.Tensor, basis: torch.Tensor, scales: torch.Tensor, sigma: torch.Tensor) -> None:
+        self.weight, self.basis, self.scales, self.sigma = weight, basis, scales, sigma
+
+    @staticmethod
+    def _design(z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+
+    @classmethod
+    def fit(cls, u: torch.Tensor, z: torch.Tensor, rank: int = 16, ridge: float = 1.0) -> LatentGaussian:
+        """Fit to ``u [N, D]`` and ``z [N, K]`` (``rank < min(N, D)``)."""
+        if not 0 < rank < min(u.shape):
+            raise ValueError(f"rank must be in [1, {min(u.shape) - 1}], got {rank}.")
+        design = cls._design(z)
+        eye = torch.eye(design.shape[1], dtype=u.dtype)
+        weight = torch.linalg.solve(design.T @ design + ridge * eye, design.T @ u)
+        residual = u - design @ weight
+        _, s, v = torch.linalg.svd(residual, full_matrices=False)
+        basis, scales = v[:rank].T, s[:rank] / (len(u) - 1) ** 0.5
+        rest = residual - (residual @ basis) @ basis.T
+        sigma = (rest.pow(2).sum() / ((len(u) - 1) * (u.shape[1] - rank))).sqrt()  # mean discarded variance
+        return cls(weight, basis, scales, sigma)
+
+    def covariance(self) -> torch.Tensor:
+        """``V diag(s^2) V^T + sigma^2 I`` ``[D, D]``."""
+        return self.basis @ torch.diag(self.scales**2) @ self.basis.T + self.sigma**2 * torch.eye(
+            len(self.basis), dtype=self.basis.dtype
+        )
+
+    def nll(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Exact negative log-likelihood per dimension ``[N]`` (Woodbury form of :meth:`covariance`)."""
+        residual = u - self._design(z) @ self.weight
+        d, var = u.shape[1], self.scales**2 + self.sigma**2
+        proj = residual @ self.basis
+        quad = (proj**2 / var).sum(1) + (residual.pow(2).sum(1) - proj.pow(2).sum(1)) / self.sigma**2
+        log_det = torch.log(var).sum() + (d - len(var)) * torch.log(self.sigma**2)
+        return 0.5 * (quad + log_det + d * math.log(2 * math.pi)) / d
+
+    def sample(self, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[N, D]`` draws of the principal part at ``temperature``, one per condition of ``z``."""
+        e = torch.randn(len(z), len(self.scales), generator=generator, dtype=z.dtype)
+        return self._design(z) @ self.weight + temperature * (e * self.scales) @ self.basis.T
+
+
 def agreement_row(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Class agreement of ``predicted`` with the conditioning ``labels``, overall and per class (``agree_c<k>``)."""
     row = {"agree": float((predicted == labels).float().mean())}
@@ -310,48 +363,65 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
         return (u - 0.5) / 0.15 * sd + mu
 
     ae_time = time.time() - t0
-    ut, uv, us = to_flow(lt), to_flow(lv), to_flow(ls)
-    flow = ConditionalGlow(
-        in_channels=args.latent_channels, condition_dim=32, num_levels=2, image_size=16, num_steps=(8, 8),
-        num_blocks=(1, 1), hidden_channels=(96, 96), cond_dropout=0.1,
-    )  # fmt: skip
-    flow.initialize(ut[:128], zt[:128])
-    ema = ModelEMA(flow, 0.995)
-    opt = torch.optim.AdamW(flow.parameters(), 1e-3, weight_decay=1e-6)
-    spe = len(ut) // 32
-    total = args.flow_epochs * spe
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / (2 * spe)) * 0.5 * (1 + math.cos(math.pi * i / total))
-    )
-    t1 = time.time()
-    curve = []
-    best = (math.inf, None, 0)
-    for ep in range(args.flow_epochs):
-        flow.train()
-        perm = torch.randperm(len(ut), generator=g)
-        for i in range(0, len(ut) - 31, 32):
-            idx = perm[i : i + 32]
-            u = ut[idx] + args.noise * 0.15 * torch.randn_like(ut[idx])
-            loss = -flow.log_prob(u, flow.drop_condition(zt[idx])).mean() / u[0].numel()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
-            opt.step()
-            sched.step()
-            ema.update()
-        if args.select == "val" or (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
+    if args.prior == "gaussian":
+        t1 = time.time()
+        prior = LatentGaussian.fit(lt.flatten(1), zt, rank=args.gaussian_rank, ridge=args.ridge)
+        flow_time, curve, best = time.time() - t1, [], (math.inf, None, 0)
+        mia = mann_whitney_auc(-prior.nll(lt.flatten(1), zt), -prior.nll(ls.flatten(1), zs))
+
+        def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
+            return prior.sample(zt, temp, gen).view_as(lt)
+
+    else:
+        ut, uv, us = to_flow(lt), to_flow(lv), to_flow(ls)
+        flow = ConditionalGlow(
+            in_channels=args.latent_channels, condition_dim=32, num_levels=2, image_size=16, num_steps=(8, 8),
+            num_blocks=(1, 1), hidden_channels=(96, 96), cond_dropout=0.1,
+        )  # fmt: skip
+        flow.initialize(ut[:128], zt[:128])
+        ema = ModelEMA(flow, 0.995)
+        opt = torch.optim.AdamW(flow.parameters(), 1e-3, weight_decay=1e-6)
+        spe = len(ut) // 32
+        total = args.flow_epochs * spe
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: min(1.0, (i + 1) / (2 * spe)) * 0.5 * (1 + math.cos(math.pi * i / total))
+        )
+        t1 = time.time()
+        curve = []
+        best = (math.inf, None, 0)
+        for ep in range(args.flow_epochs):
+            flow.train()
+            perm = torch.randperm(len(ut), generator=g)
+            for i in range(0, len(ut) - 31, 32):
+                idx = perm[i : i + 32]
+                u = ut[idx] + args.noise * 0.15 * torch.randn_like(ut[idx])
+                loss = -flow.log_prob(u, flow.drop_condition(zt[idx])).mean() / u[0].numel()
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
+                opt.step()
+                sched.step()
+                ema.update()
+            if args.select == "val" or (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
+                with torch.no_grad():
+                    val = float(-ema.module.log_prob(uv, zv).mean() / uv[0].numel())
+                curve.append([ep + 1, val])
+                print(
+                    f"[seed {seed}] flow epoch {ep + 1}: val NLL/dim {val:.4f} ({time.time() - t1:.0f} s)", flush=True
+                )
+                if args.select == "val" and val < best[0]:
+                    best = (val, {k: v.clone() for k, v in ema.module.state_dict().items()}, ep + 1)
+        flow_time = time.time() - t1
+        m = ema.module.eval()
+        if args.select == "val":
+            m.load_state_dict(best[1])
+        with torch.no_grad():
+            mia = mann_whitney_auc(m.log_prob(ut, zt), m.log_prob(us, zs))
+
+        def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
             with torch.no_grad():
-                val = float(-ema.module.log_prob(uv, zv).mean() / uv[0].numel())
-            curve.append([ep + 1, val])
-            print(f"[seed {seed}] flow epoch {ep + 1}: val NLL/dim {val:.4f} ({time.time() - t1:.0f} s)", flush=True)
-            if args.select == "val" and val < best[0]:
-                best = (val, {k: v.clone() for k, v in ema.module.state_dict().items()}, ep + 1)
-    flow_time = time.time() - t1
-    m = ema.module.eval()
-    if args.select == "val":
-        m.load_state_dict(best[1])
-    with torch.no_grad():
-        mia = mann_whitney_auc(m.log_prob(ut, zt), m.log_prob(us, zs))
+                nu = torch.randn(len(zt), m.latent_dim(), generator=gen) * temp
+                return from_flow(m.inverse(nu, m.guided(zt, w))[0])
 
     def feats(x):
         with torch.no_grad():
@@ -360,12 +430,10 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
     floor = fid_from_features(feats(xv), feats(xs))
     rows = []
     for temp in args.temperatures:
-        for w in args.guidance:
+        for w in args.guidance if args.prior == "glow" else [1.0]:
             gg = torch.Generator().manual_seed(1000 + seed)
             with torch.no_grad():
-                nu = torch.randn(len(zt), m.latent_dim(), generator=gg) * temp
-                u, _ = m.inverse(nu, m.guided(zt, w))
-                x = ae.decode(from_flow(u), dec_g)
+                x = ae.decode(sample_latents(temp, w, gg), dec_g)
             flat = x.flatten(1)
             bad = (~torch.isfinite(flat) | (flat < -0.25) | (flat > 1.25)).any(1)
             x = torch.nan_to_num(x, nan=0.5).clamp(0, 1)
@@ -375,7 +443,7 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
                 "T": temp, "w": w, **agreement_row(p, yt),
                 "fid_over_floor": fid_from_features(feats(x), feats(xs)) / floor, "overflowed": int(bad.sum()),
             })  # fmt: skip
-            if args.tstr and temp == 0.9 and w == 1.0:
+            if args.tstr and temp == args.tstr_temperature and w == 1.0:
                 rows[-1]["tstr_per_seed"] = [tstr_accuracy(x, yt, data, s) for s in (0, 1, 2)]
                 rows[-1]["tstr"] = sum(rows[-1]["tstr_per_seed"]) / 3
             print(f"[seed {seed}] {json.dumps(rows[-1])}", flush=True)
@@ -416,8 +484,17 @@ def main(argv=None) -> int:
         default="last",
         help="flow weights sampled: the last EMA, or the EMA of best validation NLL (checked every epoch)",
     )
+    p.add_argument(
+        "--prior",
+        choices=["glow", "gaussian"],
+        default="glow",
+        help="the conditional model of the latents: a Glow, or LatentGaussian (one affine layer)",
+    )
+    p.add_argument("--gaussian-rank", type=int, default=16, help="LatentGaussian: principal directions")
+    p.add_argument("--ridge", type=float, default=1.0, help="LatentGaussian: ridge of the regression on z")
     p.add_argument("--latent-probe", action="store_true", help="judge decoded midpoints and PCA draws of latents")
-    p.add_argument("--tstr", action="store_true", help="TSTR (3 classifier seeds) at T 0.9, w 1")
+    p.add_argument("--tstr", action="store_true", help="TSTR (3 classifier seeds) at --tstr-temperature, w 1")
+    p.add_argument("--tstr-temperature", type=float, default=0.9, help="the temperature of the TSTR set")
     p.add_argument("--base-run", type=Path, default=None, help="a finished main-job run: its splits and conditioner")
     p.add_argument("--judge", type=Path, default=None, help="a judge state dict (PEPXNet small) instead of training")
     p.add_argument("--flow-epochs", type=int, default=150, help="latent flow epochs")

@@ -125,7 +125,7 @@ def test_one_tiny_seed_end_to_end(proto, tmp_path):
     judge = proto._small_pepx().eval()
     args = argparse.Namespace(
         autoencoder="sharp", ae_steps=2, kl_weight=0.01, latent_channels=4, latent_probe=True, flow_epochs=2,
-        select="val", noise=0.05, temperatures=[0.9], guidance=[1.0, 2.0], tstr=False,
+        select="val", noise=0.05, temperatures=[0.9], guidance=[1.0, 2.0], tstr=False, prior="glow",
     )  # fmt: skip
     result = proto.run_seed(data, judge, _Conditioner(), 0, args, tmp_path / "seed_0")
     assert set(result["latent_probe"]) == {"midpoint", "pca32"}
@@ -138,3 +138,68 @@ def test_one_tiny_seed_end_to_end(proto, tmp_path):
     assert all(0 <= r["overflowed"] <= 64 for r in result["rows"])
     assert (tmp_path / "seed_0" / "probe_midpoint.png").is_file()
     assert (tmp_path / "seed_0" / "grid_T0.9_w2.0.png").is_file()
+
+
+def _linear_gaussian_data(n: int = 4000, d: int = 12, k: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g, dtype=torch.double)
+    a = torch.randn(k, d, generator=g, dtype=torch.double)
+    b = torch.randn(d, generator=g, dtype=torch.double)
+    directions = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.double))[0]
+    noise = (
+        torch.randn(n, 2, generator=g, dtype=torch.double) * torch.tensor([3.0, 1.5], dtype=torch.double)
+    ) @ directions.T
+    u = z @ a + b + noise + 0.1 * torch.randn(n, d, generator=g, dtype=torch.double)
+    return u, z, a, b, directions
+
+
+def test_latent_gaussian_fit_recovers_the_model(proto):
+    u, z, a, b, directions = _linear_gaussian_data()
+    model = proto.LatentGaussian.fit(u, z, rank=2, ridge=1e-6)
+    torch.testing.assert_close(model.weight[:-1], a, atol=0.05, rtol=0)
+    torch.testing.assert_close(model.weight[-1], b, atol=0.1, rtol=0)
+    assert model.scales.tolist() == pytest.approx([3.0, 1.5], rel=0.05)
+    # the fitted principal directions span the true ones
+    torch.testing.assert_close(model.basis @ model.basis.T @ directions, directions, atol=0.02, rtol=0)
+    assert float(model.sigma) == pytest.approx(0.1, rel=0.05)
+    with pytest.raises(ValueError, match="rank must be in"):
+        proto.LatentGaussian.fit(u[:5], z[:5], rank=5)
+
+
+def test_latent_gaussian_nll_equals_the_dense_gaussian(proto):
+    u, z, *_ = _linear_gaussian_data(n=200)
+    model = proto.LatentGaussian.fit(u, z, rank=3, ridge=1.0)
+    mean = proto.LatentGaussian._design(z) @ model.weight
+    dense = torch.distributions.MultivariateNormal(mean, covariance_matrix=model.covariance())
+    torch.testing.assert_close(model.nll(u, z), -dense.log_prob(u) / u.shape[1], atol=1e-9, rtol=0)
+
+
+def test_latent_gaussian_samples_the_principal_part_at_temperature(proto):
+    u, z, *_ = _linear_gaussian_data()
+    model = proto.LatentGaussian.fit(u, z, rank=2, ridge=1e-6)
+    one = z[:1].repeat(20000, 1)
+    draws = model.sample(one, 0.7, torch.Generator().manual_seed(3))
+    mean = proto.LatentGaussian._design(z[:1]) @ model.weight
+    torch.testing.assert_close(draws.mean(0, keepdim=True), mean, atol=0.05, rtol=0)
+    centred = draws - mean
+    off_span = centred - (centred @ model.basis) @ model.basis.T  # no isotropic part is drawn
+    assert float(off_span.abs().max()) < 1e-9
+    expected = 0.49 * model.basis @ torch.diag(model.scales**2) @ model.basis.T
+    torch.testing.assert_close(centred.T @ centred / len(draws), expected, atol=0.1, rtol=0)
+
+
+def test_one_tiny_seed_with_the_gaussian_prior(proto, tmp_path):
+    g = torch.Generator().manual_seed(1)
+
+    def split(n):
+        return torch.rand(n, 1, 64, 64, generator=g), torch.arange(n) % 2
+
+    data = {"train": split(64), "val": split(40), "test": split(40)}
+    args = argparse.Namespace(
+        autoencoder="sharp", ae_steps=2, kl_weight=0.01, latent_channels=4, latent_probe=False, flow_epochs=2,
+        select="last", noise=0.05, temperatures=[0.5, 0.7], guidance=[1.0, 2.0], tstr=False, prior="gaussian",
+        gaussian_rank=8, ridge=1.0,
+    )  # fmt: skip
+    result = proto.run_seed(data, proto._small_pepx().eval(), _Conditioner(), 0, args, tmp_path / "seed_0")
+    assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.5, 1.0), (0.7, 1.0)]  # no guidance without a flow
+    assert 0.0 <= result["mia_auc"] <= 1.0 and result["val_curve"] == []
