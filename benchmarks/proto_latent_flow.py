@@ -17,8 +17,11 @@ autoencoder trained on the same images makes synthetic slices that keep their cl
 Per flow seed it prints: autoencoder reconstruction error and the judge's accuracy on reconstructions of the test
 split, the flow's training time, the likelihood membership-inference AUC (training vs test latents), and per
 (temperature, guidance weight): class agreement of an independent real-trained judge (per class), FID / floor on
-the judge's features and the synthetic images whose decoded pixels left ``[-0.25, 1.25]`` or were non-finite. The
-last line is ``PROTO_LATENT {json}``; sample grids go to ``OUTPUT_DIR/seed_<s>/``.
+the judge's l2-normalised embeddings (``fid_over_floor``, the features the evaluation's FID uses; ``_raw``: on the
+unnormalised features, which the first prototype's table reports), the Laplacian sharpness ratio and the synthetic
+images whose decoded pixels left ``[-0.25, 1.25]`` or were non-finite. The last line is ``PROTO_LATENT {json}``;
+sample grids (real training slices of the same conditions above their synthetic slices) go to
+``OUTPUT_DIR/seed_<s>/``.
 
 Two autoencoders:
 
@@ -63,6 +66,7 @@ from monai_condflow.engines.ema import ModelEMA
 from monai_condflow.evaluation.plots import image_grid
 from monai_condflow.metrics.auc import mann_whitney_auc
 from monai_condflow.metrics.fid import fid_from_features
+from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.transforms import get_array_transforms, get_preprocess_transforms
 
@@ -423,11 +427,14 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
                 nu = torch.randn(len(zt), m.latent_dim(), generator=gen) * temp
                 return from_flow(m.inverse(nu, m.guided(zt, w))[0])
 
-    def feats(x):
-        with torch.no_grad():
-            return judge.features(x)
+    def fid_ratios(x: torch.Tensor) -> dict[str, float]:
+        out = {}
+        for key, fn in (("fid_over_floor", judge.embed), ("fid_over_floor_raw", judge.features)):
+            with torch.no_grad():
+                fx, fv, fs = fn(x), fn(xv), fn(xs)
+            out[key] = fid_from_features(fx, fs) / fid_from_features(fv, fs)
+        return out
 
-    floor = fid_from_features(feats(xv), feats(xs))
     rows = []
     for temp in args.temperatures:
         for w in args.guidance if args.prior == "glow" else [1.0]:
@@ -441,14 +448,14 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
                 p = judge(x).argmax(1)
             rows.append({
                 "T": temp, "w": w, **agreement_row(p, yt),
-                "fid_over_floor": fid_from_features(feats(x), feats(xs)) / floor, "overflowed": int(bad.sum()),
+                **fid_ratios(x), "overflowed": int(bad.sum()), "sharpness_ratio": float(sharpness_ratio(x, xt)),
             })  # fmt: skip
             if args.tstr and temp == args.tstr_temperature and w == 1.0:
                 rows[-1]["tstr_per_seed"] = [tstr_accuracy(x, yt, data, s) for s in (0, 1, 2)]
                 rows[-1]["tstr"] = sum(rows[-1]["tstr_per_seed"]) / 3
             print(f"[seed {seed}] {json.dumps(rows[-1])}", flush=True)
-            idx = torch.cat([torch.nonzero(yt == 0).reshape(-1)[:16], torch.nonzero(yt == 1).reshape(-1)[:16]])
-            image_grid(out / f"grid_T{temp}_w{w}.png", x[idx], nrow=8, scale=2)
+            idx = torch.cat([torch.nonzero(yt == 0).reshape(-1)[:8], torch.nonzero(yt == 1).reshape(-1)[:8]])
+            image_grid(out / f"grid_T{temp}_w{w}.png", torch.cat([xt[idx], x[idx]]), nrow=8, scale=2)
     return {"seed": seed, "ae_time_s": ae_time, "flow_time_s": flow_time, "ae_recon_mse": float(F.mse_loss(rec, xs)),
             "judge_acc_on_reconstructions": rec_acc, "latent_probe": probe_rows, "selected_epoch": best[2] or None,
             "mia_auc": mia, "val_curve": curve, "rows": rows}  # fmt: skip

@@ -136,6 +136,8 @@ def test_one_tiny_seed_end_to_end(proto, tmp_path):
     assert result["val_curve"][result["selected_epoch"] - 1][1] == best
     assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.9, 1.0), (0.9, 2.0)]
     assert all(0 <= r["overflowed"] <= 64 for r in result["rows"])
+    assert all(r["fid_over_floor"] > 0 and r["fid_over_floor_raw"] > 0 for r in result["rows"])
+    assert all(r["sharpness_ratio"] > 0 for r in result["rows"])
     assert (tmp_path / "seed_0" / "probe_midpoint.png").is_file()
     assert (tmp_path / "seed_0" / "grid_T0.9_w2.0.png").is_file()
 
