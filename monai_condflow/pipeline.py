@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 
-
-
 class Stage:
     """One stage of the pipeline: a ``monai.bundle run`` over one or more config files.
 
