@@ -162,7 +162,7 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
     """Figures of one trained seed (see the module docstring)."""
     from monai_condflow.engines.stages import load_classifier, load_flow
     from monai_condflow.evaluation.plots import image_grid
-    from monai_condflow.evaluation.tstr import predict, train_real_classifier
+    from monai_condflow.evaluation.tstr import predict
     from monai_condflow.metrics.auc import mann_whitney_auc
     from monai_condflow.metrics.fid import fid_from_features
     from monai_condflow.metrics.sharpness import sharpness_ratio
@@ -200,13 +200,7 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
             sharpness_ratio=float(sharpness_ratio(x, train[0])), fid_ratio=fid / floor if floor > 0 else None
         )
         if temperature == args.tstr_temperature:
-            kwargs = {"max_epochs": args.tstr_epochs, "lr": 0.002, "batch_size": 32}
-            accuracies = []
-            for tstr_seed in args.tstr_seeds:
-                net = train_real_classifier(
-                    (x, labels), val, network_factory=_factory, train_kwargs=kwargs, seed=tstr_seed
-                )
-                accuracies.append(float((predict(net, test[0]) == test[1]).float().mean()))
+            accuracies = tstr_accuracies((x, labels), val, test, args.tstr_seeds, args.tstr_epochs)
             figures["tstr"] = sum(accuracies) / len(accuracies)
             figures["tstr_per_seed"] = {str(k): v for k, v in zip(args.tstr_seeds, accuracies)}
         dcr = dcr_audit(x, train[0], torch.cat([val[0], test[0]]))["pixel"]
@@ -217,6 +211,25 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
         pick = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in labels.unique().tolist()])
         image_grid(seed_dir / f"grid_{key}.png", torch.cat([train[0][pick], x[pick]]), nrow=8, scale=3)
     return row
+
+
+def tstr_accuracies(
+    synthetic: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    seeds: Sequence[int],
+    epochs: int = 15,
+) -> list[float]:
+    """Real test accuracy, one per classifier seed, of the evaluation's classifier (PEPXNet ``small``, lr 0.002,
+    batch 32, epoch selection on the real ``val``) trained on the ``synthetic`` ``(images, labels)``."""
+    from monai_condflow.evaluation.tstr import predict, train_real_classifier
+
+    kwargs = {"max_epochs": epochs, "lr": 0.002, "batch_size": 32}
+    accuracies = []
+    for seed in seeds:
+        net = train_real_classifier(synthetic, val, network_factory=_factory, train_kwargs=kwargs, seed=seed)
+        accuracies.append(float((predict(net, test[0]) == test[1]).float().mean()))
+    return accuracies
 
 
 def _factory() -> torch.nn.Module:

@@ -39,6 +39,10 @@ to them (T = 0.7), and reports the judge's class agreement on those.
 training a conditioner on all labels; ``--judge FILE`` loads a judge (a ``PEPXNet`` ``small`` state dict) instead of
 training one.
 
+``--refine-flow RUN`` makes it a two-stage generator: every decoded slice goes through RUN's pixel ``ConditionalGlow``
+(:class:`FineRefiner`), which keeps the slice's coarsest latents and redraws the finer ones; every figure is then
+also reported for the refined slices (``refined_*``) and the grids show real / decoded / refined rows.
+
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/proto_latent_flow.py --output-dir runs/proto_latent --seeds 0 1 2
@@ -64,11 +68,16 @@ from monai_condflow.data import datalists
 from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.engines.ema import ModelEMA
 from monai_condflow.evaluation.plots import image_grid
+from monai_condflow.evaluation.tstr import predict
 from monai_condflow.metrics.auc import mann_whitney_auc
 from monai_condflow.metrics.fid import fid_from_features
 from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
+from monai_condflow.networks.nets.conditional_glow import clamp_decoded
 from monai_condflow.transforms import get_array_transforms, get_preprocess_transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate_flow import _factory, judge_rows, tstr_accuracies  # noqa: E402
 
 
 def load_phantom(data_dir: Path, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -328,15 +337,110 @@ class LatentGaussian:
         return self._design(z) @ self.weight + temperature * (e * self.scales) @ self.basis.T
 
 
-def agreement_row(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Class agreement of ``predicted`` with the conditioning ``labels``, overall and per class (``agree_c<k>``)."""
-    row = {"agree": float((predicted == labels).float().mean())}
-    for c in labels.unique().tolist():
-        row[f"agree_c{c}"] = float((predicted[labels == c] == c).float().mean())
-    return row
+def fit_latent_gaussian(lt, zt, ls, zs, args) -> dict:
+    """:class:`LatentGaussian` on the training latents: its sampler ``(temperature, w, generator) -> latents``, the
+    likelihood membership-inference AUC (training vs test latents) and the fitting time."""
+    t0 = time.time()
+    prior = LatentGaussian.fit(lt.flatten(1), zt, rank=args.gaussian_rank, ridge=args.ridge)
+    mia = mann_whitney_auc(-prior.nll(lt.flatten(1), zt), -prior.nll(ls.flatten(1), zs))
+
+    def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
+        return prior.sample(zt, temp, gen).view_as(lt)
+
+    return {"sample": sample_latents, "mia_auc": mia, "flow_time_s": time.time() - t0, "curve": [], "epoch": None}
 
 
-def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
+def fit_latent_glow(lt, zt, lv, zv, ls, zs, args, g: torch.Generator, seed: int) -> dict:
+    """A conditional Glow (2 levels x 8 steps, EMA, condition dropout) on the standardised latents, with the same
+    fields as :func:`fit_latent_gaussian` plus the validation curve and the selected epoch (``--select val``)."""
+    mu, sd = lt.mean((0, 2, 3), keepdim=True), lt.std((0, 2, 3), keepdim=True)
+
+    def to_flow(lat):  # standardised latents, scaled into about [0, 1] (the flow subtracts 0.5)
+        return 0.5 + 0.15 * (lat - mu) / sd
+
+    ut, uv, us = to_flow(lt), to_flow(lv), to_flow(ls)
+    flow = ConditionalGlow(
+        in_channels=args.latent_channels, condition_dim=32, num_levels=2, image_size=16, num_steps=(8, 8),
+        num_blocks=(1, 1), hidden_channels=(96, 96), cond_dropout=0.1,
+    )  # fmt: skip
+    flow.initialize(ut[:128], zt[:128])
+    ema = ModelEMA(flow, 0.995)
+    opt = torch.optim.AdamW(flow.parameters(), 1e-3, weight_decay=1e-6)
+    spe = len(ut) // 32
+    total = args.flow_epochs * spe
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / (2 * spe)) * 0.5 * (1 + math.cos(math.pi * i / total))
+    )
+    t1 = time.time()
+    curve, best = [], (math.inf, None, 0)
+    for ep in range(args.flow_epochs):
+        flow.train()
+        perm = torch.randperm(len(ut), generator=g)
+        for i in range(0, len(ut) - 31, 32):
+            idx = perm[i : i + 32]
+            u = ut[idx] + args.noise * 0.15 * torch.randn_like(ut[idx])
+            loss = -flow.log_prob(u, flow.drop_condition(zt[idx])).mean() / u[0].numel()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            ema.update()
+        if args.select == "val" or (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
+            with torch.no_grad():
+                val = float(-ema.module.log_prob(uv, zv).mean() / uv[0].numel())
+            curve.append([ep + 1, val])
+            print(f"[seed {seed}] flow epoch {ep + 1}: val NLL/dim {val:.4f} ({time.time() - t1:.0f} s)", flush=True)
+            if args.select == "val" and val < best[0]:
+                best = (val, {k: v.clone() for k, v in ema.module.state_dict().items()}, ep + 1)
+    flow_time = time.time() - t1
+    m = ema.module.eval()
+    if args.select == "val":
+        m.load_state_dict(best[1])
+    with torch.no_grad():
+        mia = mann_whitney_auc(m.log_prob(ut, zt), m.log_prob(us, zs))
+
+    def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            nu = torch.randn(len(zt), m.latent_dim(), generator=gen) * temp
+            return (m.inverse(nu, m.guided(zt, w))[0] - 0.5) / 0.15 * sd + mu
+
+    epoch = best[2] or None
+    return {"sample": sample_latents, "mia_auc": mia, "flow_time_s": flow_time, "curve": curve, "epoch": epoch}
+
+
+class FineRefiner:
+    """The second stage of a two-stage generator: a trained pixel ``ConditionalGlow`` (a main-job run's ``flow/``)
+    encodes a coarse slice with the slice's ``z``, keeps its ``keep`` coarsest latents (the top one first), redraws
+    the finer ones from ``N(0, T^2 I)`` and decodes. The coarse slice brings the anatomy; the flow's fine levels, which
+    kept the class given a real top latent (docs/results.md, fifth session), bring the pixel-scale texture.
+
+    Args:
+        flow: the pixel flow (eval mode).
+        keep: how many of the coarsest latents to keep (1: only the top; ``len(encode(x))`` gives back ``x``).
+        temperature: of the redrawn finer latents.
+    """
+
+    def __init__(self, flow: ConditionalGlow, keep: int = 1, temperature: float = 0.9) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}.")
+        self.flow, self.keep, self.temperature = flow, keep, temperature
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, z: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """``x [B, 1, H, W]`` in ``[0, 1]``, ``z [B, K]`` -> (refined images in ``[0, 1]``, overflowed pixels ``[B]``
+        counted before clamping)."""
+        latents = self.flow.encode(x, z)
+        if self.keep > len(latents):
+            raise ValueError(f"keep {self.keep} > the flow's {len(latents)} latents.")
+        cut = len(latents) - self.keep
+        fresh = [self.temperature * torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in latents[:cut]]
+        out, overflow, _ = clamp_decoded(self.flow.decode(fresh + latents[cut:], z))
+        return out, overflow
+
+
+def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiner: tuple | None = None) -> dict:
+    """One autoencoder / latent-model training seed; ``refiner``: ``(FineRefiner, z of the training slices)``."""
     (xt, yt), (xv, _), (xs, ys) = data["train"], data["val"], data["test"]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -354,78 +458,15 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
         with torch.no_grad():
             for name, lat in probe_latents(lt, yt, torch.Generator().manual_seed(seed)).items():
                 x = ae.decode(lat, dec_g).clamp(0, 1)
-                probe_rows[name] = agreement_row(judge(x).argmax(1), yt)
+                probe_rows[name] = judge_rows(x, torch.zeros(len(x)), yt, predict(judge, x))
                 print(f"[seed {seed}] latent probe {name}: {json.dumps(probe_rows[name])}", flush=True)
                 idx = torch.cat([torch.nonzero(yt == c).reshape(-1)[:8] for c in (0, 1)])
                 image_grid(out / f"probe_{name}.png", x[idx], nrow=8, scale=2)
-    mu, sd = lt.mean((0, 2, 3), keepdim=True), lt.std((0, 2, 3), keepdim=True)
-
-    def to_flow(lat):  # standardised latents, scaled into about [0, 1] (the flow subtracts 0.5)
-        return 0.5 + 0.15 * (lat - mu) / sd
-
-    def from_flow(u):
-        return (u - 0.5) / 0.15 * sd + mu
-
     ae_time = time.time() - t0
     if args.prior == "gaussian":
-        t1 = time.time()
-        prior = LatentGaussian.fit(lt.flatten(1), zt, rank=args.gaussian_rank, ridge=args.ridge)
-        flow_time, curve, best = time.time() - t1, [], (math.inf, None, 0)
-        mia = mann_whitney_auc(-prior.nll(lt.flatten(1), zt), -prior.nll(ls.flatten(1), zs))
-
-        def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
-            return prior.sample(zt, temp, gen).view_as(lt)
-
+        model = fit_latent_gaussian(lt, zt, ls, zs, args)
     else:
-        ut, uv, us = to_flow(lt), to_flow(lv), to_flow(ls)
-        flow = ConditionalGlow(
-            in_channels=args.latent_channels, condition_dim=32, num_levels=2, image_size=16, num_steps=(8, 8),
-            num_blocks=(1, 1), hidden_channels=(96, 96), cond_dropout=0.1,
-        )  # fmt: skip
-        flow.initialize(ut[:128], zt[:128])
-        ema = ModelEMA(flow, 0.995)
-        opt = torch.optim.AdamW(flow.parameters(), 1e-3, weight_decay=1e-6)
-        spe = len(ut) // 32
-        total = args.flow_epochs * spe
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: min(1.0, (i + 1) / (2 * spe)) * 0.5 * (1 + math.cos(math.pi * i / total))
-        )
-        t1 = time.time()
-        curve = []
-        best = (math.inf, None, 0)
-        for ep in range(args.flow_epochs):
-            flow.train()
-            perm = torch.randperm(len(ut), generator=g)
-            for i in range(0, len(ut) - 31, 32):
-                idx = perm[i : i + 32]
-                u = ut[idx] + args.noise * 0.15 * torch.randn_like(ut[idx])
-                loss = -flow.log_prob(u, flow.drop_condition(zt[idx])).mean() / u[0].numel()
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
-                opt.step()
-                sched.step()
-                ema.update()
-            if args.select == "val" or (ep + 1) % 25 == 0 or ep + 1 == args.flow_epochs:
-                with torch.no_grad():
-                    val = float(-ema.module.log_prob(uv, zv).mean() / uv[0].numel())
-                curve.append([ep + 1, val])
-                print(
-                    f"[seed {seed}] flow epoch {ep + 1}: val NLL/dim {val:.4f} ({time.time() - t1:.0f} s)", flush=True
-                )
-                if args.select == "val" and val < best[0]:
-                    best = (val, {k: v.clone() for k, v in ema.module.state_dict().items()}, ep + 1)
-        flow_time = time.time() - t1
-        m = ema.module.eval()
-        if args.select == "val":
-            m.load_state_dict(best[1])
-        with torch.no_grad():
-            mia = mann_whitney_auc(m.log_prob(ut, zt), m.log_prob(us, zs))
-
-        def sample_latents(temp: float, w: float, gen: torch.Generator) -> torch.Tensor:
-            with torch.no_grad():
-                nu = torch.randn(len(zt), m.latent_dim(), generator=gen) * temp
-                return from_flow(m.inverse(nu, m.guided(zt, w))[0])
+        model = fit_latent_glow(lt, zt, lv, zv, ls, zs, args, g, seed)
 
     def fid_ratios(x: torch.Tensor) -> dict[str, float]:
         out = {}
@@ -440,39 +481,28 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path) -> dict:
         for w in args.guidance if args.prior == "glow" else [1.0]:
             gg = torch.Generator().manual_seed(1000 + seed)
             with torch.no_grad():
-                x = ae.decode(sample_latents(temp, w, gg), dec_g)
-            flat = x.flatten(1)
-            bad = (~torch.isfinite(flat) | (flat < -0.25) | (flat > 1.25)).any(1)
-            x = torch.nan_to_num(x, nan=0.5).clamp(0, 1)
-            with torch.no_grad():
-                p = judge(x).argmax(1)
-            rows.append({
-                "T": temp, "w": w, **agreement_row(p, yt),
-                **fid_ratios(x), "overflowed": int(bad.sum()), "sharpness_ratio": float(sharpness_ratio(x, xt)),
-            })  # fmt: skip
-            if args.tstr and temp == args.tstr_temperature and w == 1.0:
-                rows[-1]["tstr_per_seed"] = [tstr_accuracy(x, yt, data, s) for s in (0, 1, 2)]
-                rows[-1]["tstr"] = sum(rows[-1]["tstr_per_seed"]) / 3
-            print(f"[seed {seed}] {json.dumps(rows[-1])}", flush=True)
+                x, overflow, _ = clamp_decoded(ae.decode(model["sample"](temp, w, gg), dec_g))
+            stages = [("", x, overflow)]
+            if refiner is not None:
+                fine, overflow_fine = refiner[0](x, refiner[1], gg)
+                stages.append(("refined_", fine, overflow + overflow_fine))
+            row = {"T": temp, "w": w}
+            for prefix, xx, over in stages:
+                figures = {**judge_rows(xx, over, yt, predict(judge, xx)), **fid_ratios(xx)}
+                figures["sharpness_ratio"] = float(sharpness_ratio(xx, xt))
+                if args.tstr and temp == args.tstr_temperature and w == 1.0:
+                    figures["tstr_per_seed"] = tstr_accuracies((xx, yt), data["val"], data["test"], (0, 1, 2))
+                    figures["tstr"] = sum(figures["tstr_per_seed"]) / 3
+                row.update({prefix + k: v for k, v in figures.items()})
+            rows.append(row)
+            print(f"[seed {seed}] {json.dumps(row)}", flush=True)
             idx = torch.cat([torch.nonzero(yt == 0).reshape(-1)[:8], torch.nonzero(yt == 1).reshape(-1)[:8]])
-            image_grid(out / f"grid_T{temp}_w{w}.png", torch.cat([xt[idx], x[idx]]), nrow=8, scale=2)
-    return {"seed": seed, "ae_time_s": ae_time, "flow_time_s": flow_time, "ae_recon_mse": float(F.mse_loss(rec, xs)),
-            "judge_acc_on_reconstructions": rec_acc, "latent_probe": probe_rows, "selected_epoch": best[2] or None,
-            "mia_auc": mia, "val_curve": curve, "rows": rows}  # fmt: skip
-
-
-def tstr_accuracy(x: torch.Tensor, y: torch.Tensor, data, seed: int) -> float:
-    """Real test accuracy of a classifier trained on the synthetic ``(x, y)`` (the evaluation's recipe: PEPXNet
-    ``small``, 15 epochs, lr 0.002, epoch selection on the real validation split)."""
-    from monai_condflow.evaluation.tstr import predict, train_real_classifier
-
-    kwargs = {"max_epochs": 15, "lr": 0.002, "batch_size": 32}
-    net = train_real_classifier((x, y), data["val"], network_factory=_small_pepx, train_kwargs=kwargs, seed=seed)
-    return float((predict(net, data["test"][0]) == data["test"][1]).float().mean())
-
-
-def _small_pepx() -> nn.Module:
-    return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+            image_grid(out / f"grid_T{temp}_w{w}.png", torch.cat([xt[idx]] + [st[1][idx] for st in stages]), nrow=8,
+                       scale=2)  # fmt: skip
+    return {"seed": seed, "ae_time_s": ae_time, "flow_time_s": model["flow_time_s"],
+            "ae_recon_mse": float(F.mse_loss(rec, xs)), "judge_acc_on_reconstructions": rec_acc,
+            "latent_probe": probe_rows, "selected_epoch": model["epoch"], "mia_auc": model["mia_auc"],
+            "val_curve": model["curve"], "rows": rows}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -509,6 +539,12 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=0.05, help="training noise, in standardised latent units")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.9, 1.0], help="sampling temperatures")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0], help="guidance weights")
+    p.add_argument(
+        "--refine-flow", type=Path, default=None,
+        help="a finished main-job run: its pixel flow redraws the finer latents of every decoded slice (FineRefiner)",
+    )  # fmt: skip
+    p.add_argument("--refine-keep", type=int, default=1, help="FineRefiner: coarsest latents kept (1: the top one)")
+    p.add_argument("--refine-temperature", type=float, default=0.9, help="FineRefiner: of the redrawn latents")
     args = p.parse_args(argv)
     if args.base_run is not None:
         from sweep_sampling import load_splits
@@ -523,7 +559,7 @@ def main(argv=None) -> int:
     if args.base_run is None:
         conditioner = train_classifier(xt, yt, xv, yv, seed=0)
     if args.judge is not None:
-        judge = _small_pepx()
+        judge = _factory()
         judge.load_state_dict(torch.load(args.judge, weights_only=True))
         judge.eval()
     else:
@@ -532,7 +568,15 @@ def main(argv=None) -> int:
         judge_acc = float((judge(xs).argmax(1) == ys).float().mean())
         cond_acc = float((conditioner(xs).argmax(1) == ys).float().mean())
     print(f"conditioning classifier test accuracy {cond_acc:.3f}, judge test accuracy {judge_acc:.3f}", flush=True)
-    results = [run_seed(data, judge, conditioner, s, args, args.output_dir / f"seed_{s}") for s in args.seeds]
+    refiner = None
+    if args.refine_flow is not None:
+        from monai_condflow.engines.stages import load_classifier, load_flow
+
+        pixel_flow = load_flow(args.refine_flow).eval()
+        with torch.no_grad():
+            z_pixel = load_classifier(args.refine_flow).eval().embed(xt)
+        refiner = (FineRefiner(pixel_flow, args.refine_keep, args.refine_temperature), z_pixel)
+    results = [run_seed(data, judge, conditioner, s, args, args.output_dir / f"seed_{s}", refiner) for s in args.seeds]
     summary = {"judge_test_acc": judge_acc, "conditioner_test_acc": cond_acc, "seeds": results}
     (args.output_dir / "proto_latent.json").write_text(json.dumps(summary, indent=2))
     print("PROTO_LATENT " + json.dumps(summary))

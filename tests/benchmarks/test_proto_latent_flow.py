@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""benchmarks/proto_latent_flow.py: the sharp autoencoder's losses and noise, the latent probe and the agreement
-rows against hand-computed values, and one tiny seed end to end."""
+"""benchmarks/proto_latent_flow.py: the sharp autoencoder's losses and noise, the latent probe and the latent
+Gaussian against hand-computed values, the two-stage refiner's exactness, and tiny seeds end to end."""
 
 from __future__ import annotations
 
@@ -103,11 +103,44 @@ def test_latent_probe_stays_within_each_class(proto):
         assert float((pca @ direction).std()) > 0.05  # and they do vary along it
 
 
-def test_agreement_row_by_hand(proto):
-    labels = torch.tensor([0, 0, 0, 1, 1])
-    predicted = torch.tensor([0, 1, 0, 1, 0])
-    row = proto.agreement_row(predicted, labels)
-    assert row == pytest.approx({"agree": 3 / 5, "agree_c0": 2 / 3, "agree_c1": 1 / 2})
+def _tiny_pixel_flow(seed: int = 0):
+    from monai_condflow.networks.nets import ConditionalGlow
+
+    torch.manual_seed(seed)
+    flow = ConditionalGlow(in_channels=1, condition_dim=32, num_levels=3, image_size=16, num_steps=2, hidden_channels=8)
+    x = torch.rand(8, 1, 16, 16)
+    z = F.normalize(torch.randn(8, 32), dim=1)
+    flow.initialize(x, z)
+    with torch.no_grad():  # move every layer off its identity initialisation
+        for param in flow.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return flow.eval(), x, z
+
+
+def test_fine_refiner_keeping_every_latent_gives_the_slice_back(proto):
+    flow, x, z = _tiny_pixel_flow()
+    levels = len(flow.encode(x, z))
+    refined, overflow = proto.FineRefiner(flow, keep=levels)(x, z, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(refined, x, atol=1e-4, rtol=0)
+    assert overflow.tolist() == [0] * len(x)
+    with pytest.raises(ValueError, match=f"keep {levels + 1} > the flow's {levels} latents"):
+        proto.FineRefiner(flow, keep=levels + 1)(x, z, torch.Generator())
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        proto.FineRefiner(flow, keep=0)
+
+
+def test_fine_refiner_keeps_the_top_latent_and_redraws_the_rest(proto):
+    flow, x, z = _tiny_pixel_flow()
+    x = 0.4 + 0.2 * x  # mid-grey slices, so that the refined ones stay inside (0, 1) and nothing is clamped
+    refiner = proto.FineRefiner(flow, keep=1, temperature=0.1)
+    refined, overflow = refiner(x, z, torch.Generator().manual_seed(0))
+    again, _ = refiner(x, z, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(refined, again)  # the generator fixes the redrawn latents
+    assert 0 < float(refined.min()) and float(refined.max()) < 1 and int(overflow.sum()) == 0
+    before, after = flow.encode(x, z), flow.encode(refined, z)
+    torch.testing.assert_close(after[-1], before[-1], atol=1e-3, rtol=0)  # the top latent survives
+    assert not torch.allclose(after[0], before[0], atol=1e-2)  # the finest latent was redrawn ...
+    assert float(after[0].std()) == pytest.approx(0.1, rel=0.2)  # ... from N(0, T^2)
 
 
 class _Conditioner(torch.nn.Module):
@@ -122,20 +155,20 @@ def test_one_tiny_seed_end_to_end(proto, tmp_path):
         return torch.rand(n, 1, 64, 64, generator=g), torch.arange(n) % 2
 
     data = {"train": split(64), "val": split(40), "test": split(40)}
-    judge = proto._small_pepx().eval()
+    judge = proto._factory().eval()
     args = argparse.Namespace(
         autoencoder="sharp", ae_steps=2, kl_weight=0.01, latent_channels=4, latent_probe=True, flow_epochs=2,
         select="val", noise=0.05, temperatures=[0.9], guidance=[1.0, 2.0], tstr=False, prior="glow",
     )  # fmt: skip
     result = proto.run_seed(data, judge, _Conditioner(), 0, args, tmp_path / "seed_0")
     assert set(result["latent_probe"]) == {"midpoint", "pca32"}
-    assert set(result["latent_probe"]["midpoint"]) == {"agree", "agree_c0", "agree_c1"}
+    assert result["latent_probe"]["midpoint"]["agreement_per_class"].keys() == {"0", "1"}
     assert result["selected_epoch"] in (1, 2)
     assert [c[0] for c in result["val_curve"]] == [1, 2]  # selection reads the validation NLL every epoch
     best = min(c[1] for c in result["val_curve"])
     assert result["val_curve"][result["selected_epoch"] - 1][1] == best
     assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.9, 1.0), (0.9, 2.0)]
-    assert all(0 <= r["overflowed"] <= 64 for r in result["rows"])
+    assert all(0 <= r["images_with_overflow"] <= r["n_images"] == 64 for r in result["rows"])
     assert all(r["fid_over_floor"] > 0 and r["fid_over_floor_raw"] > 0 for r in result["rows"])
     assert all(r["sharpness_ratio"] > 0 for r in result["rows"])
     assert (tmp_path / "seed_0" / "probe_midpoint.png").is_file()
@@ -202,6 +235,12 @@ def test_one_tiny_seed_with_the_gaussian_prior(proto, tmp_path):
         select="last", noise=0.05, temperatures=[0.5, 0.7], guidance=[1.0, 2.0], tstr=False, prior="gaussian",
         gaussian_rank=8, ridge=1.0,
     )  # fmt: skip
-    result = proto.run_seed(data, proto._small_pepx().eval(), _Conditioner(), 0, args, tmp_path / "seed_0")
+    flow, *_ = _tiny_pixel_flow()
+    refiner = (proto.FineRefiner(flow), F.normalize(torch.randn(64, 32, generator=g), dim=1))
+    result = proto.run_seed(data, proto._factory().eval(), _Conditioner(), 0, args, tmp_path / "seed_0", refiner)
     assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.5, 1.0), (0.7, 1.0)]  # no guidance without a flow
+    for row in result["rows"]:  # the refined slices get every figure the decoded ones get
+        refined = {k for k in row if k.startswith("refined_")}
+        assert refined == {f"refined_{k}" for k in row.keys() - refined - {"T", "w"}}
+        assert 0 <= row["refined_images_with_overflow"] <= 64 and row["refined_fid_over_floor"] > 0
     assert 0.0 <= result["mia_auc"] <= 1.0 and result["val_curve"] == []
