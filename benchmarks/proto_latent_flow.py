@@ -40,8 +40,9 @@ training a conditioner on all labels; ``--judge FILE`` loads a judge (a ``PEPXNe
 training one.
 
 ``--refine-flow RUN`` makes it a two-stage generator: every decoded slice goes through RUN's pixel ``ConditionalGlow``
-(:class:`FineRefiner`), which keeps the slice's coarsest latents and redraws the finer ones; every figure is then
-also reported for the refined slices (``refined_*``) and the grids show real / decoded / refined rows.
+(:class:`FineRefiner`), which keeps the slice's ``K`` coarsest latents and redraws the finer ones at temperature
+``T`` (``--refine-keep``, ``--refine-temperature``: every pair); every figure is then also reported for the refined
+slices (``refined_k<K>_T<T>_*``) and the grids show the real, the decoded and then the refined slices.
 
 Usage::
 
@@ -439,8 +440,9 @@ class FineRefiner:
         return out, overflow
 
 
-def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiner: tuple | None = None) -> dict:
-    """One autoencoder / latent-model training seed; ``refiner``: ``(FineRefiner, z of the training slices)``."""
+def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiners: tuple | None = None) -> dict:
+    """One autoencoder / latent-model training seed; ``refiners``: ``({name: FineRefiner}, z of the training slices)``,
+    whose figures get the prefix ``<name>_``."""
     (xt, yt), (xv, _), (xs, ys) = data["train"], data["val"], data["test"]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -483,9 +485,9 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiner: tupl
             with torch.no_grad():
                 x, overflow, _ = clamp_decoded(ae.decode(model["sample"](temp, w, gg), dec_g))
             stages = [("", x, overflow)]
-            if refiner is not None:
-                fine, overflow_fine = refiner[0](x, refiner[1], gg)
-                stages.append(("refined_", fine, overflow + overflow_fine))
+            for name, refiner in (refiners[0] if refiners else {}).items():
+                fine, overflow_fine = refiner(x, refiners[1], gg)
+                stages.append((f"{name}_", fine, overflow + overflow_fine))
             row = {"T": temp, "w": w}
             for prefix, xx, over in stages:
                 figures = {**judge_rows(xx, over, yt, predict(judge, xx)), **fid_ratios(xx)}
@@ -543,8 +545,12 @@ def main(argv=None) -> int:
         "--refine-flow", type=Path, default=None,
         help="a finished main-job run: its pixel flow redraws the finer latents of every decoded slice (FineRefiner)",
     )  # fmt: skip
-    p.add_argument("--refine-keep", type=int, default=1, help="FineRefiner: coarsest latents kept (1: the top one)")
-    p.add_argument("--refine-temperature", type=float, default=0.9, help="FineRefiner: of the redrawn latents")
+    p.add_argument(
+        "--refine-keep", type=int, nargs="+", default=[1], help="FineRefiner: coarsest latents kept (1: the top one)"
+    )
+    p.add_argument(
+        "--refine-temperature", type=float, nargs="+", default=[0.9], help="FineRefiner: of the redrawn latents"
+    )
     args = p.parse_args(argv)
     if args.base_run is not None:
         from sweep_sampling import load_splits
@@ -575,7 +581,14 @@ def main(argv=None) -> int:
         pixel_flow = load_flow(args.refine_flow).eval()
         with torch.no_grad():
             z_pixel = load_classifier(args.refine_flow).eval().embed(xt)
-        refiner = (FineRefiner(pixel_flow, args.refine_keep, args.refine_temperature), z_pixel)
+        refiner = (
+            {
+                f"refined_k{k}_T{t:g}": FineRefiner(pixel_flow, k, t)
+                for k in args.refine_keep
+                for t in args.refine_temperature
+            },
+            z_pixel,
+        )
     results = [run_seed(data, judge, conditioner, s, args, args.output_dir / f"seed_{s}", refiner) for s in args.seeds]
     summary = {"judge_test_acc": judge_acc, "conditioner_test_acc": cond_acc, "seeds": results}
     (args.output_dir / "proto_latent.json").write_text(json.dumps(summary, indent=2))

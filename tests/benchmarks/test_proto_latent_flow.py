@@ -236,11 +236,14 @@ def test_one_tiny_seed_with_the_gaussian_prior(proto, tmp_path):
         gaussian_rank=8, ridge=1.0,
     )  # fmt: skip
     flow, *_ = _tiny_pixel_flow()
-    refiner = (proto.FineRefiner(flow), F.normalize(torch.randn(64, 32, generator=g), dim=1))
-    result = proto.run_seed(data, proto._factory().eval(), _Conditioner(), 0, args, tmp_path / "seed_0", refiner)
+    refiners = ({"a": proto.FineRefiner(flow), "b": proto.FineRefiner(flow, 2, 0.5)},
+                F.normalize(torch.randn(64, 32, generator=g), dim=1))  # fmt: skip
+    result = proto.run_seed(data, proto._factory().eval(), _Conditioner(), 0, args, tmp_path / "seed_0", refiners)
     assert [(r["T"], r["w"]) for r in result["rows"]] == [(0.5, 1.0), (0.7, 1.0)]  # no guidance without a flow
-    for row in result["rows"]:  # the refined slices get every figure the decoded ones get
-        refined = {k for k in row if k.startswith("refined_")}
-        assert refined == {f"refined_{k}" for k in row.keys() - refined - {"T", "w"}}
-        assert 0 <= row["refined_images_with_overflow"] <= 64 and row["refined_fid_over_floor"] > 0
+    for row in result["rows"]:  # every refiner's slices get every figure the decoded ones get
+        own = row.keys() - {"T", "w"} - {k for k in row if k[:2] in ("a_", "b_")}
+        assert {k for k in row if k.startswith("a_")} == {f"a_{k}" for k in own}
+        assert {k for k in row if k.startswith("b_")} == {f"b_{k}" for k in own}
+        assert 0 <= row["a_images_with_overflow"] <= 64 and row["b_fid_over_floor"] > 0
+        assert row["a_fid_over_floor"] != row["b_fid_over_floor"]  # two refiners, two sets of slices
     assert 0.0 <= result["mia_auc"] <= 1.0 and result["val_curve"] == []
