@@ -493,8 +493,8 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiners: tup
                 figures = {**judge_rows(xx, over, yt, predict(judge, xx)), **fid_ratios(xx)}
                 figures["sharpness_ratio"] = float(sharpness_ratio(xx, xt))
                 if args.tstr and temp == args.tstr_temperature and w == 1.0:
-                    figures["tstr_per_seed"] = tstr_accuracies((xx, yt), data["val"], data["test"], (0, 1, 2))
-                    figures["tstr"] = sum(figures["tstr_per_seed"]) / 3
+                    figures["tstr_per_seed"] = tstr_accuracies((xx, yt), data["val"], data["test"], args.tstr_seeds)
+                    figures["tstr"] = sum(figures["tstr_per_seed"]) / len(args.tstr_seeds)
                 row.update({prefix + k: v for k, v in figures.items()})
             rows.append(row)
             print(f"[seed {seed}] {json.dumps(row)}", flush=True)
@@ -532,8 +532,9 @@ def main(argv=None) -> int:
     p.add_argument("--gaussian-rank", type=int, default=16, help="LatentGaussian: principal directions")
     p.add_argument("--ridge", type=float, default=1.0, help="LatentGaussian: ridge of the regression on z")
     p.add_argument("--latent-probe", action="store_true", help="judge decoded midpoints and PCA draws of latents")
-    p.add_argument("--tstr", action="store_true", help="TSTR (3 classifier seeds) at --tstr-temperature, w 1")
+    p.add_argument("--tstr", action="store_true", help="TSTR at --tstr-temperature, w 1")
     p.add_argument("--tstr-temperature", type=float, default=0.9, help="the temperature of the TSTR set")
+    p.add_argument("--tstr-seeds", type=int, nargs="+", default=[0, 1, 2], help="TSTR classifier seeds")
     p.add_argument("--base-run", type=Path, default=None, help="a finished main-job run: its splits and conditioner")
     p.add_argument("--judge", type=Path, default=None, help="a judge state dict (PEPXNet small) instead of training")
     p.add_argument("--flow-epochs", type=int, default=150, help="latent flow epochs")
