@@ -41,8 +41,9 @@ training one.
 
 ``--refine-flow RUN`` makes it a two-stage generator: every decoded slice goes through RUN's pixel ``ConditionalGlow``
 (:class:`FineRefiner`), which keeps the slice's ``K`` coarsest latents and redraws the finer ones at temperature
-``T`` (``--refine-keep``, ``--refine-temperature``: every pair); every figure is then also reported for the refined
-slices (``refined_k<K>_T<T>_*``) and the grids show the real, the decoded and then the refined slices.
+``T`` with guidance weight ``w`` (``--refine-keep``, ``--refine-temperature``, ``--refine-guidance``: every
+combination); every figure is then also reported for the refined slices (``refined_k<K>_T<T>[_w<w>]_*``) and the
+grids show the real, the decoded and then the refined slices.
 
 Usage::
 
@@ -420,23 +421,26 @@ class FineRefiner:
         flow: the pixel flow (eval mode).
         keep: how many of the coarsest latents to keep (1: only the top; ``len(encode(x))`` gives back ``x``).
         temperature: of the redrawn finer latents.
+        guidance: guidance weight ``w`` of the flow's conditional layers for both the encoding and the decoding
+            (``ConditionalGlow.guided``; the flow needs condition dropout for ``w != 1``).
     """
 
-    def __init__(self, flow: ConditionalGlow, keep: int = 1, temperature: float = 0.9) -> None:
+    def __init__(self, flow: ConditionalGlow, keep: int = 1, temperature: float = 0.9, guidance: float = 1.0) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}.")
-        self.flow, self.keep, self.temperature = flow, keep, temperature
+        self.flow, self.keep, self.temperature, self.guidance = flow, keep, temperature, guidance
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, z: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """``x [B, 1, H, W]`` in ``[0, 1]``, ``z [B, K]`` -> (refined images in ``[0, 1]``, overflowed pixels ``[B]``
         counted before clamping)."""
-        latents = self.flow.encode(x, z)
+        cond = self.flow.guided(z, self.guidance)
+        latents = self.flow.encode(x, cond)
         if self.keep > len(latents):
             raise ValueError(f"keep {self.keep} > the flow's {len(latents)} latents.")
         cut = len(latents) - self.keep
         fresh = [self.temperature * torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in latents[:cut]]
-        out, overflow, _ = clamp_decoded(self.flow.decode(fresh + latents[cut:], z))
+        out, overflow, _ = clamp_decoded(self.flow.decode(fresh + latents[cut:], cond))
         return out, overflow
 
 
@@ -552,6 +556,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--refine-temperature", type=float, nargs="+", default=[0.9], help="FineRefiner: of the redrawn latents"
     )
+    p.add_argument("--refine-guidance", type=float, nargs="+", default=[1.0], help="FineRefiner: guidance weights")
     args = p.parse_args(argv)
     if args.base_run is not None:
         from sweep_sampling import load_splits
@@ -584,9 +589,10 @@ def main(argv=None) -> int:
             z_pixel = load_classifier(args.refine_flow).eval().embed(xt)
         refiner = (
             {
-                f"refined_k{k}_T{t:g}": FineRefiner(pixel_flow, k, t)
+                f"refined_k{k}_T{t:g}" + (f"_w{w:g}" if w != 1 else ""): FineRefiner(pixel_flow, k, t, w)
                 for k in args.refine_keep
                 for t in args.refine_temperature
+                for w in args.refine_guidance
             },
             z_pixel,
         )

@@ -107,7 +107,9 @@ def _tiny_pixel_flow(seed: int = 0):
     from monai_condflow.networks.nets import ConditionalGlow
 
     torch.manual_seed(seed)
-    flow = ConditionalGlow(in_channels=1, condition_dim=32, num_levels=3, image_size=16, num_steps=2, hidden_channels=8)
+    flow = ConditionalGlow(
+        in_channels=1, condition_dim=32, num_levels=3, image_size=16, num_steps=2, hidden_channels=8, cond_dropout=0.1
+    )
     x = torch.rand(8, 1, 16, 16)
     z = F.normalize(torch.randn(8, 32), dim=1)
     flow.initialize(x, z)
@@ -117,12 +119,17 @@ def _tiny_pixel_flow(seed: int = 0):
     return flow.eval(), x, z
 
 
-def test_fine_refiner_keeping_every_latent_gives_the_slice_back(proto):
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_fine_refiner_keeping_every_latent_gives_the_slice_back(proto, guidance):
     flow, x, z = _tiny_pixel_flow()
     levels = len(flow.encode(x, z))
-    refined, overflow = proto.FineRefiner(flow, keep=levels)(x, z, torch.Generator().manual_seed(0))
+    refiner = proto.FineRefiner(flow, keep=levels, guidance=guidance)
+    refined, overflow = refiner(x, z, torch.Generator().manual_seed(0))
     torch.testing.assert_close(refined, x, atol=1e-4, rtol=0)
     assert overflow.tolist() == [0] * len(x)
+    if guidance != 1.0:  # the guided layers are really used: the same latents decode differently at w = 1
+        latents = flow.encode(x, flow.guided(z, guidance))
+        assert not torch.allclose(flow.decode(latents, z), x, atol=1e-3)
     with pytest.raises(ValueError, match=f"keep {levels + 1} > the flow's {levels} latents"):
         proto.FineRefiner(flow, keep=levels + 1)(x, z, torch.Generator())
     with pytest.raises(ValueError, match="keep must be >= 1"):
