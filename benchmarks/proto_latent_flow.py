@@ -18,8 +18,10 @@ Per flow seed it prints: autoencoder reconstruction error and the judge's accura
 split, the flow's training time, the likelihood membership-inference AUC (training vs test latents), and per
 (temperature, guidance weight): class agreement of an independent real-trained judge (per class), FID / floor on
 the judge's l2-normalised embeddings (``fid_over_floor``, the features the evaluation's FID uses; ``_raw``: on the
-unnormalised features, which the first prototype's table reports), the Laplacian sharpness ratio and the synthetic
-images whose decoded pixels left ``[-0.25, 1.25]`` or were non-finite. The last line is ``PROTO_LATENT {json}``;
+unnormalised features, which the first prototype's table reports), the Laplacian sharpness ratio, the synthetic
+images whose decoded pixels left ``[-0.25, 1.25]`` or were non-finite, and the distance-to-closest-record audit in
+pixels (``dcr_closer_auc``: P(a synthetic slice is nearer its closest training slice than a held-out slice is);
+``near_copy_fraction``). The last line is ``PROTO_LATENT {json}``;
 sample grids (real training slices of the same conditions above their synthetic slices) go to
 ``OUTPUT_DIR/seed_<s>/``.
 
@@ -76,6 +78,7 @@ from monai_condflow.metrics.fid import fid_from_features
 from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.networks.nets.conditional_glow import clamp_decoded
+from monai_condflow.privacy.audits import dcr_audit
 from monai_condflow.transforms import get_array_transforms, get_preprocess_transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -496,6 +499,8 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiners: tup
             for prefix, xx, over in stages:
                 figures = {**judge_rows(xx, over, yt, predict(judge, xx)), **fid_ratios(xx)}
                 figures["sharpness_ratio"] = float(sharpness_ratio(xx, xt))
+                dcr = dcr_audit(xx, xt, torch.cat([xv, xs]))["pixel"]
+                figures.update(dcr_closer_auc=dcr["closer_auc"], near_copy_fraction=dcr["near_copy_fraction"])
                 if args.tstr and temp == args.tstr_temperature and w == 1.0:
                     figures["tstr_per_seed"] = tstr_accuracies((xx, yt), data["val"], data["test"], args.tstr_seeds)
                     figures["tstr"] = sum(figures["tstr_per_seed"]) / len(args.tstr_seeds)

@@ -178,6 +178,7 @@ def test_one_tiny_seed_end_to_end(proto, tmp_path):
     assert all(0 <= r["images_with_overflow"] <= r["n_images"] == 64 for r in result["rows"])
     assert all(r["fid_over_floor"] > 0 and r["fid_over_floor_raw"] > 0 for r in result["rows"])
     assert all(r["sharpness_ratio"] > 0 for r in result["rows"])
+    assert all(0 <= r["dcr_closer_auc"] <= 1 and 0 <= r["near_copy_fraction"] <= 1 for r in result["rows"])
     assert (tmp_path / "seed_0" / "probe_midpoint.png").is_file()
     assert (tmp_path / "seed_0" / "grid_T0.9_w2.0.png").is_file()
 
