@@ -477,13 +477,14 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiners: tup
     else:
         model = fit_latent_glow(lt, zt, lv, zv, ls, zs, args, g, seed)
 
+    extractors = {"fid_over_floor": judge.embed, "fid_over_floor_raw": judge.features}
+    with torch.no_grad():  # the real features and floors, once for every synthetic set
+        real = {key: (fn(xs), fid_from_features(fn(xv), fn(xs))) for key, fn in extractors.items()}
+    holdout = torch.cat([xv, xs])
+
     def fid_ratios(x: torch.Tensor) -> dict[str, float]:
-        out = {}
-        for key, fn in (("fid_over_floor", judge.embed), ("fid_over_floor_raw", judge.features)):
-            with torch.no_grad():
-                fx, fv, fs = fn(x), fn(xv), fn(xs)
-            out[key] = fid_from_features(fx, fs) / fid_from_features(fv, fs)
-        return out
+        with torch.no_grad():
+            return {key: fid_from_features(fn(x), real[key][0]) / real[key][1] for key, fn in extractors.items()}
 
     rows = []
     for temp in args.temperatures:
@@ -499,7 +500,7 @@ def run_seed(data, judge, conditioner, seed: int, args, out: Path, refiners: tup
             for prefix, xx, over in stages:
                 figures = {**judge_rows(xx, over, yt, predict(judge, xx)), **fid_ratios(xx)}
                 figures["sharpness_ratio"] = float(sharpness_ratio(xx, xt))
-                dcr = dcr_audit(xx, xt, torch.cat([xv, xs]))["pixel"]
+                dcr = dcr_audit(xx, xt, holdout)["pixel"]
                 figures.update(dcr_closer_auc=dcr["closer_auc"], near_copy_fraction=dcr["near_copy_fraction"])
                 if args.tstr and temp == args.tstr_temperature and w == 1.0:
                     figures["tstr_per_seed"] = tstr_accuracies((xx, yt), data["val"], data["test"], args.tstr_seeds)
