@@ -48,6 +48,7 @@ from monai_condflow.utils.distributed import (
     unwrap_model,
 )
 from monai_condflow.utils.io import STATE_PREFIX
+from monai_condflow.utils.precision import check_precision, coupling_dtype, precision_context, set_coupling_dtype
 
 Events, _ = optional_import("ignite.engine", name="Events")
 
@@ -75,6 +76,28 @@ older run's ``latest_checkpoint_N.pt`` (so a run folder from before the rename r
 rotates the old ones out)."""
 
 
+class _FlowLoss(torch.nn.Module):
+    """The per-sample loss of :class:`FlowBitsPerDim` (the module whose forward and backward CUDA graphs record;
+    it never changes its own ``training`` flag: the regularisers follow ``flow.training``)."""
+
+    def __init__(self, flow: torch.nn.Module, n_bits: int) -> None:
+        super().__init__()
+        self.flow = flow
+        self.n_bits = n_bits
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if self.flow.training:
+            noise_std = float(getattr(self.flow, "noise_std", 0.0))
+            if noise_std > 0:
+                x = x + noise_std * torch.randn_like(x)
+            if condition is not None and hasattr(self.flow, "drop_condition"):
+                condition = self.flow.drop_condition(condition)
+        if hasattr(self.flow, "bits_per_dim"):
+            return self.flow.bits_per_dim(x, condition, n_bits=self.n_bits)
+        nu, logdet = self.flow(x, condition)
+        return bits_per_dim_from_latent(nu, logdet, x[0].numel(), self.n_bits)
+
+
 class FlowBitsPerDim(torch.nn.Module):
     """
     ``forward(x, condition) -> [B]`` bits/dim of a conditional flow; the module to wrap in DDP.
@@ -85,27 +108,43 @@ class FlowBitsPerDim(torch.nn.Module):
     the model then learns the smoothed density that its sampler denoises) and condition dropout (the flow's
     ``drop_condition``, for classifier-free guidance). Evaluation mode sees the clean data and the true condition.
 
+    With ``cuda_graphs=True`` a training call on CUDA (autograd on, a condition given) replays the forward and
+    backward as CUDA graphs (:class:`~monai_condflow.utils.cuda_graphs.GraphedTraining`), recorded at the first
+    such call for its batch shape; other shapes (a smaller last batch), evaluation and the CPU run eagerly. The
+    gradients are the eager ones up to floating-point summation order; the random draws differ from an eager run's.
+
     Args:
         flow: the conditional flow.
         n_bits: bits of the quantised data (8 for PNG-derived images).
+        cuda_graphs: record the training step as CUDA graphs (bundle id ``cuda_graphs``).
     """
 
-    def __init__(self, flow: torch.nn.Module, n_bits: int = 8) -> None:
+    def __init__(self, flow: torch.nn.Module, n_bits: int = 8, cuda_graphs: bool = False) -> None:
         super().__init__()
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"config id 'cuda_graphs' must be true or false, got {cuda_graphs!r}.")
         self.flow = flow
         self.n_bits = n_bits
+        self.cuda_graphs = cuda_graphs
+        # not registered (the state dict keeps only ``flow.*``); shares the flow's parameters
+        self.__dict__["_loss"] = _FlowLoss(flow, n_bits)
+        self.__dict__["_graphed"] = None
+
+    @property
+    def graphed(self) -> Any:
+        """The :class:`~monai_condflow.utils.cuda_graphs.GraphedTraining` of this module (``None`` until the first
+        training call with ``cuda_graphs``)."""
+        return self.__dict__["_graphed"]
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training:
-            noise_std = float(getattr(self.flow, "noise_std", 0.0))
-            if noise_std > 0:
-                x = x + noise_std * torch.randn_like(x)
-            if condition is not None and hasattr(self.flow, "drop_condition"):
-                condition = self.flow.drop_condition(condition)
-        if hasattr(self.flow, "bits_per_dim"):
-            return self.flow.bits_per_dim(x, condition, n_bits=self.n_bits)
-        nu, logdet = self.flow(x, condition)
-        return bits_per_dim_from_latent(nu, logdet, x[0].numel(), self.n_bits)
+        loss = self.__dict__["_loss"]
+        if self.cuda_graphs and self.training and condition is not None and x.is_cuda and torch.is_grad_enabled():
+            if self.graphed is None:
+                from monai_condflow.utils.cuda_graphs import GraphedTraining
+
+                self.__dict__["_graphed"] = GraphedTraining(loss, "flow training step")
+            return self.graphed(x, condition)
+        return loss(x, condition)
 
 
 def _mean_loss(pred: torch.Tensor, target: Any = None) -> torch.Tensor:
@@ -156,6 +195,11 @@ class FlowTrainer(SupervisedTrainer):
             a spike restore halves its base learning rates too. ``None``: only the optimizer's rates are halved.
         ema: a :class:`~monai_condflow.engines.ema.ModelEMA` of the flow, updated after every step that was not
             skipped (attached here; kept as :attr:`ema`), or ``None``.
+        precision: ``"fp32"``, ``"tf32"`` (default) or ``"bf16"`` (bundle id ``precision``; see
+            :mod:`monai_condflow.utils.precision`): the TF32 switches are set around each step's forward and
+            backward, and ``"bf16"`` puts the flow's coupling networks under bfloat16 autocast (for the whole run,
+            validation and sample grids included). Only GPUs are affected, except ``"bf16"``, which the CPU also
+            honours (slowly).
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
             supported (flows are trained in fp32) and ``decollate`` is off.
     """
@@ -177,8 +221,12 @@ class FlowTrainer(SupervisedTrainer):
         max_restores: int = 3,
         lr_scheduler: Any = None,
         ema: Any = None,
+        precision: str = "tf32",
         **kwargs: Any,
     ) -> None:
+        precision = check_precision(precision)
+        if dp_module is not None and precision == "bf16":
+            raise ValueError("DP-SGD flow training runs in float32: use precision 'fp32' or 'tf32', not 'bf16'.")
         if spike_threshold is not None and not spike_threshold > 0:
             raise ValueError(f"spike_threshold must be positive or None, got {spike_threshold}.")
         if spike_patience < 1 or max_restores < 0:
@@ -223,6 +271,13 @@ class FlowTrainer(SupervisedTrainer):
             self.add_event_handler(Events.EPOCH_COMPLETED, FlowTrainer._snapshot_good_state)
         self.resume_completed = False
         self.output_lock: Any = None
+        self.precision = precision
+        flow = getattr(unwrap_model(network), "flow", None)
+        if precision == "bf16" and flow is not None:
+            set_coupling_dtype(flow, coupling_dtype(precision))
+        if getattr(unwrap_model(network), "cuda_graphs", False) and torch.device(device).type != "cuda":
+            logger.warning("cuda_graphs is set but the device is %s: CUDA graphs need a GPU; training eagerly.",
+                           device)  # fmt: skip
 
     def run(self) -> None:  # type: ignore[override]
         """Train; does nothing when the run was resumed from a checkpoint at (or past) ``max_epochs``. Releases the
@@ -259,15 +314,16 @@ class FlowTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss = engine.state.output[Keys.LOSS]  # LOSS_COMPLETED handlers may have changed it
-        loss_finite = bool(torch.isfinite(loss.detach()).item())
-        # always backward: with DDP every rank must join the gradient all-reduce, whatever its loss
-        loss.backward()
+        with precision_context(self.precision):
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            loss = engine.state.output[Keys.LOSS]  # LOSS_COMPLETED handlers may have changed it
+            loss_finite = bool(torch.isfinite(loss.detach()).item())
+            # always backward: with DDP every rank must join the gradient all-reduce, whatever its loss
+            loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
 
         params = [p for p in engine.network.parameters() if p.grad is not None]

@@ -82,6 +82,8 @@ def create_flow_trainer(
     ema_decay: float | None = None,
     spike_threshold: float | None = None,
     early_stop_patience: int = 0,
+    precision: str = "tf32",
+    cuda_graphs: bool = False,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) from the bundle's ``train_flow.json`` (and
@@ -159,6 +161,9 @@ def create_flow_trainer(
             used under DP.
         spike_threshold: the trainer's loss-spike guard in bits/dim (see :class:`FlowTrainer`); ``None``: off.
         early_stop_patience: stop when validation bits/dim has not improved for this many validations (0: never).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (see :mod:`monai_condflow.utils.precision`).
+        cuda_graphs: replay each training step's forward and backward as CUDA graphs on a GPU (see
+            :class:`~monai_condflow.engines.flow.FlowBitsPerDim`); ignored, with a warning, on the CPU.
 
     Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
@@ -215,7 +220,8 @@ def create_flow_trainer(
                  "lr_decay": lr_decay, "max_grad_norm": max_grad_norm, "n_bits": n_bits, "val_interval": val_interval,
                  "sample_every": sample_every, "temperature": sample_temperature, "seed": seed,
                  "log_every": log_every, "n_saved": n_saved, "ema_decay": ema_decay,
-                 "spike_threshold": spike_threshold, "early_stop_patience": early_stop_patience},
+                 "spike_threshold": spike_threshold, "early_stop_patience": early_stop_patience,
+                 "precision": precision, "cuda_graphs": cuda_graphs},
             sample_conditions=sample_conditions, resume_from=resume_from, tensorboard=tensorboard and rank == 0,
             tensorboard_dir=tensorboard_dir, extra_train_handlers=extra_train_handlers, dp=dp, public_init=public_init,
         )  # fmt: skip

@@ -54,7 +54,9 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,7 @@ from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
-from monai_condflow.utils.checks import check_temperature
+from monai_condflow.utils.checks import check_positive_int, check_temperature
 from monai_condflow.utils.distributed import unwrap_model
 
 __all__ = [
@@ -269,6 +271,8 @@ def generate(
     dp_epsilon: float | str | None = None,
     dp_noise: str | None = None,
     progress: bool = True,
+    writer_threads: int = 4,
+    cuda_graphs: bool = False,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -303,6 +307,12 @@ def generate(
 
         progress: log ``generation: done/total images, ETA`` lines (:class:`~monai_condflow.progress.ProgressLog`;
             bundle id ``progress``).
+        writer_threads: threads that encode and write the files (PNG and gzip encoding and ``fsync`` release the
+            GIL), so that a GPU's decoding does not wait on the disk; 1 writes in the calling thread. The files, their
+            names and the manifest are the same for any value (bundle id ``writer_threads``).
+        cuda_graphs: on a GPU, decode each batch by replaying a CUDA graph
+            (:meth:`~monai_condflow.networks.nets.ConditionalGlow.graph_sampling`; bundle id ``cuda_graphs``);
+            ignored for flows without it and on the CPU.
 
     Returns:
         the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
@@ -326,11 +336,16 @@ def generate(
         raise ValueError("model_version must be a non-empty string.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_positive_int("writer_threads", writer_threads)
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"config id 'cuda_graphs' must be true or false, got {cuda_graphs!r}.")
 
     device = torch.device(device)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, manifest_name)
     flow = unwrap_model(flow).to(device)
+    if cuda_graphs and device.type == "cuda" and hasattr(flow, "graph_sampling"):
+        flow.graph_sampling()
     if classifier is not None:
         classifier = unwrap_model(classifier).to(device)
     prepare = ConditionPrepareBatch(classifier=classifier, image_key=image_key, condition_key=condition_key)
@@ -341,6 +356,7 @@ def generate(
     overflow: list[torch.Tensor] = []
     nonfinite: list[torch.Tensor] = []
     pixels_per_image = [0]
+    files = _FileWriter(writer_threads)
 
     def write(originals: torch.Tensor | None, z: torch.Tensor, labels: torch.Tensor) -> None:
         synthetic, stats = generate_tensors(flow, z, temperature, generator, return_stats=True)
@@ -354,15 +370,15 @@ def generate(
             stem = f"synthetic_{index:06d}_class{cls}"
             row: dict[str, Any] = {"index": index}
             if "png" in formats:
-                _write_new_file(staging / f"{stem}.png", png16_bytes(synthetic[k]))
+                files.put(staging / f"{stem}.png", png16_bytes, synthetic[k])
                 row["file"] = f"{stem}.png"
             if "nifti" in formats:
-                _write_new_file(staging / f"{stem}.nii.gz", nifti_bytes(synthetic[k]))
+                files.put(staging / f"{stem}.nii.gz", nifti_bytes, synthetic[k])
                 row["nifti_file"] = f"{stem}.nii.gz"
                 row.setdefault("file", row["nifti_file"])
             if originals is not None:
                 name = f"pair_{index:06d}_class{cls}.png"
-                _write_new_file(staging / name, _pair_png_bytes(originals[k], synthetic[k]))
+                files.put(staging / name, _pair_png_bytes, originals[k], synthetic[k])
                 row["pair_file"] = name
             row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
             row["dp_noise"] = dp_noise
@@ -414,6 +430,7 @@ def generate(
                 sel = chosen_idx[start : start + batch_size]
                 write(None if originals is None else originals[sel], z_all[sel].to(device), labels_all[sel])
                 bar.update(sel.numel())
+        files.finish()
 
         columns = ["index", "file", "class", "temperature", "seed", "model_version", "mode", "dp_epsilon"]
         if "nifti" in formats:
@@ -448,6 +465,7 @@ def generate(
         _write_new_file(staging / manifest_name, buf.getvalue().encode("utf-8"))
         _swap_into_place(staging, output_dir)
     except BaseException:
+        files.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     manifest = output_dir / manifest_name
@@ -524,6 +542,39 @@ def _write_new_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+class _FileWriter:
+    """Encodes and writes new files on ``threads`` threads (in the calling thread for 1), at most ``4 * threads``
+    files in flight; :meth:`finish` waits for all and raises the first error (e.g. a full disk)."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="condflow-writer") if threads > 1 else None
+        self._pending: deque = deque()
+        self._limit = 4 * threads
+
+    @staticmethod
+    def _job(path: Path, encode: Callable[..., bytes], args: tuple) -> None:
+        _write_new_file(path, encode(*args))
+
+    def put(self, path: Path, encode: Callable[..., bytes], *args: Any) -> None:
+        if self._pool is None:
+            self._job(path, encode, args)
+            return
+        self._pending.append(self._pool.submit(self._job, path, encode, args))
+        while len(self._pending) > self._limit:
+            self._pending.popleft().result()
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
 
 
 def _swap_into_place(staging: Path, output_dir: Path) -> None:

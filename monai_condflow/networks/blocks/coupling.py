@@ -231,10 +231,20 @@ class ConditionalAffineCoupling(FlowLayer):
         neg_bound = _bound_scale(self.num_transformed, -self.scale_bound, self.num_transformed, self.shift_bound,
                                  spatial_dims)  # fmt: skip
         self.register_buffer("_neg_bound", neg_bound, persistent=False)
+        self.compute_dtype: torch.dtype | None = None  # autocast dtype of ``net`` (``precision="bf16"``)
+
+    def _net(self, h: Tensor, condition: Tensor | None) -> Tensor:
+        """The coupling network's output, computed under autocast to :attr:`compute_dtype` when it is set and
+        returned in ``h``'s dtype (so the affine transform and the log-determinant stay in full precision)."""
+        if self.compute_dtype is None:
+            return self.net(h, condition)
+        with torch.autocast(device_type=h.device.type, dtype=self.compute_dtype, cache_enabled=False):
+            out = self.net(h, condition)
+        return out.to(h.dtype)
 
     def _scale_shift(self, x_a: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(a tanh(r / a), b tanh(u / b))`` with ``(r, u)`` the two halves of the network output."""
-        return guided_parameters(lambda h, c: _soft_bound(self.net(h, c), self._bound).chunk(2, dim=1), x_a, condition)
+        return guided_parameters(lambda h, c: _soft_bound(self._net(h, c), self._bound).chunk(2, dim=1), x_a, condition)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Args:
@@ -259,7 +269,7 @@ class ConditionalAffineCoupling(FlowLayer):
             return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
         # sampling / evaluation: the same values with fewer passes: ``-log s`` straight from the bounding pass (an
         # exact negation), ``exp`` on a dense copy, the product in place
-        neg_log_s, shift = _soft_bound(self.net(y_a, condition), self._bound, self._neg_bound).chunk(2, dim=1)
+        neg_log_s, shift = _soft_bound(self._net(y_a, condition), self._bound, self._neg_bound).chunk(2, dim=1)
         x_b = (y_b - shift).mul_(_exp(neg_log_s))
         return torch.cat([y_a, x_b], dim=1), neg_log_s.flatten(1).sum(1)
 

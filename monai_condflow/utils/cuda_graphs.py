@@ -1,0 +1,135 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+CUDA graphs for the flow: one launch per training step's forward and backward, one per decoded batch.
+
+The ``paper`` preset is 64 flow steps of small convolutions: at the paper's batch a training step is thousands of
+short kernels, and the GPU waits on the CPU that launches them (``docs/performance.md``). A CUDA graph records the
+kernels once and replays them with one launch. Both helpers here record for one input signature (shapes, dtypes,
+device) and run the plain function for any other (e.g. the smaller last batch of an epoch), and both fall back to
+the plain function, with one warning, where recording is impossible (no CUDA, or an operation that cannot be
+captured).
+
+- :class:`GraphedTraining`: ``torch.cuda.make_graphed_callables`` on a module whose forward is the per-sample
+  loss: forward and backward replay as graphs, the parameter gradients reach autograd as usual (so DDP's gradient
+  hooks, clipping and the optimizer step run eagerly after it). Random draws inside (noise, condition dropout) use
+  CUDA's graph-safe generator: a replay draws fresh values.
+- :class:`GraphedCall`: ``torch.cuda.graph`` around an inference function (the decoder of ``sample``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["GraphedCall", "GraphedTraining", "signature"]
+
+logger = logging.getLogger(__name__)
+
+
+def signature(*args: Tensor) -> tuple:
+    """What a recorded graph depends on: each tensor's shape, dtype, device and ``requires_grad``."""
+    return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+
+
+class GraphedTraining:
+    """Forward and backward of ``module(*args)`` recorded as CUDA graphs at the first eligible call.
+
+    Args:
+        module: a module whose forward takes tensors and returns a tensor (e.g. per-sample bits/dim); it must have
+            no hooks. Recording runs it 3 times on a side stream first (the warm-up that
+            ``make_graphed_callables`` does); those runs do not touch ``.grad``.
+        name: for the log lines.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str = "training step") -> None:
+        self.module = module
+        self.name = name
+        self._sig: tuple | None = None
+        self._graphed: Callable[..., Tensor] | None = None
+        self.failed = False
+        self.replays = 0
+
+    @property
+    def recorded(self) -> bool:
+        return self._graphed is not None
+
+    def _record(self, args: tuple[Tensor, ...]) -> None:
+        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        module = self.module
+        try:
+            torch.cuda.make_graphed_callables(module, samples, num_warmup_iters=3, allow_unused_input=True)
+            self._graphed = module.forward  # the graph-replaying forward installed on the instance
+        except Exception as e:  # an operation that cannot be captured: stay eager, say so once
+            self.failed = True
+            logger.warning("CUDA graphs: could not record the %s (%s: %s); running it eagerly.", self.name,
+                           type(e).__name__, e)  # fmt: skip
+        finally:
+            module.__dict__.pop("forward", None)  # the class's forward again for eager calls
+        if self._graphed is not None:
+            self._sig = signature(*args)
+            logger.info("CUDA graphs: recorded the %s for inputs %s.", self.name, [list(a.shape) for a in args])
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        """``module(*args)``, by graph replay when the inputs match the recorded signature (the output is a fresh
+        tensor, not the graph's static buffer)."""
+        eligible = (
+            not self.failed
+            and torch.is_grad_enabled()
+            and all(isinstance(a, Tensor) and a.is_cuda for a in args)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+        if eligible and self._graphed is None and self._sig is None:
+            self._record(args)
+        if eligible and self._graphed is not None and signature(*args) == self._sig:
+            self.replays += 1
+            return self._graphed(*args).clone()
+        return self.module(*args)
+
+
+class GraphedCall:
+    """``fn(*args)`` under ``torch.no_grad``, recorded once as a CUDA graph for the signature of ``args``.
+
+    Args:
+        fn: a function of tensors returning a tensor or a tuple of tensors; it must not synchronise with the CPU
+            after its first two calls (those run before recording, e.g. to fill caches).
+        args: example inputs (CUDA tensors) that fix the signature.
+        name: for the log lines.
+
+    Raises:
+        RuntimeError: recording failed (the caller falls back to ``fn``).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Tensor, name: str = "decoder") -> None:
+        self.fn = fn
+        self.sig = signature(*args)
+        self._static_in = tuple(a.detach().clone() for a in args)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(*self._static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self._static_out = fn(*self._static_in)
+        logger.info("CUDA graphs: recorded the %s for inputs %s.", name, [list(a.shape) for a in args])
+
+    def __call__(self, *args: Tensor) -> Any:
+        for static, a in zip(self._static_in, args):
+            static.copy_(a)
+        self.graph.replay()
+        out = self._static_out
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()

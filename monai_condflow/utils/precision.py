@@ -1,0 +1,87 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Numerical precision of flow training (bundle id ``precision``).
+
+- ``"fp32"``: every operation in float32, TF32 off (the exact reference; the CPU always computes this way).
+- ``"tf32"`` (default): float32 tensors, with TF32 tensor-core convolutions and matrix products on GPUs that have
+  them (PyTorch's own default for convolutions). Measured on an H200 (``docs/performance.md``): round trip ~5e-3,
+  NLL ~1e-3 bits/dim from fp32.
+- ``"bf16"``: the coupling networks (the flow's convolutional bulk) run under bfloat16 autocast; their outputs are
+  cast back before the affine transform, so the log-determinants, ActNorm, the 1x1 convolutions (and their
+  inverse), the priors and the loss stay in strict float32. The round trip is no longer exact to float32 (the
+  inverse feeds the coupling network inputs that differ from the forward's by float32 rounding, and bfloat16's
+  rounding can amplify that to its own resolution, ~4e-3 relative): ~2e-3 on [0, 1] images for the ``small``
+  preset with random weights (``tests/utils/test_precision.py``); GPU figures in ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from monai_condflow.utils.checks import ConfigValueError
+
+__all__ = ["PRECISIONS", "check_precision", "coupling_dtype", "precision_context", "set_coupling_dtype"]
+
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+
+def check_precision(value: object, name: str = "precision") -> str:
+    """``value`` if it is one of :data:`PRECISIONS`.
+
+    Raises:
+        ConfigValueError: naming the config id ``name``.
+    """
+    if value not in PRECISIONS:
+        raise ConfigValueError(f"config id '{name}' must be one of {PRECISIONS}, got {value!r}.")
+    return str(value)
+
+
+def coupling_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of the coupling networks under ``precision`` (``None``: no autocast)."""
+    return torch.bfloat16 if check_precision(precision) == "bf16" else None
+
+
+def set_coupling_dtype(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Run every affine coupling network inside ``module`` under autocast to ``dtype`` (``None``: full precision).
+
+    Returns:
+        the number of coupling layers changed (0 for a module without any, e.g. a non-Glow flow).
+    """
+    from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, ConditionalAffineCoupling):
+            m.compute_dtype = dtype
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def precision_context(precision: str) -> Iterator[None]:
+    """Set PyTorch's TF32 switches for ``precision`` inside the block and restore them after it.
+
+    ``"tf32"`` allows TF32 in cuDNN convolutions and cuBLAS matrix products; ``"fp32"`` and ``"bf16"`` forbid it
+    (``bf16`` keeps everything outside the coupling networks in strict float32). The coupling autocast of ``"bf16"``
+    is a property of the model (:func:`set_coupling_dtype`), not of this block. No effect on the CPU.
+    """
+    allow = check_precision(precision) == "tf32"
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = allow
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
