@@ -78,10 +78,32 @@ def precision_context(precision: str) -> Iterator[None]:
     is a property of the model (:func:`set_coupling_dtype`), not of this block. No effect on the CPU.
     """
     allow = check_precision(precision) == "tf32"
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = allow
-    torch.backends.cuda.matmul.allow_tf32 = allow
+    before = _tf32_state()
+    _set_tf32(allow)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        _restore_tf32(before)
+
+
+def _tf32_state() -> tuple:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-backend API
+        return ("new", conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    return ("legacy", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+
+def _set_tf32(allow: bool) -> None:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        # the new API only: mixing it with ``allow_tf32`` makes torch refuse to read the flags
+        conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
+    else:  # pragma: no cover - older torch
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def _restore_tf32(state: tuple) -> None:
+    if state[0] == "new":
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = state[1], state[2]
+    else:  # pragma: no cover - older torch
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = state[1], state[2]

@@ -368,3 +368,41 @@ def test_generation_logs_progress_unless_switched_off(flow, tmp_path, caplog, mo
     with caplog.at_level(logging.INFO, logger="monai_condflow.progress"):
         generate(flow, None, _records(5), output_dir=tmp_path / "b", model_version="v", batch_size=2, progress=False)
     assert "generation: " not in caplog.text
+
+
+def test_writer_threads_write_the_same_files_and_manifest(flow, tmp_path):
+    """4 writer threads and the calling thread alone give byte-identical files and manifests (pairs mode: three
+    files per image, written out of order by the threads)."""
+    runs = {}
+    for threads in (1, 4):
+        out = tmp_path / f"t{threads}"
+        manifest = generate(flow, None, _records(6), output_dir=out, model_version="v", seed=2, mode="pairs",
+                            writer_threads=threads)  # fmt: skip
+        runs[threads] = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert {p.name for p in out.iterdir()} == _listed(manifest)
+    assert runs[1] == runs[4] and len(runs[1]) == 6 * 3 + 2
+
+
+def test_a_failing_write_in_a_writer_thread_is_raised_and_leaves_no_set(flow, tmp_path, monkeypatch):
+    import monai_condflow.engines.generation as gen
+
+    calls = []
+
+    def full_disk(image):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return b"x"
+
+    monkeypatch.setattr(gen, "png16_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        generate(flow, None, _records(6), output_dir=tmp_path / "s", model_version="v", formats=("png",),
+                 writer_threads=3)  # fmt: skip
+    assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())  # no set, no staging folder
+
+
+@pytest.mark.parametrize("kwargs, match", [({"writer_threads": 0}, "writer_threads"),
+                                           ({"cuda_graphs": "yes"}, "cuda_graphs")])  # fmt: skip
+def test_bad_writer_and_graph_settings_are_refused_by_name(flow, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(flow, None, _records(2), output_dir=tmp_path / "s", model_version="v", **kwargs)

@@ -1,0 +1,307 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The GPU check of ``docs/performance.md``: training and sampling speed, memory and numerical error of the flow in
+each precision mode, eager and with CUDA graphs, and the synthetic-set writer, through the library's own code paths
+(``FlowBitsPerDim`` with ``cuda_graphs``, ``precision_context`` and the coupling autocast of the trainer,
+``ConditionalGlow.graph_sampling``, ``generate``). ``benchmarks/gpu_check.sh`` runs it (and a short end-to-end
+bundle run); ``--cpu`` runs the same sections small on the CPU (the CUDA-graph modes then report ``graphed:
+false``), which is what the test suite does.
+
+Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
+
+- ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``) a fresh
+  model (same seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no
+  layer is the identity), the trainer's step (zero_grad, per-sample bits/dim, finiteness checks, backward, clipping
+  at 50, AdamW), images/s over the timed steps, peak memory, and after training: the round trip
+  ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same weights.
+- ``graphs_exact``: the graphed training step against the eager one on the same weights and batches (no noise, no
+  condition dropout): loss and gradient differences, on the recorded batch and on a new one.
+- ``sample``: ``sample()`` images/s at the sampling batch, eager and graphed, peak memory, graphed vs eager samples.
+- ``write``: ``generate()`` of a synthetic set (PNG) with ``writer_threads`` threads and with 1, images/s.
+
+The last line is ``json=<every figure>``; ``--out DIR`` also writes ``DIR/gpu_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
+from monai_condflow.engines.generation import generate  # noqa: E402
+from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
+from monai_condflow.utils.precision import coupling_dtype, precision_context, set_coupling_dtype  # noqa: E402
+
+TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
+def make_batch(batch: int, size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth dequantised 8-bit images in ``[0, 1]`` and unit 32-d conditions (like classifier embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 1, max(size // 8, 1), max(size // 8, 1), generator=g)
+    img = (F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 255).round()
+    x = ((img + torch.rand(img.shape, generator=g)) / 256.0).clamp(0, 1)
+    z = F.normalize(torch.randn(batch, 32, generator=g), dim=1)
+    return x.to(device), z.to(device)
+
+
+def build_flow(args: argparse.Namespace, device: torch.device, x: torch.Tensor, z: torch.Tensor, **overrides: Any):
+    torch.manual_seed(args.seed)
+    flow = ConditionalGlow.from_preset(args.preset, image_size=args.size, **overrides).to(device)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(args.seed + 1)
+        for p in flow.parameters():  # std 0.1 / sqrt(fan_in), zero-initialised convolutions included
+            fan_in = p[0].numel() if p.ndim >= 2 else 1
+            p.add_(0.1 / fan_in**0.5 * torch.randn(p.shape, generator=g).to(device))
+        flow.initialize(x, z)
+    return flow
+
+
+def train_step(net: FlowBitsPerDim, opt: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor, precision: str):
+    """The flow trainer's step without the engine (``FlowTrainer._iteration``)."""
+    opt.zero_grad(set_to_none=True)
+    with precision_context(precision):
+        loss = net(x, z).mean()
+        loss_finite = bool(torch.isfinite(loss.detach()).item())
+        loss.backward()
+    params = [p for p in net.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 50.0, error_if_nonfinite=False)
+    if loss_finite and bool(torch.isfinite(grad_norm).item()):
+        opt.step()
+    return loss.detach()
+
+
+def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
+    precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
+    batches = [make_batch(batch, args.size, args.seed + i, device) for i in range(3)]
+    flow = build_flow(args, device, *batches[0])
+    set_coupling_dtype(flow, coupling_dtype(precision))
+    net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-5, weight_decay=1e-6, betas=(0.5, 0.999))
+    reset_peak(device)
+    for i in range(args.warmup):
+        train_step(net, opt, *batches[i % 3], precision)
+    sync(device)
+    t0 = time.perf_counter()
+    losses = [train_step(net, opt, *batches[i % 3], precision) for i in range(args.steps)]
+    sync(device)
+    seconds = time.perf_counter() - t0
+    out = {
+        "batch": batch,
+        "mode": mode,
+        "train_img_s": round(batch * args.steps / seconds, 1),
+        "ms_per_step": round(1000 * seconds / args.steps, 2),
+        "peak_mib": peak_mib(device),
+        "graphed": bool(net.graphed is not None and net.graphed.replays > 0),
+        "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
+    }
+    flow.eval()
+    x, z = batches[0]
+    with torch.no_grad():
+        with precision_context(precision):
+            nu, _ = flow(x, z)
+            x_back, _ = flow.inverse(nu, z)
+            bpd_mode = flow.bits_per_dim(x, z)
+        set_coupling_dtype(flow, None)
+        with precision_context("fp32"):
+            bpd_ref = flow.bits_per_dim(x, z)
+    out["roundtrip_max_abs"] = float((x_back - x).abs().max())
+    out["bpd_max_abs_diff_vs_fp32"] = float((bpd_mode - bpd_ref).abs().max())
+    out["bpd_fp32_mean"] = round(float(bpd_ref.mean()), 4)
+    return out
+
+
+def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
+    """Graphed vs eager training step: same weights, same batches, no random regulariser, fp32 (TF32 off)."""
+    b1, b2 = make_batch(args.batch, args.size, args.seed, device), make_batch(args.batch, args.size, 99, device)
+    flow = build_flow(args, device, *b1, cond_dropout=0.0, noise_std=0.0).train()
+    eager, graphed = FlowBitsPerDim(flow), FlowBitsPerDim(flow, cuda_graphs=True)
+    out: dict[str, Any] = {}
+    for name, (x, z) in (("recorded_batch", b1), ("new_batch", b2)):
+        grads = []
+        losses = []
+        for net in (eager, graphed):
+            flow.zero_grad(set_to_none=True)
+            with precision_context("fp32"):
+                loss = net(x, z).mean()
+                loss.backward()
+            losses.append(float(loss.detach()))
+            grads.append(torch.cat([p.grad.reshape(-1) for p in flow.parameters() if p.grad is not None]))
+        scale = float(grads[0].abs().max())
+        out[name] = {
+            "loss_abs_diff": abs(losses[0] - losses[1]),
+            "grad_max_abs_diff_rel": float((grads[0] - grads[1]).abs().max()) / max(scale, 1e-30),
+        }
+    out["graphed"] = bool(graphed.graphed is not None and graphed.graphed.replays > 0)
+    return out
+
+
+def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
+    precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
+    x, z = make_batch(args.sample_batch, args.size, args.seed, device)
+    flow = build_flow(args, device, x, z).eval()
+    set_coupling_dtype(flow, coupling_dtype(precision))
+    if graphs:
+        flow.graph_sampling()
+    with precision_context(precision):
+        flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))  # warm-up (and the graph's recording)
+        reset_peak(device)
+        t0 = time.perf_counter()
+        for _ in range(args.sample_reps):
+            s = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))
+        sync(device)
+        seconds = time.perf_counter() - t0
+        out = {
+            "mode": mode,
+            "batch": args.sample_batch,
+            "sample_img_s": round(args.sample_batch * args.sample_reps / seconds, 1),
+            "peak_mib": peak_mib(device),
+            "graphed": bool(graphs and flow._graphed_decoders and any(flow._graphed_decoders.values())),
+        }
+        if graphs:
+            flow.graph_sampling(False)
+            eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))
+            out["graphed_vs_eager_max_abs"] = float((s - eager).abs().max())
+    return out
+
+
+def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, threads: int, root: Path) -> dict:
+    x, z = make_batch(64, args.size, args.seed, device)
+    flow = build_flow(args, device, x, z).eval()
+    records = [{"image": x[i].cpu(), "condition": z[i].cpu(), "label": i % 2} for i in range(64)]
+    target = root / f"synthetic_t{threads}"
+    t0 = time.perf_counter()
+    with precision_context("tf32"):
+        manifest = generate(
+            flow, None, records, output_dir=target, model_version="gpu_check", mode="n_per_class",
+            n_per_class=n_images // 2, formats=("png",), batch_size=args.sample_batch, device=device,
+            progress=False, writer_threads=threads, cuda_graphs=device.type == "cuda",
+        )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    written = len(list(target.glob("synthetic_*.png")))
+    lines = manifest.read_text().count("\n") - 1
+    shutil.rmtree(target, ignore_errors=True)
+    return {"images": written, "manifest_rows": lines, "threads": threads, "seconds": round(seconds, 2),
+            "img_s": round(written / seconds, 1)}  # fmt: skip
+
+
+def run_section(name: str, fn, results: dict, key: str | None = None) -> None:
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as e:  # a failed section is reported and the others still run
+        value = {"error": f"{type(e).__name__}: {e}"}
+        traceback.print_exc()
+    if isinstance(value, dict):
+        value["wall_s"] = round(time.perf_counter() - t0, 2)
+    results.setdefault(name, []).append(value) if key is None else results.setdefault(name, {}).update({key: value})
+    print(f"{name}{'' if key is None else ' ' + key}: {json.dumps(value)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="small and on the CPU (what the test suite runs)")
+    parser.add_argument("--preset", default=None, help="default: paper (small with --cpu)")
+    parser.add_argument("--size", type=int, default=None, help="default: 64 (16 with --cpu)")
+    parser.add_argument("--batches", default=None, help="training batch sizes, default 80,320 (4 with --cpu)")
+    parser.add_argument("--modes", default=",".join(TRAIN_MODES))
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--sample-batch", type=int, default=None, help="default 512 (8 with --cpu)")
+    parser.add_argument("--sample-reps", type=int, default=None)
+    parser.add_argument("--write-images", type=int, default=None, help="default 60000 (40 with --cpu)")
+    parser.add_argument("--write-threads", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sections", default="train,graphs_exact,sample,write")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    small = args.cpu
+    device = torch.device("cpu" if small else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --cpu for the small CPU check.")
+    defaults = {"preset": ("paper", "small"), "size": (64, 16), "batches": ("80,320", "4"), "warmup": (3, 1),
+                "steps": (10, 2), "sample_batch": (512, 8), "sample_reps": (5, 1), "write_images": (60000, 40)}
+    for key, (gpu, cpu) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, cpu if small else gpu)
+    args.batch = int(args.batches.split(",")[0])
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(TRAIN_MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(TRAIN_MODES)}.")
+    sections = set(args.sections.split(","))
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+        "preset": args.preset,
+        "size": args.size,
+    }
+    print(f"env: {json.dumps(env)}", flush=True)
+    results: dict[str, Any] = {"env": env}
+    if "train" in sections:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for mode in modes:
+                run_section("train", lambda b=batch, m=mode: bench_train(args, device, b, m), results)
+    if "graphs_exact" in sections:
+        run_section("graphs_exact", lambda: graphs_exact(args, device), results)
+    if "sample" in sections:
+        for mode in ("fp32", "tf32", "tf32+graphs", "bf16+graphs"):
+            run_section("sample", lambda m=mode: bench_sample(args, device, m), results)
+    if "write" in sections:
+        root = Path(tempfile.mkdtemp(prefix="gpu_check_write_"))
+        try:
+            n = args.write_images
+            run_section("write", lambda: bench_write(args, device, n, args.write_threads, root), results)
+            run_section("write", lambda: bench_write(args, device, max(n // 10, 2), 1, root), results)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    line = json.dumps(results, separators=(",", ":"))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.json").write_text(line + "\n")
+    print(f"json={line}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""``benchmarks/gpu_check.sh --cpu``: the GPU check's every section, small, on the CPU (the graph modes fall back),
+plus its end-to-end bundle run; and a failing section is reported without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.script import BENCHMARKS, load_benchmark
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
+    out = tmp_path / "out"
+    env = {**os.environ, "CONDFLOW_PROGRESS": "0"}
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
+                          text=True, env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    train = report["train"]
+    assert [r["mode"] for r in train] == ["fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs"]
+    for r in train:
+        assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
+        assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
+    by_mode = {r["mode"]: r for r in train}
+    assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
+    assert 0 < by_mode["bf16"]["roundtrip_max_abs"] < 1e-2 and 0 < by_mode["bf16"]["bpd_max_abs_diff_vs_fp32"] < 0.01
+    exact = report["graphs_exact"][0]
+    assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
+    assert [r["mode"] for r in report["sample"]] == ["fp32", "tf32", "tf32+graphs", "bf16+graphs"]
+    assert all(r["sample_img_s"] > 0 for r in report["sample"])
+    assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
+    assert "e2e: exit 0" in proc.stdout
+    assert (out / "e2e.log").is_file() and (out / "e2e_report.md").is_file()
+
+
+def test_a_failed_section_is_reported_and_the_others_still_run(capsys):
+    gpu_check = load_benchmark("gpu_check")
+    results: dict = {}
+    gpu_check.run_section("train", lambda: 1 / 0, results)
+    gpu_check.run_section("train", lambda: {"ok": 1}, results)
+    assert results["train"][0]["error"] == "ZeroDivisionError: division by zero"
+    assert results["train"][1]["ok"] == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err  # the traceback is printed too

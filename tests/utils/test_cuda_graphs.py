@@ -1,0 +1,105 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CUDA graphs of the training step and the decoder: eager fallback on the CPU (what CI checks), and graph ==
+eager on a GPU (run where one is present; ``benchmarks/gpu_check.py`` reports the same comparison)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_condflow.engines.flow import FlowBitsPerDim
+from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
+from monai_condflow.utils.cuda_graphs import GraphedTraining, signature
+
+S = 16
+GPU = torch.cuda.is_available()
+
+
+def _flow(device: str = "cpu") -> tuple[ConditionalGlow, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    flow = ConditionalGlow.from_preset("small", num_levels=2, image_size=S, num_steps=2, num_blocks=(1, 1),
+                                       hidden_channels=8, cond_dropout=0.0, noise_std=0.0).to(device)  # fmt: skip
+    x = torch.rand(4, 1, S, S, device=device)
+    z = torch.nn.functional.normalize(torch.randn(4, 32, device=device), dim=1)
+    flow.initialize(x, z)
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "conv_out" in name:
+                p.normal_(0, 0.05)
+    return flow, x, z
+
+
+def _loss_and_grads(net: torch.nn.Module, flow: torch.nn.Module, x, z) -> tuple[torch.Tensor, torch.Tensor]:
+    flow.zero_grad(set_to_none=True)
+    loss = net(x, z).mean()
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.reshape(-1) for p in flow.parameters() if p.grad is not None])
+
+
+def test_signature_covers_shape_dtype_device_and_grad():
+    a = torch.zeros(2, 3)
+    assert signature(a) == signature(torch.ones(2, 3))
+    assert signature(a) != signature(torch.zeros(3, 3))
+    assert signature(a) != signature(a.double())
+    assert signature(a) != signature(a.clone().requires_grad_())
+
+
+def test_graphed_training_on_cpu_tensors_runs_the_module_eagerly():
+    flow, x, z = _flow()
+    flow.train()
+    graphed = GraphedTraining(FlowBitsPerDim(flow))
+    loss_g, grads_g = _loss_and_grads(graphed, flow, x, z)
+    loss_e, grads_e = _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
+    assert not graphed.recorded and graphed.replays == 0 and not graphed.failed
+    assert torch.equal(loss_g, loss_e) and torch.equal(grads_g, grads_e)
+
+
+def test_graph_sampling_on_the_cpu_decodes_eagerly_with_the_same_samples():
+    flow, _, z = _flow()
+    flow.eval()
+    eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
+    flow.graph_sampling()
+    again = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(eager, again) and flow._graphed_decoders == {}  # nothing recorded on the CPU
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_graphed_training_step_equals_the_eager_one_on_a_gpu():
+    flow, x, z = _flow("cuda")
+    flow.train()
+    eager, graphed = FlowBitsPerDim(flow), FlowBitsPerDim(flow, cuda_graphs=True)
+    for batch in ((x, z), (torch.rand_like(x), z.flip(0))):  # the recorded batch, then new data in the same shape
+        loss_e, grads_e = _loss_and_grads(eager, flow, *batch)
+        loss_g, grads_g = _loss_and_grads(graphed, flow, *batch)
+        assert torch.allclose(loss_g, loss_e, rtol=1e-5) and torch.allclose(grads_g, grads_e, rtol=1e-4, atol=1e-6)
+    assert graphed.graphed.recorded and graphed.graphed.replays == 2
+    _loss_and_grads(graphed, flow, x[:3], z[:3])  # another shape: eager, no new recording
+    assert graphed.graphed.replays == 2
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_graphed_decoder_equals_eager_and_is_dropped_when_weights_change():
+    flow, _, z = _flow("cuda")
+    flow.eval()
+    eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
+    flow.graph_sampling()
+    assert torch.allclose(flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3)), eager, atol=1e-6)
+    assert len(flow._graphed_decoders) == 1
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "conv_out" in name:
+                p.add_(0.05)
+    graphed_new = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
+    assert len(flow._graphed_decoders) == 1  # re-recorded for the new weights
+    flow.graph_sampling(False)
+    eager_new = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(graphed_new, eager_new, atol=1e-6) and not torch.allclose(eager_new, eager, atol=1e-3)
