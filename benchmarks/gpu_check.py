@@ -164,6 +164,7 @@ def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
                 loss = net(x, z).mean()
                 loss.backward()
             losses.append(float(loss.detach()))
+            del loss  # an eager autograd graph kept alive breaks the next recording (AccumulateGrad streams)
             grads.append(torch.cat([p.grad.reshape(-1) for p in flow.parameters() if p.grad is not None]))
         scale = float(grads[0].abs().max())
         out[name] = {

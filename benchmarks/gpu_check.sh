@@ -8,7 +8,8 @@
 #   - Python: .venv/bin/python when the repository has one, else python3 (a GPU image's PyTorch);
 #   - the packages of setup.cfg that this Python lacks are installed from the wheels in .whl/ when that folder
 #     exists (download them on a machine with a network, pinned by constraints.txt:
-#     pip download --no-deps -d .whl monai==... pytorch-ignite==... nibabel==... fire==... termcolor==...),
+#     pip download --no-deps -d .whl monai==... pytorch-ignite==... nibabel==... fire==... termcolor==... opacus==...
+#     pydicom==...),
 #     else from the package index with constraints.txt;
 #   - the package itself is used from the checkout (PYTHONPATH), nothing is built.
 # --cpu: the same sections, small, on the CPU (what tests/benchmarks/test_gpu_check.py runs).
@@ -27,14 +28,14 @@ export PYTHONUNBUFFERED=1
 missing=$($PY - <<'EOF'
 import importlib.util
 need = {"monai": "monai", "ignite": "pytorch-ignite", "nibabel": "nibabel", "fire": "fire", "yaml": "pyyaml",
-        "PIL": "pillow", "scipy": "scipy", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
+        "PIL": "pillow", "scipy": "scipy", "matplotlib": "matplotlib", "tensorboard": "tensorboard", "opacus": "opacus", "pydicom": "pydicom"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 EOF
 )
 if [ -n "$missing" ]; then
   echo "set-up: installing $missing"
   if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/condflow_site .whl/*.whl || exit 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/condflow_site .whl/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/condflow_site"
   else
     $PY -m pip install -q -c constraints.txt $missing || exit 1
@@ -46,12 +47,12 @@ $PY -c "import monai, ignite, torch; print('set-up: torch', torch.__version__, '
 status=0
 if [ "$CPU" = 1 ]; then
   $PY benchmarks/gpu_check.py --cpu --out "$OUT_DIR" || status=1
-  E2E_ARGS=(--num-images 120 --num-labels 10 --set max_epochs=1 --set batch_size=8
+  E2E_ARGS=(--num-images 240 --num-labels 10 --set max_epochs=1 --set batch_size=16
             --stage-set evaluation.n_synthetic_sets=1 --stage-set evaluation.n_bootstrap=20
             --stage-set evaluation.augmentation=false)
   E2E_TIMEOUT=${E2E_TIMEOUT:-600}
 else
-  $PY benchmarks/gpu_check.py --out "$OUT_DIR" || status=1
+  $PY benchmarks/gpu_check.py --out "$OUT_DIR" ${GPU_CHECK_ARGS:-} || status=1
   E2E_ARGS=(--num-images 300 --set max_epochs=2 --stage-set flow.cuda_graphs=true --stage-set generation.cuda_graphs=true)
   E2E_TIMEOUT=${E2E_TIMEOUT:-200}
 fi
