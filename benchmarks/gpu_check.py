@@ -115,7 +115,8 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
     net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
-    opt = torch.optim.AdamW(flow.parameters(), lr=1e-5, weight_decay=1e-6, betas=(0.5, 0.999))
+    fused = {"fused": True} if args.fused_adam and device.type == "cuda" else {}
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-5, weight_decay=1e-6, betas=(0.5, 0.999), **fused)
     reset_peak(device)
     for i in range(args.warmup):
         train_step(net, opt, *batches[i % 3], precision)
@@ -131,6 +132,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "ms_per_step": round(1000 * seconds / args.steps, 2),
         "peak_mib": peak_mib(device),
         "graphed": bool(net.graphed is not None and net.graphed.replays > 0),
+        "fused_adam": bool(fused),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sample-reps", type=int, default=None)
     parser.add_argument("--write-images", type=int, default=None, help="default 60000 (40 with --cpu)")
     parser.add_argument("--write-threads", type=int, default=16)
+    parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (one kernel per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="train,graphs_exact,sample,write")
     parser.add_argument("--out", type=Path, default=None)
