@@ -51,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.engines.generation import generate  # noqa: E402
+from monai_condflow.networks.blocks.coupling import set_coupling_dtype  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
-from monai_condflow.utils.precision import coupling_dtype, precision_context, set_coupling_dtype  # noqa: E402
+from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs")
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from monai_condflow.engines.outputs import StepOutput
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.metrics.bits_per_dim import bits_per_dim_from_latent
+from monai_condflow.networks.blocks.coupling import set_coupling_dtype
 from monai_condflow.utils.distributed import (
     all_gather_tensors,
     any_across_ranks,
@@ -48,7 +49,7 @@ from monai_condflow.utils.distributed import (
     unwrap_model,
 )
 from monai_condflow.utils.io import STATE_PREFIX
-from monai_condflow.utils.precision import check_precision, coupling_dtype, precision_context, set_coupling_dtype
+from monai_condflow.utils.precision import check_precision, coupling_dtype, precision_context
 
 Events, _ = optional_import("ignite.engine", name="Events")
 

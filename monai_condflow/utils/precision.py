@@ -32,7 +32,7 @@ import torch
 
 from monai_condflow.utils.checks import ConfigValueError
 
-__all__ = ["PRECISIONS", "check_precision", "coupling_dtype", "precision_context", "set_coupling_dtype"]
+__all__ = ["PRECISIONS", "check_precision", "coupling_dtype", "precision_context"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
@@ -53,29 +53,14 @@ def coupling_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if check_precision(precision) == "bf16" else None
 
 
-def set_coupling_dtype(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
-    """Run every affine coupling network inside ``module`` under autocast to ``dtype`` (``None``: full precision).
-
-    Returns:
-        the number of coupling layers changed (0 for a module without any, e.g. a non-Glow flow).
-    """
-    from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling
-
-    count = 0
-    for m in module.modules():
-        if isinstance(m, ConditionalAffineCoupling):
-            m.compute_dtype = dtype
-            count += 1
-    return count
-
-
 @contextlib.contextmanager
 def precision_context(precision: str) -> Iterator[None]:
     """Set PyTorch's TF32 switches for ``precision`` inside the block and restore them after it.
 
     ``"tf32"`` allows TF32 in cuDNN convolutions and cuBLAS matrix products; ``"fp32"`` and ``"bf16"`` forbid it
     (``bf16`` keeps everything outside the coupling networks in strict float32). The coupling autocast of ``"bf16"``
-    is a property of the model (:func:`set_coupling_dtype`), not of this block. No effect on the CPU.
+    is a property of the model
+    (:func:`~monai_condflow.networks.blocks.coupling.set_coupling_dtype`), not of this block. No effect on the CPU.
     """
     allow = check_precision(precision) == "tf32"
     before = _tf32_state()

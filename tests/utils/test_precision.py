@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer
-from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling
+from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling, set_coupling_dtype
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.utils.checks import ConfigValueError
-from monai_condflow.utils.precision import check_precision, precision_context, set_coupling_dtype
+from monai_condflow.utils.precision import check_precision, precision_context
 
 S = 16
 

@@ -30,6 +30,7 @@ __all__ = [
     "ConditionalFlowStep",
     "GuidedCondition",
     "guided_parameters",
+    "set_coupling_dtype",
 ]
 
 DEFAULT_ACT: tuple = ("elu", {"inplace": True})
@@ -304,3 +305,18 @@ class ConditionalFlowStep(FlowSequential):
                 spatial_dims, in_channels, condition_dim, hidden_channels, act, scale_bound, shift_bound
             ),
         )
+
+
+def set_coupling_dtype(module: nn.Module, dtype: torch.dtype | None) -> int:
+    """Run every affine coupling network inside ``module`` under autocast to ``dtype`` (``None``: full precision);
+    see :mod:`monai_condflow.utils.precision` (``precision="bf16"``).
+
+    Returns:
+        the number of coupling layers changed (0 for a module without any, e.g. a non-Glow flow).
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, ConditionalAffineCoupling):
+            m.compute_dtype = dtype
+            count += 1
+    return count

@@ -1,0 +1,183 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+New-disease scoring with a background-model likelihood ratio (issue 19), over several flow-training seeds.
+
+The "new disease" test of ``docs/results.md``: flows see only the phantom's normal and pneumonia training slices;
+COVID-19 slices (validation + test) must score as more unusual than the normal and pneumonia test slices. Unlike the
+earlier one-seed measurement, the flows here are **unconditional** (no classifier embedding, so nothing trained on
+COVID-19 leaks into the scores).
+
+Per seed two flows are trained on the same slices with the same loop (AdamW, linear warm-up, uniform
+dequantisation, the preset's training noise): the ``main`` flow (``small`` preset) and a lower-capacity
+``background`` flow (``--bg-steps`` steps per level, ``--bg-hidden`` channels). Scores (larger = more unusual):
+
+- ``bpd``: the main flow's bits/dim; ``level_typicality``: the library's default statistic (per-level z-scores
+  against the normal + pneumonia validation slices, :class:`~monai_condflow.metrics.novelty.NoveltyScorer`);
+- ``ratio``: ``bpd_main - bpd_background`` (Schirrmeister et al. 2020's likelihood ratio: the background model
+  explains the local pixel statistics that dominate both likelihoods, the ratio keeps what only the larger model
+  learned);
+- ``ratio_typicality``: ``|ratio - mean| / std`` against the validation slices (a two-sided version);
+- ``level_ratio``: per-level z-scores of ``level_bpd_main - level_bpd_background`` (RMS over levels).
+
+Usage::
+
+    python benchmarks/novelty_ratio.py runs/main --seeds 0 1 2          # ~5 min per seed on 2 cores
+
+The last line is ``json=<every figure>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
+from monai_condflow.metrics.auc import binary_auc  # noqa: E402
+from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics  # noqa: E402
+from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
+
+STATISTICS = ("bpd", "level_typicality", "ratio", "ratio_typicality", "level_ratio")
+
+
+def load_three_class_splits(run: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train" | "val" | "test": (images [N, 1, S, S], labels [N] in {0 normal, 1 pneumonia, 2 COVID-19})}`` of a
+    run's phantom, read through the bundle's ``common.json`` records with ``class_map="three"``."""
+    from monai_condflow.utils.bundle import COMMON_CONFIG, read_bundle_config
+
+    config = read_bundle_config([COMMON_CONFIG])
+    config.update({"dataset_dir": str(run / "data"), "output_dir": str(run), "class_map": "three",
+                   "num_classes": 3})  # fmt: skip
+    out = {}
+    for split in ("train", "val", "test"):
+        records = config.get_parsed_content(f"records#{split}")
+        images = torch.stack([torch.as_tensor(r["image"]).float().reshape(1, *r["image"].shape[-2:]) for r in records])
+        out[split] = (images, torch.tensor([int(r["label"]) for r in records]))
+    return out
+
+
+def train_flow(flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, batch: int = 32) -> float:
+    """Maximum likelihood with the trainer's ingredients (uniform dequantisation, the flow's training noise, AdamW
+    5e-4 with 50 warm-up steps, clipping at 50); returns the last epoch's mean training bits/dim."""
+    g = torch.Generator().manual_seed(seed)
+    flow.initialize(images[:64] + torch.rand(images[:64].shape, generator=g) / 256, None)
+    net = FlowBitsPerDim(flow).train()
+    opt = torch.optim.AdamW(flow.parameters(), lr=5e-4, weight_decay=1e-6, betas=(0.5, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
+    last = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(images.shape[0], generator=g)
+        losses = []
+        for start in range(0, images.shape[0] - batch + 1, batch):
+            x = images[order[start : start + batch]]
+            x = (x * 255 + torch.rand(x.shape, generator=g)) / 256
+            opt.zero_grad(set_to_none=True)
+            loss = net(x, None).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), 50.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        last = sum(losses) / len(losses)
+    return last
+
+
+def scores(main: dict, bg: dict, ref_main: dict, ref_bg: dict) -> dict[str, torch.Tensor]:
+    """Every statistic of :data:`STATISTICS` for images with statistics ``main`` / ``bg`` (the two flows'),
+    relative to the reference images' ``ref_main`` / ``ref_bg``."""
+    ratio, ref_ratio = main["bpd"] - bg["bpd"], ref_main["bpd"] - ref_bg["bpd"]
+    level, ref_level = main["level_bpd"] - bg["level_bpd"], ref_main["level_bpd"] - ref_bg["level_bpd"]
+    z = (level - ref_level.mean(0)) / ref_level.std(0).clamp_min(1e-12)
+    return {
+        "bpd": main["bpd"],
+        "level_typicality": NoveltyScorer("level_typicality", ref_main)(main),
+        "ratio": ratio,
+        "ratio_typicality": (ratio - ref_ratio.mean()).abs() / ref_ratio.std().clamp_min(1e-12),
+        "level_ratio": z.pow(2).mean(1).sqrt(),
+    }
+
+
+def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
+    (xtr, ytr), (xva, yva), (xte, yte) = splits["train"], splits["val"], splits["test"]
+    known_train = xtr[ytr < 2]
+    reference = xva[yva < 2]
+    novel = torch.cat([xva[yva == 2], xte[yte == 2]])
+    known = xte[yte < 2]
+    size = xtr.shape[-1]
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    main = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
+    bpd_main = train_flow(main, known_train, args.epochs, seed)
+    torch.manual_seed(seed + 1000)
+    bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0, num_steps=args.bg_steps,
+                                     hidden_channels=args.bg_hidden)  # fmt: skip
+    bpd_bg = train_flow(bg, known_train, args.bg_epochs, seed + 1000)
+    stats = {name: {"main": flow_statistics(main, x, None), "bg": flow_statistics(bg, x, None)}
+             for name, x in (("reference", reference), ("novel", novel), ("known", known))}  # fmt: skip
+    ref = stats["reference"]
+    s_novel = scores(stats["novel"]["main"], stats["novel"]["bg"], ref["main"], ref["bg"])
+    s_known = scores(stats["known"]["main"], stats["known"]["bg"], ref["main"], ref["bg"])
+    aucs = {}
+    for name in STATISTICS:
+        values = torch.cat([s_novel[name], s_known[name]])
+        labels = torch.cat([torch.ones(len(s_novel[name])), torch.zeros(len(s_known[name]))])
+        aucs[name] = round(binary_auc(values, labels), 4)
+    return {
+        "seed": seed,
+        "auroc": aucs,
+        "train_bpd_main": round(bpd_main, 4),
+        "train_bpd_background": round(bpd_bg, 4),
+        "n": {"train": int(known_train.shape[0]), "reference": int(reference.shape[0]), "novel": int(novel.shape[0]),
+              "known": int(known.shape[0])},  # fmt: skip
+        "mean_bpd": {k: round(float(v["main"]["bpd"].mean()), 4) for k, v in stats.items()},
+        "mean_bpd_background": {k: round(float(v["bg"]["bpd"].mean()), 4) for k, v in stats.items()},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished main-job run folder (its data/ holds the phantom)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="main flow epochs")
+    parser.add_argument("--bg-epochs", type=int, default=30, help="background flow epochs")
+    parser.add_argument("--bg-steps", type=int, default=2, help="background flow steps per level")
+    parser.add_argument("--bg-hidden", type=int, default=8, help="background flow coupling width")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    splits = load_three_class_splits(args.run.resolve())
+    rows = []
+    for seed in args.seeds:
+        row = run_seed(splits, seed, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {}
+    for name in STATISTICS:
+        vals = [r["auroc"][name] for r in rows]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))
+        summary[name] = {"mean": round(mean, 4), "std": round(std, 4), "per_seed": vals}
+        print(f"{name:18s} AUROC {mean:.3f} +- {std:.3f}  ({', '.join(f'{v:.3f}' for v in vals)})")
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": rows, "summary": summary}
+    print("json=" + json.dumps(report, separators=(",", ":")))
+    return report
+
+
+if __name__ == "__main__":
+    main()
