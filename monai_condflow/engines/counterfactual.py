@@ -201,11 +201,12 @@ def write_counterfactuals(
 
 
 def _statistics(flow: torch.nn.Module, clf: torch.nn.Module, data: Iterable, batch_size: int, device: torch.device,
-                n_bits: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
+                n_bits: int, background: torch.nn.Module | None = None,
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
     parts, labels, msp = [], [], []
     for batch in _batches(data, batch_size):
         x = torch.as_tensor(batch["image"]).float().to(device)
-        parts.append(flow_statistics(flow, x, clf.embed(x), n_bits))
+        parts.append(flow_statistics(flow, x, clf.embed(x), n_bits, background=background))
         msp.append(1.0 - clf(x).softmax(1).max(1).values.double().cpu())
         lab = batch.get("label") if isinstance(batch, Mapping) else None
         labels.append(torch.as_tensor(lab).long().reshape(-1).cpu() if lab is not None else torch.full((len(x),), -1))
@@ -228,6 +229,7 @@ def score_novelty(
     n_bits: int = 8,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    background: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Score every image of ``data`` (and ``ood_data``) by how unusual it is to ``flow``.
 
@@ -243,6 +245,8 @@ def score_novelty(
         n_bits: bit depth of the data.
         batch_size: images per forward pass.
         device: device of the passes.
+        background: a lower-capacity flow trained on the same images with the same condition (statistic
+            ``"likelihood_ratio"``; bundle id ``background_flow_dir``); its bits/dim go to ``scores.csv`` too.
 
     Returns:
         The content of ``novelty.json``: statistic, counts, mean score and, when some images are novel and some
@@ -250,17 +254,24 @@ def score_novelty(
     """
     if statistic not in NOVELTY_STATISTICS:
         raise ValueError(f"unknown novelty statistic {statistic!r}; available: {list(NOVELTY_STATISTICS)}.")
+    if statistic == "likelihood_ratio" and background is None:
+        raise ValueError(
+            "novelty statistic 'likelihood_ratio' needs a background flow: set the config id 'background_flow_dir' to "
+            "the folder of a lower-capacity flow trained with train_flow.json on the same data (see "
+            "docs/counterfactuals.md)."
+        )
     device = torch.device(device)
     net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
-    ref, _, _ = _statistics(net, clf, reference, batch_size, device, n_bits)
+    bg = None if background is None else unwrap_model(background).to(device).eval()
+    ref, _, _ = _statistics(net, clf, reference, batch_size, device, n_bits, bg)
     scorer = NoveltyScorer(statistic, ref)
-    stats, labels, msp = _statistics(net, clf, data, batch_size, device, n_bits)
+    stats, labels, msp = _statistics(net, clf, data, batch_size, device, n_bits, bg)
     novel = torch.zeros(len(labels), dtype=torch.bool)
     if novel_labels is not None:
         novel = torch.isin(labels, torch.as_tensor(list(novel_labels), dtype=torch.long))
     source = ["data"] * len(labels)
     if ood_data is not None:
-        ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits)
+        ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits, bg)
         stats = {k: torch.cat([stats[k], ood[k]]) for k in stats}
         labels, msp = torch.cat([labels, ood_labels]), torch.cat([msp, ood_msp])
         novel = torch.cat([novel, torch.ones(len(ood_labels), dtype=torch.bool)])
@@ -281,9 +292,10 @@ def score_novelty(
     output_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "source", "label", "novel", "score", "bpd", "png_bpd", "max_softmax_score"])
+    extra = ["background_bpd"] if "background_bpd" in stats else []
+    writer.writerow(["index", "source", "label", "novel", "score", "bpd", "png_bpd", *extra, "max_softmax_score"])
     for i in range(len(scores)):
-        values = [scores[i], stats["bpd"][i], stats["png_bpd"][i], msp[i]]
+        values = [scores[i], stats["bpd"][i], stats["png_bpd"][i], *(stats[k][i] for k in extra), msp[i]]
         writer.writerow([i, source[i], int(labels[i]), int(novel[i]), *(f"{float(v):.6g}" for v in values)])
     atomic_write_text(output_dir / "scores.csv", buf.getvalue())
     atomic_write_text(output_dir / "novelty.json", json.dumps(summary, indent=2) + "\n")

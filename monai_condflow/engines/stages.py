@@ -48,6 +48,7 @@ __all__ = [
     "build_flow",
     "finish_flow_stage",
     "load_flow",
+    "load_flow_folder",
     "model_version",
     "privacy_spent",
     "privacy_noise",
@@ -227,7 +228,17 @@ def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu")
     Raises:
         FileNotFoundError: when the flow stage has not run (the message says to run train_flow.json).
     """
-    folder = Path(output_dir) / "flow"
+    return load_flow_folder(Path(output_dir) / "flow", device)
+
+
+def load_flow_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained flow of a flow-stage folder (``model.pt`` and ``flow.json``, e.g. a background flow trained with
+    ``train_flow.json`` and ``flow_dir`` set to another folder), in eval mode.
+
+    Raises:
+        FileNotFoundError: the folder holds no finished flow stage (the message names the missing file).
+    """
+    folder = Path(folder)
     info = read_stage_info(folder, "flow", "train_flow.json")
     path = require_file(folder / MODEL_FILE, "flow checkpoint", "train_flow.json")
     flow = build_flow(info["preset"], int(info["image_size"]), info.get("overrides"))

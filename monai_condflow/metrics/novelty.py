@@ -21,7 +21,11 @@ texture, more flat background) get *higher* likelihood even when they come from 
   background model (the input-complexity correction of Serra et al. 2020);
 - ``"level_typicality"``: the per-level bits/dim of the multiscale flow (:meth:`ConditionalGlow.level_log_probs`)
   standardised by the reference's mean and spread of each level, then the root mean square over levels, so a level
-  that is unusually likely counts as much as one that is unusually unlikely.
+  that is unusually likely counts as much as one that is unusually unlikely;
+- ``"likelihood_ratio"``: ``bpd - background_bpd``, a likelihood ratio against a *lower-capacity flow trained on the
+  same images* (Schirrmeister et al. 2020): both flows explain the local pixel statistics that dominate raw
+  likelihoods, and the ratio keeps what only the larger model learned. Needs the background flow's statistics
+  (``flow_statistics(..., background=...)``). Measured on the phantom's new-disease test in ``docs/results.md``.
 
 Larger score = more unusual. :class:`NoveltyScorer` holds the reference statistics.
 """
@@ -39,7 +43,7 @@ from torch import Tensor
 
 __all__ = ["NOVELTY_STATISTICS", "png_bits_per_dim", "flow_statistics", "NoveltyScorer"]
 
-NOVELTY_STATISTICS: tuple[str, ...] = ("bpd", "typicality", "complexity", "level_typicality")
+NOVELTY_STATISTICS: tuple[str, ...] = ("bpd", "typicality", "complexity", "level_typicality", "likelihood_ratio")
 
 
 def png_bits_per_dim(x: Tensor, n_bits: int = 8) -> Tensor:
@@ -67,8 +71,24 @@ def png_bits_per_dim(x: Tensor, n_bits: int = 8) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _level_bpd(flow: torch.nn.Module, x: Tensor, condition: Tensor | None) -> Tensor:
+    was_training = flow.training
+    flow.eval()
+    try:
+        cols = flow.level_log_probs(x, condition).double().cpu()
+    finally:
+        flow.train(was_training)
+    return -cols / (x[0].numel() * math.log(2.0))
+
+
 @torch.no_grad()
-def flow_statistics(flow: torch.nn.Module, x: Tensor, condition: Tensor | None, n_bits: int = 8) -> dict[str, Tensor]:
+def flow_statistics(
+    flow: torch.nn.Module,
+    x: Tensor,
+    condition: Tensor | None,
+    n_bits: int = 8,
+    background: torch.nn.Module | None = None,
+) -> dict[str, Tensor]:
     """Per-image statistics of ``x`` under ``flow`` (a ``ConditionalGlow``), in eval mode.
 
     Args:
@@ -76,20 +96,17 @@ def flow_statistics(flow: torch.nn.Module, x: Tensor, condition: Tensor | None, 
         x: ``[B, C, H, W]`` in ``[0, 1]``.
         condition: ``[B, condition_dim]`` (e.g. the classifier's embedding of ``x``).
         n_bits: bit depth of the data (the ``+ n_bits`` of dequantised bits/dim, and the PNG depth).
+        background: a lower-capacity flow trained on the same data (same condition), for ``"likelihood_ratio"``.
 
     Returns:
-        ``{"bpd": [B], "level_bpd": [B, L + 1], "png_bpd": [B]}`` (float64, CPU); ``level_bpd`` is
-        ``-level_log_probs / (D ln 2)`` and sums to ``bpd - n_bits``.
+        ``{"bpd": [B], "level_bpd": [B, L + 1], "png_bpd": [B]}`` (float64, CPU), plus ``"background_bpd": [B]``
+        with a ``background``; ``level_bpd`` is ``-level_log_probs / (D ln 2)`` and sums to ``bpd - n_bits``.
     """
-    was_training = flow.training
-    flow.eval()
-    try:
-        cols = flow.level_log_probs(x, condition).double().cpu()
-    finally:
-        flow.train(was_training)
-    dims = x[0].numel()
-    level_bpd = -cols / (dims * math.log(2.0))
-    return {"bpd": level_bpd.sum(1) + n_bits, "level_bpd": level_bpd, "png_bpd": png_bits_per_dim(x, n_bits)}
+    level_bpd = _level_bpd(flow, x, condition)
+    out = {"bpd": level_bpd.sum(1) + n_bits, "level_bpd": level_bpd, "png_bpd": png_bits_per_dim(x, n_bits)}
+    if background is not None:
+        out["background_bpd"] = _level_bpd(background, x, condition).sum(1) + n_bits
+    return out
 
 
 class NoveltyScorer:
@@ -130,6 +147,13 @@ class NoveltyScorer:
             return stats["bpd"].double()
         if self.statistic == "complexity":
             return stats["bpd"].double() - stats["png_bpd"].double()
+        if self.statistic == "likelihood_ratio":
+            if "background_bpd" not in stats:
+                raise ValueError(
+                    "NoveltyScorer('likelihood_ratio') needs the statistics of a background flow: "
+                    "flow_statistics(flow, x, z, background=background_flow) (bundle id 'background_flow_dir')."
+                )
+            return stats["bpd"].double() - stats["background_bpd"].double()
         if self.bpd_mean is None:
             raise RuntimeError(f"NoveltyScorer({self.statistic!r}) needs reference statistics: call fit() first.")
         if self.statistic == "typicality":

@@ -97,3 +97,27 @@ def test_novelty_config_scores_and_auroc(tiny_run):
     centres = torch.stack([bpd - score, bpd + score], 1)  # one of the two is the reference mean
     mean = min(centres.flatten().tolist(), key=lambda m: float(((bpd - m).abs() - score).abs().max()))
     assert torch.allclose((bpd - mean).abs(), score, atol=1e-4)
+
+
+def test_novelty_likelihood_ratio_against_a_background_flow_trained_by_the_flow_stage(tiny_run):
+    """A background flow trained by ``train_flow.json`` into its own ``flow_dir`` (same run, same classifier);
+    ``novelty.json`` with ``likelihood_ratio`` scores every row by ``bpd - background_bpd``; without the background
+    the statistic is refused by its config id."""
+    data, out = tiny_run
+    background = out / "flow_background"
+    _run(["train_flow.json"], **TINY, dataset_dir=str(data), output_dir=str(out), flow_dir=str(background),
+         flow_overrides={"num_levels": 2, "num_steps": 1, "num_blocks": 1, "hidden_channels": 4},
+         sample_every=0)  # fmt: skip
+    _bundle_run("novelty.json", data, out, "--novelty_statistic", "likelihood_ratio", "--background_flow_dir",
+                str(background), "--novel_labels", "[1]")  # fmt: skip
+    summary = json.loads((out / "novelty" / "novelty.json").read_text())
+    rows = list(csv.DictReader((out / "novelty" / "scores.csv").open()))
+    assert summary["statistic"] == "likelihood_ratio" and 0.0 <= summary["auroc"] <= 1.0
+    for r in rows:
+        assert float(r["score"]) == pytest.approx(float(r["bpd"]) - float(r["background_bpd"]), abs=2e-5)
+    assert len({round(float(r["background_bpd"]) - float(r["bpd"]), 4) for r in rows}) > 1  # a real second model
+    from monai_condflow.engines.counterfactual import score_novelty
+
+    with pytest.raises(ValueError, match="config id 'background_flow_dir'"):  # before any file is read or written
+        score_novelty(torch.nn.Identity(), torch.nn.Identity(), [], [], out / "unused", statistic="likelihood_ratio")
+    assert not (out / "unused").exists()

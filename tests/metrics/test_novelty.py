@@ -57,3 +57,22 @@ def test_scores_against_a_brute_force_computation():
         NoveltyScorer("typicality")(new)
     with pytest.raises(ValueError):
         NoveltyScorer("likelihood")
+
+
+def test_likelihood_ratio_is_bpd_minus_the_background_flows_bpd():
+    flow = trained_like()
+    torch.manual_seed(7)
+    background = trained_like()
+    with torch.no_grad():
+        for p in background.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, z = images(3, 8).double(), conditions(3).double()
+    stats = flow_statistics(flow, x, z, background=background)
+    assert torch.allclose(stats["background_bpd"], background.eval().bits_per_dim(x, z).double(), atol=1e-9)
+    score = NoveltyScorer("likelihood_ratio")(stats)  # no reference needed
+    assert torch.allclose(score, stats["bpd"] - stats["background_bpd"], atol=0)
+    assert (score.abs() > 0).all()
+    hand = {"bpd": torch.tensor([5.0, 6.0]), "background_bpd": torch.tensor([4.5, 7.0])}
+    assert NoveltyScorer("likelihood_ratio")(hand).tolist() == [0.5, -1.0]
+    with pytest.raises(ValueError, match="background"):
+        NoveltyScorer("likelihood_ratio")(flow_statistics(flow, x, z))
