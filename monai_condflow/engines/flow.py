@@ -198,9 +198,10 @@ class FlowTrainer(SupervisedTrainer):
             skipped (attached here; kept as :attr:`ema`), or ``None``.
         precision: ``"fp32"``, ``"tf32"`` (default) or ``"bf16"`` (bundle id ``precision``; see
             :mod:`monai_condflow.utils.precision`): the TF32 switches are set around each step's forward and
-            backward, and ``"bf16"`` puts the flow's coupling networks under bfloat16 autocast (for the whole run,
-            validation and sample grids included). Only GPUs are affected, except ``"bf16"``, which the CPU also
-            honours (slowly).
+            backward, and ``"bf16"`` puts the trained flow's coupling networks under bfloat16 autocast for the
+            whole run (an EMA copy made before the trainer, as the bundle makes it, keeps full precision: validation,
+            sample grids and ``model.pt`` through it run in fp32; the saved weights never carry the setting). Only
+            GPUs are affected, except ``"bf16"``, which the CPU also honours (slowly).
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
             supported (flows are trained in fp32) and ``decollate`` is off.
     """

@@ -344,8 +344,9 @@ def generate(
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, manifest_name)
     flow = unwrap_model(flow).to(device)
-    if cuda_graphs and device.type == "cuda" and hasattr(flow, "graph_sampling"):
-        flow.graph_sampling()
+    graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "_graphed_decoders", 0) is None
+    if graphs_here:
+        flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
     if classifier is not None:
         classifier = unwrap_model(classifier).to(device)
     prepare = ConditionPrepareBatch(classifier=classifier, image_key=image_key, condition_key=condition_key)
@@ -468,6 +469,9 @@ def generate(
         files.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if graphs_here:
+            flow.graph_sampling(False)
     manifest = output_dir / manifest_name
     logger.info(
         "wrote %d synthetic image(s) (%s mode, T=%s, seed %d) to %s", len(rows), mode, temperature, seed, output_dir
