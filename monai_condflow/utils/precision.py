@@ -11,16 +11,18 @@
 """
 Numerical precision of flow training (bundle id ``precision``).
 
-- ``"fp32"``: every operation in float32, TF32 off (the exact reference; the CPU always computes this way).
+- ``"fp32"``: every operation in float32, TF32 off (the exact reference; on the CPU ``"fp32"`` and ``"tf32"`` are
+  the same).
 - ``"tf32"`` (default): float32 tensors, with TF32 tensor-core convolutions and matrix products on GPUs that have
-  them (PyTorch's own default for convolutions). Measured on an H200 (``docs/performance.md``): round trip ~5e-3,
-  NLL ~1e-3 bits/dim from fp32.
+  them (PyTorch's own default for convolutions). Measured on an H200 (``docs/performance.md``, ``paper`` preset): round
+  trip <= 4.7e-3, bits/dim within 3.5e-3 of fp32.
 - ``"bf16"``: the coupling networks (the flow's convolutional bulk) run under bfloat16 autocast; their outputs are
   cast back before the affine transform, so the log-determinants, ActNorm, the 1x1 convolutions (and their
   inverse), the priors and the loss stay in strict float32. The round trip is no longer exact to float32 (the
   inverse feeds the coupling network inputs that differ from the forward's by float32 rounding, and bfloat16's
   rounding can amplify that to its own resolution, ~4e-3 relative): ~2e-3 on [0, 1] images for the ``small``
-  preset with random weights (``tests/utils/test_precision.py``); GPU figures in ``docs/performance.md``.
+  preset with random weights (``tests/utils/test_precision.py``), <= 1.8e-3 for the ``paper`` preset on an H200,
+  bits/dim within 5.2e-3 of fp32 there, at 60 % of the training memory (``docs/performance.md``).
 """
 
 from __future__ import annotations
