@@ -96,6 +96,7 @@ def sync(device: torch.device) -> None:
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the previous phase's cached blocks do not count towards this one's peak
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_flow_gpu import make_batch, reset_peak, sync  # noqa: E402  (sibling script: benchmarks/ is on sys.path)
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.engines.generation import generate  # noqa: E402
@@ -58,30 +59,8 @@ from monai_condflow.utils.precision import coupling_dtype, precision_context  # 
 TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def peak_mib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-
-
-def make_batch(batch: int, size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smooth dequantised 8-bit images in ``[0, 1]`` and unit 32-d conditions (like classifier embeddings)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 1, max(size // 8, 1), max(size // 8, 1), generator=g)
-    img = (F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 255).round()
-    x = ((img + torch.rand(img.shape, generator=g)) / 256.0).clamp(0, 1)
-    z = F.normalize(torch.randn(batch, 32, generator=g), dim=1)
-    return x.to(device), z.to(device)
 
 
 def build_flow(args: argparse.Namespace, device: torch.device, x: torch.Tensor, z: torch.Tensor, **overrides: Any):
@@ -112,7 +91,7 @@ def train_step(net: FlowBitsPerDim, opt: torch.optim.Optimizer, x: torch.Tensor,
 
 def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
     precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
-    batches = [make_batch(batch, args.size, args.seed + i, device) for i in range(3)]
+    batches = [make_batch(batch, args.size, torch.Generator().manual_seed(args.seed + i), device) for i in range(3)]
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
     net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
@@ -154,7 +133,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
 
 def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
     """Graphed vs eager training step: same weights, same batches, no random regulariser, fp32 (TF32 off)."""
-    b1, b2 = make_batch(args.batch, args.size, args.seed, device), make_batch(args.batch, args.size, 99, device)
+    b1, b2 = (make_batch(args.batch, args.size, torch.Generator().manual_seed(s), device) for s in (args.seed, 99))
     flow = build_flow(args, device, *b1, cond_dropout=0.0, noise_std=0.0).train()
     eager, graphed = FlowBitsPerDim(flow), FlowBitsPerDim(flow, cuda_graphs=True)
     out: dict[str, Any] = {}
@@ -180,7 +159,7 @@ def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
 
 def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
     precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
-    x, z = make_batch(args.sample_batch, args.size, args.seed, device)
+    x, z = make_batch(args.sample_batch, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
     set_coupling_dtype(flow, coupling_dtype(precision))
     if graphs:
@@ -198,7 +177,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
             "batch": args.sample_batch,
             "sample_img_s": round(args.sample_batch * args.sample_reps / seconds, 1),
             "peak_mib": peak_mib(device),
-            "graphed": bool(graphs and flow._graphed_decoders and any(flow._graphed_decoders.values())),
+            "graphed": bool(graphs and flow.graph_sampling_recorded),
         }
         if graphs:
             flow.graph_sampling(False)
@@ -208,7 +187,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
 
 
 def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, threads: int, root: Path) -> dict:
-    x, z = make_batch(64, args.size, args.seed, device)
+    x, z = make_batch(64, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
     records = [{"image": x[i].cpu(), "condition": z[i].cpu(), "label": i % 2} for i in range(64)]
     target = root / f"synthetic_t{threads}"

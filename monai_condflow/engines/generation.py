@@ -344,7 +344,7 @@ def generate(
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, manifest_name)
     flow = unwrap_model(flow).to(device)
-    graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "_graphed_decoders", 0) is None
+    graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "graph_sampling_enabled", True) is False
     if graphs_here:
         flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
     if classifier is not None:

@@ -69,7 +69,7 @@ def test_graph_sampling_on_the_cpu_decodes_eagerly_with_the_same_samples():
     eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
     flow.graph_sampling()
     again = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(eager, again) and flow._graphed_decoders == {}  # nothing recorded on the CPU
+    assert torch.equal(eager, again) and flow.graph_sampling_enabled and flow.graph_sampling_recorded == 0  # CPU
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
@@ -93,13 +93,13 @@ def test_graphed_decoder_equals_eager_and_is_dropped_when_weights_change():
     eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
     flow.graph_sampling()
     assert torch.allclose(flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3)), eager, atol=1e-6)
-    assert len(flow._graphed_decoders) == 1
+    assert flow.graph_sampling_recorded == 1
     with torch.no_grad():
         for name, p in flow.named_parameters():
             if "conv_out" in name:
                 p.add_(0.05)
     graphed_new = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
-    assert len(flow._graphed_decoders) == 1  # re-recorded for the new weights
+    assert flow.graph_sampling_recorded == 1  # re-recorded for the new weights
     flow.graph_sampling(False)
     eager_new = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(graphed_new, eager_new, atol=1e-6) and not torch.allclose(eager_new, eager, atol=1e-3)

@@ -714,6 +714,16 @@ class ConditionalGlow(nn.Module):
         self._max_graphs = int(max_graphs)
         return self
 
+    @property
+    def graph_sampling_enabled(self) -> bool:
+        """Whether :meth:`graph_sampling` is on."""
+        return self._graphed_decoders is not None
+
+    @property
+    def graph_sampling_recorded(self) -> int:
+        """How many decoder graphs are recorded now (0 on the CPU, or before the first graphed :meth:`sample`)."""
+        return sum(g is not None for g in (self._graphed_decoders or {}).values())
+
     def _graphed_decoder(self, nu: Tensor, cond: Tensor, size: tuple[int, ...]) -> Any:
         """The recorded decoder for these inputs (recorded now if there is room), or ``None`` (decode eagerly)."""
         from monai_condflow.utils.cuda_graphs import GraphedCall, signature
