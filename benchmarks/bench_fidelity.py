@@ -98,6 +98,7 @@ QUICK_BUDGET: dict[str, dict[str, object]] = {
     "flow": {
         "max_epochs": 2,
         "sample_every": 1,
+        "adversarial_steps": 2,
         "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
     },
     "generation": {},

@@ -40,6 +40,7 @@ TINY = {
 }
 TINY_FLOW = {
     "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
+    "adversarial_steps": 2,
     "sample_every": 1,
 }
 
@@ -88,7 +89,8 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     assert train.check_properties() == []
     train.run()
     train.finalize()
-    _run(["train_flow.json"], **common, **TINY_FLOW, sampling_prior_shrinkage=0.3)  # off by default
+    # a fitted sampling prior (off by default) belongs to the likelihood weights: no adversarial phase here
+    _run(["train_flow.json"], **common, **TINY_FLOW, sampling_prior_shrinkage=0.3, adversarial_steps=0)
     _run(["generate.json"], **common, formats=["png"])
     _run(["train_acgan.json"], **common)
     _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
@@ -361,6 +363,11 @@ def test_multi_gpu_overlays_run_under_torchrun(dataset, trained_run, tmp_path):
     flow = _torchrun(["train_flow.json", "multi_gpu_train_flow.json"], {**common, **TINY_FLOW})
     assert flow.returncode == 0, flow.stderr[-3000:]
     assert (out / "flow" / "model.pt").is_file()
+    # the adversarial phase ran on both ranks (gradients averaged) after the likelihood epochs
+    info = json.loads((out / "flow" / "flow.json").read_text())
+    assert info["adversarial"]["steps"] == TINY_FLOW["adversarial_steps"] and info["adversarial"]["skipped_steps"] == 0
+    assert info["selected"].endswith(f"+ adversarial fine-tuning ({TINY_FLOW['adversarial_steps']} steps)")
+    assert (out / "flow" / "model_likelihood.pt").is_file()
 
 
 def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
@@ -377,6 +384,7 @@ def test_dp_overlays_spend_the_target_and_report_it(dataset, tmp_path):
     flow = json.loads((out / "flow" / "flow.json").read_text())
     assert 2.0 < flow["dp"]["epsilon"] <= 3.0 * 1.01 and flow["selected"] == "last epoch"
     assert "selected_epoch" not in flow  # no epoch chosen on (private) validation data: model.pt is the last one
+    assert "adversarial" not in flow  # the adversarial phase is off under DP-SGD (not private)
     assert sorted(p.name for p in (out / "flow").glob("*.pt")) == ["model.pt", "state_checkpoint_epoch=1.pt",
                                                                    "state_checkpoint_epoch=2.pt"]  # fmt: skip
     assert (out / "flow" / "audit_holdout.json").is_file()

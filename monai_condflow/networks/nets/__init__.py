@@ -21,3 +21,4 @@ from .flow_export import FlowLogProb as FlowLogProb
 from .flow_sampler import FlowSampler as FlowSampler
 from .pepx_net import PEPXNet as PEPXNet
 from .pepx_net import PEPXStage as PEPXStage
+from .projection_discriminator import ProjectionDiscriminator as ProjectionDiscriminator

@@ -1,0 +1,230 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Adversarial fine-tuning of the flow: the loss pieces, the trainer, the bundle step and its config checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from monai_condflow.engines.flow_adversarial import (
+    LIKELIHOOD_MODEL_FILE,
+    AdversarialFlowTrainer,
+    average_gradients,
+    check_adversarial,
+    hinge_discriminator_loss,
+    random_translate,
+    range_excess,
+    run_adversarial_phase,
+)
+from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.networks.nets import ProjectionDiscriminator
+from monai_condflow.utils.checks import ConfigValueError
+from monai_condflow.utils.distributed import create_loader
+from monai_condflow.utils.io import MODEL_FILE, atomic_torch_save
+
+_spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+def test_random_translate_is_a_replicated_shift_within_range():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    assert random_translate(x, 0) is x
+    gen = torch.Generator().manual_seed(0)
+    y = random_translate(x, 2, gen)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(2):
+        crops = [padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        matches = [c for c in crops if torch.equal(y[i], c)]
+        assert matches, f"image {i} is not a shifted crop"
+    # the offsets differ between images of a batch (with 25 choices each, 8 images never all share one)
+    many = random_translate(x.repeat(4, 1, 1, 1), 2, torch.Generator().manual_seed(1))
+    assert len({tuple(m.flatten().tolist()[:3]) for m in many}) > 1
+    leaf = x.clone().requires_grad_(True)
+    random_translate(leaf, 1, gen).sum().backward()
+    assert leaf.grad is not None and leaf.grad.sum() == leaf.numel()  # each output pixel comes from one input pixel
+    assert random_translate(torch.zeros(1, 1, 4, 4, 4), 1, gen).shape == (1, 1, 4, 4, 4)
+
+
+def test_range_excess_and_hinge_by_hand():
+    x = torch.tensor([[[[0.5, 1.5], [-0.25, 1.0]]], [[[0.0, 0.2], [0.3, 0.9]]]])
+    assert torch.allclose(range_excess(x), torch.tensor([0.25 + 0.0625, 0.0]))
+    d_real, d_fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])
+    # relu(1 - real) = [0, 0.5] -> 0.25; relu(1 + fake) = [0, 1] -> 0.5
+    assert hinge_discriminator_loss(d_real, d_fake).item() == pytest.approx(0.75)
+    assert hinge_discriminator_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(2.0)
+
+
+def test_projection_discriminator_uses_the_condition_and_checks_shapes():
+    torch.manual_seed(0)
+    disc = ProjectionDiscriminator(2, 1, 8, channels=(4, 8)).eval()  # eval: no power iteration per call
+    x, z = torch.rand(3, 1, 8, 8), torch.randn(3, 8)
+    out = disc(x, z)
+    assert out.shape == (3,)
+    # the projection term: another condition, another logit; the same image and condition, the same logit
+    assert not torch.allclose(out, disc(x, -z))
+    assert torch.allclose(out, disc(x, z))
+    with pytest.raises(ValueError, match=r"condition of shape \[3, 8\]"):
+        disc(x, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        disc(torch.rand(3, 1, 6, 6), z)
+    plain = ProjectionDiscriminator(3, 2, 0, channels=(4,))
+    assert plain(torch.rand(2, 2, 4, 4, 4)).shape == (2,)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        ProjectionDiscriminator(1, 1, 8)
+
+
+def _trainer(steps=4, seed=0, **kwargs):
+    flow = W.make_flow(1)
+    data = W.make_flow_data(16, 0)
+    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    torch.manual_seed(seed)
+    disc = ProjectionDiscriminator(2, 1, 32, channels=(8, 16))
+    loader = create_loader(data, 8, shuffle=True, seed=3)
+    trainer = AdversarialFlowTrainer(
+        "cpu", steps, loader, flow, disc, torch.optim.Adam(flow.parameters(), 1e-3),
+        torch.optim.Adam(disc.parameters(), 2e-4), prepare_batch=ConditionPrepareBatch(), consistency_weight=0.0,
+        seed=seed, **kwargs,
+    )  # fmt: skip
+    return trainer, flow, disc, data
+
+
+def test_trainer_updates_flow_and_discriminator_and_keeps_the_inverse_exact():
+    trainer, flow, disc, data = _trainer(steps=5)
+    before_flow = {k: v.clone() for k, v in flow.state_dict().items()}
+    before_disc = [p.detach().clone() for p in disc.parameters()]
+    trainer.run()
+    assert trainer.state.iteration == 5  # one epoch of `steps` iterations, the 2-batch loader restarted
+    out = trainer.state.output
+    assert set(out.keys()) >= {"loss", "d_loss", "g_adversarial", "consistency", "excess", "grad_norm", "skipped"}
+    assert out["skipped"] is False and trainer.state.skipped_steps == 0
+    assert any(not torch.equal(before_flow[k], v) for k, v in flow.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(before_disc, disc.parameters()))
+    flow.eval()
+    x = torch.stack([d["image"] for d in data[:4]])
+    z = torch.stack([d["condition"] for d in data[:4]])
+    with torch.no_grad():
+        nu, _ = flow(x, z)
+        back, _ = flow.inverse(nu, z)
+    assert torch.allclose(back, x, atol=1e-4)
+
+
+def test_range_term_pulls_overflowing_samples_back():
+    """With only the range term weighted (adversarial weight 0), the decoded samples' excess falls."""
+
+    def excess_of(flow):
+        gen = torch.Generator().manual_seed(9)
+        z = torch.nn.functional.normalize(torch.randn(32, 32, generator=gen), dim=1)
+        with torch.no_grad():
+            x, _ = flow.inverse(torch.randn(32, flow.latent_dim(), generator=gen) * 2.0, z)
+        return float(range_excess(x).mean())
+
+    trainer, flow, _, _ = _trainer(steps=20, adversarial_weight=0.0, range_weight=100.0, temperature=2.0)
+    start = excess_of(flow)
+    assert start > 0  # at T = 2 the tiny flow overflows
+    trainer.run()
+    assert excess_of(flow) < 0.5 * start
+
+
+def test_trainer_refuses_bad_settings():
+    flow = W.make_flow(1)
+    disc = ProjectionDiscriminator(2, 1, 32, channels=(8,))
+    opts = (torch.optim.Adam(flow.parameters()), torch.optim.Adam(disc.parameters()))
+    with pytest.raises(ValueError, match="steps >= 1"):
+        AdversarialFlowTrainer("cpu", 0, [], flow, disc, *opts)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        AdversarialFlowTrainer("cpu", 2, [], flow, disc, *opts, prepare_batch=ConditionPrepareBatch())
+
+
+def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likelihood_weights(tmp_path):
+    trainer, flow, _, _ = _trainer(steps=3)
+    atomic_torch_save({"network": flow.state_dict()}, tmp_path / MODEL_FILE)
+    (tmp_path / "flow.json").write_text(json.dumps({"preset": "small", "selected": "best validation epoch 2"}))
+    likelihood = {k: v.clone() for k, v in flow.state_dict().items()}
+    assert run_adversarial_phase(tmp_path, None) is None
+    record = run_adversarial_phase(tmp_path, trainer, ema_decay=0.5)
+    assert record["steps"] == 3 and record["skipped_steps"] == 0 and record["adversarial_weight"] == 0.5
+    kept = torch.load(tmp_path / LIKELIHOOD_MODEL_FILE, weights_only=True)["network"]
+    assert all(torch.equal(kept[k], v) for k, v in likelihood.items())
+    tuned = torch.load(tmp_path / MODEL_FILE, weights_only=True)["network"]
+    assert any(not torch.equal(tuned[k], v) for k, v in likelihood.items())
+    info = json.loads((tmp_path / "flow.json").read_text())
+    assert info["selected"] == "best validation epoch 2 + adversarial fine-tuning (3 steps)"
+    assert info["adversarial"]["steps"] == 3 and info["preset"] == "small"
+    # a rerun (e.g. after a kill during the phase) starts again from the likelihood weights, not from model.pt
+    trainer2, _, _, _ = _trainer(steps=3)
+    run_adversarial_phase(tmp_path, trainer2, ema_decay=0.5)
+    again = torch.load(tmp_path / MODEL_FILE, weights_only=True)["network"]
+    assert all(torch.equal(again[k], v) for k, v in tuned.items())
+    info = json.loads((tmp_path / "flow.json").read_text())
+    assert info["selected"] == "best validation epoch 2 + adversarial fine-tuning (3 steps)"
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ((-1, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3), "adversarial_steps"),
+        ((1.5, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3), "adversarial_steps"),
+        ((10, -0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3), "adversarial_weight"),
+        ((10, 0.5, float("nan"), 10.0, 0.9, 1e-4, 2e-4, 3), "consistency_weight"),
+        ((10, 0.5, 1.0, "x", 0.9, 1e-4, 2e-4, 3), "range_weight"),
+        ((10, 0.5, 1.0, 10.0, 0.0, 1e-4, 2e-4, 3), "adversarial_temperature"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 0.0, 2e-4, 3), "adversarial_lr"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, -1.0, 3), "discriminator_lr"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, -2), "adversarial_shift"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3), "sampling_prior_shrinkage"),
+    ],
+)
+def test_config_checks_name_the_key(args, key):
+    with pytest.raises(ConfigValueError, match=f"'{key}'"):
+        check_adversarial(*args)
+
+
+def test_config_checks_accept_defaults():
+    assert check_adversarial(300, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3)
+    assert check_adversarial(0, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3)  # no phase: a fitted prior is fine
+
+
+def _average_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = torch.nn.Linear(3, 2)
+        for p in net.parameters():
+            p.grad = torch.full_like(p, float(rank + 1))
+        net.bias.grad[0] = 10.0 * rank
+        average_gradients(net)
+        torch.save({"weight": net.weight.grad, "bias": net.bias.grad}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_average_gradients_over_two_gloo_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(grads["weight"], torch.full((2, 3), 1.5))
+        assert torch.allclose(grads["bias"], torch.tensor([5.0, 1.5]))
+    net = torch.nn.Linear(2, 1)
+    net.weight.grad = torch.ones(1, 2)
+    average_gradients(net)  # outside torch.distributed: unchanged
+    assert torch.equal(net.weight.grad, torch.ones(1, 2))
