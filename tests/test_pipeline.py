@@ -483,8 +483,8 @@ def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there
 
 def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     """Issue 15: the pipeline adds no epoch overrides; the stage configs hold the main job's budget, so a stage run
-    by hand trains exactly as the main job does (classifier 30 epochs + 3 rounds of 6, flow 30 epochs + 300
-    adversarial steps, evaluation 15 epochs and 2 synthetic sets)."""
+    by hand trains exactly as the main job does (classifier 30 epochs + 3 rounds of 6, flow 45 epochs without
+    the adversarial phase, evaluation 15 epochs and 2 synthetic sets)."""
     from monai.bundle import ConfigParser
 
     assert all(not v for v in CPU_BUDGET.values())
@@ -500,7 +500,7 @@ def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     assert value(["train_classifier.json"], "max_epochs") == 30
     semi = ["train_classifier.json", "train_semisupervised.json"]
     assert (value(semi, "epochs_per_round"), value(semi, "max_rounds")) == (6, 3)
-    assert value(["train_flow.json"], "max_epochs") == 30 and value(["train_flow.json"], "sample_every") == 5
-    assert value(["train_flow.json"], "adversarial_steps") == 300
+    assert value(["train_flow.json"], "max_epochs") == 45 and value(["train_flow.json"], "sample_every") == 5
+    assert value(["train_flow.json"], "adversarial_steps") == 0
     assert value(["train_acgan.json"], "max_epochs") == 40
     assert value(["evaluate.json"], "max_epochs") == 15 and value(["evaluate.json"], "n_synthetic_sets") == 2

@@ -678,6 +678,14 @@ def run_evaluation(
         if prior is not None and prior.fitted
         else {"kind": "standard"}
     )
+    flow_info_file = out / "flow" / "flow.json"
+    flow_info = json.loads(flow_info_file.read_text(encoding="utf-8")) if flow_info_file.is_file() else {}
+    # how the evaluated flow was trained: the checkpoint's selection and the adversarial phase (flow_adversarial)
+    metrics["flow_training"] = {
+        "selected": flow_info.get("selected"),
+        "max_epochs": flow_info.get("max_epochs"),
+        "adversarial_steps": (flow_info.get("adversarial") or {}).get("steps", 0),
+    }
     trtr_point = metrics.get("trtr_point") or []
     metrics["real_classifier_test_accuracy"] = (
         float(trtr_point[0]["accuracy"]) if trtr_point and "accuracy" in trtr_point[0] else metrics["trtr"]["accuracy"]
@@ -793,6 +801,9 @@ def run_evaluation(
         if sp["kind"] == "fitted"
         else "standard N(0, T^2 I)"
     )
+    ft = metrics["flow_training"]
+    if ft["selected"]:
+        summary["flow training"] = f"likelihood epochs: {ft['max_epochs']}; model: {ft['selected']}"
     if flow_bad:
         summary["flow samples dropped (still non-finite after sampling)"] = str(flow_bad)
     write_report(out, metrics, data_summary=summary, sample_images=samples, extra_sections=extra_sections)
