@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate_flow import evaluate_seed, splits_and_judge, summarize  # noqa: E402
+from ablate_flow import evaluate_seed, load_or_train_second_judge, splits_and_judge, summarize  # noqa: E402
 
 
 def fine_tune(flow, classifier, images: torch.Tensor, args: argparse.Namespace, seed: int) -> tuple[nn.Module, dict]:
@@ -100,6 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--judge-dir", type=Path, default=None, help="folder of judge.pt (default: --out)")
     p.add_argument("--judge-epochs", type=int, default=15)
+    p.add_argument("--second-judge", action="store_true", help="also judge with ablate_flow's plain CNN")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     splits, judge = splits_and_judge(args, args.judge_dir)
+    second = load_or_train_second_judge(args.judge_dir or args.out, splits) if args.second_judge else None
     per_seed: dict[int, dict] = {}
     for seed, run in zip(args.seeds, args.flow_runs):
         seed_dir = args.out / f"{args.name}_s{seed}"
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flow = load_flow(run)
         tuned, log = fine_tune(flow, classifier, splits["train"][0], args, seed)
         atomic_torch_save({"network": tuned.state_dict()}, seed_dir / "flow" / "model.pt")
-        row = evaluate_seed(seed_dir, judge, splits, args)
+        row = evaluate_seed(seed_dir, judge, splits, args, second)
         row["train_log"], row["train_s"] = log, log["seconds"]
         per_seed[seed] = row
         print(f"{args.name} seed {seed}: {json.dumps({k: v for k, v in row.items() if k != 'train_log'})}", flush=True)

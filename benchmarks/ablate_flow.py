@@ -68,6 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--tstr-seeds", type=int, nargs="+", default=[0], help="training seeds of the TSTR classifier")
     parser.add_argument("--judge-epochs", type=int, default=15)
+    parser.add_argument(
+        "--second-judge", action="store_true",
+        help="also judge with a plain CNN (another architecture than PEPXNet, OUT/judge_cnn.pt): a loss that steers "
+        "samples through a PEPXNet (e.g. the adversarial phase's consistency term) also moves a PEPXNet judge",
+    )  # fmt: skip
     parser.add_argument("--tstr-epochs", type=int, default=15)
     args = parser.parse_args(argv)
     try:
@@ -158,8 +163,15 @@ def judge_rows(
     }
 
 
-def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, Any], args: argparse.Namespace) -> dict:
-    """Figures of one trained seed (see the module docstring)."""
+def evaluate_seed(
+    seed_dir: Path,
+    judge: torch.nn.Module,
+    splits: Mapping[str, Any],
+    args: argparse.Namespace,
+    second_judge: torch.nn.Module | None = None,
+) -> dict:
+    """Figures of one trained seed (see the module docstring); with ``second_judge`` each temperature's row also has
+    ``second_judge``: that judge's class agreement (overall and per class) on the same synthetic slices."""
     from monai_condflow.engines.stages import load_classifier, load_flow
     from monai_condflow.evaluation.plots import image_grid
     from monai_condflow.evaluation.tstr import predict
@@ -194,6 +206,9 @@ def evaluate_seed(seed_dir: Path, judge: torch.nn.Module, splits: Mapping[str, A
             over.append(stats["overflow_pixels"])
         x, overflow = torch.cat(parts), torch.cat(over)
         figures = judge_rows(x, overflow, labels, predict(judge, x))
+        if second_judge is not None:
+            other = judge_rows(x, overflow, labels, predict(second_judge, x))
+            figures["second_judge"] = {k: other[k] for k in ("class_agreement", "agreement_per_class")}
         with torch.no_grad():
             fid = fid_from_features(judge.embed(x), feat_test)
         figures.update(
@@ -232,6 +247,39 @@ def tstr_accuracies(
     return accuracies
 
 
+def plain_cnn(in_channels: int = 1, num_classes: int = 2) -> torch.nn.Module:
+    """The second judge: four conv-BatchNorm-ReLU-max-pool blocks (16-32-64-128), global average pooling, dropout 0.3
+    and a linear layer (the plain CNN of the fidelity notes' anchor, which reached 0.90-0.97 on the phantom)."""
+    layers: list[torch.nn.Module] = []
+    channels = in_channels
+    for width in (16, 32, 64, 128):
+        layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+                   torch.nn.MaxPool2d(2)]  # fmt: skip
+        channels = width
+    head = [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.3)]
+    return torch.nn.Sequential(*layers, *head, torch.nn.Linear(channels, num_classes))
+
+
+def load_or_train_second_judge(out: Path, splits: Mapping[str, Any], epochs: int = 30) -> torch.nn.Module:
+    """The plain-CNN judge of ``out/judge_cnn.pt`` (trained once on the true labels with the evaluation's recipe,
+    epoch selection on validation); prints its real test accuracy."""
+    from monai_condflow.evaluation.tstr import predict, train_real_classifier
+    from monai_condflow.utils.io import atomic_torch_save
+
+    judge_file = out / "judge_cnn.pt"
+    judge = plain_cnn()
+    if judge_file.is_file():
+        judge.load_state_dict(torch.load(judge_file, weights_only=True))
+    else:
+        kwargs = {"max_epochs": epochs, "lr": 0.002, "batch_size": 32}
+        judge = train_real_classifier(splits["train"], splits["val"], network_factory=plain_cnn, train_kwargs=kwargs)
+        atomic_torch_save(judge.state_dict(), judge_file)
+    judge.eval()
+    test = splits["test"]
+    print(f"second judge: real test accuracy {float((predict(judge, test[0]) == test[1]).float().mean()):.3f}")
+    return judge
+
+
 def _factory() -> torch.nn.Module:
     from monai_condflow.networks.nets import PEPXNet
 
@@ -268,6 +316,7 @@ def splits_and_judge(args: argparse.Namespace, judge_dir: Path | None = None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     splits, judge = splits_and_judge(args)
+    second = load_or_train_second_judge(args.out, splits) if args.second_judge else None
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         seed_dir = args.out / f"{args.name}_s{seed}"
@@ -281,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.name} seed {seed}: flow stage failed (rc {rc}), see {seed_dir / 'flow_stage.log'}")
                 return rc
         train_s = time.perf_counter() - t0
-        per_seed[seed] = evaluate_seed(seed_dir, judge, splits, args)
+        per_seed[seed] = evaluate_seed(seed_dir, judge, splits, args, second)
         per_seed[seed]["train_s"] = train_s
         print(f"{args.name} seed {seed}: {json.dumps(per_seed[seed])}", flush=True)
     result = {"name": args.name, "overrides": args.overrides, "bundle_args": args.bundle_args, "per_seed": per_seed}

@@ -33,6 +33,8 @@ def test_arguments(ablate, tmp_path):
     assert args.seeds == [0, 1] and args.overrides == {} and args.bundle_args == []
     assert args.out == (tmp_path / "ablations").resolve() and args.temperatures == [0.7, 0.9]
     assert args.priors == ["auto"] and args.fit_shrinkage is None and args.tstr_seeds == [0]
+    assert args.second_judge is False
+    assert ablate.parse_args([str(tmp_path), "--name", "b", "--second-judge"]).second_judge is True
     args = ablate.parse_args(
         [str(tmp_path), "--name", "n05", "--seeds", "3", "--overrides", '{"noise_std": 0.05}', "--bundle-args",
          "--max_epochs", "15"]
@@ -109,3 +111,30 @@ def test_flow_stage_command_carries_seed_overrides_and_ids(ablate, tmp_path):
     assert cmd[cmd.index("--seed") + 1] == "7" and cmd[cmd.index("--output_dir") + 1] == str(tmp_path)
     assert ast.literal_eval(cmd[cmd.index("--flow_overrides") + 1]) == {"noise_std": 0.05, "denoise": True}
     assert cmd[-2:] == ["--max_epochs", "15"]
+
+
+def test_second_judge_is_another_architecture_and_is_trained_once(ablate, tmp_path):
+    """The plain CNN maps [B, 1, S, S] to [B, 2] logits with no PEPX block; trained on a separable toy split, it is
+    saved to judge_cnn.pt and loaded (not retrained) the second time."""
+    from monai_condflow.networks.blocks.pepx import PEPXBlock
+
+    net = ablate.plain_cnn()
+    assert net(torch.rand(3, 1, 32, 32)).shape == (3, 2)
+    assert not any(isinstance(m, PEPXBlock) for m in net.modules())
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        labels = torch.arange(n) % 2
+        images = torch.rand(n, 1, 16, 16, generator=gen) * 0.3 + labels.view(-1, 1, 1, 1) * 0.6
+        return images, labels
+
+    splits = {"train": split(48), "val": split(16), "test": split(16)}
+    judge = ablate.load_or_train_second_judge(tmp_path, splits, epochs=15)
+    assert (tmp_path / "judge_cnn.pt").is_file()
+    from monai_condflow.evaluation.tstr import predict
+
+    assert float((predict(judge, splits["test"][0]) == splits["test"][1]).float().mean()) >= 0.9
+    stamp = (tmp_path / "judge_cnn.pt").stat().st_mtime_ns
+    again = ablate.load_or_train_second_judge(tmp_path, splits, epochs=15)
+    assert (tmp_path / "judge_cnn.pt").stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(judge.state_dict().values(), again.state_dict().values()))

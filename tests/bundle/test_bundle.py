@@ -90,7 +90,7 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     train.run()
     train.finalize()
     # a fitted sampling prior (off by default) belongs to the likelihood weights: no adversarial phase here
-    _run(["train_flow.json"], **common, **TINY_FLOW, sampling_prior_shrinkage=0.3, adversarial_steps=0)
+    _run(["train_flow.json"], **common, **{**TINY_FLOW, "adversarial_steps": 0}, sampling_prior_shrinkage=0.3)
     _run(["generate.json"], **common, formats=["png"])
     _run(["train_acgan.json"], **common)
     _run(["evaluate.json"], **common, n_bootstrap=5, n_synthetic_sets=1, augmentation=False)
@@ -150,7 +150,7 @@ def test_flow_train_workflow_properties(dataset, trained_run):
         dataset_dir=str(dataset),
         output_dir=str(trained_run),
         **TINY,
-        **TINY_FLOW,
+        **{**TINY_FLOW, "adversarial_steps": 0},  # the settings the trained run recorded
     )
     wf.initialize()
     assert wf.check_properties() == []

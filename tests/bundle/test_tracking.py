@@ -37,7 +37,6 @@ META = str(CONFIGS / "metadata.json")
 TINY = {"image_size": 32, "batch_size": 16, "num_workers": 0, "device": "cpu", "max_epochs": 1}
 TINY_FLOW = {
     "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
-    "adversarial_steps": 2,
     "sample_every": 0,
     "warmup_epochs": 1,
 }

@@ -1,0 +1,70 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""benchmarks/ablate_adversarial.py: arguments, and the fine-tuning through the package's trainer on a tiny flow."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.benchmarks.script import load_benchmark
+
+_spec = importlib.util.spec_from_file_location(
+    "condflow_dist_worker", Path(__file__).parents[1] / "engines" / "dist_worker.py"
+)
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("ablate_adversarial")
+
+
+def test_arguments(bench, tmp_path):
+    args = bench.parse_args([str(tmp_path), "--flow-runs", "a", "b", "--seeds", "1", "2", "--name", "n", "--out", "o"])
+    assert args.seeds == [1, 2] and args.flow_runs == [Path("a"), Path("b")]
+    assert (args.adv_weight, args.cls_weight, args.range_weight, args.steps) == (1.0, 1.0, 0.5, 300)
+    assert args.priors == ["auto"] and args.fit_shrinkage is None and args.second_judge is False
+    with pytest.raises(SystemExit):
+        bench.parse_args([str(tmp_path), "--flow-runs", "a", "--seeds", "1", "2", "--name", "n", "--out", "o"])
+
+
+class _Embed(torch.nn.Module):
+    """A frozen stand-in for the conditioning classifier: ``embed`` = a fixed random projection, normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16 * 16, 32)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.proj(x.flatten(1)), dim=1)
+
+
+def test_fine_tune_runs_the_package_trainer_and_returns_the_ema(bench, tmp_path, capsys):
+    args = bench.parse_args(
+        [str(tmp_path), "--flow-runs", "a", "--seeds", "0", "--name", "n", "--out", "o", "--steps", "4",
+         "--batch", "8", "--log-every", "2"]
+    )  # fmt: skip
+    data = W.make_flow_data(16, 0)
+    images = torch.stack([d["image"] for d in data])
+    classifier = _Embed()
+    flow = W.make_flow(1)
+    flow.initialize(images[:8], classifier.embed(images[:8]).detach())
+    start = {k: v.clone() for k, v in flow.state_dict().items()}
+    ema, log = bench.fine_tune(flow, classifier, images, args, seed=0)
+    assert log["step"] == [2, 4] and len(log["d_loss"]) == 2 and log["seconds"] > 0
+    assert "seed 0 step 4" in capsys.readouterr().out
+    assert not ema.training and ema is not flow
+    assert any(not torch.equal(start[k], v) for k, v in ema.state_dict().items())
