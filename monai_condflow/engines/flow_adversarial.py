@@ -178,7 +178,9 @@ class AdversarialFlowTrainer(Trainer):
         n_bits: bit depth of the data (the likelihood term's bits/dim).
         adversarial_weight: weight of the flow's adversarial loss ``-mean(D(x_fake, z))``.
         consistency_weight: weight of ``1 - cos(classifier.embed(x_fake), z)``; needs ``classifier`` (or the
-            classifier of ``prepare_batch``) when > 0.
+            classifier of ``prepare_batch``) when > 0. It steers the samples along the conditioning classifier's
+            gradients, which a judge of the same architecture shares: measured, it lifts a PEPXNet judge's class
+            agreement and not a plain CNN's (docs/results.md, twelfth session), so 0 by default.
         range_weight: weight of :func:`range_excess` of the decoded samples.
         temperature: temperature of the decoded latents.
         shift: largest random translation of real and fake images before the discriminator.
@@ -200,9 +202,9 @@ class AdversarialFlowTrainer(Trainer):
         d_optimizer: torch.optim.Optimizer,
         prepare_batch: Callable | None = None,
         n_bits: int = 8,
-        adversarial_weight: float = 0.5,
-        consistency_weight: float = 1.0,
-        range_weight: float = 10.0,
+        adversarial_weight: float = 1.0,
+        consistency_weight: float = 0.0,
+        range_weight: float = 0.5,
         temperature: float = 0.9,
         shift: int = 3,
         max_grad_norm: float | None = 50.0,

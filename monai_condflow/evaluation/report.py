@@ -683,6 +683,7 @@ def run_evaluation(
     # how the evaluated flow was trained: the checkpoint's selection and the adversarial phase (flow_adversarial)
     metrics["flow_training"] = {
         "selected": flow_info.get("selected"),
+        "stopped_epoch": flow_info.get("stopped_epoch"),
         "max_epochs": flow_info.get("max_epochs"),
         "adversarial_steps": (flow_info.get("adversarial") or {}).get("steps", 0),
     }
@@ -803,7 +804,9 @@ def run_evaluation(
     )
     ft = metrics["flow_training"]
     if ft["selected"]:
-        summary["flow training"] = f"likelihood epochs: {ft['max_epochs']}; model: {ft['selected']}"
+        summary["flow training"] = (
+            f"likelihood epochs: {ft['stopped_epoch']} of {ft['max_epochs']}; model: {ft['selected']}"
+        )
     if flow_bad:
         summary["flow samples dropped (still non-finite after sampling)"] = str(flow_bad)
     write_report(out, metrics, data_summary=summary, sample_images=samples, extra_sections=extra_sections)

@@ -133,8 +133,10 @@ def test_stages_write_their_outputs(trained_run: Path):
     assert metrics["headline"]["presumptive_accuracy"] == metrics["presumptive_accuracy"]
     assert (trained_run / "report.md").read_text().startswith("# monai_condflow evaluation\n\n## Headline")
     # how the flow was trained is in metrics.json and the report (this fixture: no adversarial phase)
-    assert metrics["flow_training"] == {"selected": flow_info["selected"], "max_epochs": 1, "adversarial_steps": 0}
-    assert f"| flow training | likelihood epochs: 1; model: {flow_info['selected']} |" in (
+    assert metrics["flow_training"] == {
+        "selected": flow_info["selected"], "stopped_epoch": 1, "max_epochs": 1, "adversarial_steps": 0
+    }
+    assert f"| flow training | likelihood epochs: 1 of 1; model: {flow_info['selected']} |" in (
         trained_run / "report.md"
     ).read_text()
     # nothing next to the synthetic images names a source file or patient

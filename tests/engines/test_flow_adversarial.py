@@ -149,7 +149,39 @@ def test_trainer_refuses_bad_settings():
     with pytest.raises(ValueError, match="steps >= 1"):
         AdversarialFlowTrainer("cpu", 0, [], flow, disc, *opts)
     with pytest.raises(ValueError, match="needs a classifier"):
-        AdversarialFlowTrainer("cpu", 2, [], flow, disc, *opts, prepare_batch=ConditionPrepareBatch())
+        AdversarialFlowTrainer(
+            "cpu", 2, [], flow, disc, *opts, prepare_batch=ConditionPrepareBatch(), consistency_weight=1.0
+        )
+
+
+class _Embed(torch.nn.Module):
+    """A stand-in conditioning classifier: ``embed`` = a fixed random projection of the 16 x 16 image, normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = torch.nn.Linear(16 * 16, 32)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.proj(x.flatten(1)), dim=1)
+
+
+def test_consistency_term_uses_the_classifier_and_reaches_the_flow():
+    """With a classifier in prepare_batch and consistency_weight > 0 the step reports 1 - cos(embed(x_fake), z) in
+    [0, 2], and that term alone moves the flow's weights (adversarial and range weights 0)."""
+    trainer, flow, _, _ = _trainer(steps=1)
+    embed = _Embed()
+    trainer.classifier, trainer.consistency_weight = embed, 1.0
+    trainer.adversarial_weight = trainer.range_weight = 0.0
+    trainer.run()
+    out = trainer.state.output
+    assert 0.0 < out["consistency"] <= 2.0
+    # the same step without the consistency term gives other weights: its gradient reached the flow
+    other, flow2, _, _ = _trainer(steps=1)
+    _Embed()  # the same global random state as the first run (the stand-in reseeds it)
+    other.adversarial_weight = other.range_weight = 0.0
+    other.run()
+    assert any(not torch.equal(a, b) for a, b in zip(flow.state_dict().values(), flow2.state_dict().values()))
 
 
 def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likelihood_weights(tmp_path):
@@ -159,7 +191,8 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
     likelihood = {k: v.clone() for k, v in flow.state_dict().items()}
     assert run_adversarial_phase(tmp_path, None) is None
     record = run_adversarial_phase(tmp_path, trainer, ema_decay=0.5)
-    assert record["steps"] == 3 and record["skipped_steps"] == 0 and record["adversarial_weight"] == 0.5
+    assert record["steps"] == 3 and record["skipped_steps"] == 0 and record["adversarial_weight"] == 1.0
+    assert (record["consistency_weight"], record["range_weight"]) == (0.0, 0.5)
     kept = torch.load(tmp_path / LIKELIHOOD_MODEL_FILE, weights_only=True)["network"]
     assert all(torch.equal(kept[k], v) for k, v in likelihood.items())
     tuned = torch.load(tmp_path / MODEL_FILE, weights_only=True)["network"]
