@@ -260,24 +260,30 @@ def plain_cnn(in_channels: int = 1, num_classes: int = 2) -> torch.nn.Module:
     return torch.nn.Sequential(*layers, *head, torch.nn.Linear(channels, num_classes))
 
 
-def load_or_train_second_judge(out: Path, splits: Mapping[str, Any], epochs: int = 30) -> torch.nn.Module:
-    """The plain-CNN judge of ``out/judge_cnn.pt`` (trained once on the true labels with the evaluation's recipe,
-    epoch selection on validation); prints its real test accuracy."""
+def _load_or_train(
+    judge_file: Path, factory: Any, splits: Mapping[str, Any], epochs: int, name: str
+) -> torch.nn.Module:
+    """The judge saved in ``judge_file``, or one built by ``factory`` and trained once on the true labels (the
+    evaluation's recipe, epoch selection on validation) and saved there; prints its real test accuracy."""
     from monai_condflow.evaluation.tstr import predict, train_real_classifier
     from monai_condflow.utils.io import atomic_torch_save
 
-    judge_file = out / "judge_cnn.pt"
-    judge = plain_cnn()
+    judge = factory()
     if judge_file.is_file():
         judge.load_state_dict(torch.load(judge_file, weights_only=True))
     else:
         kwargs = {"max_epochs": epochs, "lr": 0.002, "batch_size": 32}
-        judge = train_real_classifier(splits["train"], splits["val"], network_factory=plain_cnn, train_kwargs=kwargs)
+        judge = train_real_classifier(splits["train"], splits["val"], network_factory=factory, train_kwargs=kwargs)
         atomic_torch_save(judge.state_dict(), judge_file)
     judge.eval()
     test = splits["test"]
-    print(f"second judge: real test accuracy {float((predict(judge, test[0]) == test[1]).float().mean()):.3f}")
+    print(f"{name}: real test accuracy {float((predict(judge, test[0]) == test[1]).float().mean()):.3f}", flush=True)
     return judge
+
+
+def load_or_train_second_judge(out: Path, splits: Mapping[str, Any], epochs: int = 30) -> torch.nn.Module:
+    """The plain-CNN judge of ``out/judge_cnn.pt`` (:func:`plain_cnn`, trained once)."""
+    return _load_or_train(out / "judge_cnn.pt", plain_cnn, splits, epochs, "second judge")
 
 
 def _factory() -> torch.nn.Module:
@@ -287,22 +293,8 @@ def _factory() -> torch.nn.Module:
 
 
 def load_or_train_judge(out: Path, splits: Mapping[str, Any], epochs: int) -> torch.nn.Module:
-    from monai_condflow.evaluation.tstr import predict, train_real_classifier
-
-    judge_file = out / "judge.pt"
-    judge = _factory()
-    if judge_file.is_file():
-        judge.load_state_dict(torch.load(judge_file, weights_only=True))
-    else:
-        kwargs = {"max_epochs": epochs, "lr": 0.002, "batch_size": 32}
-        judge = train_real_classifier(splits["train"], splits["val"], network_factory=_factory, train_kwargs=kwargs)
-        from monai_condflow.utils.io import atomic_torch_save
-
-        atomic_torch_save(judge.state_dict(), judge_file)
-    judge.eval()
-    test = splits["test"]
-    print(f"judge: real test accuracy {float((predict(judge, test[0]) == test[1]).float().mean()):.3f}", flush=True)
-    return judge
+    """The PEPXNet true-label judge of ``out/judge.pt`` (trained once)."""
+    return _load_or_train(out / "judge.pt", _factory, splits, epochs, "judge")
 
 
 def splits_and_judge(args: argparse.Namespace, judge_dir: Path | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
