@@ -44,9 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_flow import evaluate_seed, load_or_train_second_judge, splits_and_judge, summarize  # noqa: E402
 
 
-def fine_tune(flow, classifier, images: torch.Tensor, args: argparse.Namespace, seed: int) -> tuple[nn.Module, dict]:
+def fine_tune(
+    flow, classifier, images: torch.Tensor, args: argparse.Namespace, seed: int, snapshot=None
+) -> tuple[nn.Module, dict]:
     """Fine-tune ``flow`` on ``images`` (training slices, ``[N, 1, S, S]``) with the package's
-    :class:`AdversarialFlowTrainer`; returns the EMA copy and a log of the losses every ``--log-every`` steps."""
+    :class:`AdversarialFlowTrainer`; returns the EMA copy and a log of the losses every ``--log-every`` steps.
+    ``snapshot(step, ema_module)`` is called after each step of ``--snapshots`` (it must not touch the weights)."""
     from ignite.engine import Events
 
     from monai_condflow.engines.ema import ModelEMA
@@ -86,6 +89,11 @@ def fine_tune(flow, classifier, images: torch.Tensor, args: argparse.Namespace, 
             flush=True,
         )
 
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _snapshot(engine) -> None:
+        if snapshot is not None and engine.state.iteration in args.snapshots:
+            snapshot(engine.state.iteration, trainer.ema.module)
+
     trainer.run()
     log["seconds"] = time.perf_counter() - t0
     return trainer.ema.module.eval(), log
@@ -117,6 +125,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tstr-temperature", type=float, default=0.9)
     p.add_argument("--tstr-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--tstr-epochs", type=int, default=15)
+    p.add_argument(
+        "--snapshots", type=int, nargs="*", default=[],
+        help="also judge the EMA weights after these steps (T = tstr temperature, no TSTR): the curve over steps",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if len(args.flow_runs) != len(args.seeds):
         p.error("--flow-runs needs one run folder per --seeds value")
@@ -141,14 +153,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.copy(run / "flow" / "flow.json", seed_dir / "flow" / "flow.json")
         classifier = load_classifier(args.base).eval()
         flow = load_flow(run)
-        tuned, log = fine_tune(flow, classifier, splits["train"][0], args, seed)
+        snapshot_dirs: dict[int, Path] = {}
+
+        def _save(step: int, module: nn.Module, seed_dir: Path = seed_dir, snapshot_dirs: dict = snapshot_dirs) -> None:
+            snap_dir = seed_dir / f"step{step}"
+            (snap_dir / "flow").mkdir(parents=True, exist_ok=True)
+            for name in ("data", "classifier"):
+                if not (snap_dir / name).exists():
+                    (snap_dir / name).symlink_to((args.base / name).resolve(), target_is_directory=True)
+            shutil.copy(seed_dir / "flow" / "flow.json", snap_dir / "flow" / "flow.json")
+            atomic_torch_save({"network": module.state_dict()}, snap_dir / "flow" / "model.pt")
+            snapshot_dirs[step] = snap_dir
+
+        tuned, log = fine_tune(flow, classifier, splits["train"][0], args, seed, snapshot=_save)
         atomic_torch_save({"network": tuned.state_dict()}, seed_dir / "flow" / "model.pt")
         row = evaluate_seed(seed_dir, judge, splits, args, second)
         row["train_log"], row["train_s"] = log, log["seconds"]
+        light = argparse.Namespace(**{**vars(args), "temperatures": [args.tstr_temperature], "tstr_seeds": []})
+        row["snapshots"] = {
+            str(step): evaluate_seed(snap_dir, judge, splits, light, second) for step, snap_dir in snapshot_dirs.items()
+        }
         per_seed[seed] = row
         print(f"{args.name} seed {seed}: {json.dumps({k: v for k, v in row.items() if k != 'train_log'})}", flush=True)
     result = {"name": args.name, "args": {k: str(v) for k, v in vars(args).items()}, "per_seed": per_seed}
-    result["summary"] = summarize({s: {k: v for k, v in r.items() if k != "train_log"} for s, r in per_seed.items()})
+    skip = ("train_log", "snapshots")
+    result["summary"] = summarize({s: {k: v for k, v in r.items() if k not in skip} for s, r in per_seed.items()})
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
     print("ABLATE_ADVERSARIAL " + json.dumps(result["summary"], separators=(",", ":")), flush=True)
     return 0

@@ -214,7 +214,7 @@ def evaluate_seed(
         figures.update(
             sharpness_ratio=float(sharpness_ratio(x, train[0])), fid_ratio=fid / floor if floor > 0 else None
         )
-        if temperature == args.tstr_temperature:
+        if temperature == args.tstr_temperature and args.tstr_seeds:
             accuracies = tstr_accuracies((x, labels), val, test, args.tstr_seeds, args.tstr_epochs)
             figures["tstr"] = sum(accuracies) / len(accuracies)
             figures["tstr_per_seed"] = {str(k): v for k, v in zip(args.tstr_seeds, accuracies)}

@@ -37,6 +37,7 @@ def test_arguments(bench, tmp_path):
     assert args.seeds == [1, 2] and args.flow_runs == [Path("a"), Path("b")]
     assert (args.adv_weight, args.cls_weight, args.range_weight, args.steps) == (1.0, 1.0, 0.5, 300)
     assert args.priors == ["auto"] and args.fit_shrinkage is None and args.second_judge is False
+    assert args.snapshots == []
     with pytest.raises(SystemExit):
         bench.parse_args([str(tmp_path), "--flow-runs", "a", "--seeds", "1", "2", "--name", "n", "--out", "o"])
 
@@ -55,7 +56,7 @@ class _Embed(torch.nn.Module):
 def test_fine_tune_runs_the_package_trainer_and_returns_the_ema(bench, tmp_path, capsys):
     args = bench.parse_args(
         [str(tmp_path), "--flow-runs", "a", "--seeds", "0", "--name", "n", "--out", "o", "--steps", "4",
-         "--batch", "8", "--log-every", "2"]
+         "--batch", "8", "--log-every", "2", "--snapshots", "1", "3"]
     )  # fmt: skip
     data = W.make_flow_data(16, 0)
     images = torch.stack([d["image"] for d in data])
@@ -63,8 +64,18 @@ def test_fine_tune_runs_the_package_trainer_and_returns_the_ema(bench, tmp_path,
     flow = W.make_flow(1)
     flow.initialize(images[:8], classifier.embed(images[:8]).detach())
     start = {k: v.clone() for k, v in flow.state_dict().items()}
-    ema, log = bench.fine_tune(flow, classifier, images, args, seed=0)
+    snapshots = {}
+
+    def _snapshot(step, module):
+        snapshots[step] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    ema, log = bench.fine_tune(flow, classifier, images, args, seed=0, snapshot=_snapshot)
     assert log["step"] == [2, 4] and len(log["d_loss"]) == 2 and log["seconds"] > 0
     assert "seed 0 step 4" in capsys.readouterr().out
     assert not ema.training and ema is not flow
     assert any(not torch.equal(start[k], v) for k, v in ema.state_dict().items())
+    # the snapshots are the EMA at steps 1 and 3: different from each other and from the final EMA (step 4)
+    assert sorted(snapshots) == [1, 3]
+    final = ema.state_dict()
+    assert any(not torch.equal(snapshots[1][k], snapshots[3][k]) for k in final)
+    assert any(not torch.equal(snapshots[3][k], v) for k, v in final.items())

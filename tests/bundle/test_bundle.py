@@ -158,6 +158,18 @@ def test_flow_train_workflow_properties(dataset, trained_run):
     assert wf.check_properties() == []
 
 
+def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_run):
+    common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(trained_run), **TINY_FLOW}
+    parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=4).parser
+    loader = parser.get_parsed_content("adversarial#dataloader")
+    assert loader.batch_size == 4 and parser.get_parsed_content("train#dataloader").batch_size == TINY["batch_size"]
+    assert next(iter(loader))["image"].shape[0] == 4
+    parser = _workflow(["train_flow.json"], **common).parser  # default: the likelihood epochs' batch size
+    assert parser.get_parsed_content("adversarial#dataloader").batch_size == TINY["batch_size"]
+    parser = _workflow(["train_flow.json"], **{**common, "adversarial_steps": 0}).parser
+    assert parser.get_parsed_content("adversarial#dataloader") is None
+
+
 def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, dataset: Path):
     """``inference.json`` through ``monai.bundle run``: the trained flow (``network_def``) writes PNG samples."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -276,6 +288,7 @@ def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dat
         (["train_classifier.json"], {"image_size": 60}, ConfigValueError, "'image_size'"),
         (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
         (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
+        (["train_flow.json"], {"adversarial_batch_size": 0}, ConfigValueError, "'adversarial_batch_size'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
     ],

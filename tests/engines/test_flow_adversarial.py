@@ -222,6 +222,8 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, -1.0, 3), "discriminator_lr"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, -2), "adversarial_shift"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3), "sampling_prior_shrinkage"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 0), "adversarial_batch_size"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 8.0), "adversarial_batch_size"),
     ],
 )
 def test_config_checks_name_the_key(args, key):
@@ -232,6 +234,7 @@ def test_config_checks_name_the_key(args, key):
 def test_config_checks_accept_defaults():
     assert check_adversarial(300, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3)
     assert check_adversarial(0, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3)  # no phase: a fitted prior is fine
+    assert check_adversarial(300, 1.0, 0.0, 0.5, 0.9, 1e-4, 2e-4, 3, None, 16)
 
 
 def _average_worker(rank: int, world: int, port: int, out: str) -> None:
