@@ -194,6 +194,7 @@ def create_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
+    config_key: str = "batch_size",
 ) -> DataLoader:
     """
     A deterministic ``DataLoader`` whose ``batch_size`` is the *global* batch.
@@ -212,6 +213,7 @@ def create_loader(
         num_workers: loader worker processes.
         drop_last: drop the incomplete last batch (and, when distributed, the tail that does not split evenly).
         collate_fn: batch collation, MONAI's ``list_data_collate`` by default.
+        config_key: the config id that set ``batch_size``, named in the errors.
 
     Raises:
         ValueError: when ``batch_size`` is not positive or not divisible by the world size, or, with ``drop_last``,
@@ -220,9 +222,9 @@ def create_loader(
     """
     world_size = get_world_size()
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise ValueError(f"{config_key} must be positive, got {batch_size}.")
     if batch_size % world_size != 0:
-        raise ValueError(f"the global batch_size {batch_size} must be divisible by the world size {world_size}.")
+        raise ValueError(f"the global {config_key} {batch_size} must be divisible by the world size {world_size}.")
     sampler = DistributedSampler(
         dataset,  # type: ignore[arg-type]
         num_replicas=world_size,
@@ -250,9 +252,9 @@ def create_loader(
     )
     if drop_last and len(loader) == 0:
         raise ValueError(
-            f"batch_size {batch_size} is larger than the training set ({len(dataset)} items"  # type: ignore[arg-type]
+            f"{config_key} {batch_size} is larger than the training set ({len(dataset)} items"  # type: ignore[arg-type]
             f"{f' over {world_size} ranks' if world_size > 1 else ''}): with drop_last there is no complete batch. "
-            f"Set the config id 'batch_size' to at most {len(dataset)}."  # type: ignore[arg-type]
+            f"Set the config id '{config_key}' to at most {len(dataset)}."  # type: ignore[arg-type]
         )
     return loader
 

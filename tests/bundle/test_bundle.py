@@ -168,6 +168,10 @@ def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_ru
     assert parser.get_parsed_content("adversarial#dataloader").batch_size == TINY["batch_size"]
     parser = _workflow(["train_flow.json"], **{**common, "adversarial_steps": 0}).parser
     assert parser.get_parsed_content("adversarial#dataloader") is None
+    parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=100_000).parser
+    with pytest.raises(Exception) as info:  # the config parser wraps the loader's ValueError
+        parser.get_parsed_content("adversarial#dataloader")
+    assert "'adversarial_batch_size' to at most" in str(info.value) + str(info.value.__cause__)
 
 
 def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, dataset: Path):

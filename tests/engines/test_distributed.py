@@ -167,6 +167,9 @@ def test_batch_size_above_the_training_set_is_a_clear_error():
         D.create_loader(data, 8, shuffle=True, seed=0, drop_last=True)
     assert len(D.create_loader(data, 5, shuffle=True, seed=0, drop_last=True)) == 1
     assert len(D.create_loader(data, 8, shuffle=True, seed=0)) == 1  # without drop_last the short batch is kept
+    # a loader set by another id (the adversarial phase's) names that id
+    with pytest.raises(ValueError, match=r"adversarial_batch_size 8 is larger .*'adversarial_batch_size' to at most 5"):
+        D.create_loader(data, 8, shuffle=True, seed=0, drop_last=True, config_key="adversarial_batch_size")
 
 
 def test_process_group_timeout_is_short_and_configurable(monkeypatch):
