@@ -99,6 +99,17 @@ def fine_tune(
     return trainer.ema.module.eval(), log
 
 
+def _run_folder(folder: Path, base: Path, flow_json: Path) -> Path:
+    """A run folder for ``evaluate_seed``: ``data/`` and ``classifier/`` linked from ``base``, ``flow/flow.json``
+    copied from ``flow_json`` (the weights are saved into ``flow/`` by the caller)."""
+    (folder / "flow").mkdir(parents=True, exist_ok=True)
+    for name in ("data", "classifier"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to((base / name).resolve(), target_is_directory=True)
+    shutil.copy(flow_json, folder / "flow" / "flow.json")
+    return folder
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", type=Path, help="finished run folder whose data/ and classifier/ are used")
@@ -145,23 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     second = load_or_train_second_judge(args.judge_dir or args.out, splits) if args.second_judge else None
     per_seed: dict[int, dict] = {}
     for seed, run in zip(args.seeds, args.flow_runs):
-        seed_dir = args.out / f"{args.name}_s{seed}"
-        (seed_dir / "flow").mkdir(parents=True, exist_ok=True)
-        for name in ("data", "classifier"):
-            if not (seed_dir / name).exists():
-                (seed_dir / name).symlink_to((args.base / name).resolve(), target_is_directory=True)
-        shutil.copy(run / "flow" / "flow.json", seed_dir / "flow" / "flow.json")
+        seed_dir = _run_folder(args.out / f"{args.name}_s{seed}", args.base, run / "flow" / "flow.json")
         classifier = load_classifier(args.base).eval()
         flow = load_flow(run)
         snapshot_dirs: dict[int, Path] = {}
 
         def _save(step: int, module: nn.Module, seed_dir: Path = seed_dir, snapshot_dirs: dict = snapshot_dirs) -> None:
-            snap_dir = seed_dir / f"step{step}"
-            (snap_dir / "flow").mkdir(parents=True, exist_ok=True)
-            for name in ("data", "classifier"):
-                if not (snap_dir / name).exists():
-                    (snap_dir / name).symlink_to((args.base / name).resolve(), target_is_directory=True)
-            shutil.copy(seed_dir / "flow" / "flow.json", snap_dir / "flow" / "flow.json")
+            snap_dir = _run_folder(seed_dir / f"step{step}", args.base, seed_dir / "flow" / "flow.json")
             atomic_torch_save({"network": module.state_dict()}, snap_dir / "flow" / "model.pt")
             snapshot_dirs[step] = snap_dir
 

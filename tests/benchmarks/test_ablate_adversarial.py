@@ -79,3 +79,18 @@ def test_fine_tune_runs_the_package_trainer_and_returns_the_ema(bench, tmp_path,
     final = ema.state_dict()
     assert any(not torch.equal(snapshots[1][k], snapshots[3][k]) for k in final)
     assert any(not torch.equal(snapshots[3][k], v) for k, v in final.items())
+
+
+def test_run_folder_links_the_base_run_and_copies_the_flow_record(bench, tmp_path):
+    base = tmp_path / "base"
+    for name in ("data", "classifier"):
+        (base / name).mkdir(parents=True)
+        (base / name / "marker").write_text(name)
+    record = tmp_path / "flow.json"
+    record.write_text('{"preset": "small"}')
+    folder = bench._run_folder(tmp_path / "out" / "step300", base, record)
+    assert (folder / "data").is_symlink() and (folder / "classifier" / "marker").read_text() == "classifier"
+    assert (folder / "flow" / "flow.json").read_text() == '{"preset": "small"}'
+    record.write_text('{"preset": "paper"}')  # called again (a rerun): links kept, the record copied anew
+    bench._run_folder(folder, base, record)
+    assert (folder / "flow" / "flow.json").read_text() == '{"preset": "paper"}'
