@@ -239,13 +239,16 @@ def _resume_checkpoint(resume_from: str | os.PathLike | None) -> tuple[Path | No
     if resume_from is None:
         return None, None
     path = Path(resume_from)
-    if path.is_dir() or (not path.exists() and path.suffix != ".pt"):
-        found = find_latest_checkpoint(path, FLOW_STATE_PREFIXES)
-        if found is None:
-            logger.info("no valid checkpoint in %s: starting from scratch.", path)
-            return None, None
-        return found
-    return path, load_checkpoint(path)
+    # a file, or a missing ``.pt`` (load_checkpoint names it), is read; anything else is a folder, existing or not.
+    # Under torchrun rank 0 creates the run folder while the other ranks get here, so a missing folder can exist at
+    # the next check: one decision per path (two checks once read a new folder as a file: IsADirectoryError).
+    if path.is_file() or (path.suffix == ".pt" and not path.is_dir()):
+        return path, load_checkpoint(path)
+    found = find_latest_checkpoint(path, FLOW_STATE_PREFIXES)
+    if found is None:
+        logger.info("no valid checkpoint in %s: starting from scratch.", path)
+        return None, None
+    return found
 
 
 def _build(

@@ -315,3 +315,44 @@ def test_a_run_folder_with_the_old_checkpoint_names_resumes(tmp_path):
     assert not (run / "latest_checkpoint_1.pt").exists() and (run / "state_checkpoint_epoch=3.pt").is_file()
     finish_flow_stage(run, resumed.network.flow, {"preset": "tiny"})
     assert json.loads((run / "flow.json").read_text())["selected_epoch"] in (2, 3)
+
+
+def test_a_run_folder_created_by_another_rank_mid_check_is_read_as_a_folder(tmp_path, monkeypatch):
+    """Under torchrun rank 0 creates the run folder while rank 1 decides what ``resume_from`` is. Seen once in CI:
+    the folder was missing at the first check and present at the second, was opened as a checkpoint file
+    (IsADirectoryError), and the lost rank used up the run's restart. Here the folder appears right after the first
+    check of the path, whatever that check is."""
+    from monai_condflow.engines.flow_trainer import _resume_checkpoint
+
+    run = tmp_path / "run"
+    calls: list[str] = []
+    for name in ("is_dir", "is_file", "exists"):
+        real = getattr(Path, name)
+
+        def _racy(self, *args, _real=real, _name=name, **kwargs):
+            answer = _real(self, *args, **kwargs)
+            if self == run and not calls:
+                calls.append(_name)
+                run.mkdir()  # the other rank, just after this rank looked
+            return answer
+
+        monkeypatch.setattr(Path, name, _racy)
+    assert _resume_checkpoint(run) == (None, None)  # an empty folder: from scratch, no error
+    assert calls and run.is_dir()
+
+
+def test_resume_from_a_file_of_any_name_or_a_missing_pt_file(tmp_path):
+    """A checkpoint file is read whatever its suffix; a missing ``.pt`` file is an error naming it, not a silent
+    fresh start; a missing folder is a fresh start."""
+    from monai_condflow.engines.flow_trainer import _resume_checkpoint
+    from monai_condflow.handlers.checkpoint import CheckpointError
+
+    _train(tmp_path / "run", max_epochs=1)
+    state = find_latest_checkpoint(tmp_path / "run", FLOW_STATE_PREFIXES)[0]
+    other = tmp_path / "resume.ckpt"
+    shutil.copy(state, other)
+    path, checkpoint = _resume_checkpoint(other)
+    assert path == other and "flow" in checkpoint
+    with pytest.raises(CheckpointError, match="gone.pt"):
+        _resume_checkpoint(tmp_path / "gone.pt")
+    assert _resume_checkpoint(tmp_path / "not_yet") == (None, None)
