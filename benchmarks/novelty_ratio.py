@@ -72,9 +72,13 @@ def load_three_class_splits(run: Path) -> dict[str, tuple[torch.Tensor, torch.Te
     return out
 
 
-def train_flow(flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, batch: int = 32) -> float:
+def train_flow(
+    flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, batch: int = 32,
+    snapshots: dict[int, Path] | None = None,
+) -> float:  # fmt: skip
     """Maximum likelihood with the trainer's ingredients (uniform dequantisation, the flow's training noise, AdamW
-    5e-4 with 50 warm-up steps, clipping at 50); returns the last epoch's mean training bits/dim."""
+    5e-4 with 50 warm-up steps, clipping at 50); returns the last epoch's mean training bits/dim. ``snapshots``:
+    ``{epoch: file}`` where the weights after that epoch are saved."""
     g = torch.Generator().manual_seed(seed)
     flow.initialize(images[:64] + torch.rand(images[:64].shape, generator=g) / 256, None)
     net = FlowBitsPerDim(flow).train()
@@ -95,6 +99,9 @@ def train_flow(flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: i
             sched.step()
             losses.append(float(loss.detach()))
         last = sum(losses) / len(losses)
+        epoch = _ + 1
+        if snapshots and epoch in snapshots:
+            torch.save({"network": flow.state_dict(), "train_bpd": last}, snapshots[epoch])
     return last
 
 
@@ -113,6 +120,33 @@ def scores(main: dict, bg: dict, ref_main: dict, ref_bg: dict) -> dict[str, torc
     }
 
 
+def _cache_file(cache: Path | None, tag: str, seed: int, epochs: int, at: int | None = None) -> Path | None:
+    if cache is None:
+        return None
+    return cache / f"{tag}_s{seed}_e{epochs}" f"{'' if at is None else f'_at{at}'}.pt"
+
+
+def _cached_flow(
+    flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, cache: Path | None, tag: str,
+    snapshot: int | None,
+) -> float:  # fmt: skip
+    """Train ``flow`` (or load it from ``cache``, where it is saved); returns its last training bits/dim. With
+    ``snapshot`` the weights after that epoch are saved too (needs ``cache``)."""
+    final = _cache_file(cache, tag, seed, epochs)
+    if final is not None and final.is_file():
+        state = torch.load(final, weights_only=True)
+        if snapshot is None or _cache_file(cache, tag, seed, epochs, snapshot).is_file():
+            flow.load_state_dict(state["network"])
+            return float(state["train_bpd"])
+    if snapshot is not None and cache is None:
+        raise ValueError("--bg-early needs --cache (the early weights are saved there)")
+    snaps = {} if snapshot is None else {snapshot: _cache_file(cache, tag, seed, epochs, snapshot)}
+    if final is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        snaps[epochs] = final
+    return train_flow(flow, images, epochs, seed, snapshots=snaps)
+
+
 def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
     (xtr, ytr), (xva, yva), (xte, yte) = splits["train"], splits["val"], splits["test"]
     known_train = xtr[ytr < 2]
@@ -123,11 +157,20 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     main = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
-    bpd_main = train_flow(main, known_train, args.epochs, seed)
-    torch.manual_seed(seed + 1000)
-    bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0, num_steps=args.bg_steps,
-                                     hidden_channels=args.bg_hidden)  # fmt: skip
-    bpd_bg = train_flow(bg, known_train, args.bg_epochs, seed + 1000)
+    bpd_main = _cached_flow(main, known_train, args.epochs, seed, args.cache, "main", args.bg_early)
+    if args.bg_early:  # the background is the main flow itself after --bg-early epochs
+        bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
+        state = torch.load(_cache_file(args.cache, "main", seed, args.epochs, args.bg_early), weights_only=True)
+        bg.load_state_dict(state["network"])
+        bpd_bg = float(state["train_bpd"])
+    else:
+        torch.manual_seed(seed + 1000)
+        bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0, num_steps=args.bg_steps,
+                                         hidden_channels=args.bg_hidden)  # fmt: skip
+        tag = f"bg{args.bg_steps}x{args.bg_hidden}"
+        bpd_bg = _cached_flow(bg, known_train, args.bg_epochs, seed + 1000, args.cache, tag, None)
+    main.eval()
+    bg.eval()
     stats = {name: {"main": flow_statistics(main, x, None), "bg": flow_statistics(bg, x, None)}
              for name, x in (("reference", reference), ("novel", novel), ("known", known))}  # fmt: skip
     ref = stats["reference"]
@@ -159,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bg-epochs", type=int, default=30, help="background flow epochs")
     parser.add_argument("--bg-steps", type=int, default=2, help="background flow steps per level")
     parser.add_argument("--bg-hidden", type=int, default=8, help="background flow coupling width")
+    parser.add_argument("--bg-early", type=int, default=None,
+                        help="background = the main flow after this many epochs (instead of a smaller flow)")
+    parser.add_argument("--cache", type=Path, default=None, help="folder where trained flows are kept and reused")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     splits = load_three_class_splits(args.run.resolve())

@@ -190,6 +190,8 @@ class AdversarialFlowTrainer(Trainer):
         classifier: frozen network with ``embed``; default: ``prepare_batch.classifier``.
         ema: EMA of the flow updated after every flow step that was not skipped.
         seed: seed of the phase's own CPU generator (latents and translations; the rank is added).
+        likelihood_batch_size: images of each (per-rank) batch in the likelihood term (the first ones; ``None``: all).
+            The adversarial terms still read the whole batch; a smaller likelihood batch makes a step cheaper.
         kwargs: other ``Trainer`` arguments (``handlers`` ...).
     """
 
@@ -213,6 +215,7 @@ class AdversarialFlowTrainer(Trainer):
         classifier: torch.nn.Module | None = None,
         ema: ModelEMA | None = None,
         seed: int = 0,
+        likelihood_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -237,6 +240,10 @@ class AdversarialFlowTrainer(Trainer):
         self.classifier = classifier if classifier is not None else getattr(prepare_batch, "classifier", None)
         if self.consistency_weight > 0 and self.classifier is None:
             raise ValueError("consistency_weight > 0 needs a classifier with embed() (or one in prepare_batch).")
+        lik = likelihood_batch_size
+        if lik is not None and (isinstance(lik, bool) or not isinstance(lik, int) or lik < 1):
+            raise ValueError(f"likelihood_batch_size must be None or an integer >= 1, got {lik!r}.")
+        self.likelihood_batch_size = likelihood_batch_size
         self.ema = ema
         self.generator = torch.Generator().manual_seed(int(seed) + 1000 * get_rank())
         self.state.skipped_steps = 0
@@ -266,7 +273,8 @@ class AdversarialFlowTrainer(Trainer):
         average_gradients(disc)
         engine.d_optimizer.step()
         # flow step: likelihood + adversarial + range (+ consistency)
-        bpd = engine.nll(x, cond).mean()
+        k = x.shape[0] if engine.likelihood_batch_size is None else min(engine.likelihood_batch_size, x.shape[0])
+        bpd = engine.nll(x[:k], None if cond is None else cond[:k]).mean()
         g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
         loss = bpd + engine.adversarial_weight * g_adv + engine.range_weight * excess
         consistency = torch.zeros((), device=x.device)

@@ -90,6 +90,25 @@ def test_projection_discriminator_uses_the_condition_and_checks_shapes():
         ProjectionDiscriminator(1, 1, 8)
 
 
+def test_projection_discriminator_high_pass_channel_by_hand():
+    """``high_pass``: the stem also reads ``x - mean_3x3(x)`` (borders average the pixels inside the image)."""
+    disc = ProjectionDiscriminator(2, 1, 8, channels=(4, 8), high_pass=True).eval()
+    assert disc.features[0].in_channels == 2
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 4] = 1.0
+    h = disc._input(x)
+    assert torch.equal(h[:, :1], x)
+    assert h[0, 1, 3, 4].item() == pytest.approx(1 - 1 / 9)
+    assert h[0, 1, 2, 3].item() == pytest.approx(-1 / 9)  # a neighbour sees the bright pixel in its mean
+    assert h[0, 1, 6, 6].item() == 0.0
+    corner = torch.zeros(1, 1, 8, 8)
+    corner[0, 0, 0, 0] = 1.0
+    assert disc._input(corner)[0, 1, 0, 0].item() == pytest.approx(1 - 1 / 4)  # 4 pixels inside at a corner
+    assert torch.allclose(disc._input(torch.full((1, 1, 8, 8), 0.3))[:, 1], torch.zeros(1, 8, 8), atol=1e-7)
+    assert disc(torch.rand(2, 1, 8, 8), torch.randn(2, 8)).shape == (2,)
+    assert ProjectionDiscriminator(2, 1, 8, channels=(4, 8)).features[0].in_channels == 1  # off by default
+
+
 def _trainer(steps=4, seed=0, **kwargs):
     flow = W.make_flow(1)
     data = W.make_flow_data(16, 0)
@@ -140,6 +159,33 @@ def test_range_term_pulls_overflowing_samples_back():
     assert start > 0  # at T = 2 the tiny flow overflows
     trainer.run()
     assert excess_of(flow) < 0.5 * start
+
+
+def test_likelihood_term_reads_the_first_images_of_the_batch_only():
+    """``likelihood_batch_size`` k: the likelihood term is the bits/dim of the batch's first k images (its mean is the
+    reported loss), while the discriminator still reads the whole batch."""
+    trainer, flow, disc, _ = _trainer(steps=2, likelihood_batch_size=3)
+    seen_nll, seen_disc, means = [], [], []
+    real_nll, real_disc = trainer.nll, disc.forward
+
+    def _nll(x, cond):
+        seen_nll.append(x.shape[0])
+        out = real_nll(x, cond)
+        means.append(float(out.mean()))
+        return out
+
+    def _disc(x, cond=None):
+        seen_disc.append(x.shape[0])
+        return real_disc(x, cond)
+
+    trainer.nll = _nll
+    disc.forward = _disc
+    trainer.run()
+    assert seen_nll == [3, 3]  # batches of 8, likelihood on 3
+    assert set(seen_disc) == {8}  # real, fake for D; fake for the flow's adversarial term
+    assert trainer.state.output["loss"] == pytest.approx(means[-1])
+    with pytest.raises(ValueError, match="likelihood_batch_size"):
+        _trainer(likelihood_batch_size=0)
 
 
 def test_trainer_refuses_bad_settings():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.layers import Conv
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -35,6 +36,8 @@ class ProjectionDiscriminator(nn.Module):
         in_channels: image channels.
         condition_dim: size of the condition ``z`` (0: an unconditional discriminator, ``condition`` ignored).
         channels: widths of the stride-2 stages; images need sides divisible by ``2 ** len(channels)``.
+        high_pass: also feed the stem the high-pass residual ``x - mean_3x3(x)`` (extra channels), so that pixel-scale
+            patterns (speckle, grids) reach the first layer unmixed with the anatomy's intensities.
 
     Example::
 
@@ -48,6 +51,7 @@ class ProjectionDiscriminator(nn.Module):
         in_channels: int = 1,
         condition_dim: int = 32,
         channels: Sequence[int] = (32, 64, 128, 128),
+        high_pass: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -58,7 +62,9 @@ class ProjectionDiscriminator(nn.Module):
                 f"in_channels={in_channels}, condition_dim={condition_dim}, channels={list(channels)}."
             )
         conv = Conv[Conv.CONV, spatial_dims]
-        layers: list[nn.Module] = [spectral_norm(conv(in_channels, channels[0], 3, padding=1)), nn.LeakyReLU(0.2)]
+        self.high_pass = bool(high_pass)
+        stem_in = 2 * in_channels if self.high_pass else in_channels
+        layers: list[nn.Module] = [spectral_norm(conv(stem_in, channels[0], 3, padding=1)), nn.LeakyReLU(0.2)]
         prev = channels[0]
         for ch in channels:
             layers += [spectral_norm(conv(prev, ch, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
@@ -70,6 +76,13 @@ class ProjectionDiscriminator(nn.Module):
         self.head = spectral_norm(nn.Linear(prev, 1))
         self.embed = spectral_norm(nn.Linear(condition_dim, prev, bias=False)) if condition_dim else None
 
+    def _input(self, x: Tensor) -> Tensor:
+        """``x``, with its high-pass residual ``x - mean_3x3(x)`` as extra channels when ``high_pass``."""
+        if not self.high_pass:
+            return x
+        pool = nn.functional.avg_pool2d if self.spatial_dims == 2 else nn.functional.avg_pool3d
+        return torch.cat([x, x - pool(x, 3, stride=1, padding=1, count_include_pad=False)], dim=1)
+
     def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
         """Args: ``x`` ``[B, in_channels, *spatial]``, ``condition`` ``[B, condition_dim]``. Returns: ``[B]`` logits
         (higher: more likely a real image of that condition)."""
@@ -79,11 +92,11 @@ class ProjectionDiscriminator(nn.Module):
                 f"{self.size_multiple}, got {list(x.shape)}."
             )
         if self.embed is None:
-            return self.head(self.features(x).flatten(2).sum(dim=2)).squeeze(1)
+            return self.head(self.features(self._input(x)).flatten(2).sum(dim=2)).squeeze(1)
         if condition is None or condition.shape != (x.shape[0], self.condition_dim):
             raise ValueError(
                 f"ProjectionDiscriminator expects a condition of shape [{x.shape[0]}, {self.condition_dim}], got "
                 f"{None if condition is None else list(condition.shape)}."
             )
-        h = self.features(x).flatten(2).sum(dim=2)
+        h = self.features(self._input(x)).flatten(2).sum(dim=2)
         return self.head(h).squeeze(1) + (self.embed(condition) * h).sum(dim=1)
