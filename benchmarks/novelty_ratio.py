@@ -126,23 +126,31 @@ def _cache_file(cache: Path | None, tag: str, seed: int, epochs: int, at: int | 
     return cache / f"{tag}_s{seed}_e{epochs}" f"{'' if at is None else f'_at{at}'}.pt"
 
 
+EARLY_EPOCHS = (5, 10, 20, 30, 45)
+"""Epochs after which a cached main flow's weights are kept as well (candidates for ``--bg-early``)."""
+
+
 def _cached_flow(
     flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, cache: Path | None, tag: str,
     snapshot: int | None,
 ) -> float:  # fmt: skip
     """Train ``flow`` (or load it from ``cache``, where it is saved); returns its last training bits/dim. With
-    ``snapshot`` the weights after that epoch are saved too (needs ``cache``)."""
+    ``snapshot`` (needs ``cache``) the weights after that epoch must be kept too; a cached main flow keeps
+    :data:`EARLY_EPOCHS` and ``snapshot``."""
+    if snapshot is not None and cache is None:
+        raise ValueError("--bg-early needs --cache (the early weights are saved there)")
     final = _cache_file(cache, tag, seed, epochs)
     if final is not None and final.is_file():
         state = torch.load(final, weights_only=True)
         if snapshot is None or _cache_file(cache, tag, seed, epochs, snapshot).is_file():
             flow.load_state_dict(state["network"])
             return float(state["train_bpd"])
-    if snapshot is not None and cache is None:
-        raise ValueError("--bg-early needs --cache (the early weights are saved there)")
-    snaps = {} if snapshot is None else {snapshot: _cache_file(cache, tag, seed, epochs, snapshot)}
+    snaps: dict[int, Path] = {}
     if final is not None:
         cache.mkdir(parents=True, exist_ok=True)
+        keep = {e for e in EARLY_EPOCHS if e < epochs} if tag == "main" else set()
+        keep |= set() if snapshot is None else {snapshot}
+        snaps = {e: _cache_file(cache, tag, seed, epochs, e) for e in keep}
         snaps[epochs] = final
     return train_flow(flow, images, epochs, seed, snapshots=snaps)
 

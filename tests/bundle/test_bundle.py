@@ -166,6 +166,13 @@ def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_ru
     assert next(iter(loader))["image"].shape[0] == 4
     parser = _workflow(["train_flow.json"], **common).parser  # default: the likelihood epochs' batch size
     assert parser.get_parsed_content("adversarial#dataloader").batch_size == TINY["batch_size"]
+    # the critic: plain input by default; the id gives it the high-pass channel (docs/results.md, fourteenth session)
+    assert parser.get_parsed_content("adversarial#discriminator").high_pass is False
+    assert parser.get_parsed_content("adversarial#d_optimizer").param_groups[0]["lr"] == pytest.approx(2e-4)
+    parser = _workflow(["train_flow.json"], **common, discriminator_high_pass=True, discriminator_lr=4e-4).parser
+    assert parser.get_parsed_content("adversarial#discriminator").high_pass is True
+    assert parser.get_parsed_content("adversarial#discriminator").features[0].in_channels == 2
+    assert parser.get_parsed_content("adversarial#d_optimizer").param_groups[0]["lr"] == pytest.approx(4e-4)
     parser = _workflow(["train_flow.json"], **{**common, "adversarial_steps": 0}).parser
     assert parser.get_parsed_content("adversarial#dataloader") is None
     parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=100_000).parser
@@ -293,6 +300,7 @@ def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dat
         (["train_flow.json"], {"flow_preset": "huge"}, ConfigValueError, "'flow_preset'"),
         (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
         (["train_flow.json"], {"adversarial_batch_size": 0}, ConfigValueError, "'adversarial_batch_size'"),
+        (["train_flow.json"], {"discriminator_high_pass": "no"}, ConfigValueError, "'discriminator_high_pass'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
     ],

@@ -267,6 +267,7 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
         ((10, 0.5, 1.0, 10.0, 0.9, 0.0, 2e-4, 3), "adversarial_lr"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, -1.0, 3), "discriminator_lr"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, -2), "adversarial_shift"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, "yes"), "discriminator_high_pass"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3), "sampling_prior_shrinkage"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 0), "adversarial_batch_size"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 8.0), "adversarial_batch_size"),
