@@ -31,6 +31,9 @@ dequantisation, the preset's training noise): the ``main`` flow (``small`` prese
 Usage::
 
     python benchmarks/novelty_ratio.py runs/main --seeds 0 1 2          # ~5 min per seed on 2 cores
+    # keep the trained flows (and the main flow after 5, 10, 20, 30, 45 epochs) and swap the background:
+    python benchmarks/novelty_ratio.py runs/main --epochs 90 --cache runs/novelty --bg-steps 2 --bg-hidden 16
+    python benchmarks/novelty_ratio.py runs/main --epochs 90 --cache runs/novelty --bg-early 10
 
 The last line is ``json=<every figure>``.
 """
