@@ -234,8 +234,9 @@ def create_flow_trainer(
 
 
 def _resume_checkpoint(resume_from: str | os.PathLike | None) -> tuple[Path | None, dict | None]:
-    """``(file, checkpoint)`` to resume from: a ``.pt`` file (must load safely), or the newest valid state file of a
-    folder (``(None, None)`` when it holds none, or when ``resume_from`` is ``None``)."""
+    """``(file, checkpoint)`` to resume from: a checkpoint file of any name (must load safely; a missing ``*.pt`` path
+    is an error naming it), or the newest valid state file of a folder (``(None, None)`` when the folder holds none or
+    does not exist yet, or when ``resume_from`` is ``None``)."""
     if resume_from is None:
         return None, None
     path = Path(resume_from)
