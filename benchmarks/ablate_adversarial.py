@@ -63,9 +63,8 @@ def fine_tune(
         z_all = torch.cat([classifier.embed(images[i : i + 128]) for i in range(0, len(images), 128)])
     data = [{"image": x, "condition": z} for x, z in zip(images, z_all)]
     loader = create_loader(data, args.batch, shuffle=True, seed=seed, drop_last=True)
-    disc = ProjectionDiscriminator(
-        2, images.shape[1], z_all.shape[1], channels=args.d_channels, high_pass=args.d_high_pass
-    )
+    widths = {} if args.d_channels is None else {"channels": args.d_channels}  # None: the network's default
+    disc = ProjectionDiscriminator(2, images.shape[1], z_all.shape[1], high_pass=args.d_high_pass, **widths)
     flow.train()
     trainer = AdversarialFlowTrainer(
         "cpu", args.steps, loader, flow, disc,
@@ -126,7 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--likelihood-batch", type=int, default=None, help="images of a batch in the likelihood term")
-    p.add_argument("--d-channels", type=int, nargs="+", default=[32, 64, 128, 128], help="discriminator widths")
+    p.add_argument("--d-channels", type=int, nargs="+", default=None, help="discriminator widths (default: its own)")
     p.add_argument("--d-high-pass", action="store_true", help="the discriminator also reads x - mean_3x3(x)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--d-lr", type=float, default=2e-4)

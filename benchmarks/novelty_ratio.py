@@ -45,6 +45,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ def train_flow(
     opt = torch.optim.AdamW(flow.parameters(), lr=5e-4, weight_decay=1e-6, betas=(0.5, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 50))
     last = float("nan")
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(images.shape[0], generator=g)
         losses = []
         for start in range(0, images.shape[0] - batch + 1, batch):
@@ -102,7 +103,6 @@ def train_flow(
             sched.step()
             losses.append(float(loss.detach()))
         last = sum(losses) / len(losses)
-        epoch = _ + 1
         if snapshots and epoch in snapshots:
             torch.save({"network": flow.state_dict(), "train_bpd": last}, snapshots[epoch])
     return last
@@ -135,25 +135,24 @@ EARLY_EPOCHS = (5, 10, 20, 30, 45)
 
 def _cached_flow(
     flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, cache: Path | None, tag: str,
-    snapshot: int | None,
+    keep: Sequence[int] = (), need: int | None = None,
 ) -> float:  # fmt: skip
-    """Train ``flow`` (or load it from ``cache``, where it is saved); returns its last training bits/dim. With
-    ``snapshot`` (needs ``cache``) the weights after that epoch must be kept too; a cached main flow keeps
-    :data:`EARLY_EPOCHS` and ``snapshot``."""
-    if snapshot is not None and cache is None:
+    """Train ``flow`` (or load it from ``cache``, where it is saved); returns its last training bits/dim. The weights
+    after the epochs in ``keep`` and ``need`` are saved as well; ``need`` (needs ``cache``) must be among the cached
+    files, or the flow is trained again."""
+    if need is not None and cache is None:
         raise ValueError("--bg-early needs --cache (the early weights are saved there)")
     final = _cache_file(cache, tag, seed, epochs)
-    if final is not None and final.is_file():
+    needed = [] if need is None else [_cache_file(cache, tag, seed, epochs, need)]
+    if final is not None and all(p.is_file() for p in [final, *needed]):
         state = torch.load(final, weights_only=True)
-        if snapshot is None or _cache_file(cache, tag, seed, epochs, snapshot).is_file():
-            flow.load_state_dict(state["network"])
-            return float(state["train_bpd"])
+        flow.load_state_dict(state["network"])
+        return float(state["train_bpd"])
     snaps: dict[int, Path] = {}
     if final is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        keep = {e for e in EARLY_EPOCHS if e < epochs} if tag == "main" else set()
-        keep |= set() if snapshot is None else {snapshot}
-        snaps = {e: _cache_file(cache, tag, seed, epochs, e) for e in keep}
+        epochs_kept = {e for e in keep if e < epochs} | ({need} if need is not None else set())
+        snaps = {e: _cache_file(cache, tag, seed, epochs, e) for e in epochs_kept}
         snaps[epochs] = final
     return train_flow(flow, images, epochs, seed, snapshots=snaps)
 
@@ -168,7 +167,7 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     main = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
-    bpd_main = _cached_flow(main, known_train, args.epochs, seed, args.cache, "main", args.bg_early)
+    bpd_main = _cached_flow(main, known_train, args.epochs, seed, args.cache, "main", EARLY_EPOCHS, args.bg_early)
     if args.bg_early:  # the background is the main flow itself after --bg-early epochs
         bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
         state = torch.load(_cache_file(args.cache, "main", seed, args.epochs, args.bg_early), weights_only=True)
@@ -179,9 +178,7 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
         bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0, num_steps=args.bg_steps,
                                          hidden_channels=args.bg_hidden)  # fmt: skip
         tag = f"bg{args.bg_steps}x{args.bg_hidden}"
-        bpd_bg = _cached_flow(bg, known_train, args.bg_epochs, seed + 1000, args.cache, tag, None)
-    main.eval()
-    bg.eval()
+        bpd_bg = _cached_flow(bg, known_train, args.bg_epochs, seed + 1000, args.cache, tag)
     stats = {name: {"main": flow_statistics(main, x, None), "bg": flow_statistics(bg, x, None)}
              for name, x in (("reference", reference), ("novel", novel), ("known", known))}  # fmt: skip
     ref = stats["reference"]

@@ -38,7 +38,7 @@ def _images() -> torch.Tensor:
 
 def test_cached_flow_saves_the_final_and_early_weights_and_reuses_them(bench, tmp_path):
     flow = _tiny()
-    bpd = bench._cached_flow(flow, _images(), 2, 0, tmp_path, "main", 1)
+    bpd = bench._cached_flow(flow, _images(), 2, 0, tmp_path, "main", bench.EARLY_EPOCHS, 1)
     final, early = tmp_path / "main_s0_e2.pt", tmp_path / "main_s0_e2_at1.pt"
     assert final.is_file() and early.is_file()
     saved_final = torch.load(final, weights_only=True)
@@ -53,7 +53,7 @@ def test_cached_flow_saves_the_final_and_early_weights_and_reuses_them(bench, tm
     real = bench.train_flow
     bench.train_flow = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        assert bench._cached_flow(again, _images(), 2, 0, tmp_path, "main", 1) == pytest.approx(bpd)
+        assert bench._cached_flow(again, _images(), 2, 0, tmp_path, "main", bench.EARLY_EPOCHS, 1) == pytest.approx(bpd)
     finally:
         bench.train_flow = real
     assert not calls
@@ -63,4 +63,4 @@ def test_cached_flow_saves_the_final_and_early_weights_and_reuses_them(bench, tm
 
 def test_early_background_needs_a_cache(bench):
     with pytest.raises(ValueError, match="--cache"):
-        bench._cached_flow(_tiny(), _images(), 2, 0, None, "main", 1)
+        bench._cached_flow(_tiny(), _images(), 2, 0, None, "main", need=1)
