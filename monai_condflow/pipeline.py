@@ -39,6 +39,7 @@ __all__ = [
     "build_parser",
     "COMMON_CONFIG",
     "CPU_BUDGET",
+    "MULTI_PROCESS_CONFIGS",
     "PUBLIC_DIR",
     "STAGE_KEYS",
     "Stage",
@@ -61,24 +62,53 @@ class Stage:
         public: the stage trains on the public phantom in ``OUTPUT_DIR/public`` (public pretraining of a DP run):
             its ``dataset_dir``, ``output_dir`` and ``num_labels`` are fixed to that folder, the generated phantom
             and ``"all"``, whatever the common overrides say.
+        nproc: processes of the stage. Above 1 the stage runs under ``torch.distributed.run --standalone
+            --nproc_per_node nproc`` with :data:`MULTI_PROCESS_CONFIGS`' overlay of its first config file stacked
+            last (data parallel: the global ``batch_size`` is split over the ranks; gloo on CPU, NCCL on GPUs), and
+            each process gets ``OMP_NUM_THREADS`` / ``nproc`` threads.
     """
 
     def __init__(
-        self, name: str, config_files: Sequence[str], overrides: dict[str, object] | None = None, public: bool = False
+        self,
+        name: str,
+        config_files: Sequence[str],
+        overrides: dict[str, object] | None = None,
+        public: bool = False,
+        nproc: int = 1,
     ) -> None:
         self.name = name
         self.config_files = list(config_files)
         self.overrides = dict(overrides or {})
         self.public = public
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"Stage '{name}': nproc must be an integer >= 1, got {nproc!r}.")
+        if nproc > 1 and self.config_files[0] not in MULTI_PROCESS_CONFIGS:
+            raise ValueError(
+                f"Stage '{name}': {self.config_files[0]} has no multi-process overlay (those that have one: "
+                f"{sorted(MULTI_PROCESS_CONFIGS)})."
+            )
+        self.nproc = nproc
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """The environment of the stage's process(es): ``base`` with the threads split over ``nproc`` processes."""
+        env = dict(base)
+        if self.nproc > 1:
+            threads = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            env["OMP_NUM_THREADS"] = str(max(1, threads // self.nproc))
+        return env
 
     def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
         """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first."""
         names = list(self.config_files)
         if (bundle_root / "configs" / COMMON_CONFIG).is_file() and COMMON_CONFIG not in names:
             names.insert(0, COMMON_CONFIG)
+        launcher = [sys.executable]
+        if self.nproc > 1:
+            names.append(MULTI_PROCESS_CONFIGS[self.config_files[0]])
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.nproc)]
         files = [str(bundle_root / "configs" / f) for f in names]
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+        cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
         values = {**self.overrides, **common}
         if self.public:
@@ -88,6 +118,12 @@ class Stage:
             cmd += [f"--{key}", cli_value(value)]
         return cmd
 
+
+# Processes of the main job's flow stage (--flow-processes).
+DEFAULT_FLOW_PROCESSES = 1
+
+# The data-parallel overlay of each training config that has one (stacked last by ``Stage(nproc > 1)``).
+MULTI_PROCESS_CONFIGS = {"train_flow.json": "multi_gpu_train_flow.json"}
 
 PUBLIC_DIR = "public"  # sub-folder of a DP run holding the public (phantom) pretraining
 PUBLIC_FLOW_CHECKPOINT = f"$os.path.join(@output_dir, '{PUBLIC_DIR}', 'flow', 'model.pt')"  # bundle expression
@@ -128,6 +164,7 @@ def default_stages(
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     public_pretrain: bool = False,
+    flow_processes: int = 1,
 ) -> list[Stage]:
     """The stages of the main job, in order.
 
@@ -146,11 +183,17 @@ def default_stages(
             instead of from scratch. With ``dp_epsilon`` (all labels only) the phantom classifier also becomes the
             frozen conditioning classifier (``public_classifier.json``: no private data, epsilon 0) and the phantom
             flow is fine-tuned with DP-SGD, which then gets the whole ``(dp_epsilon, dp_delta)``.
+        flow_processes: processes of the flow stage(s) (``Stage.nproc``: ``torch.distributed.run`` with
+            ``multi_gpu_train_flow.json`` when above 1). Data parallel on CPU cores too: two single-thread processes
+            of half the batch each run a flow step faster than one process with two threads (benchmarks/README.md).
 
     Raises:
-        ValueError: a bad epsilon / delta, or ``public_pretrain`` with ``dp_epsilon`` and partial labels.
+        ValueError: a bad epsilon / delta, ``public_pretrain`` with ``dp_epsilon`` and partial labels, or
+            ``flow_processes`` above 1 with ``dp_epsilon`` (the DP-SGD flow stage runs in one process).
     """
     budget = CPU_BUDGET if budget is None else budget
+    if dp_epsilon is not None and flow_processes != 1:
+        raise ValueError(f"--flow-processes {flow_processes}: the DP-SGD flow stage runs in one process; use 1.")
     semi = num_labels != "all"
     classifier_files = ["train_classifier.json", "train_semisupervised.json"] if semi else ["train_classifier.json"]
     classifier_overrides = dict(budget.get("classifier") or {})
@@ -170,7 +213,7 @@ def default_stages(
     flow_name = "flow" if dp_epsilon is None else f"flow (DP-SGD, epsilon {dp_epsilon / 2:g})"
     public_stages: list[Stage] = []
     if public_pretrain:
-        public_stages = _public_stages(budget)
+        public_stages = _public_stages(budget, flow_processes)
         if dp_epsilon is None:
             flow_overrides["pretrained_checkpoint"] = PUBLIC_FLOW_CHECKPOINT
         else:  # frozen public classifier (epsilon 0); the DP fine-tuning of the public flow gets the whole budget
@@ -189,7 +232,7 @@ def default_stages(
             flow_name = f"flow (DP-SGD fine-tuning, epsilon {dp_epsilon:g})"
     stages = public_stages + [
         Stage(name, classifier_files, classifier_overrides),
-        Stage(flow_name, flow_files, flow_overrides),
+        Stage(flow_name, flow_files, flow_overrides, nproc=flow_processes),
         Stage("generation", ["generate.json"], budget.get("generation")),
     ]
     if baseline:
@@ -198,14 +241,14 @@ def default_stages(
     return stages
 
 
-def _public_stages(budget: dict[str, dict[str, object]]) -> list[Stage]:
+def _public_stages(budget: dict[str, dict[str, object]], flow_processes: int = 1) -> list[Stage]:
     """Classifier and flow trained on the public phantom in ``OUTPUT_DIR/public`` (no DP: nothing private)."""
     classifier = {k: v for k, v in (budget.get("classifier") or {}).items() if k == "max_epochs"}
     # the phantom has no members to audit
     public_flow = {k: v for k, v in (budget.get("flow") or {}).items() if k != "audit_holdout"}
     return [
         Stage("public classifier (phantom)", ["train_classifier.json"], classifier, public=True),
-        Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True),
+        Stage("public flow (phantom)", ["train_flow.json"], public_flow, public=True, nproc=flow_processes),
     ]
 
 
@@ -350,7 +393,7 @@ def run_pipeline(
         cmd = stage.command(bundle_root, common)
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.run(cmd, env=stage.env(env))
         times[stage.name] = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"stage '{stage.name}' failed with exit code {proc.returncode}: {' '.join(cmd)}")
@@ -499,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the training images the flow never sees, as non-members for the privacy audit",
     )
     parser.add_argument(
+        "--flow-processes",
+        type=int,
+        default=DEFAULT_FLOW_PROCESSES,
+        help="processes of the flow stage (torch.distributed.run, data parallel, OMP_NUM_THREADS split over them); "
+        "1: one process. Not with --dp-epsilon",
+    )
+    parser.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress lines (counts and ETA) from the long loops; same as --set progress=false",
@@ -519,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dp_epsilon=args.dp_epsilon,
             dp_delta=args.dp_delta,
             public_pretrain=args.public_pretrain,
+            flow_processes=args.flow_processes,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -547,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dp_epsilon=args.dp_epsilon,
                 dp_delta=args.dp_delta,
                 public_pretrain=args.public_pretrain,
+                flow_processes=args.flow_processes,
             ),
             bundle_root=args.bundle_root,
             num_images=args.num_images,

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,53 @@ def test_stages_run_in_order_and_a_failure_names_the_stage(tmp_path: Path):
     assert list(times) == ["first"] and marker.read_text() == str((tmp_path / "out").resolve())
     with pytest.raises(RuntimeError, match="stage 'second' failed"):
         run_pipeline(data, tmp_path / "out", stages=[Stage("second", ["bad.json"])], bundle_root=bundle)
+
+
+def test_a_multi_process_stage_runs_under_torchrun_with_its_overlay_and_split_threads(tmp_path: Path, monkeypatch):
+    stage = Stage("flow", ["train_flow.json"], nproc=2)
+    cmd = stage.command(tmp_path, {"seed": 1})
+    assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert cmd[7:10] == ["monai.bundle", "run", "--config_file"]
+    assert json.loads(cmd[10])[-1] == str(tmp_path / "configs" / "multi_gpu_train_flow.json")
+    assert stage.env({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "2"
+    assert stage.env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
+    assert Stage("flow", ["train_flow.json"]).env({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
+    assert Stage("flow", ["train_flow.json"]).command(tmp_path, {})[:3] == [sys.executable, "-m", "monai.bundle"]
+    with pytest.raises(ValueError, match="evaluate.json has no multi-process overlay"):
+        Stage("e", ["evaluate.json"], nproc=2)
+    with pytest.raises(ValueError, match="nproc must be an integer >= 1"):
+        Stage("flow", ["train_flow.json"], nproc=0)
+    # a real launch: both ranks run the stage with the overlay stacked last and one thread each
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "stage.json").write_text(json.dumps({"imports": ["$import os", "$import pathlib"], "x": 1}))
+    write = "$pathlib.Path(@output_dir, 'rank' + os.environ['RANK']).write_text(os.environ['OMP_NUM_THREADS'])"
+    overlay = {"run": [write]}
+    (bundle / "configs" / "stage_ddp.json").write_text(json.dumps(overlay))
+    (bundle / "configs" / "logging.conf").write_text(
+        "[loggers]\nkeys=root\n[handlers]\nkeys=h\n[formatters]\nkeys=f\n[logger_root]\nlevel=INFO\nhandlers=h\n"
+        "[handler_h]\nclass=StreamHandler\nlevel=INFO\nformatter=f\nargs=(sys.stdout,)\n[formatter_f]\nformat=%(message)s\n"
+    )
+    monkeypatch.setitem(pipeline.MULTI_PROCESS_CONFIGS, "stage.json", "stage_ddp.json")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    out = tmp_path / "out"
+    run_pipeline(_dataset(tmp_path / "d"), out, stages=[Stage("two", ["stage.json"], nproc=2)], bundle_root=bundle)
+    assert sorted(p.name for p in out.glob("rank*")) == ["rank0", "rank1"]
+    assert {p.read_text() for p in out.glob("rank*")} == {"1"}
+
+
+def test_main_passes_flow_processes_to_the_flow_stage_only(tmp_path: Path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, stages, **k: calls.append(stages) or {})
+    assert main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--flow-processes", "2", "--public-pretrain"]) == 0
+    [stages] = calls
+    assert {s.name: s.nproc for s in stages} == {
+        "public classifier (phantom)": 1, "public flow (phantom)": 2, "classifier (semi-supervised)": 1, "flow": 2,
+        "generation": 1, "evaluation": 1,
+    }  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--output-dir", str(tmp_path / "o"), "--flow-processes", "2", "--dp-epsilon", "4"])
+    assert info.value.code == 2 and "DP-SGD flow stage runs in one process" in capsys.readouterr().err
 
 
 def test_default_stages_with_the_acgan_baseline():

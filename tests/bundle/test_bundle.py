@@ -291,6 +291,18 @@ def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dat
     assert seen["train_kwargs"] == {"max_epochs": 1, "lr": 0.004, "batch_size": 16, "schedule": expected}
 
 
+@pytest.mark.parametrize("overrides, expected", [({}, [0.0, 0.5, 1.0]), ({"augmentation_fractions": [0, 1]}, [0, 1])])
+def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monkeypatch, overrides, expected):
+    """``evaluate.json``'s ``augmentation_fractions`` (default 0, 0.5, 1: one training fewer than the library's
+    0 / 0.25 / 0.5 / 1) is what the augmentation study gets."""
+    import monai_condflow.evaluation.report as report
+
+    seen = {}
+    monkeypatch.setattr(report, "run_evaluation", lambda *args, **kwargs: seen.update(kwargs))
+    _run(["evaluate.json"], **TINY, dataset_dir=str(dataset), output_dir=str(trained_run), **overrides)
+    assert list(seen["augmentation_fractions"]) == expected
+
+
 @pytest.mark.parametrize(
     "files, overrides, error, text",
     [
@@ -303,6 +315,9 @@ def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dat
         (["train_flow.json"], {"discriminator_high_pass": "no"}, ConfigValueError, "'discriminator_high_pass'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
+        (["evaluate.json"], {"augmentation_fractions": [0.5, -0.25]}, ConfigValueError, "'augmentation_fractions'"),
+        (["evaluate.json"], {"augmentation_fractions": []}, ConfigValueError, "'augmentation_fractions'"),
+        (["evaluate.json"], {"augmentation_fractions": 0.5}, ConfigValueError, "'augmentation_fractions'"),
     ],
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
