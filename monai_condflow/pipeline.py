@@ -93,7 +93,8 @@ class Stage:
         """The environment of the stage's process(es): ``base`` with the threads split over ``nproc`` processes."""
         env = dict(base)
         if self.nproc > 1:
-            threads = int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            given = env.get("OMP_NUM_THREADS", "")
+            threads = int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
             env["OMP_NUM_THREADS"] = str(max(1, threads // self.nproc))
         return env
 
@@ -184,8 +185,8 @@ def default_stages(
             frozen conditioning classifier (``public_classifier.json``: no private data, epsilon 0) and the phantom
             flow is fine-tuned with DP-SGD, which then gets the whole ``(dp_epsilon, dp_delta)``.
         flow_processes: processes of the flow stage(s) (``Stage.nproc``: ``torch.distributed.run`` with
-            ``multi_gpu_train_flow.json`` when above 1). Data parallel on CPU cores too: two single-thread processes
-            of half the batch each run a flow step faster than one process with two threads (benchmarks/README.md).
+            ``multi_gpu_train_flow.json`` when above 1), for machines with several GPUs or many cores: on 2 CPU
+            cores two single-thread ranks are no faster than one process with two threads (docs/distributed.md).
 
     Raises:
         ValueError: a bad epsilon / delta, ``public_pretrain`` with ``dp_epsilon`` and partial labels, or

@@ -130,6 +130,8 @@ def test_a_multi_process_stage_runs_under_torchrun_with_its_overlay_and_split_th
     assert json.loads(cmd[10])[-1] == str(tmp_path / "configs" / "multi_gpu_train_flow.json")
     assert stage.env({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "2"
     assert stage.env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 6)
+    assert stage.env({})["OMP_NUM_THREADS"] == stage.env({"OMP_NUM_THREADS": "4,2"})["OMP_NUM_THREADS"] == "3"
     assert Stage("flow", ["train_flow.json"]).env({"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
     assert Stage("flow", ["train_flow.json"]).command(tmp_path, {})[:3] == [sys.executable, "-m", "monai.bundle"]
     with pytest.raises(ValueError, match="evaluate.json has no multi-process overlay"):
