@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from monai_condflow.utils.checks import ConfigValueError, check_positive_int, check_temperature
+from monai_condflow.utils.checks import ConfigValueError, check_fractions, check_positive_int, check_temperature
 from monai_condflow.utils.distributed import is_distributed
 
 __all__ = [
@@ -133,19 +133,3 @@ def check_single_process(what: str) -> bool:
         raise ConfigValueError(f"{what} runs in one process; start it without torchrun.")
     return True
 
-
-def check_fractions(value: object, name: str) -> list[float]:
-    """A non-empty list of numbers >= 0 (the augmentation study's fractions of the class gap).
-
-    Raises:
-        ConfigValueError: naming the config id for anything else (a bare number, an empty list, a negative, NaN or
-            non-numeric entry).
-    """
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
-        raise ConfigValueError(f"config id '{name}' must be a non-empty list of numbers >= 0, got {value!r}.")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ConfigValueError(f"config id '{name}' must hold finite numbers >= 0, got {v!r} in {list(value)}.")
-        out.append(float(v))
-    return out

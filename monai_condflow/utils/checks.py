@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ConfigValueError", "check_positive_int", "check_shrinkage", "check_temperature"]
+__all__ = ["ConfigValueError", "check_fractions", "check_positive_int", "check_shrinkage", "check_temperature"]
 
 
 class ConfigValueError(ValueError):
@@ -54,3 +54,17 @@ def check_shrinkage(value: object, name: str = "sampling_prior_shrinkage") -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ConfigValueError(f"config id '{name}' must be a number in (0, 1] or null, got {value!r}.")
     return float(value)
+
+
+def check_fractions(value: object, name: str) -> list[float]:
+    """A non-empty list of finite numbers >= 0 (the augmentation study's fractions of the class gap).
+
+    Raises:
+        ConfigValueError: naming the config id ``name`` for a bare number, an empty list or a bad entry.
+    """
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigValueError(f"config id '{name}' must be a non-empty list of numbers >= 0, got {value!r}.")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigValueError(f"config id '{name}' must hold finite numbers >= 0, got {v!r} in {list(value)}.")
+    return [float(v) for v in value]

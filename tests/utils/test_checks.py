@@ -1,0 +1,28 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The value checks of ``monai_condflow.utils.checks`` name the config id they refuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from monai_condflow.utils.checks import ConfigValueError, check_fractions
+
+
+def test_check_fractions_keeps_a_list_of_finite_numbers_as_floats():
+    assert check_fractions([0, 0.5, 1], "f") == [0.0, 0.5, 1.0]
+    assert check_fractions((2.0,), "f") == [2.0]  # above 1 over-samples beyond balance
+
+
+@pytest.mark.parametrize("value", [0.5, "0.5", [], [0.5, -0.25], [float("nan")], [float("inf")], [True], [None]])
+def test_check_fractions_refuses_by_name(value):
+    with pytest.raises(ConfigValueError, match="config id 'augmentation_fractions'"):
+        check_fractions(value, "augmentation_fractions")
