@@ -36,6 +36,12 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --output-dir runs/bench_fidelity
     OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --datasets ucsd --seeds 0 1 2 --baseline
     OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --quick   # tiny smoke run (minutes, meaningless figures)
+    # the adversarial recipe (docs/networks.md) instead of the main job's likelihood-only flow
+    OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --datasets ucsd --baseline --output-dir runs/bench_adv \
+        --stage-set flow.adversarial_steps=1200 --stage-set flow.adversarial_batch_size=16
+
+``--stage-set STAGE.ID=VALUE`` (as the pipeline's) applies to every run; it is recorded in each run's
+``bench_run.json``, and a finished run made with other settings is neither reused nor copied from.
 """
 
 from __future__ import annotations
@@ -299,6 +305,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=None, help="phantom slices (default 600; --quick: 240)")
     parser.add_argument("--force", action="store_true", help="rerun finished runs instead of reusing them")
     parser.add_argument(
+        "--stage-set",
+        action="append",
+        default=[],
+        metavar="STAGE.ID=VALUE",
+        help="override for one stage in every run, as the pipeline's --stage-set (repeatable), e.g. "
+        "--stage-set flow.adversarial_steps=1200 --stage-set flow.adversarial_batch_size=16 (the adversarial recipe)",
+    )
+    parser.add_argument(
         "--retrain-classifier",
         action="store_true",
         help="with --seed-scope flow, train the classifier in every seed's run (default: the first seed's classifier "
@@ -313,6 +327,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.num_images = 240 if args.quick else 600
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
+    from monai_condflow.pipeline import CPU_BUDGET, parse_stage_overrides
+
+    try:
+        parse_stage_overrides(args.stage_set, CPU_BUDGET)
+    except ValueError as e:
+        parser.error(f"--stage-set: {e}")
+    if any(item.partition("=")[0] == "flow.seed" for item in args.stage_set):
+        parser.error("--stage-set flow.seed: the flow seeds are --seeds")
     return args
 
 
@@ -344,15 +366,21 @@ def _dataset_dir(kind: str, args: argparse.Namespace) -> Path | None:
 def _run_one(name: str, dataset_dir: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One pipeline run (or the saved result of a finished one): ``run_row`` plus the run folder."""
     from monai_condflow.evaluation.report import read_tensorboard_scalars
-    from monai_condflow.pipeline import CPU_BUDGET, default_stages, run_pipeline
+    from monai_condflow.pipeline import CPU_BUDGET, default_stages, parse_stage_overrides, run_pipeline
 
     run_dir = args.output_dir.resolve() / name / f"seed_{seed}"
     saved = run_dir / "bench_run.json"
     if saved.is_file() and not args.force:
+        result = json.loads(saved.read_text())
+        if sorted(result.get("stage_set", [])) != sorted(args.stage_set):
+            raise RuntimeError(
+                f"{saved} was run with --stage-set {result.get('stage_set', [])}, not {args.stage_set}: give another "
+                "--output-dir, or --force to run it again"
+            )
         print(f"[bench] {name} seed {seed}: reusing {saved}")
-        return json.loads(saved.read_text())
+        return result
     num_labels = DATASETS[name]["num_labels"]
-    budget = copy.deepcopy(QUICK_BUDGET if args.quick else CPU_BUDGET)
+    budget = parse_stage_overrides(args.stage_set, copy.deepcopy(QUICK_BUDGET if args.quick else CPU_BUDGET))
     overrides: dict[str, object] = dict(QUICK_COMMON) if args.quick else {}
     if args.seed_scope == "all":
         overrides["seed"] = seed
@@ -362,7 +390,7 @@ def _run_one(name: str, dataset_dir: Path, seed: int, args: argparse.Namespace) 
     t0 = time.perf_counter()
     reused = None
     if args.seed_scope == "flow" and not args.retrain_classifier:
-        reused = _reuse_classifier(args.output_dir.resolve() / name, run_dir)
+        reused = _reuse_classifier(args.output_dir.resolve() / name, run_dir, args.stage_set)
     if reused is not None:
         stages = stages[1:]  # the classifier stage (data and seed fixed) is the copied one
         print(f"[bench] {name} seed {seed}: classifier stage copied from {reused}", flush=True)
@@ -378,18 +406,19 @@ def _run_one(name: str, dataset_dir: Path, seed: int, args: argparse.Namespace) 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     bpd = max_bpd_rise(flow_scalars(run_dir, read_tensorboard_scalars))
     row = run_row(metrics, wall, bpd)
-    result = {"row": row, "stage_seconds": times, "bpd": bpd, "run_dir": str(run_dir)}
+    result = {"row": row, "stage_seconds": times, "bpd": bpd, "run_dir": str(run_dir), "stage_set": args.stage_set}
     saved.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
     return result
 
 
-def _reuse_classifier(dataset_root: Path, run_dir: Path) -> Path | None:
+def _reuse_classifier(dataset_root: Path, run_dir: Path, stage_set: Sequence[str] = ()) -> Path | None:
     """Copy the classifier stage of a finished run of the same dataset (another flow seed) into ``run_dir``.
 
     With ``--seed-scope flow`` the classifier stage gets the same data, labels and seed in every run, so its outputs
     (``classifier/``: weights, presumptive labels, stage info; its TensorBoard folder) are the same; copying them
-    saves one classifier training per extra seed. Returns the copied folder, or ``None`` when no finished run has
-    one or ``run_dir`` already has a classifier.
+    saves one classifier training per extra seed. Only a run made with the same ``stage_set`` (``--stage-set``) is
+    copied from. Returns the copied folder, or ``None`` when no such finished run has one or ``run_dir`` already has
+    a classifier.
     """
     import shutil
 
@@ -397,7 +426,10 @@ def _reuse_classifier(dataset_root: Path, run_dir: Path) -> Path | None:
         return None
     for other in sorted(dataset_root.glob("seed_*")):
         source = other / "classifier"
-        if other != run_dir and (other / "bench_run.json").is_file() and (source / "classifier.json").is_file():
+        done = other / "bench_run.json"
+        if other == run_dir or not done.is_file() or not (source / "classifier.json").is_file():
+            continue
+        if sorted(json.loads(done.read_text()).get("stage_set", [])) == sorted(stage_set):
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(source, run_dir / "classifier")
             tb = other / "tensorboard" / "classifier"
@@ -458,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "seed_scope": args.seed_scope,
         "baseline": args.baseline,
+        "stage_set": args.stage_set,
         "wall_s": time.perf_counter() - t0,
     }
     (args.output_dir / "bench_fidelity.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n")

@@ -139,6 +139,30 @@ def test_the_classifier_stage_of_a_finished_seed_is_copied_not_retrained(bench, 
     assert (second / "tensorboard" / "classifier" / "events").read_bytes() == b"tb"
     assert bench._reuse_classifier(root, second) is None  # it has one now
     assert bench.parse_args([]).retrain_classifier is False
+    # a run made with other --stage-set settings is not copied from (its classifier may differ)
+    third = root / "seed_2"
+    recipe = ["classifier.max_epochs=3"]
+    assert bench._reuse_classifier(root, third, recipe) is None and not (third / "classifier").exists()
+    (first / "bench_run.json").write_text(json.dumps({"stage_seconds": {"c": 1.0}, "stage_set": recipe}))
+    assert bench._reuse_classifier(root, third, list(reversed(recipe))) == first / "classifier"
+
+
+def test_stage_set_is_parsed_checked_and_guards_reuse(bench, tmp_path):
+    """``--stage-set`` is checked at parse time (bad item, unknown stage, the flow seed), and a finished run made
+    with other settings is refused by name rather than reported as if it were the requested one."""
+    recipe = ["flow.adversarial_steps=1200", "flow.adversarial_batch_size=16"]
+    args = bench.parse_args(["--stage-set", recipe[0], "--stage-set", recipe[1], "--output-dir", str(tmp_path)])
+    assert args.stage_set == recipe and bench.parse_args([]).stage_set == []
+    for bad in ("flow.adversarial_steps", "nostage.x=1", "flow.seed=3"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--stage-set", bad])
+    run = tmp_path / "ucsd" / "seed_0"
+    run.mkdir(parents=True)
+    (run / "bench_run.json").write_text(json.dumps({"row": {"tstr": 0.5}, "stage_set": []}))
+    with pytest.raises(RuntimeError, match="stage-set"):
+        bench._run_one("ucsd", tmp_path, 0, args)
+    (run / "bench_run.json").write_text(json.dumps({"row": {"tstr": 0.6}, "stage_set": list(reversed(recipe))}))
+    assert bench._run_one("ucsd", tmp_path, 0, args)["row"] == {"tstr": 0.6}
 
 
 def test_flow_scalars_are_read_where_the_flow_stage_writes_them(bench, tmp_path):
