@@ -39,6 +39,7 @@ from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
 from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
 from monai_condflow.evaluation.checkpoints import find_model_checkpoint, load_module
+from monai_condflow.evaluation.headline_checks import headline_check_lines, headline_checks
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
 from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 from monai_condflow.evaluation.tstr import (
@@ -315,6 +316,8 @@ def write_report(
     side = _side_by_side_lines(grids)
     if side:
         lines += ["Real (test split) and synthetic images per class, side by side:", ""] + side + [""]
+    steps = (metrics.get("flow_training") or {}).get("adversarial_steps")
+    lines += ["### Checks", ""] + headline_check_lines(headline_checks(headline_figures(metrics)), steps) + [""]
 
     if data_summary:
         lines += ["## Data", "", "| item | value |", "|---|---|"]
@@ -403,9 +406,11 @@ def write_report(
         lines += [f"## {heading}", "", body, ""]
 
     report = atomic_write_text(out / "report.md", "\n".join(lines))
+    headline = headline_figures(metrics)
     payload = json.dumps(
-        _jsonable({**dict(metrics), "headline": headline_figures(metrics)}), indent=2, sort_keys=True, allow_nan=False
-    )
+        _jsonable({**dict(metrics), "headline": headline, "checks": headline_checks(headline)}),
+        indent=2, sort_keys=True, allow_nan=False,
+    )  # fmt: skip
     metrics_path = atomic_write_text(out / "metrics.json", payload + "\n")
     logger.info("wrote %s and %s", report, metrics_path)
     return report, metrics_path

@@ -1,0 +1,116 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Plain-language checks of a run's headline figures: does the synthetic data keep its class, look like the real data,
+decode cleanly and not memorise?
+
+``report.md`` shows them right under the headline table, and ``metrics.json`` holds them under ``checks``, so a run
+whose samples are texture without class says so on its first page instead of leaving the reader to compare numbers.
+The thresholds are the project's fidelity targets (issue 14); they are a reading aid, not a statistical test (one run,
+one flow seed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["HEADLINE_CHECKS", "headline_checks", "headline_check_lines"]
+
+HEADLINE_CHECKS: dict[str, float] = {
+    "class_agreement_margin": 0.10,
+    "tstr_gap_points": 3.0,
+    "fid_ratio": 10.0,
+    "mia_auc": 0.60,
+}
+"""Thresholds: class agreement at least the real test accuracy minus ``class_agreement_margin``; TSTR at most
+``tstr_gap_points`` below TRTR; FID / floor at most ``fid_ratio``; membership-inference AUC at most ``mia_auc``; and no
+synthetic image with pixels that overflowed (or were non-finite) before clamping."""
+
+ADVERSARIAL_HINT = (
+    "This flow was trained by maximum likelihood only. At a CPU budget such a flow's samples tend to carry texture "
+    "rather than the class (the project's measurements: docs/results.md, 'Fidelity ablations'); the adversarial "
+    "fine-tuning phase of the flow stage (`--stage-set flow.adversarial_steps=1200 --stage-set "
+    "flow.adversarial_batch_size=16`, docs/networks.md) is what made the samples keep their class there, at about "
+    "9 more minutes on 2 CPU cores at 64 px. Check its DCR audit (near copies) when you use it."
+)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The checks of :data:`HEADLINE_CHECKS` on the figures of ``report.headline_figures`` (the flow's).
+
+    Args:
+        headline: ``headline_figures(metrics)`` (or ``metrics.json["headline"]``).
+
+    Returns:
+        One dict per check: ``name``, ``wanted`` (text), ``measured`` (text) and ``holds`` (``True`` / ``False``, or
+        ``None`` when the figure is missing: the check is reported as not measured, never as passed).
+    """
+    t = HEADLINE_CHECKS
+    agree, real = _finite(headline.get("class_agreement")), _finite(headline.get("real_test_accuracy"))
+    gap, ratio = _finite(headline.get("gap_points")), _finite(headline.get("fid_ratio"))
+    mia = _finite(headline.get("mia_auc"))
+    over, n = headline.get("images_with_overflow"), headline.get("n_images")
+    over = None if isinstance(over, bool) or not isinstance(over, int) else over
+    checks = [
+        (
+            "synthetic images keep their class",
+            f"class agreement >= real test accuracy - {t['class_agreement_margin']:.2f}",
+            None if agree is None or real is None else f"{agree:.3f} vs real {real:.3f}",
+            None if agree is None or real is None else agree >= real - t["class_agreement_margin"],
+        ),
+        (
+            "a classifier trained on them works on real images",
+            f"TSTR at most {t['tstr_gap_points']:g} points below TRTR",
+            None if gap is None else f"{gap:+.1f} points below",
+            None if gap is None else gap <= t["tstr_gap_points"],
+        ),
+        (
+            "they look like the real images to the classifier",
+            f"FID / floor <= {t['fid_ratio']:g}",
+            None if ratio is None else f"{ratio:.3g}",
+            None if ratio is None else ratio <= t["fid_ratio"],
+        ),
+        (
+            "they decode cleanly",
+            "no image with pixels outside [-0.25, 1.25] or non-finite before clamping",
+            None if over is None else f"{over} of {n}",
+            None if over is None else over == 0,
+        ),
+        (
+            "the flow does not memorise its training images",
+            f"membership-inference AUC <= {t['mia_auc']:.2f}",
+            None if mia is None else f"{mia:.3f}",
+            None if mia is None else mia <= t["mia_auc"],
+        ),
+    ]
+    return [{"name": a, "wanted": b, "measured": c or "not measured", "holds": d} for a, b, c, d in checks]
+
+
+def headline_check_lines(checks: list[Mapping[str, Any]], adversarial_steps: int | None) -> list[str]:
+    """Markdown of the checks (a table, and with a failed class check on a likelihood-only flow the hint to the
+    adversarial phase). ``adversarial_steps``: ``metrics.json["flow_training"]["adversarial_steps"]`` (``None``:
+    not recorded, no hint)."""
+    mark = {True: "yes", False: "**no**", None: "not measured"}
+    lines = ["| check | wanted | measured | holds |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['wanted']} | {c['measured']} | {mark[c['holds']]} |" for c in checks]
+    failed = [c for c in checks if c["holds"] is False]
+    lines += ["", f"{len(failed)} of {len(checks)} checks fail." if failed else "Every measured check holds."]
+    if adversarial_steps == 0 and checks and checks[0]["holds"] is False:
+        lines += ["", ADVERSARIAL_HINT]
+    return lines

@@ -1,0 +1,104 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The plain-language checks under the report's headline: thresholds at their edges, missing figures, the hint."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from monai_condflow.evaluation.headline_checks import ADVERSARIAL_HINT, headline_check_lines, headline_checks
+from monai_condflow.evaluation.report import write_report
+
+_GOOD = {
+    "class_agreement": 0.80,
+    "real_test_accuracy": 0.90,  # 0.80 >= 0.90 - 0.10: holds at the edge
+    "gap_points": 3.0,
+    "fid_ratio": 10.0,
+    "images_with_overflow": 0,
+    "n_images": 840,
+    "mia_auc": 0.60,
+}
+
+
+def _holds(headline):
+    return [c["holds"] for c in headline_checks(headline)]
+
+
+def test_each_check_holds_at_its_threshold_and_fails_just_past_it():
+    assert _holds(_GOOD) == [True] * 5
+    past = {
+        "class_agreement": 0.7999,
+        "gap_points": 3.01,
+        "fid_ratio": 10.01,
+        "images_with_overflow": 1,
+        "mia_auc": 0.601,
+    }
+    for i, (key, value) in enumerate(past.items()):
+        expected = [True] * 5
+        expected[i] = False
+        assert _holds({**_GOOD, key: value}) == expected, key
+    # the main job's default run of 2026-12-05: every check fails
+    main_job = {"class_agreement": 0.355, "real_test_accuracy": 0.911, "gap_points": 16.7, "fid_ratio": 53.5,
+                "images_with_overflow": 155, "n_images": 840, "mia_auc": 0.810}  # fmt: skip
+    checks = headline_checks(main_job)
+    assert [c["holds"] for c in checks] == [False] * 5
+    assert checks[0]["measured"] == "0.355 vs real 0.911" and checks[3]["measured"] == "155 of 840"
+    assert checks[1]["measured"] == "+16.7 points below"
+
+
+def test_a_missing_or_non_finite_figure_is_not_measured_never_passed():
+    for key in ("class_agreement", "real_test_accuracy", "gap_points", "fid_ratio", "mia_auc"):
+        for bad in (None, float("nan"), float("inf"), True):
+            checks = headline_checks({**_GOOD, key: bad})
+            missing = [c for c in checks if c["holds"] is None]
+            assert len(missing) == 1 and missing[0]["measured"] == "not measured", (key, bad)
+    assert _holds({**_GOOD, "images_with_overflow": None})[3] is None
+
+
+def test_lines_count_failures_and_hint_only_for_a_likelihood_flow_that_loses_the_class():
+    failing = {**_GOOD, "class_agreement": 0.3}
+    lines = headline_check_lines(headline_checks(failing), adversarial_steps=0)
+    assert "| synthetic images keep their class | class agreement >= real test accuracy - 0.10 |" in lines[2]
+    assert lines[2].endswith("| 0.300 vs real 0.900 | **no** |")
+    assert "1 of 5 checks fail." in lines and lines[-1] == ADVERSARIAL_HINT
+    assert ADVERSARIAL_HINT not in headline_check_lines(headline_checks(failing), adversarial_steps=1200)
+    assert ADVERSARIAL_HINT not in headline_check_lines(headline_checks(failing), adversarial_steps=None)
+    other_fail = headline_check_lines(headline_checks({**_GOOD, "mia_auc": 0.9}), adversarial_steps=0)
+    assert ADVERSARIAL_HINT not in other_fail and "1 of 5 checks fail." in other_fail
+    assert "Every measured check holds." in headline_check_lines(headline_checks(_GOOD), 0)
+
+
+def test_report_shows_the_checks_and_metrics_json_holds_them(tmp_path):
+    scores = {"accuracy": 0.9, "f1": 0.9, "precision": 0.9, "recall": 0.9}
+    metrics = {
+        "trtr": scores,
+        "tstr": dict(scores, accuracy=0.7),
+        "fid": 0.5,
+        "fid_floor": 0.01,
+        "class_agreement": 0.4,
+        "real_classifier_test_accuracy": 0.9,
+        "samples": {"n_images": 10, "images_with_overflow": 0},
+        "privacy": {"mia_auc": 0.55},
+        "flow_training": {"adversarial_steps": 0},
+    }
+    grids = {f"{src} c": torch.rand(2, 1, 8, 8) for src in ("real", "flow")}
+    report, js = write_report(tmp_path, metrics, sample_images=grids)
+    text = report.read_text()
+    top = text[: text.index("## Fidelity")]
+    assert top.index("| class | real | flow |") < top.index("### Checks")  # grids first, then the checks
+    assert "| they look like the real images to the classifier | FID / floor <= 10 | 50 | **no** |" in top
+    assert "| they decode cleanly |" in top and "| 0 of 10 | yes |" in top
+    assert "3 of 5 checks fail." in top and ADVERSARIAL_HINT in top
+    checks = json.loads(js.read_text())["checks"]
+    assert [c["holds"] for c in checks] == [False, False, False, True, True]
+    assert checks[1]["measured"] == "+20.0 points below"
