@@ -24,6 +24,7 @@ _GOOD = {
     "real_test_accuracy": 0.90,  # 0.80 >= 0.90 - 0.10: holds at the edge
     "gap_points": 3.0,
     "fid_ratio": 10.0,
+    "sharpness_ratio": 1.25,
     "images_with_overflow": 0,
     "n_images": 840,
     "mia_auc": 0.60,
@@ -35,34 +36,37 @@ def _holds(headline):
 
 
 def test_each_check_holds_at_its_threshold_and_fails_just_past_it():
-    assert _holds(_GOOD) == [True] * 5
+    assert _holds(_GOOD) == [True] * 6
+    assert _holds({**_GOOD, "sharpness_ratio": 0.8}) == [True] * 6  # 1 / 1.25: the blurred edge
     past = {
         "class_agreement": 0.7999,
         "gap_points": 3.01,
         "fid_ratio": 10.01,
+        "sharpness_ratio": 1.2501,
         "images_with_overflow": 1,
         "mia_auc": 0.601,
     }
     for i, (key, value) in enumerate(past.items()):
-        expected = [True] * 5
+        expected = [True] * 6
         expected[i] = False
         assert _holds({**_GOOD, key: value}) == expected, key
+    assert _holds({**_GOOD, "sharpness_ratio": 0.7999})[3] is False  # blur fails too
     # the main job's default run of 2026-12-05: every check fails
     main_job = {"class_agreement": 0.355, "real_test_accuracy": 0.911, "gap_points": 16.7, "fid_ratio": 53.5,
-                "images_with_overflow": 155, "n_images": 840, "mia_auc": 0.810}  # fmt: skip
+                "sharpness_ratio": 1.288, "images_with_overflow": 155, "n_images": 840, "mia_auc": 0.810}  # fmt: skip
     checks = headline_checks(main_job)
-    assert [c["holds"] for c in checks] == [False] * 5
-    assert checks[0]["measured"] == "0.355 vs real 0.911" and checks[3]["measured"] == "155 of 840"
+    assert [c["holds"] for c in checks] == [False] * 6
+    assert checks[0]["measured"] == "0.355 vs real 0.911" and checks[4]["measured"] == "155 of 840"
     assert checks[1]["measured"] == "+16.7 points below"
 
 
 def test_a_missing_or_non_finite_figure_is_not_measured_never_passed():
-    for key in ("class_agreement", "real_test_accuracy", "gap_points", "fid_ratio", "mia_auc"):
+    for key in ("class_agreement", "real_test_accuracy", "gap_points", "fid_ratio", "sharpness_ratio", "mia_auc"):
         for bad in (None, float("nan"), float("inf"), True):
             checks = headline_checks({**_GOOD, key: bad})
             missing = [c for c in checks if c["holds"] is None]
             assert len(missing) == 1 and missing[0]["measured"] == "not measured", (key, bad)
-    assert _holds({**_GOOD, "images_with_overflow": None})[3] is None
+    assert _holds({**_GOOD, "images_with_overflow": None})[4] is None
 
 
 def test_lines_count_failures_and_hint_only_for_a_likelihood_flow_that_loses_the_class():
@@ -70,11 +74,14 @@ def test_lines_count_failures_and_hint_only_for_a_likelihood_flow_that_loses_the
     lines = headline_check_lines(headline_checks(failing), adversarial_steps=0)
     assert "| synthetic images keep their class | class agreement >= real test accuracy - 0.10 |" in lines[2]
     assert lines[2].endswith("| 0.300 vs real 0.900 | **no** |")
-    assert "1 of 5 checks fail." in lines and lines[-1] == ADVERSARIAL_HINT
+    assert "1 of 6 checks fail." in lines and lines[-1] == ADVERSARIAL_HINT
     assert ADVERSARIAL_HINT not in headline_check_lines(headline_checks(failing), adversarial_steps=1200)
     assert ADVERSARIAL_HINT not in headline_check_lines(headline_checks(failing), adversarial_steps=None)
     other_fail = headline_check_lines(headline_checks({**_GOOD, "mia_auc": 0.9}), adversarial_steps=0)
-    assert ADVERSARIAL_HINT not in other_fail and "1 of 5 checks fail." in other_fail
+    assert ADVERSARIAL_HINT not in other_fail and "1 of 6 checks fail." in other_fail
+    # blobs whose class a weak judge still reads: the fine-detail check fails and the hint is given
+    blobs = headline_check_lines(headline_checks({**_GOOD, "sharpness_ratio": 0.754}), adversarial_steps=0)
+    assert blobs[-1] == ADVERSARIAL_HINT and "| 0.754 | **no** |" in blobs[5]
     assert "Every measured check holds." in headline_check_lines(headline_checks(_GOOD), 0)
 
 
@@ -87,6 +94,7 @@ def test_report_shows_the_checks_and_metrics_json_holds_them(tmp_path):
         "fid_floor": 0.01,
         "class_agreement": 0.4,
         "real_classifier_test_accuracy": 0.9,
+        "sharpness_ratio": 1.1,
         "samples": {"n_images": 10, "images_with_overflow": 0},
         "privacy": {"mia_auc": 0.55},
         "flow_training": {"adversarial_steps": 0},
@@ -98,7 +106,7 @@ def test_report_shows_the_checks_and_metrics_json_holds_them(tmp_path):
     assert top.index("| class | real | flow |") < top.index("### Checks")  # grids first, then the checks
     assert "| they look like the real images to the classifier | FID / floor <= 10 | 50 | **no** |" in top
     assert "| they decode cleanly |" in top and "| 0 of 10 | yes |" in top
-    assert "3 of 5 checks fail." in top and ADVERSARIAL_HINT in top
+    assert "3 of 6 checks fail." in top and ADVERSARIAL_HINT in top
     checks = json.loads(js.read_text())["checks"]
-    assert [c["holds"] for c in checks] == [False, False, False, True, True]
+    assert [c["holds"] for c in checks] == [False, False, False, True, True, True]
     assert checks[1]["measured"] == "+20.0 points below"
