@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from monai_condflow.utils.checks import ConfigValueError, check_fractions, check_positive_int, check_temperature
+from monai_condflow.utils.checks import (
+    ConfigValueError,
+    check_flag,
+    check_fractions,
+    check_positive_int,
+    check_temperature,
+)
 from monai_condflow.utils.distributed import is_distributed
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "check_output_dir",
     "check_common",
     "check_single_process",
+    "check_flag",
     "check_fractions",
 ]
 
@@ -132,4 +139,3 @@ def check_single_process(what: str) -> bool:
     if is_distributed():
         raise ConfigValueError(f"{what} runs in one process; start it without torchrun.")
     return True
-

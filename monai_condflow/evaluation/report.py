@@ -187,6 +187,16 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _describe(value: Any) -> str:
+    """A readable record of a non-JSON training argument: a transform chain by its steps' names
+    (``"Compose(RandAffined, RandScaleIntensityd)"``), anything else by ``repr``."""
+    steps = getattr(value, "transforms", None)
+    if isinstance(steps, (list, tuple)):
+        names = [_describe(t) if hasattr(t, "transforms") else type(t).__name__ for t in steps]
+        return f"{type(value).__name__}({', '.join(names)})"
+    return repr(value)
+
+
 def _headline_lines(metrics: Mapping[str, Any]) -> list[str]:
     h = headline_figures(metrics)
     base = h["baseline"]
@@ -703,7 +713,7 @@ def run_evaluation(
     metrics["seed"] = int(seed)
     # how every evaluation classifier was trained (the arguments given to fit_fn; absent ones take its defaults)
     metrics["evaluation_training"] = {
-        k: v if isinstance(v, (int, float, str, bool)) or v is None else repr(v)
+        k: v if isinstance(v, (int, float, str, bool)) or v is None else _describe(v)
         for k, v in (train_kwargs or {}).items()
     }
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.data import Dataset
 from monai.networks.layers import gaussian_1d, separable_filtering
 
 from monai_condflow.engines.classifier import train_classifier
@@ -201,6 +202,7 @@ def default_fit_fn(
     seed: int,
     device: str | torch.device,
     output_dir: str | os.PathLike | None = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     **train_kwargs: Any,
 ) -> nn.Module:
     """Train a classifier with :func:`monai_condflow.engines.classifier.train_classifier` and keep the best weights.
@@ -215,6 +217,9 @@ def default_fit_fn(
         seed: data-order seed.
         device: training device.
         output_dir: where the classifier's checkpoints / TensorBoard files go.
+        transform: a (random) dictionary transform applied to every training item ``{"image": [1, S, S], "label"}``
+            each time it is read, e.g. the classifier stage's augmentation (``evaluate.json`` id
+            ``train_augmentation``); ``None``: the images as they are. Validation images are never transformed.
         train_kwargs: ``max_epochs`` (default 10), ``batch_size``, ``lr`` (default 1e-3) and any other argument of
             ``train_classifier`` / ``create_classifier_trainer``.
 
@@ -230,9 +235,10 @@ def default_fit_fn(
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.fspath(output_dir) if output_dir is not None else tmp
+        train_items: Any = _records(train) if transform is None else Dataset(_records(train), transform=transform)
         result = train_classifier(
             network,
-            _records(train),
+            train_items,
             _records(val) if val is not None else None,
             device=device,
             seed=seed,

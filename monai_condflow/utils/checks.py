@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ConfigValueError", "check_fractions", "check_positive_int", "check_shrinkage", "check_temperature"]
+__all__ = [
+    "ConfigValueError",
+    "check_flag",
+    "check_fractions",
+    "check_positive_int",
+    "check_shrinkage",
+    "check_temperature",
+]
 
 
 class ConfigValueError(ValueError):
@@ -68,3 +75,15 @@ def check_fractions(value: object, name: str) -> list[float]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigValueError(f"config id '{name}' must hold finite numbers >= 0, got {v!r} in {list(value)}.")
     return [float(v) for v in value]
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A switch: ``true`` or ``false`` (on the bundle's command line ``True`` / ``False``), nothing else.
+
+    Raises:
+        ConfigValueError: naming the config id ``name`` for a string, a number or ``None`` (``"false"`` would
+            otherwise read as on).
+    """
+    if not isinstance(value, bool):
+        raise ConfigValueError(f"config id '{name}' must be true or false, got {value!r}.")
+    return value

@@ -288,7 +288,31 @@ def test_evaluation_classifiers_train_with_the_configs_schedule(trained_run, dat
     seen = {}
     monkeypatch.setattr(report, "run_evaluation", lambda *args, **kwargs: seen.update(kwargs))
     _run(["evaluate.json"], **TINY, dataset_dir=str(dataset), output_dir=str(trained_run), lr=0.004, **overrides)
-    assert seen["train_kwargs"] == {"max_epochs": 1, "lr": 0.004, "batch_size": 16, "schedule": expected}
+    assert seen["train_kwargs"] == {
+        "max_epochs": 1, "lr": 0.004, "batch_size": 16, "schedule": expected, "transform": None
+    }  # fmt: skip
+
+
+def test_train_augmentation_gives_every_evaluation_classifier_the_classifier_stages_augmentation(
+    trained_run, dataset, monkeypatch
+):
+    """``train_augmentation True`` hands the config's ``classifier_augmentation`` chain (random affine, intensity
+    scale and shift: the classifier stage's) to the evaluation classifiers' training; it changes a training image."""
+    from monai.transforms import Compose, RandAffined, RandScaleIntensityd, RandShiftIntensityd
+
+    import monai_condflow.evaluation.report as report
+
+    seen = {}
+    monkeypatch.setattr(report, "run_evaluation", lambda *args, **kwargs: seen.update(kwargs))
+    _run(["evaluate.json"], **TINY, dataset_dir=str(dataset), output_dir=str(trained_run), train_augmentation=True)
+    chain = seen["train_kwargs"]["transform"]
+    assert isinstance(chain, Compose)
+    assert [type(t) for t in chain.transforms] == [RandAffined, RandScaleIntensityd, RandShiftIntensityd]
+    chain.set_random_state(seed=0)
+    image = torch.rand(1, 16, 16)
+    out = chain({"image": image.clone(), "label": 1})
+    assert out["label"] == 1 and tuple(out["image"].shape) == (1, 16, 16)
+    assert not torch.allclose(torch.as_tensor(out["image"]), image)
 
 
 @pytest.mark.parametrize("overrides, expected", [({}, [0.0, 0.5, 1.0]), ({"augmentation_fractions": [0, 1]}, [0, 1])])
@@ -318,6 +342,7 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["evaluate.json"], {"augmentation_fractions": [0.5, -0.25]}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"augmentation_fractions": []}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"augmentation_fractions": 0.5}, ConfigValueError, "'augmentation_fractions'"),
+        (["evaluate.json"], {"train_augmentation": "false"}, ConfigValueError, "'train_augmentation'"),
     ],
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):

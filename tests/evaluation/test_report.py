@@ -429,3 +429,13 @@ def test_load_module_reads_the_stages_model_pt_and_nothing_else(tmp_path):
     assert torch.equal(loaded.weight, net.weight) and not loaded.training
     torch.save(net.state_dict(), tmp_path / "bare.pt")  # a bare state dict file
     assert torch.equal(load_module(tmp_path / "bare.pt", lambda: nn.Linear(3, 2), "x").bias, net.bias)
+
+
+def test_evaluation_training_records_a_transform_chain_by_its_steps():
+    from monai.transforms import Compose, RandAffined, RandShiftIntensityd
+
+    from monai_condflow.evaluation.report import _describe
+
+    chain = Compose([RandAffined("image", prob=1.0), Compose([RandShiftIntensityd("image", offsets=0.1)])])
+    assert _describe(chain) == "Compose(RandAffined, Compose(RandShiftIntensityd))"
+    assert _describe(0.5) == "0.5" and _describe([1, 2]) == "[1, 2]"

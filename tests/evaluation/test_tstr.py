@@ -126,6 +126,30 @@ def test_default_fit_fn_trains_with_engine(tmp_path):
     assert class_agreement(net, *val) >= 0.9
 
 
+def test_default_fit_fn_reads_training_items_through_the_transform_and_validation_without(tmp_path):
+    """``transform`` is applied to every training item on every read (each epoch), never to validation items."""
+    pytest.importorskip("monai_condflow.engines.classifier")
+    train, val = _data(32, 32, 0), _data(8, 8, 1)
+    calls = []
+
+    def transform(item):
+        calls.append(tuple(item["image"].shape))
+        return {"image": item["image"] * 1.0, "label": item["label"]}
+
+    net = default_fit_fn(
+        _Tiny(), train, val, seed=0, device="cpu", max_epochs=2, lr=0.1, batch_size=16, transform=transform
+    )
+    n_train = train[0].shape[0]
+    assert len(calls) == 2 * n_train and set(calls) == {tuple(train[0].shape[1:])}
+    assert class_agreement(net, *val) >= 0.9
+    # the transform's changes are what the network learns from: labels swapped in every training item
+    flipped = default_fit_fn(  # no validation: the last epoch's weights, not a selection that could hide it
+        _Tiny(), train, None, seed=0, device="cpu", max_epochs=3, lr=0.1, batch_size=16,
+        transform=lambda item: {"image": item["image"], "label": 1 - int(item["label"])},
+    )  # fmt: skip
+    assert class_agreement(flipped, *val) <= 0.1
+
+
 def test_blurred_keeps_flat_images_and_matches_a_separable_gaussian():
     from monai.networks.layers import gaussian_1d
 

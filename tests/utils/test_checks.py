@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from monai_condflow.utils.checks import ConfigValueError, check_fractions
+from monai_condflow.utils.checks import ConfigValueError, check_flag, check_fractions
 
 
 def test_check_fractions_keeps_a_list_of_finite_numbers_as_floats():
@@ -26,3 +26,10 @@ def test_check_fractions_keeps_a_list_of_finite_numbers_as_floats():
 def test_check_fractions_refuses_by_name(value):
     with pytest.raises(ConfigValueError, match="config id 'augmentation_fractions'"):
         check_fractions(value, "augmentation_fractions")
+
+
+def test_check_flag_takes_booleans_only():
+    assert check_flag(True, "f") is True and check_flag(False, "f") is False
+    for value in ("false", "False", 0, 1, None, [True]):
+        with pytest.raises(ConfigValueError, match="config id 'train_augmentation' must be true or false"):
+            check_flag(value, "train_augmentation")
