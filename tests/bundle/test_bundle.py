@@ -158,6 +158,31 @@ def test_flow_train_workflow_properties(dataset, trained_run):
     assert wf.check_properties() == []
 
 
+def test_train_shift_moves_flow_training_images_by_whole_pixels(dataset, trained_run):
+    """``train_shift`` 0 (default) leaves the flow's training chain as it was; N > 0 appends a random translation of
+    up to N whole pixels (nearest neighbour: no interpolation blur, edges replicated) on 80 % of reads."""
+    from monai.transforms import RandAffined
+
+    common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(trained_run), **TINY_FLOW}
+    parser = _workflow(["train_flow.json"], **common).parser
+    assert parser.get_parsed_content("train#dataset").transform is parser.get_parsed_content("train#preprocessing")
+    parser = _workflow(["train_flow.json"], **common, train_shift=2).parser
+    chain = parser.get_parsed_content("train#dataset").transform
+    shift = chain.transforms[-1]
+    assert isinstance(shift, RandAffined) and shift.prob == pytest.approx(0.8)
+    image = torch.arange(24 * 24, dtype=torch.float32).reshape(1, 24, 24) / 576
+    seen = set()
+    for seed in range(12):
+        shift.set_random_state(seed=seed)
+        out = torch.as_tensor(shift({"image": image.clone()})["image"])
+        inner = out[:, 4:-4, 4:-4]
+        moved = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(inner, torch.roll(image, (dy, dx), dims=(1, 2))[:, 4:-4, 4:-4])]  # fmt: skip
+        assert len(moved) == 1, f"seed {seed}: not a whole-pixel shift of at most 2"
+        seen.add(moved[0])
+    assert len(seen) > 2 and (0, 0) in seen  # several shifts, and some reads unshifted
+
+
 def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_run):
     common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(trained_run), **TINY_FLOW}
     parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=4).parser
@@ -337,6 +362,8 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
         (["train_flow.json"], {"adversarial_batch_size": 0}, ConfigValueError, "'adversarial_batch_size'"),
         (["train_flow.json"], {"discriminator_high_pass": "no"}, ConfigValueError, "'discriminator_high_pass'"),
+        (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
+        (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
         (["evaluate.json"], {"augmentation_fractions": [0.5, -0.25]}, ConfigValueError, "'augmentation_fractions'"),
