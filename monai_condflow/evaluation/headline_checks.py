@@ -79,7 +79,7 @@ def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
         (
             "a classifier trained on them works on real images",
             f"TSTR at most {t['tstr_gap_points']:g} points below TRTR",
-            None if gap is None else f"{gap:+.1f} points below",
+            None if gap is None else f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}",
             None if gap is None else gap <= t["tstr_gap_points"],
         ),
         (

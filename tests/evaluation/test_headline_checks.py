@@ -57,7 +57,11 @@ def test_each_check_holds_at_its_threshold_and_fails_just_past_it():
     checks = headline_checks(main_job)
     assert [c["holds"] for c in checks] == [False] * 6
     assert checks[0]["measured"] == "0.355 vs real 0.911" and checks[4]["measured"] == "155 of 840"
-    assert checks[1]["measured"] == "+16.7 points below"
+    assert checks[1]["measured"] == "16.7 points below"
+    assert headline_checks({**_GOOD, "gap_points": -3.1})[1] == {
+        "name": "a classifier trained on them works on real images", "wanted": "TSTR at most 3 points below TRTR",
+        "measured": "3.1 points above", "holds": True,
+    }  # fmt: skip
 
 
 def test_a_missing_or_non_finite_figure_is_not_measured_never_passed():
@@ -109,4 +113,4 @@ def test_report_shows_the_checks_and_metrics_json_holds_them(tmp_path):
     assert "3 of 6 checks fail." in top and ADVERSARIAL_HINT in top
     checks = json.loads(js.read_text())["checks"]
     assert [c["holds"] for c in checks] == [False, False, False, True, True, True]
-    assert checks[1]["measured"] == "+20.0 points below"
+    assert checks[1]["measured"] == "20.0 points below"
