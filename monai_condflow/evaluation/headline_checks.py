@@ -12,8 +12,9 @@
 Plain-language checks of a run's headline figures: does the synthetic data keep its class, look like the real data
 (to the classifier and in its fine detail), decode cleanly and not memorise?
 
-``report.md`` shows them right under the headline table, and ``metrics.json`` holds them under ``checks``, so a run
-whose samples are texture without class says so on its first page instead of leaving the reader to compare numbers.
+``report.md`` shows them below the headline table and the grids, and ``metrics.json`` holds them under ``checks``,
+so a run whose samples are texture without class says so on its first page instead of leaving the reader to compare
+numbers.
 The thresholds are the project's fidelity targets (issue 14); they are a reading aid, not a statistical test (one run,
 one flow seed).
 """
@@ -97,7 +98,7 @@ def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
         (
             "they decode cleanly",
             "no image with pixels outside [-0.25, 1.25] or non-finite before clamping",
-            None if over is None else f"{over} of {n}",
+            None if over is None else (f"{over} of {n}" if isinstance(n, int) else f"{over} images"),
             None if over is None else over == 0,
         ),
         (

@@ -71,6 +71,7 @@ def test_a_missing_or_non_finite_figure_is_not_measured_never_passed():
             missing = [c for c in checks if c["holds"] is None]
             assert len(missing) == 1 and missing[0]["measured"] == "not measured", (key, bad)
     assert _holds({**_GOOD, "images_with_overflow": None})[4] is None
+    assert headline_checks({**_GOOD, "images_with_overflow": 2, "n_images": None})[4]["measured"] == "2 images"
 
 
 def test_lines_count_failures_and_hint_only_for_a_likelihood_flow_that_loses_the_class():
