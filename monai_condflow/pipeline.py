@@ -428,6 +428,14 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
                 f"  privacy: epsilon {'not DP' if eps is None else format(eps, '.3g')} | membership-inference AUC "
                 f"{p.get('mia_auc', float('nan')):.3f} (vs {p.get('holdout', '?')})"
             )
+        checks = [c for c in m.get("checks") or [] if isinstance(c, dict)]
+        if checks:
+            failed = [c.get("name", "?") for c in checks if c.get("holds") is False]
+            lines.append(
+                f"  checks: {sum(c.get('holds') is True for c in checks)} of {len(checks)} hold"
+                + (f"; failing: {', '.join(failed)}" if failed else "")
+                + " (report.md, 'Checks')"
+            )
         if isinstance(m.get("baseline"), dict):
             b = m["baseline"]
             lines.append(

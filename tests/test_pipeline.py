@@ -554,3 +554,21 @@ def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     assert value(["train_flow.json"], "adversarial_steps") == 0
     assert value(["train_acgan.json"], "max_epochs") == 40
     assert value(["evaluate.json"], "max_epochs") == 15 and value(["evaluate.json"], "n_synthetic_sets") == 2
+
+
+def test_the_closing_summary_counts_the_reports_checks(tmp_path):
+    """The pipeline's last lines say how many of the report's checks hold and name the failing ones ("not measured"
+    counts as neither); without checks in metrics.json there is no such line."""
+    from monai_condflow.pipeline import _summary
+
+    scores = {"accuracy": 0.9}
+    checks = [
+        {"name": "synthetic images keep their class", "holds": False},
+        {"name": "they decode cleanly", "holds": True},
+        {"name": "the flow does not memorise its training images", "holds": None},
+    ]
+    (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1, "checks": checks}))
+    lines = _summary(tmp_path, {"flow": 1.0})
+    assert "  checks: 1 of 3 hold; failing: synthetic images keep their class (report.md, 'Checks')" in lines
+    (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1}))
+    assert not any("checks:" in line for line in _summary(tmp_path, {"flow": 1.0}))
