@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HEADLINE_CHECKS", "headline_checks", "headline_check_lines"]
+__all__ = ["HEADLINE_CHECKS", "finite_or_none", "headline_checks", "headline_check_lines"]
 
 HEADLINE_CHECKS: dict[str, float] = {
     "class_agreement_margin": 0.10,
@@ -48,10 +48,16 @@ ADVERSARIAL_HINT = (
 )
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a ``bool``), else ``None`` (a figure that was not
+    measured, or that failed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+_LOOKS = ("class", "detail")
+"""Keys of the checks that say whether the samples look like the data (a failure points to the adversarial phase)."""
 
 
 def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -61,54 +67,61 @@ def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
         headline: ``headline_figures(metrics)`` (or ``metrics.json["headline"]``).
 
     Returns:
-        One dict per check: ``name``, ``wanted`` (text), ``measured`` (text) and ``holds`` (``True`` / ``False``, or
+        One dict per check: ``key`` (``"class"``, ``"tstr"``, ``"fid"``, ``"detail"``, ``"decode"``,
+        ``"memorisation"``), ``name``, ``wanted`` (text), ``measured`` (text) and ``holds`` (``True`` / ``False``, or
         ``None`` when the figure is missing: the check is reported as not measured, never as passed).
     """
     t = HEADLINE_CHECKS
-    agree, real = _finite(headline.get("class_agreement")), _finite(headline.get("real_test_accuracy"))
-    gap, ratio = _finite(headline.get("gap_points")), _finite(headline.get("fid_ratio"))
-    mia, sharp = _finite(headline.get("mia_auc")), _finite(headline.get("sharpness_ratio"))
+    agree, real = finite_or_none(headline.get("class_agreement")), finite_or_none(headline.get("real_test_accuracy"))
+    gap, ratio = finite_or_none(headline.get("gap_points")), finite_or_none(headline.get("fid_ratio"))
+    mia, sharp = finite_or_none(headline.get("mia_auc")), finite_or_none(headline.get("sharpness_ratio"))
     over, n = headline.get("images_with_overflow"), headline.get("n_images")
     over = None if isinstance(over, bool) or not isinstance(over, int) else over
     checks = [
         (
+            "class",
             "synthetic images keep their class",
             f"class agreement >= real test accuracy - {t['class_agreement_margin']:.2f}",
             None if agree is None or real is None else f"{agree:.3f} vs real {real:.3f}",
             None if agree is None or real is None else agree >= real - t["class_agreement_margin"],
         ),
         (
+            "tstr",
             "a classifier trained on them works on real images",
             f"TSTR at most {t['tstr_gap_points']:g} points below TRTR",
             None if gap is None else f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}",
             None if gap is None else gap <= t["tstr_gap_points"],
         ),
         (
+            "fid",
             "they look like the real images to the classifier",
             f"FID / floor <= {t['fid_ratio']:g}",
             None if ratio is None else f"{ratio:.3g}",
             None if ratio is None else ratio <= t["fid_ratio"],
         ),
         (
+            "detail",
             "their fine detail is like the real images'",
             f"Laplacian energy synthetic / real within [{1 / t['sharpness_ratio']:.2f}, {t['sharpness_ratio']:.2f}]",
             None if sharp is None else f"{sharp:.3f}",
             None if sharp is None else 1 / t["sharpness_ratio"] <= sharp <= t["sharpness_ratio"],
         ),
         (
+            "decode",
             "they decode cleanly",
             "no image with pixels outside [-0.25, 1.25] or non-finite before clamping",
             None if over is None else (f"{over} of {n}" if isinstance(n, int) else f"{over} images"),
             None if over is None else over == 0,
         ),
         (
+            "memorisation",
             "the flow does not memorise its training images",
             f"membership-inference AUC <= {t['mia_auc']:.2f}",
             None if mia is None else f"{mia:.3f}",
             None if mia is None else mia <= t["mia_auc"],
         ),
     ]
-    return [{"name": a, "wanted": b, "measured": c or "not measured", "holds": d} for a, b, c, d in checks]
+    return [{"key": k, "name": a, "wanted": b, "measured": c or "not measured", "holds": d} for k, a, b, c, d in checks]
 
 
 def headline_check_lines(checks: list[Mapping[str, Any]], adversarial_steps: int | None) -> list[str]:
@@ -120,7 +133,6 @@ def headline_check_lines(checks: list[Mapping[str, Any]], adversarial_steps: int
     lines += [f"| {c['name']} | {c['wanted']} | {c['measured']} | {mark[c['holds']]} |" for c in checks]
     failed = [c for c in checks if c["holds"] is False]
     lines += ["", f"{len(failed)} of {len(checks)} checks fail." if failed else "Every measured check holds."]
-    looks = {"synthetic images keep their class", "their fine detail is like the real images'"}
-    if adversarial_steps == 0 and any(c["holds"] is False and c["name"] in looks for c in checks):
+    if adversarial_steps == 0 and any(c["holds"] is False and c.get("key") in _LOOKS for c in checks):
         lines += ["", ADVERSARIAL_HINT]
     return lines

@@ -39,7 +39,7 @@ from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
 from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
 from monai_condflow.evaluation.checkpoints import find_model_checkpoint, load_module
-from monai_condflow.evaluation.headline_checks import headline_check_lines, headline_checks
+from monai_condflow.evaluation.headline_checks import finite_or_none, headline_check_lines, headline_checks
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
 from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 from monai_condflow.evaluation.tstr import (
@@ -120,10 +120,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _finite(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The figures ``report.md`` opens with (and ``metrics.json`` holds under ``headline``), for the flow and, when
     evaluated, the ACGAN baseline. Missing figures are ``None``.
@@ -141,31 +137,31 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """
 
     def _block(block: Mapping[str, Any]) -> dict[str, Any]:
-        trtr = _finite((metrics.get("trtr") or {}).get("accuracy"))
-        tstr = _finite((block.get("tstr") or {}).get("accuracy"))
-        fid, floor = _finite(block.get("fid")), _finite(metrics.get("fid_floor"))
-        ratio = _finite(block.get("fid_ratio"))
+        trtr = finite_or_none((metrics.get("trtr") or {}).get("accuracy"))
+        tstr = finite_or_none((block.get("tstr") or {}).get("accuracy"))
+        fid, floor = finite_or_none(block.get("fid")), finite_or_none(metrics.get("fid_floor"))
+        ratio = finite_or_none(block.get("fid_ratio"))
         if ratio is None and fid is not None and floor:
-            ratio = _finite(fid_to_floor_ratio(fid, floor))
+            ratio = finite_or_none(fid_to_floor_ratio(fid, floor))
         samples = block.get("samples") if isinstance(block.get("samples"), Mapping) else {}
         return {
             "tstr_accuracy": tstr,
             "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
-            "class_agreement": _finite(block.get("class_agreement")),
-            "sharpness_ratio": _finite(block.get("sharpness_ratio")),
+            "class_agreement": finite_or_none(block.get("class_agreement")),
+            "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
             "fid": fid,
             "fid_ratio": ratio,
             "images_with_overflow": samples.get("images_with_overflow"),
             "n_images": samples.get("n_images"),
-            "overflow_pixel_fraction": _finite(samples.get("overflow_pixel_fraction")),
-            "nonfinite_pixel_fraction": _finite(samples.get("nonfinite_pixel_fraction")),
+            "overflow_pixel_fraction": finite_or_none(samples.get("overflow_pixel_fraction")),
+            "nonfinite_pixel_fraction": finite_or_none(samples.get("nonfinite_pixel_fraction")),
         }
 
     flow = _block(metrics)
     privacy = metrics.get("privacy") if isinstance(metrics.get("privacy"), Mapping) else {}
-    real_acc = _finite(metrics.get("real_classifier_test_accuracy"))
+    real_acc = finite_or_none(metrics.get("real_classifier_test_accuracy"))
     if real_acc is None:
-        real_acc = _finite((metrics.get("trtr") or {}).get("accuracy"))
+        real_acc = finite_or_none((metrics.get("trtr") or {}).get("accuracy"))
     pres = metrics.get("presumptive_accuracy")
     if pres is None and isinstance(metrics.get("presumptive_labels"), Mapping):
         pres = metrics["presumptive_labels"].get("accuracy")
@@ -176,13 +172,13 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
                 "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
         base = {k: b[k] for k in keys}
     return {
-        "trtr_accuracy": _finite((metrics.get("trtr") or {}).get("accuracy")),
+        "trtr_accuracy": finite_or_none((metrics.get("trtr") or {}).get("accuracy")),
         **{k: v for k, v in flow.items()},
         "real_test_accuracy": real_acc,
-        "class_agreement_real_blurred": _finite(metrics.get("class_agreement_real_blurred")),
-        "fid_floor": _finite(metrics.get("fid_floor")),
-        "mia_auc": _finite(privacy.get("mia_auc")),
-        "presumptive_accuracy": _finite(pres),
+        "class_agreement_real_blurred": finite_or_none(metrics.get("class_agreement_real_blurred")),
+        "fid_floor": finite_or_none(metrics.get("fid_floor")),
+        "mia_auc": finite_or_none(privacy.get("mia_auc")),
+        "presumptive_accuracy": finite_or_none(pres),
         "baseline": base,
     }
 
@@ -197,8 +193,8 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _headline_lines(metrics: Mapping[str, Any]) -> list[str]:
-    h = headline_figures(metrics)
+def _headline_lines(h: Mapping[str, Any]) -> list[str]:
+    """The headline table of :func:`headline_figures`' figures ``h``."""
     base = h["baseline"]
 
     def pct(v: float | None) -> str:
@@ -321,13 +317,15 @@ def write_report(
     lines = [f"# {title}", ""]
 
     # headline: the figures a reader needs first, then the real and synthetic grids side by side (issue 14)
-    lines += ["## Headline", ""] + _headline_lines(metrics) + [""]
+    headline = headline_figures(metrics)
+    checks = headline_checks(headline)
+    lines += ["## Headline", ""] + _headline_lines(headline) + [""]
     grids = _grid_pngs(fig_dir, sample_images or {})
     side = _side_by_side_lines(grids)
     if side:
         lines += ["Real (test split) and synthetic images per class, side by side:", ""] + side + [""]
     steps = (metrics.get("flow_training") or {}).get("adversarial_steps")
-    lines += ["### Checks", ""] + headline_check_lines(headline_checks(headline_figures(metrics)), steps) + [""]
+    lines += ["### Checks", ""] + headline_check_lines(checks, steps) + [""]
 
     if data_summary:
         lines += ["## Data", "", "| item | value |", "|---|---|"]
@@ -416,9 +414,8 @@ def write_report(
         lines += [f"## {heading}", "", body, ""]
 
     report = atomic_write_text(out / "report.md", "\n".join(lines))
-    headline = headline_figures(metrics)
     payload = json.dumps(
-        _jsonable({**dict(metrics), "headline": headline, "checks": headline_checks(headline)}),
+        _jsonable({**dict(metrics), "headline": headline, "checks": checks}),
         indent=2, sort_keys=True, allow_nan=False,
     )  # fmt: skip
     metrics_path = atomic_write_text(out / "metrics.json", payload + "\n")
