@@ -60,8 +60,8 @@ def test_each_check_holds_at_its_threshold_and_fails_just_past_it():
     assert checks[0]["measured"] == "0.355 vs real 0.911" and checks[4]["measured"] == "155 of 840"
     assert checks[1]["measured"] == "16.7 points below"
     assert headline_checks({**_GOOD, "gap_points": -3.1})[1] == {
-        "key": "tstr", "name": "a classifier trained on them works on real images", "wanted": "TSTR at most 3 points below TRTR",
-        "measured": "3.1 points above", "holds": True,
+        "key": "tstr", "name": "a classifier trained on them works on real images",
+        "wanted": "TSTR at most 3 points below TRTR", "measured": "3.1 points above", "holds": True,
     }  # fmt: skip
 
 
