@@ -35,6 +35,15 @@ Usage::
     python benchmarks/novelty_ratio.py runs/main --epochs 90 --cache runs/novelty --bg-steps 2 --bg-hidden 16
     python benchmarks/novelty_ratio.py runs/main --epochs 90 --cache runs/novelty --bg-early 10
 
+With ``--heat`` the per-pixel map of the ratio (:func:`~monai_condflow.metrics.novelty.novelty_map`) is checked for
+*where* it puts a new finding: 40 COVID-19 phantom slices rendered with and without their findings
+(``counterfactual_paired.paired_slices``; finding pixels = where the two differ by more than 0.02). ``paired_share``:
+share of the positive extra bits (map with findings - map without) that falls on the finding pixels;
+``top200_share``: share of each slice's 200 highest pixels of its map minus the reference slices' mean map (no paired
+slice needed, as ``novelty.json --heat_maps`` computes it) that are finding pixels; each next to the finding pixels'
+share of the image (their ratio = enrichment over a map that knows nothing). ``--heat-figure PNG`` saves 8 slices,
+their maps and the true finding masks.
+
 The last line is ``json=<every figure>``.
 """
 
@@ -54,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.metrics.auc import binary_auc  # noqa: E402
-from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics  # noqa: E402
+from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, novelty_map  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
 STATISTICS = ("bpd", "level_typicality", "ratio", "ratio_typicality", "level_ratio")
@@ -157,6 +166,33 @@ def _cached_flow(
     return train_flow(flow, images, epochs, seed, snapshots=snaps)
 
 
+def heat_figures(
+    main: ConditionalGlow, bg: ConditionalGlow, reference: torch.Tensor, figure: Path | None = None
+) -> dict:
+    """Where the ratio map puts the findings of paired phantom COVID-19 slices (see the module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from counterfactual_paired import paired_slices
+
+    pairs = paired_slices(40, 12345, image_size=reference.shape[-1])
+    with_f, without = pairs["with"], pairs["without"]
+    finding = (with_f - without).abs()[:, 0] > 0.02
+    area = float(finding.double().mean())
+    heat_with = novelty_map(main, with_f, None, bg)
+    extra = (heat_with - novelty_map(main, without, None, bg)).clamp_min(0)
+    paired = float((extra * finding).sum() / extra.sum().clamp_min(1e-12))
+    centred = heat_with - novelty_map(main, reference, None, bg).mean(0)
+    top = centred.flatten(1).topk(200, dim=1).indices
+    top_share = float(finding.flatten(1).gather(1, top).double().mean())
+    if figure is not None:
+        from monai_condflow.evaluation.plots import image_grid
+
+        scale = float(torch.quantile(centred[:8].abs().flatten(), 0.99).clamp_min(1e-12))
+        shown = (0.5 + centred[:8] / (2 * scale)).clamp(0, 1)
+        image_grid(figure, torch.cat([with_f[:8, 0].double(), shown, finding[:8].double()]), nrow=8)
+    return {"finding_area": round(area, 4), "paired_share": round(paired, 4), "top200_share": round(top_share, 4),
+            "paired_enrichment": round(paired / area, 2), "top200_enrichment": round(top_share / area, 2)}
+
+
 def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
     (xtr, ytr), (xva, yva), (xte, yte) = splits["train"], splits["val"], splits["test"]
     known_train = xtr[ytr < 2]
@@ -189,9 +225,15 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
         values = torch.cat([s_novel[name], s_known[name]])
         labels = torch.cat([torch.ones(len(s_novel[name])), torch.zeros(len(s_known[name]))])
         aucs[name] = round(binary_auc(values, labels), 4)
+    heat = None
+    if args.heat:
+        figure = None if args.heat_figure is None else args.heat_figure.with_name(
+            f"{args.heat_figure.stem}_seed{seed}{args.heat_figure.suffix}")  # fmt: skip
+        heat = heat_figures(main.eval(), bg.eval(), reference, figure)
     return {
         "seed": seed,
         "auroc": aucs,
+        "heat": heat,
         "train_bpd_main": round(bpd_main, 4),
         "train_bpd_background": round(bpd_bg, 4),
         "n": {"train": int(known_train.shape[0]), "reference": int(reference.shape[0]), "novel": int(novel.shape[0]),
@@ -213,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bg-early", type=int, default=None,
                         help="background = the main flow after this many epochs (instead of a smaller flow)")
     parser.add_argument("--cache", type=Path, default=None, help="folder where trained flows are kept and reused")
+    parser.add_argument("--heat", action="store_true", help="also measure where the ratio map puts a new finding")
+    parser.add_argument("--heat-figure", type=Path, default=None, help="PNG of 8 slices, maps, findings (per seed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     splits = load_three_class_splits(args.run.resolve())
@@ -228,6 +272,14 @@ def main(argv: list[str] | None = None) -> dict:
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))
         summary[name] = {"mean": round(mean, 4), "std": round(std, 4), "per_seed": vals}
         print(f"{name:18s} AUROC {mean:.3f} +- {std:.3f}  ({', '.join(f'{v:.3f}' for v in vals)})")
+    if args.heat:
+        for key in ("paired_share", "top200_share", "paired_enrichment", "top200_enrichment"):
+            vals = [r["heat"][key] for r in rows]
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))
+            summary[f"heat_{key}"] = {"mean": round(mean, 4), "std": round(std, 4), "per_seed": vals}
+            print(f"heat {key:18s} {mean:.3f} +- {std:.3f}  ({', '.join(f'{v:.3f}' for v in vals)}; finding area "
+                  f"{rows[0]['heat']['finding_area']:.3f})")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": rows, "summary": summary}
     print("json=" + json.dumps(report, separators=(",", ":")))
     return report

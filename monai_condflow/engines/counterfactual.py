@@ -22,7 +22,8 @@ difference ``x' - x``.
 
 :func:`score_novelty`: per-image novelty scores (:mod:`~monai_condflow.metrics.novelty`) against reference images,
 written to ``scores.csv`` and ``novelty.json`` (with the AUROC of novel versus known images when labels say which
-are novel).
+are novel); with ``heat_maps`` also a per-pixel map of each image (:func:`~monai_condflow.metrics.novelty.novelty_map`
+minus the reference images' mean map: *where* it is unusual) as NIfTI in ``heat_maps/`` and an overview PNG.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from monai_condflow.engines.generation import (
     nifti_bytes,
     png16_bytes,
 )
+from monai_condflow.evaluation.plots import image_grid
 from monai_condflow.metrics.auc import binary_auc
-from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics
+from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics, novelty_map
 from monai_condflow.networks.embeddings import compute_embeddings
 from monai_condflow.networks.nets.counterfactual import TARGET_MODES, target_conditions
 from monai_condflow.utils.distributed import unwrap_model
@@ -201,12 +203,20 @@ def write_counterfactuals(
 
 
 def _statistics(flow: torch.nn.Module, clf: torch.nn.Module, data: Iterable, batch_size: int, device: torch.device,
-                n_bits: int, background: torch.nn.Module | None = None,
+                n_bits: int, background: torch.nn.Module | None = None, maps: list[torch.Tensor] | None = None,
+                images: list[torch.Tensor] | None = None,
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-image flow statistics, labels (-1 without) and the classifier's ``1 - max softmax``; with ``maps`` /
+    ``images`` lists, each batch's :func:`novelty_map` and images (CPU) are appended to them."""
     parts, labels, msp = [], [], []
     for batch in _batches(data, batch_size):
         x = torch.as_tensor(batch["image"]).float().to(device)
-        parts.append(flow_statistics(flow, x, clf.embed(x), n_bits, background=background))
+        z = clf.embed(x)
+        parts.append(flow_statistics(flow, x, z, n_bits, background=background))
+        if maps is not None:
+            maps.append(novelty_map(flow, x, z, background).float())
+        if images is not None:
+            images.append(x.detach().float().cpu())
         msp.append(1.0 - clf(x).softmax(1).max(1).values.double().cpu())
         lab = batch.get("label") if isinstance(batch, Mapping) else None
         labels.append(torch.as_tensor(lab).long().reshape(-1).cpu() if lab is not None else torch.full((len(x),), -1))
@@ -214,6 +224,34 @@ def _statistics(flow: torch.nn.Module, clf: torch.nn.Module, data: Iterable, bat
         raise ValueError("score_novelty: no input images.")
     stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return stats, torch.cat(labels), torch.cat(msp)
+
+
+def _write_heat_maps(folder: Path, maps: torch.Tensor, images: torch.Tensor, scores: torch.Tensor,
+                     overview: int) -> dict[str, Any]:  # fmt: skip
+    """Write every map ``[N, H, W]`` as ``heat_<index>.nii.gz`` and the overview PNG into ``folder`` (replaced as a
+    whole); returns the ``heat_maps`` record of ``novelty.json``."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scale = float(torch.quantile(maps.abs().flatten(), 0.99).clamp_min(1e-12))
+    top = scores.argsort(descending=True)[: max(1, min(int(overview), len(scores)))]
+    staging = _staging_dir(folder)
+    try:
+        for i in range(maps.shape[0]):
+            _write_new_file(staging / f"heat_{i:06d}.nii.gz", nifti_bytes(maps[i]))
+        shown = (0.5 + maps[top] / (2 * scale)).clamp(0, 1)
+        image_grid(staging / "overview.png", torch.cat([images[top, 0], shown]), nrow=len(top))
+        _swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {
+        "count": int(maps.shape[0]),
+        "units": "bits per pixel above the reference images' mean map",
+        "overview": f"{folder.name}/overview.png",
+        "overview_indices": [int(i) for i in top],
+        "overview_scale_bits": scale,
+    }
 
 
 @torch.no_grad()
@@ -230,6 +268,8 @@ def score_novelty(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     background: torch.nn.Module | None = None,
+    heat_maps: bool = False,
+    overview: int = 8,
 ) -> dict[str, Any]:
     """Score every image of ``data`` (and ``ood_data``) by how unusual it is to ``flow``.
 
@@ -247,6 +287,11 @@ def score_novelty(
         device: device of the passes.
         background: a lower-capacity flow trained on the same images with the same condition (statistic
             ``"likelihood_ratio"``; bundle id ``background_flow_dir``); its bits/dim go to ``scores.csv`` too.
+        heat_maps: also write ``heat_maps/heat_<index>.nii.gz`` per scored image (float32, bits per pixel above the
+            reference images' mean map; with ``background`` the map of the likelihood ratio, else of the flow's own
+            bits) and ``heat_maps/overview.png`` (the ``overview`` highest-scoring images above their maps,
+            mid-grey = as usual as the reference, white = more unusual); the folder is replaced as a whole.
+        overview: images in the overview.
 
     Returns:
         The content of ``novelty.json``: statistic, counts, mean score and, when some images are novel and some
@@ -263,15 +308,18 @@ def score_novelty(
     device = torch.device(device)
     net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
     bg = None if background is None else unwrap_model(background).to(device).eval()
-    ref, _, _ = _statistics(net, clf, reference, batch_size, device, n_bits, bg)
+    ref_maps: list[torch.Tensor] | None = [] if heat_maps else None
+    maps: list[torch.Tensor] | None = [] if heat_maps else None
+    images: list[torch.Tensor] | None = [] if heat_maps else None
+    ref, _, _ = _statistics(net, clf, reference, batch_size, device, n_bits, bg, maps=ref_maps)
     scorer = NoveltyScorer(statistic, ref)
-    stats, labels, msp = _statistics(net, clf, data, batch_size, device, n_bits, bg)
+    stats, labels, msp = _statistics(net, clf, data, batch_size, device, n_bits, bg, maps=maps, images=images)
     novel = torch.zeros(len(labels), dtype=torch.bool)
     if novel_labels is not None:
         novel = torch.isin(labels, torch.as_tensor(list(novel_labels), dtype=torch.long))
     source = ["data"] * len(labels)
     if ood_data is not None:
-        ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits, bg)
+        ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits, bg, maps, images)
         stats = {k: torch.cat([stats[k], ood[k]]) for k in stats}
         labels, msp = torch.cat([labels, ood_labels]), torch.cat([msp, ood_msp])
         novel = torch.cat([novel, torch.ones(len(ood_labels), dtype=torch.bool)])
@@ -298,6 +346,10 @@ def score_novelty(
         values = [scores[i], stats["bpd"][i], stats["png_bpd"][i], *(stats[k][i] for k in extra), msp[i]]
         writer.writerow([i, source[i], int(labels[i]), int(novel[i]), *(f"{float(v):.6g}" for v in values)])
     atomic_write_text(output_dir / "scores.csv", buf.getvalue())
+    if heat_maps:
+        summary["heat_maps"] = _write_heat_maps(
+            output_dir / "heat_maps", torch.cat(maps) - torch.cat(ref_maps).mean(0), torch.cat(images), scores, overview
+        )
     atomic_write_text(output_dir / "novelty.json", json.dumps(summary, indent=2) + "\n")
     logger.info("novelty (%s): %d images, AUROC %s -> %s", statistic, len(scores), summary.get("auroc"), output_dir)
     return summary

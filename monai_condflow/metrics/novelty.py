@@ -27,7 +27,8 @@ texture, more flat background) get *higher* likelihood even when they come from 
   likelihoods, and the ratio keeps what only the larger model learned. Needs the background flow's statistics
   (``flow_statistics(..., background=...)``). Measured on the phantom's new-disease test in ``docs/results.md``.
 
-Larger score = more unusual. :class:`NoveltyScorer` holds the reference statistics.
+Larger score = more unusual. :class:`NoveltyScorer` holds the reference statistics. :func:`novelty_map` says *where*
+an image is unusual: the same quantities per pixel (:meth:`ConditionalGlow.log_prob_map`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["NOVELTY_STATISTICS", "png_bits_per_dim", "flow_statistics", "NoveltyScorer"]
+__all__ = ["NOVELTY_STATISTICS", "png_bits_per_dim", "flow_statistics", "novelty_map", "NoveltyScorer"]
 
 NOVELTY_STATISTICS: tuple[str, ...] = ("bpd", "typicality", "complexity", "level_typicality", "likelihood_ratio")
 
@@ -106,6 +107,45 @@ def flow_statistics(
     out = {"bpd": level_bpd.sum(1) + n_bits, "level_bpd": level_bpd, "png_bpd": png_bits_per_dim(x, n_bits)}
     if background is not None:
         out["background_bpd"] = _level_bpd(background, x, condition).sum(1) + n_bits
+    return out
+
+
+@torch.no_grad()
+def novelty_map(
+    flow: torch.nn.Module,
+    x: Tensor,
+    condition: Tensor | None,
+    background: torch.nn.Module | None = None,
+    reference_mean: Tensor | None = None,
+) -> Tensor:
+    """Per-pixel novelty ``[B, *spatial]`` in bits: ``-log2 p(x | z)`` of ``flow`` split over the pixels
+    (:meth:`ConditionalGlow.log_prob_map`), minus the ``background`` flow's when given (the per-pixel share of the
+    ``"likelihood_ratio"`` statistic: each map sums to ``D * (bpd - background_bpd)``), minus ``reference_mean``
+    (e.g. the mean map of in-distribution images) when given. Both flows run in eval mode.
+
+    Args:
+        flow: module with ``log_prob_map(x, z) -> [B, *spatial]`` (nats).
+        x: ``[B, C, *spatial]`` in ``[0, 1]``.
+        condition: ``[B, condition_dim]`` (``None`` for an unconditional flow).
+        background: a lower-capacity flow trained on the same data (same condition), or ``None``.
+        reference_mean: ``[*spatial]`` map subtracted from every image's, or ``None``.
+
+    Returns:
+        ``[B, *spatial]`` float64 on the CPU; larger = more unusual there.
+    """
+    out = None
+    for net, sign in ((flow, -1.0), (background, 1.0)):
+        if net is None:
+            continue
+        was_training = net.training
+        net.eval()
+        try:
+            part = net.log_prob_map(x, condition).double().cpu() * (sign / math.log(2.0))
+        finally:
+            net.train(was_training)
+        out = part if out is None else out + part
+    if reference_mean is not None:
+        out = out - reference_mean.double().cpu()
     return out
 
 

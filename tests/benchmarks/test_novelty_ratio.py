@@ -64,3 +64,31 @@ def test_cached_flow_saves_the_final_and_early_weights_and_reuses_them(bench, tm
 def test_early_background_needs_a_cache(bench):
     with pytest.raises(ValueError, match="--cache"):
         bench._cached_flow(_tiny(), _images(), 2, 0, None, "main", need=1)
+
+
+def test_heat_figures_against_maps_with_a_known_answer(bench, monkeypatch, tmp_path):
+    """Paired slices whose findings are a known 16 x 16 block: a map that is exactly the findings puts all its
+    extra bits and all its top pixels there (enrichment = 1 / area); a map that ignores the image puts its share at
+    about the block's area."""
+    import counterfactual_paired  # benchmarks/ is on sys.path once the benchmark is loaded
+
+    without = torch.rand(40, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    with_f = without.clone()
+    with_f[..., 8:24, 8:24] += 0.3
+    pairs = {"with": with_f, "without": without, "mask": torch.ones_like(with_f, dtype=torch.bool)}
+    monkeypatch.setattr(counterfactual_paired, "paired_slices", lambda n, seed, image_size: pairs)
+    reference = torch.zeros(5, 1, 32, 32)
+    monkeypatch.setattr(bench, "novelty_map", lambda main, x, c, bg: (x - without[: len(x)])[:, 0].double()
+                        if len(x) == 40 else torch.zeros(len(x), 32, 32, dtype=torch.float64))  # fmt: skip
+    figure = tmp_path / "heat.png"
+    got = bench.heat_figures(None, None, reference, figure)
+    assert got["finding_area"] == pytest.approx(0.25)
+    assert got["paired_share"] == pytest.approx(1.0) and got["top200_share"] == pytest.approx(1.0)
+    assert got["paired_enrichment"] == pytest.approx(4.0)
+    assert figure.is_file()
+    noise = torch.rand(40, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    monkeypatch.setattr(bench, "novelty_map", lambda main, x, c, bg: noise[: len(x)] if len(x) == 40 else
+                        torch.zeros(len(x), 32, 32, dtype=torch.float64))  # fmt: skip
+    blind = bench.heat_figures(None, None, reference)
+    assert blind["paired_share"] == pytest.approx(0.0)  # the same map with and without findings: no extra bits
+    assert abs(blind["top200_share"] - 0.25) < 0.05

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, png_bits_per_dim
+from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, novelty_map, png_bits_per_dim
 from tests.networks.nets.test_conditional_glow import conditions, images
 from tests.networks.nets.test_counterfactual import trained_like
 
@@ -76,3 +76,24 @@ def test_likelihood_ratio_is_bpd_minus_the_background_flows_bpd():
     assert NoveltyScorer("likelihood_ratio")(hand).tolist() == [0.5, -1.0]
     with pytest.raises(ValueError, match="background"):
         NoveltyScorer("likelihood_ratio")(flow_statistics(flow, x, z))
+
+
+def test_novelty_map_is_the_per_pixel_share_of_bits_and_of_the_likelihood_ratio():
+    flow = trained_like()
+    torch.manual_seed(7)
+    background = trained_like()
+    with torch.no_grad():
+        for p in background.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, z = images(3, 8).double(), conditions(3).double()
+    stats = flow_statistics(flow, x, z, background=background)
+    own = novelty_map(flow, x, z)
+    assert own.shape == (3, 8, 8) and own.dtype == torch.float64
+    assert torch.allclose(own.sum((1, 2)), 64 * (stats["bpd"] - 8), atol=1e-8)  # -log2 p split over 64 pixels
+    ratio = novelty_map(flow, x, z, background=background)
+    assert torch.allclose(ratio.sum((1, 2)), 64 * (stats["bpd"] - stats["background_bpd"]), atol=1e-8)
+    ref = ratio[:2].mean(0)
+    centred = novelty_map(flow, x, z, background=background, reference_mean=ref)
+    assert torch.allclose(centred, ratio - ref, atol=1e-12)
+    assert torch.allclose(centred[:2].mean(0), torch.zeros(8, 8, dtype=torch.float64), atol=1e-12)
+    assert flow.training is False and background.training is False

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
 __all__ = ["ActNorm"]
 
@@ -91,6 +91,7 @@ class ActNorm(FlowLayer):
         Returns:
             ``(y [B, C, *spatial], logdet [B])``.
         """
+        record_logdet_map(lambda: self.log_scale.sum().to(x.dtype).expand(x.shape[0], *x.shape[2:]))
         return torch.addcmul(self.bias, x, self.log_scale.exp()), self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

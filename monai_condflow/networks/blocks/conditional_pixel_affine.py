@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.coupling import GuidedCondition, guided_parameters
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
 __all__ = ["ConditionalPixelAffine"]
 
@@ -92,6 +92,7 @@ class ConditionalPixelAffine(FlowLayer):
 
     def forward(self, x: Tensor, condition: Tensor | GuidedCondition | None = None) -> tuple[Tensor, Tensor]:
         shift, log_scale = self._params(x, condition)
+        record_logdet_map(lambda: (-log_scale).sum(1).expand(x.shape[0], *x.shape[2:]))
         return (x - shift) * torch.exp(-log_scale), -log_scale.flatten(1).sum(1)
 
     def inverse(self, y: Tensor, condition: Tensor | GuidedCondition | None = None) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ from monai.networks.layers.utils import get_act_layer
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.actnorm import ActNorm
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential, record_logdet_map
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 
 __all__ = [
@@ -259,6 +259,7 @@ class ConditionalAffineCoupling(FlowLayer):
         x_a, x_b = x.split([self.num_pass, self.num_transformed], dim=1)
         log_s, shift = self._scale_shift(x_a, condition)
         y_b = torch.addcmul(shift, x_b, _exp(log_s))
+        record_logdet_map(lambda: log_s.sum(1))
         return torch.cat([x_a, y_b], dim=1), log_s.flatten(1).sum(1)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -18,13 +18,44 @@ Every flow layer maps ``x -> y`` bijectively and reports the per-sample log-dete
   pass; layers without data-dependent parameters just run ``forward``.
 
 ``logdet`` always has shape ``[B]`` and the dtype / device of the input.
+
+Inside :func:`recording_logdet_maps`, the forward pass of every layer with a non-zero log-determinant also records it
+*per position*, ``[B, *spatial]`` at the layer's own resolution (summed over channels; a layer whose log-determinant
+does not depend on the data spreads it evenly over the positions it acts on). ``ConditionalGlow.log_prob_map`` uses
+this to split ``log p(x | z)`` over the pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 from torch import Tensor, nn
 
-__all__ = ["FlowLayer", "FlowSequential"]
+__all__ = ["FlowLayer", "FlowSequential", "record_logdet_map", "recording_logdet_maps"]
+
+_LOGDET_MAPS: ContextVar[list[Tensor] | None] = ContextVar("monai_condflow_logdet_maps", default=None)
+
+
+@contextmanager
+def recording_logdet_maps() -> Iterator[list[Tensor]]:
+    """Collect the per-position log-determinants ``[B, *spatial_l]`` of the forward passes run inside the block, in
+    the order the layers run (nested blocks record into the innermost list only)."""
+    maps: list[Tensor] = []
+    token = _LOGDET_MAPS.set(maps)
+    try:
+        yield maps
+    finally:
+        _LOGDET_MAPS.reset(token)
+
+
+def record_logdet_map(values: Callable[[], Tensor]) -> None:
+    """Append ``values()`` (a layer's forward log-determinant per position, ``[B, *spatial]``) when recording; the
+    callable is not evaluated otherwise, so layers pay nothing outside :func:`recording_logdet_maps`."""
+    maps = _LOGDET_MAPS.get()
+    if maps is not None:
+        maps.append(values())
 
 
 class FlowLayer(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
 __all__ = ["InvertibleConv1x1"]
 
@@ -141,6 +141,7 @@ class InvertibleConv1x1(FlowLayer):
             weight = self._compose()  # no need for the inverse in training
         else:
             weight = self.weights()[0]
+        record_logdet_map(lambda: self.log_abs_s.sum().to(x.dtype).expand(x.shape[0], *x.shape[2:]))
         return self._apply_matrix(x, weight), self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

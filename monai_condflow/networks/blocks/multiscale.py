@@ -39,7 +39,7 @@ from monai_condflow.networks.blocks.coupling import (
     _soft_bound,
     guided_parameters,
 )
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential, record_logdet_map
 
 __all__ = ["FineGrainedSplit", "ConditionalTopPrior", "FineGrainedLevel"]
 
@@ -104,6 +104,7 @@ class FineGrainedSplit(FlowLayer):
         x_keep, x_out = x.split([self.keep_channels, self.out_channels], dim=1)
         mean, log_std = self._prior(x_keep, condition)
         eps = (x_out - mean) * torch.exp(-log_std)
+        record_logdet_map(lambda: (-log_std).sum(1))
         return x_keep, eps, -log_std.flatten(1).sum(1)
 
     def restore(self, x_keep: Tensor, eps: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -200,6 +201,7 @@ class ConditionalTopPrior(FlowLayer):
             ``(eps [B, C, *spatial], logdet [B])``.
         """
         mean, log_std = self._prior(x, condition)
+        record_logdet_map(lambda: (-log_std).expand(x.shape[0], -1, *x.shape[2:]).sum(1))
         return (x - mean) * torch.exp(-log_std), -self._log_std_sum(log_std, x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

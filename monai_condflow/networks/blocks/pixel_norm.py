@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
 __all__ = ["PixelNorm"]
 
@@ -87,6 +87,7 @@ class PixelNorm(FlowLayer):
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
+        record_logdet_map(lambda: (-self.log_std).sum(1).to(x.dtype).expand(x.shape[0], *x.shape[2:]))
         return (x - self.mean) * torch.exp(-self.log_std), self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.coupling import GuidedCondition, guided_parameters
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
 __all__ = ["PixelSpline"]
 
@@ -161,6 +161,8 @@ class PixelSpline(FlowLayer):
         den = s + (d1 + d0 - 2 * s) * t
         deriv = s * s * (d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) / (den * den)
         log_deriv = torch.where(inside, torch.log(deriv), torch.zeros_like(deriv))
+        if not inverse:
+            record_logdet_map(lambda: log_deriv.sum(1))
         out = torch.where(inside, out, v)
         logdet = log_deriv.flatten(1).sum(1)
         return out, (-logdet if inverse else logdet)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.conditional_pixel_affine import ConditionalPixelAffine
 from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep, GuidedCondition
-from monai_condflow.networks.blocks.flow_sequential import FlowSequential
+from monai_condflow.networks.blocks.flow_sequential import FlowSequential, recording_logdet_maps
 from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, LatentMoments
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
@@ -615,6 +615,36 @@ class ConditionalGlow(nn.Module):
                 h = h[:, :keep]
             columns.append(ld)
         return torch.stack(columns, dim=1)
+
+    def log_prob_map(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """``log p(x | z)`` split over the pixels, ``[B, *spatial]`` in nats; each image's map sums to :meth:`log_prob`.
+
+        Every layer's log-determinant and every latent's Gaussian log-density is assigned to the positions it acts on
+        at its own level (a position of level ``l`` covers a ``2^(l+1)``-pixel block of the image per axis and is
+        spread evenly over it); terms that do not depend on the data (ActNorm, the 1x1 convolutions, PixelNorm) are
+        the same for every image. A difference of two flows' maps (a main flow and a lower-capacity background flow,
+        :func:`~monai_condflow.metrics.novelty.novelty_map`) shows *where* an image is unusual, which the per-image
+        likelihood ratio only summarises.
+
+        Args:
+            x: ``[B, in_channels, *spatial]`` in ``[0, 1]``.
+            condition: ``[B, condition_dim]`` (or a guided condition, :meth:`guided`).
+
+        Returns:
+            ``[B, *spatial]`` (summed over the channels of ``x``).
+        """
+        self._check_image(x, condition)
+        spatial = tuple(x.shape[2:])
+        with recording_logdet_maps() as maps:
+            nu, _ = self(x, condition)
+        terms = list(maps) + [(-0.5 * (t.pow(2) + _LOG_2PI)).sum(1) for t in self._unflatten(nu, spatial)]
+        out = x.new_zeros(x.shape[0], *spatial)
+        for term in terms:
+            factors = [s // t for s, t in zip(spatial, term.shape[1:])]
+            for dim, f in enumerate(factors, start=1):
+                term = term.repeat_interleave(f, dim=dim) if f > 1 else term
+            out = out + term / math.prod(factors)
+        return out
 
     @torch.no_grad()
     def counterfactual(
