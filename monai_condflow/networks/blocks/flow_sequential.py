@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["FlowLayer", "FlowSequential", "record_logdet_map", "recording_logdet_maps"]
@@ -52,7 +53,10 @@ def recording_logdet_maps() -> Iterator[list[Tensor]]:
 
 def record_logdet_map(values: Callable[[], Tensor]) -> None:
     """Append ``values()`` (a layer's forward log-determinant per position, ``[B, *spatial]``) when recording; the
-    callable is not evaluated otherwise, so layers pay nothing outside :func:`recording_logdet_maps`."""
+    callable is not evaluated otherwise, so layers pay nothing outside :func:`recording_logdet_maps`. Under
+    ``torch.compile`` tracing nothing is recorded (a compiled training step stays one graph)."""
+    if torch.compiler.is_compiling():
+        return
     maps = _LOGDET_MAPS.get()
     if maps is not None:
         maps.append(values())
