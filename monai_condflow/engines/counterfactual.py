@@ -49,11 +49,11 @@ from monai_condflow.engines.generation import (
     nifti_bytes,
     png16_bytes,
 )
-from monai_condflow.evaluation.plots import image_grid
 from monai_condflow.metrics.auc import binary_auc
 from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics, novelty_map
 from monai_condflow.networks.embeddings import compute_embeddings
 from monai_condflow.networks.nets.counterfactual import TARGET_MODES, target_conditions
+from monai_condflow.transforms.grid import make_grid
 from monai_condflow.utils.distributed import unwrap_model
 from monai_condflow.utils.io import atomic_write_text
 
@@ -240,7 +240,8 @@ def _write_heat_maps(folder: Path, maps: torch.Tensor, images: torch.Tensor, sco
         for i in range(maps.shape[0]):
             _write_new_file(staging / f"heat_{i:06d}.nii.gz", nifti_bytes(maps[i]))
         shown = (0.5 + maps[top] / (2 * scale)).clamp(0, 1)
-        image_grid(staging / "overview.png", torch.cat([images[top, 0], shown]), nrow=len(top))
+        grid = make_grid(torch.cat([images[top, 0].clamp(0, 1), shown]), nrow=len(top), padding=2, pad_value=1.0)
+        _write_new_file(staging / "overview.png", png16_bytes(grid.astype("float64") / 255.0))
         _swap_into_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
