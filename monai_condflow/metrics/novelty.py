@@ -72,14 +72,18 @@ def png_bits_per_dim(x: Tensor, n_bits: int = 8) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _level_bpd(flow: torch.nn.Module, x: Tensor, condition: Tensor | None) -> Tensor:
-    was_training = flow.training
-    flow.eval()
+def _in_eval(net: torch.nn.Module, method: str, x: Tensor, condition: Tensor | None) -> Tensor:
+    """``net.<method>(x, condition)`` in eval mode (the mode is restored), as float64 on the CPU."""
+    was_training = net.training
+    net.eval()
     try:
-        cols = flow.level_log_probs(x, condition).double().cpu()
+        return getattr(net, method)(x, condition).double().cpu()
     finally:
-        flow.train(was_training)
-    return -cols / (x[0].numel() * math.log(2.0))
+        net.train(was_training)
+
+
+def _level_bpd(flow: torch.nn.Module, x: Tensor, condition: Tensor | None) -> Tensor:
+    return -_in_eval(flow, "level_log_probs", x, condition) / (x[0].numel() * math.log(2.0))
 
 
 @torch.no_grad()
@@ -133,17 +137,9 @@ def novelty_map(
     Returns:
         ``[B, *spatial]`` float64 on the CPU; larger = more unusual there.
     """
-    out = None
-    for net, sign in ((flow, -1.0), (background, 1.0)):
-        if net is None:
-            continue
-        was_training = net.training
-        net.eval()
-        try:
-            part = net.log_prob_map(x, condition).double().cpu() * (sign / math.log(2.0))
-        finally:
-            net.train(was_training)
-        out = part if out is None else out + part
+    out = -_in_eval(flow, "log_prob_map", x, condition) / math.log(2.0)
+    if background is not None:
+        out = out + _in_eval(background, "log_prob_map", x, condition) / math.log(2.0)
     if reference_mean is not None:
         out = out - reference_mean.double().cpu()
     return out

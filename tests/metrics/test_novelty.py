@@ -25,6 +25,16 @@ from tests.networks.nets.test_conditional_glow import conditions, images
 from tests.networks.nets.test_counterfactual import trained_like
 
 
+def perturbed_background() -> torch.nn.Module:
+    """A second flow: the trained-like flow with every parameter moved a little (seeded)."""
+    background = trained_like()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in background.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return background
+
+
 def test_flow_statistics_match_bits_per_dim_and_png_length():
     flow = trained_like()
     x, z = images(3, 8).double(), conditions(3).double()
@@ -60,12 +70,7 @@ def test_scores_against_a_brute_force_computation():
 
 
 def test_likelihood_ratio_is_bpd_minus_the_background_flows_bpd():
-    flow = trained_like()
-    torch.manual_seed(7)
-    background = trained_like()
-    with torch.no_grad():
-        for p in background.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    flow, background = trained_like(), perturbed_background()
     x, z = images(3, 8).double(), conditions(3).double()
     stats = flow_statistics(flow, x, z, background=background)
     assert torch.allclose(stats["background_bpd"], background.eval().bits_per_dim(x, z).double(), atol=1e-9)
@@ -79,12 +84,7 @@ def test_likelihood_ratio_is_bpd_minus_the_background_flows_bpd():
 
 
 def test_novelty_map_is_the_per_pixel_share_of_bits_and_of_the_likelihood_ratio():
-    flow = trained_like()
-    torch.manual_seed(7)
-    background = trained_like()
-    with torch.no_grad():
-        for p in background.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    flow, background = trained_like(), perturbed_background()
     x, z = images(3, 8).double(), conditions(3).double()
     stats = flow_statistics(flow, x, z, background=background)
     own = novelty_map(flow, x, z)
