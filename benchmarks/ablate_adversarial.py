@@ -73,7 +73,7 @@ def fine_tune(
         prepare_batch=ConditionPrepareBatch(classifier=classifier), adversarial_weight=args.adv_weight,
         consistency_weight=args.cls_weight, range_weight=args.range_weight, temperature=args.train_temperature,
         shift=args.shift, max_grad_norm=args.clip, ema=ModelEMA(flow, decay=args.ema), seed=seed,
-        likelihood_batch_size=args.likelihood_batch,
+        likelihood_batch_size=args.likelihood_batch, likelihood_every=args.likelihood_every,
     )  # fmt: skip
     log: dict[str, list] = {"step": [], "bpd": [], "d_loss": [], "g_adv": [], "cls": [], "excess": []}
     t0 = time.perf_counter()
@@ -125,6 +125,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--likelihood-batch", type=int, default=None, help="images of a batch in the likelihood term")
+    p.add_argument(
+        "--likelihood-every", type=int, default=1, help="the likelihood term on every k-th step only (weighted by k)"
+    )
     p.add_argument("--d-channels", type=int, nargs="+", default=None, help="discriminator widths (default: its own)")
     p.add_argument("--d-high-pass", action="store_true", help="the discriminator also reads x - mean_3x3(x)")
     p.add_argument("--lr", type=float, default=1e-4)

@@ -195,6 +195,10 @@ class AdversarialFlowTrainer(Trainer):
         seed: seed of the phase's own CPU generator (latents and translations; the rank is added).
         likelihood_batch_size: images of each (per-rank) batch in the likelihood term (the first ones; ``None``: all).
             The adversarial terms still read the whole batch; a smaller likelihood batch makes a step cheaper.
+        likelihood_every: compute the likelihood term on every ``k``-th step only (steps 1, 1 + k, ...), weighted by
+            ``k`` so that its time average is unchanged; the steps between skip the likelihood's forward and
+            backward pass (the step's most expensive part after the inverse). ``output["loss"]`` repeats the last
+            computed bits/dim on the skipped steps.
         kwargs: other ``Trainer`` arguments (``handlers`` ...).
     """
 
@@ -219,6 +223,7 @@ class AdversarialFlowTrainer(Trainer):
         ema: ModelEMA | None = None,
         seed: int = 0,
         likelihood_batch_size: int | None = None,
+        likelihood_every: int = 1,
         **kwargs: Any,
     ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -247,6 +252,10 @@ class AdversarialFlowTrainer(Trainer):
         if lik is not None and (isinstance(lik, bool) or not isinstance(lik, int) or lik < 1):
             raise ValueError(f"likelihood_batch_size must be None or an integer >= 1, got {lik!r}.")
         self.likelihood_batch_size = likelihood_batch_size
+        if isinstance(likelihood_every, bool) or not isinstance(likelihood_every, int) or likelihood_every < 1:
+            raise ValueError(f"likelihood_every must be an integer >= 1, got {likelihood_every!r}.")
+        self.likelihood_every = likelihood_every
+        self._last_bpd = float("nan")
         self.ema = ema
         self.generator = torch.Generator().manual_seed(int(seed) + 1000 * get_rank())
         self.state.skipped_steps = 0
@@ -276,10 +285,15 @@ class AdversarialFlowTrainer(Trainer):
         average_gradients(disc)
         engine.d_optimizer.step()
         # flow step: likelihood + adversarial + range (+ consistency)
-        k = x.shape[0] if engine.likelihood_batch_size is None else min(engine.likelihood_batch_size, x.shape[0])
-        bpd = engine.nll(x[:k], None if cond is None else cond[:k]).mean()
+        every = engine.likelihood_every
+        bpd = None
+        if (engine.state.iteration - 1) % every == 0:  # the same decision on every rank
+            k = x.shape[0] if engine.likelihood_batch_size is None else min(engine.likelihood_batch_size, x.shape[0])
+            bpd = engine.nll(x[:k], None if cond is None else cond[:k]).mean()
+            engine._last_bpd = float(bpd.detach())
         g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
-        loss = bpd + engine.adversarial_weight * g_adv + engine.range_weight * excess
+        adv = engine.adversarial_weight * g_adv
+        loss = (adv if bpd is None else (bpd if every == 1 else every * bpd) + adv) + engine.range_weight * excess
         consistency = torch.zeros((), device=x.device)
         if engine.consistency_weight > 0 and cond is not None:
             consistency = 1 - F.cosine_similarity(engine.classifier.embed(fake.clamp(0, 1)), z, dim=1).mean()
@@ -300,7 +314,7 @@ class AdversarialFlowTrainer(Trainer):
                 engine.ema.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return StepOutput({
-            "loss": float(bpd.detach()), "d_loss": float(d_loss.detach()), "g_adversarial": float(g_adv.detach()),
+            "loss": engine._last_bpd, "d_loss": float(d_loss.detach()), "g_adversarial": float(g_adv.detach()),
             "consistency": float(consistency.detach()), "excess": float(excess.detach()), "grad_norm": float(norm),
             "skipped": skipped,
         })  # fmt: skip

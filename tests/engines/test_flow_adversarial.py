@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ignite.engine import Events
 
 from monai_condflow.engines.flow_adversarial import (
     LIKELIHOOD_MODEL_FILE,
@@ -186,6 +187,44 @@ def test_likelihood_term_reads_the_first_images_of_the_batch_only():
     assert trainer.state.output["loss"] == pytest.approx(means[-1])
     with pytest.raises(ValueError, match="likelihood_batch_size"):
         _trainer(likelihood_batch_size=0)
+
+
+def test_likelihood_every_k_steps_counts_k_times():
+    """``likelihood_every`` k: the likelihood's forward runs on steps 1, 1 + k, ... only, its gradient there is k times
+    the every-step one (the time average is unchanged), and the skipped steps report the last computed bits/dim."""
+    grads = {}
+    for every in (1, 2):
+        trainer, flow, _, _ = _trainer(
+            steps=1, adversarial_weight=0.0, range_weight=0.0, max_grad_norm=None, likelihood_every=every
+        )
+        step = trainer.optimizer.step
+        trainer.optimizer.step = lambda *a, _s=step, _e=every, _f=flow, **k: (
+            grads.setdefault(_e, [p.grad.clone() for p in _f.parameters() if p.grad is not None]),
+            _s(*a, **k),
+        )
+        trainer.run()
+    assert len(grads[1]) == len(grads[2]) > 0
+    assert any(g.abs().max() > 0 for g in grads[1])
+    for g1, g2 in zip(grads[1], grads[2]):
+        torch.testing.assert_close(g2, 2 * g1, rtol=1e-6, atol=0.0)
+
+    trainer, _, _, _ = _trainer(steps=5, likelihood_every=2)
+    real_nll, means, reported = trainer.nll, [], []
+
+    def _nll(x, cond):
+        out = real_nll(x, cond)
+        means.append((trainer.state.iteration, float(out.mean())))
+        return out
+
+    trainer.nll = _nll
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: reported.append(e.state.output["loss"]))
+    trainer.run()
+    assert [i for i, _ in means] == [1, 3, 5]
+    expected = [means[0][1], means[0][1], means[1][1], means[1][1], means[2][1]]
+    assert reported == pytest.approx(expected)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="likelihood_every"):
+            _trainer(likelihood_every=bad)
 
 
 def test_trainer_refuses_bad_settings():
