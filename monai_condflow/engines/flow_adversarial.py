@@ -127,7 +127,7 @@ def average_gradients(module: torch.nn.Module) -> None:
 def check_adversarial(
     steps: Any, adversarial_weight: Any, consistency_weight: Any, range_weight: Any, temperature: Any, lr: Any,
     discriminator_lr: Any, shift: Any, sampling_prior_shrinkage: Any = None, batch_size: Any = 1,
-    high_pass: Any = False,
+    high_pass: Any = False, likelihood_every: Any = 1,
 ) -> bool:  # fmt: skip
     """Validate the ``adversarial_*`` ids of ``train_flow.json``; raises ``ConfigValueError`` naming the key.
 
@@ -143,6 +143,8 @@ def check_adversarial(
         raise bad("adversarial_shift", shift, "an integer >= 0")
     if not isinstance(high_pass, bool):
         raise bad("discriminator_high_pass", high_pass, "true or false")
+    if isinstance(likelihood_every, bool) or not isinstance(likelihood_every, int) or likelihood_every < 1:
+        raise bad("adversarial_likelihood_every", likelihood_every, "an integer >= 1 (1: every step)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise bad("adversarial_batch_size", batch_size, "an integer >= 1 (images decoded and read per step)")
     for key, value in (("adversarial_weight", adversarial_weight), ("consistency_weight", consistency_weight),

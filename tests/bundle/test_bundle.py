@@ -198,6 +198,12 @@ def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_ru
     assert parser.get_parsed_content("adversarial#discriminator").high_pass is True
     assert parser.get_parsed_content("adversarial#discriminator").features[0].in_channels == 2
     assert parser.get_parsed_content("adversarial#d_optimizer").param_groups[0]["lr"] == pytest.approx(4e-4)
+    # the likelihood term on every k-th step of the phase (default: every step)
+    phase = {**common, "adversarial_steps": 2}
+    parser = _workflow(["train_flow.json"], **phase).parser
+    assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 1
+    parser = _workflow(["train_flow.json"], **phase, adversarial_likelihood_every=2).parser
+    assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 2
     parser = _workflow(["train_flow.json"], **{**common, "adversarial_steps": 0}).parser
     assert parser.get_parsed_content("adversarial#dataloader") is None
     parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=100_000).parser
@@ -362,6 +368,7 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"sampling_prior_shrinkage": 1.5}, ConfigValueError, "'sampling_prior_shrinkage'"),
         (["train_flow.json"], {"adversarial_batch_size": 0}, ConfigValueError, "'adversarial_batch_size'"),
         (["train_flow.json"], {"discriminator_high_pass": "no"}, ConfigValueError, "'discriminator_high_pass'"),
+        (["train_flow.json"], {"adversarial_likelihood_every": 0}, ConfigValueError, "'adversarial_likelihood_every'"),
         (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
         (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),

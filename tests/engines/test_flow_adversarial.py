@@ -310,6 +310,8 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, 0.3), "sampling_prior_shrinkage"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 0), "adversarial_batch_size"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 8.0), "adversarial_batch_size"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, 0), "adversarial_likelihood_every"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, True), "adversarial_likelihood_every"),
     ],
 )
 def test_config_checks_name_the_key(args, key):
