@@ -367,6 +367,7 @@ def run_adversarial_phase(
         "range_weight": trainer.range_weight,
         "temperature": trainer.temperature,
         "shift": trainer.shift,
+        "likelihood_every": trainer.likelihood_every,
         "ema_decay": float(ema_decay),
         "skipped_steps": int(trainer.state.skipped_steps),
         "seconds": round(seconds, 1),
