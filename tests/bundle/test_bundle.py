@@ -466,12 +466,15 @@ def test_multi_gpu_overlays_run_under_torchrun(dataset, trained_run, tmp_path):
     assert cls.returncode == 0, cls.stderr[-3000:]
     assert (out / "classifier" / "model.pt").is_file()
     assert "rank 1 of 2" in cls.stderr + cls.stdout
-    flow = _torchrun(["train_flow.json", "multi_gpu_train_flow.json"], {**common, **TINY_FLOW})
+    # the phase's second step skips the likelihood term: the ranks must take that decision together
+    flow = _torchrun(["train_flow.json", "multi_gpu_train_flow.json"], {**common, **TINY_FLOW,
+                     "adversarial_likelihood_every": 2})  # fmt: skip
     assert flow.returncode == 0, flow.stderr[-3000:]
     assert (out / "flow" / "model.pt").is_file()
     # the adversarial phase ran on both ranks (gradients averaged) after the likelihood epochs
     info = json.loads((out / "flow" / "flow.json").read_text())
     assert info["adversarial"]["steps"] == TINY_FLOW["adversarial_steps"] and info["adversarial"]["skipped_steps"] == 0
+    assert info["adversarial"]["likelihood_every"] == 2
     assert info["selected"].endswith(f"+ adversarial fine-tuning ({TINY_FLOW['adversarial_steps']} steps)")
     assert (out / "flow" / "model_likelihood.pt").is_file()
 
