@@ -40,22 +40,11 @@ from monai_condflow.networks.blocks.pixel_spline import PixelSpline  # noqa: E40
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
 
-def row_by_row_knots(self: PixelSpline, offsets: torch.Tensor | None = None):
-    """The peer: the knots with the softmax and the cumulative sum over the last (bins) dimension."""
-    span, k = 2 * self.tail_bound, self.num_bins
-    widths, heights, derivatives = self.widths, self.heights, self.derivatives
-    if offsets is not None:
-        dw, dh, dd = offsets.split([k, k, k - 1], dim=-1)
-        widths, heights, derivatives = widths + dw, heights + dh, derivatives + dd
-
-    def cumulative(raw: torch.Tensor) -> torch.Tensor:
-        size = self.min_bin + (1 - self.min_bin * k) * torch.softmax(raw, dim=-1)
-        edges = F.pad(torch.cumsum(size, dim=-1), (1, 0)) * span - self.tail_bound
-        return torch.cat([edges[..., :-1], torch.full_like(edges[..., -1:], self.tail_bound)], dim=-1)
-
-    inner = F.softplus(derivatives) + self.min_derivative
-    ones = torch.ones_like(inner[..., :1])
-    return cumulative(widths), cumulative(heights), torch.cat([ones, inner, ones], dim=-1)
+def row_by_row_edges(self: PixelSpline, raw: torch.Tensor) -> torch.Tensor:
+    """The peer: ``PixelSpline._bin_edges`` with the softmax and the cumulative sum over the last (bins) dimension."""
+    size = self.min_bin + (1 - self.min_bin * self.num_bins) * torch.softmax(raw, dim=-1)
+    edges = F.pad(torch.cumsum(size, dim=-1), (1, 0)) * (2 * self.tail_bound) - self.tail_bound
+    return torch.cat([edges[..., :-1], torch.full_like(edges[..., -1:], self.tail_bound)], dim=-1)
 
 
 def _median_ms(fn: Callable[[], None], reps: int) -> float:
@@ -95,12 +84,12 @@ def run(batch: int, reps: int, size: int = 64, seed: int = 0) -> dict:
         with torch.no_grad():
             return (*spline(v, z), flow.log_prob(x, z), flow.inverse(nu, z, x.shape[2:])[0])
 
-    ours_knots = PixelSpline._knots
+    ours_edges = PixelSpline._bin_edges
     results: dict[str, dict[str, float]] = {}
     try:
-        PixelSpline._knots = row_by_row_knots
+        PixelSpline._bin_edges = row_by_row_edges
         peer_out = outputs()
-        PixelSpline._knots = ours_knots
+        PixelSpline._bin_edges = ours_edges
         ours_out = outputs()
         names = ("spline_output", "spline_logdet", "log_prob", "decoded_image")
         max_diff = {n: float((a - b).abs().max()) for n, a, b in zip(names, ours_out, peer_out)}
@@ -108,17 +97,17 @@ def run(batch: int, reps: int, size: int = 64, seed: int = 0) -> dict:
         for name, fn in (("spline", spline_step), ("train_step", train_step), ("decode_step", decode_step)):
             ms = {"ours": [], "peer": []}
             for _ in range(2):  # warm-up of both
-                for impl in (ours_knots, row_by_row_knots):
-                    PixelSpline._knots = impl
+                for impl in (ours_edges, row_by_row_edges):
+                    PixelSpline._bin_edges = impl
                     fn()
             for _ in range(reps):  # alternating, so drifts of a shared machine hit both
-                for key, impl in (("ours", ours_knots), ("peer", row_by_row_knots)):
-                    PixelSpline._knots = impl
+                for key, impl in (("ours", ours_edges), ("peer", row_by_row_edges)):
+                    PixelSpline._bin_edges = impl
                     ms[key].append(_median_ms(fn, 1))
             ours, peer = sorted(ms["ours"])[reps // 2], sorted(ms["peer"])[reps // 2]
             results[name] = {"ours_ms": round(ours, 2), "peer_ms": round(peer, 2), "speedup": round(peer / ours, 3)}
     finally:
-        PixelSpline._knots = ours_knots
+        PixelSpline._bin_edges = ours_edges
     flow.zero_grad(set_to_none=True)
     return {"batch": batch, "size": size, "reps": reps, "max_abs_diff": max_diff, **results}
 

@@ -295,7 +295,7 @@ class AdversarialFlowTrainer(Trainer):
             engine._last_bpd = float(bpd.detach())
         g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
         adv = engine.adversarial_weight * g_adv
-        loss = (adv if bpd is None else (bpd if every == 1 else every * bpd) + adv) + engine.range_weight * excess
+        loss = (adv if bpd is None else every * bpd + adv) + engine.range_weight * excess
         consistency = torch.zeros((), device=x.device)
         if engine.consistency_weight > 0 and cond is not None:
             consistency = 1 - F.cosine_similarity(engine.classifier.embed(fake.clamp(0, 1)), z, dim=1).mean()

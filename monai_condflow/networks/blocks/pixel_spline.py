@@ -100,23 +100,25 @@ class PixelSpline(FlowLayer):
         return grid.view(x.shape[0], c, k, *grid.shape[2:]).movedim(2, -1)
 
     def _knots(self, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        span, k = 2 * self.tail_bound, self.num_bins
+        k = self.num_bins
         widths, heights, derivatives = self.widths, self.heights, self.derivatives
         if offsets is not None:
             dw, dh, dd = offsets.split([k, k, k - 1], dim=-1)
             widths, heights, derivatives = widths + dw, heights + dh, derivatives + dd
-
-        def cumulative(raw: Tensor) -> Tensor:
-            # computed with the bins moved in front of the positions: PyTorch's CPU softmax over a short last
-            # dimension goes row by row (8 bins at 64 x 64: 3x slower forward and backward, docs/performance.md)
-            size = self.min_bin + (1 - self.min_bin * k) * torch.softmax(raw.movedim(-1, 0), dim=0)
-            inner = torch.cumsum(size[:-1], dim=0) * span - self.tail_bound
-            ends = torch.full_like(inner[:1], self.tail_bound)
-            return torch.cat([-ends, inner, ends], dim=0).movedim(0, -1).contiguous()
-
         inner = F.softplus(derivatives) + self.min_derivative
         ones = torch.ones_like(inner[..., :1])
-        return cumulative(widths), cumulative(heights), torch.cat([ones, inner, ones], dim=-1)
+        return self._bin_edges(widths), self._bin_edges(heights), torch.cat([ones, inner, ones], dim=-1)
+
+    def _bin_edges(self, raw: Tensor) -> Tensor:
+        """Knot positions ``[..., num_bins + 1]`` from raw bin sizes ``[..., num_bins]``: softmax (each bin at least
+        ``min_bin``), cumulative sum, scaled to ``[-tail_bound, tail_bound]``. Computed with the bins moved in front of
+        the positions: PyTorch's CPU softmax over a short last dimension goes row by row (8 bins at 64 x 64: 3x
+        slower forward and backward; ``benchmarks/bench_pixel_spline.py``, docs/performance.md)."""
+        k, span = self.num_bins, 2 * self.tail_bound
+        size = self.min_bin + (1 - self.min_bin * k) * torch.softmax(raw.movedim(-1, 0), dim=0)
+        inner = torch.cumsum(size[:-1], dim=0) * span - self.tail_bound
+        ends = torch.full_like(inner[:1], self.tail_bound)
+        return torch.cat([-ends, inner, ends], dim=0).movedim(0, -1).contiguous()
 
     def _check(self, x: Tensor) -> None:
         if x.shape[1:] != self.widths.shape[:-1]:
