@@ -293,15 +293,24 @@ class AdversarialFlowTrainer(Trainer):
             k = x.shape[0] if engine.likelihood_batch_size is None else min(engine.likelihood_batch_size, x.shape[0])
             bpd = engine.nll(x[:k], None if cond is None else cond[:k]).mean()
             engine._last_bpd = float(bpd.detach())
-        g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
-        adv = engine.adversarial_weight * g_adv
-        loss = (adv if bpd is None else every * bpd + adv) + engine.range_weight * excess
-        consistency = torch.zeros((), device=x.device)
-        if engine.consistency_weight > 0 and cond is not None:
-            consistency = 1 - F.cosine_similarity(engine.classifier.embed(fake.clamp(0, 1)), z, dim=1).mean()
-            loss = loss + engine.consistency_weight * consistency
-        engine.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # the flow's step needs dD/dx only: the critic's weights are frozen meanwhile, so its weight gradients are
+        # neither computed nor accumulated (the flow's gradient is unchanged; benchmarks/bench_channels_last.py)
+        trainable = [p for p in disc.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
+            adv = engine.adversarial_weight * g_adv
+            loss = (adv if bpd is None else every * bpd + adv) + engine.range_weight * excess
+            consistency = torch.zeros((), device=x.device)
+            if engine.consistency_weight > 0 and cond is not None:
+                consistency = 1 - F.cosine_similarity(engine.classifier.embed(fake.clamp(0, 1)), z, dim=1).mean()
+                loss = loss + engine.consistency_weight * consistency
+            engine.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         average_gradients(flow)
         params = [p for p in flow.parameters() if p.grad is not None]

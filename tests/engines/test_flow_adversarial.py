@@ -91,6 +91,25 @@ def test_projection_discriminator_uses_the_condition_and_checks_shapes():
         ProjectionDiscriminator(1, 1, 8)
 
 
+def test_projection_discriminator_channels_last_weights_same_logits():
+    """2-D critics keep their convolution weights channels-last by default; the logits and the input gradient match
+    a contiguous-layout critic with the same weights (``channels_last=False``)."""
+    torch.manual_seed(0)
+    fast = ProjectionDiscriminator(2, 1, 8, channels=(4, 8), high_pass=True).eval()
+    plain = ProjectionDiscriminator(2, 1, 8, channels=(4, 8), high_pass=True, channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    stem = fast.features[0].parametrizations.weight.original
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    assert plain.features[0].parametrizations.weight.original.is_contiguous()
+    x, z = torch.rand(3, 1, 8, 8, requires_grad=True), torch.randn(3, 8)
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = fast(x, z), plain(x2, z)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_projection_discriminator_high_pass_channel_by_hand():
     """``high_pass``: the stem also reads ``x - mean_3x3(x)`` (borders average the pixels inside the image)."""
     disc = ProjectionDiscriminator(2, 1, 8, channels=(4, 8), high_pass=True).eval()
@@ -143,6 +162,53 @@ def test_trainer_updates_flow_and_discriminator_and_keeps_the_inverse_exact():
         nu, _ = flow(x, z)
         back, _ = flow.inverse(nu, z)
     assert torch.allclose(back, x, atol=1e-4)
+
+
+def test_flow_step_freezes_the_critic_and_keeps_the_flow_gradient():
+    """The flow's step reads dD/dx only: the critic's gradients after an iteration are those of its own step (the
+    flow's pass adds nothing), a parameter the user froze stays frozen, and the flow's gradient equals the one
+    computed with the critic's weights trainable."""
+    trainer, flow, disc, _ = _trainer(steps=1)
+    disc.head.parametrizations.weight.original.requires_grad_(False)  # frozen by the user
+    d_grads, flow_grads = [], []
+    d_step, f_step = trainer.d_optimizer.step, trainer.optimizer.step
+    trainer.d_optimizer.step = lambda *a, **k: (
+        d_grads.extend(p.grad.clone() for p in disc.parameters() if p.grad is not None),
+        d_step(*a, **k),
+    )
+    trainer.optimizer.step = lambda *a, **k: (
+        flow_grads.extend(p.grad.clone() for p in flow.parameters() if p.grad is not None),
+        f_step(*a, **k),
+    )
+    trainer.run()
+    after = [p.grad for p in disc.parameters() if p.grad is not None]
+    assert len(after) == len(d_grads) > 0
+    for a, b in zip(after, d_grads):
+        assert torch.equal(a, b)
+    assert not disc.head.parametrizations.weight.original.requires_grad
+    assert all(p.requires_grad for n, p in disc.named_parameters() if not n.startswith("head."))
+
+    class Unfreezable(torch.nn.Module):  # hides the critic's parameters from the trainer's freezing
+        def __init__(self, inner):
+            super().__init__()
+            object.__setattr__(self, "inner", inner)
+
+        def forward(self, x, cond=None):
+            return self.inner(x, cond)
+
+    ref, ref_flow, ref_disc, _ = _trainer(steps=1)
+    ref_disc.head.parametrizations.weight.original.requires_grad_(False)
+    ref.discriminator = Unfreezable(ref_disc)
+    ref_grads, r_step = [], ref.optimizer.step
+    ref.optimizer.step = lambda *a, **k: (
+        ref_grads.extend(p.grad.clone() for p in ref_flow.parameters() if p.grad is not None),
+        r_step(*a, **k),
+    )
+    ref.run()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in ref_disc.parameters())  # it did accumulate
+    assert len(ref_grads) == len(flow_grads) > 0
+    for a, b in zip(flow_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_range_term_pulls_overflowing_samples_back():

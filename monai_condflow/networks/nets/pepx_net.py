@@ -120,6 +120,11 @@ class PEPXNet(nn.Module):
         dropout: dropout probability before the embedding layer.
         stem_kernel_size: kernel size of the stem convolution (COVIDNet: 7).
         stem_stride: stride of the stem convolution (COVIDNet: 2; the `small` preset uses 1 at 64 px).
+        channels_last: with ``spatial_dims=2``, keep the convolution weights in channels-last layout, so that every
+            convolution (and the activations between them) runs in oneDNN's NHWC kernels, whatever the input's
+            layout. Same values; measured 1.07-1.4x faster training steps of the `small` preset on 2 CPU threads,
+            whose depth-wise convolutions are slow in the contiguous layout (``benchmarks/bench_channels_last.py``).
+            ``False`` keeps PyTorch's default layout.
 
     Shapes:
         input ``[B, in_channels, *S]``; :meth:`forward` -> ``[B, out_channels]``; :meth:`embed` and
@@ -150,6 +155,7 @@ class PEPXNet(nn.Module):
         dropout: float = 0.0,
         stem_kernel_size: int = 7,
         stem_stride: int = 2,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -201,6 +207,8 @@ class PEPXNet(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.embedding = nn.Linear(previous, embedding_dim)
         self.head = nn.Linear(embedding_dim, out_channels)
+        if channels_last and spatial_dims == 2:
+            self.to(memory_format=torch.channels_last)  # 4-D weights only; values unchanged
 
     @classmethod
     def preset_names(cls) -> tuple[str, ...]:

@@ -38,6 +38,9 @@ class ProjectionDiscriminator(nn.Module):
         channels: widths of the stride-2 stages; images need sides divisible by ``2 ** len(channels)``.
         high_pass: also feed the stem the high-pass residual ``x - mean_3x3(x)`` (extra channels), so that pixel-scale
             patterns (speckle, grids) reach the first layer unmixed with the anatomy's intensities.
+        channels_last: with ``spatial_dims=2``, keep the convolution weights in channels-last layout (oneDNN's NHWC
+            kernels; same values, measured 1.1-1.2x faster for the adversarial phase's critic passes on 2 CPU
+            threads, ``benchmarks/bench_channels_last.py``). ``False`` keeps PyTorch's default layout.
 
     Example::
 
@@ -52,6 +55,7 @@ class ProjectionDiscriminator(nn.Module):
         condition_dim: int = 32,
         channels: Sequence[int] = (32, 64, 128, 128),
         high_pass: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -75,6 +79,8 @@ class ProjectionDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = spectral_norm(nn.Linear(prev, 1))
         self.embed = spectral_norm(nn.Linear(condition_dim, prev, bias=False)) if condition_dim else None
+        if channels_last and spatial_dims == 2:
+            self.to(memory_format=torch.channels_last)  # 4-D weights only; values unchanged
 
     def _input(self, x: Tensor) -> Tensor:
         """``x``, with its high-pass residual ``x - mean_3x3(x)`` as extra channels when ``high_pass``."""

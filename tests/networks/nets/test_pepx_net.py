@@ -178,6 +178,35 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(clone.embed(x), net.embed(x), rtol=0, atol=0)
 
 
+def test_channels_last_weights_same_outputs_and_gradients():
+    """2-D nets keep their convolution weights channels-last by default (oneDNN's NHWC kernels); outputs and
+    gradients match a float64 copy of the same net; ``channels_last=False`` keeps the default layout; 3-D nets are
+    left alone."""
+    torch.manual_seed(0)
+    fast = PEPXNet.from_preset("small")
+    plain = PEPXNet.from_preset("small", channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    # the stem and the depth-wise kernels have one input channel, so is_contiguous() holds in both layouts: the
+    # channel stride tells them apart (1 in channels-last, kernel height x width in the default layout)
+    spatial = [w for w in convs if w.shape[2] * w.shape[3] > 1]
+    assert spatial and all(w.stride(1) == 1 for w in spatial)
+    plain_spatial = [m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[2] > 1]
+    assert all(w.is_contiguous() and w.stride(1) == w.shape[2] * w.shape[3] for w in plain_spatial)
+    reference = plain.double()
+    x, y = torch.rand(4, 1, 64, 64), torch.tensor([0, 1, 1, 0])
+    out, out_ref = fast(x), reference(x.double())
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-5)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(out_ref, y).backward()
+    scale = max(float(p.grad.abs().max()) for p in reference.parameters())
+    for (name, a), b in zip(fast.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-4 * scale, msg=name)
+    volume = PEPXNet(3, 1, 2, **TINY)
+    assert all(m.weight.is_contiguous() for m in volume.modules() if isinstance(m, torch.nn.Conv3d))
+
+
 def test_3d_tiny_volume_backward():
     net = PEPXNet(3, 1, 2, **TINY)
     x = torch.rand(2, 1, 8, 8, 8)
