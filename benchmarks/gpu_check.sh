@@ -48,12 +48,13 @@ status=0
 if [ "$CPU" = 1 ]; then
   $PY benchmarks/gpu_check.py --cpu --out "$OUT_DIR" || status=1
   E2E_ARGS=(--num-images 240 --num-labels 10 --set max_epochs=1 --set batch_size=16
-            --stage-set evaluation.n_synthetic_sets=1 --stage-set evaluation.n_bootstrap=20
+            --stage-set flow.adversarial_steps=2 --stage-set evaluation.n_synthetic_sets=1 --stage-set evaluation.n_bootstrap=20
             --stage-set evaluation.augmentation=false)
   E2E_TIMEOUT=${E2E_TIMEOUT:-600}
 else
   $PY benchmarks/gpu_check.py --out "$OUT_DIR" ${GPU_CHECK_ARGS:-} || status=1
-  E2E_ARGS=(--num-images 300 --set max_epochs=2 --stage-set flow.cuda_graphs=true --stage-set generation.cuda_graphs=true)
+  E2E_ARGS=(--num-images 300 --set max_epochs=2 --stage-set flow.adversarial_steps=20 --stage-set flow.cuda_graphs=true
+            --stage-set generation.cuda_graphs=true)
   E2E_TIMEOUT=${E2E_TIMEOUT:-200}
 fi
 

@@ -533,8 +533,8 @@ def test_every_stage_stacks_common_json_first_and_the_data_lists_live_only_there
 
 def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     """Issue 15: the pipeline adds no epoch overrides; the stage configs hold the main job's budget, so a stage run
-    by hand trains exactly as the main job does (classifier 30 epochs + 3 rounds of 6, flow 45 epochs without
-    the adversarial phase, evaluation 15 epochs and 2 synthetic sets)."""
+    by hand trains exactly as the main job does (classifier 30 epochs + 3 rounds of 6, flow 45 epochs and
+    900 steps of adversarial fine-tuning, evaluation 15 epochs and 2 synthetic sets)."""
     from monai.bundle import ConfigParser
 
     assert all(not v for v in CPU_BUDGET.values())
@@ -551,7 +551,12 @@ def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     semi = ["train_classifier.json", "train_semisupervised.json"]
     assert (value(semi, "epochs_per_round"), value(semi, "max_rounds")) == (6, 3)
     assert value(["train_flow.json"], "max_epochs") == 45 and value(["train_flow.json"], "sample_every") == 5
-    assert value(["train_flow.json"], "adversarial_steps") == 0
+    phase = {k: value(["train_flow.json"], k) for k in ("adversarial_steps", "adversarial_batch_size",
+             "adversarial_likelihood_every", "discriminator_high_pass", "discriminator_lr")}  # fmt: skip
+    assert phase == {"adversarial_steps": 900, "adversarial_batch_size": 16, "adversarial_likelihood_every": 2,
+                     "discriminator_high_pass": True, "discriminator_lr": 4e-4}  # fmt: skip
+    dp = ["train_flow.json", "train_flow_dp.json"]
+    assert value(dp, "adversarial_steps") == 0  # not private: off under DP-SGD
     assert value(["train_acgan.json"], "max_epochs") == 40
     assert value(["evaluate.json"], "max_epochs") == 15 and value(["evaluate.json"], "n_synthetic_sets") == 2
 

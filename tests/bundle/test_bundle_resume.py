@@ -130,7 +130,10 @@ def test_flow_stage_refuses_another_audit_holdout_before_writing_it(dataset, tmp
 def test_flow_stage_resumes_after_its_best_checkpoint_was_deleted(dataset, tmp_path):
     """The issue's reproducer through the bundle: 1 epoch, delete flow/model.pt (the best epoch's weights), rerun
     with max_epochs 3; the stage's folder then holds exactly model.pt and the state files."""
-    tiny_flow = {"flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8}}
+    tiny_flow = {
+        "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
+        "adversarial_steps": 0,
+    }
     common = {"dataset_dir": str(dataset), "output_dir": str(tmp_path), **TINY, **tiny_flow, "sample_every": 0}
     _classifier(dataset, tmp_path, 1)
     _run(["train_flow.json"], **common, max_epochs=1)

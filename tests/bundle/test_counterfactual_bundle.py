@@ -137,7 +137,7 @@ def test_novelty_likelihood_ratio_against_a_background_flow_trained_by_the_flow_
     background = out / "flow_background"
     _run(["train_flow.json"], **TINY, dataset_dir=str(data), output_dir=str(out), flow_dir=str(background),
          flow_overrides={"num_levels": 2, "num_steps": 1, "num_blocks": 1, "hidden_channels": 4},
-         sample_every=0)  # fmt: skip
+         sample_every=0, adversarial_steps=0)  # fmt: skip
     _bundle_run("novelty.json", data, out, "--novelty_statistic", "likelihood_ratio", "--background_flow_dir",
                 str(background), "--novel_labels", "[1]")  # fmt: skip
     summary = json.loads((out / "novelty" / "novelty.json").read_text())

@@ -166,7 +166,7 @@ def test_rounds_propagate_with_the_best_validation_weights(dataset, tmp_path, se
     embeddings of the best-validation weights so far, and ``model.pt`` (the flow's conditioner) holds those weights;
     off, the round's last weights do both (the paper)."""
     out = tmp_path / "run"
-    wf = _workflow(dataset, out, max_epochs=4, epochs_per_round=2, semi_select=select, lr=0.05)
+    wf = _workflow(dataset, out, max_epochs=4, epochs_per_round=2, semi_select=select, lr=0.03)
     wf.run()
     wf.finalize()
     info, labels, weights = _outputs(out)

@@ -39,6 +39,7 @@ TINY_FLOW = {
     "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
     "sample_every": 0,
     "warmup_epochs": 1,
+    "adversarial_steps": 0,
 }
 STAGES = {
     "flow": (["train_flow.json"], TINY_FLOW),
