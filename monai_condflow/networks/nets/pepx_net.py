@@ -123,8 +123,9 @@ class PEPXNet(nn.Module):
         channels_last: with ``spatial_dims=2``, keep the convolution weights in channels-last layout, so that every
             convolution (and the activations between them) runs in oneDNN's NHWC kernels, whatever the input's
             layout. Same values; measured 1.07-1.4x faster training steps of the `small` preset on 2 CPU threads,
-            whose depth-wise convolutions are slow in the contiguous layout (``benchmarks/bench_channels_last.py``).
-            ``False`` keeps PyTorch's default layout.
+            whose depth-wise convolutions are slow in the contiguous layout, and gradients at float32 rounding where
+            the contiguous layout's CPU backward is about 1 % off in the first layers
+            (``benchmarks/bench_channels_last.py``). ``False`` keeps PyTorch's default layout.
 
     Shapes:
         input ``[B, in_channels, *S]``; :meth:`forward` -> ``[B, out_channels]``; :meth:`embed` and

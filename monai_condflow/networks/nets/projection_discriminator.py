@@ -39,7 +39,7 @@ class ProjectionDiscriminator(nn.Module):
         high_pass: also feed the stem the high-pass residual ``x - mean_3x3(x)`` (extra channels), so that pixel-scale
             patterns (speckle, grids) reach the first layer unmixed with the anatomy's intensities.
         channels_last: with ``spatial_dims=2``, keep the convolution weights in channels-last layout (oneDNN's NHWC
-            kernels; same values, measured 1.1-1.2x faster for the adversarial phase's critic passes on 2 CPU
+            kernels; same values, measured 1.3x faster for the adversarial phase's critic passes on 2 CPU
             threads, ``benchmarks/bench_channels_last.py``). ``False`` keeps PyTorch's default layout.
 
     Example::
