@@ -40,8 +40,11 @@ def test_critic_passes_give_the_same_image_gradient_and_leave_the_critic_trainab
         grads.append(fake.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
     assert all(p.requires_grad for p in ours.parameters())
-    # the frozen flow-side pass leaves the critic's gradients as its hinge step made them; the peer's accumulate
-    assert not all(torch.equal(a.grad, b.grad) for a, b in zip(ours.parameters(), peer.parameters()))
+    # the frozen flow-side pass leaves the critic's gradients as its hinge step made them; the peer's accumulate the
+    # flow-side pass on top, far beyond the layouts' rounding
+    pairs = zip(ours.parameters(), peer.parameters())
+    worst = max(float((a.grad - b.grad).abs().max() / b.grad.abs().max()) for a, b in pairs)
+    assert worst > 1e-2
 
 
 class _SkewedGradient(torch.autograd.Function):
