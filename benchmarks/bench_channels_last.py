@@ -40,6 +40,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,7 +49,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
-from monai_condflow.engines.flow_adversarial import hinge_discriminator_loss, random_translate  # noqa: E402
+from monai_condflow.engines.flow_adversarial import (  # noqa: E402
+    frozen_parameters,
+    hinge_discriminator_loss,
+    random_translate,
+)
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet, ProjectionDiscriminator  # noqa: E402
 
 
@@ -112,14 +117,8 @@ def critic_passes(disc: torch.nn.Module, x: torch.Tensor, fake: torch.Tensor, z:
     )
     disc.zero_grad(set_to_none=True)
     d_loss.backward()
-    trainable = [p for p in disc.parameters() if p.requires_grad] if freeze else []
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
+    with frozen_parameters(disc) if freeze else nullcontext():
         (-disc(random_translate(fake, 3, gen), z).mean()).backward()
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def run(batch: int, reps: int, size: int = 64, classifier_batch: int = 32) -> dict:

@@ -41,7 +41,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ __all__ = [
     "AdversarialFlowTrainer",
     "average_gradients",
     "check_adversarial",
+    "frozen_parameters",
     "hinge_discriminator_loss",
     "random_translate",
     "range_excess",
@@ -99,6 +101,21 @@ def random_translate(x: torch.Tensor, shift: int, generator: torch.Generator | N
 def range_excess(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """Per-image sum of the squared distances of the pixels beyond ``[low, high]``: ``[B]`` (0 for an image inside)."""
     return (F.relu(x - high) + F.relu(low - x)).pow(2).flatten(1).sum(1)
+
+
+@contextmanager
+def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block ``module``'s trainable parameters do not require gradients; afterwards (also on an error)
+    exactly those are trainable again. A backward pass through ``module`` then computes the gradients of its inputs
+    only: the flow's adversarial pass through the critic needs ``dD/dx``, not the critic's weight gradients."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def hinge_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
@@ -293,12 +310,9 @@ class AdversarialFlowTrainer(Trainer):
             k = x.shape[0] if engine.likelihood_batch_size is None else min(engine.likelihood_batch_size, x.shape[0])
             bpd = engine.nll(x[:k], None if cond is None else cond[:k]).mean()
             engine._last_bpd = float(bpd.detach())
-        # the flow's step needs dD/dx only: the critic's weights are frozen meanwhile, so its weight gradients are
-        # neither computed nor accumulated (the flow's gradient is unchanged; benchmarks/bench_channels_last.py)
-        trainable = [p for p in disc.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-        try:
+        # the flow's step needs dD/dx only: the critic's weight gradients are neither computed nor accumulated (the
+        # flow's gradient is unchanged; benchmarks/bench_channels_last.py)
+        with frozen_parameters(disc):
             g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
             adv = engine.adversarial_weight * g_adv
             loss = (adv if bpd is None else every * bpd + adv) + engine.range_weight * excess
@@ -308,9 +322,6 @@ class AdversarialFlowTrainer(Trainer):
                 loss = loss + engine.consistency_weight * consistency
             engine.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         average_gradients(flow)
         params = [p for p in flow.parameters() if p.grad is not None]

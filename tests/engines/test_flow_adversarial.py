@@ -28,6 +28,7 @@ from monai_condflow.engines.flow_adversarial import (
     AdversarialFlowTrainer,
     average_gradients,
     check_adversarial,
+    frozen_parameters,
     hinge_discriminator_loss,
     random_translate,
     range_excess,
@@ -162,6 +163,19 @@ def test_trainer_updates_flow_and_discriminator_and_keeps_the_inverse_exact():
         nu, _ = flow(x, z)
         back, _ = flow.inverse(nu, z)
     assert torch.allclose(back, x, atol=1e-4)
+
+
+def test_frozen_parameters_restores_exactly_the_trainable_ones_also_on_an_error():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    net[1].bias.requires_grad_(False)
+    x = torch.randn(2, 3, requires_grad=True)
+    with frozen_parameters(net):
+        assert not any(p.requires_grad for p in net.parameters())
+        net(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in net.parameters())  # the input's gradient only
+    with pytest.raises(RuntimeError, match="boom"), frozen_parameters(net):
+        raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == [True, True, True, False]
 
 
 def test_flow_step_freezes_the_critic_and_keeps_the_flow_gradient():
