@@ -128,10 +128,12 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
         "class_agreement" (real-trained evaluation classifier on the synthetic images), "real_test_accuracy" (the
         same classifier on the real test split), "class_agreement_real_blurred" (on the real training images
-        blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones), "fid",
+        blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
+        "variety_ratio" (spread of the synthetic images of a class over the real ones'), "fid",
         "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
-        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "fid", "fid_ratio",
+        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "variety_ratio", "fid",
+        "fid_ratio",
         "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
         fractions).
     """
@@ -149,6 +151,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
             "class_agreement": finite_or_none(block.get("class_agreement")),
             "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
+            "variety_ratio": finite_or_none(block.get("variety_ratio")),
             "fid": fid,
             "fid_ratio": ratio,
             "images_with_overflow": samples.get("images_with_overflow"),
@@ -168,8 +171,8 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     base = None
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
-        keys = ("tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "fid", "fid_ratio",
-                "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
+        keys = ("tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "variety_ratio", "fid",
+                "fid_ratio", "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
         base = {k: b[k] for k in keys}
     return {
         "trtr_accuracy": finite_or_none((metrics.get("trtr") or {}).get("accuracy")),
@@ -226,6 +229,8 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
          agreement(base) if base else None),
         ("fine detail, synthetic / real (Laplacian energy; below 1: blurrier)", _num(h["sharpness_ratio"], ".3f"),
          _num(base["sharpness_ratio"], ".3f") if base else None),
+        ("variety of a class, synthetic / real (per-pixel std; below 1: fewer modes)",
+         _num(h["variety_ratio"], ".3f"), _num(base["variety_ratio"], ".3f") if base else None),
         ("FID / floor", f"{_num(h['fid'])} / {_num(h['fid_floor'])} = {_num(h['fid_ratio'], '.3g')}",
          f"{_num(base['fid'])} / {_num(h['fid_floor'])} = {_num(base['fid_ratio'], '.3g')}" if base else None),
         ("samples overflowed before clamping (outside [-0.25, 1.25] or non-finite)", overflow(h),

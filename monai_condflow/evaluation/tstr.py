@@ -41,6 +41,7 @@ from monai_condflow.engines.classifier import train_classifier
 from monai_condflow.handlers.checkpoint import load_module_weights
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
 from monai_condflow.metrics.sharpness import sharpness_ratio
+from monai_condflow.metrics.variety import variety_ratio
 from monai_condflow.progress import ProgressLog
 from monai_condflow.utils.io import MODEL_FILE
 
@@ -353,7 +354,9 @@ def evaluate_tstr(
         (real training images), "class_agreement_real_blurred": float (the same images smoothed by a Gaussian of
         ``blur_sigma`` = :data:`BLUR_SIGMA` pixels: how much of the agreement is a test of sharpness),
         "sharpness_ratio": float (:func:`~monai_condflow.metrics.sharpness.sharpness_ratio` of each synthetic set to
-        the real training images, mean over sets), "sharpness_ratio_per_set": [...], "tstr_trtr_accuracy_ratio":
+        the real training images, mean over sets), "sharpness_ratio_per_set": [...], "variety_ratio": float
+        (:func:`~monai_condflow.metrics.variety.variety_ratio` of each synthetic set to the real training images: how
+        much the images of a class vary, mean over sets), "variety_ratio_per_set": [...], "tstr_trtr_accuracy_ratio":
         float, "n_bootstrap": int, "n_synthetic_sets": int,
         "num_test": int}`` where ``scores`` holds :data:`METRIC_KEYS`, their ``*_std``, ``per_class_recall`` and
         ``per_class_precision`` (full test set, averaged over classifiers). All scores are fractions in [0, 1].
@@ -408,11 +411,12 @@ def evaluate_tstr(
         bar.update()
     trtr_runs = [_score(n) for n in real_nets]
 
-    tstr_runs, agreement, sharpness = [], [], []
+    tstr_runs, agreement, sharpness, variety = [], [], [], []
     for i, syn in enumerate(synthetic_sets):
         syn = as_image_set(syn)
         agreement.append(class_agreement(real_nets[0], syn[0], syn[1]))
         sharpness.append(sharpness_ratio(syn[0], train[0]))
+        variety.append(variety_ratio(syn[0], syn[1], train[0], train[1]))
         if match_composition:
             syn = match_class_composition(syn, train[1], num_classes, seed=seed + 1000 + i)
         logger.info(
@@ -438,6 +442,8 @@ def evaluate_tstr(
         "blur_sigma": BLUR_SIGMA,
         "sharpness_ratio": float(np.mean(sharpness)),
         "sharpness_ratio_per_set": sharpness,
+        "variety_ratio": float(np.mean(variety)),
+        "variety_ratio_per_set": variety,
         "tstr_trtr_accuracy_ratio": tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan"),
         "n_bootstrap": int(n_bootstrap),
         "n_synthetic_sets": len(synthetic_sets),

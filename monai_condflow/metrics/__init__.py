@@ -31,6 +31,7 @@ from .fid import (
     frechet_distance,
 )
 from .sharpness import laplacian_energy, sharpness_ratio
+from .variety import pixel_spread, variety_ratio
 
 __all__ = [
     "BitsPerDim",
@@ -51,5 +52,7 @@ __all__ = [
     "fid_to_floor_ratio",
     "laplacian_energy",
     "sharpness_ratio",
+    "pixel_spread",
+    "variety_ratio",
     "frechet_distance",
 ]

@@ -76,6 +76,7 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
         "class_agreement": 0.538,
         "class_agreement_real_blurred": 0.371,
         "sharpness_ratio": 0.4567,
+        "variety_ratio": 0.6123,
         "real_classifier_test_accuracy": 0.886,
         "samples": {"n_images": 200, "images_with_overflow": 3, "overflow_pixel_fraction": 0.0005, "n_dropped": 0},
         "privacy": {"mia_auc": 0.976},
@@ -90,6 +91,7 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert "| gap TRTR - TSTR | +9.0 points |" in head
     assert "0.538 (real test accuracy 0.886; real training slices blurred by 1 px: 0.371)" in head
     assert "| fine detail, synthetic / real (Laplacian energy; below 1: blurrier) | 0.457 |" in head
+    assert "| variety of a class, synthetic / real (per-pixel std; below 1: fewer modes) | 0.612 |" in head
     assert "0.2 / 0.01 = 20" in head
     assert "| 3 / 200 (0.05 % of pixels) |" in head
     assert "| membership-inference AUC (0.5 = no memorisation signal) | 0.976 |" in head
@@ -104,6 +106,7 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert data["headline"]["images_with_overflow"] == 3 and data["headline"]["presumptive_accuracy"] == 0.712
     assert data["headline"]["real_test_accuracy"] == 0.886 and data["headline"]["fid_ratio"] == pytest.approx(20)
     assert data["headline"]["sharpness_ratio"] == 0.4567 and data["headline"]["class_agreement_real_blurred"] == 0.371
+    assert data["headline"]["variety_ratio"] == 0.6123
 
 
 def test_write_report_rejects_missing_metric(tmp_path):

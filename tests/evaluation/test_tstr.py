@@ -195,6 +195,9 @@ def test_evaluate_tstr_reports_sharpness_and_the_blurred_reference():
     assert res["class_agreement_per_set"] == pytest.approx([0.9, 0.1])
     assert res["sharpness_ratio_per_set"][0] == pytest.approx(1.0) and res["sharpness_ratio_per_set"][1] < 0.3
     assert res["blur_sigma"] == 1.0
+    # variety, class by class: the copy varies as much as the real set, the blurred copy less
+    assert res["variety_ratio_per_set"][0] == pytest.approx(1.0) and res["variety_ratio_per_set"][1] < 0.6
+    assert res["variety_ratio"] == pytest.approx(sum(res["variety_ratio_per_set"]) / 2)
 
 
 def test_evaluate_tstr_counts_the_classifier_trainings(caplog, monkeypatch):
