@@ -357,7 +357,7 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
     assert run_adversarial_phase(tmp_path, None) is None
     record = run_adversarial_phase(tmp_path, trainer, ema_decay=0.5)
     assert record["steps"] == 3 and record["skipped_steps"] == 0 and record["adversarial_weight"] == 1.0
-    assert (record["consistency_weight"], record["range_weight"], record["likelihood_every"]) == (0.0, 10.0, 1)
+    assert (record["consistency_weight"], record["range_weight"], record["likelihood_every"]) == (0.0, 0.5, 1)
     kept = torch.load(tmp_path / LIKELIHOOD_MODEL_FILE, weights_only=True)["network"]
     assert all(torch.equal(kept[k], v) for k, v in likelihood.items())
     tuned = torch.load(tmp_path / MODEL_FILE, weights_only=True)["network"]
