@@ -133,9 +133,8 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
         "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "variety_ratio", "fid",
-        "fid_ratio",
-        "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
-        fractions).
+        "fid_ratio", "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and
+        agreement as fractions).
     """
 
     def _block(block: Mapping[str, Any]) -> dict[str, Any]:

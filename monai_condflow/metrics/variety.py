@@ -33,21 +33,35 @@ import torch
 __all__ = ["pixel_spread", "variety_ratio"]
 
 
-def pixel_spread(images: torch.Tensor) -> float:
-    """Mean over pixels of the standard deviation across images (population std, float64).
+def pixel_spread(images: torch.Tensor, batch_size: int = 512) -> float:
+    """Mean over pixels of the standard deviation across images (population std).
+
+    The per-pixel moments are accumulated in float64 over chunks of ``batch_size`` images (centred on the first
+    chunk's mean), so a large set is never copied to float64 at once.
 
     Args:
         images: ``[N, C, *spatial]`` with ``N >= 2``, finite.
+        batch_size: images per chunk.
 
     Raises:
         ValueError: fewer than two images, no spatial axes, or non-finite values.
     """
     if images.ndim < 3 or images.shape[0] < 2:
         raise ValueError(f"pixel_spread needs [N >= 2, C, *spatial] images, got shape {list(images.shape)}.")
-    x = images.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(x).all():
-        raise ValueError("pixel_spread: the images contain non-finite values.")
-    return float(x.std(dim=0, correction=0).mean())
+    shift = total = squares = None
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size].detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(chunk).all():
+            raise ValueError("pixel_spread: the images contain non-finite values.")
+        if shift is None:
+            shift = chunk.mean(0)
+            total, squares = torch.zeros_like(shift), torch.zeros_like(shift)
+        centred = chunk - shift
+        total += centred.sum(0)
+        squares += centred.square().sum(0)
+    n = images.shape[0]
+    variance = (squares / n - (total / n).square()).clamp_min(0.0)
+    return float(variance.sqrt().mean())
 
 
 def variety_ratio(

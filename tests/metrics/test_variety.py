@@ -28,6 +28,11 @@ def test_pixel_spread_by_hand():
     x = torch.zeros(3, 2, 2, 2)
     x[2, 1, 0, 1] = 3.0
     assert pixel_spread(x) == pytest.approx(math.sqrt(2.0) / 8)
+    # chunked accumulation: the same value as torch's population std over the whole set
+    g = torch.Generator().manual_seed(1)
+    many = torch.rand(37, 1, 5, 5, generator=g) * 0.3 + 0.6
+    expected = many.double().std(0, correction=0).mean().item()
+    assert pixel_spread(many, batch_size=8) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="N >= 2"):
         pixel_spread(torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="non-finite"):
