@@ -29,6 +29,7 @@ from .tstr import (
     default_fit_fn,
     evaluate_tstr,
     match_class_composition,
+    per_class_agreement,
     summarize_scores,
     train_real_classifier,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "line_chart",
     "load_module",
     "match_class_composition",
+    "per_class_agreement",
     "plot_augmentation",
     "read_tensorboard_scalars",
     "run_evaluation",

@@ -126,13 +126,15 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
-        "class_agreement" (real-trained evaluation classifier on the synthetic images), "real_test_accuracy" (the
+        "class_agreement" (real-trained evaluation classifier on the synthetic images), "class_agreement_per_class"
+        (the same per conditioning class, a list or None), "class_names", "real_test_accuracy" (the
         same classifier on the real test split), "class_agreement_real_blurred" (on the real training images
         blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
         "variety_ratio" (spread of the synthetic images of a class over the real ones'), "fid",
         "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
-        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "variety_ratio", "fid",
+        "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class",
+        "sharpness_ratio", "variety_ratio", "fid",
         "fid_ratio", "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and
         agreement as fractions).
     """
@@ -149,6 +151,11 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "tstr_accuracy": tstr,
             "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
             "class_agreement": finite_or_none(block.get("class_agreement")),
+            "class_agreement_per_class": (
+                [finite_or_none(v) for v in block["class_agreement_per_class"]]
+                if isinstance(block.get("class_agreement_per_class"), (list, tuple))
+                else None
+            ),
             "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
             "variety_ratio": finite_or_none(block.get("variety_ratio")),
             "fid": fid,
@@ -170,12 +177,14 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     base = None
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
-        keys = ("tstr_accuracy", "gap_points", "class_agreement", "sharpness_ratio", "variety_ratio", "fid",
-                "fid_ratio", "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
+        keys = ("tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class", "sharpness_ratio",
+                "variety_ratio", "fid", "fid_ratio", "images_with_overflow", "n_images",
+                "overflow_pixel_fraction")  # fmt: skip
         base = {k: b[k] for k in keys}
     return {
         "trtr_accuracy": finite_or_none((metrics.get("trtr") or {}).get("accuracy")),
         **{k: v for k, v in flow.items()},
+        "class_names": [str(n) for n in names] if isinstance(names := metrics.get("class_names"), list) else None,
         "real_test_accuracy": real_acc,
         "class_agreement_real_blurred": finite_or_none(metrics.get("class_agreement_real_blurred")),
         "fid_floor": finite_or_none(metrics.get("fid_floor")),
@@ -211,7 +220,15 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
         return text
 
     def agreement(b: Mapping[str, Any]) -> str:
-        text = f"{_num(b['class_agreement'], '.3f')} (real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
+        text = f"{_num(b['class_agreement'], '.3f')} ("
+        per_class = b.get("class_agreement_per_class")
+        if per_class:
+            names = h.get("class_names") or []
+            parts = [
+                f"{names[c] if c < len(names) else f'class {c}'} {_num(v, '.3f')}" for c, v in enumerate(per_class)
+            ]
+            text += f"by conditioning class: {', '.join(parts)}; "
+        text += f"real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
         if h["class_agreement_real_blurred"] is not None:
             text += f"; real training slices blurred by 1 px: {h['class_agreement_real_blurred']:.3f}"
         return text + ")"
@@ -710,6 +727,7 @@ def run_evaluation(
     metrics["presumptive_labels"] = presumptive_label_summary(out / "classifier", true_train_records)
     metrics["presumptive_accuracy"] = (metrics["presumptive_labels"] or {}).get("accuracy")
     metrics["fid_floor"] = floor
+    metrics["class_names"] = names
     metrics["temperature"] = float(temperature)
     metrics["seed"] = int(seed)
     # how every evaluation classifier was trained (the arguments given to fit_fn; absent ones take its defaults)

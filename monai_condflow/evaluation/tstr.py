@@ -17,7 +17,9 @@ synthetic sets drawn with different seeds and reported as mean +- std (the paper
 resamples are shared by TRTR and TSTR (paired comparison).
 
 Class agreement is the fraction of synthetic images that the real-trained classifier assigns to their conditioning
-class; the same fraction on the real training images is reported beside it as the reference.
+class; the same fraction on the real training images is reported beside it as the reference. Per conditioning class
+(:func:`per_class_agreement`) it shows the commonest failure at once: a classifier that calls nearly every synthetic
+image one class agrees on that class's images and on almost none of the others'.
 
 Image sets are ``(images [N, 1, S, S] float32 in [0, 1], labels [N] int64)`` tuples; :func:`as_image_set` also
 accepts a MONAI-style sequence of ``{"image", "label"}`` dicts (e.g. a ``Dataset`` after its transform chain).
@@ -57,6 +59,7 @@ __all__ = [
     "default_fit_fn",
     "evaluate_tstr",
     "match_class_composition",
+    "per_class_agreement",
     "predict",
     "summarize_scores",
     "train_real_classifier",
@@ -291,6 +294,38 @@ def class_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.T
     return float((preds == labels.reshape(-1).long()).double().mean())
 
 
+def per_class_agreement(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Per conditioning class ``c``, the fraction of the images conditioned on ``c`` that are predicted as ``c``.
+
+    Args:
+        predictions: ``[N]`` predicted classes.
+        labels: ``[N]`` conditioning classes in ``[0, num_classes)``.
+        num_classes: number of classes.
+
+    Returns:
+        ``num_classes`` fractions; ``None`` for a class without images.
+
+    Raises:
+        ValueError: different lengths, or a label outside ``[0, num_classes)``.
+    """
+    preds, labels = predictions.reshape(-1).long().cpu(), labels.reshape(-1).long().cpu()
+    if preds.numel() != labels.numel():
+        raise ValueError(f"per_class_agreement: {preds.numel()} predictions for {labels.numel()} labels.")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        low, high = int(labels.min()), int(labels.max())
+        raise ValueError(f"per_class_agreement: labels must be in [0, {num_classes}), got [{low}, {high}].")
+    out: list[float | None] = []
+    for c in range(num_classes):
+        mine = labels == c
+        out.append(float((preds[mine] == c).double().mean()) if bool(mine.any()) else None)
+    return out
+
+
+def _mean_per_class(per_set: list[list[float | None]]) -> list[float | None]:
+    """Mean over synthetic sets, class by class (``None`` where a set has no image of the class)."""
+    return [None if any(v is None for v in col) else float(np.mean(col)) for col in zip(*per_set)]
+
+
 def blurred(images: torch.Tensor, sigma: float = BLUR_SIGMA, batch_size: int = 256) -> torch.Tensor:
     """``images`` ``[N, C, H, W]`` smoothed by a Gaussian of ``sigma`` pixels (MONAI's separable filter, edges
     replicated), in batches on the images' device."""
@@ -350,7 +385,9 @@ def evaluate_tstr(
 
     Returns:
         ``{"trtr": scores, "tstr": scores, "tstr_per_set": [point scores per synthetic set], "trtr_point": ...,
-        "class_agreement": float (mean over sets), "class_agreement_per_set": [...], "class_agreement_real": float
+        "class_agreement": float (mean over sets), "class_agreement_per_set": [...], "class_agreement_per_class":
+        [float | None per conditioning class] (:func:`per_class_agreement`, mean over sets),
+        "class_agreement_per_class_per_set": [[...] per set], "class_agreement_real": float
         (real training images), "class_agreement_real_blurred": float (the same images smoothed by a Gaussian of
         ``blur_sigma`` = :data:`BLUR_SIGMA` pixels: how much of the agreement is a test of sharpness),
         "sharpness_ratio": float (:func:`~monai_condflow.metrics.sharpness.sharpness_ratio` of each synthetic set to
@@ -411,10 +448,12 @@ def evaluate_tstr(
         bar.update()
     trtr_runs = [_score(n) for n in real_nets]
 
-    tstr_runs, agreement, sharpness, variety = [], [], [], []
+    tstr_runs, agreement, per_class, sharpness, variety = [], [], [], [], []
     for i, syn in enumerate(synthetic_sets):
         syn = as_image_set(syn)
-        agreement.append(class_agreement(real_nets[0], syn[0], syn[1]))
+        judged = predict(real_nets[0], syn[0])
+        agreement.append(float((judged == syn[1].reshape(-1).long()).double().mean()))
+        per_class.append(per_class_agreement(judged, syn[1], num_classes))
         sharpness.append(sharpness_ratio(syn[0], train[0]))
         variety.append(variety_ratio(syn[0], syn[1], train[0], train[1]))
         if match_composition:
@@ -437,6 +476,8 @@ def evaluate_tstr(
         "class_agreement": float(np.mean(agreement)),
         "class_agreement_std": float(np.std(agreement)),
         "class_agreement_per_set": agreement,
+        "class_agreement_per_class": _mean_per_class(per_class),
+        "class_agreement_per_class_per_set": per_class,
         "class_agreement_real": class_agreement(real_nets[0], train[0], train[1]),
         "class_agreement_real_blurred": class_agreement(real_nets[0], blurred(train[0]), train[1]),
         "blur_sigma": BLUR_SIGMA,

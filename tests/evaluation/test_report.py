@@ -74,6 +74,8 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
         "fid": 0.2,
         "fid_floor": 0.01,
         "class_agreement": 0.538,
+        "class_agreement_per_class": [0.25, 0.9876],
+        "class_names": ["non-COVID", "COVID"],
         "class_agreement_real_blurred": 0.371,
         "sharpness_ratio": 0.4567,
         "variety_ratio": 0.6123,
@@ -89,7 +91,10 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert "| figure | conditional flow |" in head and "ACGAN" not in head
     assert "| TRTR accuracy (real-trained, real test) | 70.0 % |" in head
     assert "| gap TRTR - TSTR | +9.0 points |" in head
-    assert "0.538 (real test accuracy 0.886; real training slices blurred by 1 px: 0.371)" in head
+    assert (
+        "0.538 (by conditioning class: non-COVID 0.250, COVID 0.988; real test accuracy 0.886; real training slices "
+        "blurred by 1 px: 0.371)" in head
+    )
     assert "| fine detail, synthetic / real (Laplacian energy; below 1: blurrier) | 0.457 |" in head
     assert "| variety of a class, synthetic / real (per-pixel std; below 1: fewer modes) | 0.612 |" in head
     assert "0.2 / 0.01 = 20" in head
@@ -107,6 +112,8 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert data["headline"]["real_test_accuracy"] == 0.886 and data["headline"]["fid_ratio"] == pytest.approx(20)
     assert data["headline"]["sharpness_ratio"] == 0.4567 and data["headline"]["class_agreement_real_blurred"] == 0.371
     assert data["headline"]["variety_ratio"] == 0.6123
+    assert data["headline"]["class_agreement_per_class"] == [0.25, 0.9876]
+    assert data["headline"]["class_names"] == ["non-COVID", "COVID"]
 
 
 def test_write_report_rejects_missing_metric(tmp_path):
@@ -224,6 +231,13 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert metrics["trtr"]["accuracy"] == 1.0 and metrics["tstr"]["accuracy"] > 0.95
     assert metrics["evaluation_training"] == {"max_epochs": 3, "schedule": "onecycle"}
     assert metrics["class_agreement"] > 0.95 and metrics["nonfinite_fraction"] > 0
+    # per conditioning class; the overall agreement of a set is their count-weighted mean, so it lies between them
+    per_class = metrics["class_agreement_per_class_per_set"]
+    assert len(per_class) == 2 and all(len(row) == 2 for row in per_class)
+    for row, overall in zip(per_class, metrics["class_agreement_per_set"]):
+        assert min(row) <= overall <= max(row)
+    assert metrics["class_names"] == ["non-COVID", "COVID"]
+    assert metrics["baseline"]["class_agreement_per_class"] is not None
     # the stand-in's first image of every call (16 per batch) is NaN: counted before clamping, then dropped
     samples = metrics["samples"]
     assert samples["n_images"] == 2 * 52 and samples["images_with_nonfinite"] == 2 * 4
@@ -245,6 +259,7 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert "| 8 / 104 (" in text and "non-finite flow samples dropped" not in text
     assert "8 of 104 images had pixels outside [-0.25, 1.25] or non-finite" in text
     assert "standard N(0, T^2 I)" in text
+    assert "(by conditioning class: non-COVID " in text and ", COVID " in text
     assert (
         "| evaluation classifiers (TRTR, TSTR, augmentation, FID features) | max_epochs 3, schedule onecycle (_fit) |"
         in text

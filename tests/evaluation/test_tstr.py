@@ -102,6 +102,9 @@ def test_evaluate_tstr_good_and_swapped_synthetic():
     assert [r["accuracy"] for r in res["tstr_per_set"]] == [1.0, 0.0]
     assert res["tstr"]["accuracy"] == pytest.approx(0.5) and res["tstr"]["accuracy_std"] == pytest.approx(0.5)
     assert res["class_agreement"] == pytest.approx(0.5) and res["class_agreement_real"] == 1.0
+    # per conditioning class: every image of the good set agrees, none of the swapped one
+    assert res["class_agreement_per_class_per_set"] == [[1.0, 1.0], [0.0, 0.0]]
+    assert res["class_agreement_per_class"] == pytest.approx([0.5, 0.5])
     assert res["tstr"]["per_class_recall"] == pytest.approx([0.5, 0.5])
     assert res["n_bootstrap"] == 20 and res["num_test"] == 50 and res["num_classes"] == 2
 
@@ -193,6 +196,9 @@ def test_evaluate_tstr_reports_sharpness_and_the_blurred_reference():
     assert res["class_agreement_real"] == pytest.approx(0.9)  # the 18 class-0 images are sharp
     assert res["class_agreement_real_blurred"] == pytest.approx(0.1)  # blurred, every image reads as class 1
     assert res["class_agreement_per_set"] == pytest.approx([0.9, 0.1])
+    # the classifier calls every blurred image class 1: all of its class-1 images agree, none of its class-0 ones
+    assert res["class_agreement_per_class_per_set"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert res["class_agreement_per_class"] == pytest.approx([0.5, 0.5])
     assert res["sharpness_ratio_per_set"][0] == pytest.approx(1.0) and res["sharpness_ratio_per_set"][1] < 0.3
     assert res["blur_sigma"] == 1.0
     # variety, class by class: the copy varies as much as the real set, the blurred copy less
@@ -216,3 +222,17 @@ def test_evaluate_tstr_counts_the_classifier_trainings(caplog, monkeypatch):
         evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0,
                       progress=False)  # fmt: skip
     assert "classifiers:" not in caplog.text
+
+
+def test_per_class_agreement_hand_values_and_errors():
+    from monai_condflow.evaluation import per_class_agreement
+
+    preds, labels = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 1, 0])
+    # class 0: images 0 (right) and 4 (called 1); class 1: images 1 (called 0), 2, 3; class 2: no image
+    assert per_class_agreement(preds, labels, 3) == pytest.approx([0.5, 2 / 3, None])
+    everything_one = per_class_agreement(torch.ones(8, dtype=torch.long), torch.tensor([0] * 6 + [1] * 2), 2)
+    assert everything_one == [0.0, 1.0]  # overall 0.25, but the per-class figures say what happened
+    with pytest.raises(ValueError, match="4 predictions for 5 labels"):
+        per_class_agreement(preds[:4], labels, 3)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
+        per_class_agreement(preds, torch.tensor([0, 1, 2, 1, 0]), 2)
