@@ -116,3 +116,16 @@ def test_report_shows_the_checks_and_metrics_json_holds_them(tmp_path):
     checks = json.loads(js.read_text())["checks"]
     assert [c["holds"] for c in checks] == [False, False, False, True, True, True]
     assert checks[1]["measured"] == "20.0 points below"
+
+
+def test_the_class_check_names_the_class_the_samples_lose():
+    # overall 0.265: the evaluation classifier calls nearly every synthetic slice COVID-19
+    headline = {**_GOOD, "class_agreement": 0.265, "class_agreement_per_class": [0.033, 1.0],
+                "class_names": ["non-COVID", "COVID-19"]}  # fmt: skip
+    check = headline_checks(headline)[0]
+    assert check["measured"] == "0.265 vs real 0.900 (lowest class: non-COVID 0.033)" and check["holds"] is False
+    # unnamed classes, a missing class (None) and a single measured class
+    unnamed = headline_checks({**headline, "class_names": None, "class_agreement_per_class": [0.9, None, 0.4]})[0]
+    assert unnamed["measured"].endswith("(lowest class: class 2 0.400)")
+    one = headline_checks({**headline, "class_agreement_per_class": [0.5, None]})[0]
+    assert one["measured"] == "0.265 vs real 0.900"
