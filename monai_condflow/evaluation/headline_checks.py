@@ -43,8 +43,9 @@ ADVERSARIAL_HINT = (
     "This flow was trained by maximum likelihood only. At a CPU budget such a flow's samples tend to carry texture "
     "rather than the class (the project's measurements: docs/results.md, 'Fidelity ablations'); the adversarial "
     "fine-tuning phase of the flow stage (on by default: `--stage-set flow.adversarial_steps=900`, docs/networks.md) "
-    "raised the class agreement there (0.41 -> 0.76 over three flow seeds), at about 5 more minutes on 2 CPU cores "
-    "at 64 px. Its result varies with its seed; check its DCR audit (near copies) when you use it."
+    "raised the class agreement there on average (three flow seeds: 0.41 -> 0.76), at about 5 more minutes on 2 CPU "
+    "cores at 64 px, but one run's result swings with its seed and the machine (0.27-0.85 measured). Check its DCR "
+    "audit (near copies) when you use it."
 )
 
 

@@ -184,7 +184,9 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "trtr_accuracy": finite_or_none((metrics.get("trtr") or {}).get("accuracy")),
         **{k: v for k, v in flow.items()},
-        "class_names": [str(n) for n in names] if isinstance(names := metrics.get("class_names"), list) else None,
+        "class_names": [str(n) for n in names]
+        if isinstance(names := metrics.get("class_names"), Sequence) and not isinstance(names, str)
+        else None,
         "real_test_accuracy": real_acc,
         "class_agreement_real_blurred": finite_or_none(metrics.get("class_agreement_real_blurred")),
         "fid_floor": finite_or_none(metrics.get("fid_floor")),

@@ -306,8 +306,10 @@ def per_class_agreement(predictions: torch.Tensor, labels: torch.Tensor, num_cla
         ``num_classes`` fractions; ``None`` for a class without images.
 
     Raises:
-        ValueError: different lengths, or a label outside ``[0, num_classes)``.
+        ValueError: different lengths, fractional labels, or a label outside ``[0, num_classes)``.
     """
+    if torch.is_floating_point(labels) and not bool((labels == labels.round()).all()):
+        raise ValueError("per_class_agreement: labels must be class ids (whole numbers), got fractional values.")
     preds, labels = predictions.reshape(-1).long().cpu(), labels.reshape(-1).long().cpu()
     if preds.numel() != labels.numel():
         raise ValueError(f"per_class_agreement: {preds.numel()} predictions for {labels.numel()} labels.")
@@ -453,7 +455,10 @@ def evaluate_tstr(
         syn = as_image_set(syn)
         judged = predict(real_nets[0], syn[0])
         agreement.append(float((judged == syn[1].reshape(-1).long()).double().mean()))
-        per_class.append(per_class_agreement(judged, syn[1], num_classes))
+        try:
+            per_class.append(per_class_agreement(judged, syn[1], num_classes))
+        except ValueError as err:
+            raise ValueError(f"synthetic set {i + 1} of {len(synthetic_sets)}: {err}") from err
         sharpness.append(sharpness_ratio(syn[0], train[0]))
         variety.append(variety_ratio(syn[0], syn[1], train[0], train[1]))
         if match_composition:

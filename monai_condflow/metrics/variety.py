@@ -43,6 +43,9 @@ def pixel_spread(images: torch.Tensor, batch_size: int = 512) -> float:
         images: ``[N, C, *spatial]`` with ``N >= 2``, finite.
         batch_size: images per chunk.
 
+    Returns:
+        The mean per-pixel standard deviation (0 for identical images).
+
     Raises:
         ValueError: fewer than two images, no spatial axes, or non-finite values.
     """

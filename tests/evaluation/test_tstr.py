@@ -236,3 +236,16 @@ def test_per_class_agreement_hand_values_and_errors():
         per_class_agreement(preds[:4], labels, 3)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
         per_class_agreement(preds, torch.tensor([0, 1, 2, 1, 0]), 2)
+    with pytest.raises(ValueError, match="whole numbers"):
+        per_class_agreement(preds, torch.tensor([0.0, 1.0, 0.7, 1.0, 0.0]), 2)
+    assert per_class_agreement(preds, labels.double(), 3) == pytest.approx([0.5, 2 / 3, None])  # float ids are fine
+
+
+def test_evaluate_tstr_names_the_synthetic_set_with_a_bad_class_id():
+    train, test = _data(20, 10, 0), _data(10, 10, 2)
+    bad = _data(10, 10, 3)
+    bad = (bad[0], bad[1].clone())
+    bad[1][0] = 5  # no such class
+    with pytest.raises(ValueError, match=r"synthetic set 2 of 2: .*labels must be in \[0, 2\)"):
+        evaluate_tstr(train, None, test, [_data(10, 10, 4), bad], network_factory=_Centroid, fit_fn=_centroid_fit,
+                      n_bootstrap=0, num_classes=2)  # fmt: skip
