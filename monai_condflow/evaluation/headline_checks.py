@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HEADLINE_CHECKS", "finite_or_none", "headline_checks", "headline_check_lines"]
+__all__ = ["HEADLINE_CHECKS", "class_name", "finite_or_none", "headline_checks", "headline_check_lines"]
 
 HEADLINE_CHECKS: dict[str, float] = {
     "class_agreement_margin": 0.10,
@@ -61,6 +61,12 @@ _LOOKS = ("class", "detail")
 """Keys of the checks that say whether the samples look like the data (a failure points to the adversarial phase)."""
 
 
+def class_name(names: Any, c: int) -> str:
+    """The name of class ``c`` from ``names`` (a list of class names, as ``metrics.json["class_names"]``), else
+    ``"class c"``."""
+    return str(names[c]) if isinstance(names, (list, tuple)) and 0 <= c < len(names) else f"class {c}"
+
+
 def _lowest_class(headline: Mapping[str, Any]) -> tuple[str, float] | None:
     """``(name, agreement)`` of the conditioning class with the lowest class agreement, when the headline has the
     per-class figures of more than one class (``class_agreement_per_class``, named by ``class_names``)."""
@@ -71,9 +77,7 @@ def _lowest_class(headline: Mapping[str, Any]) -> tuple[str, float] | None:
     if len(values) < 2:
         return None
     c, v = min(values, key=lambda cv: cv[1])
-    names = headline.get("class_names")
-    name = str(names[c]) if isinstance(names, (list, tuple)) and c < len(names) else f"class {c}"
-    return name, float(v)
+    return class_name(headline.get("class_names"), c), float(v)
 
 
 def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -39,7 +39,12 @@ from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
 from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
 from monai_condflow.evaluation.checkpoints import find_model_checkpoint, load_module
-from monai_condflow.evaluation.headline_checks import finite_or_none, headline_check_lines, headline_checks
+from monai_condflow.evaluation.headline_checks import (
+    class_name,
+    finite_or_none,
+    headline_check_lines,
+    headline_checks,
+)
 from monai_condflow.evaluation.plots import bar_chart, image_grid, line_chart
 from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 from monai_condflow.evaluation.tstr import (
@@ -225,10 +230,7 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
         text = f"{_num(b['class_agreement'], '.3f')} ("
         per_class = b.get("class_agreement_per_class")
         if per_class:
-            names = h.get("class_names") or []
-            parts = [
-                f"{names[c] if c < len(names) else f'class {c}'} {_num(v, '.3f')}" for c, v in enumerate(per_class)
-            ]
+            parts = [f"{class_name(h.get('class_names'), c)} {_num(v, '.3f')}" for c, v in enumerate(per_class)]
             text += f"by conditioning class: {', '.join(parts)}; "
         text += f"real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
         if h["class_agreement_real_blurred"] is not None:
