@@ -27,9 +27,15 @@ is, in pixel l2 / in the classifier's embedding), ``in_lungs`` (mean share of ``
 mask; the true change has about 1.0 there), ``anatomy_kept`` (``|x' - x|`` smaller than ``|x'`` - the nearest real
 training slice of the target class``|``). Mean +- std over the runs; last line ``json=...``.
 
+``--regions``: ``image`` keeps the flow's counterfactual whole; ``lungs`` keeps its change only inside the source's
+*estimated* lung mask (:func:`~monai_condflow.transforms.lung_mask.estimate_lung_mask`, as ``counterfactual.json
+--counterfactual_region lungs`` does). ``in_lungs`` is always measured against the phantom's *true* mask, so it shows
+how well the estimate keeps the edit in the lungs. ``--flow-file``: another checkpoint of the runs' ``flow/`` folder
+(e.g. ``model_likelihood.pt``, the flow before its adversarial phase).
+
 Usage::
 
-    python benchmarks/counterfactual_paired.py runs/seed0 runs/seed1 runs/seed2 --guidance 1 2
+    python benchmarks/counterfactual_paired.py runs/seed0 runs/seed1 runs/seed2 --guidance 1 2 --regions image lungs
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sweep_sampling
 COVID = 2  # the phantom's three-class id of COVID-19 (binary runs: 1)
 DIRECTIONS = ("covid->non-covid", "non-covid->covid")
 FIGURES = ("flip", "closer_pixel", "closer_embedding", "in_lungs", "anatomy_kept")
+REGIONS = ("image", "lungs")
 
 
 def paired_slices(patients: int, seed: int, image_size: int = 64) -> dict[str, torch.Tensor]:
@@ -95,19 +102,26 @@ def counterfactual_figures(
     }
 
 
-def run_figures(run: Path, pairs: dict[str, torch.Tensor], guidance: float) -> dict[str, dict[str, float]]:
-    """Both directions' figures for one run folder at one guidance weight."""
+def run_figures(
+    run: Path, pairs: dict[str, torch.Tensor], guidance: float, regions: Sequence[str] = ("image",),
+    flow_file: str | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """``{region: {direction: figures}}`` for one run folder at one guidance weight (``flow_file``: a checkpoint
+    of the run's ``flow/`` folder to load instead of its ``model.pt``)."""
     from sweep_sampling import load_splits
 
     from monai_condflow.engines.stages import load_classifier, load_flow
-    from monai_condflow.networks.nets import target_conditions
+    from monai_condflow.networks.nets import restrict_change, target_conditions
+    from monai_condflow.transforms.lung_mask import estimate_lung_masks
 
     classifier = load_classifier(run).eval()
     flow = load_flow(run).eval()
+    if flow_file is not None:
+        flow.load_state_dict(torch.load(run / "flow" / flow_file, weights_only=True)["network"])
     bank, bank_labels = load_splits(run)["train"]
     with torch.no_grad():
         bank_z = torch.cat([classifier.embed(bank[i : i + 128]) for i in range(0, len(bank), 128)])
-    out = {}
+    out: dict[str, dict[str, dict[str, float]]] = {region: {} for region in regions}
     for name, source, truth, target in (
         ("covid->non-covid", pairs["with"], pairs["without"], 0),
         ("non-covid->covid", pairs["without"], pairs["with"], 1),
@@ -117,7 +131,10 @@ def run_figures(run: Path, pairs: dict[str, torch.Tensor], guidance: float) -> d
             goal = torch.full((len(source),), target, dtype=torch.long)
             z_target = target_conditions(z, goal, bank_z, bank_labels, 2, mode="centroid")
             cf = flow.counterfactual(source, z, z_target, guidance=guidance)
-        out[name] = counterfactual_figures(source, cf, truth, pairs["mask"], target, classifier, bank, bank_labels)
+        for region in regions:
+            x = restrict_change(source, cf, estimate_lung_masks(source)) if region == "lungs" else cf
+            out[region][name] = counterfactual_figures(source, x, truth, pairs["mask"], target, classifier, bank,
+                                                       bank_labels)  # fmt: skip
     return out
 
 
@@ -140,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--regions", nargs="+", choices=REGIONS, default=list(REGIONS))
+    parser.add_argument("--flow-file", default=None, help="checkpoint in each run's flow/ (default: model.pt)")
     args = parser.parse_args(argv)
     pairs = paired_slices(args.patients, args.seed)
     true_share = (pairs["with"] - pairs["without"]).pow(2)
@@ -148,12 +167,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"{args.patients} paired slices; the true change's share inside the lung mask: {share:.3f}")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "true_change_in_lungs": round(share, 4)}
     for w in args.guidance:
-        per_run = [run_figures(run.resolve(), pairs, w) for run in args.runs]
-        summary = summarize(per_run)
-        report[f"w{w:g}"] = summary
-        for direction, figs in summary.items():
-            line = " | ".join(f"{k} {v['mean']:.2f} +- {v['std']:.2f}" for k, v in figs.items())
-            print(f"w={w:g} {direction:18s} {line}", flush=True)
+        per_run = [run_figures(run.resolve(), pairs, w, args.regions, args.flow_file) for run in args.runs]
+        report[f"w{w:g}"] = {}
+        for region in args.regions:
+            summary = summarize([r[region] for r in per_run])
+            report[f"w{w:g}"][region] = summary
+            for direction, figs in summary.items():
+                line = " | ".join(f"{k} {v['mean']:.2f} +- {v['std']:.2f}" for k, v in figs.items())
+                print(f"w={w:g} {region:5s} {direction:18s} {line}", flush=True)
     print("json=" + json.dumps(report, separators=(",", ":")))
     return report
 

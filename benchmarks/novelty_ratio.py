@@ -85,6 +85,43 @@ def load_three_class_splits(run: Path) -> dict[str, tuple[torch.Tensor, torch.Te
     return out
 
 
+def load_npz_splits(
+    path: Path, novel_class: int, fold: int, reference_every: int = 4
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Patient-disjoint splits of an ``.npz`` slice set (``images``, ``labels``, ``patient_ids``) for the new-disease
+    test, in the layout of :func:`load_three_class_splits` (labels 0, 1 known, 2 novel).
+
+    The known classes are every class but ``novel_class`` (relabelled 0, 1, ... in order). Of each known class's
+    patients (sorted by id) the ``fold``-th (modulo their count) is held out: its slices are the known test images;
+    the other patients' slices train the flows, except every ``reference_every``-th slice, kept as the reference
+    (``val``). Every slice of the novel class is a test image (label 2)."""
+    import numpy as np
+
+    data = np.load(path)
+    images = torch.as_tensor(data["images"]).float().div(255).unsqueeze(1)
+    labels, patients = data["labels"], data["patient_ids"].astype(str)
+    known_classes = [c for c in sorted(set(labels.tolist())) if c != novel_class]
+    if len(known_classes) != 2:
+        raise ValueError(f"{path}: the new-disease test needs exactly two known classes, found {known_classes}")
+    train, val, test_known = [], [], []
+    for new, c in enumerate(known_classes):
+        ids = sorted(set(patients[labels == c].tolist()))
+        held = ids[fold % len(ids)]
+        for i in np.flatnonzero(labels == c):
+            if patients[i] == held:
+                test_known.append((i, new))
+            else:
+                train.append((i, new))
+    val = train[::reference_every]
+    train = [t for k, t in enumerate(train) if k % reference_every]
+    novel = [(i, 2) for i in np.flatnonzero(labels == novel_class)]
+
+    def pick(rows):
+        return images[[i for i, _ in rows]], torch.tensor([c for _, c in rows])
+
+    return {"train": pick(train), "val": pick(val), "test": pick(test_known + novel)}
+
+
 def train_flow(
     flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, batch: int = 32,
     snapshots: dict[int, Path] | None = None,
@@ -255,11 +292,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bg-early", type=int, default=None,
                         help="background = the main flow after this many epochs (instead of a smaller flow)")
     parser.add_argument("--cache", type=Path, default=None, help="folder where trained flows are kept and reused")
+    parser.add_argument("--npz", type=Path, default=None,
+                        help="score a class of this .npz set as the new disease instead of the run's phantom "
+                        "(patient-disjoint; see load_npz_splits); the run argument is then ignored")
+    parser.add_argument("--novel-class", type=int, default=1, help="with --npz: the class id scored as new")
+    parser.add_argument("--fold", type=int, default=0, help="with --npz: which patient of each known class is held out")
     parser.add_argument("--heat", action="store_true", help="also measure where the ratio map puts a new finding")
     parser.add_argument("--heat-figure", type=Path, default=None, help="PNG of 8 slices, maps, findings (per seed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    splits = load_three_class_splits(args.run.resolve())
+    if args.npz is not None:
+        splits = load_npz_splits(args.npz, args.novel_class, args.fold)
+    else:
+        splits = load_three_class_splits(args.run.resolve())
     rows = []
     for seed in args.seeds:
         row = run_seed(splits, seed, args)

@@ -52,8 +52,9 @@ from monai_condflow.engines.generation import (
 from monai_condflow.metrics.auc import binary_auc
 from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics, novelty_map
 from monai_condflow.networks.embeddings import compute_embeddings
-from monai_condflow.networks.nets.counterfactual import TARGET_MODES, target_conditions
+from monai_condflow.networks.nets.counterfactual import TARGET_MODES, restrict_change, target_conditions
 from monai_condflow.transforms.grid import make_grid
+from monai_condflow.transforms.lung_mask import estimate_lung_masks
 from monai_condflow.utils.distributed import unwrap_model
 from monai_condflow.utils.io import atomic_write_text
 
@@ -63,6 +64,10 @@ logger = logging.getLogger(__name__)
 
 _CF_FILE = re.compile(r"^((source|counterfactual|difference)_\d+\.(png|nii\.gz)|counterfactual\.json|\..*\.tmp)$")
 _FORMATS = ("png", "nifti")
+REGIONS: tuple[str, ...] = ("image", "lungs")
+"""Where :func:`write_counterfactuals` lets the counterfactual change the source: the whole ``"image"`` (the flow's
+exact counterfactual) or only the ``"lungs"`` (:func:`~monai_condflow.transforms.lung_mask.estimate_lung_mask` of the
+source: ``x + mask * (x' - x)``)."""
 
 
 def _batches(data: Iterable | Sequence[Mapping[str, Any]], batch_size: int) -> Iterable:
@@ -98,6 +103,7 @@ def write_counterfactuals(
     device: str | torch.device = "cpu",
     model_version: str = "",
     limit: int | None = None,
+    region: str = "image",
 ) -> dict[str, Any]:
     """Write counterfactual triplets of ``data`` (see the module docstring).
 
@@ -119,13 +125,19 @@ def write_counterfactuals(
         device: device of the passes.
         model_version: written to the manifest.
         limit: at most this many images (``None``: all).
+        region: one of :data:`REGIONS`: ``"image"`` keeps the flow's counterfactual whole; ``"lungs"`` keeps its
+            change only inside the source's estimated lung mask (an image whose mask comes out empty is left
+            unchanged and counted in ``empty_masks``).
 
     Returns:
         The summary written to ``counterfactual.json``: ``count``, ``flip_rate`` (the classifier predicts the
-        target class on the counterfactual), ``source_accuracy``, ``mode``, ``guidance``, ``mean_abs_change``.
+        target class on the counterfactual), ``source_accuracy``, ``mode``, ``guidance``, ``mean_abs_change``,
+        ``region``, ``mean_region_fraction`` (share of the pixels the change may touch) and ``empty_masks``.
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown counterfactual mode {mode!r}; available: {list(TARGET_MODES)}.")
+    if region not in REGIONS:
+        raise ValueError(f"unknown counterfactual region {region!r}; available: {list(REGIONS)}.")
     formats = list(formats)
     if not formats or any(f not in _FORMATS for f in formats):
         raise ValueError(f"formats must be a non-empty subset of {list(_FORMATS)}, got {formats}.")
@@ -140,7 +152,7 @@ def write_counterfactuals(
     output_dir = Path(output_dir)
     _check_cf_output_dir(output_dir, _CF_FILE, "manifest.csv")
     staging = _staging_dir(output_dir)
-    rows, index, flips, correct, change = [], 0, 0, 0, 0.0
+    rows, index, flips, correct, change, fraction, empty = [], 0, 0, 0, 0.0, 0.0, 0
     try:
         for batch in _batches(data, batch_size):
             x = torch.as_tensor(batch["image"]).float().to(device)
@@ -154,6 +166,14 @@ def write_counterfactuals(
             tgt = torch.full_like(src, int(target)) if target is not None else (src + 1) % num_classes
             z_t = target_conditions(z, tgt, bank_z, bank_y, num_classes, mode)
             x_cf = net.counterfactual(x, z, z_t, guidance=guidance).clamp(0.0, 1.0)
+            if region == "lungs":
+                mask = estimate_lung_masks(x)
+                x_cf = restrict_change(x, x_cf, mask)
+                area = mask.flatten(1).mean(1)
+                fraction += float(area.sum())
+                empty += int((area == 0).sum())
+            else:
+                fraction += float(x.shape[0])
             pred = clf(x_cf).argmax(1)
             diff = x_cf - x
             for k in range(x.shape[0]):
@@ -182,6 +202,9 @@ def write_counterfactuals(
             "flip_rate": flips / index,
             "source_accuracy": correct / index,
             "mean_abs_change": change / index,
+            "region": region,
+            "mean_region_fraction": fraction / index,
+            "empty_masks": empty,
             "mode": mode,
             "target": target,
             "guidance": float(net.guidance if guidance is None else guidance),
@@ -198,6 +221,9 @@ def write_counterfactuals(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if empty:
+        logger.warning("counterfactuals: no lungs found in %d of %d source images; those are left unchanged.", empty,
+                       index)  # fmt: skip
     logger.info("counterfactuals: %d images, flip rate %.3f -> %s", index, summary["flip_rate"], output_dir)
     return summary
 

@@ -42,6 +42,12 @@ from monai_condflow.transforms.dictionary import (
     ValidateImaged,
 )
 from monai_condflow.transforms.grid import make_grid, save_chain_preview, save_png_grid
+from monai_condflow.transforms.lung_mask import (
+    EstimateLungMask,
+    EstimateLungMaskd,
+    estimate_lung_mask,
+    estimate_lung_masks,
+)
 
 __all__ = [
     "INTENSITY_MODES",
@@ -64,6 +70,10 @@ __all__ = [
     "Dequantized",
     "ValidateImage",
     "ValidateImaged",
+    "EstimateLungMask",
+    "EstimateLungMaskd",
+    "estimate_lung_mask",
+    "estimate_lung_masks",
     "get_preprocess_transforms",
     "get_flow_train_transforms",
     "get_array_transforms",

@@ -15,6 +15,7 @@ from .acgan import ACGANGenerator as ACGANGenerator
 from .conditional_glow import ConditionalGlow as ConditionalGlow
 from .counterfactual import class_centroids as class_centroids
 from .counterfactual import nearest_of_class as nearest_of_class
+from .counterfactual import restrict_change as restrict_change
 from .counterfactual import target_conditions as target_conditions
 from .flow_export import FlowDecoder as FlowDecoder
 from .flow_export import FlowLogProb as FlowLogProb

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["TARGET_MODES", "class_centroids", "nearest_of_class", "target_conditions"]
+__all__ = ["TARGET_MODES", "class_centroids", "nearest_of_class", "target_conditions", "restrict_change"]
 
 TARGET_MODES: tuple[str, ...] = ("centroid", "nearest")
 """How :func:`target_conditions` picks the target ``z``."""
@@ -96,3 +96,32 @@ def target_conditions(
     if mode == "nearest":
         return nearest_of_class(z, bank, bank_labels, target)[0].to(z.dtype)
     raise ValueError(f"unknown counterfactual target mode {mode!r}; available: {list(TARGET_MODES)}.")
+
+
+def restrict_change(source: Tensor, counterfactual: Tensor, mask: Tensor) -> Tensor:
+    """Keep a counterfactual's change only where ``mask`` allows it: ``source + mask * (counterfactual - source)``.
+
+    Args:
+        source: ``[B, C, *spatial]``.
+        counterfactual: same shape.
+        mask: weights in ``[0, 1]``, broadcastable to ``source`` (e.g. ``[B, 1, *spatial]`` lung masks).
+
+    Returns:
+        Tensor of the source's shape: the source where ``mask`` is 0, the counterfactual where it is 1.
+
+    Raises:
+        ValueError: mismatched shapes, or mask values outside ``[0, 1]``.
+    """
+    if counterfactual.shape != source.shape:
+        raise ValueError(f"restrict_change: source {list(source.shape)} and counterfactual "
+                         f"{list(counterfactual.shape)} differ in shape.")  # fmt: skip
+    try:
+        torch.broadcast_shapes(mask.shape, source.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"restrict_change: mask {list(mask.shape)} does not broadcast to {list(source.shape)}."
+        ) from err
+    if bool((mask < 0).any() or (mask > 1).any()):
+        raise ValueError("restrict_change: mask values must lie in [0, 1].")
+    mask = mask.to(source.dtype)
+    return source + mask * (counterfactual - source)

@@ -15,7 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_condflow.networks.nets import ConditionalGlow, class_centroids, nearest_of_class, target_conditions
+from monai_condflow.networks.nets import (
+    ConditionalGlow,
+    class_centroids,
+    nearest_of_class,
+    restrict_change,
+    target_conditions,
+)
 from tests.networks.nets.test_conditional_glow import COND, conditions, images, perturb
 
 
@@ -98,3 +104,21 @@ def test_centroids_and_nearest_by_hand():
         class_centroids(z, torch.zeros(4, dtype=torch.long), 2)
     with pytest.raises(ValueError):
         target_conditions(query, torch.tensor([1, 0]), z, labels, 2, "median")
+
+
+def test_restrict_change_keeps_the_source_outside_the_mask():
+    torch.manual_seed(1)
+    source, cf = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2] = 1.0  # top half of image 0 may change
+    mask[1] = 0.25  # image 1: a quarter of the way everywhere
+    out = restrict_change(source, cf, mask)
+    assert torch.equal(out[0, 0, :2], cf[0, 0, :2]) and torch.equal(out[0, 0, 2:], source[0, 0, 2:])
+    assert torch.allclose(out[1], 0.75 * source[1] + 0.25 * cf[1])
+    assert torch.equal(restrict_change(source, cf, torch.ones(1, 1, 1, 1)), cf)
+    with pytest.raises(ValueError, match="shape"):
+        restrict_change(source, cf[:1], mask)
+    with pytest.raises(ValueError, match="broadcast"):
+        restrict_change(source, cf, torch.ones(3, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        restrict_change(source, cf, mask * 2)
