@@ -67,6 +67,8 @@ from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, novel
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
 STATISTICS = ("bpd", "level_typicality", "ratio", "ratio_typicality", "level_ratio")
+BASELINE = "max_softmax"
+"""``1 - max softmax`` of a classifier trained on the known classes only (``--classifier-epochs``)."""
 
 
 def load_three_class_splits(run: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -152,6 +154,34 @@ def train_flow(
         if snapshots and epoch in snapshots:
             torch.save({"network": flow.state_dict(), "train_bpd": last}, snapshots[epoch])
     return last
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int, batch: int = 32
+                     ) -> torch.nn.Module:  # fmt: skip
+    """The known-class baseline: a ``small`` PEPXNet trained on the known training slices (labels 0, 1) with the
+    classifier stage's optimiser (AdamW 2e-3, weight decay 1e-7) and cross-entropy; returned in eval mode."""
+    from monai_condflow.networks.nets import PEPXNet
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-7)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(images.shape[0], generator=g)
+        for start in range(0, images.shape[0], batch):
+            idx = order[start : start + batch]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(images[idx]), labels[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def max_softmax_score(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``1 - max softmax`` per image (larger = less sure = more unusual)."""
+    probs = torch.cat([classifier(images[i : i + 128]).softmax(1) for i in range(0, images.shape[0], 128)])
+    return 1.0 - probs.max(1).values
 
 
 def scores(main: dict, bg: dict, ref_main: dict, ref_bg: dict) -> dict[str, torch.Tensor]:
@@ -262,6 +292,14 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
         values = torch.cat([s_novel[name], s_known[name]])
         labels = torch.cat([torch.ones(len(s_novel[name])), torch.zeros(len(s_known[name]))])
         aucs[name] = round(binary_auc(values, labels), 4)
+    classifier_acc = None
+    if args.classifier_epochs:
+        clf = train_classifier(known_train, ytr[ytr < 2], args.classifier_epochs, seed)
+        with torch.no_grad():
+            classifier_acc = round(float((clf(known).argmax(1) == yte[yte < 2]).float().mean()), 4)
+        values = torch.cat([max_softmax_score(clf, novel), max_softmax_score(clf, known)])
+        labels = torch.cat([torch.ones(novel.shape[0]), torch.zeros(known.shape[0])])
+        aucs[BASELINE] = round(binary_auc(values, labels), 4)
     heat = None
     if args.heat:
         figure = None if args.heat_figure is None else args.heat_figure.with_name(
@@ -271,6 +309,7 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
         "auroc": aucs,
         "heat": heat,
+        "classifier_known_accuracy": classifier_acc,
         "train_bpd_main": round(bpd_main, 4),
         "train_bpd_background": round(bpd_bg, 4),
         "n": {"train": int(known_train.shape[0]), "reference": int(reference.shape[0]), "novel": int(novel.shape[0]),
@@ -297,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "(patient-disjoint; see load_npz_splits); the run argument is then ignored")
     parser.add_argument("--novel-class", type=int, default=1, help="with --npz: the class id scored as new")
     parser.add_argument("--fold", type=int, default=0, help="with --npz: which patient of each known class is held out")
+    parser.add_argument("--classifier-epochs", type=int, default=0,
+                        help="also train a classifier on the known classes for this many epochs and score its "
+                        "1 - max softmax (the baseline column)")
     parser.add_argument("--heat", action="store_true", help="also measure where the ratio map puts a new finding")
     parser.add_argument("--heat-figure", type=Path, default=None, help="PNG of 8 slices, maps, findings (per seed)")
     args = parser.parse_args(argv)
@@ -311,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     summary = {}
-    for name in STATISTICS:
+    for name in STATISTICS + ((BASELINE,) if args.classifier_epochs else ()):
         vals = [r["auroc"][name] for r in rows]
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))

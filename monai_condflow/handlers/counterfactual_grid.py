@@ -20,6 +20,7 @@ import torch
 from monai.utils import optional_import
 
 from monai_condflow.handlers.sample_grid import EpochGridSchedule
+from monai_condflow.networks.nets.counterfactual import restrict_change
 from monai_condflow.transforms.grid import make_grid
 from monai_condflow.utils.distributed import get_rank, unwrap_model
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 def counterfactual_grid(
     flow: torch.nn.Module, images: torch.Tensor, conditions: torch.Tensor, targets: torch.Tensor,
     guidance: float | None = None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """One row per image: source, counterfactual (:meth:`ConditionalGlow.counterfactual`), difference
     ``0.5 + (x' - x) / 2`` (mid-grey = unchanged).
@@ -49,6 +51,9 @@ def counterfactual_grid(
         conditions: ``[N, D]``, the images' own embeddings.
         targets: ``[N, D]``, the target conditions.
         guidance: guidance weight of both passes (default: the flow's).
+        masks: ``[N, 1, H, W]`` weights in ``[0, 1]`` where the counterfactual may change the source
+            (:func:`~monai_condflow.networks.nets.counterfactual.restrict_change`, e.g. estimated lung masks as
+            ``counterfactual.json``'s ``counterfactual_region lungs``); ``None``: the whole image.
 
     Returns:
         ``[1, H', W']`` float grid in ``[0, 1]``.
@@ -60,6 +65,8 @@ def counterfactual_grid(
     try:
         x = images.to(param.device, param.dtype)
         x_cf = net.counterfactual(x, conditions.to(x), targets.to(x), guidance=guidance).clamp(0, 1)
+        if masks is not None:
+            x_cf = restrict_change(x, x_cf, masks.to(x))
     finally:
         net.train(was_training)
     rows = torch.stack([x, x_cf, (0.5 + (x_cf - x) / 2).clamp(0, 1)], 1).flatten(0, 1).cpu().float()
@@ -80,6 +87,7 @@ class CounterfactualGridHandler(EpochGridSchedule):
         log_dir: TensorBoard folder when no writer is given.
         guidance: guidance weight (default: the flow's).
         tag: TensorBoard tag.
+        masks: ``[N, 1, H, W]`` regions the counterfactual may change (see :func:`counterfactual_grid`).
 
     Example::
 
@@ -97,6 +105,7 @@ class CounterfactualGridHandler(EpochGridSchedule):
         log_dir: str | os.PathLike | None = None,
         guidance: float | None = None,
         tag: str = "counterfactual",
+        masks: torch.Tensor | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
@@ -105,14 +114,19 @@ class CounterfactualGridHandler(EpochGridSchedule):
                 f"images [N, C, H, W], conditions and targets [N, D] expected, got {list(images.shape)}, "
                 f"{list(conditions.shape)}, {list(targets.shape)}."
             )
+        if masks is not None and (masks.ndim != 4 or masks.shape[0] != images.shape[0]
+                                  or masks.shape[2:] != images.shape[2:]):  # fmt: skip
+            raise ValueError(f"masks [N, 1, H, W] like the images {list(images.shape)} expected, got "
+                             f"{list(masks.shape)}.")  # fmt: skip
         self.flow, self.images, self.conditions, self.targets = flow, images, conditions, targets
+        self.masks = masks
         self.every_n_epochs, self.guidance, self.tag = every_n_epochs, guidance, tag
         self._writer, self._log_dir, self._own_writer = summary_writer, log_dir, False
 
     def __call__(self, engine: Engine) -> None:
         if get_rank() != 0:
             return
-        grid = counterfactual_grid(self.flow, self.images, self.conditions, self.targets, self.guidance)
+        grid = counterfactual_grid(self.flow, self.images, self.conditions, self.targets, self.guidance, self.masks)
         if self._writer is None and self._log_dir is not None:
             self._writer = SummaryWriter(log_dir=str(self._log_dir))
             self._own_writer = True

@@ -92,3 +92,38 @@ def test_heat_figures_against_maps_with_a_known_answer(bench, monkeypatch, tmp_p
     blind = bench.heat_figures(None, None, reference)
     assert blind["paired_share"] == pytest.approx(0.0)  # the same map with and without findings: no extra bits
     assert abs(blind["top200_share"] - 0.25) < 0.05
+
+
+def test_npz_splits_are_patient_disjoint_with_the_novel_class_in_test(bench, tmp_path):
+    import numpy as np
+
+    # class 0: patients a, b; class 1 (the novel one): patient c; class 2: patients d, e
+    patients = np.array(["a"] * 8 + ["b"] * 4 + ["c"] * 5 + ["d"] * 8 + ["e"] * 3)
+    labels = np.array([0] * 12 + [1] * 5 + [2] * 11)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "set.npz", images=images, labels=labels, patient_ids=patients)
+    for fold, held in ((0, {"a", "d"}), (1, {"b", "e"})):
+        splits = bench.load_npz_splits(tmp_path / "set.npz", novel_class=1, fold=fold)
+        index = {k: (v[0][:, 0, 0, 0] * 255).round().long().tolist() for k, v in splits.items()}
+        kept = {k: {patients[i] for i in idx} for k, idx in index.items()}
+        train_val = kept["train"] | kept["val"]
+        assert train_val == {"a", "b", "d", "e"} - held  # the held-out patients never train nor serve as reference
+        test_known = {patients[i] for i, y in zip(index["test"], splits["test"][1].tolist()) if y < 2}
+        assert test_known == held
+        novel = [i for i, y in zip(index["test"], splits["test"][1].tolist()) if y == 2]
+        assert sorted(novel) == list(range(12, 17))  # every slice of the novel class, labelled 2
+        # known classes relabelled 0 (class 0) and 1 (class 2); every 4th training slice is the reference
+        both = sorted(index["train"] + index["val"])
+        assert len(index["val"]) == len(both[::4]) and not set(index["val"]) & set(index["train"])
+        assert all(labels[i] == (0 if y == 0 else 2) for i, y in zip(index["train"], splits["train"][1].tolist()))
+    with pytest.raises(ValueError, match="two known classes"):
+        bench.load_npz_splits(tmp_path / "set.npz", novel_class=7, fold=0)
+
+
+def test_max_softmax_score_by_hand(bench):
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.log(x.flatten(1)[:, :2])  # softmax = the first two pixels, normalised
+
+    x = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.3, 0.7]]).reshape(3, 1, 1, 2)
+    assert torch.allclose(bench.max_softmax_score(Fixed(), x), torch.tensor([0.1, 0.5, 0.3]), atol=1e-6)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from ignite.engine import Engine
 
@@ -45,3 +46,20 @@ def test_grid_with_own_condition_shows_no_change_and_handler_writes_each_epoch()
     engine.run([0], max_epochs=2)
     assert [(t, s) for t, _, s in writer.images] == [("cf", 1), ("cf", 2)]
     assert flow.training  # mode restored
+
+
+def test_grid_with_masks_changes_only_the_masked_pixels():
+    flow = trained_like().float()
+    x, z, target = images(2, 8), conditions(2), conditions(2) * -1.0
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :4] = 1.0  # the left half of each tile may change
+    whole = counterfactual_grid(flow, x, z, target)
+    grid = counterfactual_grid(flow, x, z, target, masks=mask)
+    # tile (row r, column c) starts at 2 + 10 r, 2 + 10 c; column 1 is the counterfactual, column 0 the source
+    for r in range(2):
+        src, cf = grid[0, 2 + 10 * r : 10 + 10 * r, 2:10], grid[0, 2 + 10 * r : 10 + 10 * r, 12:20]
+        assert torch.equal(cf[:, 4:], src[:, 4:])  # the right half is the source
+        assert torch.equal(cf[:, :4], whole[0, 2 + 10 * r : 10 + 10 * r, 12:16])  # the left half is the flow's
+    assert not torch.equal(grid, whole)
+    with pytest.raises(ValueError, match="masks"):
+        CounterfactualGridHandler(flow, x, z, target, summary_writer=_Writer(), masks=torch.ones(2, 1, 4, 4))
