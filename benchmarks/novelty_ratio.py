@@ -126,11 +126,13 @@ def load_npz_splits(
 
 def train_flow(
     flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, batch: int = 32,
-    snapshots: dict[int, Path] | None = None,
+    snapshots: dict[int, Path] | None = None, perturb: float = 0.0,
 ) -> float:  # fmt: skip
     """Maximum likelihood with the trainer's ingredients (uniform dequantisation, the flow's training noise, AdamW
     5e-4 with 50 warm-up steps, clipping at 50); returns the last epoch's mean training bits/dim. ``snapshots``:
-    ``{epoch: file}`` where the weights after that epoch are saved."""
+    ``{epoch: file}`` where the weights after that epoch are saved. ``perturb``: the share of pixels of every
+    training image replaced by uniformly drawn 8-bit values (Ren et al. 2019's background model: trained on
+    perturbed images, it keeps the population's local statistics and loses the semantic content)."""
     g = torch.Generator().manual_seed(seed)
     flow.initialize(images[:64] + torch.rand(images[:64].shape, generator=g) / 256, None)
     net = FlowBitsPerDim(flow).train()
@@ -142,6 +144,9 @@ def train_flow(
         losses = []
         for start in range(0, images.shape[0] - batch + 1, batch):
             x = images[order[start : start + batch]]
+            if perturb > 0:
+                swap = torch.rand(x.shape, generator=g) < perturb
+                x = torch.where(swap, torch.randint(0, 256, x.shape, generator=g).float() / 255, x)
             x = (x * 255 + torch.rand(x.shape, generator=g)) / 256
             opt.zero_grad(set_to_none=True)
             loss = net(x, None).mean()
@@ -211,7 +216,7 @@ EARLY_EPOCHS = (5, 10, 20, 30, 45)
 
 def _cached_flow(
     flow: ConditionalGlow, images: torch.Tensor, epochs: int, seed: int, cache: Path | None, tag: str,
-    keep: Sequence[int] = (), need: int | None = None,
+    keep: Sequence[int] = (), need: int | None = None, perturb: float = 0.0,
 ) -> float:  # fmt: skip
     """Train ``flow`` (or load it from ``cache``, where it is saved); returns its last training bits/dim. The weights
     after the epochs in ``keep`` and ``need`` are saved as well; ``need`` (needs ``cache``) must be among the cached
@@ -230,7 +235,7 @@ def _cached_flow(
         epochs_kept = {e for e in keep if e < epochs} | ({need} if need is not None else set())
         snaps = {e: _cache_file(cache, tag, seed, epochs, e) for e in epochs_kept}
         snaps[epochs] = final
-    return train_flow(flow, images, epochs, seed, snapshots=snaps)
+    return train_flow(flow, images, epochs, seed, snapshots=snaps, perturb=perturb)
 
 
 def heat_figures(
@@ -276,6 +281,11 @@ def run_seed(splits: dict, seed: int, args: argparse.Namespace) -> dict:
         state = torch.load(_cache_file(args.cache, "main", seed, args.epochs, args.bg_early), weights_only=True)
         bg.load_state_dict(state["network"])
         bpd_bg = float(state["train_bpd"])
+    elif args.bg_perturb:  # the main flow's architecture, trained on perturbed images
+        torch.manual_seed(seed + 1000)
+        bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0)
+        tag = f"bgperturb{args.bg_perturb:g}"
+        bpd_bg = _cached_flow(bg, known_train, args.bg_epochs, seed + 1000, args.cache, tag, perturb=args.bg_perturb)
     else:
         torch.manual_seed(seed + 1000)
         bg = ConditionalGlow.from_preset("small", image_size=size, condition_dim=0, num_steps=args.bg_steps,
@@ -330,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bg-hidden", type=int, default=8, help="background flow coupling width")
     parser.add_argument("--bg-early", type=int, default=None,
                         help="background = the main flow after this many epochs (instead of a smaller flow)")
+    parser.add_argument("--bg-perturb", type=float, default=0.0,
+                        help="background = the main flow's architecture trained on images with this share of "
+                        "pixels replaced by noise (Ren et al. 2019), instead of a smaller flow")
     parser.add_argument("--cache", type=Path, default=None, help="folder where trained flows are kept and reused")
     parser.add_argument("--npz", type=Path, default=None,
                         help="score a class of this .npz set as the new disease instead of the run's phantom "

@@ -127,3 +127,30 @@ def test_max_softmax_score_by_hand(bench):
 
     x = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.3, 0.7]]).reshape(3, 1, 1, 2)
     assert torch.allclose(bench.max_softmax_score(Fixed(), x), torch.tensor([0.1, 0.5, 0.3]), atol=1e-6)
+
+
+def test_perturbed_background_training_sees_replaced_pixels(bench, monkeypatch):
+    """With ``perturb`` the flow is fed images in which about that share of pixels was replaced by noise; without
+    it, the dequantised originals (every value within 1/256 of the image's)."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, x, z):
+            seen.append(x.detach().clone())
+            return self.flow.log_prob(x, z).neg() / x[0].numel()
+
+    monkeypatch.setattr(bench, "FlowBitsPerDim", Spy)
+    images = torch.full((64, 1, 16, 16), 0.5)
+    for perturb in (0.0, 0.3):
+        seen.clear()
+        bench.train_flow(_tiny(), images, 1, 0, perturb=perturb)
+        x = torch.cat(seen)
+        moved = ((x - 0.5).abs() > 1 / 256 + 1e-6).float().mean()
+        if perturb == 0:
+            assert float(moved) == 0.0
+        else:  # a replaced value lands within 1/256 of 0.5 with probability about 2/256
+            assert abs(float(moved) - perturb * (1 - 2 / 256)) < 0.02
