@@ -28,9 +28,10 @@ mask; the true change has about 1.0 there), ``anatomy_kept`` (``|x' - x|`` small
 training slice of the target class``|``). Mean +- std over the runs; last line ``json=...``.
 
 ``--regions``: ``image`` keeps the flow's counterfactual whole; ``lungs`` keeps its change only inside the source's
-*estimated* lung mask (:func:`~monai_condflow.transforms.lung_mask.estimate_lung_mask`, as ``counterfactual.json
---counterfactual_region lungs`` does). ``in_lungs`` is always measured against the phantom's *true* mask, so it shows
-how well the estimate keeps the edit in the lungs. ``--flow-file``: another checkpoint of the runs' ``flow/`` folder
+*estimated* lung mask (:func:`~monai_condflow.transforms.lung_mask.estimate_lung_mask`, eroded by
+``--region-margin`` pixels, as ``counterfactual.json --counterfactual_region lungs`` does). ``in_lungs`` is always
+measured against the phantom's *true* mask, so it shows how well the estimate keeps the edit in the lungs.
+``--flow-file``: another checkpoint of the runs' ``flow/`` folder
 (e.g. ``model_likelihood.pt``, the flow before its adversarial phase).
 
 Usage::
@@ -104,7 +105,7 @@ def counterfactual_figures(
 
 def run_figures(
     run: Path, pairs: dict[str, torch.Tensor], guidance: float, regions: Sequence[str] = ("image",),
-    flow_file: str | None = None,
+    flow_file: str | None = None, margin: int = 1,
 ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """``{region: {direction: figures}}`` for one run folder at one guidance weight (``flow_file``: a checkpoint
     of the run's ``flow/`` folder to load instead of its ``model.pt``)."""
@@ -132,7 +133,7 @@ def run_figures(
             z_target = target_conditions(z, goal, bank_z, bank_labels, 2, mode="centroid")
             cf = flow.counterfactual(source, z, z_target, guidance=guidance)
         for region in regions:
-            x = restrict_change(source, cf, estimate_lung_masks(source)) if region == "lungs" else cf
+            x = restrict_change(source, cf, estimate_lung_masks(source, erosion=margin)) if region == "lungs" else cf
             out[region][name] = counterfactual_figures(source, x, truth, pairs["mask"], target, classifier, bank,
                                                        bank_labels)  # fmt: skip
     return out
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--regions", nargs="+", choices=REGIONS, default=list(REGIONS))
+    parser.add_argument("--region-margin", type=int, default=1, help="lungs region: mask erosion in pixels")
     parser.add_argument("--flow-file", default=None, help="checkpoint in each run's flow/ (default: model.pt)")
     args = parser.parse_args(argv)
     pairs = paired_slices(args.patients, args.seed)
@@ -167,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"{args.patients} paired slices; the true change's share inside the lung mask: {share:.3f}")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "true_change_in_lungs": round(share, 4)}
     for w in args.guidance:
-        per_run = [run_figures(run.resolve(), pairs, w, args.regions, args.flow_file) for run in args.runs]
+        per_run = [run_figures(run.resolve(), pairs, w, args.regions, args.flow_file, args.region_margin)
+                   for run in args.runs]  # fmt: skip
         report[f"w{w:g}"] = {}
         for region in args.regions:
             summary = summarize([r[region] for r in per_run])

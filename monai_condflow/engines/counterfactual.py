@@ -104,6 +104,7 @@ def write_counterfactuals(
     model_version: str = "",
     limit: int | None = None,
     region: str = "image",
+    region_margin: int = 1,
 ) -> dict[str, Any]:
     """Write counterfactual triplets of ``data`` (see the module docstring).
 
@@ -128,6 +129,7 @@ def write_counterfactuals(
         region: one of :data:`REGIONS`: ``"image"`` keeps the flow's counterfactual whole; ``"lungs"`` keeps its
             change only inside the source's estimated lung mask (an image whose mask comes out empty is left
             unchanged and counted in ``empty_masks``).
+        region_margin: with ``"lungs"``, pixels the mask is eroded by (a margin inside the estimated lung border).
 
     Returns:
         The summary written to ``counterfactual.json``: ``count``, ``flip_rate`` (the classifier predicts the
@@ -138,6 +140,8 @@ def write_counterfactuals(
         raise ValueError(f"unknown counterfactual mode {mode!r}; available: {list(TARGET_MODES)}.")
     if region not in REGIONS:
         raise ValueError(f"unknown counterfactual region {region!r}; available: {list(REGIONS)}.")
+    if isinstance(region_margin, bool) or not isinstance(region_margin, int) or region_margin < 0:
+        raise ValueError(f"region_margin must be an integer >= 0 (pixels), got {region_margin!r}.")
     formats = list(formats)
     if not formats or any(f not in _FORMATS for f in formats):
         raise ValueError(f"formats must be a non-empty subset of {list(_FORMATS)}, got {formats}.")
@@ -167,7 +171,7 @@ def write_counterfactuals(
             z_t = target_conditions(z, tgt, bank_z, bank_y, num_classes, mode)
             x_cf = net.counterfactual(x, z, z_t, guidance=guidance).clamp(0.0, 1.0)
             if region == "lungs":
-                mask = estimate_lung_masks(x)
+                mask = estimate_lung_masks(x, erosion=region_margin)
                 x_cf = restrict_change(x, x_cf, mask)
                 area = mask.flatten(1).mean(1)
                 fraction += float(area.sum())
@@ -203,6 +207,7 @@ def write_counterfactuals(
             "source_accuracy": correct / index,
             "mean_abs_change": change / index,
             "region": region,
+            "region_margin": region_margin if region == "lungs" else None,
             "mean_region_fraction": fraction / index,
             "empty_masks": empty,
             "mode": mode,

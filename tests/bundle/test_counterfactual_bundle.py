@@ -100,15 +100,17 @@ def test_counterfactual_region_lungs_changes_only_the_estimated_lungs(tiny_run):
             src = np.asarray(nib.load(folder / r["source"]).dataobj, dtype=np.float64).squeeze()
             diff = np.asarray(nib.load(folder / r["difference"]).dataobj, dtype=np.float64).squeeze()
             # the mask is estimated on the stored source, in the NIfTI's axis order, which the difference shares
-            changes.append(float(np.abs(diff[~estimate_lung_mask(src)]).max()))
+            changes.append(float(np.abs(diff[~estimate_lung_mask(src, erosion=1)]).max()))  # the default margin
         outside[region] = max(changes)
         if region == "lungs":
-            assert 0.0 < summary["mean_region_fraction"] < 1.0
+            assert 0.0 < summary["mean_region_fraction"] < 1.0 and summary["region_margin"] == 1
     # outside the lungs the restricted set is the source exactly; the whole-image one is not (a 1-epoch flow changes
     # little, but not nothing)
     assert outside["lungs"] == 0.0 and outside["image"] > 0.0
     proc = _bundle_run("counterfactual.json", data, out, "--counterfactual_region", "heart", check=False)
     assert proc.returncode != 0 and "counterfactual_region" in proc.stderr
+    proc = _bundle_run("counterfactual.json", data, out, "--counterfactual_region_margin", "-1", check=False)
+    assert proc.returncode != 0 and "counterfactual_region_margin" in proc.stderr
 
 
 def test_novelty_config_scores_and_auroc(tiny_run):

@@ -62,6 +62,17 @@ def test_chest_wall_cut_by_the_crop_falls_back_to_the_dark_regions():
     assert not mask[48, 28]  # the mediastinum is not lung
 
 
+def test_erosion_removes_exactly_the_border_pixels():
+    from scipy import ndimage
+
+    image, _ = drawn_chest()
+    full, eroded = estimate_lung_mask(image), estimate_lung_mask(image, erosion=1)
+    assert eroded.sum() < full.sum() and not (eroded & ~full).any()
+    border = full & ~ndimage.binary_erosion(full, border_value=1)  # mask pixels with a 4-neighbour outside it
+    assert np.array_equal(full & ~eroded, border)
+    assert EstimateLungMask(erosion=2)(image[None]).sum() < eroded.sum()
+
+
 def test_no_lungs_gives_an_empty_mask():
     assert not estimate_lung_mask(np.full((32, 32), 0.6)).any()
     soft = np.full((32, 32), 0.7)
@@ -109,5 +120,7 @@ def test_bad_input_is_refused_by_name():
         EstimateLungMask()(np.zeros((8, 8)))
     with pytest.raises(ValueError, match="min_area"):
         EstimateLungMask(min_area=1.5)
+    with pytest.raises(ValueError, match="erosion"):
+        EstimateLungMask(erosion=-1)
     with pytest.raises(ValueError, match="one image key"):
         EstimateLungMaskd(["image", "label"])
