@@ -118,7 +118,12 @@ def run_figures(
     classifier = load_classifier(run).eval()
     flow = load_flow(run).eval()
     if flow_file is not None:
-        flow.load_state_dict(torch.load(run / "flow" / flow_file, weights_only=True)["network"])
+        from monai_condflow.handlers.checkpoint import load_checkpoint
+
+        state = load_checkpoint(run / "flow" / flow_file)
+        if "network" not in state:
+            raise KeyError(f"{run / 'flow' / flow_file} holds no 'network' weights (keys: {sorted(state)[:5]})")
+        flow.load_state_dict(state["network"])
     bank, bank_labels = load_splits(run)["train"]
     with torch.no_grad():
         bank_z = torch.cat([classifier.embed(bank[i : i + 128]) for i in range(0, len(bank), 128)])

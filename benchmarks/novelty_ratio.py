@@ -355,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heat", action="store_true", help="also measure where the ratio map puts a new finding")
     parser.add_argument("--heat-figure", type=Path, default=None, help="PNG of 8 slices, maps, findings (per seed)")
     args = parser.parse_args(argv)
+    if not 0 <= args.bg_perturb < 1:
+        parser.error(f"--bg-perturb is a share of pixels in [0, 1), got {args.bg_perturb}")
+    if args.bg_perturb and args.bg_early:
+        parser.error("--bg-perturb and --bg-early choose different backgrounds; give one")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.npz is not None:
         splits = load_npz_splits(args.npz, args.novel_class, args.fold)

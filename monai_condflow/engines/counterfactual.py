@@ -126,15 +126,17 @@ def write_counterfactuals(
         device: device of the passes.
         model_version: written to the manifest.
         limit: at most this many images (``None``: all).
-        region: one of :data:`REGIONS`: ``"image"`` keeps the flow's counterfactual whole; ``"lungs"`` keeps its
-            change only inside the source's estimated lung mask (an image whose mask comes out empty is left
-            unchanged and counted in ``empty_masks``).
+        region: one of :data:`REGIONS`: ``"image"`` (this function's default) keeps the flow's counterfactual whole;
+            ``"lungs"`` (the default of ``counterfactual.json``) keeps its change only inside the source's estimated
+            lung mask. An image whose mask is empty (no lungs found, or none left after the margin) is left
+            unchanged, counted in ``empty_masks`` and still counted in ``flip_rate``.
         region_margin: with ``"lungs"``, pixels the mask is eroded by (a margin inside the estimated lung border).
 
     Returns:
         The summary written to ``counterfactual.json``: ``count``, ``flip_rate`` (the classifier predicts the
         target class on the counterfactual), ``source_accuracy``, ``mode``, ``guidance``, ``mean_abs_change``,
-        ``region``, ``mean_region_fraction`` (share of the pixels the change may touch) and ``empty_masks``.
+        ``region``, ``region_margin`` (``None`` for ``"image"``), ``mean_region_fraction`` (share of the pixels the
+        change may touch) and ``empty_masks``.
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown counterfactual mode {mode!r}; available: {list(TARGET_MODES)}.")
@@ -227,8 +229,8 @@ def write_counterfactuals(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if empty:
-        logger.warning("counterfactuals: no lungs found in %d of %d source images; those are left unchanged.", empty,
-                       index)  # fmt: skip
+        logger.warning("counterfactuals: no lung pixels (after a margin of %d) in %d of %d source images; those are "
+                       "left unchanged.", region_margin, empty, index)  # fmt: skip
     logger.info("counterfactuals: %d images, flip rate %.3f -> %s", index, summary["flip_rate"], output_dir)
     return summary
 

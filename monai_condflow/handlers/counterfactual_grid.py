@@ -114,7 +114,7 @@ class CounterfactualGridHandler(EpochGridSchedule):
                 f"images [N, C, H, W], conditions and targets [N, D] expected, got {list(images.shape)}, "
                 f"{list(conditions.shape)}, {list(targets.shape)}."
             )
-        if masks is not None and (masks.ndim != 4 or masks.shape[0] != images.shape[0]
+        if masks is not None and (masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[1] != 1
                                   or masks.shape[2:] != images.shape[2:]):  # fmt: skip
             raise ValueError(f"masks [N, 1, H, W] like the images {list(images.shape)} expected, got "
                              f"{list(masks.shape)}.")  # fmt: skip

@@ -77,4 +77,3 @@ def test_summary_mean_and_sample_std(bench):
     flip = out["covid->non-covid"]["flip"]
     assert flip["mean"] == pytest.approx(0.5) and flip["per_run"] == [0.2, 0.4, 0.9]
     assert flip["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5, abs=1e-4)
-

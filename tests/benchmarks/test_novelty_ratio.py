@@ -154,3 +154,10 @@ def test_perturbed_background_training_sees_replaced_pixels(bench, monkeypatch):
             assert float(moved) == 0.0
         else:  # a replaced value lands within 1/256 of 0.5 with probability about 2/256
             assert abs(float(moved) - perturb * (1 - 2 / 256)) < 0.02
+
+
+def test_background_options_are_checked(bench, capsys):
+    for argv in (["run", "--bg-perturb", "1.5"], ["run", "--bg-perturb", "0.2", "--bg-early", "10"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert "--bg-perturb" in capsys.readouterr().err

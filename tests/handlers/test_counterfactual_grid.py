@@ -61,5 +61,6 @@ def test_grid_with_masks_changes_only_the_masked_pixels():
         assert torch.equal(cf[:, 4:], src[:, 4:])  # the right half is the source
         assert torch.equal(cf[:, :4], whole[0, 2 + 10 * r : 10 + 10 * r, 12:16])  # the left half is the flow's
     assert not torch.equal(grid, whole)
-    with pytest.raises(ValueError, match="masks"):
-        CounterfactualGridHandler(flow, x, z, target, summary_writer=_Writer(), masks=torch.ones(2, 1, 4, 4))
+    for bad in (torch.ones(2, 1, 4, 4), torch.ones(2, 3, 8, 8)):
+        with pytest.raises(ValueError, match="masks"):
+            CounterfactualGridHandler(flow, x, z, target, summary_writer=_Writer(), masks=bad)

@@ -62,15 +62,20 @@ def test_chest_wall_cut_by_the_crop_falls_back_to_the_dark_regions():
     assert not mask[48, 28]  # the mediastinum is not lung
 
 
-def test_erosion_removes_exactly_the_border_pixels():
-    from scipy import ndimage
+def _rectangles(size: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    for r0, r1, c0, c1 in boxes:
+        mask[r0:r1, c0:c1] = True
+    return mask
 
-    image, _ = drawn_chest()
-    full, eroded = estimate_lung_mask(image), estimate_lung_mask(image, erosion=1)
-    assert eroded.sum() < full.sum() and not (eroded & ~full).any()
-    border = full & ~ndimage.binary_erosion(full, border_value=1)  # mask pixels with a 4-neighbour outside it
-    assert np.array_equal(full & ~eroded, border)
-    assert EstimateLungMask(erosion=2)(image[None]).sum() < eroded.sum()
+
+def test_erosion_by_hand_on_rectangular_lungs():
+    lungs = _rectangles(40, [(8, 30, 5, 15), (10, 28, 24, 35)])  # two lungs closed in by the body
+    image = np.where(lungs, 0.1, 0.7)
+    assert np.array_equal(estimate_lung_mask(image), lungs)
+    assert np.array_equal(estimate_lung_mask(image, erosion=1), _rectangles(40, [(9, 29, 6, 14), (11, 27, 25, 34)]))
+    twice = EstimateLungMask(erosion=2)(image[None])[0].astype(bool)
+    assert np.array_equal(twice, _rectangles(40, [(10, 28, 7, 13), (12, 26, 26, 33)]))
 
 
 def test_no_lungs_gives_an_empty_mask():
@@ -114,13 +119,16 @@ def test_bad_input_is_refused_by_name():
         estimate_lung_mask(np.full((8, 8), np.nan))
     with pytest.raises(ValueError, match=r"\[H, W\]"):
         estimate_lung_mask(np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):  # 0-255 values would give an empty mask silently
+        estimate_lung_mask(np.full((8, 8), 200.0))
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
         estimate_lung_masks(torch.zeros(8, 8))
     with pytest.raises(ValueError, match=r"\[1, H, W\]"):
         EstimateLungMask()(np.zeros((8, 8)))
     with pytest.raises(ValueError, match="min_area"):
         EstimateLungMask(min_area=1.5)
-    with pytest.raises(ValueError, match="erosion"):
-        EstimateLungMask(erosion=-1)
+    for bad in ({"erosion": -1}, {"closing": 1.5}, {"erosion": True}):
+        with pytest.raises(ValueError, match="erosion"):
+            EstimateLungMask(**bad)
     with pytest.raises(ValueError, match="one image key"):
         EstimateLungMaskd(["image", "label"])

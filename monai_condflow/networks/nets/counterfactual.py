@@ -104,24 +104,26 @@ def restrict_change(source: Tensor, counterfactual: Tensor, mask: Tensor) -> Ten
     Args:
         source: ``[B, C, *spatial]``.
         counterfactual: same shape.
-        mask: weights in ``[0, 1]``, broadcastable to ``source`` (e.g. ``[B, 1, *spatial]`` lung masks).
+        mask: weights in ``[0, 1]``, broadcastable to ``source``'s shape (e.g. ``[B, 1, *spatial]`` lung masks); moved
+            to the source's device and dtype.
 
     Returns:
         Tensor of the source's shape: the source where ``mask`` is 0, the counterfactual where it is 1.
 
     Raises:
-        ValueError: mismatched shapes, or mask values outside ``[0, 1]``.
+        ValueError: mismatched shapes (a mask that would enlarge the output included), or mask values outside
+            ``[0, 1]`` or NaN.
     """
     if counterfactual.shape != source.shape:
         raise ValueError(f"restrict_change: source {list(source.shape)} and counterfactual "
                          f"{list(counterfactual.shape)} differ in shape.")  # fmt: skip
     try:
-        torch.broadcast_shapes(mask.shape, source.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"restrict_change: mask {list(mask.shape)} does not broadcast to {list(source.shape)}."
-        ) from err
-    if bool((mask < 0).any() or (mask > 1).any()):
-        raise ValueError("restrict_change: mask values must lie in [0, 1].")
-    mask = mask.to(source.dtype)
+        fits = torch.broadcast_shapes(mask.shape, source.shape) == source.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"restrict_change: mask {list(mask.shape)} does not broadcast to {list(source.shape)}.")
+    if not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("restrict_change: mask values must lie in [0, 1] (no NaN).")
+    mask = mask.to(source)
     return source + mask * (counterfactual - source)

@@ -32,8 +32,9 @@ def trained_like(**overrides) -> ConditionalGlow:
                   condition_dim=COND, pixel_norm=True, pixel_spline_bins=4, pixel_spline_conditional=True,
                   cond_dropout=0.1)  # fmt: skip
     torch.manual_seed(0)
-    model = ConditionalGlow(**{**kwargs, **overrides}).double()
-    model.initialize(images(16, 8).double(), conditions(16).double())
+    kwargs.update(overrides)
+    model = ConditionalGlow(**kwargs).double()
+    model.initialize(images(16, kwargs["image_size"]).double(), conditions(16).double())
     perturb(model, 0.2)
     return model.eval()
 
@@ -120,5 +121,11 @@ def test_restrict_change_keeps_the_source_outside_the_mask():
         restrict_change(source, cf[:1], mask)
     with pytest.raises(ValueError, match="broadcast"):
         restrict_change(source, cf, torch.ones(3, 1, 4, 4))
+    with pytest.raises(ValueError, match="broadcast"):  # would turn the 1-channel source into 3 channels
+        restrict_change(source, cf, torch.ones(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         restrict_change(source, cf, mask * 2)
+    with pytest.raises(ValueError, match="NaN"):
+        restrict_change(source, cf, torch.full((2, 1, 4, 4), float("nan")))
+    # a float64 mask follows the source's dtype
+    assert restrict_change(source, cf, mask.double()).dtype == source.dtype
