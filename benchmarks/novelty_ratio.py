@@ -63,7 +63,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.metrics.auc import binary_auc  # noqa: E402
-from monai_condflow.metrics.novelty import NoveltyScorer, flow_statistics, novelty_map  # noqa: E402
+from monai_condflow.metrics.novelty import (  # noqa: E402
+    NoveltyScorer,
+    flow_statistics,
+    novelty_map,
+)
+from monai_condflow.metrics.novelty import max_softmax_score as max_softmax_of_logits  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
 STATISTICS = ("bpd", "level_typicality", "ratio", "ratio_typicality", "level_ratio")
@@ -184,9 +189,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int, se
 
 @torch.no_grad()
 def max_softmax_score(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``1 - max softmax`` per image (larger = less sure = more unusual)."""
-    probs = torch.cat([classifier(images[i : i + 128]).softmax(1) for i in range(0, images.shape[0], 128)])
-    return 1.0 - probs.max(1).values
+    """``1 - max softmax`` per image (:func:`~monai_condflow.metrics.novelty.max_softmax_score`, in batches of 128)."""
+    return torch.cat([max_softmax_of_logits(classifier(images[i : i + 128])) for i in range(0, images.shape[0], 128)])
 
 
 def scores(main: dict, bg: dict, ref_main: dict, ref_bg: dict) -> dict[str, torch.Tensor]:

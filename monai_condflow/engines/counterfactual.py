@@ -50,7 +50,13 @@ from monai_condflow.engines.generation import (
     png16_bytes,
 )
 from monai_condflow.metrics.auc import binary_auc
-from monai_condflow.metrics.novelty import NOVELTY_STATISTICS, NoveltyScorer, flow_statistics, novelty_map
+from monai_condflow.metrics.novelty import (
+    NOVELTY_STATISTICS,
+    NoveltyScorer,
+    flow_statistics,
+    max_softmax_score,
+    novelty_map,
+)
 from monai_condflow.networks.embeddings import compute_embeddings
 from monai_condflow.networks.nets.counterfactual import TARGET_MODES, restrict_change, target_conditions
 from monai_condflow.transforms.grid import make_grid
@@ -250,7 +256,7 @@ def _statistics(flow: torch.nn.Module, clf: torch.nn.Module, data: Iterable, bat
             maps.append(novelty_map(flow, x, z, background).float())
         if images is not None:
             images.append(x.detach().float().cpu())
-        msp.append(1.0 - clf(x).softmax(1).max(1).values.double().cpu())
+        msp.append(max_softmax_score(clf(x)))
         lab = batch.get("label") if isinstance(batch, Mapping) else None
         labels.append(torch.as_tensor(lab).long().reshape(-1).cpu() if lab is not None else torch.full((len(x),), -1))
     if not parts:

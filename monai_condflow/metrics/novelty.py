@@ -42,7 +42,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["NOVELTY_STATISTICS", "png_bits_per_dim", "flow_statistics", "novelty_map", "NoveltyScorer"]
+__all__ = [
+    "NOVELTY_STATISTICS",
+    "png_bits_per_dim",
+    "flow_statistics",
+    "novelty_map",
+    "max_softmax_score",
+    "NoveltyScorer",
+]
 
 NOVELTY_STATISTICS: tuple[str, ...] = ("bpd", "typicality", "complexity", "level_typicality", "likelihood_ratio")
 
@@ -70,6 +77,12 @@ def png_bits_per_dim(x: Tensor, n_bits: int = 8) -> Tensor:
             total += len(buf.getvalue()) * 8
         out.append(total / img.size)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def max_softmax_score(logits: Tensor) -> Tensor:
+    """The classifier baseline of novelty scoring: ``1 - max softmax`` of ``logits`` ``[B, K]`` -> ``[B]`` float64 on
+    the CPU (larger = less sure = more unusual)."""
+    return 1.0 - logits.softmax(1).max(1).values.double().cpu()
 
 
 def _in_eval(net: torch.nn.Module, method: str, x: Tensor, condition: Tensor | None) -> Tensor:

@@ -126,7 +126,8 @@ def test_max_softmax_score_by_hand(bench):
             return torch.log(x.flatten(1)[:, :2])  # softmax = the first two pixels, normalised
 
     x = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.3, 0.7]]).reshape(3, 1, 1, 2)
-    assert torch.allclose(bench.max_softmax_score(Fixed(), x), torch.tensor([0.1, 0.5, 0.3]), atol=1e-6)
+    expected = torch.tensor([0.1, 0.5, 0.3], dtype=torch.float64)
+    assert torch.allclose(bench.max_softmax_score(Fixed(), x), expected, atol=1e-6)
 
 
 def test_perturbed_background_training_sees_replaced_pixels(bench, monkeypatch):

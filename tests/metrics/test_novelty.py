@@ -97,3 +97,11 @@ def test_novelty_map_is_the_per_pixel_share_of_bits_and_of_the_likelihood_ratio(
     assert torch.allclose(centred, ratio - ref, atol=1e-12)
     assert torch.allclose(centred[:2].mean(0), torch.zeros(8, 8, dtype=torch.float64), atol=1e-12)
     assert flow.training is False and background.training is False
+
+
+def test_max_softmax_score_by_hand():
+    from monai_condflow.metrics.novelty import max_softmax_score
+
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]))
+    out = max_softmax_score(logits)
+    assert out.dtype == torch.float64 and torch.allclose(out, torch.tensor([0.1, 0.5, 0.2], dtype=torch.float64))
