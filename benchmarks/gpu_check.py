@@ -18,11 +18,16 @@ false``), which is what the test suite does.
 
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
 
-- ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``) a fresh
-  model (same seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no
-  layer is the identity), the trainer's step (zero_grad, per-sample bits/dim, finiteness checks, backward, clipping
-  at 50, AdamW), images/s over the timed steps, peak memory, and after training: the round trip
-  ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same weights.
+- ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``,
+  ``bf16+compile``, ``bf16+compile+graphs``; any precision with ``+compile`` and / or ``+graphs``) a fresh model
+  (same seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer
+  is the identity), the trainer's step (zero_grad, per-sample bits/dim, finiteness checks, backward, clipping
+  at 50, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with ``+compile`` it holds
+  the compilation: ``ConditionalGlow.compile_steps``, the bundle id ``compile``), and after training: the round
+  trip ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same weights.
+- ``profile``: where an eager and a compiled step spend their time (``torch.profiler``, the first batch size,
+  ``--profile-modes``): per step the kernels launched, the device's busy time against the wall time, and the
+  operations / kernels with the most self time.
 - ``graphs_exact``: the graphed training step against the eager one on the same weights and batches (no noise, no
   condition dropout): loss and gradient differences, on the recorded batch and on a new one.
 - ``sample``: ``sample()`` images/s at the sampling batch, eager and graphed, peak memory, graphed vs eager samples.
@@ -52,11 +57,25 @@ from bench_flow_gpu import make_batch, reset_peak, sync  # noqa: E402  (sibling 
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.engines.generation import generate  # noqa: E402
+from monai_condflow.networks.blocks.compiled_steps import compiled_steps  # noqa: E402
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
-TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs")
+TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def parse_mode(mode: str) -> tuple[str, bool, bool]:
+    """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs.
+
+    Raises:
+        ValueError: an unknown precision or option.
+    """
+    precision, *options = mode.split("+")
+    if precision not in PRECISIONS or not set(options) <= {"compile", "graphs"} or len(set(options)) < len(options):
+        raise ValueError(f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile' and / or '+graphs'")
+    return precision, "compile" in options, "graphs" in options
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -89,18 +108,26 @@ def train_step(net: FlowBitsPerDim, opt: torch.optim.Optimizer, x: torch.Tensor,
     return loss.detach()
 
 
-def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
-    precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
+def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> tuple:
+    """A fresh model in ``mode`` with its loss module, optimiser and three batches."""
+    precision, compiled, graphs = parse_mode(mode)
     batches = [make_batch(batch, args.size, torch.Generator().manual_seed(args.seed + i), device) for i in range(3)]
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
-    net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
+    net = FlowBitsPerDim(flow, cuda_graphs=graphs, compile=compiled).train()
     fused = {"fused": True} if args.fused_adam and device.type == "cuda" else {}
     opt = torch.optim.AdamW(flow.parameters(), lr=1e-5, weight_decay=1e-6, betas=(0.5, 0.999), **fused)
+    return precision, flow, net, opt, batches, bool(fused)
+
+
+def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
+    precision, flow, net, opt, batches, fused = train_setup(args, device, batch, mode)
     reset_peak(device)
+    t0 = time.perf_counter()
     for i in range(args.warmup):
         train_step(net, opt, *batches[i % 3], precision)
     sync(device)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = [train_step(net, opt, *batches[i % 3], precision) for i in range(args.steps)]
     sync(device)
@@ -111,8 +138,10 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "train_img_s": round(batch * args.steps / seconds, 1),
         "ms_per_step": round(1000 * seconds / args.steps, 2),
         "peak_mib": peak_mib(device),
+        "warmup_s": round(warmup_s, 2),
         "graphed": bool(net.graphed is not None and net.graphed.replays > 0),
-        "fused_adam": bool(fused),
+        "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
+        "fused_adam": fused,
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -157,8 +186,49 @@ def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
+def profile_train(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
+    """Where one training step of ``mode`` spends its time, after the warm-up (and compilation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    precision, flow, net, opt, batches, _ = train_setup(args, device, args.batch, mode)
+    for i in range(args.warmup):
+        train_step(net, opt, *batches[i % 3], precision)
+    sync(device)
+    cuda = device.type == "cuda"
+    steps = args.profile_steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(net, opt, *batches[i % 3], precision)
+        sync(device)
+    wall_ms = 1000 * (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+
+    def self_us(e) -> float:  # microseconds of self time on the device (GPU) or the CPU
+        if cuda:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    kernels = [e for e in events if cuda and str(getattr(e, "device_type", "")).endswith("CUDA")]
+    rows = kernels if cuda else list(events)
+    top = sorted(rows, key=self_us, reverse=True)[: args.profile_top]
+    busy_ms = sum(self_us(e) for e in rows) / 1000 / steps
+    return {
+        "mode": mode,
+        "batch": args.batch,
+        "steps": steps,
+        "wall_ms_per_step": round(wall_ms, 2),
+        ("device_busy_ms_per_step" if cuda else "cpu_self_ms_per_step"): round(busy_ms, 2),
+        "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1) if cuda else None,
+        "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
+        "top": [{"name": e.key[:90], "calls_per_step": round(e.count / steps, 1),
+                 "ms_per_step": round(self_us(e) / 1000 / steps, 3)} for e in top],  # fmt: skip
+    }
+
+
 def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
-    precision, graphs = mode.split("+")[0], mode.endswith("+graphs")
+    precision, _, graphs = parse_mode(mode)
     x, z = make_batch(args.sample_batch, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
     set_coupling_dtype(flow, coupling_dtype(precision))
@@ -225,7 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default=None, help="default: paper (small with --cpu)")
     parser.add_argument("--size", type=int, default=None, help="default: 64 (16 with --cpu)")
     parser.add_argument("--batches", default=None, help="training batch sizes, default 80,320 (4 with --cpu)")
-    parser.add_argument("--modes", default=",".join(TRAIN_MODES))
+    parser.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes (see the docstring)")
+    parser.add_argument("--profile-modes", default="bf16,bf16+compile", help="modes of the profile section")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-top", type=int, default=15, help="operations / kernels listed per mode")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--sample-batch", type=int, default=None, help="default 512 (8 with --cpu)")
@@ -234,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write-threads", type=int, default=16)
     parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (one kernel per step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sections", default="train,graphs_exact,sample,write")
+    parser.add_argument("--sections", default="train,profile,graphs_exact,sample,write")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     small = args.cpu
@@ -248,9 +321,13 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, cpu if small else gpu)
     args.batch = int(args.batches.split(",")[0])
     modes = [m for m in args.modes.split(",") if m]
-    unknown = sorted(set(modes) - set(TRAIN_MODES))
-    if unknown:
-        parser.error(f"--modes: unknown {unknown}; choose from {list(TRAIN_MODES)}.")
+    profile_modes = [m for m in args.profile_modes.split(",") if m]
+    for option, values in (("--modes", modes), ("--profile-modes", profile_modes)):
+        for m in values:
+            try:
+                parse_mode(m)
+            except ValueError as e:
+                parser.error(f"{option}: {e}.")
     sections = set(args.sections.split(","))
     env = {
         "torch": torch.__version__,
@@ -266,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in [int(b) for b in args.batches.split(",")]:
             for mode in modes:
                 run_section("train", lambda b=batch, m=mode: bench_train(args, device, b, m), results)
+    if "profile" in sections:
+        for mode in profile_modes:
+            run_section("profile", lambda m=mode: profile_train(args, device, m), results)
     if "graphs_exact" in sections:
         run_section("graphs_exact", lambda: graphs_exact(args, device), results)
     if "sample" in sections:

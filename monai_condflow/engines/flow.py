@@ -114,19 +114,38 @@ class FlowBitsPerDim(torch.nn.Module):
     such call for its batch shape; other shapes (a smaller last batch), evaluation and the CPU run eagerly. The
     gradients are the eager ones up to floating-point summation order; the random draws differ from an eager run's.
 
+    With ``compile=True`` the flow's steps are compiled for training (``flow.compile_steps()``, regional
+    ``torch.compile``; a flow without ``compile_steps`` is refused); the two combine (the graphs then replay the
+    compiled kernels).
+
     Args:
         flow: the conditional flow.
         n_bits: bits of the quantised data (8 for PNG-derived images).
         cuda_graphs: record the training step as CUDA graphs (bundle id ``cuda_graphs``).
+        compile: train through ``torch.compile``'d flow steps (bundle id ``compile``).
+
+    Raises:
+        ValueError: ``cuda_graphs`` or ``compile`` not a bool, or ``compile`` for a flow without ``compile_steps``.
     """
 
-    def __init__(self, flow: torch.nn.Module, n_bits: int = 8, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, flow: torch.nn.Module, n_bits: int = 8, cuda_graphs: bool = False, compile: bool = False
+    ) -> None:
         super().__init__()
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"config id 'cuda_graphs' must be true or false, got {cuda_graphs!r}.")
+        for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ValueError(f"config id '{key}' must be true or false, got {value!r}.")
+        if compile:
+            if not hasattr(flow, "compile_steps"):
+                raise ValueError(
+                    f"config id 'compile': {type(flow).__name__} has no compile_steps(); only ConditionalGlow's steps "
+                    "can be compiled."
+                )
+            flow.compile_steps()
         self.flow = flow
         self.n_bits = n_bits
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         # not registered (the state dict keeps only ``flow.*``); shares the flow's parameters
         self.__dict__["_loss"] = _FlowLoss(flow, n_bits)
         self.__dict__["_graphed"] = None
@@ -229,6 +248,8 @@ class FlowTrainer(SupervisedTrainer):
         precision = check_precision(precision)
         if dp_module is not None and precision == "bf16":
             raise ValueError("DP-SGD flow training runs in float32: use precision 'fp32' or 'tf32', not 'bf16'.")
+        if dp_module is not None and getattr(unwrap_model(network), "compile", False):
+            raise ValueError("DP-SGD flow training runs eagerly (per-sample gradients): set config id 'compile' false.")
         if spike_threshold is not None and not spike_threshold > 0:
             raise ValueError(f"spike_threshold must be positive or None, got {spike_threshold}.")
         if spike_patience < 1 or max_restores < 0:

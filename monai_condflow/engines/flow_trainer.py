@@ -84,6 +84,7 @@ def create_flow_trainer(
     early_stop_patience: int = 0,
     precision: str = "tf32",
     cuda_graphs: bool = False,
+    compile: bool = False,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) from the bundle's ``train_flow.json`` (and
@@ -164,6 +165,8 @@ def create_flow_trainer(
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (see :mod:`monai_condflow.utils.precision`).
         cuda_graphs: replay each training step's forward and backward as CUDA graphs on a GPU (see
             :class:`~monai_condflow.engines.flow.FlowBitsPerDim`); ignored, with a warning, on the CPU.
+        compile: train through ``torch.compile``'d flow steps (``ConditionalGlow.compile_steps``; the first steps
+            compile, about a minute for the ``paper`` preset on 2 CPU cores); refused under ``dp``.
 
     Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
@@ -197,6 +200,8 @@ def create_flow_trainer(
         from monai_condflow.privacy.dp import check_dp_settings
 
         dp = check_dp_settings(dp)
+        if compile:
+            raise ValueError("DP-SGD flow training runs eagerly (per-sample gradients): set config id 'compile' false.")
         if is_distributed():
             raise ValueError("DP-SGD flow training runs in one process; start it without torchrun.")
     if val_interval < 1 or sample_every < 0 or log_every < 1:
@@ -221,7 +226,7 @@ def create_flow_trainer(
                  "sample_every": sample_every, "temperature": sample_temperature, "seed": seed,
                  "log_every": log_every, "n_saved": n_saved, "ema_decay": ema_decay,
                  "spike_threshold": spike_threshold, "early_stop_patience": early_stop_patience,
-                 "precision": precision, "cuda_graphs": cuda_graphs},
+                 "precision": precision, "cuda_graphs": cuda_graphs, "compile": compile},
             sample_conditions=sample_conditions, resume_from=resume_from, tensorboard=tensorboard and rank == 0,
             tensorboard_dir=tensorboard_dir, extra_train_handlers=extra_train_handlers, dp=dp, public_init=public_init,
         )  # fmt: skip

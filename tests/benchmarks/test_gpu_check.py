@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -33,13 +34,24 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
-    assert [r["mode"] for r in train] == ["fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs"]
+    modes = ["fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs"]
+    assert [r["mode"] for r in train] == modes
+    inductor = shutil.which("g++") is not None or shutil.which("c++") is not None
     for r in train:
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
+        assert r["compiled"] == ("compile" in r["mode"] and inductor)  # else the eager fallback
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
-    assert 0 < by_mode["bf16"]["roundtrip_max_abs"] < 1e-2 and 0 < by_mode["bf16"]["bpd_max_abs_diff_vs_fp32"] < 0.01
+    for mode in ("bf16", "bf16+compile"):
+        assert 0 < by_mode[mode]["roundtrip_max_abs"] < 1e-2 and 0 < by_mode[mode]["bpd_max_abs_diff_vs_fp32"] < 0.01
+    profile = report["profile"]
+    assert [p["mode"] for p in profile] == ["bf16", "bf16+compile"]
+    for p in profile:
+        assert "error" not in p and p["cpu_self_ms_per_step"] > 0 and p["wall_ms_per_step"] > 0
+        assert 0 < len(p["top"]) <= 15 and all(t["calls_per_step"] > 0 for t in p["top"])
+    names = {t["name"] for t in profile[0]["top"]}
+    assert any("convolution" in n for n in names)  # the eager step's time is where a CPU step spends it
     exact = report["graphs_exact"][0]
     assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
     assert [r["mode"] for r in report["sample"]] == ["fp32", "tf32", "tf32+graphs", "bf16+graphs"]
@@ -47,6 +59,16 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
     assert "e2e: exit 0" in proc.stdout
     assert (out / "e2e.log").is_file() and (out / "e2e_report.md").is_file()
+
+
+def test_modes_are_a_precision_with_compile_and_or_graphs():
+    parse_mode = load_benchmark("gpu_check").parse_mode
+    assert parse_mode("bf16+compile+graphs") == ("bf16", True, True)
+    assert parse_mode("tf32+graphs") == ("tf32", False, True)
+    assert parse_mode("fp32") == ("fp32", False, False)
+    for bad in ("fp16", "bf16+fast", "bf16+graphs+graphs", "+graphs"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            parse_mode(bad)
 
 
 def test_a_failed_section_is_reported_and_the_others_still_run(capsys):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.utils.distributed import (
     all_gather_tensors,
     any_across_ranks,
@@ -82,10 +83,12 @@ def run_flow(
     nan_iteration: int = 2,
     crash_epoch: int | None = None,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train the tiny flow through ``create_flow_trainer``; optionally make one rank's loss NaN at one iteration
     (the gradients stay finite), or raise after the checkpoint of ``crash_epoch`` (first attempt only). ``float64``
-    removes most of the rounding noise that Adam's first steps amplify, so runs can be compared tightly."""
+    removes most of the rounding noise that Adam's first steps amplify, so runs can be compared tightly.
+    ``compile``: through ``torch.compile``'d flow steps (the bundle id ``compile``)."""
     from monai.engines.utils import IterationEvents
     from monai.utils import CommonKeys as Keys
 
@@ -107,6 +110,7 @@ def run_flow(
         resume_from=out_dir / "run",
         seed=5,
         tensorboard=False,
+        compile=compile,
     )
     losses: list[float] = []
     grad_norms: list[float] = []
@@ -138,6 +142,7 @@ def run_flow(
         "epoch": int(trainer.state.epoch),
         "val_bpd": float(evaluator.state.metrics["val_bpd"]),
         "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "compiled_calls": getattr(compiled_steps(flow), "calls", 0),
     }
 
 
@@ -172,6 +177,7 @@ def run_classifier(out_dir: str | os.PathLike, *, max_epochs: int = 2) -> dict[s
 SCENARIOS = {
     "flow": lambda out: run_flow(out / "flow"),
     "flow64": lambda out: run_flow(out / "flow64", dtype=torch.float64),
+    "flow_compiled": lambda out: run_flow(out / "flow_compiled", compile=True),
     "nan": lambda out: run_flow(out / "nan", nan_rank=1, nan_iteration=2),
     "classifier": lambda out: run_classifier(out / "classifier"),
     "crash": lambda out: run_flow(out / "crash", max_epochs=3, crash_epoch=2, dtype=torch.float64),

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 HAS_CLASSIFIER = importlib.util.find_spec("monai_condflow.engines.classifier") is not None
-SCENARIOS = ["flow", "flow64", "nan", *(["classifier"] if HAS_CLASSIFIER else []), "crash"]
+SCENARIOS = ["flow", "flow64", "flow_compiled", "nan", *(["classifier"] if HAS_CLASSIFIER else []), "crash"]
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
@@ -218,6 +218,18 @@ def test_flow_two_processes_equal_one_process_float32(two_process_dir, worker, t
     assert global_losses == pytest.approx(ref["losses"], rel=1e-4)
     assert r0["val_bpd"] == pytest.approx(ref["val_bpd"], rel=1e-4)
     assert r0["skipped"] == r1["skipped"] == 0
+
+
+def test_flow_with_compiled_steps_two_processes_equal_one_eager_process(two_process_dir, worker, tmp_path):
+    # the bundle id ``compile`` under DDP: each rank trains through inductor-compiled flow steps
+    r0, r1 = _ranks(two_process_dir, "flow_compiled")
+    ref = _single(worker, "flow", tmp_path)
+    assert r0["compiled_calls"] > 0 and r1["compiled_calls"] > 0 and ref["compiled_calls"] == 0
+    assert _max_abs_diff(r0["state"], r1["state"]) == 0.0
+    assert _max_abs_diff(ref["state"], r0["state"]) < 5e-3
+    global_losses = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert global_losses == pytest.approx(ref["losses"], rel=1e-4)
+    assert r0["val_bpd"] == pytest.approx(ref["val_bpd"], rel=1e-4)
 
 
 def test_nan_loss_on_one_rank_skips_the_step_on_both(two_process_dir):

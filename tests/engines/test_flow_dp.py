@@ -24,6 +24,7 @@ import torch
 from ignite.engine import Events
 
 import monai_condflow.privacy.dp as dp_module
+from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer
 from monai_condflow.engines.flow_trainer import create_flow_trainer
 from monai_condflow.handlers.checkpoint import load_checkpoint
 from monai_condflow.networks.blocks.actnorm import ActNorm
@@ -165,6 +166,18 @@ def test_bad_dp_settings_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="unknown DP setting"):
         _build(tmp_path, dp={"target_epsilon": 1, "target_delta": 1e-5, "epochs": 3})
     assert not os.listdir(tmp_path)
+
+
+def test_compiled_flow_steps_are_refused_under_dp_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="DP-SGD flow training runs eagerly.*'compile' false"):
+        _build(tmp_path, compile=True)
+    assert not os.listdir(tmp_path)
+    # the bundle's DP overlay builds the trainer itself: FlowTrainer refuses a network with compiled steps
+    flow = W.make_flow(1)
+    net = FlowBitsPerDim(flow, compile=True)
+    with pytest.raises(ValueError, match="runs eagerly"):
+        FlowTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=net,
+                    optimizer=torch.optim.SGD(flow.parameters(), lr=0.1), dp_module=flow)  # fmt: skip
 
 
 def test_non_finite_per_example_loss_is_dropped_but_the_step_is_noised_and_accounted(tmp_path, monkeypatch):

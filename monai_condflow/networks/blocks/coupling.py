@@ -21,6 +21,7 @@ from monai.networks.layers.utils import get_act_layer
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.actnorm import ActNorm
+from monai_condflow.networks.blocks.compiled_steps import step_forward
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential, record_logdet_map
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 
@@ -306,6 +307,11 @@ class ConditionalFlowStep(FlowSequential):
                 spatial_dims, in_channels, condition_dim, hidden_channels, act, scale_bound, shift_bound
             ),
         )
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, logdet [B])`` of the three layers; a training call of a flow whose steps are compiled
+        (:meth:`ConditionalGlow.compile_steps`) runs the compiled code (same values up to fp32 rounding)."""
+        return step_forward(self, FlowSequential.forward, x, condition)
 
 
 def set_coupling_dtype(module: nn.Module, dtype: torch.dtype | None) -> int:
