@@ -13,7 +13,8 @@ The GPU check of ``docs/performance.md``: training and sampling speed, memory an
 each precision mode, eager and with CUDA graphs, and the synthetic-set writer, through the library's own code paths
 (``FlowBitsPerDim`` with ``cuda_graphs``, ``precision_context`` and the coupling autocast of the trainer,
 ``ConditionalGlow.graph_sampling``, ``generate``). ``benchmarks/gpu_check.sh`` runs it (and a short end-to-end
-bundle run); ``--cpu`` runs the same sections small on the CPU (the CUDA-graph modes then report ``graphed:
+bundle run); ``--cpu`` runs the same sections small on the CPU (the ``small`` preset cut to 2 levels of 2 steps,
+unless ``--preset`` is given; the CUDA-graph modes then report ``graphed:
 false``), which is what the test suite does.
 
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
@@ -30,7 +31,10 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   operations / kernels with the most self time.
 - ``graphs_exact``: the graphed training step against the eager one on the same weights and batches (no noise, no
   condition dropout): loss and gradient differences, on the recorded batch and on a new one.
-- ``sample``: ``sample()`` images/s at the sampling batch, eager and graphed, peak memory, graphed vs eager samples.
+- ``sample``: ``sample()`` images/s (modes ``fp32``, ``tf32``, ``tf32+graphs``, ``bf16+graphs``,
+  ``bf16+compile+graphs``: the decoder's steps compiled, ``compile_steps(sampling=True)``, the bundle id
+  ``compile`` of ``generate.json``) at the sampling batch, the warm-up's wall time, peak memory, and the samples
+  against the eager ones.
 - ``write``: ``generate()`` of a synthetic set (PNG) with ``writer_threads`` threads and with 1, images/s.
 
 The last line is ``json=<every figure>``; ``--out DIR`` also writes ``DIR/gpu_check.json``.
@@ -63,6 +67,8 @@ from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")
+CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
+SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -84,7 +90,8 @@ def peak_mib(device: torch.device) -> float | None:
 
 def build_flow(args: argparse.Namespace, device: torch.device, x: torch.Tensor, z: torch.Tensor, **overrides: Any):
     torch.manual_seed(args.seed)
-    flow = ConditionalGlow.from_preset(args.preset, image_size=args.size, **overrides).to(device)
+    flow = ConditionalGlow.from_preset(args.preset, image_size=args.size, **{**args.flow_overrides, **overrides})
+    flow = flow.to(device)
     with torch.no_grad():
         g = torch.Generator().manual_seed(args.seed + 1)
         for p in flow.parameters():  # std 0.1 / sqrt(fan_in), zero-initialised convolutions included
@@ -228,14 +235,19 @@ def profile_train(args: argparse.Namespace, device: torch.device, mode: str) -> 
 
 
 def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
-    precision, _, graphs = parse_mode(mode)
+    precision, compiled, graphs = parse_mode(mode)
     x, z = make_batch(args.sample_batch, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
     set_coupling_dtype(flow, coupling_dtype(precision))
     if graphs:
         flow.graph_sampling()
+    if compiled:
+        flow.compile_steps(training=False, sampling=True)
     with precision_context(precision):
-        flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))  # warm-up (and the graph's recording)
+        t0 = time.perf_counter()
+        flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))  # warm-up (compilation, graph recording)
+        sync(device)
+        warmup_s = time.perf_counter() - t0
         reset_peak(device)
         t0 = time.perf_counter()
         for _ in range(args.sample_reps):
@@ -247,12 +259,15 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
             "batch": args.sample_batch,
             "sample_img_s": round(args.sample_batch * args.sample_reps / seconds, 1),
             "peak_mib": peak_mib(device),
+            "warmup_s": round(warmup_s, 2),
             "graphed": bool(graphs and flow.graph_sampling_recorded),
+            "compiled": bool(compiled and flow.steps_compiled and compiled_steps(flow).calls > 0),
         }
-        if graphs:
+        if graphs or compiled:
             flow.graph_sampling(False)
+            flow.compile_steps(False)
             eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))
-            out["graphed_vs_eager_max_abs"] = float((s - eager).abs().max())
+            out["vs_eager_max_abs"] = float((s - eager).abs().max())
     return out
 
 
@@ -276,17 +291,22 @@ def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, t
             "img_s": round(written / seconds, 1)}  # fmt: skip
 
 
-def run_section(name: str, fn, results: dict, key: str | None = None) -> None:
+def run_section(name: str, fn, results: dict, deadline: float | None = None) -> None:
+    """Run one measurement and print its line; a failure is reported as ``error``, and a measurement that would
+    start after ``deadline`` (``time.perf_counter()`` value, ``--budget-s``) is not run but reported as ``skipped``."""
     t0 = time.perf_counter()
-    try:
-        value = fn()
-    except Exception as e:  # a failed section is reported and the others still run
-        value = {"error": f"{type(e).__name__}: {e}"}
-        traceback.print_exc()
-    if isinstance(value, dict):
-        value["wall_s"] = round(time.perf_counter() - t0, 2)
-    results.setdefault(name, []).append(value) if key is None else results.setdefault(name, {}).update({key: value})
-    print(f"{name}{'' if key is None else ' ' + key}: {json.dumps(value)}", flush=True)
+    if deadline is not None and t0 > deadline:
+        value: Any = {"skipped": "the --budget-s time budget is spent"}
+    else:
+        try:
+            value = fn()
+        except Exception as e:  # a failed section is reported and the others still run
+            value = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+        if isinstance(value, dict):
+            value["wall_s"] = round(time.perf_counter() - t0, 2)
+    results.setdefault(name, []).append(value)
+    print(f"{name}: {json.dumps(value)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -308,18 +328,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (one kernel per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="train,profile,graphs_exact,sample,write")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no measurement after this many seconds (default 330 on a GPU, none with --cpu)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     small = args.cpu
     device = torch.device("cpu" if small else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the small CPU check.")
+    tiny = small and args.preset is None
     defaults = {"preset": ("paper", "small"), "size": (64, 16), "batches": ("80,320", "4"), "warmup": (3, 1),
                 "steps": (10, 2), "sample_batch": (512, 8), "sample_reps": (5, 1), "write_images": (60000, 40)}
     for key, (gpu, cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, cpu if small else gpu)
     args.batch = int(args.batches.split(",")[0])
+    # the CPU check's model: the small preset cut to 2 levels of 2 steps (3 step shapes to compile instead of 6)
+    args.flow_overrides = CPU_FLOW if tiny else {}
     modes = [m for m in args.modes.split(",") if m]
     profile_modes = [m for m in args.profile_modes.split(",") if m]
     for option, values in (("--modes", modes), ("--profile-modes", profile_modes)):
@@ -335,28 +360,31 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
         "preset": args.preset,
+        "flow_overrides": args.flow_overrides,
         "size": args.size,
     }
     print(f"env: {json.dumps(env)}", flush=True)
     results: dict[str, Any] = {"env": env}
+    budget = args.budget_s if args.budget_s is not None else (None if small else 330.0)
+    deadline = None if budget is None else time.perf_counter() + budget
     if "train" in sections:
         for batch in [int(b) for b in args.batches.split(",")]:
             for mode in modes:
-                run_section("train", lambda b=batch, m=mode: bench_train(args, device, b, m), results)
+                run_section("train", lambda b=batch, m=mode: bench_train(args, device, b, m), results, deadline)
     if "profile" in sections:
         for mode in profile_modes:
-            run_section("profile", lambda m=mode: profile_train(args, device, m), results)
+            run_section("profile", lambda m=mode: profile_train(args, device, m), results, deadline)
     if "graphs_exact" in sections:
-        run_section("graphs_exact", lambda: graphs_exact(args, device), results)
+        run_section("graphs_exact", lambda: graphs_exact(args, device), results, deadline)
     if "sample" in sections:
-        for mode in ("fp32", "tf32", "tf32+graphs", "bf16+graphs"):
-            run_section("sample", lambda m=mode: bench_sample(args, device, m), results)
+        for mode in SAMPLE_MODES:
+            run_section("sample", lambda m=mode: bench_sample(args, device, m), results, deadline)
     if "write" in sections:
         root = Path(tempfile.mkdtemp(prefix="gpu_check_write_"))
         try:
             n = args.write_images
-            run_section("write", lambda: bench_write(args, device, n, args.write_threads, root), results)
-            run_section("write", lambda: bench_write(args, device, max(n // 10, 2), 1, root), results)
+            run_section("write", lambda: bench_write(args, device, n, args.write_threads, root), results, deadline)
+            run_section("write", lambda: bench_write(args, device, max(n // 10, 2), 1, root), results, deadline)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     line = json.dumps(results, separators=(",", ":"))

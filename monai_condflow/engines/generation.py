@@ -68,6 +68,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
+from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
@@ -273,6 +274,7 @@ def generate(
     progress: bool = True,
     writer_threads: int = 4,
     cuda_graphs: bool = False,
+    compile: bool = False,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -313,6 +315,10 @@ def generate(
         cuda_graphs: on a GPU, decode each batch by replaying a CUDA graph
             (:meth:`~monai_condflow.networks.nets.ConditionalGlow.graph_sampling`; bundle id ``cuda_graphs``);
             ignored for flows without it and on the CPU.
+        compile: decode through ``torch.compile``'d flow steps
+            (:meth:`~monai_condflow.networks.nets.ConditionalGlow.compile_steps` ``sampling=True``; bundle id
+            ``compile``): the first batch compiles, the images equal the eager ones up to fp32 rounding; ignored for
+            flows without it and for a flow whose steps are already compiled (its own setting is kept).
 
     Returns:
         the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
@@ -337,8 +343,9 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     check_positive_int("writer_threads", writer_threads)
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"config id 'cuda_graphs' must be true or false, got {cuda_graphs!r}.")
+    for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ValueError(f"config id '{key}' must be true or false, got {value!r}.")
 
     device = torch.device(device)
     output_dir = Path(output_dir)
@@ -347,6 +354,9 @@ def generate(
     graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "graph_sampling_enabled", True) is False
     if graphs_here:
         flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
+    compile_here = compile and hasattr(flow, "compile_steps") and compiled_steps(flow) is None
+    if compile_here:
+        flow.compile_steps(training=False, sampling=True)  # likewise removed at the end
     if classifier is not None:
         classifier = unwrap_model(classifier).to(device)
     prepare = ConditionPrepareBatch(classifier=classifier, image_key=image_key, condition_key=condition_key)
@@ -472,6 +482,8 @@ def generate(
     finally:
         if graphs_here:
             flow.graph_sampling(False)
+        if compile_here:
+            flow.compile_steps(False)
     manifest = output_dir / manifest_name
     logger.info(
         "wrote %d synthetic image(s) (%s mode, T=%s, seed %d) to %s", len(rows), mode, temperature, seed, output_dir

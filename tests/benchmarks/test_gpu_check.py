@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,12 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert any("convolution" in n for n in names)  # the eager step's time is where a CPU step spends it
     exact = report["graphs_exact"][0]
     assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
-    assert [r["mode"] for r in report["sample"]] == ["fp32", "tf32", "tf32+graphs", "bf16+graphs"]
-    assert all(r["sample_img_s"] > 0 for r in report["sample"])
+    sample = report["sample"]
+    assert [r["mode"] for r in sample] == ["fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs"]
+    assert all(r["sample_img_s"] > 0 and not r["graphed"] for r in sample)
+    assert [r["compiled"] for r in sample] == [False, False, False, False, inductor]
+    assert sample[2]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
+    assert 0 <= sample[4]["vs_eager_max_abs"] < 1e-2  # compiled bf16 decoder vs eager bf16: bf16 rounding (8e-4)
     assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
     assert "e2e: exit 0" in proc.stdout
     assert (out / "e2e.log").is_file() and (out / "e2e_report.md").is_file()
@@ -79,3 +84,15 @@ def test_a_failed_section_is_reported_and_the_others_still_run(capsys):
     assert results["train"][0]["error"] == "ZeroDivisionError: division by zero"
     assert results["train"][1]["ok"] == 1
     assert "ZeroDivisionError" in capsys.readouterr().err  # the traceback is printed too
+
+
+def test_a_measurement_past_the_budget_is_skipped_and_reported(capsys):
+    gpu_check = load_benchmark("gpu_check")
+    results: dict = {}
+    ran = []
+    now = time.perf_counter()
+    gpu_check.run_section("train", lambda: ran.append(1) or {"ok": 1}, results, deadline=now + 3600)
+    gpu_check.run_section("sample", lambda: ran.append(2) or {"ok": 2}, results, deadline=now - 1)
+    assert ran == [1] and results["train"][0]["ok"] == 1
+    assert results["sample"] == [{"skipped": "the --budget-s time budget is spent"}]
+    assert 'sample: {"skipped"' in capsys.readouterr().out

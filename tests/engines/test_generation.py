@@ -401,8 +401,48 @@ def test_a_failing_write_in_a_writer_thread_is_raised_and_leaves_no_set(flow, tm
     assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())  # no set, no staging folder
 
 
+def test_compile_decodes_through_the_compiled_steps_and_leaves_the_flow_as_it_was(flow, tmp_path, monkeypatch):
+    """``compile=True`` (bundle id ``compile``): the steps' inverses run through ``torch.compile`` (here a backend
+    that runs the traced graph as it is and counts it), the files equal the eager run's, and the caller's flow has no
+    compiled steps afterwards; a flow that is already compiled keeps its own compiler."""
+    from monai_condflow.networks.blocks.compiled_steps import compiled_steps
+
+    traced, used = [], []
+    real = ConditionalGlow.compile_steps
+
+    def counting(self, enable=True, **kwargs):
+        def backend(gm, example_inputs):
+            traced.append(gm)
+            return gm.forward
+
+        real(self, enable, **({"backend": backend} if enable else {}), **kwargs)
+        if enable:
+            used.append(compiled_steps(self))
+        return self
+
+    monkeypatch.setattr(ConditionalGlow, "compile_steps", counting)
+    torch._dynamo.reset()
+    runs = {}
+    for compile_ in (False, True):
+        out = tmp_path / f"c{int(compile_)}"
+        generate(flow, None, _records(6), output_dir=out, model_version="v", seed=2, formats=("png",),
+                 compile=compile_)  # fmt: skip
+        runs[compile_] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert runs[True] == runs[False]
+    assert len(used) == 1 and used[0].calls == 4 and traced  # 2 levels x 2 steps, all through the compiled code
+    assert compiled_steps(flow) is None
+    flow.compile_steps(training=True, sampling=False)
+    try:
+        own = compiled_steps(flow)
+        generate(flow, None, _records(2), output_dir=tmp_path / "own", model_version="v", compile=True)
+        assert compiled_steps(flow) is own and own.calls == 0  # its training compiler kept, not replaced
+    finally:
+        real(flow, False)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"writer_threads": 0}, "writer_threads"),
-                                           ({"cuda_graphs": "yes"}, "cuda_graphs")])  # fmt: skip
+                                           ({"cuda_graphs": "yes"}, "cuda_graphs"),
+                                           ({"compile": 1}, "'compile'")])  # fmt: skip
 def test_bad_writer_and_graph_settings_are_refused_by_name(flow, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(flow, None, _records(2), output_dir=tmp_path / "s", model_version="v", **kwargs)

@@ -9,7 +9,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Regional ``torch.compile`` of a flow's training pass: the repeated flow step, compiled once per shape.
+Regional ``torch.compile`` of a flow: the repeated flow step, compiled once per shape.
 
 A Glow is dozens of identical flow steps (ActNorm, 1x1 convolution, affine coupling). Compiling the whole model
 makes Dynamo and inductor trace every step (minutes for the ``paper`` preset's 64 steps on a CPU); compiling the step's
@@ -18,11 +18,11 @@ every step of a shape shares it): on the ``paper`` preset 9 compilations instead
 a step inductor fuses the coupling's elementwise work (bounding, ``exp``, affine, log-determinant sum, activation)
 into a few kernels, forward and backward; the convolutions stay library calls.
 
-Only training calls use the compiled code (module in ``train()`` mode, autograd on, a tensor condition):
-validation, :meth:`~ConditionalGlow.inverse`, sampling and the denoising / counterfactual gradients run the eager
-code (another grad mode would mean another set of compilations). A compilation that fails (no C++ compiler for
-inductor on the CPU, no Triton on a GPU, an unsupported operation) is reported once and the steps run eagerly from
-then on.
+Two uses, each opt-in: the forward of training calls (module in ``train()`` mode, autograd on, a tensor
+condition), and the inverse of calls without autograd (sampling, decoding; a guided condition stays eager).
+Validation, the denoising / counterfactual gradients and anything else run the eager code (another autograd mode
+would mean another set of compilations). A compilation that fails (no C++ compiler for inductor on the CPU, no
+Triton on a GPU, an unsupported operation) is reported once and the steps run eagerly from then on.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "step_forward"]
+__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "step_forward", "step_inverse"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,47 +51,66 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 
 
 class StepCompiler:
-    """One ``torch.compile`` of a flow step's forward, shared by every step of a flow.
+    """The ``torch.compile`` of a flow step's forward (training) and / or inverse (decoding), shared by every step
+    of a flow.
 
     Args:
         forward: the step's eager forward as a plain function ``forward(step, x, condition) -> (y, logdet)``.
+        inverse: the step's eager inverse ``inverse(step, y, condition) -> (x, logdet)``.
+        training: compile the forward for training calls (``train()`` mode, autograd on).
+        sampling: compile the inverse for calls without autograd (sampling, decoding).
         compile_kwargs: passed to :func:`torch.compile` (``backend``, ``mode``, ``dynamic``, ...).
 
     Attributes:
         failed: a compilation failed; the steps run eagerly.
-        calls: training calls that ran the compiled code.
+        calls: calls that ran compiled code (forward and inverse).
     """
 
-    def __init__(self, forward: Callable[..., tuple[Tensor, Tensor]], **compile_kwargs: Any) -> None:
+    def __init__(
+        self,
+        forward: Callable[..., tuple[Tensor, Tensor]],
+        inverse: Callable[..., tuple[Tensor, Tensor]],
+        training: bool = True,
+        sampling: bool = False,
+        **compile_kwargs: Any,
+    ) -> None:
         self.forward = forward
-        self.compiled = torch.compile(forward, **compile_kwargs)
+        self.inverse = inverse
+        self.compiled_forward = torch.compile(forward, **compile_kwargs) if training else None
+        self.compiled_inverse = torch.compile(inverse, **compile_kwargs) if sampling else None
         self.failed = False
         self.calls = 0
 
-    def eligible(self, step: nn.Module, condition: Any) -> bool:
-        """Whether this call of ``step`` runs the compiled code (see the module docstring)."""
+    def _usable(self, condition: Any) -> bool:
         return (
             not self.failed
-            and step.training
-            and torch.is_grad_enabled()
             and (condition is None or isinstance(condition, Tensor))
             and not torch.compiler.is_compiling()
         )
 
-    def __call__(self, step: nn.Module, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``step``'s forward, compiled where eligible; eager after a failed compilation."""
-        if not self.eligible(step, condition):
-            return self.forward(step, x, condition)
+    def _run(self, compiled: Callable, eager: Callable, *args: Any) -> tuple[Tensor, Tensor]:
         try:
-            out = self.compiled(step, x, condition)
+            out = compiled(*args)
         except _compile_errors() as e:  # nothing ran: report once, stay eager from now on
             self.failed = True
             cause = getattr(e, "inner_exception", None) or e
-            logger.warning("torch.compile of the flow steps failed (%s: %s: %s); training eagerly.", type(e).__name__,
-                           type(cause).__name__, str(cause).strip().split("\n")[0])  # fmt: skip
-            return self.forward(step, x, condition)
+            logger.warning("torch.compile of the flow steps failed (%s: %s: %s); running them eagerly.",
+                           type(e).__name__, type(cause).__name__, str(cause).strip().split("\n")[0])  # fmt: skip
+            return eager(*args)
         self.calls += 1
         return out
+
+    def run_forward(self, step: nn.Module, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``step``'s forward: compiled for a training call (``train()`` mode, autograd on, a tensor condition)."""
+        if self.compiled_forward is None or not (step.training and torch.is_grad_enabled() and self._usable(condition)):
+            return self.forward(step, x, condition)
+        return self._run(self.compiled_forward, self.forward, step, x, condition)
+
+    def run_inverse(self, step: nn.Module, y: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``step``'s inverse: compiled for a call without autograd (a tensor condition, not a guided one)."""
+        if self.compiled_inverse is None or torch.is_grad_enabled() or not self._usable(condition):
+            return self.inverse(step, y, condition)
+        return self._run(self.compiled_inverse, self.inverse, step, y, condition)
 
 
 def compiled_steps(flow: nn.Module) -> StepCompiler | None:
@@ -104,29 +123,46 @@ def compiled_steps(flow: nn.Module) -> StepCompiler | None:
 
 
 def compile_flow_steps(
-    flow: nn.Module, step_type: type[nn.Module], forward: Callable, enable: bool = True, **compile_kwargs: Any
+    flow: nn.Module,
+    step_type: type[nn.Module],
+    forward: Callable,
+    inverse: Callable,
+    enable: bool = True,
+    training: bool = True,
+    sampling: bool = False,
+    **compile_kwargs: Any,
 ) -> int:
-    """Compile (or, with ``enable=False``, stop compiling) the training forward of every ``step_type`` in ``flow``.
+    """Compile (or, with ``enable=False``, stop compiling) every ``step_type`` in ``flow``.
 
     Raises Dynamo's per-function recompilation limit to twice the number of steps if it is lower (each distinct
-    step shape, dtype and batch size is one compilation; past the limit Dynamo would run the rest eagerly).
+    step shape, dtype, batch size and autograd mode is one compilation; past the limit Dynamo would run the rest
+    eagerly).
 
     Args:
         flow: the flow.
-        step_type: the class of its repeated step; its forward must call :func:`step_forward`.
+        step_type: the class of its repeated step; its ``forward`` / ``inverse`` must go through
+            :func:`step_forward` / :func:`step_inverse`.
         forward: the step's eager forward as a plain function (``step_type``'s parent's ``forward``).
+        inverse: the step's eager inverse as a plain function.
         enable: ``False`` removes the compiled code (eager from the next call).
+        training: compile the forward of training calls.
+        sampling: compile the inverse of calls without autograd.
         compile_kwargs: passed to :func:`torch.compile`.
 
     Returns:
         the number of steps changed.
+
+    Raises:
+        ValueError: ``enable`` with neither ``training`` nor ``sampling``.
     """
     steps = [m for m in flow.modules() if isinstance(m, step_type)]
     if not enable:
         for m in steps:
             m.__dict__.pop(_ATTR, None)
         return len(steps)
-    compiler = StepCompiler(forward, **compile_kwargs)
+    if not (training or sampling):
+        raise ValueError("compile_steps: nothing to compile (training and sampling both False).")
+    compiler = StepCompiler(forward, inverse, training=training, sampling=sampling, **compile_kwargs)
     limit = 2 * len(steps)
     config = torch._dynamo.config
     if config.recompile_limit < limit:
@@ -143,4 +179,12 @@ def step_forward(step: nn.Module, forward: Callable, x: Tensor, condition: Tenso
     compiler = step.__dict__.get(_ATTR)
     if compiler is None:
         return forward(step, x, condition)
-    return compiler(step, x, condition)
+    return compiler.run_forward(step, x, condition)
+
+
+def step_inverse(step: nn.Module, inverse: Callable, y: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The inverse of a step that may be compiled: through its :class:`StepCompiler` if it has one, else ``inverse``."""
+    compiler = step.__dict__.get(_ATTR)
+    if compiler is None:
+        return inverse(step, y, condition)
+    return compiler.run_inverse(step, y, condition)

@@ -727,26 +727,39 @@ class ConditionalGlow(nn.Module):
         self._compiled_inverse = torch.compile(self.inverse, **compile_kwargs) if enable else None
         return self
 
-    def compile_steps(self, enable: bool = True, **compile_kwargs: Any) -> ConditionalGlow:
-        """Opt-in (off by default): train through ``torch.compile``'d flow steps (regional compilation, see
-        :mod:`~monai_condflow.networks.blocks.compiled_steps`). Bundle id ``compile`` of ``train_flow.json``.
+    def compile_steps(
+        self, enable: bool = True, *, training: bool = True, sampling: bool = False, **compile_kwargs: Any
+    ) -> ConditionalGlow:
+        """Opt-in (off by default): run the flow steps through ``torch.compile`` (regional compilation, see
+        :mod:`~monai_condflow.networks.blocks.compiled_steps`). Bundle ids ``compile`` of ``train_flow.json``
+        (training) and of ``generate.json`` (sampling).
 
-        Each :class:`ConditionalFlowStep` runs compiled code in training calls (``train()`` mode, autograd on);
-        the code is compiled at the first such call per step shape (9 shapes for the ``paper`` preset at one batch
-        size; about a minute on 2 CPU cores, inductor needs a C++ compiler there) and shared by every step of that
-        shape, reading the current parameters on every call. Losses and gradients equal the eager ones up to fp32
-        rounding (fused kernels sum in another order). Evaluation, :meth:`inverse` and :meth:`sample` stay eager. A
-        failed compilation is logged once and training goes on eagerly. Works under DDP and inside the CUDA graphs of
-        the training step (``cuda_graphs``); not under DP-SGD (the trainer refuses it).
+        ``training``: each :class:`ConditionalFlowStep`'s forward runs compiled code in training calls
+        (``train()`` mode, autograd on). ``sampling``: its inverse runs compiled code in calls without autograd
+        (:meth:`sample`, :meth:`inverse` under ``no_grad`` / ``inference_mode``; guided sampling stays eager). The
+        code is compiled at the first such call per step shape (9 shapes for the ``paper`` preset at one batch
+        size, about 75 s for its training pass on 2 CPU cores; inductor needs a C++ compiler there) and shared by
+        every step of that shape, reading the current parameters on every call. Outputs and gradients equal the
+        eager ones up to fp32 rounding (fused kernels sum in another order). Validation and the denoising /
+        counterfactual gradients stay eager. A failed compilation is logged once and the steps run eagerly from
+        then on. Works under DDP and inside CUDA graphs (``cuda_graphs``, :meth:`graph_sampling`); not under
+        DP-SGD (the trainer refuses it). Saved state is unaffected (the compiled code is not a module attribute
+        that ``state_dict`` sees); ``torch.save`` of the whole module is not supported while compiled.
 
         Args:
-            enable: ``False`` goes back to the eager steps.
+            enable: ``False`` goes back to the eager steps (both uses).
+            training: compile the training forward.
+            sampling: compile the no-autograd inverse.
             compile_kwargs: passed to :func:`torch.compile` (e.g. ``backend``, ``mode``, ``dynamic``).
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: ``enable`` with neither ``training`` nor ``sampling``.
         """
-        compile_flow_steps(self, ConditionalFlowStep, FlowSequential.forward, enable, **compile_kwargs)
+        compile_flow_steps(self, ConditionalFlowStep, FlowSequential.forward, FlowSequential.inverse, enable,
+                           training=training, sampling=sampling, **compile_kwargs)  # fmt: skip
         return self
 
     @property

@@ -9,8 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Regional compilation of the flow steps (``ConditionalGlow.compile_steps``, bundle id ``compile``): inductor's
-losses and gradients against the eager ones, one compilation shared by the steps of a shape, only training calls
-compiled, and the eager fallback after a failed compilation."""
+losses, gradients and samples against the eager ones, one compilation shared by the steps of a shape, only the
+chosen calls compiled (training forward, no-grad inverse), and the eager fallback after a failed compilation."""
 
 from __future__ import annotations
 
@@ -107,6 +107,46 @@ def test_inductor_compiled_steps_train_like_the_eager_ones_across_an_optimiser_s
         back, _ = flow.inverse(nu, z)
     assert (back - x).abs().max() < 1e-4
     assert all(isinstance(v, torch.Tensor) for v in flow.state_dict().values())
+
+
+def test_sampling_compiles_the_no_grad_inverse_only():
+    torch._dynamo.reset()
+    flow, x, z = _flow(num_steps=4)
+    backend, graphs = _counting_backend()
+    flow.eval()
+    eager = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))
+    flow.compile_steps(training=False, sampling=True, backend=backend)
+    again = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))
+    compiler = compiled_steps(flow)
+    assert compiler.calls == 4 and len(graphs) == 1  # one shape, one graph, every step's inverse through it
+    assert torch.allclose(again, eager, atol=1e-6)
+    flow.train()
+    _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)  # training stays eager
+    nu = torch.randn(4, flow.latent_dim()).requires_grad_()
+    flow.inverse(nu, z)  # an inverse with autograd (counterfactuals, denoising) stays eager
+    assert compiler.calls == 4
+    with pytest.raises(ValueError, match="nothing to compile"):
+        flow.compile_steps(training=False)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_inductor_compiled_decoder_samples_like_the_eager_one_after_the_weights_change():
+    torch._dynamo.reset()
+    flow, x, z = _flow()
+    twin, _, _ = _flow()
+    flow.compile_steps(training=False, sampling=True)
+    for model in (flow, twin):
+        model.eval()
+    for round_ in range(2):
+        a = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(2))
+        b = twin.sample(z, 0.9, generator=torch.Generator().manual_seed(2))
+        assert (a - b).abs().max() < 1e-5, round_
+        with torch.no_grad():  # the same change to both: the compiled decoder must read the new weights
+            for p, q in zip(flow.parameters(), twin.parameters()):
+                delta = 0.01 * torch.randn_like(p)
+                p.add_(delta)
+                q.add_(delta)
+    assert compiled_steps(flow).calls == 6 and not compiled_steps(flow).failed
 
 
 def test_a_failed_compilation_is_reported_once_and_training_goes_on_eagerly(caplog):
