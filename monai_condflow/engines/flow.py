@@ -145,7 +145,7 @@ class FlowBitsPerDim(torch.nn.Module):
         self.flow = flow
         self.n_bits = n_bits
         self.cuda_graphs = cuda_graphs
-        self.compile = compile
+        self.compile_flow = compile  # not ``compile``: nn.Module.compile is a method
         # not registered (the state dict keeps only ``flow.*``); shares the flow's parameters
         self.__dict__["_loss"] = _FlowLoss(flow, n_bits)
         self.__dict__["_graphed"] = None
@@ -248,7 +248,7 @@ class FlowTrainer(SupervisedTrainer):
         precision = check_precision(precision)
         if dp_module is not None and precision == "bf16":
             raise ValueError("DP-SGD flow training runs in float32: use precision 'fp32' or 'tf32', not 'bf16'.")
-        if dp_module is not None and getattr(unwrap_model(network), "compile", False):
+        if dp_module is not None and getattr(unwrap_model(network), "compile_flow", False) is True:
             raise ValueError("DP-SGD flow training runs eagerly (per-sample gradients): set config id 'compile' false.")
         if spike_threshold is not None and not spike_threshold > 0:
             raise ValueError(f"spike_threshold must be positive or None, got {spike_threshold}.")
