@@ -14,7 +14,8 @@ each precision mode, eager and with CUDA graphs, and the synthetic-set writer, t
 (``FlowBitsPerDim`` with ``cuda_graphs``, ``precision_context`` and the coupling autocast of the trainer,
 ``ConditionalGlow.graph_sampling``, ``generate``). ``benchmarks/gpu_check.sh`` runs it (and a short end-to-end
 bundle run); ``--cpu`` runs the same sections small on the CPU (the ``small`` preset cut to 2 levels of 2 steps,
-unless ``--preset`` is given; the CUDA-graph modes then report ``graphed:
+unless ``--preset`` is given; the ``+compile`` modes with the ``aot_eager`` backend, which traces but generates no
+code, unless ``--compile-backend`` is given; the CUDA-graph modes then report ``graphed:
 false``), which is what the test suite does.
 
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
@@ -121,7 +122,9 @@ def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode
     batches = [make_batch(batch, args.size, torch.Generator().manual_seed(args.seed + i), device) for i in range(3)]
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
-    net = FlowBitsPerDim(flow, cuda_graphs=graphs, compile=compiled).train()
+    net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
+    if compiled:  # what the bundle id ``compile`` does (FlowBitsPerDim(compile=True)), with the chosen backend
+        flow.compile_steps(backend=args.compile_backend)
     fused = {"fused": True} if args.fused_adam and device.type == "cuda" else {}
     opt = torch.optim.AdamW(flow.parameters(), lr=1e-5, weight_decay=1e-6, betas=(0.5, 0.999), **fused)
     return precision, flow, net, opt, batches, bool(fused)
@@ -242,7 +245,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
     if graphs:
         flow.graph_sampling()
     if compiled:
-        flow.compile_steps(training=False, sampling=True)
+        flow.compile_steps(training=False, sampling=True, backend=args.compile_backend)
     with precision_context(precision):
         t0 = time.perf_counter()
         flow.sample(z, 0.9, generator=torch.Generator().manual_seed(1))  # warm-up (compilation, graph recording)
@@ -328,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (one kernel per step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="train,profile,graphs_exact,sample,write")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the +compile modes (default inductor; aot_eager with --cpu)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no measurement after this many seconds (default 330 on a GPU, none with --cpu)")
     parser.add_argument("--out", type=Path, default=None)
@@ -337,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the small CPU check.")
     tiny = small and args.preset is None
+    if args.compile_backend is None:  # the CPU check runs the script's paths; bench_compile_steps.py times inductor
+        args.compile_backend = "aot_eager" if small else "inductor"
     defaults = {"preset": ("paper", "small"), "size": (64, 16), "batches": ("80,320", "4"), "warmup": (3, 1),
                 "steps": (10, 2), "sample_batch": (512, 8), "sample_reps": (5, 1), "write_images": (60000, 40)}
     for key, (gpu, cpu) in defaults.items():
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cuda": torch.version.cuda,
         "preset": args.preset,
         "flow_overrides": args.flow_overrides,
+        "compile_backend": args.compile_backend,
         "size": args.size,
     }
     print(f"env: {json.dumps(env)}", flush=True)
