@@ -151,12 +151,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.sample_batch < 1:
         parser.error("--rounds and --sample-batch must be >= 1.")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    results = []
-    for preset in [p for p in args.presets.split(",") if p]:
-        result = bench_preset(args, preset)
-        print(f"{preset}: {json.dumps(result)}", flush=True)
-        results.append(result)
+    try:
+        results = []
+        for preset in [p for p in args.presets.split(",") if p]:
+            result = bench_preset(args, preset)
+            print(f"{preset}: {json.dumps(result)}", flush=True)
+            results.append(result)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the test suite) keeps its own setting
     print("json=" + json.dumps(results, separators=(",", ":")), flush=True)
     return results
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from monai_condflow.engines.outputs import StepOutput
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.metrics.bits_per_dim import bits_per_dim_from_latent
+from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype
 from monai_condflow.utils.distributed import (
     all_gather_tensors,
@@ -115,8 +116,8 @@ class FlowBitsPerDim(torch.nn.Module):
     gradients are the eager ones up to floating-point summation order; the random draws differ from an eager run's.
 
     With ``compile=True`` the flow's steps are compiled for training (``flow.compile_steps()``, regional
-    ``torch.compile``; a flow without ``compile_steps`` is refused); the two combine (the graphs then replay the
-    compiled kernels).
+    ``torch.compile``; a flow without ``compile_steps`` is refused; a flow whose training pass is already compiled
+    keeps its compiler and options); the two combine (the graphs then replay the compiled kernels).
 
     Args:
         flow: the conditional flow.
@@ -141,7 +142,9 @@ class FlowBitsPerDim(torch.nn.Module):
                     f"config id 'compile': {type(flow).__name__} has no compile_steps(); only ConditionalGlow's steps "
                     "can be compiled."
                 )
-            flow.compile_steps()
+            existing = compiled_steps(flow)
+            if existing is None or existing.compiled_forward is None:  # a flow compiled for training keeps its own
+                flow.compile_steps(sampling=existing is not None and existing.compiled_inverse is not None)
         self.flow = flow
         self.n_bits = n_bits
         self.cuda_graphs = cuda_graphs

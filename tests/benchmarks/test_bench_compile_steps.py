@@ -38,8 +38,10 @@ def test_twins_have_the_same_weights_and_no_identity_coupling(bench):
 
 def test_the_run_reports_every_figure_and_compiled_calls(bench, capsys):
     torch._dynamo.reset()
+    threads = torch.get_num_threads()
     results = bench.main(["--presets", "small", "--size", "16", "--batch", "4", "--sample-batch", "6", "--rounds", "2",
                           "--backend", "aot_eager", "--overrides", TINY, "--threads", "1"])  # fmt: skip
+    assert torch.get_num_threads() == threads  # --threads 1 did not leak into the caller
     (r,) = results
     assert r["preset"] == "small" and r["batch"] == 4 and r["sample_batch"] == 6 and not r["compile_failed"]
     # 4 steps x (first + 2 rounds) training calls + 4 steps x (first + 2 rounds) samples, all compiled

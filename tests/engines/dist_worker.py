@@ -88,7 +88,8 @@ def run_flow(
     """Train the tiny flow through ``create_flow_trainer``; optionally make one rank's loss NaN at one iteration
     (the gradients stay finite), or raise after the checkpoint of ``crash_epoch`` (first attempt only). ``float64``
     removes most of the rounding noise that Adam's first steps amplify, so runs can be compared tightly.
-    ``compile``: through ``torch.compile``'d flow steps (the bundle id ``compile``)."""
+    ``compile``: through ``torch.compile``'d flow steps (the bundle id ``compile``; the ``aot_eager`` backend, which
+    traces and runs AOT autograd's functions without generating code: inductor itself is tested in one process)."""
     from monai.engines.utils import IterationEvents
     from monai.utils import CommonKeys as Keys
 
@@ -97,8 +98,11 @@ def run_flow(
     out_dir = Path(out_dir)
     train = create_loader(make_flow_data(N_TRAIN, 0, dtype), GLOBAL_BATCH, shuffle=True, seed=3)
     val = create_loader(make_flow_data(N_VAL, 1, dtype), GLOBAL_BATCH, shuffle=False, seed=3)
+    flow = make_flow().to(dtype)
+    if compile:
+        flow.compile_steps(backend="aot_eager")  # kept by create_flow_trainer(compile=True)
     trainer, evaluator = create_flow_trainer(
-        make_flow().to(dtype),
+        flow,
         None,
         train,
         val,

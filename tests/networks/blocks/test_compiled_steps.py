@@ -175,7 +175,16 @@ def test_compile_id_is_checked_and_needs_a_flow_with_compile_steps():
         FlowBitsPerDim(torch.nn.Linear(2, 2), compile=True)
     assert compiled_steps(flow) is None
     FlowBitsPerDim(flow, compile=True)
-    assert compiled_steps(flow) is not None
+    assert compiled_steps(flow) is not None and compiled_steps(flow).compiled_forward is not None
+    # a flow already compiled for training keeps its compiler (and its options); one compiled for sampling only
+    # gets a compiler for both
+    own = flow.compile_steps(backend="eager") and compiled_steps(flow)
+    FlowBitsPerDim(flow, compile=True)
+    assert compiled_steps(flow) is own
+    flow.compile_steps(training=False, sampling=True)
+    FlowBitsPerDim(flow, compile=True)
+    both = compiled_steps(flow)
+    assert both.compiled_forward is not None and both.compiled_inverse is not None
 
 
 def test_compile_steps_raises_the_recompile_limit_to_twice_the_steps():
