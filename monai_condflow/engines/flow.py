@@ -251,8 +251,15 @@ class FlowTrainer(SupervisedTrainer):
         precision = check_precision(precision)
         if dp_module is not None and precision == "bf16":
             raise ValueError("DP-SGD flow training runs in float32: use precision 'fp32' or 'tf32', not 'bf16'.")
-        if dp_module is not None and getattr(unwrap_model(network), "compile_flow", False) is True:
-            raise ValueError("DP-SGD flow training runs eagerly (per-sample gradients): set config id 'compile' false.")
+        if dp_module is not None:
+            compiler = compiled_steps(dp_module)
+            if getattr(unwrap_model(network), "compile_flow", False) is True or (
+                compiler is not None and compiler.compiled_forward is not None
+            ):
+                raise ValueError(
+                    "DP-SGD flow training runs eagerly (per-sample gradients): set config id 'compile' false (and do "
+                    "not call compile_steps on the flow)."
+                )
         if spike_threshold is not None and not spike_threshold > 0:
             raise ValueError(f"spike_threshold must be positive or None, got {spike_threshold}.")
         if spike_patience < 1 or max_restores < 0:

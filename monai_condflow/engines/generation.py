@@ -318,7 +318,8 @@ def generate(
         compile: decode through ``torch.compile``'d flow steps
             (:meth:`~monai_condflow.networks.nets.ConditionalGlow.compile_steps` ``sampling=True``; bundle id
             ``compile``): the first batch compiles, the images equal the eager ones up to fp32 rounding; ignored for
-            flows without it and for a flow whose steps are already compiled (its own setting is kept).
+            flows without it and for a flow whose steps already have a compiler (its own setting is kept: it decodes
+            compiled only if that compiler was made with ``sampling=True``).
 
     Returns:
         the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
@@ -351,12 +352,6 @@ def generate(
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, manifest_name)
     flow = unwrap_model(flow).to(device)
-    graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "graph_sampling_enabled", True) is False
-    if graphs_here:
-        flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
-    compile_here = compile and hasattr(flow, "compile_steps") and compiled_steps(flow) is None
-    if compile_here:
-        flow.compile_steps(training=False, sampling=True)  # likewise removed at the end
     if classifier is not None:
         classifier = unwrap_model(classifier).to(device)
     prepare = ConditionPrepareBatch(classifier=classifier, image_key=image_key, condition_key=condition_key)
@@ -398,6 +393,12 @@ def generate(
             )
             rows.append(row)
 
+    graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "graph_sampling_enabled", True) is False
+    if graphs_here:
+        flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
+    compile_here = compile and hasattr(flow, "compile_steps") and compiled_steps(flow) is None
+    if compile_here:
+        flow.compile_steps(training=False, sampling=True)  # likewise removed at the end
     try:
         all_z: list[torch.Tensor] = []
         all_labels: list[torch.Tensor] = []

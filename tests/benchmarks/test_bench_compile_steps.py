@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""benchmarks/bench_compile_steps.py: the twins start equal, the compiled one runs compiled code in both uses, the
-difference figures measure something, and every figure is reported (``aot_eager``: no code generation, so fast)."""
+"""benchmarks/bench_compile_steps.py: the twins start equal, the compiled one runs compiled code in both uses, and
+every figure is reported (``aot_eager``: no code generation, so fast)."""
 
 from __future__ import annotations
 

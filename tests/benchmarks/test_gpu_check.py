@@ -46,7 +46,7 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     for mode in ("bf16", "bf16+compile"):
         assert 0 < by_mode[mode]["roundtrip_max_abs"] < 1e-2 and 0 < by_mode[mode]["bpd_max_abs_diff_vs_fp32"] < 0.01
     profile = report["profile"]
-    assert [p["mode"] for p in profile] == ["bf16", "bf16+compile"]
+    assert [(p["mode"], p["compiled"]) for p in profile] == [("bf16", False), ("bf16+compile", True)]
     for p in profile:
         assert "error" not in p and p["cpu_self_ms_per_step"] > 0 and p["wall_ms_per_step"] > 0
         assert 0 < len(p["top"]) <= 15 and all(t["calls_per_step"] > 0 for t in p["top"])
@@ -59,7 +59,7 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert all(r["sample_img_s"] > 0 and not r["graphed"] for r in sample)
     assert [r["compiled"] for r in sample] == [False, False, False, False, True]
     assert sample[2]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
-    assert 0 <= sample[4]["vs_eager_max_abs"] < 1e-2  # compiled bf16 decoder vs eager bf16: bf16 rounding (8e-4)
+    assert sample[4]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
     assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
     assert "e2e: exit 0" in proc.stdout
     assert (out / "e2e.log").is_file() and (out / "e2e_report.md").is_file()

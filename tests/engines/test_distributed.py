@@ -221,7 +221,8 @@ def test_flow_two_processes_equal_one_process_float32(two_process_dir, worker, t
 
 
 def test_flow_with_compiled_steps_two_processes_equal_one_eager_process(two_process_dir, worker, tmp_path):
-    # the bundle id ``compile`` under DDP: each rank trains through inductor-compiled flow steps
+    # the bundle id ``compile`` under DDP: each rank trains through compiled flow steps (aot_eager: AOT autograd's
+    # functions, no generated code; inductor under DDP was checked by hand, docs/performance.md)
     r0, r1 = _ranks(two_process_dir, "flow_compiled")
     ref = _single(worker, "flow", tmp_path)
     assert r0["compiled_calls"] > 0 and r1["compiled_calls"] > 0 and ref["compiled_calls"] == 0

@@ -178,6 +178,11 @@ def test_compiled_flow_steps_are_refused_under_dp_before_anything_is_written(tmp
     with pytest.raises(ValueError, match="runs eagerly"):
         FlowTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=net,
                     optimizer=torch.optim.SGD(flow.parameters(), lr=0.1), dp_module=flow)  # fmt: skip
+    # ... and a flow compiled by hand, passed with compile false
+    flow = W.make_flow(1).compile_steps()
+    with pytest.raises(ValueError, match="runs eagerly"):
+        FlowTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=FlowBitsPerDim(flow),
+                    optimizer=torch.optim.SGD(flow.parameters(), lr=0.1), dp_module=flow)  # fmt: skip
 
 
 def test_non_finite_per_example_loss_is_dropped_but_the_step_is_noised_and_accounted(tmp_path, monkeypatch):

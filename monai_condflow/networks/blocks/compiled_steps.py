@@ -12,33 +12,43 @@
 Regional ``torch.compile`` of a flow: the repeated flow step, compiled once per shape.
 
 A Glow is dozens of identical flow steps (ActNorm, 1x1 convolution, affine coupling). Compiling the whole model
-makes Dynamo and inductor trace every step (minutes for the ``paper`` preset's 64 steps on a CPU); compiling the step's
-code instead traces one step per distinct input shape and dtype (the parameters are inputs of the compiled code, so
-every step of a shape shares it): on the ``paper`` preset 9 compilations instead of one pass through 64 steps. Inside
-a step inductor fuses the coupling's elementwise work (bounding, ``exp``, affine, log-determinant sum, activation)
+makes Dynamo and inductor trace every step (minutes for the ``paper`` preset's 64 steps on a CPU); compiling the
+step's code instead traces one step per distinct input shape and dtype (the parameters are inputs of the compiled
+code, so every step of a shape shares it): on the ``paper`` preset 9 compilations (64 px, batch 8, our CPU run)
+instead of one pass through 64 steps. Inside a step inductor fuses the coupling's elementwise work (bounding,
+``exp``, affine, log-determinant sum, activation)
 into a few kernels, forward and backward; the convolutions stay library calls.
 
-Two uses, each opt-in: the forward of training calls (module in ``train()`` mode, autograd on, a tensor
-condition), and the inverse of calls without autograd (sampling, decoding; a guided condition stays eager).
-Validation, the denoising / counterfactual gradients and anything else run the eager code (another autograd mode
-would mean another set of compilations). A compilation that fails (no C++ compiler for inductor on the CPU, no
-Triton on a GPU, an unsupported operation) is reported once and the steps run eagerly from then on.
+Two uses, each opt-in: the forward of training calls (module in ``train()`` mode, autograd on, a tensor condition or
+none), and the inverse of calls without autograd (sampling, decoding; a guided condition stays eager). Validation,
+the denoising / counterfactual gradients, per-position log-determinant maps (``log_prob_map``) and anything else run
+the eager code (another autograd mode would mean another set of compilations). A forward compilation that fails (no
+C++ compiler for inductor on the CPU, no Triton on a GPU) is reported once and the steps run eagerly from then on;
+the backward, which AOT autograd compiles at the first ``backward()``, is not covered: its failure raises there.
+Operations Dynamo cannot trace are graph breaks (eager pieces inside the compiled step), not failures.
+
+A copy of the flow (``copy.deepcopy``, e.g. the EMA average) has no compiler: it runs eagerly until its own
+``compile_steps``.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from monai_condflow.networks.blocks.flow_sequential import logdet_maps_recording
+
 __all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "step_forward", "step_inverse"]
 
 logger = logging.getLogger(__name__)
 
-_ATTR = "_step_compiler"
+# step -> its compiler; weak and outside the module, so a deepcopy of the flow (the EMA's copy) has none
+_COMPILERS: weakref.WeakKeyDictionary[nn.Module, StepCompiler] = weakref.WeakKeyDictionary()
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -86,9 +96,10 @@ class StepCompiler:
             not self.failed
             and (condition is None or isinstance(condition, Tensor))
             and not torch.compiler.is_compiling()
+            and not logdet_maps_recording()  # the compiled code records no per-position maps
         )
 
-    def _run(self, compiled: Callable, eager: Callable, *args: Any) -> tuple[Tensor, Tensor]:
+    def _run(self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> tuple[Tensor, Tensor]:
         try:
             out = compiled(*args)
         except _compile_errors() as e:  # nothing ran: report once, stay eager from now on
@@ -101,13 +112,32 @@ class StepCompiler:
         return out
 
     def run_forward(self, step: nn.Module, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``step``'s forward: compiled for a training call (``train()`` mode, autograd on, a tensor condition)."""
+        """``step``'s forward, compiled for a training call (``train()`` mode, autograd on, a tensor condition or
+        none).
+
+        Args:
+            step: the flow step.
+            x: ``[B, C, *spatial]``.
+            condition: ``[B, condition_dim]`` or ``None``.
+
+        Returns:
+            ``(y [B, C, *spatial], logdet [B])``.
+        """
         if self.compiled_forward is None or not (step.training and torch.is_grad_enabled() and self._usable(condition)):
             return self.forward(step, x, condition)
         return self._run(self.compiled_forward, self.forward, step, x, condition)
 
     def run_inverse(self, step: nn.Module, y: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``step``'s inverse: compiled for a call without autograd (a tensor condition, not a guided one)."""
+        """``step``'s inverse, compiled for a call without autograd (a tensor condition or none, not a guided one).
+
+        Args:
+            step: the flow step.
+            y: ``[B, C, *spatial]``.
+            condition: ``[B, condition_dim]`` or ``None``.
+
+        Returns:
+            ``(x [B, C, *spatial], logdet [B])``.
+        """
         if self.compiled_inverse is None or torch.is_grad_enabled() or not self._usable(condition):
             return self.inverse(step, y, condition)
         return self._run(self.compiled_inverse, self.inverse, step, y, condition)
@@ -116,7 +146,7 @@ class StepCompiler:
 def compiled_steps(flow: nn.Module) -> StepCompiler | None:
     """The :class:`StepCompiler` of ``flow``'s steps (``None`` when they are not compiled)."""
     for m in flow.modules():
-        compiler = m.__dict__.get(_ATTR)
+        compiler = _COMPILERS.get(m)
         if compiler is not None:
             return compiler
     return None
@@ -125,8 +155,8 @@ def compiled_steps(flow: nn.Module) -> StepCompiler | None:
 def compile_flow_steps(
     flow: nn.Module,
     step_type: type[nn.Module],
-    forward: Callable,
-    inverse: Callable,
+    forward: Callable[..., tuple[Tensor, Tensor]],
+    inverse: Callable[..., tuple[Tensor, Tensor]],
     enable: bool = True,
     training: bool = True,
     sampling: bool = False,
@@ -134,9 +164,10 @@ def compile_flow_steps(
 ) -> int:
     """Compile (or, with ``enable=False``, stop compiling) every ``step_type`` in ``flow``.
 
-    Raises Dynamo's per-function recompilation limit to twice the number of steps if it is lower (each distinct
-    step shape, dtype, batch size and autograd mode is one compilation; past the limit Dynamo would run the rest
-    eagerly).
+    Raises Dynamo's per-function recompilation limit (process-wide; logged, never lowered, not restored) to twice
+    the number of steps if it is lower: each distinct step shape, dtype and autograd mode is one compilation, and a
+    second batch size recompiles each shape once with a dynamic batch dimension; past the limit Dynamo would run the
+    rest eagerly.
 
     Args:
         flow: the flow.
@@ -158,7 +189,7 @@ def compile_flow_steps(
     steps = [m for m in flow.modules() if isinstance(m, step_type)]
     if not enable:
         for m in steps:
-            m.__dict__.pop(_ATTR, None)
+            _COMPILERS.pop(m, None)
         return len(steps)
     if not (training or sampling):
         raise ValueError("compile_steps: nothing to compile (training and sampling both False).")
@@ -170,21 +201,31 @@ def compile_flow_steps(
                     config.recompile_limit, limit)  # fmt: skip
         config.recompile_limit = limit
     for m in steps:
-        m.__dict__[_ATTR] = compiler
+        _COMPILERS[m] = compiler
     return len(steps)
 
 
-def step_forward(step: nn.Module, forward: Callable, x: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The forward of a step that may be compiled: through its :class:`StepCompiler` if it has one, else ``forward``."""
-    compiler = step.__dict__.get(_ATTR)
+def step_forward(
+    step: nn.Module, forward: Callable[..., tuple[Tensor, Tensor]], x: Tensor, condition: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The forward of a step that may be compiled: through its :class:`StepCompiler` if it has one, else
+    ``forward(step, x, condition)``; returns ``(y, logdet [B])``."""
+    if torch.compiler.is_compiling():  # inside a larger compiled function: trace the plain code, no lookup
+        return forward(step, x, condition)
+    compiler = _COMPILERS.get(step)
     if compiler is None:
         return forward(step, x, condition)
     return compiler.run_forward(step, x, condition)
 
 
-def step_inverse(step: nn.Module, inverse: Callable, y: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The inverse of a step that may be compiled: through its :class:`StepCompiler` if it has one, else ``inverse``."""
-    compiler = step.__dict__.get(_ATTR)
+def step_inverse(
+    step: nn.Module, inverse: Callable[..., tuple[Tensor, Tensor]], y: Tensor, condition: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The inverse of a step that may be compiled: through its :class:`StepCompiler` if it has one, else
+    ``inverse(step, y, condition)``; returns ``(x, logdet [B])``."""
+    if torch.compiler.is_compiling():  # inside a larger compiled function: trace the plain code, no lookup
+        return inverse(step, y, condition)
+    compiler = _COMPILERS.get(step)
     if compiler is None:
         return inverse(step, y, condition)
     return compiler.run_inverse(step, y, condition)

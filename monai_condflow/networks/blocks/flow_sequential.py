@@ -34,7 +34,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlowLayer", "FlowSequential", "record_logdet_map", "recording_logdet_maps"]
+__all__ = ["FlowLayer", "FlowSequential", "logdet_maps_recording", "record_logdet_map", "recording_logdet_maps"]
 
 _LOGDET_MAPS: ContextVar[list[Tensor] | None] = ContextVar("monai_condflow_logdet_maps", default=None)
 
@@ -49,6 +49,11 @@ def recording_logdet_maps() -> Iterator[list[Tensor]]:
         yield maps
     finally:
         _LOGDET_MAPS.reset(token)
+
+
+def logdet_maps_recording() -> bool:
+    """Whether a :func:`recording_logdet_maps` block is active (compiled flow steps then run eagerly)."""
+    return _LOGDET_MAPS.get() is not None
 
 
 def record_logdet_map(values: Callable[[], Tensor]) -> None:

@@ -737,14 +737,15 @@ class ConditionalGlow(nn.Module):
         ``training``: each :class:`ConditionalFlowStep`'s forward runs compiled code in training calls
         (``train()`` mode, autograd on). ``sampling``: its inverse runs compiled code in calls without autograd
         (:meth:`sample`, :meth:`inverse` under ``no_grad`` / ``inference_mode``; guided sampling stays eager). The
-        code is compiled at the first such call per step shape (9 shapes for the ``paper`` preset at one batch
-        size, about 75 s for its training pass on 2 CPU cores; inductor needs a C++ compiler there) and shared by
+        code is compiled at the first such call per step shape (9 compilations for the ``paper`` preset's training
+        pass at 64 px and batch 8, about 106 s on 2 CPU cores; inductor needs a C++ compiler there) and shared by
         every step of that shape, reading the current parameters on every call. Outputs and gradients equal the
-        eager ones up to fp32 rounding (fused kernels sum in another order). Validation and the denoising /
-        counterfactual gradients stay eager. A failed compilation is logged once and the steps run eagerly from
-        then on. Works under DDP and inside CUDA graphs (``cuda_graphs``, :meth:`graph_sampling`); not under
-        DP-SGD (the trainer refuses it). Saved state is unaffected (the compiled code is not a module attribute
-        that ``state_dict`` sees); ``torch.save`` of the whole module is not supported while compiled.
+        eager ones up to fp32 rounding (fused kernels sum in another order). Validation, :meth:`log_prob_map` and
+        the denoising / counterfactual gradients stay eager. A failed forward compilation is logged once and the
+        steps run eagerly from then on (a failed backward compilation raises at ``backward()``). Tested under DDP
+        (two gloo ranks on the CPU); meant to be recorded inside CUDA graphs (``cuda_graphs``,
+        :meth:`graph_sampling`), which no GPU run has checked yet; not under DP-SGD (the trainer refuses it). The
+        state dict is unaffected, and a deep copy (e.g. the EMA average) has no compiled steps.
 
         Args:
             enable: ``False`` goes back to the eager steps (both uses).

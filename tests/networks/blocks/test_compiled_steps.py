@@ -14,6 +14,7 @@ chosen calls compiled (training forward, no-grad inverse), and the eager fallbac
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 
@@ -147,6 +148,18 @@ def test_inductor_compiled_decoder_samples_like_the_eager_one_after_the_weights_
                 p.add_(delta)
                 q.add_(delta)
     assert compiled_steps(flow).calls == 6 and not compiled_steps(flow).failed
+
+
+def test_a_copy_has_no_compiler_and_logdet_maps_are_recorded_eagerly():
+    torch._dynamo.reset()
+    flow, x, z = _flow()
+    backend, graphs = _counting_backend()
+    eager_map = flow.log_prob_map(x, z)  # train mode, autograd on: the case the compiled path would take
+    flow.compile_steps(backend=backend)
+    twin = copy.deepcopy(flow)  # what the EMA does
+    assert compiled_steps(twin) is None and compiled_steps(flow) is not None
+    assert torch.allclose(flow.log_prob_map(x, z), eager_map, atol=1e-5)  # the maps need the eager steps
+    assert compiled_steps(flow).calls == 0 and not graphs
 
 
 def test_a_failed_compilation_is_reported_once_and_training_goes_on_eagerly(caplog):
