@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the +compile modes (default inductor; aot_eager with --cpu)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no measurement after this many seconds (default 330 on a GPU, none with --cpu)")
+                        help="start no measurement after this many seconds (default 270 on a GPU, none with --cpu)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     small = args.cpu
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"env: {json.dumps(env)}", flush=True)
     results: dict[str, Any] = {"env": env}
-    budget = args.budget_s if args.budget_s is not None else (None if small else 330.0)
+    budget = args.budget_s if args.budget_s is not None else (None if small else 270.0)
     deadline = None if budget is None else time.perf_counter() + budget
     if "train" in sections:
         for batch in [int(b) for b in args.batches.split(",")]:

@@ -394,12 +394,12 @@ def generate(
             rows.append(row)
 
     graphs_here = cuda_graphs and device.type == "cuda" and getattr(flow, "graph_sampling_enabled", True) is False
-    if graphs_here:
-        flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
     compile_here = compile and hasattr(flow, "compile_steps") and compiled_steps(flow) is None
-    if compile_here:
-        flow.compile_steps(training=False, sampling=True)  # likewise removed at the end
     try:
+        if graphs_here:
+            flow.graph_sampling()  # switched off again at the end: the caller's flow keeps its own setting
+        if compile_here:
+            flow.compile_steps(training=False, sampling=True)  # likewise removed at the end
         all_z: list[torch.Tensor] = []
         all_labels: list[torch.Tensor] = []
         all_images: list[torch.Tensor] = []

@@ -166,8 +166,7 @@ def compile_flow_steps(
 
     Raises Dynamo's per-function recompilation limit (process-wide; logged, never lowered, not restored) to twice
     the number of steps if it is lower: each distinct step shape, dtype and autograd mode is one compilation, and a
-    second batch size recompiles each shape once with a dynamic batch dimension; past the limit Dynamo would run the
-    rest eagerly.
+    second batch size compiles each shape once more; past the limit Dynamo would run the rest eagerly.
 
     Args:
         flow: the flow.
