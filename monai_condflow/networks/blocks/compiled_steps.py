@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.flow_sequential import logdet_maps_recording
 
-__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "step_forward", "step_inverse"]
+__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "run_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,6 @@ class StepCompiler:
         return (
             not self.failed
             and (condition is None or isinstance(condition, Tensor))
-            and not torch.compiler.is_compiling()
             and not logdet_maps_recording()  # the compiled code records no per-position maps
         )
 
@@ -171,7 +170,7 @@ def compile_flow_steps(
     Args:
         flow: the flow.
         step_type: the class of its repeated step; its ``forward`` / ``inverse`` must go through
-            :func:`step_forward` / :func:`step_inverse`.
+            :func:`run_step`.
         forward: the step's eager forward as a plain function (``step_type``'s parent's ``forward``).
         inverse: the step's eager inverse as a plain function.
         enable: ``False`` removes the compiled code (eager from the next call).
@@ -204,27 +203,27 @@ def compile_flow_steps(
     return len(steps)
 
 
-def step_forward(
-    step: nn.Module, forward: Callable[..., tuple[Tensor, Tensor]], x: Tensor, condition: Tensor | None
+def run_step(
+    step: nn.Module,
+    eager: Callable[..., tuple[Tensor, Tensor]],
+    x: Tensor,
+    condition: Tensor | None,
+    inverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The forward of a step that may be compiled: through its :class:`StepCompiler` if it has one, else
-    ``forward(step, x, condition)``; returns ``(y, logdet [B])``."""
-    if torch.compiler.is_compiling():  # inside a larger compiled function: trace the plain code, no lookup
-        return forward(step, x, condition)
-    compiler = _COMPILERS.get(step)
-    if compiler is None:
-        return forward(step, x, condition)
-    return compiler.run_forward(step, x, condition)
+    """A step's forward (or, with ``inverse``, its inverse), through its :class:`StepCompiler` if it has one, else
+    ``eager(step, x, condition)``.
 
+    Args:
+        step: the flow step.
+        eager: its plain forward (or inverse) as a function of ``(step, x, condition)``.
+        x: ``[B, C, *spatial]``.
+        condition: ``[B, condition_dim]`` or ``None``.
+        inverse: ``x`` is the step's output and the call its inverse.
 
-def step_inverse(
-    step: nn.Module, inverse: Callable[..., tuple[Tensor, Tensor]], y: Tensor, condition: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The inverse of a step that may be compiled: through its :class:`StepCompiler` if it has one, else
-    ``inverse(step, y, condition)``; returns ``(x, logdet [B])``."""
-    if torch.compiler.is_compiling():  # inside a larger compiled function: trace the plain code, no lookup
-        return inverse(step, y, condition)
-    compiler = _COMPILERS.get(step)
+    Returns:
+        ``(out [B, C, *spatial], logdet [B])``.
+    """
+    compiler = None if torch.compiler.is_compiling() else _COMPILERS.get(step)  # no lookup traced by a larger compile
     if compiler is None:
-        return inverse(step, y, condition)
-    return compiler.run_inverse(step, y, condition)
+        return eager(step, x, condition)
+    return (compiler.run_inverse if inverse else compiler.run_forward)(step, x, condition)

@@ -21,7 +21,7 @@ from monai.networks.layers.utils import get_act_layer
 from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.actnorm import ActNorm
-from monai_condflow.networks.blocks.compiled_steps import step_forward, step_inverse
+from monai_condflow.networks.blocks.compiled_steps import run_step
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, FlowSequential, record_logdet_map
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 
@@ -311,12 +311,12 @@ class ConditionalFlowStep(FlowSequential):
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(y, logdet [B])`` of the three layers; a training call of a flow whose steps are compiled
         (:meth:`ConditionalGlow.compile_steps`) runs the compiled code (same values up to fp32 rounding)."""
-        return step_forward(self, FlowSequential.forward, x, condition)
+        return run_step(self, FlowSequential.forward, x, condition)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, logdet [B])``, the exact inverse; a call without autograd of a flow whose decoder is compiled
         (``compile_steps(sampling=True)``) runs the compiled code (same values up to fp32 rounding)."""
-        return step_inverse(self, FlowSequential.inverse, y, condition)
+        return run_step(self, FlowSequential.inverse, y, condition, inverse=True)
 
 
 def set_coupling_dtype(module: nn.Module, dtype: torch.dtype | None) -> int:
