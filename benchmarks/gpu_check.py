@@ -70,6 +70,8 @@ from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")
+# the modes that the issue's targets are measured on (run first)
+TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
 SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -302,22 +304,226 @@ def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, t
             "img_s": round(written / seconds, 1)}  # fmt: skip
 
 
-def run_section(name: str, fn, results: dict, deadline: float | None = None) -> None:
-    """Run one measurement and print its line; a failure is reported as ``error``, and a measurement that would
-    start after ``deadline`` (``time.perf_counter()`` value, ``--budget-s``) is not run but reported as ``skipped``."""
+TARGETS = {"train_img_s": {80: 2000.0, 320: 4000.0}, "sample_img_s": 20000.0, "write_s": 60.0, "roundtrip": 1e-2,
+           "bpd_diff": 0.01}  # issue 18 (paper preset, 1x64x64, one H100 / H200)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    """A figure for the tables (``-`` where there is none); ``digits < 0``: scientific (error figures)."""
+    if value is None:
+        return "-"
+    if digits < 0:
+        return f"{value:.1e}"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summarize(results: dict) -> str:
+    """The figures as Markdown tables (what ``docs/performance.md`` takes) and each target of issue 18 as met / not
+    met / not measured. A training mode counts for the target only with its round trip and bits/dim error inside
+    the bounds."""
+    lines = [f"## GPU check: {results['env'].get('device')} (torch {results['env'].get('torch')}, "
+             f"{results['env'].get('preset')} preset, {results['env'].get('size')} px)", "",
+             "| batch | mode | img/s | ms / step | peak MiB | warm-up s | round trip | bpd diff vs fp32 | ran as |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    missing = [
+        f"{name} {', '.join(f'{k} {v}' for k, v in r.items() if k not in ('skipped', 'error', 'wall_s'))}: "
+        f"{r.get('skipped') or r.get('error')}"
+        for name in ("train", "sample", "write", "graphs_exact", "profile")
+        for r in results.get(name, [])
+        if not measured(r)
+    ]
+    if "running" in results:  # gpu_check.json of a run stopped during a measurement
+        running = dict(results["running"])
+        section = running.pop("section")
+        label = ", ".join(f"{k} {v}" for k, v in running.items())
+        missing.append(f"{section} {label}: stopped at the time limit while it ran")
+    for r in sorted(filter(measured, results.get("train", [])), key=lambda r: (r["batch"], _order(r["mode"]))):
+        lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['train_img_s'])} | {_fmt(r['ms_per_step'])} | "
+                     f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['warmup_s'])} | {_fmt(r['roundtrip_max_abs'], -1)} | "
+                     f"{_fmt(r['bpd_max_abs_diff_vs_fp32'], -1)} | {_ran_as(r)} |")  # fmt: skip
+    lines += ["", "| sampling mode | batch | img/s | peak MiB | warm-up s | vs eager | ran as |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(filter(measured, results.get("sample", [])), key=lambda r: _order(r["mode"])):
+        lines.append(f"| {r['mode']} | {r['batch']} | {_fmt(r['sample_img_s'])} | {_fmt(r['peak_mib'], 0)} | "
+                     f"{_fmt(r['warmup_s'])} | {_fmt(r.get('vs_eager_max_abs'), -1)} | {_ran_as(r)} |")  # fmt: skip
+    lines += [""] + [f"- {w['images']:,} images, {w['threads']} writer thread(s): {w['seconds']} s ({w['img_s']} img/s)"
+                     for w in filter(measured, results.get("write", []))]  # fmt: skip
+    lines += ["", "Targets (issue 18):"]
+    exact = [
+        r
+        for r in filter(measured, results.get("train", []))
+        if r["loss_finite"] and r["roundtrip_max_abs"] <= TARGETS["roundtrip"]
+        and r["bpd_max_abs_diff_vs_fp32"] <= TARGETS["bpd_diff"]
+    ]  # fmt: skip
+    for batch, target in TARGETS["train_img_s"].items():
+        rows = [r for r in exact if r["batch"] == batch]
+        lines.append(_target_line(f"training at batch {batch}", target, rows, "train_img_s", "img/s"))
+    rows = [r for r in filter(measured, results.get("sample", [])) if r["batch"] == 512]
+    lines.append(_target_line("sampling at batch 512", TARGETS["sample_img_s"], rows, "sample_img_s", "img/s"))
+    big = [w for w in filter(measured, results.get("write", [])) if w["images"] == 60000]
+    if big:
+        met = "met" if big[0]["seconds"] <= TARGETS["write_s"] else "not met"
+        lines.append(f"- 60,000 images written in <= {TARGETS['write_s']:.0f} s: {met} ({big[0]['seconds']} s)")
+    else:
+        lines.append("- 60,000 images written in <= 60 s: not measured")
+    if missing:
+        lines += ["", "Not measured:"] + [f"- {m}" for m in missing]
+    return "\n".join(lines) + "\n"
+
+
+def _order(mode: str) -> tuple:
+    """Table order: precision, then eager, graphs, compile, compile + graphs."""
+    precision, compiled, graphs = parse_mode(mode)
+    return PRECISIONS.index(precision), compiled, graphs
+
+
+def _ran_as(r: dict) -> str:
+    """What a mode actually ran as (a graph mode on the CPU, or after a failed recording, runs eagerly)."""
+    return " + ".join(n for n, on in (("compiled", r.get("compiled")), ("graphed", r.get("graphed"))) if on) or "eager"
+
+
+def measured(r: dict) -> bool:
+    """A measurement's record, not a skipped or failed one."""
+    return "skipped" not in r and "error" not in r
+
+
+def _target_line(what: str, target: float, rows: list[dict], key: str, unit: str) -> str:
+    if not rows:
+        return f"- {what} >= {target:,.0f} {unit}: not measured"
+    best = max(rows, key=lambda r: r[key])
+    met = "met" if best[key] >= target else "not met"
+    return f"- {what} >= {target:,.0f} {unit}: {met} (best {best[key]:,.1f}, {best['mode']})"
+
+
+# What a measurement of each kind may take on a GPU (paper preset, 64 px, batches 80 / 320, seconds), before one of
+# that kind has run; afterwards the longest measured one of the kind (x 1.25) is the estimate. The compile kinds
+# are guesses (a cold inductor compilation of the 64-step model has not been timed on a GPU; 106 s on 2 CPU cores).
+GPU_ESTIMATES_S = {
+    "train": 20.0, "train+compile": 180.0, "profile": 20.0, "profile+compile": 180.0, "graphs_exact": 20.0,
+    "sample": 15.0, "sample+compile": 120.0, "write": 75.0, "write_1": 20.0,
+}  # fmt: skip
+
+
+class Budget:
+    """A time budget for the measurements: one starts only if its estimated time fits in what is left.
+
+    Args:
+        seconds: the whole budget (``None``: no limit, every measurement runs).
+        estimates: kind -> estimated seconds of a measurement of that kind before one has run (a kind not listed:
+            0, i.e. it runs while any time is left).
+    """
+
+    def __init__(self, seconds: float | None, estimates: dict[str, float] | None = None) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self.estimates = dict(estimates or {})
+        self.measured: dict[str, float] = {}
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
+
+    def estimate(self, kind: str) -> float:
+        if kind in self.measured:
+            return 1.25 * self.measured[kind]
+        return self.estimates.get(kind, 0.0)
+
+    def why_not(self, kind: str) -> str | None:
+        """``None`` when a measurement of ``kind`` fits, else why it does not."""
+        left = self.left()
+        if left is None:
+            return None
+        if left <= 0:
+            return "the --budget-s time budget is spent"
+        need = self.estimate(kind)
+        return None if need <= left else f"needs ~{need:.0f} s of the budget, {left:.0f} s left"
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.measured[kind] = max(seconds, self.measured.get(kind, 0.0))
+
+
+def run_section(
+    name: str, fn, results: dict, budget: Budget | None = None, kind: str | None = None, label: dict | None = None
+) -> None:
+    """Run one measurement and print its line; a failure is reported as ``error``, and a measurement that does not
+    fit in ``budget`` (see :class:`Budget`, ``kind`` defaults to ``name``) is not run but reported as ``skipped``;
+    both carry ``label`` (e.g. the mode and batch), which a measurement's own figures hold."""
+    kind = kind or name
+    reason = None if budget is None else budget.why_not(kind)
     t0 = time.perf_counter()
-    if deadline is not None and t0 > deadline:
-        value: Any = {"skipped": "the --budget-s time budget is spent"}
+    if reason is not None:
+        value: Any = {**(label or {}), "skipped": reason}
     else:
         try:
             value = fn()
         except Exception as e:  # a failed section is reported and the others still run
-            value = {"error": f"{type(e).__name__}: {e}"}
+            value = {**(label or {}), "error": f"{type(e).__name__}: {e}"}
             traceback.print_exc()
+        wall = time.perf_counter() - t0
+        if budget is not None:
+            budget.record(kind, wall)
         if isinstance(value, dict):
-            value["wall_s"] = round(time.perf_counter() - t0, 2)
+            value["wall_s"] = round(wall, 2)
     results.setdefault(name, []).append(value)
     print(f"{name}: {json.dumps(value)}", flush=True)
+
+
+def priority(mode: str) -> int:
+    """0: the mode the issue's targets were last measured in (``bf16+graphs``); 1: the compiled and graphed mode
+    (the lever not yet measured on a GPU); 2: the comparisons."""
+    if mode in TARGET_MODES:
+        return 0
+    _, compiled, graphs = parse_mode(mode)
+    return 1 if compiled and graphs else 2
+
+
+def plan(args: argparse.Namespace, device: torch.device, modes: list[str], profile_modes: list[str],
+         sections: set[str], root: Path) -> list[tuple[str, str, Any, dict]]:
+    """The measurements as ``(section, kind, fn, label)``, in the order they run, so that a budget that runs out
+    drops the least needed figures: first the target modes (:func:`priority` 0: training at every batch, then
+    sampling), then the compiled and graphed ones (1: a cold compilation is the one cost not yet timed on a GPU), then
+    the comparisons (2: the other modes, the graphed step's exactness, the profiles, the writes). ``kind`` names the
+    time estimate (:class:`Budget`): the first compiled measurement at a batch size pays the compilation
+    (``train+compile``), later ones at that size reuse the compiled code (``train``, ``profile``)."""
+    batches = [int(b) for b in args.batches.split(",")]
+    groups: list[list] = [[], [], []]
+    if "train" in sections:
+        for mode in modes:
+            for batch in batches:
+                fn = lambda b=batch, m=mode: bench_train(args, device, b, m)  # noqa: E731
+                groups[priority(mode)].append(("train", "train", fn, {"batch": batch, "mode": mode}))
+    if "sample" in sections:
+        for mode in SAMPLE_MODES:
+            fn = lambda m=mode: bench_sample(args, device, m)  # noqa: E731
+            kind = "sample+compile" if parse_mode(mode)[1] else "sample"
+            groups[priority(mode)].append(("sample", kind, fn, {"batch": args.sample_batch, "mode": mode}))
+    if "graphs_exact" in sections:
+        groups[2].append(("graphs_exact", "graphs_exact", lambda: graphs_exact(args, device), {}))
+    if "profile" in sections:
+        for mode in profile_modes:
+            fn = lambda m=mode: profile_train(args, device, m)  # noqa: E731
+            groups[2].append(("profile", "profile", fn, {"batch": args.batch, "mode": mode}))
+    if "write" in sections:
+        n, small_n = args.write_images, max(args.write_images // 10, 2)
+        groups[2].append(("write", "write", lambda: bench_write(args, device, n, args.write_threads, root),
+                          {"images": n, "threads": args.write_threads}))
+        groups[2].append(("write", "write_1", lambda: bench_write(args, device, small_n, 1, root),
+                          {"images": small_n, "threads": 1}))  # fmt: skip
+    ordered, compiled_batches = [], set()
+    for section, kind, fn, label in groups[0] + groups[1] + groups[2]:
+        if section in ("train", "profile") and parse_mode(label["mode"])[1]:
+            if label["batch"] not in compiled_batches:
+                kind = f"{section}+compile"
+            compiled_batches.add(label["batch"])
+        ordered.append((section, kind, fn, label))
+    return ordered
+
+
+def write_json_atomic(path: Path, results: dict) -> None:
+    """``results`` as one JSON line, written to a temporary file and renamed (a killed run leaves the last whole
+    file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, separators=(",", ":")) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -336,19 +542,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sample-reps", type=int, default=None)
     parser.add_argument("--write-images", type=int, default=None, help="default 60000 (40 with --cpu)")
     parser.add_argument("--write-threads", type=int, default=16)
-    parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True) on CUDA (one kernel per step)")
+    parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                        help="AdamW(fused=True) on CUDA, as train_flow.json does there (default; --no-fused-adam: "
+                        "the multi-tensor AdamW)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sections", default="train,profile,graphs_exact,sample,write")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the +compile modes (default inductor; aot_eager with --cpu)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no measurement after this many seconds (default 270 on a GPU, none with --cpu)")
+                        help="time budget of the measurements: one starts only if its estimated time fits in what is "
+                        "left (default 250 on a GPU, none with --cpu; gpu_check.sh passes what its 8 minutes leave)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--summarize", type=Path, default=None, metavar="JSON",
+                        help="only print the tables and targets of a gpu_check.json (e.g. of a run cut at its time "
+                        "limit) and exit")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        try:
+            results = json.loads(args.summarize.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--summarize: cannot read {args.summarize}: {e}")
+        print(summarize(results), flush=True)
+        return results
     small = args.cpu
     device = torch.device("cpu" if small else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the small CPU check.")
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}.")
     tiny = small and args.preset is None
     if args.compile_backend is None:  # the CPU check runs the script's paths; bench_compile_steps.py times inductor
         args.compile_backend = "aot_eager" if small else "inductor"
@@ -377,37 +598,33 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset,
         "flow_overrides": args.flow_overrides,
         "compile_backend": args.compile_backend,
+        "fused_adam": bool(args.fused_adam and device.type == "cuda"),
         "size": args.size,
     }
     print(f"env: {json.dumps(env)}", flush=True)
     results: dict[str, Any] = {"env": env}
-    budget = args.budget_s if args.budget_s is not None else (None if small else 270.0)
-    deadline = None if budget is None else time.perf_counter() + budget
-    if "train" in sections:
-        for batch in [int(b) for b in args.batches.split(",")]:
-            for mode in modes:
-                run_section("train", lambda b=batch, m=mode: bench_train(args, device, b, m), results, deadline)
-    if "profile" in sections:
-        for mode in profile_modes:
-            run_section("profile", lambda m=mode: profile_train(args, device, m), results, deadline)
-    if "graphs_exact" in sections:
-        run_section("graphs_exact", lambda: graphs_exact(args, device), results, deadline)
-    if "sample" in sections:
-        for mode in SAMPLE_MODES:
-            run_section("sample", lambda m=mode: bench_sample(args, device, m), results, deadline)
-    if "write" in sections:
-        root = Path(tempfile.mkdtemp(prefix="gpu_check_write_"))
-        try:
-            n = args.write_images
-            run_section("write", lambda: bench_write(args, device, n, args.write_threads, root), results, deadline)
-            run_section("write", lambda: bench_write(args, device, max(n // 10, 2), 1, root), results, deadline)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    line = json.dumps(results, separators=(",", ":"))
+    seconds = args.budget_s if args.budget_s is not None else (None if small else 250.0)
+    budget = Budget(seconds, None if small else GPU_ESTIMATES_S)
+    json_path = None
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.json").write_text(line + "\n")
-    print(f"json={line}", flush=True)
+        json_path = args.out / "gpu_check.json"
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_write_"))
+    try:
+        for section, kind, fn, label in plan(args, device, modes, profile_modes, sections, root):
+            if json_path is not None:  # before and after every measurement: a run killed at its time limit keeps
+                # what it measured and names the measurement it was in
+                write_json_atomic(json_path, {**results, "running": {"section": section, **label}})
+            run_section(section, fn, results, budget, kind, label)
+            if json_path is not None:
+                write_json_atomic(json_path, results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary = summarize(results)
+    print(summary, flush=True)
+    if args.out is not None:
+        (args.out / "gpu_check.md").write_text(summary)
+    print(f"json={json.dumps(results, separators=(',', ':'))}", flush=True)
     return results
 
 

@@ -34,7 +34,8 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
-    modes = ["fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs"]
+    # run order: the target mode, the compiled and graphed one, then the comparisons
+    modes = ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
     for r in train:
@@ -55,14 +56,45 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     exact = report["graphs_exact"][0]
     assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
     sample = report["sample"]
-    assert [r["mode"] for r in sample] == ["fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs"]
+    assert [r["mode"] for r in sample] == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs"]
     assert all(r["sample_img_s"] > 0 and not r["graphed"] for r in sample)
-    assert [r["compiled"] for r in sample] == [False, False, False, False, True]
-    assert sample[2]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
-    assert sample[4]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
+    assert [r["compiled"] for r in sample] == [False, True, False, False, False]
+    assert sample[4]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
+    assert sample[1]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
     assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
+    # the summary: every measured mode in the tables, and the targets (no 64 px batch-80 figure on the CPU)
+    summary = (out / "gpu_check.md").read_text()
+    assert summary in proc.stdout
+    for mode in modes:
+        assert f"| 4 | {mode} |" in summary
+    assert "| 4 | bf16+compile+graphs | " in summary and summary.count("| compiled |") == 3  # 2 train rows, 1 sample
+    assert "- training at batch 80 >= 2,000 img/s: not measured" in summary
+    assert "Not measured:" not in summary  # no budget on the CPU: nothing skipped
     assert "e2e: exit 0" in proc.stdout
     assert (out / "e2e.log").is_file() and (out / "e2e_report.md").is_file()
+
+
+def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path: Path):
+    """The GPU run's time bound, exercised on the CPU: a 200,000-image write cannot end in the budget, so the script
+    stops it, keeps the sampling rows measured before it, names the write, and still ends within the total."""
+    out = tmp_path / "out"
+    env = {**os.environ, "CONDFLOW_PROGRESS": "0", "GPU_CHECK_TOTAL_S": "45", "GPU_CHECK_GRACE_S": "5",
+           "E2E_TIMEOUT": "0", "GPU_CHECK_ARGS": "--sections sample,write --write-images 200000"}  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]  # a measurement was stopped
+    assert seconds <= 45 + 5, seconds
+    assert "gpu_check.py stopped at its time limit" in proc.stdout and "e2e: not run" in proc.stdout
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["running"] == {"section": "write", "images": 200000, "threads": 16}
+    sampled = [r["mode"] for r in report["sample"]]
+    assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs"]
+    assert all(r["sample_img_s"] > 0 for r in report["sample"]) and "write" not in report
+    summary = (out / "gpu_check.md").read_text()
+    assert "- write images 200000, threads 16: stopped at the time limit while it ran" in summary
+    assert "| bf16+compile+graphs | 8 |" in summary
 
 
 def test_modes_are_a_precision_with_compile_and_or_graphs():
@@ -89,9 +121,85 @@ def test_a_measurement_past_the_budget_is_skipped_and_reported(capsys):
     gpu_check = load_benchmark("gpu_check")
     results: dict = {}
     ran = []
-    now = time.perf_counter()
-    gpu_check.run_section("train", lambda: ran.append(1) or {"ok": 1}, results, deadline=now + 3600)
-    gpu_check.run_section("sample", lambda: ran.append(2) or {"ok": 2}, results, deadline=now - 1)
+    budget = gpu_check.Budget(3600.0, {"slow": 7200.0})
+    gpu_check.run_section("train", lambda: ran.append(1) or {"ok": 1}, results, budget, label={"mode": "fp32"})
+    gpu_check.run_section("train", lambda: ran.append(2), results, budget, "slow", label={"mode": "tf32"})
+    spent = gpu_check.Budget(1e-9)
+    time.sleep(0.01)
+    gpu_check.run_section("sample", lambda: ran.append(3) or {"ok": 3}, results, spent, label={"mode": "bf16"})
     assert ran == [1] and results["train"][0]["ok"] == 1
-    assert results["sample"] == [{"skipped": "the --budget-s time budget is spent"}]
-    assert 'sample: {"skipped"' in capsys.readouterr().out
+    assert results["train"][1] == {"mode": "tf32", "skipped": "needs ~7200 s of the budget, 3600 s left"}
+    assert results["sample"] == [{"mode": "bf16", "skipped": "the --budget-s time budget is spent"}]
+    assert 'sample: {"mode": "bf16", "skipped"' in capsys.readouterr().out
+
+
+def test_the_budget_estimates_a_kind_by_its_longest_measured_run():
+    budget = load_benchmark("gpu_check").Budget(100.0, {"train": 20.0})
+    assert budget.estimate("train") == 20.0 and budget.estimate("write") == 0.0  # unknown kinds run while time is left
+    budget.record("train", 8.0)
+    budget.record("train", 4.0)
+    assert budget.estimate("train") == 10.0  # 1.25 x the longest, not the default
+    assert budget.why_not("train") is None
+    budget.record("train", 90.0)
+    assert budget.why_not("train").startswith("needs ~112 s of the budget")
+    assert load_benchmark("gpu_check").Budget(None).why_not("anything") is None
+
+
+def test_the_plan_runs_the_target_modes_first_and_compiles_last():
+    import argparse
+
+    gpu_check = load_benchmark("gpu_check")
+    args = argparse.Namespace(batches="80,320", sample_batch=512, batch=80, write_images=60000, write_threads=16)
+    sections = {"train", "profile", "graphs_exact", "sample", "write"}
+    steps = gpu_check.plan(args, None, list(gpu_check.TRAIN_MODES), ["bf16", "bf16+compile"], sections, Path("."))
+    order = [(section, kind, label.get("mode"), label.get("batch")) for section, kind, _, label in steps]
+    assert order[:6] == [
+        ("train", "train", "bf16+graphs", 80),
+        ("train", "train", "bf16+graphs", 320),
+        ("sample", "sample", "bf16+graphs", 512),
+        ("train", "train+compile", "bf16+compile+graphs", 80),  # the first compiled run at a batch pays
+        ("train", "train+compile", "bf16+compile+graphs", 320),
+        ("sample", "sample+compile", "bf16+compile+graphs", 512),
+    ]
+    later = {(section, mode, batch): kind for section, kind, mode, batch in order[6:]}
+    assert later[("train", "bf16+compile", 80)] == "train"  # the compiled code is reused at that batch
+    assert later[("profile", "bf16+compile", 80)] == "profile"
+    assert later[("train", "fp32", 320)] == "train" and ("write", None, None) in later
+    assert len(order) == 2 * len(gpu_check.TRAIN_MODES) + len(gpu_check.SAMPLE_MODES) + 1 + 2 + 2
+    # without the training section, the compiled profile pays the compilation itself
+    steps = gpu_check.plan(args, None, [], ["bf16+compile"], {"profile"}, Path("."))
+    assert [kind for _, kind, _, _ in steps] == ["profile+compile"]
+
+
+def _train_row(batch, mode, img_s, roundtrip=1e-3, bpd=1e-3):
+    return {"batch": batch, "mode": mode, "train_img_s": img_s, "ms_per_step": 1000 * batch / img_s, "peak_mib": 1.0,
+            "warmup_s": 1.0, "roundtrip_max_abs": roundtrip, "bpd_max_abs_diff_vs_fp32": bpd, "loss_finite": True,
+            "graphed": "graphs" in mode, "compiled": "compile" in mode}  # fmt: skip
+
+
+def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, capsys):
+    gpu_check = load_benchmark("gpu_check")
+    results = {
+        "env": {"device": "GPU", "torch": "x", "preset": "paper", "size": 64},
+        "train": [
+            _train_row(80, "bf16+graphs", 1328.0),
+            _train_row(80, "bf16+compile+graphs", 2500.0, roundtrip=0.02),  # fastest, but its round trip is off
+            _train_row(320, "bf16+compile+graphs", 4100.0),
+            {"batch": 320, "mode": "fp32", "skipped": "needs ~20 s of the budget, 3 s left"},
+        ],
+        "sample": [{"mode": "bf16+graphs", "batch": 512, "sample_img_s": 20000.0, "peak_mib": 1.0, "warmup_s": 1.0,
+                    "graphed": True, "compiled": False}],  # fmt: skip
+        "write": [{"images": 60000, "manifest_rows": 60000, "threads": 16, "seconds": 61.0, "img_s": 983.6}],
+    }
+    summary = gpu_check.summarize(results)
+    assert "- training at batch 80 >= 2,000 img/s: not met (best 1,328.0, bf16+graphs)" in summary
+    assert "- training at batch 320 >= 4,000 img/s: met (best 4,100.0, bf16+compile+graphs)" in summary
+    assert "- sampling at batch 512 >= 20,000 img/s: met (best 20,000.0, bf16+graphs)" in summary
+    assert "- 60,000 images written in <= 60 s: not met (61.0 s)" in summary
+    assert "- train batch 320, mode fp32: needs ~20 s of the budget, 3 s left" in summary
+    assert "| 80 | bf16+compile+graphs | 2,500.0 | 32.0 | 1 | 1.0 | 2.0e-02 | 1.0e-03 | compiled + graphed |" in summary
+    # the same from a saved file (a run cut at its time limit)
+    path = tmp_path / "gpu_check.json"
+    gpu_check.write_json_atomic(path, results)
+    assert gpu_check.main(["--summarize", str(path)]) == results
+    assert summary in capsys.readouterr().out
