@@ -40,7 +40,12 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   against the eager ones.
 - ``write``: ``generate()`` of a synthetic set (PNG) with ``writer_threads`` threads and with 1, images/s.
 
-The last line is ``json=<every figure>``; ``--out DIR`` also writes ``DIR/gpu_check.json``.
+The measurements run in priority order (:func:`plan`: the target mode ``bf16+graphs``, then the compiled and graphed
+mode, then the comparisons), each only if its estimated time fits in ``--budget-s`` (:class:`Budget`; a GPU run gets
+what ``gpu_check.sh``'s 470 s leave). The tables and the issue's targets, judged, follow (:func:`summarize`); the
+last line is ``json=<every figure>``. ``--out DIR`` writes ``DIR/gpu_check.json`` before and after every measurement
+(a run stopped at its time limit keeps what it measured and names the measurement it was in) and
+``DIR/gpu_check.md``; ``--summarize FILE`` prints the tables of a saved ``gpu_check.json``.
 """
 
 from __future__ import annotations

@@ -7,10 +7,8 @@
 # Set-up, from the repository's own files only (the GPU machine may have no network):
 #   - Python: .venv/bin/python when the repository has one, else python3 (a GPU image's PyTorch);
 #   - the packages of setup.cfg that this Python lacks are installed from the wheels in .whl/ when that folder
-#     exists (download them on a machine with a network, pinned by constraints.txt:
-#     pip download --no-deps -d .whl monai==... pytorch-ignite==... nibabel==... fire==... termcolor==... opacus==...
-#     pydicom==...),
-#     else from the package index with constraints.txt;
+#     exists (benchmarks/gpu_wheels.sh downloads them on a machine with a network, pinned by constraints.txt; the
+#     device call carries .whl), else from the package index with constraints.txt;
 #   - the package itself is used from the checkout (PYTHONPATH), nothing is built.
 # --cpu: the same sections, small, on the CPU (what tests/benchmarks/test_gpu_check.py runs).
 # Time: on a GPU the whole script ends within GPU_CHECK_TOTAL_S (default 470 s, under the 8 minutes; on the
