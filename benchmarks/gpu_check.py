@@ -298,14 +298,17 @@ def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, t
     with precision_context("tf32"):
         manifest = generate(
             flow, None, records, output_dir=target, model_version="gpu_check", mode="n_per_class",
-            n_per_class=n_images // 2, formats=("png",), batch_size=args.sample_batch, device=device,
+            n_per_class=n_images // 2, formats=args.write_formats, batch_size=args.sample_batch, device=device,
             progress=False, writer_threads=threads, cuda_graphs=device.type == "cuda",
         )  # fmt: skip
     seconds = time.perf_counter() - t0
-    written = len(list(target.glob("synthetic_*.png")))
+    files = {fmt: len(list(target.glob(f"synthetic_*.{suffix}")))
+             for fmt, suffix in (("png", "png"), ("nifti", "nii.gz")) if fmt in args.write_formats}  # fmt: skip
+    written = min(files.values())  # images with every format written
     lines = manifest.read_text().count("\n") - 1
     shutil.rmtree(target, ignore_errors=True)
-    return {"images": written, "manifest_rows": lines, "threads": threads, "seconds": round(seconds, 2),
+    return {"images": written, "manifest_rows": lines, "threads": threads, "formats": "+".join(args.write_formats),
+            "files": sum(files.values()), "seconds": round(seconds, 2),
             "img_s": round(written / seconds, 1)}  # fmt: skip
 
 
@@ -351,7 +354,8 @@ def summarize(results: dict) -> str:
     for r in sorted(filter(measured, results.get("sample", [])), key=lambda r: _order(r["mode"])):
         lines.append(f"| {r['mode']} | {r['batch']} | {_fmt(r['sample_img_s'])} | {_fmt(r['peak_mib'], 0)} | "
                      f"{_fmt(r['warmup_s'])} | {_fmt(r.get('vs_eager_max_abs'), -1)} | {_ran_as(r)} |")  # fmt: skip
-    lines += [""] + [f"- {w['images']:,} images, {w['threads']} writer thread(s): {w['seconds']} s ({w['img_s']} img/s)"
+    lines += [""] + [f"- {w['images']:,} images ({w.get('formats', 'png')}, {w.get('files', w['images']):,} files), "
+                     f"{w['threads']} writer thread(s): {w['seconds']} s ({w['img_s']} img/s)"
                      for w in filter(measured, results.get("write", []))]  # fmt: skip
     lines += ["", "Targets (issue 18):"]
     exact = [
@@ -368,7 +372,8 @@ def summarize(results: dict) -> str:
     big = [w for w in filter(measured, results.get("write", [])) if w["images"] == 60000]
     if big:
         met = "met" if big[0]["seconds"] <= TARGETS["write_s"] else "not met"
-        lines.append(f"- 60,000 images written in <= {TARGETS['write_s']:.0f} s: {met} ({big[0]['seconds']} s)")
+        lines.append(f"- 60,000 images written in <= {TARGETS['write_s']:.0f} s: {met} ({big[0]['seconds']} s, "
+                     f"{big[0].get('formats', 'png')})")
     else:
         lines.append("- 60,000 images written in <= 60 s: not measured")
     if missing:
@@ -547,6 +552,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sample-reps", type=int, default=None)
     parser.add_argument("--write-images", type=int, default=None, help="default 60000 (40 with --cpu)")
     parser.add_argument("--write-threads", type=int, default=16)
+    parser.add_argument("--write-formats", default="png,nifti",
+                        help="formats of the written sets (default: generate.json's, PNG and NIfTI)")  # fmt: skip
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                         help="AdamW(fused=True) on CUDA, as train_flow.json does there (default; --no-fused-adam: "
                         "the multi-tensor AdamW)")  # fmt: skip
@@ -575,6 +582,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("no CUDA device: run with --cpu for the small CPU check.")
     if args.budget_s is not None and not args.budget_s > 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}.")
+    args.write_formats = tuple(f for f in args.write_formats.split(",") if f)
+    if not args.write_formats or not set(args.write_formats) <= {"png", "nifti"}:
+        parser.error(f"--write-formats: png and / or nifti, got {','.join(args.write_formats)!r}.")
     tiny = small and args.preset is None
     if args.compile_backend is None:  # the CPU check runs the script's paths; bench_compile_steps.py times inductor
         args.compile_backend = "aot_eager" if small else "inductor"

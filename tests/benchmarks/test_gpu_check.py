@@ -61,7 +61,11 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert [r["compiled"] for r in sample] == [False, True, False, False, False]
     assert sample[4]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
     assert sample[1]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
-    assert [(w["images"], w["manifest_rows"], w["threads"]) for w in report["write"]] == [(40, 40, 16), (4, 4, 1)]
+    # generate.json's formats: a PNG and a NIfTI file per image
+    assert [(w["images"], w["manifest_rows"], w["threads"], w["files"], w["formats"]) for w in report["write"]] == [
+        (40, 40, 16, 80, "png+nifti"),
+        (4, 4, 1, 8, "png+nifti"),
+    ]
     # the summary: every measured mode in the tables, and the targets (no 64 px batch-80 figure on the CPU)
     summary = (out / "gpu_check.md").read_text()
     assert summary in proc.stdout
@@ -195,7 +199,7 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
     assert "- training at batch 80 >= 2,000 img/s: not met (best 1,328.0, bf16+graphs)" in summary
     assert "- training at batch 320 >= 4,000 img/s: met (best 4,100.0, bf16+compile+graphs)" in summary
     assert "- sampling at batch 512 >= 20,000 img/s: met (best 20,000.0, bf16+graphs)" in summary
-    assert "- 60,000 images written in <= 60 s: not met (61.0 s)" in summary
+    assert "- 60,000 images written in <= 60 s: not met (61.0 s, png)" in summary
     assert "- train batch 320, mode fp32: needs ~20 s of the budget, 3 s left" in summary
     assert "| 80 | bf16+compile+graphs | 2,500.0 | 32.0 | 1 | 1.0 | 2.0e-02 | 1.0e-03 | compiled + graphed |" in summary
     # the same from a saved file (a run cut at its time limit)

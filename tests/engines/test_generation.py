@@ -25,7 +25,13 @@ import pytest
 import torch
 from PIL import Image
 
-from monai_condflow.engines.generation import SUMMARY_NAME, generate, generate_tensors, summarize_sample_stats
+from monai_condflow.engines.generation import (
+    SUMMARY_NAME,
+    generate,
+    generate_tensors,
+    nifti_bytes,
+    summarize_sample_stats,
+)
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.networks.nets.pepx_net import PEPXNet
 
@@ -164,6 +170,32 @@ def test_generated_nifti_and_png_reload_with_the_project_loader(flow, tmp_path):
     nii = np.asarray(load(str(tmp_path / row["nifti_file"])))
     assert png.shape == nii.shape == (1, S, S)
     np.testing.assert_allclose(nii, png, atol=1.0 / 65535)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(0).random((1, 64, 64)),
+        np.random.default_rng(1).normal(size=(48, 32)) * 1e6,  # out of range, not square
+        np.zeros((1, 16, 16)),
+        np.full((8, 8), np.nan),
+        np.array([[np.inf, -np.inf, 0.5], [0.0, 1.0, -2.0]]),
+        torch.rand(1, 7, 5, dtype=torch.float64),
+    ],
+)
+def test_nifti_bytes_are_the_file_nibabel_writes(values):
+    """The header is built once per shape: the whole file must still equal nibabel's for the image itself, whatever
+    the values (nibabel would write a value-dependent field, e.g. a scale, into the header)."""
+    arr = np.asarray(values, dtype=np.float32)
+    stored = np.ascontiguousarray(arr.reshape(arr.shape[-2:]).T)
+    img = nib.Nifti1Image(stored, affine=np.eye(4))
+    img.header["descrip"] = b"monai_condflow synthetic image"
+    img.header.set_xyzt_units("mm")
+    data = nifti_bytes(values)
+    assert data == gzip.compress(img.to_bytes(), mtime=0)
+    back = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), stored)  # NaN in the same places
+    assert back.shape == stored.shape
 
 
 @pytest.mark.parametrize(
