@@ -38,7 +38,8 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   ``bf16+compile+graphs``: the decoder's steps compiled, ``compile_steps(sampling=True)``, the bundle id
   ``compile`` of ``generate.json``) at the sampling batch, the warm-up's wall time, peak memory, and the samples
   against the eager ones.
-- ``write``: ``generate()`` of a synthetic set (PNG) with ``writer_threads`` threads and with 1, images/s.
+- ``write``: ``generate()`` of a synthetic set (``--write-formats``, default PNG and NIfTI as ``generate.json``)
+  with ``--write-threads`` writer threads and with 1, images/s.
 
 The measurements run in priority order (:func:`plan`: the target mode ``bf16+graphs``, then the compiled and graphed
 mode, then the comparisons), each only if its estimated time fits in ``--budget-s`` (:class:`Budget`; a GPU run gets
@@ -334,17 +335,14 @@ def summarize(results: dict) -> str:
              "| batch | mode | img/s | ms / step | peak MiB | warm-up s | round trip | bpd diff vs fp32 | ran as |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     missing = [
-        f"{name} {', '.join(f'{k} {v}' for k, v in r.items() if k not in ('skipped', 'error', 'wall_s'))}: "
-        f"{r.get('skipped') or r.get('error')}"
+        f"{_named(name, r)}: {r.get('skipped') or r.get('error')}"
         for name in ("train", "sample", "write", "graphs_exact", "profile")
         for r in results.get(name, [])
         if not measured(r)
     ]
     if "running" in results:  # gpu_check.json of a run stopped during a measurement
         running = dict(results["running"])
-        section = running.pop("section")
-        label = ", ".join(f"{k} {v}" for k, v in running.items())
-        missing.append(f"{section} {label}: stopped at the time limit while it ran")
+        missing.append(f"{_named(running.pop('section'), running)}: stopped at the time limit while it ran")
     for r in sorted(filter(measured, results.get("train", [])), key=lambda r: (r["batch"], _order(r["mode"]))):
         lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['train_img_s'])} | {_fmt(r['ms_per_step'])} | "
                      f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['warmup_s'])} | {_fmt(r['roundtrip_max_abs'], -1)} | "
@@ -379,6 +377,12 @@ def summarize(results: dict) -> str:
     if missing:
         lines += ["", "Not measured:"] + [f"- {m}" for m in missing]
     return "\n".join(lines) + "\n"
+
+
+def _named(section: str, record: dict) -> str:
+    """``"train batch 80, mode fp32"``: a section and the label of one of its measurements."""
+    label = ", ".join(f"{k} {v}" for k, v in record.items() if k not in ("skipped", "error", "wall_s"))
+    return f"{section} {label}" if label else section
 
 
 def _order(mode: str) -> tuple:
