@@ -70,13 +70,13 @@ else
 fi
 
 if [ -z "$TOTAL" ]; then
-  $PY benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUT_DIR" ${GPU_CHECK_ARGS:-} || status=1
+  $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} --out "$OUT_DIR" ${GPU_CHECK_ARGS:-} || status=1
 else
   GRACE=${GPU_CHECK_GRACE_S:-30}
   budget=$(( TOTAL - $(elapsed) - E2E_TIMEOUT - GRACE - 15 ))
   echo "time: set-up took $(elapsed) s; measurements get ${budget} s, the bundle run ${E2E_TIMEOUT} s, of ${TOTAL} s"
   if [ "$budget" -gt 0 ]; then
-    timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --out "$OUT_DIR" \
+    timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} --out "$OUT_DIR" \
       --budget-s "$budget" ${GPU_CHECK_ARGS:-}
     rc=$?
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then

@@ -242,8 +242,9 @@ def nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
     header and the voxels; the compression runs without the GIL, so writer threads encode in parallel."""
     arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
     plane = arr.reshape(arr.shape[-2:])
-    # the stored array is plane.T; NIfTI voxels are in Fortran order, i.e. plane's own C order, little-endian
-    voxels = np.ascontiguousarray(plane, dtype="<f4").tobytes()
+    # the stored array is plane.T; NIfTI voxels are in Fortran order, i.e. plane's own C order, in the machine's byte
+    # order (as nibabel writes them and the cached header says)
+    voxels = np.ascontiguousarray(plane, dtype=np.float32).tobytes()
     return gzip.compress(_nifti_header((plane.shape[1], plane.shape[0])) + voxels, mtime=0)
 
 
