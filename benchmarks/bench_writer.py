@@ -35,19 +35,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monai_condflow.engines.generation import _FileWriter, _nifti_image, nifti_bytes, png16_bytes  # noqa: E402
+from monai_condflow.engines.generation import _FileWriter, nifti_bytes, png16_bytes  # noqa: E402
 
 
 def nibabel_nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
-    """The peer: the package's NIfTI encoder before the twenty-fourth session (an image object per file)."""
+    """The peer: the package's NIfTI encoder before the twenty-fourth session (an image object per file), as it was."""
     arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
     arr = np.ascontiguousarray(arr.reshape(arr.shape[-2:]).T)
-    return gzip.compress(_nifti_image(arr).to_bytes(), mtime=0)
+    img = nib.Nifti1Image(arr, affine=np.eye(4))
+    img.header["descrip"] = b"monai_condflow synthetic image"
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), mtime=0)
 
 
 ENCODERS: dict[str, dict[str, Callable]] = {
@@ -61,19 +65,21 @@ def write_set(images: list[torch.Tensor], formats: tuple[str, ...], threads: int
     """Seconds to encode and write ``images`` in ``formats`` on ``threads`` threads (what ``generate`` does per
     image after sampling)."""
     target = Path(tempfile.mkdtemp(dir=root))
-    t0 = time.perf_counter()
-    files = _FileWriter(threads)
     try:
-        for i, image in enumerate(images):
-            for fmt in formats:
-                files.put(target / f"synthetic_{i:06d}{SUFFIX[fmt]}", encoders[fmt], image)
-        files.finish()
-    except BaseException:
-        files.abort()
-        raise
-    seconds = time.perf_counter() - t0
-    written = sum(1 for _ in target.iterdir())
-    shutil.rmtree(target)
+        t0 = time.perf_counter()
+        files = _FileWriter(threads)
+        try:
+            for i, image in enumerate(images):
+                for fmt in formats:
+                    files.put(target / f"synthetic_{i:06d}{SUFFIX[fmt]}", encoders[fmt], image)
+            files.finish()
+        except BaseException:
+            files.abort()
+            raise
+        seconds = time.perf_counter() - t0
+        written = sum(1 for _ in target.iterdir())
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
     if written != len(images) * len(formats):
         raise RuntimeError(f"wrote {written} files, expected {len(images) * len(formats)}")
     return seconds

@@ -29,6 +29,7 @@ CPU=0
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
 OUT_DIR=${1:-runs/gpu_check}
 mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR/gpu_check.json" "$OUT_DIR/gpu_check.md"  # no figures of an earlier run pass for this one's
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,20 +80,31 @@ else
     timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} --out "$OUT_DIR" \
       --budget-s "$budget" ${GPU_CHECK_ARGS:-}
     rc=$?
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-      echo "gpu_check.py stopped at its time limit; what it measured:"
+    if [ "$rc" != 0 ]; then  # stopped at its time limit (124, 137, or 143 from its own SIGTERM handler) or crashed
+      [ "$rc" = 124 ] || [ "$rc" = 137 ] || [ "$rc" = 143 ] && echo "gpu_check.py stopped at its time limit"
+      echo "gpu_check.py exited with $rc; what it measured:"
       if [ -f "$OUT_DIR/gpu_check.json" ]; then
         $PY benchmarks/gpu_check.py --summarize "$OUT_DIR/gpu_check.json" | tee "$OUT_DIR/gpu_check.md"
       else
         echo "nothing: no measurement ended"
       fi
+      status=1
     fi
-    [ "$rc" = 0 ] || status=1
   else
-    echo "no time left for the measurements (GPU_CHECK_TOTAL_S=${TOTAL})"; status=1
+    echo "no time left for the measurements: GPU_CHECK_TOTAL_S=${TOTAL} less the set-up, E2E_TIMEOUT=${E2E_TIMEOUT}," \
+      "GPU_CHECK_GRACE_S=${GRACE} and 15 s"
+    status=1
   fi
   left=$(( TOTAL - $(elapsed) ))
-  if [ "$E2E_TIMEOUT" != 0 ] && [ "$left" -lt "$E2E_TIMEOUT" ]; then E2E_TIMEOUT=$(( left > 1 ? left : 1 )); fi
+  if [ "$E2E_TIMEOUT" != 0 ] && [ "$left" -lt "$E2E_TIMEOUT" ]; then
+    if [ "$left" -lt 30 ]; then
+      echo "e2e: not run (${left} s of GPU_CHECK_TOTAL_S left)"
+      echo "gpu_check.sh: $(elapsed) s in all"
+      exit 1
+    else
+      E2E_TIMEOUT=$left
+    fi
+  fi
 fi
 
 if [ "$E2E_TIMEOUT" = 0 ]; then
@@ -104,7 +116,7 @@ fi
 # one short end-to-end bundle run: classifier -> flow -> generate -> evaluate on the generated phantom
 E2E_DIR=$(mktemp -d /tmp/condflow_e2e_XXXX)
 start=$(date +%s)
-timeout "$E2E_TIMEOUT" $PY -m monai_condflow.pipeline --output-dir "$E2E_DIR" --no-progress "${E2E_ARGS[@]}" \
+timeout -k 5 "$E2E_TIMEOUT" $PY -m monai_condflow.pipeline --output-dir "$E2E_DIR" --no-progress "${E2E_ARGS[@]}" \
   > "$OUT_DIR/e2e.log" 2>&1
 e2e=$?
 echo "e2e: exit $e2e after $(( $(date +%s) - start )) s (timeout ${E2E_TIMEOUT} s); log $OUT_DIR/e2e.log"

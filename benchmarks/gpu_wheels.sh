@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The wheels that benchmarks/gpu_check.sh installs on a GPU machine without a network (issue 18), downloaded here
-# into .whl/ (ignored by git; name it in the device call's `carry`). The GPU image (docs/performance.md, "GPU
-# check") holds IMAGE_HAS below; PACKAGES are the project's other requirements (setup.cfg, with the dp and dicom
-# extras), at the versions constraints.txt pins; their own needs are in IMAGE_HAS (each wheel's Requires-Dist is
+# into .whl/ (ignored by git: copy it with the checkout, e.g. name it in a device call's `carry`). The GPU image
+# (docs/performance.md, "GPU check") holds IMAGE_HAS below; PACKAGES are the project's other requirements (setup.cfg,
+# with the privacy extra and pydicom of the dicom extra), at the versions constraints.txt pins; their own needs are in IMAGE_HAS (each wheel's Requires-Dist is
 # printed below; tests/benchmarks/test_gpu_wheels.py checks both lists against setup.cfg and constraints.txt).
 #
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]    # default 3.12, the GPU image's Python
 #
-# Then, in one device call: command `bash benchmarks/gpu_check.sh`, carry [".whl"], timeout 600 s.
+# Then, on the GPU machine, with .whl/ beside the checkout's files: bash benchmarks/gpu_check.sh (under 8 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
-# what the GPU image holds (/work/.library/device/KINDS.md, 'Python packages already there'), and what it lacks
+# what the GPU image holds (the lent machines' 'cuda' image: Python 3.12, torch 2.11 + cu130), and what it lacks
 IMAGE_HAS=(torch numpy scipy pillow matplotlib pyyaml tensorboard packaging typing-extensions opt-einsum)
 PACKAGES=(monai pytorch-ignite nibabel fire termcolor opacus pydicom)
 PIP=python3

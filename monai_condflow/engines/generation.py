@@ -238,9 +238,14 @@ def nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
     """A gzipped NIfTI-1 of ``image`` ``[1, H, W]`` or ``[H, W]`` (float32, stored ``[W, H]``, identity affine, a
     fixed description, no extensions; the gzip header has no file name and mtime 0).
 
+    Raises:
+        ValueError: fewer than 2 dimensions.
+
     The same bytes as nibabel writes for that image (``Nifti1Image(...).to_bytes()``, gzipped), built from a cached
     header and the voxels; the compression runs without the GIL, so writer threads encode in parallel."""
     arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+    if arr.ndim < 2:
+        raise ValueError(f"nifti_bytes: an image [1, H, W] or [H, W], got shape {tuple(arr.shape)}.")
     plane = arr.reshape(arr.shape[-2:])
     # the stored array is plane.T; NIfTI voxels are in Fortran order, i.e. plane's own C order, in the machine's byte
     # order (as nibabel writes them and the cached header says)

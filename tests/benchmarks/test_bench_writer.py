@@ -48,6 +48,7 @@ def test_write_set_writes_every_file_and_passes_encoder_errors_on(bench, tmp_pat
 
     with pytest.raises(ValueError, match="encoder failed"):
         bench.write_set(images, ("nifti",), 2, {"nifti": broken}, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # removed after a failure too
 
 
 def test_the_run_reports_both_encoders_and_the_same_bytes(bench, tmp_path: Path, capsys):

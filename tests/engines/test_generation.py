@@ -198,6 +198,11 @@ def test_nifti_bytes_are_the_file_nibabel_writes(values):
     assert back.shape == stored.shape
 
 
+def test_nifti_bytes_refuses_fewer_than_two_dimensions():
+    with pytest.raises(ValueError, match=r"got shape \(5,\)"):
+        nifti_bytes(np.zeros(5))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
