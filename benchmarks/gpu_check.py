@@ -346,7 +346,7 @@ def summarize(results: dict) -> str:
     ]
     if "running" in results:  # gpu_check.json of a run stopped during a measurement
         running = dict(results["running"])
-        missing.append(f"{_named(running.pop('section'), running)}: stopped at the time limit while it ran")
+        missing.append(f"{_named(running.pop('section'), running)}: did not end (the run was stopped or crashed)")
     for r in sorted(filter(measured, results.get("train", [])), key=lambda r: (r["batch"], _order(r["mode"]))):
         lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['train_img_s'])} | {_fmt(r['ms_per_step'])} | "
                      f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['warmup_s'])} | {_fmt(r['roundtrip_max_abs'], -1)} | "
@@ -419,8 +419,9 @@ def _target_line(what: str, target: float, rows: list[dict], key: str, unit: str
 
 
 # What a measurement of each kind may take on a GPU (paper preset, 64 px, batches 80 / 320, seconds), before one of
-# that kind has run; afterwards the longest measured one of the kind (x 1.25) is the estimate. The compile kinds
-# are guesses (a cold inductor compilation of the 64-step model has not been timed on a GPU; 106 s on 2 CPU cores).
+# that kind and batch size has run; afterwards the longest measured one of that kind and size (x 1.25). The compile
+# kinds are guesses (a cold inductor compilation of the 64-step model has not been timed on a GPU; 106 s on 2 CPU
+# cores).
 GPU_ESTIMATES_S = {
     "train": 20.0, "train+compile": 180.0, "profile": 20.0, "profile+compile": 180.0, "graphs_exact": 20.0,
     "sample": 15.0, "sample+compile": 120.0, "write": 75.0, "write_1": 20.0,
@@ -540,6 +541,13 @@ def plan(args: argparse.Namespace, device: torch.device, modes: list[str], profi
     return groups[0] + groups[1] + groups[2]
 
 
+def compiled_by(section: str, kind: str, record: dict) -> bool:
+    """Whether a measurement left the training step compiled at its batch size for the ones after it: a compiled
+    training or profile run that paid the compilation and ended (a skipped or failed one may have compiled nothing;
+    the compiled decoder does not cover the training step)."""
+    return section in ("train", "profile") and kind.endswith("+compile") and measured(record)
+
+
 def run_kind(section: str, kind: str, label: dict, compiled_at: set) -> str:
     """The estimate's kind of a measurement about to run: a compiled training or profile run at a batch size where
     no compiled run has ended yet pays the compilation (``train+compile``, ``profile+compile``); later ones reuse the
@@ -551,6 +559,9 @@ def run_kind(section: str, kind: str, label: dict, compiled_at: set) -> str:
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """The first SIGTERM ends the run through its ``finally`` blocks; later ones (``timeout`` signals the process
+    group too) are ignored so that the clean-up is not cut (``timeout -k`` still bounds it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -652,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         json_path = args.out / "gpu_check.json"
     # a time limit's SIGTERM (gpu_check.sh) ends the run through the finally blocks (the write folders removed)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     root = Path(tempfile.mkdtemp(prefix="gpu_check_write_"))
     compiled_at: set = set()
     try:
@@ -662,12 +673,13 @@ def main(argv: list[str] | None = None) -> dict:
                 # what it measured and names the measurement it was in
                 write_json_atomic(json_path, {**results, "running": {"section": section, **label}})
             value = run_section(section, fn, results, budget, kind, label)
-            if kind.endswith("+compile") and "skipped" not in value:
+            if compiled_by(section, kind, value):
                 compiled_at.add(label["batch"])
             if json_path is not None:
                 write_json_atomic(json_path, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous_handler)
     summary = summarize(results)
     print(summary, flush=True)
     if args.out is not None:

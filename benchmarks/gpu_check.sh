@@ -29,7 +29,8 @@ CPU=0
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
 OUT_DIR=${1:-runs/gpu_check}
 mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR/gpu_check.json" "$OUT_DIR/gpu_check.md"  # no figures of an earlier run pass for this one's
+# no figures or logs of an earlier run pass for this one's
+rm -f "$OUT_DIR/gpu_check.json" "$OUT_DIR/gpu_check.md" "$OUT_DIR/e2e.log" "$OUT_DIR/e2e_report.md"
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -99,7 +99,7 @@ def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path:
     assert all(r["sample_img_s"] > 0 for r in report["sample"]) and "write" not in report
     assert not list(Path(tempfile.gettempdir()).glob("gpu_check_write_*"))  # the stopped write's folder is removed
     summary = (out / "gpu_check.md").read_text()
-    assert "- write images 200000, threads 16: stopped at the time limit while it ran" in summary
+    assert "- write images 200000, threads 16: did not end (the run was stopped or crashed)" in summary
     assert "| bf16+compile+graphs | 8 |" in summary
 
 
@@ -188,6 +188,12 @@ def test_a_compiled_run_pays_the_compilation_until_one_at_its_batch_has_run():
     assert run_kind("sample", "sample+compile", {"batch": 512, "mode": "bf16+compile+graphs"}, compiled_at) == (
         "sample+compile"
     )
+    compiled_by = load_benchmark("gpu_check").compiled_by
+    assert compiled_by("train", "train+compile", {"batch": 80, "train_img_s": 1.0})
+    assert not compiled_by("train", "train+compile", {"batch": 80, "skipped": "no time"})
+    assert not compiled_by("train", "train+compile", {"batch": 80, "error": "RuntimeError: backend failed"})
+    assert not compiled_by("train", "train", {"batch": 80, "train_img_s": 1.0})  # reused, did not compile
+    assert not compiled_by("sample", "sample+compile", {"batch": 512, "sample_img_s": 1.0})  # the decoder only
 
 
 def _train_row(batch, mode, img_s, roundtrip=1e-3, bpd=1e-3):
