@@ -78,8 +78,8 @@ else
   budget=$(( TOTAL - $(elapsed) - E2E_TIMEOUT - GRACE - 15 ))
   echo "time: set-up took $(elapsed) s; measurements get ${budget} s, the bundle run ${E2E_TIMEOUT} s, of ${TOTAL} s"
   if [ "$budget" -gt 0 ]; then
-    timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} --out "$OUT_DIR" \
-      --budget-s "$budget" ${GPU_CHECK_ARGS:-}
+    timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} \
+      --out "$OUT_DIR" --budget-s "$budget" ${GPU_CHECK_ARGS:-}
     rc=$?
     if [ "$rc" != 0 ]; then  # stopped at its time limit (124, 137, or 143 from its own SIGTERM handler) or crashed
       [ "$rc" = 124 ] || [ "$rc" = 137 ] || [ "$rc" = 143 ] && echo "gpu_check.py stopped at its time limit"

@@ -2,8 +2,9 @@
 # The wheels that benchmarks/gpu_check.sh installs on a GPU machine without a network (issue 18), downloaded here
 # into .whl/ (ignored by git: copy it with the checkout, e.g. name it in a device call's `carry`). The GPU image
 # (docs/performance.md, "GPU check") holds IMAGE_HAS below; PACKAGES are the project's other requirements (setup.cfg,
-# with the privacy extra and pydicom of the dicom extra), at the versions constraints.txt pins; their own needs are in IMAGE_HAS (each wheel's Requires-Dist is
-# printed below; tests/benchmarks/test_gpu_wheels.py checks both lists against setup.cfg and constraints.txt).
+# with the privacy extra and pydicom of the dicom extra), at the versions constraints.txt pins; their own needs are
+# in IMAGE_HAS (each wheel's Requires-Dist is printed below; tests/benchmarks/test_gpu_wheels.py checks both lists
+# against setup.cfg and constraints.txt).
 #
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]    # default 3.12, the GPU image's Python
 #
