@@ -76,6 +76,7 @@ from monai_condflow.engines.generation import generate  # noqa: E402
 from monai_condflow.networks.blocks.compiled_steps import compiled_steps  # noqa: E402
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
+from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")
@@ -565,14 +566,6 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def write_json_atomic(path: Path, results: dict) -> None:
-    """``results`` as one JSON line, written to a temporary file and renamed (a killed run leaves the last whole
-    file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, separators=(",", ":")) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="small and on the CPU (what the test suite runs)")
@@ -671,12 +664,12 @@ def main(argv: list[str] | None = None) -> dict:
             kind = run_kind(section, kind, label, compiled_at)
             if json_path is not None:  # before and after every measurement: a run killed at its time limit keeps
                 # what it measured and names the measurement it was in
-                write_json_atomic(json_path, {**results, "running": {"section": section, **label}})
+                atomic_write_json(json_path, {**results, "running": {"section": section, **label}})
             value = run_section(section, fn, results, budget, kind, label)
             if compiled_by(section, kind, value):
                 compiled_at.add(label["batch"])
             if json_path is not None:
-                write_json_atomic(json_path, results)
+                atomic_write_json(json_path, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_handler)

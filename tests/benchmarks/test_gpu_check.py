@@ -236,6 +236,6 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
     )
     # the same from a saved file (a run cut at its time limit)
     path = tmp_path / "gpu_check.json"
-    gpu_check.write_json_atomic(path, results)
+    path.write_text(json.dumps(results))
     assert gpu_check.main(["--summarize", str(path)]) == results
     assert gpu_check.summarize(results) in capsys.readouterr().out
