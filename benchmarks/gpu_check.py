@@ -27,6 +27,10 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   at 50, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with ``+compile`` it holds
   the compilation: ``ConditionalGlow.compile_steps``, the bundle id ``compile``), and after training: the round
   trip ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same weights.
+- ``trainer``: the bundle's flow trainer (``create_flow_trainer``: EMA, TensorBoard, stats, the warm-up schedule,
+  fused AdamW, the frozen PEPXNet embedding each batch) in ``--trainer-modes`` at the first batch size, images/s of
+  its second epoch against the bare step of ``train`` in the same mode: what a user's run gets, and what the engine
+  and its handlers cost on top of the step.
 - ``profile``: where an eager and a compiled step spend their time (``torch.profiler``, the first batch size,
   ``--profile-modes``, the mean of ``--profile-steps`` steps): per step the device events (kernels, copies, sets),
   the device's busy time against the wall time, and the operations / kernels with the most self time. The first
@@ -42,11 +46,11 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   with ``--write-threads`` writer threads and with 1, images/s.
 
 The measurements run in priority order (:func:`plan`: the target mode ``bf16+graphs``, then the compiled and graphed
-mode, then the comparisons), each only if its estimated time fits in ``--budget-s`` (:class:`Budget`; a GPU run gets
-what ``gpu_check.sh``'s 470 s leave). The tables and the issue's targets, judged, follow (:func:`summarize`); the
-last line is ``json=<every figure>``. ``--out DIR`` writes ``DIR/gpu_check.json`` before and after every measurement
-(a run stopped at its time limit keeps what it measured and names the measurement it was in) and
-``DIR/gpu_check.md``; ``--summarize FILE`` prints the tables of a saved ``gpu_check.json``.
+mode, then the bundle's trainer, then the comparisons), each only if its estimated time fits in ``--budget-s``
+(:class:`Budget`; a GPU run gets what ``gpu_check.sh``'s 470 s leave). The tables and the issue's targets, judged,
+follow (:func:`summarize`); the last line is ``json=<every figure>``. ``--out DIR`` writes ``DIR/gpu_check.json``
+before and after every measurement (a run stopped at its time limit keeps what it measured and names the measurement
+it was in) and ``DIR/gpu_check.md``; ``--summarize FILE`` prints the tables of a saved ``gpu_check.json``.
 """
 
 from __future__ import annotations
@@ -182,6 +186,68 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
     out["bpd_max_abs_diff_vs_fp32"] = float((bpd_mode - bpd_ref).abs().max())
     out["bpd_fp32_mean"] = round(float(bpd_ref.mean()), 4)
     return out
+
+
+def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mode: str, root: Path) -> dict:
+    """The bundle's flow trainer in ``mode`` (what a user's run gets): :func:`create_flow_trainer` with the EMA,
+    TensorBoard, the stats handler, the warm-up schedule, AdamW (fused on CUDA) and the frozen PEPXNet computing each
+    batch's condition, on ``--trainer-iters`` batches of ``batch`` images per epoch for 2 epochs. The second epoch,
+    from its start to the end of its last iteration (the data loading and every handler of the iterations included,
+    the epoch's checkpoint not; the device synchronised only at the two ends), gives images/s, to set against the
+    bare step's figure of the ``train`` section in the same mode."""
+    from ignite.engine import Events
+
+    from monai_condflow.engines.flow_trainer import create_flow_trainer
+    from monai_condflow.networks.nets.pepx_net import PEPXNet
+    from monai_condflow.utils.distributed import create_loader
+
+    precision, compiled, graphs = parse_mode(mode)
+    iters = args.trainer_iters
+    x, _ = make_batch(batch * iters, args.size, torch.Generator().manual_seed(args.seed), torch.device("cpu"))
+    records = [{"image": x[i], "label": i % 2} for i in range(len(x))]
+    torch.manual_seed(args.seed)
+    classifier = PEPXNet.from_preset(args.trainer_classifier, spatial_dims=2, in_channels=1, out_channels=2)
+    classifier = classifier.to(device).eval()
+    loader = create_loader(records, batch, shuffle=True, seed=args.seed, drop_last=True)
+    init_x = x[:batch].to(device)
+    with torch.no_grad():
+        init_z = classifier.embed(init_x)
+    flow = build_flow(args, device, init_x, init_z)
+    folder = Path(tempfile.mkdtemp(prefix="trainer_", dir=root))
+    trainer, _ = create_flow_trainer(
+        flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
+        ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
+        seed=args.seed,
+    )  # fmt: skip
+    marks: list[float] = []
+
+    def mark(engine: Any) -> None:  # the device is synchronised only here, not at every iteration
+        sync(device)
+        marks.append(time.perf_counter())
+
+    trainer.add_event_handler(Events.EPOCH_STARTED(once=2), mark)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2 * iters), mark)  # the second epoch's last one
+    reset_peak(device)
+    t0 = time.perf_counter()
+    try:
+        trainer.run()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    total_s = time.perf_counter() - t0
+    seconds = marks[1] - marks[0]
+    graphed = trainer.network.graphed if hasattr(trainer.network, "graphed") else None
+    return {
+        "batch": batch,
+        "mode": mode,
+        "trainer_img_s": round(batch * iters / seconds, 1),
+        "ms_per_iteration": round(1000 * seconds / iters, 2),
+        "peak_mib": peak_mib(device),
+        "run_s": round(total_s, 2),
+        "skipped_steps": int(trainer.state.skipped_steps),
+        "graphed": bool(graphed is not None and graphed.replays > 0),
+        "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
+        "classifier": args.trainer_classifier,
+    }
 
 
 def graphs_exact(args: argparse.Namespace, device: torch.device) -> dict:
@@ -341,7 +407,7 @@ def summarize(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     missing = [
         f"{_named(name, r)}: {r.get('skipped') or r.get('error')}"
-        for name in ("train", "sample", "write", "graphs_exact", "profile")
+        for name in ("train", "trainer", "sample", "write", "graphs_exact", "profile")
         for r in results.get(name, [])
         if not measured(r)
     ]
@@ -352,6 +418,17 @@ def summarize(results: dict) -> str:
         lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['train_img_s'])} | {_fmt(r['ms_per_step'])} | "
                      f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['warmup_s'])} | {_fmt(r['roundtrip_max_abs'], -1)} | "
                      f"{_fmt(r['bpd_max_abs_diff_vs_fp32'], -1)} | {_ran_as(r)} |")  # fmt: skip
+    trainer_rows = list(filter(measured, results.get("trainer", [])))
+    if trainer_rows:
+        bare = {(r["batch"], r["mode"]): r["train_img_s"] for r in filter(measured, results.get("train", []))}
+        lines += ["", "| bundle trainer: batch | mode | img/s | ms / iteration | bare step img/s | trainer / bare | "
+                  "peak MiB | ran as |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in trainer_rows:
+            step = bare.get((r["batch"], r["mode"]))
+            ratio = None if step is None else round(r["trainer_img_s"] / step, 2)
+            lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['trainer_img_s'])} | "
+                         f"{_fmt(r['ms_per_iteration'])} | {_fmt(step)} | {_fmt(ratio, 2)} | "
+                         f"{_fmt(r['peak_mib'], 0)} | {_ran_as(r)} |")  # fmt: skip
     lines += ["", "| sampling mode | batch | img/s | peak MiB | warm-up s | vs eager | ran as |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(filter(measured, results.get("sample", [])), key=lambda r: _order(r["mode"])):
@@ -425,7 +502,8 @@ def _target_line(what: str, target: float, rows: list[dict], key: str, unit: str
 # cores).
 GPU_ESTIMATES_S = {
     "train": 20.0, "train+compile": 180.0, "profile": 20.0, "profile+compile": 180.0, "graphs_exact": 20.0,
-    "sample": 15.0, "sample+compile": 120.0, "write": 75.0, "write_1": 20.0,
+    "sample": 15.0, "sample+compile": 120.0, "write": 75.0, "write_1": 20.0, "trainer": 45.0,
+    "trainer+compile": 180.0,
 }  # fmt: skip
 
 
@@ -512,7 +590,8 @@ def plan(args: argparse.Namespace, device: torch.device, modes: list[str], profi
     """The measurements as ``(section, kind, fn, label)``, in the order they run, so that a budget that runs out
     drops the least needed figures: first the target modes (:func:`priority` 0: training at every batch, then
     sampling), then the compiled and graphed ones (1: a cold compilation is the one cost not yet timed on a GPU), then
-    the comparisons (2: the other modes, the graphed step's exactness, the profiles, the writes). ``kind`` names the
+    the bundle's trainer in ``--trainer-modes`` (what a user's run gets, against the bare step), then the
+    comparisons (2: the other modes, the graphed step's exactness, the profiles, the writes). ``kind`` names the
     time estimate (:class:`Budget`); whether a compiled training or profile run pays the compilation is decided when
     it runs (:func:`run_kind`)."""
     batches = [int(b) for b in args.batches.split(",")]
@@ -527,6 +606,11 @@ def plan(args: argparse.Namespace, device: torch.device, modes: list[str], profi
             fn = lambda m=mode: bench_sample(args, device, m)  # noqa: E731
             kind = "sample+compile" if parse_mode(mode)[1] else "sample"
             groups[priority(mode)].append(("sample", kind, fn, {"batch": args.sample_batch, "mode": mode}))
+    trainer_runs = []  # the user-facing figure: first among the comparisons
+    if "trainer" in sections:
+        for mode in args.trainer_modes:
+            fn = lambda m=mode: bench_trainer(args, device, args.batch, m, root)  # noqa: E731
+            trainer_runs.append(("trainer", "trainer", fn, {"batch": args.batch, "mode": mode}))
     if "graphs_exact" in sections:
         groups[2].append(("graphs_exact", "graphs_exact", lambda: graphs_exact(args, device), {}))
     if "profile" in sections:
@@ -539,14 +623,14 @@ def plan(args: argparse.Namespace, device: torch.device, modes: list[str], profi
                           {"images": n, "threads": args.write_threads}))
         groups[2].append(("write", "write_1", lambda: bench_write(args, device, small_n, 1, root),
                           {"images": small_n, "threads": 1}))  # fmt: skip
-    return groups[0] + groups[1] + groups[2]
+    return groups[0] + groups[1] + trainer_runs + groups[2]
 
 
 def compiled_by(section: str, kind: str, record: dict) -> bool:
     """Whether a measurement left the training step compiled at its batch size for the ones after it: a compiled
     training or profile run that paid the compilation and ended (a skipped or failed one may have compiled nothing;
     the compiled decoder does not cover the training step)."""
-    return section in ("train", "profile") and kind.endswith("+compile") and measured(record)
+    return section in ("train", "profile", "trainer") and kind.endswith("+compile") and measured(record)
 
 
 def run_kind(section: str, kind: str, label: dict, compiled_at: set) -> str:
@@ -554,7 +638,8 @@ def run_kind(section: str, kind: str, label: dict, compiled_at: set) -> str:
     no compiled run has ended yet pays the compilation (``train+compile``, ``profile+compile``); later ones reuse the
     compiled code (cached per step shape in the process). ``compiled_at``: the batch sizes of the compiled runs that
     ended (a skipped one compiled nothing)."""
-    if section in ("train", "profile") and parse_mode(label["mode"])[1] and label["batch"] not in compiled_at:
+    compiling = section in ("train", "profile", "trainer") and parse_mode(label["mode"])[1]
+    if compiling and label["batch"] not in compiled_at:
         return f"{section}+compile"
     return kind
 
@@ -587,8 +672,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                         help="AdamW(fused=True) on CUDA, as train_flow.json does there (default; --no-fused-adam: "
                         "the multi-tensor AdamW)")  # fmt: skip
+    parser.add_argument("--trainer-modes", default="bf16+graphs", help="modes of the trainer section")
+    parser.add_argument("--trainer-iters", type=int, default=None, help="iterations per epoch (default 20; 3 --cpu)")
+    parser.add_argument("--trainer-classifier", default=None,
+                        help="PEPXNet preset computing the condition (default paper; small with --cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sections", default="train,profile,graphs_exact,sample,write")
+    parser.add_argument("--sections", default="train,trainer,profile,graphs_exact,sample,write")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the +compile modes (default inductor; aot_eager with --cpu)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -620,7 +709,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_backend is None:  # the CPU check runs the script's paths; bench_compile_steps.py times inductor
         args.compile_backend = "aot_eager" if small else "inductor"
     defaults = {"preset": ("paper", "small"), "size": (64, 16), "batches": ("80,320", "4"), "warmup": (3, 1),
-                "steps": (10, 2), "sample_batch": (512, 8), "sample_reps": (5, 1), "write_images": (60000, 40)}
+                "steps": (10, 2), "sample_batch": (512, 8), "sample_reps": (5, 1), "write_images": (60000, 40),
+                "trainer_iters": (20, 3), "trainer_classifier": ("paper", "small")}
     for key, (gpu, cpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, cpu if small else gpu)
@@ -629,7 +719,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.flow_overrides = CPU_FLOW if tiny else {}
     modes = [m for m in args.modes.split(",") if m]
     profile_modes = [m for m in args.profile_modes.split(",") if m]
-    for option, values in (("--modes", modes), ("--profile-modes", profile_modes)):
+    args.trainer_modes = [m for m in args.trainer_modes.split(",") if m]
+    if args.trainer_iters < 2:
+        parser.error(f"--trainer-iters must be >= 2, got {args.trainer_iters}.")
+    for option, values in (("--modes", modes), ("--profile-modes", profile_modes),
+                           ("--trainer-modes", args.trainer_modes)):  # fmt: skip
         for m in values:
             try:
                 parse_mode(m)

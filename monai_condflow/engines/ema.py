@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +24,24 @@ from monai_condflow.engines.outputs import output_value
 Events, _ = optional_import("ignite.engine", name="Events")
 
 __all__ = ["ModelEMA"]
+
+
+def _slots(
+    average: torch.nn.Module, model: torch.nn.Module, kind: str, named: Iterable[tuple[str, torch.Tensor]]
+) -> list[tuple[dict, dict, str]]:
+    """``(average owner's tensors, model owner's tensors, name)`` for every named tensor of ``average`` (a copy of
+    ``model``, so the same names exist in both)."""
+    slots = []
+    for full_name, _ in named:
+        owner, _, name = full_name.rpartition(".")
+        slots.append((getattr(average.get_submodule(owner), kind), getattr(model.get_submodule(owner), kind), name))
+    return slots
+
+
+def _lookup(slots: list[tuple[dict, dict, str]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The averaged tensors and the model's current ones, in slot order (``None`` entries skipped)."""
+    pairs = [(a[n], m[n]) for a, m, n in slots if a[n] is not None and m[n] is not None]
+    return [a for a, _ in pairs], [m for _, m in pairs]
 
 
 class ModelEMA:
@@ -54,18 +72,23 @@ class ModelEMA:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # where each parameter and buffer lives, found once: walking a 64-step flow's ~850 modules twice per update
+        # cost milliseconds of host time per training iteration (docs/performance.md, "Host time of the flow
+        # trainer"). Looked up by slot at each update, so a tensor the model replaces is still the one averaged.
+        self._param_slots = _slots(self.module, model, "_parameters", self.module.named_parameters())
+        self._buffer_slots = _slots(self.module, model, "_buffers", self.module.named_buffers())
 
     @torch.no_grad()
     def update(self) -> None:
         """One averaging step."""
         self.num_updates += 1
         d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
-        ema_params = list(self.module.parameters())
-        params = [p.detach() for p in self.model.parameters()]
+        ema_params, params = _lookup(self._param_slots)
         if ema_params:
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), self.model.buffers()):
-            b_ema.copy_(b)
+        ema_buffers, buffers = _lookup(self._buffer_slots)
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
 
     @torch.no_grad()
     def copy_from_model(self) -> None:

@@ -62,6 +62,10 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert [r["compiled"] for r in sample] == [False, True, False, False, False]
     assert sample[4]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
     assert sample[1]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
+    # the bundle's trainer (EMA, handlers, the classifier's embedding per batch) in the target mode
+    trainer = report["trainer"]
+    assert [(r["batch"], r["mode"], r["classifier"]) for r in trainer] == [(4, "bf16+graphs", "small")]
+    assert trainer[0]["trainer_img_s"] > 0 and trainer[0]["skipped_steps"] == 0 and not trainer[0]["graphed"]
     # generate.json's formats: a PNG and a NIfTI file per image
     assert [(w["images"], w["manifest_rows"], w["threads"], w["files"], w["formats"]) for w in report["write"]] == [
         (40, 40, 16, 80, "png+nifti"),
@@ -73,6 +77,9 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     for mode in modes:
         assert f"| 4 | {mode} |" in summary
     assert "| 4 | bf16+compile+graphs | " in summary and summary.count("| compiled |") == 3  # 2 train rows, 1 sample
+    bare = next(r["train_img_s"] for r in train if r["mode"] == "bf16+graphs")
+    ratio = f"{round(trainer[0]['trainer_img_s'] / bare, 2):,.2f}"
+    assert f"| 4 | bf16+graphs | {trainer[0]['trainer_img_s']:,.1f} | " in summary and f" | {ratio} | " in summary
     assert "- training at batch 80 >= 2,000 img/s: not measured" in summary
     assert "Not measured:" not in summary  # no budget on the CPU: nothing skipped
     assert "e2e: exit 0" in proc.stdout
@@ -173,6 +180,11 @@ def test_the_plan_runs_the_target_modes_first_and_compiles_last():
     ]
     assert ("write", "write", None, None) in order[6:] and ("train", "train", "fp32", 320) in order[6:]
     assert len(order) == 2 * len(gpu_check.TRAIN_MODES) + len(gpu_check.SAMPLE_MODES) + 1 + 2 + 2
+    # the bundle's trainer: after the compiled modes, first among the comparisons
+    args.trainer_modes = ["bf16+graphs"]
+    steps = gpu_check.plan(args, None, list(gpu_check.TRAIN_MODES), [], sections | {"trainer"}, Path("."))
+    order = [(section, kind, label.get("mode"), label.get("batch")) for section, kind, _, label in steps]
+    assert order[6] == ("trainer", "trainer", "bf16+graphs", 80) and order[7][0] == "train"
 
 
 def test_a_compiled_run_pays_the_compilation_until_one_at_its_batch_has_run():
@@ -188,6 +200,10 @@ def test_a_compiled_run_pays_the_compilation_until_one_at_its_batch_has_run():
     assert run_kind("sample", "sample+compile", {"batch": 512, "mode": "bf16+compile+graphs"}, compiled_at) == (
         "sample+compile"
     )
+    assert run_kind("trainer", "trainer", {"batch": 320, "mode": "bf16+compile+graphs"}, compiled_at) == (
+        "trainer+compile"
+    )
+    assert run_kind("trainer", "trainer", {"batch": 80, "mode": "bf16+compile+graphs"}, compiled_at) == "trainer"
     compiled_by = load_benchmark("gpu_check").compiled_by
     assert compiled_by("train", "train+compile", {"batch": 80, "train_img_s": 1.0})
     assert not compiled_by("train", "train+compile", {"batch": 80, "skipped": "no time"})
@@ -221,7 +237,10 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
         "write": [{"requested": 60000, "images": 60000, "manifest_rows": 60000, "threads": 16, "seconds": 61.0,
                    "img_s": 983.6}],  # fmt: skip
     }
+    results["trainer"] = [{"batch": 80, "mode": "bf16+graphs", "trainer_img_s": 996.0, "ms_per_iteration": 80.3,
+                           "peak_mib": 2.0, "graphed": True, "compiled": False}]  # fmt: skip
     summary = gpu_check.summarize(results)
+    assert "| 80 | bf16+graphs | 996.0 | 80.3 | 1,328.0 | 0.75 | 2 | graphed |" in summary  # against the bare step
     assert "- training at batch 80 >= 2,000 img/s: not met (best 1,328.0, bf16+graphs)" in summary
     assert "- training at batch 320 >= 4,000 img/s: met (best 4,100.0, bf16+compile+graphs)" in summary
     assert "- sampling at batch 512 >= 20,000 img/s: met (best 20,000.0, bf16+graphs)" in summary

@@ -19,6 +19,7 @@ import importlib.util
 import math
 import os
 import pickle
+import weakref
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.overrides import TorchFunctionMode
 
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, warmup_exponential_lambda
 from monai_condflow.engines.flow_trainer import create_flow_trainer
@@ -201,6 +203,98 @@ def test_nonfinite_loss_or_gradient_skips_the_step():
     assert all(math.isfinite(n) for n in finite)
 
 
+class _HostReads(TorchFunctionMode):
+    """Counts, while :attr:`on`, the calls that copy a tensor's value to the host (on a GPU: a wait for the device),
+    except on 0-d tensors the host made from a number (``torch.tensor(x)``), whose reads are free anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.on, self.reads, self.host_made = False, 0, weakref.WeakValueDictionary()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name == "tensor" and isinstance(out, torch.Tensor) and out.ndim == 0:
+            self.host_made[id(out)] = out
+        if self.on and name in {"item", "tolist", "__bool__", "__float__", "__int__"} and args:
+            if isinstance(args[0], torch.Tensor) and self.host_made.get(id(args[0])) is not args[0]:
+                self.reads += 1
+        return out
+
+
+def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path):
+    """The step copies the loss and the gradient norm to the host in one read (before: four ``.item()`` calls, one
+    between the forward and the backward pass); the loss that the stats and TensorBoard handlers read afterwards is
+    a host copy, so they do not wait for the optimiser step queued behind it."""
+    flow = W.make_flow()
+    data = W.make_flow_data(16, 0)
+    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    trainer = FlowTrainer("cpu", 1, create_loader(data, 4, shuffle=False, seed=0), FlowBitsPerDim(flow),
+                          torch.optim.SGD(flow.parameters(), lr=1e-3), max_grad_norm=1.0)  # fmt: skip
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler, from_engine
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    loss_of = from_engine(["loss"], first=True)
+    TensorBoardStatsHandler(summary_writer=writer, tag_name="bpd", output_transform=loss_of).attach(trainer)
+    StatsHandler(tag_name="bpd", output_transform=loss_of, iteration_log=True).attach(trainer)
+    counter, step_reads, all_reads, checks = _HostReads(), [], [], []
+
+    def start(engine):
+        counter.on, counter.reads = True, 0
+
+    def step_done(engine):
+        step_reads.append(counter.reads)
+        counter.on = False  # this check's own reads do not count
+        loss = engine.state.output[Keys.LOSS]
+        pred = engine.state.output[Keys.PRED].detach()
+        checks.append((loss.device.type, loss.requires_grad, float(loss), float(pred.mean())))
+        counter.on = True
+
+    def iteration_done(engine):
+        all_reads.append(counter.reads)
+        counter.on = False
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, start)
+    trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, step_done)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, iteration_done)  # after the stats and TensorBoard ones
+    with counter:
+        trainer.run()
+    writer.close()
+    assert step_reads == [1, 1, 1, 1] and all_reads == [1, 1, 1, 1]
+    for device, requires_grad, loss, mean_pred in checks:
+        assert device == "cpu" and not requires_grad and loss == pytest.approx(mean_pred, rel=1e-6)
+    assert trainer.state.output["grad_norm"] > 0 and not trainer.state.output["skipped"]
+    logged = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("bpd")
+    assert [round(e.value, 4) for e in logged] == [round(c[2], 4) for c in checks]
+
+
+def test_the_step_trains_in_train_mode_after_the_flow_was_put_in_eval_mode():
+    """The step switches the network to train mode when any of its modules is not (an evaluator sharing the flow
+    puts it in eval mode between epochs; a user may switch one submodule), and leaves it alone otherwise."""
+    flow = W.make_flow()
+    data = W.make_flow_data(16, 0)
+    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    net = FlowBitsPerDim(flow)
+    trainer = FlowTrainer("cpu", 2, create_loader(data, 4, shuffle=False, seed=0), net,
+                          torch.optim.SGD(flow.parameters(), lr=1e-3))  # fmt: skip
+    modes, train_calls = [], []
+    original_train = net.train
+
+    def counting_train(mode=True):
+        train_calls.append(mode)
+        return original_train(mode)
+
+    net.train = counting_train
+    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED,
+                              lambda e: modes.append(all(m.training for m in net.modules())))  # fmt: skip
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: flow.eval())  # as a sharing evaluator does
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: flow.levels[0].eval())
+    trainer.run()
+    assert modes == [True] * 8
+    assert train_calls == [True, True]  # after the epoch's eval() and after the submodule's eval(); not otherwise
+
+
 def test_gradient_clipping_bounds_the_update_norm():
     flow = W.make_flow()
     data = W.make_flow_data(8, 0)
@@ -256,6 +350,75 @@ def test_condition_from_batch_or_frozen_classifier():
     assert records[2]["condition"].shape == (32,) and records[2]["image"] == "a.png"
     with pytest.raises(ValueError):
         attach_conditions(records[:2], cached)
+
+
+def test_the_frozen_classifier_is_not_switched_per_batch_unless_a_module_trains():
+    """A classifier in eval mode everywhere embeds without any train() / eval() walk (milliseconds of host time per
+    batch for the paper PEPXNet); one with a module in training mode embeds in eval mode and gets its mode back."""
+    torch.manual_seed(0)
+    clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    prepare = ConditionPrepareBatch(clf)  # puts it in eval mode
+    switches, seen = [], []
+    original_train = clf.train
+
+    def counting_train(mode=True):
+        switches.append(mode)
+        return original_train(mode)
+
+    clf.train = counting_train
+    block = next(m for m in clf.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    block.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    x = torch.rand(3, 1, 32, 32)
+    for _ in range(3):
+        z = prepare({"image": x}, "cpu")[2][0]
+    assert switches == [] and seen == [False] * 3
+    assert torch.allclose(z, original_train(False).embed(x))
+    seen.clear()
+    block.train()  # one module in training mode: switched for the embedding, the classifier's mode restored after
+    z2 = prepare({"image": x}, "cpu")[2][0]
+    assert seen == [False] and switches == [False, False] and not block.training
+    assert torch.equal(z2, z)
+
+
+def test_the_classifier_embedding_graph_option_dispatches_and_falls_back(monkeypatch, caplog):
+    """``cuda_graphs``: the CPU runs eagerly (same values); the replay serves only the recorded shape; a failed
+    recording is reported once and the embedding runs eagerly from then on; a bad value names the config id."""
+    import monai_condflow.utils.cuda_graphs as cg
+
+    torch.manual_seed(0)
+    clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
+    x = torch.rand(3, 1, 32, 32)
+    graphed = ConditionPrepareBatch(clf, cuda_graphs=True)
+    assert torch.equal(graphed({"image": x}, "cpu")[2][0], ConditionPrepareBatch(clf)({"image": x}, "cpu")[2][0])
+    assert graphed._graphed is None  # nothing recorded on the CPU
+    with pytest.raises(ValueError, match="'cuda_graphs' must be true or false"):
+        ConditionPrepareBatch(clf, cuda_graphs="yes")
+
+    recorded = []
+
+    class FakeGraph:  # stands in for the CUDA graph: records its signature, "replays" by a marked result
+        def __init__(self, fn, *args, name=""):
+            recorded.append([list(a.shape) for a in args])
+            self.sig = cg.signature(*args)
+
+        def __call__(self, *args):
+            return torch.full((args[0].shape[0], 32), 7.0)
+
+    monkeypatch.setattr(cg, "GraphedCall", FakeGraph)
+    prepare = ConditionPrepareBatch(clf, cuda_graphs=True)
+    assert torch.equal(prepare._graphed_embedding(x), torch.full((3, 32), 7.0))
+    assert prepare._graphed_embedding(x) is not None and recorded == [[[3, 1, 32, 32]]]  # recorded once
+    assert prepare._graphed_embedding(torch.rand(2, 1, 32, 32)) is None  # another shape: eager
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cg, "GraphedCall", failing)
+    broken = ConditionPrepareBatch(clf, cuda_graphs=True)
+    with caplog.at_level("WARNING"):
+        assert broken._graphed_embedding(x) is None and broken._graphed_embedding(x) is None
+    warnings = [r for r in caplog.records if "could not record the classifier's embedding" in r.getMessage()]
+    assert len(warnings) == 1 and "not permitted" in warnings[0].getMessage()
 
 
 def test_training_with_the_classifier_computing_z_on_the_fly(tmp_path):
