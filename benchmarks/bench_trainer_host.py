@@ -30,8 +30,10 @@ For each alternating repetition, with a fresh model:
 Each trainer runs 2 epochs of ``--iters`` iterations; the second epoch is measured: the median iteration and the
 median host time per iteration. A separate run of each counts, in its second epoch, the calls that copy a tensor's
 value to the host (``item``, ``tolist``, ``bool``, ``float``, ``int``) per iteration, and how many of those read a
-tensor that was not made by the host from a number (on a GPU, such a read waits for the device). Last line
-``BENCH_TRAINER_HOST {json}``.
+tensor that was not made by the host from a number (on a GPU, such a read waits for the device). Then the flow
+stage's training loader on its own (:func:`bench_loader`: ``--loader-batch`` images of ``--size`` px per batch,
+``copy_cache`` false as the bundle has it against MONAI's default, and the dequantisation's NumPy path against the
+torch ops). Last line ``BENCH_TRAINER_HOST {json}``.
 
 Usage::
 
@@ -218,6 +220,74 @@ def run_peer(args: argparse.Namespace, classifier: torch.nn.Module, data: list, 
         writer.close()
 
 
+def dequantize_before(img: torch.Tensor, noise: Any, n_bits: int) -> torch.Tensor:
+    """The peer: ``Dequantize.__call__``'s arithmetic before the twenty-fifth session, as it was (torch ops on the
+    CPU, MONAI's type conversions around them), with the noise given."""
+    import numpy as np
+    from monai.utils import convert_data_type, convert_to_dst_type
+
+    levels = 2**n_bits
+    x, *_ = convert_data_type(img, torch.Tensor, dtype=torch.float32)
+    q = torch.clamp(torch.round(x * (levels - 1)), 0, levels - 1)
+    out = (q + torch.from_numpy(noise)) / levels
+    out = torch.clamp(out, max=float(np.nextafter(np.float32(1), np.float32(0))))
+    result, *_ = convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
+    return result
+
+
+def bench_loader(args: argparse.Namespace) -> dict:
+    """The flow stage's training loader (``train_flow.json``'s ``train#dataset``: the array chain, then the
+    dequantisation after the cache) per batch of ``--loader-batch`` images: ``copy_cache`` false (the bundle's)
+    against MONAI's default ``true`` (a deep copy of every cached item at every draw), alternating epochs; and
+    ``Dequantize`` of one image (its noise drawn beforehand) against its CPU path before the twenty-fifth session
+    (:func:`dequantize_before`)."""
+    import numpy as np
+    from monai.data import CacheDataset
+
+    from monai_condflow.transforms import get_array_transforms
+    from monai_condflow.transforms.array import Dequantize
+    from monai_condflow.utils.distributed import create_loader
+
+    rng = np.random.default_rng(0)
+    n = args.loader_batch * args.loader_batches
+    records = [{"image": rng.random((args.size, args.size), dtype=np.float32), "label": i % 2} for i in range(n)]
+    loaders = {}
+    for copy_cache in (False, True):
+        dataset = CacheDataset(records, get_array_transforms(n_bits=8), cache_rate=1.0, copy_cache=copy_cache,
+                               num_workers=0, progress=False)  # fmt: skip
+        loaders[copy_cache] = create_loader(dataset, args.loader_batch, shuffle=True, seed=0, drop_last=True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for rep in range(2 * args.reps + 2):  # the first round of each warms up
+        for copy_cache in (False, True) if rep % 2 == 0 else (True, False):
+            t0 = time.perf_counter()
+            for _ in loaders[copy_cache]:
+                pass
+            if rep >= 2:
+                times[copy_cache].append(1000 * (time.perf_counter() - t0) / args.loader_batches)
+    x = torch.from_numpy(rng.random((1, args.size, args.size), dtype=np.float32))
+    dequantize = Dequantize(8).set_random_state(0)
+    dequantize.randomize(x)
+    noise = dequantize._noise
+    assert torch.equal(dequantize(x, randomize=False), dequantize_before(x, noise, 8))  # the same values
+    paths = {"package": lambda: dequantize(x, randomize=False), "before": lambda: dequantize_before(x, noise, 8)}
+    per_image: dict[str, float] = {}
+    for name, fn in paths.items():
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                fn()
+            runs.append(1e6 * (time.perf_counter() - t0) / 500)
+        per_image[name] = statistics.median(runs)
+    return {
+        "batch": args.loader_batch,
+        "ms_per_batch_copy_cache_false": round(statistics.median(times[False]), 2),
+        "ms_per_batch_copy_cache_true": round(statistics.median(times[True]), 2),
+        "dequantize_us_package": round(per_image["package"], 1),
+        "dequantize_us_before": round(per_image["before"], 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper", help="the flow preset whose module structure is used")
@@ -229,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loader-batch", type=int, default=80, help="batch of the loader measurement (0: none)")
+    parser.add_argument("--loader-batches", type=int, default=10, help="batches per epoch of the loader measurement")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -263,6 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['host_copies_per_iter']:.2f} | {r['device_reads_per_iter']:.2f} |")  # fmt: skip
     result["host_ratio_peer_over_ours"] = round(result["peer"]["host_ms"] / result["ours"]["host_ms"], 2)
     print(f"host time per iteration, peer / ours: {result['host_ratio_peer_over_ours']:.2f}")
+    if args.loader_batch > 0:
+        loader = result["loader"] = bench_loader(args)
+        print(f"training loader, batch {loader['batch']}: {loader['ms_per_batch_copy_cache_false']:.2f} ms per batch "
+              f"(copy_cache false) vs {loader['ms_per_batch_copy_cache_true']:.2f} (MONAI's default true); "
+              f"Dequantize of one image {loader['dequantize_us_package']:.1f} us vs "
+              f"{loader['dequantize_us_before']:.1f} us before (the same values)")  # fmt: skip
     line = json.dumps(result)
     if args.out is not None:
         args.out.write_text(line + "\n")

@@ -21,12 +21,13 @@ false``), which is what the test suite does.
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
 
 - ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``,
-  ``bf16+compile``, ``bf16+compile+graphs``; any precision with ``+compile`` and / or ``+graphs``) a fresh model
-  (same seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer
-  is the identity), the trainer's step (zero_grad, per-sample bits/dim, finiteness checks, backward, clipping
-  at 50, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with ``+compile`` it holds
-  the compilation: ``ConditionalGlow.compile_steps``, the bundle id ``compile``), and after training: the round
-  trip ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same weights.
+  ``bf16+compile``, ``bf16+compile+graphs``; any precision with ``+compile`` and / or ``+graphs``) a fresh model (same
+  seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer is the
+  identity), the trainer's step (zero_grad, per-sample bits/dim, backward, clipping at 50, one read of the device for
+  the finiteness checks, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with
+  ``+compile`` it holds the compilation: ``ConditionalGlow.compile_steps``, the bundle id ``compile``), and after
+  training: the round trip ``max |decode(encode(x)) - x|`` in the mode and ``max |bpd_mode - bpd_fp32|`` of the same
+  weights.
 - ``trainer``: the bundle's flow trainer (``create_flow_trainer``: EMA, TensorBoard, stats, the warm-up schedule,
   fused AdamW, the frozen PEPXNet embedding each batch) in ``--trainer-modes`` at the first batch size, images/s of
   its second epoch against the bare step of ``train`` in the same mode: what a user's run gets, and what the engine
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import signal
@@ -121,15 +123,17 @@ def build_flow(args: argparse.Namespace, device: torch.device, x: torch.Tensor, 
 
 
 def train_step(net: FlowBitsPerDim, opt: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor, precision: str):
-    """The flow trainer's step without the engine (``FlowTrainer._iteration``)."""
+    """The flow trainer's step without the engine (``FlowTrainer._iteration``): one read of the device per step (the
+    loss and the gradient norm together, after the backward pass; the eleventh session's figures had two, one between
+    the forward and the backward pass)."""
     opt.zero_grad(set_to_none=True)
     with precision_context(precision):
         loss = net(x, z).mean()
-        loss_finite = bool(torch.isfinite(loss.detach()).item())
         loss.backward()
     params = [p for p in net.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, 50.0, error_if_nonfinite=False)
-    if loss_finite and bool(torch.isfinite(grad_norm).item()):
+    loss_value, norm_value = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
         opt.step()
     return loss.detach()
 

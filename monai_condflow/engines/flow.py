@@ -190,7 +190,9 @@ class FlowTrainer(SupervisedTrainer):
 
     ``engine.state.skipped_steps`` counts skipped steps (saved in the engine's ``state_dict``);
     ``engine.state.output`` holds ``image``, ``label``, ``pred`` (per-sample bits/dim), ``loss``, ``grad_norm``
-    and ``skipped``; ``engine.state.lr`` the learning rate of the step. The output is a
+    and ``skipped``; ``engine.state.lr`` the learning rate of the step. The step reads the device once (the loss and
+    the gradient norm together, after the backward pass); from ``MODEL_COMPLETED`` on, ``loss`` is that host copy (a
+    0-d CPU tensor), so handlers reading it do not wait for the optimiser step queued behind it. The output is a
     :class:`~monai_condflow.engines.outputs.StepOutput` (read it like a dict): MONAI's handlers and its
     experiment-tracking settings read the loss with ``from_engine(["loss"], first=True)``.
 

@@ -552,6 +552,24 @@ class AutoBodyCrop(Transform):
         return SpatialCrop(roi_start=(ymin, xmin), roi_end=(ymax, xmax))(img)
 
 
+_BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))  # the largest float32 below 1
+
+
+def _dequantize_torch(x: torch.Tensor, noise: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """``min((clip(round(x (2^n - 1)), 0, 2^n - 1) + noise) / 2^n, 1 - ulp)`` in float32 torch ops."""
+    levels = 2**n_bits
+    q = torch.clamp(torch.round(x * (levels - 1)), 0, levels - 1)
+    return torch.clamp((q + noise) / levels, max=float(_BELOW_ONE))
+
+
+def _dequantize_numpy(x: np.ndarray, noise: np.ndarray, n_bits: int) -> np.ndarray:
+    """The same as :func:`_dequantize_torch` in float32 NumPy ops (the same values; both round half to even)."""
+    levels = 2**n_bits
+    q = np.clip(np.round(x * np.float32(levels - 1)), 0, levels - 1)
+    out = (q + noise) / np.float32(levels)
+    return np.minimum(out, _BELOW_ONE, out=out)
+
+
 class Dequantize(RandomizableTransform):
     """Uniform dequantisation of an image in ``[0, 1]`` stored with ``n_bits`` bits:
     ``x' = (round(x * (2**n - 1)) + u) / 2**n`` with ``u ~ U[0, 1)`` drawn per pixel from ``self.R``
@@ -587,11 +605,14 @@ class Dequantize(RandomizableTransform):
             self.randomize(img)
         if self._noise is None or self._noise.shape != tuple(img.shape):
             raise RuntimeError("Dequantize: call randomize(img) before __call__(img, randomize=False)")
-        levels = 2**self.n_bits
-        x, *_ = convert_data_type(img, torch.Tensor, dtype=torch.float32)
-        q = torch.clamp(torch.round(x * (levels - 1)), 0, levels - 1)
-        out = (q + torch.from_numpy(self._noise)) / levels
-        out = torch.clamp(out, max=float(np.nextafter(np.float32(1), np.float32(0))))
+        if isinstance(img, torch.Tensor) and img.device.type != "cpu":
+            x, *_ = convert_data_type(img, torch.Tensor, dtype=torch.float32)
+            out = _dequantize_torch(x, torch.as_tensor(self._noise, device=x.device), self.n_bits)
+        else:  # on the CPU in NumPy: the same float32 values as the torch ops, ~4x faster per 64 px slice
+            x, *_ = convert_data_type(img, np.ndarray, dtype=np.float32)
+            out = _dequantize_numpy(x, self._noise, self.n_bits)
+            if type(img) is torch.Tensor:  # a plain tensor: no metadata to carry over
+                return torch.from_numpy(out)
         result, *_ = convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
         return result
 

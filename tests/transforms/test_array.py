@@ -246,6 +246,33 @@ def test_dequantize_rounding_and_bounds():
     np.testing.assert_allclose(d3(z, randomize=False).numpy(), [0.5 / 8, 3.5 / 8, 7.5 / 8])
 
 
+def test_dequantize_numpy_path_equals_the_torch_ops_bit_for_bit():
+    """The CPU path computes in NumPy; the torch ops (the path of GPU tensors, and the CPU path before) give the same
+    float32 values: half levels, values outside [0, 1], the noise's extremes, several bit depths."""
+    from monai.data import MetaTensor
+
+    from monai_condflow.transforms.array import _dequantize_numpy, _dequantize_torch
+
+    rng = np.random.default_rng(0)
+    for n_bits in (1, 3, 8, 12, 16):
+        x = rng.uniform(-0.2, 1.2, size=(1, 33, 17)).astype(np.float32)
+        x.flat[:4] = np.array([0.5, 1.5, 127.5, 254.5], np.float32) / (2**n_bits - 1)  # exact halves: to even
+        noise = rng.random(x.shape).astype(np.float32)
+        noise.flat[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+        fast = _dequantize_numpy(x, noise, n_bits)
+        ref = _dequantize_torch(torch.from_numpy(x), torch.from_numpy(noise), n_bits)
+        assert fast.dtype == np.float32 and np.array_equal(fast, ref.numpy())
+        assert 0.0 <= fast.min() and fast.max() < 1.0
+    # each input type gets its own type back, with the same values for the same seed
+    x = torch.rand(1, 8, 8)
+    meta = MetaTensor(x.clone(), meta={"note": "kept"})
+    outs = [Dequantize().set_random_state(seed=5)(v) for v in (x, meta, x.numpy().astype(np.float64))]
+    assert type(outs[0]) is torch.Tensor and isinstance(outs[1], MetaTensor) and outs[1].meta["note"] == "kept"
+    assert isinstance(outs[2], np.ndarray) and outs[2].dtype == np.float32
+    assert torch.equal(outs[0], outs[1].as_tensor()) and np.array_equal(outs[0].numpy(), outs[2])
+    assert torch.equal(x, meta.as_tensor())  # the input is not modified
+
+
 def test_dequantize_seeded():
     x = torch.rand(1, 8, 8)
     a = Dequantize().set_random_state(seed=7)(x)
