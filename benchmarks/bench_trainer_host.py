@@ -24,8 +24,9 @@ For each alternating repetition, with a fresh model:
 - ``ours``: the bundle's flow trainer (:func:`create_flow_trainer`: EMA, TensorBoard, stats every ``--log-every``
   iterations, the warm-up schedule, the classifier computing the condition of each batch);
 - ``peer``: MONAI's plain ``SupervisedTrainer`` (its defaults: the output decollated, which its handlers'
-  ``from_engine(["loss"], first=True)`` expects) with the same network (:class:`FlowBitsPerDim`), optimiser,
-  schedule, prepare-batch, EMA and the same stats / TensorBoard / schedule handlers (no clipping, no guard).
+  ``from_engine(["loss"], first=True)`` expects; the decollation reads the loss and every label and prediction)
+  with the same network (:class:`FlowBitsPerDim`), optimiser, schedule, prepare-batch, EMA and the same stats (every
+  ``--log-every`` iterations) / TensorBoard / schedule handlers (no clipping, no guard).
 
 Each trainer runs 2 epochs of ``--iters`` iterations; the second epoch is measured: the median iteration and the
 median host time per iteration. A separate run of each counts, in its second epoch, the calls that copy a tensor's
@@ -203,7 +204,8 @@ def run_peer(args: argparse.Namespace, classifier: torch.nn.Module, data: list, 
     loss = from_engine(["loss"], first=True)
     handlers = [
         LrScheduleHandler(schedule, print_lr=False, epoch_level=False),
-        StatsHandler(tag_name="train_bpd", output_transform=loss, iteration_print_logger=None, epoch_print_logger=None),
+        StatsHandler(tag_name="train_bpd", output_transform=loss,
+                     iteration_log=lambda engine, iteration: iteration % args.log_every == 0),  # as train_flow.json
         TensorBoardStatsHandler(summary_writer=writer, tag_name="train_bpd", output_transform=loss),
     ]
     trainer = SupervisedTrainer(

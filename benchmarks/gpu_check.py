@@ -30,8 +30,8 @@ Sections (each prints its lines as it ends, a failed section prints its error an
   weights.
 - ``trainer``: the bundle's flow trainer (``create_flow_trainer``: EMA, TensorBoard, stats, the warm-up schedule,
   fused AdamW, the frozen PEPXNet embedding each batch) in ``--trainer-modes`` at the first batch size, images/s of
-  its second epoch against the bare step of ``train`` in the same mode: what a user's run gets, and what the engine
-  and its handlers cost on top of the step.
+  its second epoch, next to the bare step of ``train`` in the same mode: what a user's run gets (the gap also holds
+  the classifier's embedding, the EMA average and cuDNN's deterministic mode, which the bare step does not have).
 - ``profile``: where an eager and a compiled step spend their time (``torch.profiler``, the first batch size,
   ``--profile-modes``, the mean of ``--profile-steps`` steps): per step the device events (kernels, copies, sets),
   the device's busy time against the wall time, and the operations / kernels with the most self time. The first
@@ -60,6 +60,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import shutil
 import signal
 import sys
@@ -71,6 +72,7 @@ from typing import Any
 
 STARTED = time.perf_counter()  # before the imports below (torch, the package): --budget-s counts from here
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -197,46 +199,63 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
     TensorBoard, the stats handler, the warm-up schedule, AdamW (fused on CUDA) and the frozen PEPXNet computing each
     batch's condition, on ``--trainer-iters`` batches of ``batch`` images per epoch for 2 epochs. The second epoch,
     from its start to the end of its last iteration (the data loading and every handler of the iterations included,
-    the epoch's checkpoint not; the device synchronised only at the two ends), gives images/s, to set against the
-    bare step's figure of the ``train`` section in the same mode."""
+    the epoch's checkpoint not; the device synchronised only at the two ends), gives images/s. Set against the bare
+    step of the ``train`` section in the same mode, the gap holds more than the engine's host work: the classifier's
+    embedding and the EMA average are device work the bare step does not do, and the trainer runs with cuDNN
+    deterministic (``set_determinism``, as every seeded run of the bundle; the bare step does not). The random
+    generators and cuDNN flags are put back afterwards."""
     from ignite.engine import Events
 
     from monai_condflow.engines.flow_trainer import create_flow_trainer
     from monai_condflow.networks.nets.pepx_net import PEPXNet
     from monai_condflow.utils.distributed import create_loader
 
+    # the trainer seeds every generator and makes cuDNN deterministic for the process (set_determinism, as a
+    # user's run does), and this section seeds too: put all back afterwards, so that the sections after this one
+    # run as they would without it
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if device.type == "cuda" else None)  # fmt: skip
     precision, compiled, graphs = parse_mode(mode)
     iters = args.trainer_iters
-    x, _ = make_batch(batch * iters, args.size, torch.Generator().manual_seed(args.seed), torch.device("cpu"))
-    records = [{"image": x[i], "label": i % 2} for i in range(len(x))]
-    torch.manual_seed(args.seed)
-    classifier = PEPXNet.from_preset(args.trainer_classifier, spatial_dims=2, in_channels=1, out_channels=2)
-    classifier = classifier.to(device).eval()
-    loader = create_loader(records, batch, shuffle=True, seed=args.seed, drop_last=True)
-    init_x = x[:batch].to(device)
-    with torch.no_grad():
-        init_z = classifier.embed(init_x)
-    flow = build_flow(args, device, init_x, init_z)
-    folder = Path(tempfile.mkdtemp(prefix="trainer_", dir=root))
-    trainer, _ = create_flow_trainer(
-        flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
-        ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
-        seed=args.seed,
-    )  # fmt: skip
     marks: list[float] = []
+    flags: dict[str, bool] = {}
 
     def mark(engine: Any) -> None:  # the device is synchronised only here, not at every iteration
         sync(device)
         marks.append(time.perf_counter())
+        flags.setdefault("cudnn_deterministic", bool(torch.backends.cudnn.deterministic))  # as the timed epoch ran
 
-    trainer.add_event_handler(Events.EPOCH_STARTED(once=2), mark)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2 * iters), mark)  # the second epoch's last one
-    reset_peak(device)
+    folder = Path(tempfile.mkdtemp(prefix="trainer_", dir=root))
     t0 = time.perf_counter()
     try:
+        x, _ = make_batch(batch * iters, args.size, torch.Generator().manual_seed(args.seed), torch.device("cpu"))
+        records = [{"image": x[i], "label": i % 2} for i in range(len(x))]
+        torch.manual_seed(args.seed)
+        classifier = PEPXNet.from_preset(args.trainer_classifier, spatial_dims=2, in_channels=1, out_channels=2)
+        classifier = classifier.to(device).eval()
+        loader = create_loader(records, batch, shuffle=True, seed=args.seed, drop_last=True)
+        init_x = x[:batch].to(device)
+        with torch.no_grad():
+            init_z = classifier.embed(init_x)
+        flow = build_flow(args, device, init_x, init_z)
+        trainer, _ = create_flow_trainer(
+            flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
+            ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
+            seed=args.seed,
+        )  # fmt: skip
+        trainer.add_event_handler(Events.EPOCH_STARTED(once=2), mark)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2 * iters), mark)  # the second epoch's last one
+        reset_peak(device)
         trainer.run()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
     total_s = time.perf_counter() - t0
     seconds = marks[1] - marks[0]
     graphed = trainer.network.graphed if hasattr(trainer.network, "graphed") else None
@@ -251,6 +270,9 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "classifier": args.trainer_classifier,
+        # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
+        "classifier_graphed": bool(getattr(trainer.prepare_batch, "_graphed", None) is not None),
+        "cudnn_deterministic": flags["cudnn_deterministic"],
     }
 
 
@@ -426,13 +448,16 @@ def summarize(results: dict) -> str:
     if trainer_rows:
         bare = {(r["batch"], r["mode"]): r["train_img_s"] for r in filter(measured, results.get("train", []))}
         lines += ["", "| bundle trainer: batch | mode | img/s | ms / iteration | bare step img/s | trainer / bare | "
-                  "peak MiB | ran as |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "peak MiB | ran as | classifier graphed | cuDNN deterministic |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in trainer_rows:
             step = bare.get((r["batch"], r["mode"]))
             ratio = None if step is None else round(r["trainer_img_s"] / step, 2)
+            yes = {k: "yes" if r.get(k) else "no" for k in ("classifier_graphed", "cudnn_deterministic")}
             lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['trainer_img_s'])} | "
                          f"{_fmt(r['ms_per_iteration'])} | {_fmt(step)} | {_fmt(ratio, 2)} | "
-                         f"{_fmt(r['peak_mib'], 0)} | {_ran_as(r)} |")  # fmt: skip
+                         f"{_fmt(r['peak_mib'], 0)} | {_ran_as(r)} | {yes['classifier_graphed']} | "
+                         f"{yes['cudnn_deterministic']} |")  # fmt: skip
     lines += ["", "| sampling mode | batch | img/s | peak MiB | warm-up s | vs eager | ran as |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(filter(measured, results.get("sample", [])), key=lambda r: _order(r["mode"])):

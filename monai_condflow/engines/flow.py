@@ -190,11 +190,11 @@ class FlowTrainer(SupervisedTrainer):
 
     ``engine.state.skipped_steps`` counts skipped steps (saved in the engine's ``state_dict``);
     ``engine.state.output`` holds ``image``, ``label``, ``pred`` (per-sample bits/dim), ``loss``, ``grad_norm``
-    and ``skipped``; ``engine.state.lr`` the learning rate of the step. The step reads the device once (the loss and
-    the gradient norm together, after the backward pass); from ``MODEL_COMPLETED`` on, ``loss`` is that host copy (a
-    0-d CPU tensor), so handlers reading it do not wait for the optimiser step queued behind it. The output is a
-    :class:`~monai_condflow.engines.outputs.StepOutput` (read it like a dict): MONAI's handlers and its
-    experiment-tracking settings read the loss with ``from_engine(["loss"], first=True)``.
+    and ``skipped``; ``engine.state.lr`` the learning rate of the step. Without DP-SGD the step reads the device once
+    (the loss and the gradient norm together, after the backward pass), and from ``MODEL_COMPLETED`` on ``loss`` is
+    that host copy (a 0-d CPU tensor), so handlers reading it do not wait for the optimiser step queued behind it.
+    The output is a :class:`~monai_condflow.engines.outputs.StepOutput` (read it like a dict): MONAI's handlers and
+    its experiment-tracking settings read the loss with ``from_engine(["loss"], first=True)``.
 
     Args:
         device: device of the run.
@@ -374,7 +374,9 @@ class FlowTrainer(SupervisedTrainer):
         # the one wait for the device in the step: the loss and the gradient norm in one copy (before: four
         # ``.item()`` calls, one of them between the forward and the backward pass)
         both = torch.promote_types(loss.dtype, grad_norm.dtype)  # float64 stays float64
-        loss_value, norm_value = torch.stack([loss.detach().to(both), grad_norm.to(loss.device, both)]).tolist()
+        loss_value, norm_value = torch.stack(
+            [loss.detach().reshape(()).to(both), grad_norm.reshape(()).to(loss.device, both)]
+        ).tolist()
         loss_finite, grad_finite = math.isfinite(loss_value), math.isfinite(norm_value)
         # later readers of the loss (the stats and TensorBoard handlers, once per iteration) get the host copy
         # instead of waiting for the optimiser step queued behind it

@@ -119,7 +119,7 @@ class ConditionPrepareBatch(PrepareBatch):
         self.prefer_batch_condition = prefer_batch_condition
         self._walked: tuple | None = None  # (classifier, its modules), collected at the first batch
         self.cuda_graphs = cuda_graphs
-        self._graphed: tuple | None = None  # (classifier, GraphedCall of its embed)
+        self._graphed: tuple | None = None  # ((classifier, where its weights were), GraphedCall of its embed)
         self._graph_failed = False
         if classifier is not None:
             classifier.eval()
@@ -154,12 +154,16 @@ class ConditionPrepareBatch(PrepareBatch):
         than the recorded one or after a failed recording."""
         from monai_condflow.utils.cuda_graphs import GraphedCall, signature
 
-        if self._graphed is None or self._graphed[0] is not self.classifier:
+        # the graph reads the weights where they were at recording: another classifier, or the same one moved
+        # (``.to()``, ``.half()``, a ``load_state_dict(assign=True)``), needs a new recording
+        first = next(self.classifier.parameters(), None)
+        owner = (self.classifier, None if first is None else (first.device, first.dtype, first.data_ptr()))
+        if self._graphed is None or self._graphed[0][0] is not owner[0] or self._graphed[0][1] != owner[1]:
             if self._graph_failed:
                 return None
             try:
                 graphed = GraphedCall(self.classifier.embed, images, name="classifier embedding")
-                self._graphed = (self.classifier, graphed)
+                self._graphed = (owner, graphed)
             except Exception as e:  # an operation that cannot be captured: stay eager, say so once
                 self._graph_failed = True
                 logger.warning("CUDA graphs: could not record the classifier's embedding (%s: %s); running it eagerly.",

@@ -238,9 +238,11 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
                    "img_s": 983.6}],  # fmt: skip
     }
     results["trainer"] = [{"batch": 80, "mode": "bf16+graphs", "trainer_img_s": 996.0, "ms_per_iteration": 80.3,
-                           "peak_mib": 2.0, "graphed": True, "compiled": False}]  # fmt: skip
+                           "peak_mib": 2.0, "graphed": True, "compiled": False, "classifier_graphed": True,
+                           "cudnn_deterministic": True}]  # fmt: skip
     summary = gpu_check.summarize(results)
-    assert "| 80 | bf16+graphs | 996.0 | 80.3 | 1,328.0 | 0.75 | 2 | graphed |" in summary  # against the bare step
+    # against the bare step of the same mode and batch
+    assert "| 80 | bf16+graphs | 996.0 | 80.3 | 1,328.0 | 0.75 | 2 | graphed | yes | yes |" in summary
     assert "- training at batch 80 >= 2,000 img/s: not met (best 1,328.0, bf16+graphs)" in summary
     assert "- training at batch 320 >= 4,000 img/s: met (best 4,100.0, bf16+compile+graphs)" in summary
     assert "- sampling at batch 512 >= 20,000 img/s: met (best 20,000.0, bf16+graphs)" in summary
@@ -258,3 +260,28 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
     path.write_text(json.dumps(results))
     assert gpu_check.main(["--summarize", str(path)]) == results
     assert gpu_check.summarize(results) in capsys.readouterr().out
+
+
+def test_the_trainer_section_puts_back_the_generators_and_cudnn_flags(tmp_path: Path):
+    """The bundle's trainer seeds every generator and makes cuDNN deterministic for the process (as a user's run
+    does); the section records that and puts both back, so the sections after it run as they would without it."""
+    import argparse
+    import random
+
+    import numpy as np
+    import torch
+
+    gpu_check = load_benchmark("gpu_check")
+    args = argparse.Namespace(preset="small", size=16, seed=0, trainer_iters=2, trainer_classifier="small",
+                              flow_overrides=gpu_check.CPU_FLOW)  # fmt: skip
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.manual_seed(123)
+    random.seed(4)
+    np.random.seed(5)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    record = gpu_check.bench_trainer(args, torch.device("cpu"), 4, "fp32", tmp_path)
+    assert record["cudnn_deterministic"] is True and record["trainer_img_s"] > 0 and record["skipped_steps"] == 0
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert list(tmp_path.iterdir()) == []  # the run folder removed

@@ -122,10 +122,11 @@ def test_a_config_whose_handlers_changed_shape_is_refused_by_name(tmp_path, monk
 
 @pytest.mark.parametrize("train_shift", [0, 2])
 def test_the_flow_training_set_is_cached_without_copies_and_stays_unchanged(train_shift):
-    """train_flow.json caches the training set with ``copy_cache`` false (MONAI otherwise deep-copies every cached
-    item at every draw: ~80 us of the ~250 us an item took on 2 cores, host time a GPU step waits for); the random
-    transforms after the cache (the dequantisation, the optional shift) make new tensors, so two epochs leave the
-    cache as it was while the batches still differ."""
+    """train_flow.json caches the training set's deterministic chain (with the shift too: the chain is flattened, so
+    the cache does not stop at a nested ``Compose``) with ``copy_cache`` false (MONAI otherwise deep-copies every
+    cached item at every draw: ~80 us of the ~250 us an item took on 2 cores, host time a GPU step waits for); the
+    random transforms after the cache (the dequantisation, the optional shift) make new tensors, so two epochs leave
+    the cache as it was while the batches still differ."""
     import copy
 
     import numpy as np
@@ -145,6 +146,9 @@ def test_the_flow_training_set_is_cached_without_copies_and_stays_unchanged(trai
         globals={"monai": monai, "monai_condflow": monai_condflow},
     )  # fmt: skip
     dataset = parser.get_parsed_content("train#dataset")
+    for item in dataset._cache:  # the deterministic chain was cached (the random transforms come after it)
+        assert type(item["image"]) is torch.Tensor and item["image"].shape == (1, 32, 32)
+        assert item["image"].dtype == torch.float32
     cached = copy.deepcopy(dataset._cache)
     loader = create_loader(dataset, 4, shuffle=True, seed=0, drop_last=True)
     epochs = [torch.cat([b["image"] for b in loader]) for _ in range(2)]
