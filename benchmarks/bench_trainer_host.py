@@ -305,44 +305,48 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loader-batches", type=int, default=10, help="batches per epoch of the loader measurement")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    classifier = PEPXNet.from_preset(args.classifier, spatial_dims=2, in_channels=1, out_channels=2).eval()
-    data = make_data(args.batch * args.iters, args.size, 0)
-    flow = make_flow(args, 0)
-    print(f"flow: {args.preset} structure, hidden {args.hidden}, {args.size} px: {sum(1 for _ in flow.modules())} "
-          f"modules, {sum(1 for _ in flow.parameters())} parameter tensors; classifier {args.classifier}: "
-          f"{sum(1 for _ in classifier.modules())} modules; batch {args.batch}, {args.iters} iterations per epoch, "
-          f"{args.threads} thread(s)")  # fmt: skip
-    rows: dict[str, list] = collections.defaultdict(list)
-    counted: dict[str, tuple] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, run in (("ours", run_ours), ("peer", run_peer)):  # counting (slow, not timed)
-            counted[name] = run(args, classifier, data, Path(tmp) / "counted", 0, HostCopies())[2:]
-        for rep in range(args.reps):
-            for name in ("ours", "peer") if rep % 2 == 0 else ("peer", "ours"):
-                run = run_ours if name == "ours" else run_peer
-                rows[name].append(run(args, classifier, data, Path(tmp), rep))
-    result: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    print("| trainer | iteration ms | host ms per iteration (repetitions) | host copies / iteration | of them "
-          "device reads |")  # fmt: skip
-    print("|---|---|---|---|---|")
-    for name in ("ours", "peer"):
-        hosts = [1000 * r[1] for r in rows[name]]
-        result[name] = {"iteration_ms": round(statistics.median(1000 * r[0] for r in rows[name]), 2),
-                        "host_ms": round(statistics.median(hosts), 2), "host_ms_reps": [round(v, 2) for v in hosts],
-                        "host_copies_per_iter": counted[name][0],
-                        "device_reads_per_iter": counted[name][1]}  # fmt: skip
-        r = result[name]
-        print(f"| {name} | {r['iteration_ms']:.1f} | {r['host_ms']:.2f} ({', '.join(f'{v:.2f}' for v in hosts)}) | "
-              f"{r['host_copies_per_iter']:.2f} | {r['device_reads_per_iter']:.2f} |")  # fmt: skip
-    result["host_ratio_peer_over_ours"] = round(result["peer"]["host_ms"] / result["ours"]["host_ms"], 2)
-    print(f"host time per iteration, peer / ours: {result['host_ratio_peer_over_ours']:.2f}")
-    if args.loader_batch > 0:
-        loader = result["loader"] = bench_loader(args)
-        print(f"training loader, batch {loader['batch']}: {loader['ms_per_batch_copy_cache_false']:.2f} ms per batch "
-              f"(copy_cache false) vs {loader['ms_per_batch_copy_cache_true']:.2f} (MONAI's default true); "
-              f"Dequantize of one image {loader['dequantize_us_package']:.1f} us vs "
-              f"{loader['dequantize_us_before']:.1f} us before (the same values)")  # fmt: skip
+    try:
+        classifier = PEPXNet.from_preset(args.classifier, spatial_dims=2, in_channels=1, out_channels=2).eval()
+        data = make_data(args.batch * args.iters, args.size, 0)
+        flow = make_flow(args, 0)
+        print(f"flow: {args.preset} structure, hidden {args.hidden}, {args.size} px: {sum(1 for _ in flow.modules())} "
+              f"modules, {sum(1 for _ in flow.parameters())} parameter tensors; classifier {args.classifier}: "
+              f"{sum(1 for _ in classifier.modules())} modules; batch {args.batch}, {args.iters} iterations per epoch, "
+              f"{args.threads} thread(s)")  # fmt: skip
+        rows: dict[str, list] = collections.defaultdict(list)
+        counted: dict[str, tuple] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, run in (("ours", run_ours), ("peer", run_peer)):  # counting (slow, not timed)
+                counted[name] = run(args, classifier, data, Path(tmp) / "counted", 0, HostCopies())[2:]
+            for rep in range(args.reps):
+                for name in ("ours", "peer") if rep % 2 == 0 else ("peer", "ours"):
+                    run = run_ours if name == "ours" else run_peer
+                    rows[name].append(run(args, classifier, data, Path(tmp), rep))
+        result: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        print("| trainer | iteration ms | host ms per iteration (repetitions) | host copies / iteration | of them "
+              "device reads |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for name in ("ours", "peer"):
+            hosts = [1000 * r[1] for r in rows[name]]
+            result[name] = {"iteration_ms": round(statistics.median(1000 * r[0] for r in rows[name]), 2),
+                            "host_ms": round(statistics.median(hosts), 2), "host_ms_reps": [round(v, 2) for v in hosts],
+                            "host_copies_per_iter": counted[name][0],
+                            "device_reads_per_iter": counted[name][1]}  # fmt: skip
+            r = result[name]
+            print(f"| {name} | {r['iteration_ms']:.1f} | {r['host_ms']:.2f} ({', '.join(f'{v:.2f}' for v in hosts)}) | "
+                  f"{r['host_copies_per_iter']:.2f} | {r['device_reads_per_iter']:.2f} |")  # fmt: skip
+        result["host_ratio_peer_over_ours"] = round(result["peer"]["host_ms"] / result["ours"]["host_ms"], 2)
+        print(f"host time per iteration, peer / ours: {result['host_ratio_peer_over_ours']:.2f}")
+        if args.loader_batch > 0:
+            loader = result["loader"] = bench_loader(args)
+            print(f"training loader, batch {loader['batch']}: {loader['ms_per_batch_copy_cache_false']:.2f} ms per "
+                  f"batch (copy_cache false) vs {loader['ms_per_batch_copy_cache_true']:.2f} (MONAI's default true); "
+                  f"Dequantize of one image {loader['dequantize_us_package']:.1f} us vs "
+                  f"{loader['dequantize_us_before']:.1f} us before (the same values)")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)  # the caller's (a test process runs on after main)
     line = json.dumps(result)
     if args.out is not None:
         args.out.write_text(line + "\n")

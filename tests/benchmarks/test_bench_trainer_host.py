@@ -65,6 +65,7 @@ def test_the_model_clock_counts_only_the_wrapped_parts(bench):
 
 def test_a_run_reports_both_trainers(bench, tmp_path: Path):
     out = tmp_path / "r.json"
+    threads = torch.get_num_threads()
     result = bench.main(["--preset", "small", "--hidden", "4", "--size", "16", "--classifier", "small",
                          "--iters", "4", "--reps", "1", "--loader-batch", "4", "--loader-batches", "2",
                          "--out", str(out)])  # fmt: skip
@@ -78,6 +79,7 @@ def test_a_run_reports_both_trainers(bench, tmp_path: Path):
     assert result["ours"]["device_reads_per_iter"] == pytest.approx(1 + 2 / 4)
     assert result["peer"]["device_reads_per_iter"] > result["ours"]["device_reads_per_iter"]
     assert torch.autograd.backward.__name__ == "backward"  # the clock's wrapper was removed
+    assert torch.get_num_threads() == threads  # --threads 1 applies to the benchmark only, not to the caller
     loader = result["loader"]
     assert loader["batch"] == 4 and loader["ms_per_batch_copy_cache_false"] > 0
     assert loader["ms_per_batch_copy_cache_true"] > 0
