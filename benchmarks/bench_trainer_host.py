@@ -94,6 +94,36 @@ class HostCopies(TorchFunctionMode):
         return out
 
 
+def process_state() -> tuple:
+    """What the trainers change for the whole process: the thread count, cuDNN's flags and every random generator
+    (``set_determinism``, which ``create_flow_trainer`` calls, seeds them and makes cuDNN deterministic)."""
+    import random
+
+    import numpy as np
+    from monai.utils import get_seed
+
+    return (torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, get_seed())  # fmt: skip
+
+
+def restore(state: tuple) -> None:
+    """Put back what :func:`process_state` saved."""
+    import random
+
+    import monai.utils.misc
+    import numpy as np
+
+    torch.set_num_threads(state[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[1], state[2]
+    random.setstate(state[3])
+    np.random.set_state(state[4])
+    torch.set_rng_state(state[5])
+    if state[6] is not None:
+        torch.cuda.set_rng_state_all(state[6])
+    monai.utils.misc._seed = state[7]
+
+
 def make_data(n: int, size: int, seed: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     images = (torch.rand(n, 1, size, size, generator=g) * 255).round() / 256 + 0.5 / 256
@@ -305,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loader-batches", type=int, default=10, help="batches per epoch of the loader measurement")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
+    state = process_state()
     torch.set_num_threads(args.threads)
     try:
         classifier = PEPXNet.from_preset(args.classifier, spatial_dims=2, in_channels=1, out_channels=2).eval()
@@ -346,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"Dequantize of one image {loader['dequantize_us_package']:.1f} us vs "
                   f"{loader['dequantize_us_before']:.1f} us before (the same values)")  # fmt: skip
     finally:
-        torch.set_num_threads(threads)  # the caller's (a test process runs on after main)
+        restore(state)  # the caller's (a test process runs on after main)
     line = json.dumps(result)
     if args.out is not None:
         args.out.write_text(line + "\n")

@@ -215,7 +215,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
     # run as they would without it
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-           torch.cuda.get_rng_state_all() if device.type == "cuda" else None)  # fmt: skip
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
     precision, compiled, graphs = parse_mode(mode)
     iters = args.trainer_iters
     marks: list[float] = []
@@ -227,6 +227,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         flags.setdefault("cudnn_deterministic", bool(torch.backends.cudnn.deterministic))  # as the timed epoch ran
 
     folder = Path(tempfile.mkdtemp(prefix="trainer_", dir=root))
+    trainer = None
     t0 = time.perf_counter()
     try:
         x, _ = make_batch(batch * iters, args.size, torch.Generator().manual_seed(args.seed), torch.device("cpu"))
@@ -249,6 +250,9 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         reset_peak(device)
         trainer.run()
     finally:
+        if trainer is not None and trainer.output_lock is not None:  # released by run(); not if it never ran
+            trainer.output_lock.release()
+            trainer.output_lock = None
         shutil.rmtree(folder, ignore_errors=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
         random.setstate(rng[0])
@@ -259,19 +263,20 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
     total_s = time.perf_counter() - t0
     seconds = marks[1] - marks[0]
     graphed = trainer.network.graphed if hasattr(trainer.network, "graphed") else None
+    graphed_embedding = getattr(trainer.prepare_batch, "_graphed", None)
     return {
         "batch": batch,
         "mode": mode,
         "trainer_img_s": round(batch * iters / seconds, 1),
         "ms_per_iteration": round(1000 * seconds / iters, 2),
         "peak_mib": peak_mib(device),
-        "run_s": round(total_s, 2),
+        "setup_and_run_s": round(total_s, 2),
         "skipped_steps": int(trainer.state.skipped_steps),
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "classifier": args.trainer_classifier,
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
-        "classifier_graphed": bool(getattr(trainer.prepare_batch, "_graphed", None) is not None),
+        "classifier_graphed": bool(graphed_embedding is not None and graphed_embedding[1].replays > 0),
         "cudnn_deterministic": flags["cudnn_deterministic"],
     }
 
@@ -453,7 +458,8 @@ def summarize(results: dict) -> str:
         for r in trainer_rows:
             step = bare.get((r["batch"], r["mode"]))
             ratio = None if step is None else round(r["trainer_img_s"] / step, 2)
-            yes = {k: "yes" if r.get(k) else "no" for k in ("classifier_graphed", "cudnn_deterministic")}
+            keys = ("classifier_graphed", "cudnn_deterministic")
+            yes = {k: "-" if k not in r else "yes" if r[k] else "no" for k in keys}  # "-": an older record
             lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['trainer_img_s'])} | "
                          f"{_fmt(r['ms_per_iteration'])} | {_fmt(step)} | {_fmt(ratio, 2)} | "
                          f"{_fmt(r['peak_mib'], 0)} | {_ran_as(r)} | {yes['classifier_graphed']} | "

@@ -119,7 +119,7 @@ class ConditionPrepareBatch(PrepareBatch):
         self.prefer_batch_condition = prefer_batch_condition
         self._walked: tuple | None = None  # (classifier, its modules), collected at the first batch
         self.cuda_graphs = cuda_graphs
-        self._graphed: tuple | None = None  # ((classifier, where its weights were), GraphedCall of its embed)
+        self._graphed: tuple | None = None  # ((classifier, its first weight at recording), GraphedCall)
         self._graph_failed = False
         if classifier is not None:
             classifier.eval()
@@ -140,6 +140,7 @@ class ConditionPrepareBatch(PrepareBatch):
         param = next(self.classifier.parameters(), None)
         if param is not None and param.device != images.device:
             self.classifier.to(images.device)
+            self._graphed = None  # recorded for the weights where they were
         walked = self._walked
         if walked is None or walked[0] is not self.classifier:
             walked = self._walked = (self.classifier, list(self.classifier.modules()))
@@ -155,15 +156,22 @@ class ConditionPrepareBatch(PrepareBatch):
         from monai_condflow.utils.cuda_graphs import GraphedCall, signature
 
         # the graph reads the weights where they were at recording: another classifier, or the same one moved
-        # (``.to()``, ``.half()``, a ``load_state_dict(assign=True)``), needs a new recording
+        # (``.to()``, ``.half()``, a ``load_state_dict(assign=True)``), needs a new recording. The recorded first
+        # weight is held, so its memory cannot be reused by the weights of a move: a moved weight has a new address.
         first = next(self.classifier.parameters(), None)
-        owner = (self.classifier, None if first is None else (first.device, first.dtype, first.data_ptr()))
-        if self._graphed is None or self._graphed[0][0] is not owner[0] or self._graphed[0][1] != owner[1]:
+        if self._graphed is not None:
+            (owner, held), _ = self._graphed
+            moved = (first is None) != (held is None) or (
+                first is not None and (first.device, first.dtype, first.data_ptr()) != (
+                    held.device, held.dtype, held.data_ptr()))  # fmt: skip
+            if owner is not self.classifier or moved:
+                self._graphed = None
+        if self._graphed is None:
             if self._graph_failed:
                 return None
             try:
                 graphed = GraphedCall(self.classifier.embed, images, name="classifier embedding")
-                self._graphed = (owner, graphed)
+                self._graphed = ((self.classifier, None if first is None else first.detach()), graphed)
             except Exception as e:  # an operation that cannot be captured: stay eager, say so once
                 self._graph_failed = True
                 logger.warning("CUDA graphs: could not record the classifier's embedding (%s: %s); running it eagerly.",

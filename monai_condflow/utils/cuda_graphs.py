@@ -115,6 +115,7 @@ class GraphedCall:
     def __init__(self, fn: Callable[..., Any], *args: Tensor, name: str = "decoder") -> None:
         self.fn = fn
         self.sig = signature(*args)
+        self.replays = 0
         self._static_in = tuple(a.detach().clone() for a in args)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -131,5 +132,6 @@ class GraphedCall:
         for static, a in zip(self._static_in, args):
             static.copy_(a)
         self.graph.replay()
+        self.replays += 1
         out = self._static_out
         return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()

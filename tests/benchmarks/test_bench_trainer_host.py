@@ -66,9 +66,19 @@ def test_the_model_clock_counts_only_the_wrapped_parts(bench):
 def test_a_run_reports_both_trainers(bench, tmp_path: Path):
     out = tmp_path / "r.json"
     threads = torch.get_num_threads()
-    result = bench.main(["--preset", "small", "--hidden", "4", "--size", "16", "--classifier", "small",
-                         "--iters", "4", "--reps", "1", "--loader-batch", "4", "--loader-batches", "2",
-                         "--out", str(out)])  # fmt: skip
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True  # not what the trainers set
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    try:
+        result = bench.main(["--preset", "small", "--hidden", "4", "--size", "16", "--classifier", "small",
+                             "--iters", "4", "--reps", "1", "--loader-batch", "4", "--loader-batches", "2",
+                             "--out", str(out)])  # fmt: skip
+        # the process as it was: the trainers' set_determinism and --threads 1 apply to the benchmark only
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
     assert json.loads(out.read_text()) == result
     for name in ("ours", "peer"):
         r = result[name]
@@ -79,7 +89,6 @@ def test_a_run_reports_both_trainers(bench, tmp_path: Path):
     assert result["ours"]["device_reads_per_iter"] == pytest.approx(1 + 2 / 4)
     assert result["peer"]["device_reads_per_iter"] > result["ours"]["device_reads_per_iter"]
     assert torch.autograd.backward.__name__ == "backward"  # the clock's wrapper was removed
-    assert torch.get_num_threads() == threads  # --threads 1 applies to the benchmark only, not to the caller
     loader = result["loader"]
     assert loader["batch"] == 4 and loader["ms_per_batch_copy_cache_false"] > 0
     assert loader["ms_per_batch_copy_cache_true"] > 0

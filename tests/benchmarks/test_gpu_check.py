@@ -275,13 +275,20 @@ def test_the_trainer_section_puts_back_the_generators_and_cudnn_flags(tmp_path: 
     args = argparse.Namespace(preset="small", size=16, seed=0, trainer_iters=2, trainer_classifier="small",
                               flow_overrides=gpu_check.CPU_FLOW)  # fmt: skip
     flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.manual_seed(123)
-    random.seed(4)
-    np.random.seed(5)
-    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    record = gpu_check.bench_trainer(args, torch.device("cpu"), 4, "fp32", tmp_path)
-    assert record["cudnn_deterministic"] is True and record["trainer_img_s"] > 0 and record["skipped_steps"] == 0
-    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
-    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
-    assert np.array_equal(np.random.get_state()[1], states[2])
-    assert list(tmp_path.iterdir()) == []  # the run folder removed
+    saved = (random.getstate(), np.random.get_state())
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True  # not what the trainer sets
+        torch.manual_seed(123)
+        random.seed(4)
+        np.random.seed(5)
+        states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        record = gpu_check.bench_trainer(args, torch.device("cpu"), 4, "fp32", tmp_path)
+        assert record["cudnn_deterministic"] is True and record["trainer_img_s"] > 0 and record["skipped_steps"] == 0
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+        assert np.array_equal(np.random.get_state()[1], states[2])
+        assert list(tmp_path.iterdir()) == []  # the run folder removed
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
