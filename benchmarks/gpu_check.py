@@ -60,7 +60,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import shutil
 import signal
 import sys
@@ -72,12 +71,12 @@ from typing import Any
 
 STARTED = time.perf_counter()  # before the imports below (torch, the package): --budget-s counts from here
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_flow_gpu import make_batch, reset_peak, sync  # noqa: E402  (sibling script: benchmarks/ is on sys.path)
+from bench_trainer_host import process_state, restore  # noqa: E402
 
 from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.engines.generation import generate  # noqa: E402
@@ -213,9 +212,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
     # the trainer seeds every generator and makes cuDNN deterministic for the process (set_determinism, as a
     # user's run does), and this section seeds too: put all back afterwards, so that the sections after this one
     # run as they would without it
-    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+    state = process_state()
     precision, compiled, graphs = parse_mode(mode)
     iters = args.trainer_iters
     marks: list[float] = []
@@ -254,12 +251,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
             trainer.output_lock.release()
             trainer.output_lock = None
         shutil.rmtree(folder, ignore_errors=True)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
-        if rng[3] is not None:
-            torch.cuda.set_rng_state_all(rng[3])
+        restore(state)
     total_s = time.perf_counter() - t0
     seconds = marks[1] - marks[0]
     graphed = trainer.network.graphed if hasattr(trainer.network, "graphed") else None

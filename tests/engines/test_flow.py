@@ -19,7 +19,6 @@ import importlib.util
 import math
 import os
 import pickle
-import weakref
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 from monai.utils import CommonKeys as Keys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.overrides import TorchFunctionMode
 
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer, warmup_exponential_lambda
 from monai_condflow.engines.flow_trainer import create_flow_trainer
@@ -38,6 +36,7 @@ from monai_condflow.handlers.checkpoint import CheckpointError, find_latest_chec
 from monai_condflow.networks.nets.pepx_net import PEPXNet
 from monai_condflow.utils.distributed import create_loader
 from monai_condflow.utils.io import MODEL_FILE
+from tests.benchmarks.script import load_benchmark
 from tests.engines.state_diff import max_state_diff
 
 _spec = importlib.util.spec_from_file_location("condflow_dist_worker", Path(__file__).with_name("dist_worker.py"))
@@ -171,9 +170,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
 
 def test_nonfinite_loss_or_gradient_skips_the_step():
     """In one process: the parameters do not move at the bad iterations, and training goes on."""
-    flow = W.make_flow()
-    data = W.make_flow_data(16, 0)
-    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    flow, data = _initialized_flow()
     net = FlowBitsPerDim(flow)
     trainer = FlowTrainer("cpu", 2, create_loader(data, 4, shuffle=True, seed=0), net,
                           torch.optim.AdamW(flow.parameters(), lr=1e-3), max_grad_norm=1.0)  # fmt: skip
@@ -203,32 +200,31 @@ def test_nonfinite_loss_or_gradient_skips_the_step():
     assert all(math.isfinite(n) for n in finite)
 
 
-class _HostReads(TorchFunctionMode):
-    """Counts, while :attr:`on`, the calls that copy a tensor's value to the host (on a GPU: a wait for the device),
-    except on 0-d tensors the host made from a number (``torch.tensor(x)``), whose reads are free anywhere."""
+def _initialized_flow():
+    """The tiny flow, its ActNorms initialised on the first 8 of 16 records, and the records."""
+    flow = W.make_flow()
+    data = W.make_flow_data(16, 0)
+    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    return flow, data
 
-    def __init__(self):
-        super().__init__()
-        self.on, self.reads, self.host_made = False, 0, weakref.WeakValueDictionary()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = getattr(func, "__name__", "")
-        if name == "tensor" and isinstance(out, torch.Tensor) and out.ndim == 0:
-            self.host_made[id(out)] = out
-        if self.on and name in {"item", "tolist", "__bool__", "__float__", "__int__"} and args:
-            if isinstance(args[0], torch.Tensor) and self.host_made.get(id(args[0])) is not args[0]:
-                self.reads += 1
-        return out
+def _count_train_calls(module) -> list:
+    """Wrap ``module.train`` so that each call's mode is appended to the returned list."""
+    calls, original = [], module.train
+
+    def counting_train(mode=True):
+        calls.append(mode)
+        return original(mode)
+
+    module.train = counting_train
+    return calls
 
 
 def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path):
     """The step copies the loss and the gradient norm to the host in one read (before: four ``.item()`` calls, one
     between the forward and the backward pass); the loss that the stats and TensorBoard handlers read afterwards is
     a host copy, so they do not wait for the optimiser step queued behind it."""
-    flow = W.make_flow()
-    data = W.make_flow_data(16, 0)
-    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    flow, data = _initialized_flow()
     trainer = FlowTrainer("cpu", 1, create_loader(data, 4, shuffle=False, seed=0), FlowBitsPerDim(flow),
                           torch.optim.SGD(flow.parameters(), lr=1e-3), max_grad_norm=1.0)  # fmt: skip
     from monai.handlers import StatsHandler, TensorBoardStatsHandler, from_engine
@@ -238,13 +234,13 @@ def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path
     loss_of = from_engine(["loss"], first=True)
     TensorBoardStatsHandler(summary_writer=writer, tag_name="bpd", output_transform=loss_of).attach(trainer)
     StatsHandler(tag_name="bpd", output_transform=loss_of, iteration_log=True).attach(trainer)
-    counter, step_reads, all_reads, checks = _HostReads(), [], [], []
+    counter, step_reads, all_reads, checks = load_benchmark("bench_trainer_host").HostCopies(), [], [], []
 
     def start(engine):
-        counter.on, counter.reads = True, 0
+        counter.on, counter.device_reads = True, 0
 
     def step_done(engine):
-        step_reads.append(counter.reads)
+        step_reads.append(counter.device_reads)
         counter.on = False  # this check's own reads do not count
         loss = engine.state.output[Keys.LOSS]
         pred = engine.state.output[Keys.PRED].detach()
@@ -252,7 +248,7 @@ def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path
         counter.on = True
 
     def iteration_done(engine):
-        all_reads.append(counter.reads)
+        all_reads.append(counter.device_reads)
         counter.on = False
 
     trainer.add_event_handler(Events.ITERATION_STARTED, start)
@@ -272,20 +268,11 @@ def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path
 def test_the_step_trains_in_train_mode_after_the_flow_was_put_in_eval_mode():
     """The step switches the network to train mode when any of its modules is not (an evaluator sharing the flow
     puts it in eval mode between epochs; a user may switch one submodule), and leaves it alone otherwise."""
-    flow = W.make_flow()
-    data = W.make_flow_data(16, 0)
-    flow.initialize(torch.stack([d["image"] for d in data[:8]]), torch.stack([d["condition"] for d in data[:8]]))
+    flow, data = _initialized_flow()
     net = FlowBitsPerDim(flow)
     trainer = FlowTrainer("cpu", 2, create_loader(data, 4, shuffle=False, seed=0), net,
                           torch.optim.SGD(flow.parameters(), lr=1e-3))  # fmt: skip
-    modes, train_calls = [], []
-    original_train = net.train
-
-    def counting_train(mode=True):
-        train_calls.append(mode)
-        return original_train(mode)
-
-    net.train = counting_train
+    modes, train_calls = [], _count_train_calls(net)
     trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED,
                               lambda e: modes.append(all(m.training for m in net.modules())))  # fmt: skip
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: flow.eval())  # as a sharing evaluator does
@@ -358,14 +345,8 @@ def test_the_frozen_classifier_is_not_switched_per_batch_unless_a_module_trains(
     torch.manual_seed(0)
     clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
     prepare = ConditionPrepareBatch(clf)  # puts it in eval mode
-    switches, seen = [], []
     original_train = clf.train
-
-    def counting_train(mode=True):
-        switches.append(mode)
-        return original_train(mode)
-
-    clf.train = counting_train
+    switches, seen = _count_train_calls(clf), []
     block = next(m for m in clf.modules() if isinstance(m, torch.nn.BatchNorm2d))
     block.register_forward_pre_hook(lambda m, args: seen.append(m.training))
     x = torch.rand(3, 1, 32, 32)
