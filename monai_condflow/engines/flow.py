@@ -228,7 +228,9 @@ class FlowTrainer(SupervisedTrainer):
             sample grids and ``model.pt`` through it run in fp32; the saved weights never carry the setting). Only
             GPUs are affected, except ``"bf16"``, which the CPU also honours (slowly).
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``epoch_length`` ...). ``amp`` is not
-            supported (flows are trained in fp32) and ``decollate`` is off.
+            supported (flows are trained in fp32), ``decollate`` is off, and ``optim_set_to_none`` defaults to
+            ``True`` (gradients are set to ``None`` before each step; ``False``, zeroing them in place, is refused
+            for a network with ``cuda_graphs``, whose replayed gradients it would double).
     """
 
     def __init__(
@@ -274,6 +276,15 @@ class FlowTrainer(SupervisedTrainer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}.")
         kwargs.setdefault("decollate", False)
+        # gradients set to None before each step (PyTorch's default; MONAI's is zeroing them in place). With
+        # ``cuda_graphs`` it is required: the replayed backward's gradient buffers become the ``.grad`` tensors, so
+        # an in-place zeroing would make the next replay's gradient be added to itself (twice the gradient)
+        kwargs.setdefault("optim_set_to_none", True)
+        if not kwargs["optim_set_to_none"] and getattr(unwrap_model(network), "cuda_graphs", False):
+            raise ValueError(
+                "optim_set_to_none=False cannot be combined with cuda_graphs: the graph's gradient buffers are the "
+                "parameters' .grad, and zeroing them in place doubles the next step's gradient. Leave it True."
+            )
         super().__init__(
             device=device,
             max_epochs=max_epochs,

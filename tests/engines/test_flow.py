@@ -265,6 +265,56 @@ def test_a_step_reads_the_device_once_and_the_handlers_read_a_host_copy(tmp_path
     assert [round(e.value, 4) for e in logged] == [round(c[2], 4) for c in checks]
 
 
+class _StaticGradient(torch.autograd.Function):
+    """``x @ w`` whose backward writes ``w``'s gradient into one persistent buffer and returns a detached view of
+    it, as the backward graph of ``torch.cuda.make_graphed_callables`` (``cuda_graphs``) does."""
+
+    @staticmethod
+    def forward(ctx, x, w, buffer):
+        ctx.save_for_backward(x)
+        ctx.buffer = buffer
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ctx.buffer.copy_(grad @ x)
+        return None, ctx.buffer.detach(), None
+
+
+class _GraphLikeLoss(torch.nn.Module):
+    """Per-sample loss ``<x_b, w>`` with the gradient delivered like a replayed CUDA graph's."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(size))
+        self.buffer = torch.zeros(size)  # the graph's static gradient, reused by every replay
+
+    def forward(self, x, condition=None):
+        return _StaticGradient.apply(x.flatten(1), self.w, self.buffer)
+
+
+def test_the_gradient_of_a_graph_replay_is_not_added_to_the_previous_one():
+    """A replayed backward writes the gradient into the graph's static buffer, which autograd then keeps as ``.grad``
+    (no copy). Zeroing that ``.grad`` in place before the next step (MONAI's default ``optim_set_to_none=False``)
+    made the next replay's gradient land in it and then be added to itself: every step after the first had twice
+    the gradient (seen in review). The flow trainer sets gradients to ``None`` instead."""
+    data = W.make_flow_data(8, 0)
+    net = _GraphLikeLoss(data[0]["image"].numel())
+    trainer = FlowTrainer("cpu", 2, create_loader(data, 4, shuffle=False, seed=0), net,
+                          torch.optim.SGD(net.parameters(), lr=0.0), max_grad_norm=None)  # fmt: skip
+    norms = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: norms.append(e.state.output["grad_norm"]))
+    trainer.run()
+    images = torch.stack([d["image"].flatten() for d in data])
+    expected = [float(images[i : i + 4].mean(0).norm()) for i in (0, 4, 0, 4)]  # d mean_b <x_b, w> / dw
+    assert norms == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="optim_set_to_none"):
+        graphed = FlowBitsPerDim(W.make_flow(), cuda_graphs=True)
+        FlowTrainer("cpu", 1, create_loader(data, 4, shuffle=False, seed=0), graphed,
+                    torch.optim.SGD(graphed.parameters(), lr=0.0), optim_set_to_none=False)  # fmt: skip
+
+
 def test_the_step_trains_in_train_mode_after_the_flow_was_put_in_eval_mode():
     """The step switches the network to train mode when any of its modules is not (an evaluator sharing the flow
     puts it in eval mode between epochs; a user may switch one submodule), and leaves it alone otherwise."""
