@@ -2,7 +2,8 @@
 # The one prepared GPU check of docs/performance.md (issue 18): set-up, speed / memory / error figures of every
 # precision and CUDA-graph mode, the synthetic-set writer, and one short end-to-end bundle run.
 #
-#   bash benchmarks/gpu_check.sh [--cpu] [OUT_DIR]      # OUT_DIR default: runs/gpu_check
+#   bash benchmarks/gpu_check.sh [--cpu] [OUT_DIR]      # OUT_DIR default: $OUT/gpu_check when OUT is set (the
+#                                                        # device machine's folder that comes back), else runs/gpu_check
 #
 # Set-up, from the repository's own files only (the GPU machine may have no network):
 #   - Python: .venv/bin/python when the repository has one, else python3 (a GPU image's PyTorch);
@@ -17,8 +18,8 @@
 # measurement starts only if its estimated time fits, and the script is stopped GPU_CHECK_GRACE_S after its budget
 # (a measurement that overran its estimate). What it measured is kept (gpu_check.json is rewritten after every
 # measurement; --summarize prints its tables, within the 15 s), and the bundle run gets what is left of the total.
-# The measurements run in priority order (the targets' modes first, then the compiled and graphed ones, then the
-# comparisons), so a budget that runs out drops the least needed ones (reported as skipped).
+# The measurements run in priority order (the targets' modes first, then the bundle's trainer, then the compiled and
+# graphed ones, then the comparisons), so a budget that runs out drops the least needed ones (reported as skipped).
 # GPU_CHECK_ARGS passes options, e.g. for a second, shorter call:
 #   E2E_TIMEOUT=0 GPU_CHECK_TOTAL_S=240 GPU_CHECK_ARGS="--sections train --modes fp32,tf32" bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -27,7 +28,7 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 cd "$(dirname "$0")/.."
 CPU=0
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
-OUT_DIR=${1:-runs/gpu_check}
+OUT_DIR=${1:-${OUT:-runs}/gpu_check}
 mkdir -p "$OUT_DIR"
 # no figures or logs of an earlier run pass for this one's
 rm -f "$OUT_DIR/gpu_check.json" "$OUT_DIR/gpu_check.md" "$OUT_DIR/e2e.log" "$OUT_DIR/e2e_report.md"
@@ -35,6 +36,9 @@ PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# compilation caches in /tmp (a GPU image's HOME may not be writable)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/condflow_inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/condflow_triton}
 
 missing=$($PY - <<'EOF'
 import importlib.util
@@ -49,7 +53,8 @@ if [ -n "$missing" ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/condflow_site .whl/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/condflow_site"
   else
-    $PY -m pip install -q -c constraints.txt $missing || exit 1
+    # no retries: a machine without a network fails here in seconds, not after pip's minutes of retrying
+    $PY -m pip install -q --retries 0 --timeout 10 -c constraints.txt $missing || exit 1
   fi
 fi
 $PY -c "import monai, ignite, torch; print('set-up: torch', torch.__version__, 'monai', monai.__version__, 'ignite', ignite.__version__, 'cuda', torch.cuda.is_available())"
