@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.flow_sequential import logdet_maps_recording
 
-__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "run_step"]
+__all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "compiles_training", "run_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,13 @@ def compiled_steps(flow: nn.Module) -> StepCompiler | None:
         if compiler is not None:
             return compiler
     return None
+
+
+def compiles_training(step: nn.Module) -> bool:
+    """Whether a training call of ``step`` would run compiled code (its forward is compiled and no compilation has
+    failed); a dictionary lookup, no walk over the modules."""
+    compiler = _COMPILERS.get(step)
+    return compiler is not None and compiler.compiled_forward is not None and not compiler.failed
 
 
 def compile_flow_steps(

@@ -119,19 +119,19 @@ class FlowSequential(FlowLayer):
         Returns:
             ``(y, logdet)``: the output and the summed log-determinants ``[B]``.
         """
-        logdet = x.new_zeros(x.shape[0])
+        logdet = None  # the first layer's log-det starts the sum (no zeros tensor and one addition fewer per chain)
         for layer in self.layers:
             x, ld = layer(x, condition)
-            logdet = logdet + ld
-        return x, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return x, x.new_zeros(x.shape[0]) if logdet is None else logdet
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Apply every layer's inverse in reverse order; returns ``(x, log|det dx/dy|)``."""
-        logdet = y.new_zeros(y.shape[0])
+        logdet = None
         for layer in reversed(self.layers):
             y, ld = layer.inverse(y, condition)
-            logdet = logdet + ld
-        return y, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return y, y.new_zeros(y.shape[0]) if logdet is None else logdet
 
     def initialize(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Initialise every layer in order on the activations it actually receives, returning the forward output."""

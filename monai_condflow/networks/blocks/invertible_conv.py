@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +23,12 @@ from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
 
-__all__ = ["InvertibleConv1x1"]
+__all__ = ["InvertibleConv1x1", "compose_weights", "composed_together"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# the weights composed together for a pass (:func:`composed_together`), by convolution
+_GIVEN: ContextVar[dict[nn.Module, Tensor] | None] = ContextVar("monai_condflow_composed_weights", default=None)
 
 
 class InvertibleConv1x1(FlowLayer):
@@ -137,8 +143,11 @@ class InvertibleConv1x1(FlowLayer):
         Returns:
             ``(y [B, C, *spatial], logdet [B])``.
         """
-        if torch.is_grad_enabled():
-            weight = self._compose()  # no need for the inverse in training
+        if torch.is_grad_enabled():  # no need for the inverse in training
+            given = None if torch.compiler.is_compiling() else _GIVEN.get()
+            weight = given.get(self) if given else None
+            if weight is None:
+                weight = self._compose()
         else:
             weight = self.weights()[0]
         record_logdet_map(lambda: self.log_abs_s.sum().to(x.dtype).expand(x.shape[0], *x.shape[2:]))
@@ -147,3 +156,50 @@ class InvertibleConv1x1(FlowLayer):
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x = W^{-1} y`` channel-wise (cached ``W^{-1}`` without autograd); returns ``(x, -logdet)``."""
         return self._apply_matrix(y, self.weights()[1]), -self._logdet(y)
+
+
+def compose_weights(convs: Sequence[InvertibleConv1x1]) -> list[Tensor]:
+    """``W`` of each of ``convs`` (same number of channels, dtype and device), composed as one batch.
+
+    The same products as each convolution's own composition, stacked: about a dozen operations in all instead of a
+    dozen per convolution, forward and backward (on a GPU, kernels: the ``paper`` preset composes 64 matrices per
+    training step). Equal to the one-by-one composition up to the rounding of the batched products.
+
+    Args:
+        convs: the convolutions.
+
+    Returns:
+        their ``[C, C]`` weights, in order (views of one ``[len(convs), C, C]`` tensor; differentiable).
+    """
+    first = convs[0]
+    with torch.autocast(first.lower.device.type, enabled=False):  # as ``_compose``: in the parameters' precision
+        lower = torch.stack([c.lower for c in convs])
+        upper = torch.stack([c.upper for c in convs])
+        log_abs_s = torch.stack([c.log_abs_s for c in convs])
+        perm = torch.stack([c.permutation for c in convs])
+        sign = torch.stack([c.sign_s for c in convs])
+        lower = torch.tril(lower, -1) + first.eye
+        upper = torch.triu(upper, 1) + torch.diag_embed(sign * torch.exp(log_abs_s))
+        return list((perm @ (lower @ upper)).unbind(0))
+
+
+@contextmanager
+def composed_together(groups: Sequence[Sequence[InvertibleConv1x1]]) -> Iterator[None]:
+    """Inside the block, the training forward (autograd on) of each convolution in ``groups`` uses the weight
+    composed with the rest of its group (:func:`compose_weights`, computed on entering) instead of composing its own.
+
+    For one pass through a flow whose parameters do not change inside it (``ConditionalGlow`` wraps its training
+    forward in it). Calls without autograd keep their cached weights; compiled code composes its own.
+
+    Args:
+        groups: lists of convolutions of one size, dtype and device (a group of one is composed alone, as usual).
+    """
+    given: dict[nn.Module, Tensor] = {}
+    for group in groups:
+        if len(group) > 1:
+            given.update(zip(group, compose_weights(group)))
+    token = _GIVEN.set(given)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)

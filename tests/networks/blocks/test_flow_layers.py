@@ -29,6 +29,7 @@ from monai_condflow.networks.blocks import (
     InvertibleConv1x1,
     Squeeze,
 )
+from monai_condflow.networks.blocks.invertible_conv import compose_weights, composed_together
 
 COND = 3
 
@@ -366,6 +367,52 @@ def test_invconv_triangular_inverse_matches_linalg_inv():
         reference = torch.linalg.inv(layer._compose(torch.float64)).float()
     torch.testing.assert_close(inverse, reference, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(weight @ inverse, torch.eye(8), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 8, 16])
+def test_invconv_weights_composed_together_equal_their_own_with_the_same_gradients(channels):
+    """compose_weights: one batched composition per size gives each convolution's own W (to float32 rounding of the
+    batched products) and the same gradients of its LU parameters."""
+    convs = [perturb(InvertibleConv1x1(2, channels), 0.3) for _ in range(4)]
+    probes = [torch.randn(channels, channels) for _ in convs]
+    together = compose_weights(convs)
+    assert len(together) == 4 and all(w.shape == (channels, channels) for w in together)
+    sum((w * r).sum() for w, r in zip(together, probes)).backward()
+    grads = [[p.grad.clone() for p in c.parameters()] for c in convs]
+    for c in convs:
+        c.zero_grad(set_to_none=True)
+    own = [c._compose() for c in convs]
+    sum((w * r).sum() for w, r in zip(own, probes)).backward()
+    for w, o, c, g in zip(together, own, convs, grads):
+        torch.testing.assert_close(w, o, rtol=1e-6, atol=1e-6)
+        for a, p in zip(g, c.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_invconv_forward_uses_the_weight_composed_together_only_with_autograd(monkeypatch):
+    """Inside composed_together a training forward takes its group's W instead of composing its own (a group of one
+    composes alone); without autograd the cached weights serve as before; outside, each composes its own."""
+    convs = [perturb(InvertibleConv1x1(2, 4), 0.3) for _ in range(3)]
+    alone = perturb(InvertibleConv1x1(2, 6), 0.3)
+    x, x6 = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
+    reference = [c(x)[0] for c in convs]
+    composed = []
+    original = InvertibleConv1x1._compose
+    monkeypatch.setattr(InvertibleConv1x1, "_compose", lambda self, *a: composed.append(self) or original(self, *a))
+    with composed_together([convs, [alone]]):
+        outputs = [c(x)[0] for c in convs]
+        assert composed == []  # the three 4-channel convolutions took their group's weights
+        alone(x6)
+        assert composed == [alone]
+        with torch.no_grad():
+            for c in convs:
+                c(x)
+        assert composed[1:] == convs  # no autograd: each fills its cache (composed once), as outside the block
+    for c in convs:
+        c(x)
+    assert composed[4:] == convs  # outside the block each composes its own again
+    for y, r in zip(outputs, reference):
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-6)
 
 
 def test_spatial_top_prior_places_the_mean_per_entry_and_checks_the_size():

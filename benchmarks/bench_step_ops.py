@@ -1,0 +1,150 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Operations per training step of the flow: what a CUDA-graphed GPU step replays, one kernel (or more) each.
+
+A CUDA graph removes the host's launch overhead, not the kernels: each replayed kernel still costs the GPU a few
+microseconds however small its work, so at the paper's batch a step of thousands of tiny kernels has a floor that
+does not shrink with the batch (``docs/performance.md``, "Operations per training step"). This benchmark counts, on
+the CPU, the operations of one training pass (``-log p(x | z)``, forward and backward) that compute, i.e. those that
+launch kernels on a GPU (views, detaches and other metadata operations are not counted), for a preset, with the 1x1
+convolutions' weights composed one by one (the peer: this project's code before the twenty-sixth session, still
+the CPU default) and together, one batched composition per size (``ConditionalGlow.compose_convs_together``, the
+GPU default). It also checks that both give the same loss and gradients, and times a CPU step of each.
+
+Usage::
+
+    python benchmarks/bench_step_ops.py --presets paper,small --batch 4 --reps 3
+
+Last line ``BENCH_STEP_OPS {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
+
+# operations that only make another view of a tensor's memory (no kernel on a GPU)
+VIEWS = frozenset(
+    "detach view t expand _unsafe_view split split_with_sizes slice unsqueeze squeeze diagonal as_strided alias "
+    "permute transpose unbind select lift_fresh _reshape_alias".split()
+)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations that reach a kernel (every ATen call below autograd except the views of
+    :data:`VIEWS`), in all and by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_name: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.count += 1
+            self.by_name[name] = self.by_name.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_pass(flow: ConditionalGlow, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """``-log p(x | z)`` averaged and its gradients (fresh ``.grad``), as a training step computes them."""
+    flow.zero_grad(set_to_none=True)
+    loss = -flow.log_prob(x, z).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in flow.parameters() if p.grad is not None]
+
+
+def build(preset: str, batch: int, seed: int) -> tuple[ConditionalGlow, torch.Tensor, torch.Tensor]:
+    """The preset's flow, initialised on a batch of smooth images, every parameter nudged (no identity layer)."""
+    g = torch.Generator().manual_seed(seed)
+    flow = ConditionalGlow.from_preset(preset)
+    size = flow.config["image_size"]
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    x = torch.rand(batch, 1, size // 4, size // 4, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    z = torch.nn.functional.normalize(torch.randn(batch, flow.condition_dim, generator=g), dim=1)
+    flow.initialize(x, z)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    return flow.train(), x, z
+
+
+def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
+    """Operations per pass and CPU seconds per pass, composing the 1x1 convolutions one by one (the peer) and
+    together, and the largest loss / gradient difference between the two."""
+    flow, x, z = build(preset, batch, seed)
+    out: dict[str, Any] = {"preset": preset, "batch": batch, "convolutions": sum(len(g) for g in flow._conv_groups),
+                           "sizes": len(flow._conv_groups)}  # fmt: skip
+    results = {}
+    for name, together in (("one_by_one", False), ("together", True)):
+        flow.compose_convs_together = together
+        training_pass(flow, x, z)  # warm-up
+        counter = OpCounter()
+        with counter:
+            loss, grads = training_pass(flow, x, z)
+        results[name] = (loss, grads)
+        out[f"ops_{name}"] = counter.count
+        out[f"compose_ops_{name}"] = sum(counter.by_name.get(k, 0) for k in ("tril", "triu", "diag_embed", "mm", "bmm"))
+    times: dict[str, list[float]] = {"one_by_one": [], "together": []}
+    for _ in range(reps):  # alternating, so that a machine's drift hits both alike
+        for name, together in (("one_by_one", False), ("together", True)):
+            flow.compose_convs_together = together
+            t0 = time.perf_counter()
+            training_pass(flow, x, z)
+            times[name].append(time.perf_counter() - t0)
+    flow.compose_convs_together = None
+    (loss_a, grads_a), (loss_b, grads_b) = results["one_by_one"], results["together"]
+    out["loss_diff"] = float((loss_a - loss_b).abs())
+    out["grad_rel_diff"] = max(
+        float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in zip(grads_a, grads_b)
+    )
+    out["ops_ratio"] = round(out["ops_together"] / out["ops_one_by_one"], 3)
+    for name, t in times.items():
+        out[f"cpu_ms_{name}"] = round(1e3 * statistics.median(t), 1)
+    out["cpu_time_ratio"] = round(out["cpu_ms_together"] / out["cpu_ms_one_by_one"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="paper,small", help="comma-separated ConditionalGlow presets")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3, help="timed passes of each, alternating")
+    args = parser.parse_args(argv)
+    rows = [measure(p, args.batch, args.reps) for p in args.presets.split(",")]
+    print("| preset | 1x1 convs (sizes) | ops / pass, one by one | together | ratio | compose ops | "
+          "CPU ms / pass, one by one | together | loss diff | largest gradient diff (relative) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['convolutions']} ({r['sizes']}) | {r['ops_one_by_one']:,} | "
+              f"{r['ops_together']:,} | {r['ops_ratio']:.3f} | {r['compose_ops_one_by_one']} -> "
+              f"{r['compose_ops_together']} | {r['cpu_ms_one_by_one']} | {r['cpu_ms_together']} | "
+              f"{r['loss_diff']:.1e} | {r['grad_rel_diff']:.1e} |")  # fmt: skip
+    print("BENCH_STEP_OPS " + json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
