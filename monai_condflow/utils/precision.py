@@ -73,24 +73,55 @@ def precision_context(precision: str) -> Iterator[None]:
         _restore_tf32(before)
 
 
+# the per-backend settings (torch >= 2.9) that the TF32 switches below touch, read and restored exactly
+_PRECISION_SETTINGS = ("cudnn.conv", "cudnn.rnn", "cudnn", "cuda.matmul", "mkldnn.matmul", "mkldnn.conv", "mkldnn", "")
+
+
+def _setting(path: str) -> object | None:
+    """``torch.backends.<path>`` (``""``: ``torch.backends``) when it has a ``fp32_precision``, else ``None``."""
+    obj: object | None = torch.backends
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part, None)
+    return obj if hasattr(obj, "fp32_precision") else None
+
+
+def _legacy_reads() -> tuple:
+    """PyTorch's legacy TF32 flags, or ``None`` for one that cannot be read (torch refuses to read a flag whose
+    per-backend settings were changed apart from it)."""
+    values = []
+    for read in (lambda: torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision):
+        try:
+            values.append(read())
+        except RuntimeError:
+            values.append(None)
+    return tuple(values)
+
+
 def _tf32_state() -> tuple:
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-backend API
-        return ("new", conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+        settings = {p: _setting(p).fp32_precision for p in _PRECISION_SETTINGS if _setting(p) is not None}
+        return ("new", _legacy_reads(), settings)
     return ("legacy", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
 
 
 def _set_tf32(allow: bool) -> None:
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        # the new API only: mixing it with ``allow_tf32`` makes torch refuse to read the flags
-        conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
-    else:  # pragma: no cover - older torch
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+    # the legacy switches on every torch: on torch >= 2.9 they set the per-backend values of cuDNN (convolutions and
+    # RNNs) and cuBLAS consistently with the legacy flags, so code reading either form inside the block (torch.compile
+    # reads the legacy ones) can; setting only some per-backend values made torch refuse to read the legacy flags
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
 
 
 def _restore_tf32(state: tuple) -> None:
     if state[0] == "new":
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = state[1], state[2]
+        (cudnn_allow, matmul_precision), settings = state[1], state[2]
+        # the legacy flags first (where they could be read), then every per-backend value exactly as it was
+        if cudnn_allow is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn_allow
+        if matmul_precision is not None:
+            torch.set_float32_matmul_precision(matmul_precision)
+        for path, value in settings.items():
+            if _setting(path).fp32_precision != value:
+                _setting(path).fp32_precision = value
     else:  # pragma: no cover - older torch
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = state[1], state[2]

@@ -20,7 +20,7 @@ from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer
 from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling, set_coupling_dtype
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.utils.checks import ConfigValueError
-from monai_condflow.utils.precision import check_precision, precision_context
+from monai_condflow.utils.precision import PRECISIONS, _restore_tf32, _tf32_state, check_precision, precision_context
 
 S = 16
 
@@ -46,17 +46,37 @@ def test_check_precision_names_the_config_id():
 
 
 def test_precision_context_sets_the_tf32_switches_and_restores_them():
+    """Inside the block both forms of PyTorch's TF32 settings read back what the mode sets (code such as
+    torch.compile reads the legacy flags; setting only some per-backend values made torch refuse to read them, which
+    raised inside every default "tf32" step); after it every per-backend value is as before, also when a user had
+    set one of them on its own (the legacy flags then stay unreadable, as they were)."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = (conv.fp32_precision, matmul.fp32_precision)
-    with precision_context("tf32"):
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
-        with precision_context("fp32"):
-            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
-        assert conv.fp32_precision == "tf32"
-    with pytest.raises(RuntimeError), precision_context("bf16"):
-        assert conv.fp32_precision == "ieee"  # bf16 keeps the rest in strict fp32
-        raise RuntimeError("restored after an error too")
-    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    before = _tf32_state()
+    try:
+        with precision_context("tf32"):
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+            assert torch.backends.cudnn.allow_tf32 and matmul.allow_tf32
+            assert torch.get_float32_matmul_precision() == "high"
+            with precision_context("fp32"):
+                assert not torch.backends.cudnn.allow_tf32 and not matmul.allow_tf32
+                assert torch.get_float32_matmul_precision() == "highest"
+                assert conv.fp32_precision != "tf32" and matmul.fp32_precision == "ieee"
+            assert conv.fp32_precision == "tf32" and torch.backends.cudnn.allow_tf32
+        with pytest.raises(RuntimeError, match="restored after an error"), precision_context("bf16"):
+            assert conv.fp32_precision != "tf32" and not torch.backends.cudnn.allow_tf32  # the rest in strict fp32
+            raise RuntimeError("restored after an error too")
+        assert _tf32_state() == before
+        conv.fp32_precision = "ieee"  # a user's per-backend setting, apart from the legacy flag
+        with pytest.raises(RuntimeError):
+            torch.backends.cudnn.allow_tf32  # noqa: B018 - torch refuses to read it now
+        user = _tf32_state()
+        for mode in PRECISIONS:
+            with precision_context(mode):
+                assert torch.backends.cudnn.allow_tf32 == (mode == "tf32")
+            assert _tf32_state() == user
+    finally:
+        _restore_tf32(before)
+    assert _tf32_state() == before
 
 
 def test_bf16_couplings_change_the_network_not_the_exactness_of_the_bookkeeping():
