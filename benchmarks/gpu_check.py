@@ -21,7 +21,9 @@ false``), which is what the test suite does.
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
 
 - ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``,
-  ``bf16+compile``, ``bf16+compile+graphs``; any precision with ``+compile`` and / or ``+graphs``) a fresh model (same
+  ``bf16+compile``, ``bf16+compile+graphs``, ``bf16+graphs+lu1``; any precision with ``+compile``, ``+graphs`` and /
+  or ``+lu1``, the last composing the 1x1 convolutions' weights one by one instead of together, the CUDA default
+  since the twenty-sixth session: ``ConditionalGlow.compose_convs_together``) a fresh model (same
   seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer is the
   identity), the trainer's step (zero_grad, per-sample bits/dim, backward, clipping at 50, one read of the device for
   the finiteness checks, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with
@@ -87,7 +89,10 @@ from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
-TRAIN_MODES = ("fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")
+# "+lu1": the 1x1 convolutions' weights composed one by one (the code before the twenty-sixth session) instead of
+# together (ConditionalGlow.compose_convs_together, the CUDA default): first among the comparisons, the A/B of that
+TRAIN_MODES = ("bf16+graphs+lu1", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile",
+               "bf16+compile+graphs")  # fmt: skip
 # the modes that the issue's targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
@@ -96,15 +101,24 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def parse_mode(mode: str) -> tuple[str, bool, bool]:
-    """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs.
+    """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs (the option
+    ``"+lu1"``, the 1x1 convolutions composed one by one, is read by :func:`one_by_one`).
 
     Raises:
         ValueError: an unknown precision or option.
     """
     precision, *options = mode.split("+")
-    if precision not in PRECISIONS or not set(options) <= {"compile", "graphs"} or len(set(options)) < len(options):
-        raise ValueError(f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile' and / or '+graphs'")
+    known = {"compile", "graphs", "lu1"}
+    if precision not in PRECISIONS or not set(options) <= known or len(set(options)) < len(options):
+        raise ValueError(
+            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs' and / or '+lu1'"
+        )
     return precision, "compile" in options, "graphs" in options
+
+
+def one_by_one(mode: str) -> bool:
+    """Whether ``mode`` composes the 1x1 convolutions' weights one by one (``"+lu1"``)."""
+    return "lu1" in mode.split("+")[1:]
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -146,6 +160,7 @@ def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode
     batches = [make_batch(batch, args.size, torch.Generator().manual_seed(args.seed + i), device) for i in range(3)]
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
+    flow.compose_convs_together = False if one_by_one(mode) else None  # None: together on CUDA (the default)
     net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
     if compiled:  # what the bundle id ``compile`` does (FlowBitsPerDim(compile=True)), with the chosen backend
         flow.compile_steps(backend=args.compile_backend)
@@ -176,6 +191,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "graphed": bool(net.graphed is not None and net.graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "fused_adam": fused,
+        "convs_together": bool(flow.compose_convs_together is not False and device.type == "cuda"),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -506,9 +522,9 @@ def _named(section: str, record: dict) -> str:
 
 
 def _order(mode: str) -> tuple:
-    """Table order: precision, then eager, graphs, compile, compile + graphs."""
+    """Table order: precision, then eager, graphs, compile, compile + graphs; a ``+lu1`` row after its mode's."""
     precision, compiled, graphs = parse_mode(mode)
-    return PRECISIONS.index(precision), compiled, graphs
+    return PRECISIONS.index(precision), compiled, graphs, one_by_one(mode)
 
 
 def _ran_as(r: dict) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.benchmarks.script import BENCHMARKS, load_benchmark
 
@@ -36,13 +37,15 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
     # run order: the target mode, the compiled and graphed one, then the comparisons
-    modes = ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]
+    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+lu1", "fp32", "tf32", "bf16", "tf32+graphs",
+             "bf16+compile"]  # fmt: skip
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
     for r in train:
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
         assert r["compiled"] == ("compile" in r["mode"])
+        assert r["convs_together"] is False  # the CPU composes the 1x1 convolutions one by one (all modes alike)
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
     for mode in ("bf16", "bf16+compile"):
@@ -160,6 +163,23 @@ def test_the_budget_estimates_a_kind_and_size_by_its_longest_measured_run():
     assert gpu_check.Budget(None).why_not("anything") is None
     # the clock can start before the budget is made (gpu_check.py counts from before its imports)
     assert gpu_check.Budget(100.0, start=time.perf_counter() - 99.5).left() < 0.5
+
+
+def test_the_lu1_option_composes_the_convolutions_one_by_one_and_sorts_after_its_mode():
+    import argparse
+
+    gpu_check = load_benchmark("gpu_check")
+    assert gpu_check.parse_mode("bf16+graphs+lu1") == ("bf16", False, True) and gpu_check.one_by_one("bf16+graphs+lu1")
+    assert not gpu_check.one_by_one("bf16+graphs")
+    with pytest.raises(ValueError, match="lu2"):
+        gpu_check.parse_mode("bf16+lu2")
+    modes = ["bf16+graphs+lu1", "fp32", "bf16+graphs", "bf16"]
+    assert sorted(modes, key=gpu_check._order) == ["fp32", "bf16", "bf16+graphs", "bf16+graphs+lu1"]
+    args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
+                              compile_backend="aot_eager")  # fmt: skip
+    for mode, expected in (("fp32+lu1", False), ("fp32", None)):
+        flow = gpu_check.train_setup(args, torch.device("cpu"), 2, mode)[1]
+        assert flow.compose_convs_together is expected
 
 
 def test_the_plan_runs_the_target_modes_first_and_compiles_last():
