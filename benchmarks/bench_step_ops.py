@@ -15,9 +15,10 @@ microseconds however small its work, so at the paper's batch a step of thousands
 does not shrink with the batch (``docs/performance.md``, "Operations per training step"). This benchmark counts, on
 the CPU, the operations of one training pass (``-log p(x | z)``, forward and backward) that compute, i.e. those that
 launch kernels on a GPU (views, detaches and other metadata operations are not counted), for a preset, with the 1x1
-convolutions' weights composed one by one (the peer: this project's code before the twenty-sixth session, still
-the CPU default) and together, one batched composition per size (``ConditionalGlow.compose_convs_together``, the
-GPU default). It also checks that both give the same loss and gradients, and times a CPU step of each.
+convolutions' weights composed one by one (the peer: how this project composed them before the twenty-sixth
+session, still the CPU default) and together, one batched composition per size
+(``ConditionalGlow.compose_convs_together``, the GPU default). It also checks that both give the same loss and
+gradients, and times a CPU step of each.
 
 Usage::
 

@@ -89,7 +89,7 @@ from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
-# "+lu1": the 1x1 convolutions' weights composed one by one (the code before the twenty-sixth session) instead of
+# "+lu1": the 1x1 convolutions' weights composed one by one (as before the twenty-sixth session) instead of
 # together (ConditionalGlow.compose_convs_together, the CUDA default): first among the comparisons, the A/B of that
 TRAIN_MODES = ("bf16+graphs+lu1", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile",
                "bf16+compile+graphs")  # fmt: skip
@@ -119,6 +119,15 @@ def parse_mode(mode: str) -> tuple[str, bool, bool]:
 def one_by_one(mode: str) -> bool:
     """Whether ``mode`` composes the 1x1 convolutions' weights one by one (``"+lu1"``)."""
     return "lu1" in mode.split("+")[1:]
+
+
+def convs_together(flow: ConditionalGlow, device: torch.device) -> bool:
+    """Whether ``flow``'s training passes composed the 1x1 convolutions' weights together: on CUDA unless set off
+    (``+lu1``), and not where compiled steps ran (they compose their own)."""
+    compiler = compiled_steps(flow)
+    compiled = compiler is not None and not compiler.failed and compiler.calls > 0
+    together = flow.compose_convs_together
+    return bool((device.type == "cuda" if together is None else together) and not compiled)
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -191,7 +200,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "graphed": bool(net.graphed is not None and net.graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "fused_adam": fused,
-        "convs_together": bool(flow.compose_convs_together is not False and device.type == "cuda"),
+        "convs_together": convs_together(flow, device),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -254,6 +263,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         with torch.no_grad():
             init_z = classifier.embed(init_x)
         flow = build_flow(args, device, init_x, init_z)
+        flow.compose_convs_together = False if one_by_one(mode) else None
         trainer, _ = create_flow_trainer(
             flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
             ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
@@ -283,6 +293,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         "skipped_steps": int(trainer.state.skipped_steps),
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
+        "convs_together": convs_together(flow, device),
         "classifier": args.trainer_classifier,
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
         "classifier_graphed": bool(graphed_embedding is not None and graphed_embedding[1].replays > 0),
@@ -374,6 +385,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
         flow.compile_steps(training=False, sampling=True, backend=args.compile_backend)
     # the latents drawn on the device, as generate() draws them (a CPU generator would add a host draw of
     # 512 x 4096 normals and a copy to every timed batch)
+
     def generator() -> torch.Generator:
         return torch.Generator(device).manual_seed(1)
 

@@ -62,7 +62,11 @@ def precision_context(precision: str) -> Iterator[None]:
     ``"tf32"`` allows TF32 in cuDNN convolutions and cuBLAS matrix products; ``"fp32"`` and ``"bf16"`` forbid it
     (``bf16`` keeps everything outside the coupling networks in strict float32). The coupling autocast of ``"bf16"``
     is a property of the model
-    (:func:`~monai_condflow.networks.blocks.coupling.set_coupling_dtype`), not of this block. No effect on the CPU.
+    (:func:`~monai_condflow.networks.blocks.coupling.set_coupling_dtype`), not of this block. No effect on the CPU,
+    except that ``"fp32"`` and ``"bf16"`` raise PyTorch's float32 matmul precision to ``"highest"`` inside the block
+    where a user had lowered it (``torch.set_float32_matmul_precision``). Inside the block both forms of PyTorch's
+    settings (the legacy ``allow_tf32`` flags and the per-backend ``fp32_precision`` values) read what the mode set
+    (torch.compile reads the legacy ones); after it every per-backend value is as before.
     """
     allow = check_precision(precision) == "tf32"
     before = _tf32_state()
@@ -74,7 +78,8 @@ def precision_context(precision: str) -> Iterator[None]:
 
 
 # the per-backend settings (torch >= 2.9) that the TF32 switches below touch, read and restored exactly
-_PRECISION_SETTINGS = ("cudnn.conv", "cudnn.rnn", "cudnn", "cuda.matmul", "mkldnn.matmul", "mkldnn.conv", "mkldnn", "")
+# (parents first: restored in this order, a child that inherited its parent's value inherits it again)
+_PRECISION_SETTINGS = ("", "cudnn", "mkldnn", "cudnn.conv", "cudnn.rnn", "cuda.matmul", "mkldnn.matmul", "mkldnn.conv")
 
 
 def _setting(path: str) -> object | None:
@@ -110,6 +115,19 @@ def _set_tf32(allow: bool) -> None:
     # RNNs) and cuBLAS consistently with the legacy flags, so code reading either form inside the block (torch.compile
     # reads the legacy ones) can; setting only some per-backend values made torch refuse to read the legacy flags
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+    if _setting("cudnn.conv") is None:  # pragma: no cover - older torch: the legacy switches are all there is
+        return
+    want = "tf32" if allow else "ieee"
+    for path in ("cudnn.conv", "cudnn.rnn"):
+        # switched off, the legacy switch leaves "none" (inherit): a user's parent setting of "tf32" would show
+        # through, so the value is then set itself (the legacy cuDNN flag is unreadable in that case)
+        if (_setting(path).fp32_precision == "tf32") != allow:
+            _setting(path).fp32_precision = want
+    if not allow:
+        try:
+            torch.get_float32_matmul_precision()
+        except RuntimeError:  # e.g. a user's set_float32_matmul_precision("high"): strict everywhere, readable
+            torch.set_float32_matmul_precision("highest")
 
 
 def _restore_tf32(state: tuple) -> None:

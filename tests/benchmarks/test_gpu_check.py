@@ -45,7 +45,6 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
         assert r["compiled"] == ("compile" in r["mode"])
-        assert r["convs_together"] is False  # the CPU composes the 1x1 convolutions one by one (all modes alike)
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
     for mode in ("bf16", "bf16+compile"):
@@ -177,9 +176,18 @@ def test_the_lu1_option_composes_the_convolutions_one_by_one_and_sorts_after_its
     assert sorted(modes, key=gpu_check._order) == ["fp32", "bf16", "bf16+graphs", "bf16+graphs+lu1"]
     args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
                               compile_backend="aot_eager")  # fmt: skip
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices are only named here, nothing runs on them
     for mode, expected in (("fp32+lu1", False), ("fp32", None)):
-        flow = gpu_check.train_setup(args, torch.device("cpu"), 2, mode)[1]
+        flow = gpu_check.train_setup(args, cpu, 2, mode)[1]
         assert flow.compose_convs_together is expected
+        # what a row reports: together on CUDA unless +lu1, never on the CPU (its default), never for compiled steps
+        assert gpu_check.convs_together(flow, cuda) is (expected is None)
+        assert gpu_check.convs_together(flow, cpu) is False
+    flow.compile_steps(backend="aot_eager")
+    flow.zero_grad()
+    (-flow.log_prob(*gpu_check.make_batch(2, 16, torch.Generator().manual_seed(0), cpu)).mean()).backward()
+    assert gpu_check.compiled_steps(flow).calls > 0 and gpu_check.convs_together(flow, cuda) is False
+    flow.compile_steps(False)
 
 
 def test_the_plan_runs_the_target_modes_first_and_compiles_last():

@@ -74,6 +74,19 @@ def test_precision_context_sets_the_tf32_switches_and_restores_them():
             with precision_context(mode):
                 assert torch.backends.cudnn.allow_tf32 == (mode == "tf32")
             assert _tf32_state() == user
+        _restore_tf32(before)
+        # a user's parent setting of TF32 (the per-backend API) or lowered matmul precision (the legacy one): the
+        # strict modes are still strict inside, and the settings come back
+        for user_setting in (lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+                             lambda: torch.set_float32_matmul_precision("high")):  # fmt: skip
+            user_setting()
+            user = _tf32_state()
+            for mode in ("fp32", "bf16"):
+                with precision_context(mode):
+                    assert conv.fp32_precision != "tf32" and torch.backends.cudnn.rnn.fp32_precision != "tf32"
+                    assert matmul.fp32_precision == "ieee" and torch.get_float32_matmul_precision() == "highest"
+                assert _tf32_state()[2] == user[2]  # every per-backend value as the user left it
+            _restore_tf32(before)
     finally:
         _restore_tf32(before)
     assert _tf32_state() == before

@@ -40,7 +40,9 @@ class InvertibleConv1x1(FlowLayer):
     .. math::
         \\log|\\det \\partial y / \\partial x| = N_{\\mathrm{spatial}} \\sum_c \\mathrm{log\\_abs\\_s}_c.
 
-    ``W`` is composed once per call. When autograd is off (sampling, evaluation) ``W`` and ``W^{-1}`` (computed in
+    ``W`` is composed once per call, or, inside :func:`composed_together` (a training pass of ``ConditionalGlow`` on a
+    GPU), taken from one batched composition with the other convolutions of its size. When autograd is off
+    (sampling, evaluation) ``W`` and ``W^{-1}`` (computed in
     float64) are cached; the cache key holds the version counter and storage of every parameter and buffer, so it is
     invalidated by optimiser steps, ``load_state_dict``, in-place edits and device / dtype moves. With autograd on,
     both are recomputed so gradients flow.

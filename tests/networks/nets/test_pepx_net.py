@@ -196,7 +196,8 @@ def test_channels_last_weights_same_outputs_and_gradients():
     plain_spatial = [m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[2] > 1]
     assert all(w.is_contiguous() and w.stride(1) == w.shape[2] * w.shape[3] for w in plain_spatial)
     x, y = torch.rand(4, 1, 64, 64), torch.tensor([0, 1, 1, 0])
-    # float64, both layouts: the same function and gradients to float64 rounding
+    # float64, both layouts: the same function and gradients to float64 rounding (PyTorch's own channels-last kernels:
+    # oneDNN has no float64; its NHWC kernels are the float32 check below)
     fast64, reference = copy.deepcopy(fast).double(), plain.double()
     assert all(m.weight.stride(1) == 1 for m in fast64.modules() if isinstance(m, torch.nn.Conv2d))
     out64, out_ref = fast64(x.double()), reference(x.double())
