@@ -120,7 +120,7 @@ def _set_tf32(allow: bool) -> None:
     want = "tf32" if allow else "ieee"
     for path in ("cudnn.conv", "cudnn.rnn"):
         # switched off, the legacy switch leaves "none" (inherit): a user's parent setting of "tf32" would show
-        # through, so the value is then set itself (the legacy cuDNN flag is unreadable in that case)
+        # through, so the value is then set itself (the legacy cuDNN flag may then be unreadable)
         if (_setting(path).fp32_precision == "tf32") != allow:
             _setting(path).fp32_precision = want
     if not allow:
