@@ -383,10 +383,10 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
         flow.graph_sampling()
     if compiled:
         flow.compile_steps(training=False, sampling=True, backend=args.compile_backend)
-    # the latents drawn on the device, as generate() draws them (a CPU generator would add a host draw of
-    # 512 x 4096 normals and a copy to every timed batch)
 
     def generator() -> torch.Generator:
+        """The latents' generator, on the device as generate() has it (a CPU generator would add a host draw of
+        512 x 4096 normals and a copy to every timed batch)."""
         return torch.Generator(device).manual_seed(1)
 
     with precision_context(precision):
