@@ -28,6 +28,7 @@ Numerical precision of flow training (bundle id ``precision``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -77,17 +78,23 @@ def precision_context(precision: str) -> Iterator[None]:
         _restore_tf32(before)
 
 
-# the per-backend settings (torch >= 2.9) that the TF32 switches below touch, read and restored exactly
-# (parents first: restored in this order, a child that inherited its parent's value inherits it again)
-_PRECISION_SETTINGS = ("", "cudnn", "mkldnn", "cudnn.conv", "cudnn.rnn", "cuda.matmul", "mkldnn.matmul", "mkldnn.conv")
+# the per-backend settings (torch >= 2.9) that the switches below change (the legacy cuDNN switch: convolutions and
+# RNNs; the legacy cuBLAS switch and ``set_float32_matmul_precision``: the two matmul ones), read and restored exactly
+_TOUCHED = ("cudnn.conv", "cudnn.rnn", "cuda.matmul", "mkldnn.matmul")
 
 
-def _setting(path: str) -> object | None:
-    """``torch.backends.<path>`` (``""``: ``torch.backends``) when it has a ``fp32_precision``, else ``None``."""
-    obj: object | None = torch.backends
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part, None)
-    return obj if hasattr(obj, "fp32_precision") else None
+@functools.cache
+def _settings() -> tuple[tuple[str, object], ...]:
+    """``(path, torch.backends.<path>)`` of :data:`_TOUCHED` that this torch has (found once: the block is entered at
+    every training step)."""
+    found = []
+    for path in _TOUCHED:
+        obj: object | None = torch.backends
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if hasattr(obj, "fp32_precision"):
+            found.append((path, obj))
+    return tuple(found)
 
 
 def _legacy_reads() -> tuple:
@@ -103,10 +110,8 @@ def _legacy_reads() -> tuple:
 
 
 def _tf32_state() -> tuple:
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-backend API
-        settings = {p: _setting(p).fp32_precision for p in _PRECISION_SETTINGS if _setting(p) is not None}
-        return ("new", _legacy_reads(), settings)
+    if _settings():  # torch >= 2.9: the per-backend API
+        return ("new", _legacy_reads(), {path: obj.fp32_precision for path, obj in _settings()})
     return ("legacy", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
 
 
@@ -115,14 +120,16 @@ def _set_tf32(allow: bool) -> None:
     # RNNs) and cuBLAS consistently with the legacy flags, so code reading either form inside the block (torch.compile
     # reads the legacy ones) can; setting only some per-backend values made torch refuse to read the legacy flags
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
-    if _setting("cudnn.conv") is None:  # pragma: no cover - older torch: the legacy switches are all there is
+    if not _settings():  # pragma: no cover - older torch: the legacy switches are all there is
         return
     want = "tf32" if allow else "ieee"
-    for path in ("cudnn.conv", "cudnn.rnn"):
+    for path, obj in _settings():
+        if not path.startswith("cudnn."):
+            continue
         # switched off, the legacy switch leaves "none" (inherit): a user's parent setting of "tf32" would show
         # through, so the value is then set itself (the legacy cuDNN flag may then be unreadable)
-        if (_setting(path).fp32_precision == "tf32") != allow:
-            _setting(path).fp32_precision = want
+        if (obj.fp32_precision == "tf32") != allow:
+            obj.fp32_precision = want
     if not allow:
         try:
             torch.get_float32_matmul_precision()
@@ -138,8 +145,8 @@ def _restore_tf32(state: tuple) -> None:
             torch.backends.cudnn.allow_tf32 = cudnn_allow
         if matmul_precision is not None:
             torch.set_float32_matmul_precision(matmul_precision)
-        for path, value in settings.items():
-            if _setting(path).fp32_precision != value:
-                _setting(path).fp32_precision = value
+        for path, obj in _settings():
+            if obj.fp32_precision != settings[path]:
+                obj.fp32_precision = settings[path]
     else:  # pragma: no cover - older torch
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = state[1], state[2]

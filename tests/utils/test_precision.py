@@ -51,7 +51,7 @@ def test_precision_context_sets_the_tf32_switches_and_restores_them():
     raised inside every default "tf32" step); after it every per-backend value is as before, also when a user had
     set one of them on its own (the legacy flags then stay unreadable, as they were)."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = _tf32_state()
+    before, root = _tf32_state(), torch.backends.fp32_precision
     try:
         with precision_context("tf32"):
             assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
@@ -86,8 +86,10 @@ def test_precision_context_sets_the_tf32_switches_and_restores_them():
                     assert conv.fp32_precision != "tf32" and torch.backends.cudnn.rnn.fp32_precision != "tf32"
                     assert matmul.fp32_precision == "ieee" and torch.get_float32_matmul_precision() == "highest"
                 assert _tf32_state()[2] == user[2]  # every per-backend value as the user left it
+            torch.backends.fp32_precision = root  # the test's own parent setting (the block never changes it)
             _restore_tf32(before)
     finally:
+        torch.backends.fp32_precision = root
         _restore_tf32(before)
     assert _tf32_state() == before
 
