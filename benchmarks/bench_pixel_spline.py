@@ -66,7 +66,7 @@ def run(batch: int, reps: int, size: int = 64, seed: int = 0) -> dict:
     spline = next(m for m in flow.modules() if isinstance(m, PixelSpline))
     with torch.no_grad():  # knots away from the uniform start, so both formulations see a trained-like spline
         for p in spline.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype, device=p.device))
     v = torch.randn(batch, *spline.widths.shape[:-1]) * 0.5
     nu = torch.randn(batch, flow.latent_dim(x.shape[2:])) * 0.9
 

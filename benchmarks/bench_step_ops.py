@@ -13,12 +13,18 @@
 A CUDA graph removes the host's launch overhead, not the kernels: each replayed kernel still costs the GPU a few
 microseconds however small its work, so at the paper's batch a step of thousands of tiny kernels has a floor that
 does not shrink with the batch (``docs/performance.md``, "Operations per training step"). This benchmark counts, on
-the CPU, the operations of one training pass (``-log p(x | z)``, forward and backward) that compute, i.e. those that
-launch kernels on a GPU (views, detaches and other metadata operations are not counted), for a preset, with the 1x1
-convolutions' weights composed one by one (the peer: how this project composed them before the twenty-sixth
-session, still the CPU default) and together, one batched composition per size
-(``ConditionalGlow.compose_convs_together``, the GPU default). It also checks that both give the same loss and
-gradients, and times a CPU step of each.
+the CPU, the operations of one training pass (``-log p(x | z)``, forward and backward; nothing else) that compute,
+i.e. those that launch kernels on a GPU (views, detaches and other metadata operations are not counted), for a
+preset, in three configurations:
+
+* ``one_by_one`` (the peer, this project's pass before the twenty-sixth session): each 1x1 convolution composes its
+  own weight, the coupling networks' convolution weights in the default contiguous layout;
+* ``together_contiguous`` (the twenty-sixth session's GPU pass): one batched composition per size of 1x1
+  convolution (``ConditionalGlow.compose_convs_together``), contiguous convolution weights;
+* ``together`` (today's GPU pass): the same with the convolution weights channels-last, the activations' layout
+  (since the twenty-seventh session, on every device; the CPU pass is today's with the 1x1 convolutions one by one).
+
+It also checks that all three give the same loss and gradients, and times a CPU pass of each.
 
 Usage::
 
@@ -49,11 +55,13 @@ VIEWS = frozenset(
     "detach view t expand _unsafe_view split split_with_sizes slice unsqueeze squeeze diagonal as_strided alias "
     "permute transpose unbind select lift_fresh _reshape_alias".split()
 )
+# operations that only allocate memory (no kernel either)
+ALLOCATIONS = frozenset("empty empty_like empty_strided new_empty new_empty_strided".split())
 
 
 class OpCounter(TorchDispatchMode):
     """Counts the operations that reach a kernel (every ATen call below autograd except the views of
-    :data:`VIEWS`), in all and by name."""
+    :data:`VIEWS` and the allocations of :data:`ALLOCATIONS`), in all and by name."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +70,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
-        if name not in VIEWS:
+        if name not in VIEWS and name not in ALLOCATIONS:
             self.count += 1
             self.by_name[name] = self.by_name.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
@@ -92,35 +100,74 @@ def build(preset: str, batch: int, seed: int) -> tuple[ConditionalGlow, torch.Te
     return flow.train(), x, z
 
 
+def set_conv_layout(flow: ConditionalGlow, memory_format: torch.memory_format) -> int:
+    """Put the weights of every 2-D convolution of ``flow`` in ``memory_format`` (values unchanged); returns the
+    number of those with a kernel larger than 1x1 (for a 1x1 kernel both layouts are the same strides)."""
+    larger = 0
+    for m in flow.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(memory_format=memory_format)
+            larger += int(m.weight.shape[2:].numel() > 1)
+    return larger
+
+
+# name: (1x1 convolutions composed together, convolution weights' layout)
+CONFIGS = {
+    "one_by_one": (False, torch.contiguous_format),
+    "together_contiguous": (True, torch.contiguous_format),
+    "together": (True, torch.channels_last),
+}
+
+
+def _configure(flow: ConditionalGlow, name: str) -> None:
+    together, layout = CONFIGS[name]
+    flow.compose_convs_together = together
+    set_conv_layout(flow, layout)
+
+
 def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
-    """Operations per pass and CPU seconds per pass, composing the 1x1 convolutions one by one (the peer) and
-    together, and the largest loss / gradient difference between the two."""
+    """Operations per pass and CPU milliseconds per pass of each of :data:`CONFIGS`, and the largest loss / gradient
+    difference between the peer (``one_by_one``) and the others."""
     flow, x, z = build(preset, batch, seed)
     out: dict[str, Any] = {"preset": preset, "batch": batch, "convolutions": sum(len(g) for g in flow._conv_groups),
-                           "sizes": len(flow._conv_groups)}  # fmt: skip
+                           "sizes": len(flow._conv_groups),
+                           "kxk_conv_weights": set_conv_layout(flow, torch.channels_last)}  # fmt: skip
     results = {}
-    for name, together in (("one_by_one", False), ("together", True)):
-        flow.compose_convs_together = together
+    for name in CONFIGS:
+        _configure(flow, name)
         training_pass(flow, x, z)  # warm-up
+        flow.zero_grad(set_to_none=True)
         counter = OpCounter()
-        with counter:
-            loss, grads = training_pass(flow, x, z)
-        results[name] = (loss, grads)
+        with counter:  # the pass alone (its gradients are copied out after)
+            loss = -flow.log_prob(x, z).mean()
+            loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in flow.parameters() if p.grad is not None])
         out[f"ops_{name}"] = counter.count
         out[f"compose_ops_{name}"] = sum(counter.by_name.get(k, 0) for k in ("tril", "triu", "diag_embed", "mm", "bmm"))
-    times: dict[str, list[float]] = {"one_by_one": [], "together": []}
-    for _ in range(reps):  # alternating, so that a machine's drift hits both alike
-        for name, together in (("one_by_one", False), ("together", True)):
-            flow.compose_convs_together = together
+        out[f"copy_ops_{name}"] = counter.by_name.get("copy_", 0)
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for _ in range(reps):  # alternating, so that a machine's drift hits all alike
+        for name in CONFIGS:
+            _configure(flow, name)
             t0 = time.perf_counter()
             training_pass(flow, x, z)
             times[name].append(time.perf_counter() - t0)
     flow.compose_convs_together = None
-    (loss_a, grads_a), (loss_b, grads_b) = results["one_by_one"], results["together"]
-    out["loss_diff"] = float((loss_a - loss_b).abs())
-    out["grad_rel_diff"] = max(
-        float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in zip(grads_a, grads_b)
+    set_conv_layout(flow, torch.channels_last)
+    loss_a, grads_a = results["one_by_one"]
+    for name in ("together_contiguous", "together"):
+        loss_b, grads_b = results[name]
+        out[f"loss_diff_{name}"] = float((loss_a - loss_b).abs())
+        out[f"grad_rel_diff_{name}"] = max(
+            float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in zip(grads_a, grads_b)
+        )
+    # the layout of the weights changes no value: bit-identical loss and gradients
+    (loss_c, grads_c), (loss_d, grads_d) = results["together_contiguous"], results["together"]
+    out["layout_bit_identical"] = bool(torch.equal(loss_c, loss_d)) and all(
+        torch.equal(a, b) for a, b in zip(grads_c, grads_d)
     )
+    out["loss_diff"] = max(out["loss_diff_together_contiguous"], out["loss_diff_together"])
+    out["grad_rel_diff"] = max(out["grad_rel_diff_together_contiguous"], out["grad_rel_diff_together"])
     out["ops_ratio"] = round(out["ops_together"] / out["ops_one_by_one"], 3)
     for name, t in times.items():
         out[f"cpu_ms_{name}"] = round(1e3 * statistics.median(t), 1)
@@ -135,14 +182,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=3, help="timed passes of each, alternating")
     args = parser.parse_args(argv)
     rows = [measure(p, args.batch, args.reps) for p in args.presets.split(",")]
-    print("| preset | 1x1 convs (sizes) | ops / pass, one by one | together | ratio | compose ops | "
-          "CPU ms / pass, one by one | together | loss diff | largest gradient diff (relative) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | batch | 1x1 convs (sizes) | ops / pass, one by one | together, contiguous weights | together, "
+          "channels-last weights | ratio | composition ops | copies | CPU ms / pass, one by one | together, "
+          "contiguous | together, channels-last | loss diff | largest gradient diff (relative) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['convolutions']} ({r['sizes']}) | {r['ops_one_by_one']:,} | "
-              f"{r['ops_together']:,} | {r['ops_ratio']:.3f} | {r['compose_ops_one_by_one']} -> "
-              f"{r['compose_ops_together']} | {r['cpu_ms_one_by_one']} | {r['cpu_ms_together']} | "
-              f"{r['loss_diff']:.1e} | {r['grad_rel_diff']:.1e} |")  # fmt: skip
+        print(f"| {r['preset']} | {r['batch']} | {r['convolutions']} ({r['sizes']}) | {r['ops_one_by_one']:,} | "
+              f"{r['ops_together_contiguous']:,} | {r['ops_together']:,} | {r['ops_ratio']:.3f} | "
+              f"{r['compose_ops_one_by_one']} -> {r['compose_ops_together']} | {r['copy_ops_one_by_one']} -> "
+              f"{r['copy_ops_together']} | {r['cpu_ms_one_by_one']} | {r['cpu_ms_together_contiguous']} | "
+              f"{r['cpu_ms_together']} | {r['loss_diff']:.1e} | {r['grad_rel_diff']:.1e} |")  # fmt: skip
     print("BENCH_STEP_OPS " + json.dumps(rows))
     return rows
 

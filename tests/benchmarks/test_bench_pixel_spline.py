@@ -31,7 +31,7 @@ def test_bins_first_knots_equal_the_row_by_row_peer(bench):
     spline = PixelSpline(2, 1, (8, 8), num_bins=5, condition_dim=6, condition_factor=2)
     with torch.no_grad():
         for p in spline.parameters():
-            p.add_(torch.randn_like(p))
+            p.add_(torch.randn(p.shape, dtype=p.dtype, device=p.device))
     offsets = spline._offsets(torch.zeros(3, 1, 8, 8), torch.randn(3, 6))
     for args in ((), (offsets,)):  # unconditional [C, H, W, bins] and per-image [B, C, H, W, bins] knots
         ours = spline._knots(*args)

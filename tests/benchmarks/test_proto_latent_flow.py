@@ -115,7 +115,7 @@ def _tiny_pixel_flow(seed: int = 0):
     flow.initialize(x, z)
     with torch.no_grad():  # move every layer off its identity initialisation
         for param in flow.parameters():
-            param.add_(0.05 * torch.randn_like(param))
+            param.add_(0.05 * torch.randn(param.shape, dtype=param.dtype, device=param.device))
     return flow.eval(), x, z
 
 

@@ -31,7 +31,7 @@ def perturbed_background() -> torch.nn.Module:
     torch.manual_seed(7)
     with torch.no_grad():
         for p in background.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(0.01 * torch.randn(p.shape, dtype=p.dtype, device=p.device))
     return background
 
 

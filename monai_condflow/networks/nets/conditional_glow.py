@@ -348,6 +348,13 @@ class ConditionalGlow(nn.Module):
         # compose the 1x1 convolutions' weights of a training pass in one batch per size (composed_together):
         # None (default) on CUDA only (fewer kernels; on the CPU one by one, bit for bit as before), True / False always
         self.compose_convs_together: bool | None = None
+        if spatial_dims == 2:
+            # the convolution weights in the activations' layout (Squeeze makes every level channels-last): the same
+            # values and kernels, but no per-call copy of a contiguous weight to channels-last (cuDNN) and no copy of
+            # each channels-last weight gradient back to the weight's layout (autograd), forward and backward
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
         self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
         self._compiled_inverse: Any = None  # opt-in torch.compile'd decoder of :meth:`sample` (compile_sampling)
         self._graphed_decoders: dict | None = None  # opt-in CUDA-graph decoders of :meth:`sample` (graph_sampling)

@@ -144,7 +144,7 @@ def test_inductor_compiled_decoder_samples_like_the_eager_one_after_the_weights_
         assert (a - b).abs().max() < 1e-5, round_
         with torch.no_grad():  # the same change to both: the compiled decoder must read the new weights
             for p, q in zip(flow.parameters(), twin.parameters()):
-                delta = 0.01 * torch.randn_like(p)
+                delta = 0.01 * torch.randn(p.shape, dtype=p.dtype, device=p.device)
                 p.add_(delta)
                 q.add_(delta)
     assert compiled_steps(flow).calls == 6 and not compiled_steps(flow).failed

@@ -38,7 +38,7 @@ COND = 3
 def perturb(module: nn.Module, std: float = 0.1) -> nn.Module:
     """Add noise to every parameter so zero-initialised layers are no longer the identity."""
     for p in module.parameters():
-        p.add_(torch.randn_like(p) * std)
+        p.add_(torch.randn(p.shape, dtype=p.dtype, device=p.device) * std)
     return module
 
 
@@ -307,6 +307,22 @@ def test_exp_of_channels_last_slice_is_exact_and_differentiable():
     torch.testing.assert_close(base.grad, expected, atol=0, rtol=0)
     dense = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(_exp(dense), dense.exp(), atol=0, rtol=0)
+
+
+def test_exp_copies_a_strided_slice_on_the_cpu_only():
+    """The dense copy is a CPU measure: off the CPU (here the meta device, which runs no kernel but dispatches the
+    same operations as a GPU would) ``exp`` reads the slice directly, one operation instead of two."""
+    from monai_condflow.networks.blocks.coupling import _exp
+    from tests.benchmarks.script import load_benchmark
+
+    counter_cls = load_benchmark("bench_step_ops").OpCounter
+    for device, expected in (("cpu", {"clone": 1, "exp_": 1}), ("meta", {"exp": 1})):
+        part = torch.empty(2, 6, 5, 5, device=device).contiguous(memory_format=torch.channels_last)[:, 1:3]
+        counter = counter_cls()
+        with counter:
+            out = _exp(part)
+        assert counter.by_name == expected, device
+        assert out.shape == part.shape and out.device.type == device
 
 
 def test_coupling_keeps_channels_last_gradients():

@@ -23,7 +23,7 @@ def _perturbed(seed: int = 0, **kwargs) -> PixelSpline:
     layer = PixelSpline(2, 1, (3, 3), **{"num_bins": 6, "tail_bound": 2.0, **kwargs}).double()
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(1.5 * torch.randn_like(p))
+            p.add_(1.5 * torch.randn(p.shape, dtype=p.dtype, device=p.device))
     return layer
 
 
@@ -78,7 +78,7 @@ def test_conditional_spline_is_exact_depends_on_the_condition_and_guides_monoton
     assert torch.allclose(layer(x, z)[0], x, atol=1e-7)  # zero-initialised map: the identity for every z
     with torch.no_grad():
         for p in layer.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+            p.add_(0.5 * torch.randn(p.shape, dtype=p.dtype, device=p.device))
     y, logdet = layer(x, z)
     back, inv_logdet = layer.inverse(y, z)
     assert torch.allclose(back, x, atol=1e-10) and torch.allclose(inv_logdet, -logdet, atol=1e-10)

@@ -36,7 +36,7 @@ def perturb(module: nn.Module, scale: float) -> nn.Module:
     """
     for p in module.parameters():
         fan_in = p[0].numel() if p.ndim >= 2 else 1
-        p.add_(torch.randn_like(p) * scale / fan_in**0.5)
+        p.add_(torch.randn(p.shape, dtype=p.dtype, device=p.device) * scale / fan_in**0.5)
     return module
 
 
@@ -236,6 +236,53 @@ def test_memory_format_of_input_does_not_change_results():
     assert (back - x).abs().max() < 1e-4
 
 
+def test_convolution_weights_are_channels_last_and_change_no_value():
+    """2-D flows keep their convolution weights in the activations' (channels-last) layout: the same loss and
+    gradients bit for bit as contiguous weights, gradients in the weights' layout (no copy back), the layout kept
+    through a dtype move and a state dict from contiguous weights, and 3-D flows untouched."""
+    model = tiny(hidden_channels=16)
+    x, z = images(4, 8), conditions(4)
+    model.initialize(x, z)
+    perturb(model, 0.3)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[2:].numel() > 1]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(m.weight.is_contiguous() for m in convs)
+
+    def loss_and_grads(module):
+        module.zero_grad(set_to_none=True)
+        loss = module.bits_per_dim(x, z).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    loss_cl, grads_cl = loss_and_grads(model)
+    assert all(m.weight.grad.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    contiguous = tiny(hidden_channels=16)
+    for m in contiguous.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.contiguous_format)
+    contiguous.load_state_dict(model.state_dict())
+    loss_c, grads_c = loss_and_grads(contiguous)
+    assert torch.equal(loss_cl, loss_c)
+    assert all(torch.equal(grads_cl[n], grads_c[n]) for n in grads_cl)
+    # a state dict saved from contiguous weights (an older checkpoint) loads into the channels-last layout
+    fresh = tiny(hidden_channels=16)
+    fresh.load_state_dict({k: v.contiguous() for k, v in contiguous.state_dict().items()})
+    fresh_convs = [m for m in fresh.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[2:].numel() > 1]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in fresh_convs)
+    assert torch.equal(fresh.bits_per_dim(x, z), model.bits_per_dim(x, z))
+    double = tiny(hidden_channels=16).double()
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in double.modules()
+        if isinstance(m, nn.Conv2d) and m.weight.shape[2:].numel() > 1
+    )
+    volume = ConditionalGlow(
+        spatial_dims=3, condition_dim=COND, num_levels=2, image_size=4, num_steps=1, hidden_channels=4
+    )
+    conv3d = [m for m in volume.modules() if isinstance(m, nn.Conv3d)]
+    assert conv3d and all(m.weight.is_contiguous() for m in conv3d)
+
+
 def test_gradients_reach_every_parameter():
     model = tiny()
     x, z = images(4, 8), conditions(4)
@@ -320,7 +367,7 @@ def test_pixel_spline_option_is_exact_learnable_and_persisted():
     flow.initialize(x, z)
     with torch.no_grad():
         for p in flow.pixel_spline.parameters():
-            p.add_(torch.randn_like(p))
+            p.add_(torch.randn(p.shape, dtype=p.dtype, device=p.device))
     nu, logdet = flow(x, z)
     back, inv_logdet = flow.inverse(nu, z)
     assert torch.allclose(back, x, atol=1e-9) and torch.allclose(inv_logdet, -logdet, atol=1e-7)
