@@ -21,9 +21,11 @@ false``), which is what the test suite does.
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
 
 - ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``,
-  ``bf16+compile``, ``bf16+compile+graphs``, ``bf16+graphs+lu1``; any precision with ``+compile``, ``+graphs`` and /
-  or ``+lu1``, the last composing the 1x1 convolutions' weights one by one instead of together, the CUDA default
-  since the twenty-sixth session: ``ConditionalGlow.compose_convs_together``) a fresh model (same
+  ``bf16+compile``, ``bf16+compile+graphs``, ``bf16+graphs+cw``, ``bf16+graphs+lu1+cw``; any precision with
+  ``+compile``, ``+graphs``, ``+lu1`` and / or ``+cw``: ``+lu1`` composes the 1x1 convolutions' weights one by one
+  instead of together, the CUDA default since the twenty-sixth session, ``ConditionalGlow.compose_convs_together``;
+  ``+cw`` keeps the convolution weights contiguous instead of channels-last, the flow's layout since the
+  twenty-seventh session) a fresh model (same
   seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer is the
   identity), the trainer's step (zero_grad, per-sample bits/dim, backward, clipping at 50, one read of the device for
   the finiteness checks, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with
@@ -90,8 +92,10 @@ from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 # "+lu1": the 1x1 convolutions' weights composed one by one (as before the twenty-sixth session) instead of
-# together (ConditionalGlow.compose_convs_together, the CUDA default): first among the comparisons, the A/B of that
-TRAIN_MODES = ("bf16+graphs+lu1", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile",
+# together (ConditionalGlow.compose_convs_together, the CUDA default); "+cw": the convolution weights contiguous (as
+# before the twenty-seventh session) instead of channels-last. First among the comparisons, the A/B of those two
+# changes: "+cw" the twenty-sixth session's step, "+lu1+cw" the step before both
+TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile",
                "bf16+compile+graphs")  # fmt: skip
 # the modes that the issue's targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
@@ -102,16 +106,17 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 def parse_mode(mode: str) -> tuple[str, bool, bool]:
     """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs (the option
-    ``"+lu1"``, the 1x1 convolutions composed one by one, is read by :func:`one_by_one`).
+    ``"+lu1"``, the 1x1 convolutions composed one by one, is read by :func:`one_by_one`, ``"+cw"``, contiguous
+    convolution weights, by :func:`contiguous_weights`).
 
     Raises:
         ValueError: an unknown precision or option.
     """
     precision, *options = mode.split("+")
-    known = {"compile", "graphs", "lu1"}
+    known = {"compile", "graphs", "lu1", "cw"}
     if precision not in PRECISIONS or not set(options) <= known or len(set(options)) < len(options):
         raise ValueError(
-            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs' and / or '+lu1'"
+            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs', '+lu1' and / or '+cw'"
         )
     return precision, "compile" in options, "graphs" in options
 
@@ -119,6 +124,20 @@ def parse_mode(mode: str) -> tuple[str, bool, bool]:
 def one_by_one(mode: str) -> bool:
     """Whether ``mode`` composes the 1x1 convolutions' weights one by one (``"+lu1"``)."""
     return "lu1" in mode.split("+")[1:]
+
+
+def contiguous_weights(mode: str) -> bool:
+    """Whether ``mode`` keeps the flow's convolution weights contiguous (``"+cw"``) instead of channels-last."""
+    return "cw" in mode.split("+")[1:]
+
+
+def set_weight_layout(flow: ConditionalGlow, mode: str) -> None:
+    """The flow's 2-D convolution weights channels-last (how ``ConditionalGlow`` builds them) or, with ``"+cw"``,
+    contiguous (values unchanged)."""
+    layout = torch.contiguous_format if contiguous_weights(mode) else torch.channels_last
+    for m in flow.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(memory_format=layout)
 
 
 def convs_together(flow: ConditionalGlow, device: torch.device) -> bool:
@@ -170,6 +189,7 @@ def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
     flow.compose_convs_together = False if one_by_one(mode) else None  # None: together on CUDA (the default)
+    set_weight_layout(flow, mode)
     net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
     if compiled:  # what the bundle id ``compile`` does (FlowBitsPerDim(compile=True)), with the chosen backend
         flow.compile_steps(backend=args.compile_backend)
@@ -201,6 +221,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "fused_adam": fused,
         "convs_together": convs_together(flow, device),
+        "conv_weights": "contiguous" if contiguous_weights(mode) else "channels_last",
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -264,6 +285,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
             init_z = classifier.embed(init_x)
         flow = build_flow(args, device, init_x, init_z)
         flow.compose_convs_together = False if one_by_one(mode) else None
+        set_weight_layout(flow, mode)
         trainer, _ = create_flow_trainer(
             flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
             ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
@@ -294,6 +316,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "convs_together": convs_together(flow, device),
+        "conv_weights": "contiguous" if contiguous_weights(mode) else "channels_last",
         "classifier": args.trainer_classifier,
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
         "classifier_graphed": bool(graphed_embedding is not None and graphed_embedding[1].replays > 0),
@@ -379,6 +402,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
     x, z = make_batch(args.sample_batch, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
     set_coupling_dtype(flow, coupling_dtype(precision))
+    set_weight_layout(flow, mode)  # sampling too: cuDNN copies contiguous weights to channels-last at every call
     if graphs:
         flow.graph_sampling()
     if compiled:
@@ -534,9 +558,10 @@ def _named(section: str, record: dict) -> str:
 
 
 def _order(mode: str) -> tuple:
-    """Table order: precision, then eager, graphs, compile, compile + graphs; a ``+lu1`` row after its mode's."""
+    """Table order: precision, then eager, graphs, compile, compile + graphs; ``+cw`` and ``+lu1`` rows after
+    their mode's."""
     precision, compiled, graphs = parse_mode(mode)
-    return PRECISIONS.index(precision), compiled, graphs, one_by_one(mode)
+    return PRECISIONS.index(precision), compiled, graphs, contiguous_weights(mode), one_by_one(mode)
 
 
 def _ran_as(r: dict) -> str:

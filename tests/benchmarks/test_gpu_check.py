@@ -37,14 +37,15 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
     # run order: the target mode, the compiled and graphed one, then the comparisons
-    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+lu1", "fp32", "tf32", "bf16", "tf32+graphs",
-             "bf16+compile"]  # fmt: skip
+    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16",
+             "tf32+graphs", "bf16+compile"]  # fmt: skip
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
     for r in train:
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
         assert r["compiled"] == ("compile" in r["mode"])
+        assert r["conv_weights"] == ("contiguous" if r["mode"].endswith("+cw") else "channels_last")
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
     for mode in ("bf16", "bf16+compile"):
@@ -68,6 +69,7 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     trainer = report["trainer"]
     assert [(r["batch"], r["mode"], r["classifier"]) for r in trainer] == [(4, "bf16+graphs", "small")]
     assert trainer[0]["trainer_img_s"] > 0 and trainer[0]["skipped_steps"] == 0 and not trainer[0]["graphed"]
+    assert trainer[0]["conv_weights"] == "channels_last"
     # generate.json's formats: a PNG and a NIfTI file per image
     assert [(w["images"], w["manifest_rows"], w["threads"], w["files"], w["formats"]) for w in report["write"]] == [
         (40, 40, 16, 80, "png+nifti"),
@@ -164,22 +166,33 @@ def test_the_budget_estimates_a_kind_and_size_by_its_longest_measured_run():
     assert gpu_check.Budget(100.0, start=time.perf_counter() - 99.5).left() < 0.5
 
 
-def test_the_lu1_option_composes_the_convolutions_one_by_one_and_sorts_after_its_mode():
+def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
     import argparse
 
     gpu_check = load_benchmark("gpu_check")
     assert gpu_check.parse_mode("bf16+graphs+lu1") == ("bf16", False, True) and gpu_check.one_by_one("bf16+graphs+lu1")
-    assert not gpu_check.one_by_one("bf16+graphs")
-    with pytest.raises(ValueError, match="lu2"):
-        gpu_check.parse_mode("bf16+lu2")
-    modes = ["bf16+graphs+lu1", "fp32", "bf16+graphs", "bf16"]
-    assert sorted(modes, key=gpu_check._order) == ["fp32", "bf16", "bf16+graphs", "bf16+graphs+lu1"]
+    assert not gpu_check.one_by_one("bf16+graphs") and not gpu_check.contiguous_weights("bf16+graphs+lu1")
+    assert gpu_check.parse_mode("bf16+graphs+lu1+cw") == ("bf16", False, True)
+    assert gpu_check.contiguous_weights("bf16+graphs+lu1+cw") and gpu_check.one_by_one("bf16+graphs+lu1+cw")
+    for bad in ("bf16+lu2", "bf16+cw+cw"):
+        with pytest.raises(ValueError, match="lu1"):
+            gpu_check.parse_mode(bad)
+    modes = ["bf16+graphs+lu1+cw", "bf16+graphs+lu1", "fp32", "bf16+graphs+cw", "bf16+graphs", "bf16"]
+    assert sorted(modes, key=gpu_check._order) == [
+        "fp32", "bf16", "bf16+graphs", "bf16+graphs+lu1", "bf16+graphs+cw", "bf16+graphs+lu1+cw"
+    ]  # fmt: skip
     args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
                               compile_backend="aot_eager")  # fmt: skip
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices are only named here, nothing runs on them
-    for mode, expected in (("fp32+lu1", False), ("fp32", None)):
+
+    def kxk(flow):  # the convolutions whose weight layout the option changes (1x1 kernels have one layout)
+        return [m.weight for m in flow.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[2:].numel() > 1]
+
+    for mode, expected, channels_last in (("fp32+lu1+cw", False, False), ("fp32", None, True)):
         flow = gpu_check.train_setup(args, cpu, 2, mode)[1]
         assert flow.compose_convs_together is expected
+        assert all(w.is_contiguous(memory_format=torch.channels_last) is channels_last for w in kxk(flow))
+        assert all(w.is_contiguous() is not channels_last for w in kxk(flow))
         # what a row reports: together on CUDA unless +lu1, never on the CPU (its default), never for compiled steps
         assert gpu_check.convs_together(flow, cuda) is (expected is None)
         assert gpu_check.convs_together(flow, cpu) is False
