@@ -95,8 +95,8 @@ from monai_condflow.utils.precision import coupling_dtype, precision_context  # 
 # together (ConditionalGlow.compose_convs_together, the CUDA default); "+cw": the convolution weights contiguous (as
 # before the twenty-seventh session) instead of channels-last. First among the comparisons, the A/B of those two
 # changes: "+cw" the twenty-sixth session's step, "+lu1+cw" the step before both
-TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile",
-               "bf16+compile+graphs")  # fmt: skip
+TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs",
+               "bf16+compile", "bf16+compile+graphs")  # fmt: skip
 # the modes that the targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
