@@ -23,6 +23,7 @@ captured).
   hooks, clipping and the optimizer step run eagerly after it). Random draws inside (noise, condition dropout) use
   CUDA's graph-safe generator: a replay draws fresh values.
 - :class:`GraphedCall`: ``torch.cuda.graph`` around an inference function (the decoder of ``sample``).
+- :class:`WeightsWatch`: whether a module's weights are still the ones a recorded graph reads.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["GraphedCall", "GraphedTraining", "signature"]
+__all__ = ["GraphedCall", "GraphedTraining", "WeightsWatch", "signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,43 @@ logger = logging.getLogger(__name__)
 def signature(*args: Tensor) -> tuple:
     """What a recorded graph depends on: each tensor's shape, dtype, device and ``requires_grad``."""
     return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+
+
+class WeightsWatch:
+    """Says when the weights a recorded graph reads are no longer a module's current ones.
+
+    A graph reads each tensor at the address it had at recording, and values derived from the weights and cached
+    (the 1x1 convolutions' inverses, cached without autograd) as they were then. So the graph is stale when any
+    parameter or buffer moved (``.to()``, ``.half()``, ``load_state_dict(assign=True)``, a ``.data`` assignment) or
+    was written (an optimiser step, ``load_state_dict``, an in-place edit: a new version). The watch keys every
+    parameter and buffer by its address and version counter, and holds the tensors of the last key, so that no new
+    tensor can be given the address of a replaced one while the key refers to it.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._held: list[Tensor] = []
+        self._dicts: tuple[nn.Module, list[dict]] | None = None
+
+    def _tensors(self, module: nn.Module) -> list[Tensor]:
+        # the dictionaries that hold the parameters and buffers of the module's tree, collected at the first call
+        # for a module (walking the tree is most of the cost: ~850 modules for the ``paper`` flow, whose tree is
+        # fixed at construction; a submodule added later is not seen); tensors replaced or added in a module are
+        # read from its dictionaries at every call
+        if self._dicts is None or self._dicts[0] is not module:
+            self._dicts = (module, [d for m in module.modules() for d in (m._parameters, m._buffers)])
+        return [t for d in self._dicts[1] for t in d.values() if t is not None]
+
+    def changed(self, module: nn.Module) -> bool:
+        """Whether ``module``'s parameters and buffers differ from those at the previous call (``True`` at the
+        first call); the current ones become the reference."""
+        tensors = self._tensors(module)
+        # an inference tensor has no version counter (its address still counts)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        if key == self._key:
+            return False
+        self._key, self._held = key, [t.detach() for t in tensors]
+        return True
 
 
 class GraphedTraining:

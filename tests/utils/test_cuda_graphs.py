@@ -103,3 +103,55 @@ def test_graphed_decoder_equals_eager_and_is_dropped_when_weights_change():
     flow.graph_sampling(False)
     eager_new = flow.sample(z, 0.9, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(graphed_new, eager_new, atol=1e-6) and not torch.allclose(eager_new, eager, atol=1e-3)
+
+
+def test_weights_watch_sees_written_moved_and_replaced_weights():
+    from monai_condflow.utils.cuda_graphs import WeightsWatch
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+    watch = WeightsWatch()
+    assert watch.changed(module) and not watch.changed(module)  # the first call sets the reference
+    with torch.no_grad():
+        module[0].weight.add_(1.0)  # written in place (an optimiser step): a new version
+    assert watch.changed(module) and not watch.changed(module)
+    module[1].running_mean.add_(1.0)  # a buffer counts too
+    assert watch.changed(module) and not watch.changed(module)
+    module.to(memory_format=torch.channels_last)  # a move: a new address, the version of a fresh tensor
+    assert watch.changed(module) and not watch.changed(module)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(state, assign=True)  # replaced tensors
+    assert watch.changed(module) and not watch.changed(module)
+    with torch.inference_mode():
+        module[1].register_buffer("made_in_inference", torch.zeros(2))  # no version counter: its address counts
+    assert watch.changed(module) and not watch.changed(module)
+
+
+def test_graphed_decoders_are_dropped_when_the_weights_move_or_change(monkeypatch):
+    """The decoder graphs' bookkeeping, on the CPU with a stand-in for the recording: one recording per signature,
+    kept while the weights stay, dropped after an in-place write, a replacement by load_state_dict(assign=True) or
+    a buffer edit (which the sum of the parameters' version counters, used before, did not see)."""
+    import monai_condflow.utils.cuda_graphs as cuda_graphs
+
+    recorded = []
+
+    class Recording:
+        def __init__(self, fn, *args, name="decoder"):
+            recorded.append(tuple(a.shape for a in args))
+
+    monkeypatch.setattr(cuda_graphs, "GraphedCall", Recording)
+    flow, _, z = _flow()
+    flow.graph_sampling()
+    nu = torch.zeros(z.shape[0], flow.latent_dim((S, S)))
+    first = flow._graphed_decoder(nu, z, (S, S))
+    assert isinstance(first, Recording) and flow._graphed_decoder(nu, z, (S, S)) is first and len(recorded) == 1
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.0)
+    assert flow._graphed_decoder(nu, z, (S, S)) is not first and len(recorded) == 2
+    flow.load_state_dict({k: v.clone() for k, v in flow.state_dict().items()}, assign=True)
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 3
+    next(b for b in flow.buffers() if b.is_floating_point()).add_(0.0)  # e.g. a 1x1 convolution's permutation
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 4
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 4 and flow.graph_sampling_recorded == 1

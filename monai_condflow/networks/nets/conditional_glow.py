@@ -358,7 +358,7 @@ class ConditionalGlow(nn.Module):
         self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
         self._compiled_inverse: Any = None  # opt-in torch.compile'd decoder of :meth:`sample` (compile_sampling)
         self._graphed_decoders: dict | None = None  # opt-in CUDA-graph decoders of :meth:`sample` (graph_sampling)
-        self._graphed_version = -1
+        self._graphed_weights: Any = None  # WeightsWatch of the weights the decoder graphs were recorded with
         self.register_load_state_dict_post_hook(ConditionalGlow._reset_init_cache)
 
     # ------------------------------------------------------------------ construction helpers
@@ -811,8 +811,10 @@ class ConditionalGlow(nn.Module):
         """Opt-in (off by default): on a GPU, decode in :meth:`sample` by replaying a CUDA graph, one recorded per
         batch shape (up to ``max_graphs`` shapes; others decode eagerly), so that a batch costs one launch instead
         of thousands. The samples equal the eager ones (same kernels, same inputs). Guided sampling (``w != 1``) and
-        the CPU decode eagerly. A change of the weights (optimiser step, ``load_state_dict``) drops the recorded
-        graphs (they hold the cached inverse 1x1 weights). Bundle id ``cuda_graphs`` of ``generate.json``.
+        the CPU decode eagerly. A change of the weights or buffers (optimiser step, ``load_state_dict``, a move of
+        a weight) drops the recorded graphs (they read the weights where they were and the cached inverse 1x1
+        weights; :class:`~monai_condflow.utils.cuda_graphs.WeightsWatch`). Bundle id ``cuda_graphs`` of
+        ``generate.json``.
 
         Args:
             enable: ``False`` drops the graphs and decodes eagerly.
@@ -822,6 +824,7 @@ class ConditionalGlow(nn.Module):
             ``self``.
         """
         self._graphed_decoders = {} if enable else None
+        self._graphed_weights = None
         self._max_graphs = int(max_graphs)
         return self
 
@@ -837,11 +840,12 @@ class ConditionalGlow(nn.Module):
 
     def _graphed_decoder(self, nu: Tensor, cond: Tensor, size: tuple[int, ...]) -> Any:
         """The recorded decoder for these inputs (recorded now if there is room), or ``None`` (decode eagerly)."""
-        from monai_condflow.utils.cuda_graphs import GraphedCall, signature
+        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, signature
 
-        version = sum(p._version for p in self.parameters())
-        if version != self._graphed_version:
-            self._graphed_decoders, self._graphed_version = {}, version
+        if self._graphed_weights is None:
+            self._graphed_weights = WeightsWatch()
+        if self._graphed_weights.changed(self):  # moved or written weights: the graphs read the old ones
+            self._graphed_decoders = {}
         key = (signature(nu, cond), size)
         if key not in self._graphed_decoders and len(self._graphed_decoders) < self._max_graphs:
             try:
