@@ -17,12 +17,14 @@ the CPU, the operations of one training pass (``-log p(x | z)``, forward and bac
 i.e. those that launch kernels on a GPU (views, detaches and other metadata operations are not counted), for a
 preset, in three configurations:
 
-* ``one_by_one`` (the peer, this project's pass before the twenty-sixth session): each 1x1 convolution composes its
-  own weight, the coupling networks' convolution weights in the default contiguous layout;
+* ``one_by_one`` (the peer, this project's pass before the twenty-sixth session but for that session's
+  ``FlowSequential`` change, which cannot be switched off): each 1x1 convolution composes its own weight, the
+  coupling networks' convolution weights in the default contiguous layout;
 * ``together_contiguous`` (the twenty-sixth session's GPU pass): one batched composition per size of 1x1
   convolution (``ConditionalGlow.compose_convs_together``), contiguous convolution weights;
-* ``together`` (today's GPU pass): the same with the convolution weights channels-last, the activations' layout
-  (since the twenty-seventh session, on every device; the CPU pass is today's with the 1x1 convolutions one by one).
+* ``together`` (today's GPU pass, but for the copy before ``exp`` of a channel slice, which the CPU keeps): the
+  same with the convolution weights channels-last, the activations' layout (since the twenty-seventh session, on
+  every device; the CPU pass is today's with the 1x1 convolutions one by one).
 
 It also checks that all three give the same loss and gradients, and times a CPU pass of each.
 

@@ -100,7 +100,7 @@ TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "
 # the modes that the issue's targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
-SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs")
+SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs", "bf16+graphs+cw")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -138,6 +138,15 @@ def set_weight_layout(flow: ConditionalGlow, mode: str) -> None:
     for m in flow.modules():
         if isinstance(m, torch.nn.Conv2d):
             m.to(memory_format=layout)
+
+
+def weights_layout(flow: ConditionalGlow) -> str:
+    """The layout of ``flow``'s convolution weights with kernels larger than 1x1 (for a 1x1 kernel both layouts
+    are the same strides): ``"channels_last"``, ``"contiguous"`` or ``"mixed"``, read off the weights."""
+    weights = [m.weight for m in flow.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[2:].numel() > 1]
+    if all(w.is_contiguous(memory_format=torch.channels_last) for w in weights):
+        return "channels_last"
+    return "contiguous" if all(w.is_contiguous() for w in weights) else "mixed"
 
 
 def convs_together(flow: ConditionalGlow, device: torch.device) -> bool:
@@ -221,7 +230,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "fused_adam": fused,
         "convs_together": convs_together(flow, device),
-        "conv_weights": "contiguous" if contiguous_weights(mode) else "channels_last",
+        "conv_weights": weights_layout(flow),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -316,7 +325,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "convs_together": convs_together(flow, device),
-        "conv_weights": "contiguous" if contiguous_weights(mode) else "channels_last",
+        "conv_weights": weights_layout(flow),
         "classifier": args.trainer_classifier,
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
         "classifier_graphed": bool(graphed_embedding is not None and graphed_embedding[1].replays > 0),
@@ -392,6 +401,7 @@ def profile_train(args: argparse.Namespace, device: torch.device, mode: str) -> 
         ("device_busy_ms_per_step" if cuda else "cpu_self_ms_per_step"): round(busy_ms, 2),
         "device_events_per_step": round(sum(e.count for e in kernels) / steps, 1) if cuda else None,
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
+        "conv_weights": weights_layout(flow),
         "top": [{"name": e.key[:90], "calls_per_step": round(e.count / steps, 1),
                  "ms_per_step": round(self_us(e) / 1000 / steps, 3)} for e in top],  # fmt: skip
     }
@@ -432,6 +442,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
             "warmup_s": round(warmup_s, 2),
             "graphed": bool(graphs and flow.graph_sampling_recorded),
             "compiled": bool(compiled and flow.steps_compiled and compiled_steps(flow).calls > 0),
+            "conv_weights": weights_layout(flow),
         }
         if graphs or compiled:
             flow.graph_sampling(False)

@@ -51,9 +51,12 @@ class WeightsWatch:
     A graph reads each tensor at the address it had at recording, and values derived from the weights and cached
     (the 1x1 convolutions' inverses, cached without autograd) as they were then. So the graph is stale when any
     parameter or buffer moved (``.to()``, ``.half()``, ``load_state_dict(assign=True)``, a ``.data`` assignment) or
-    was written (an optimiser step, ``load_state_dict``, an in-place edit: a new version). The watch keys every
-    parameter and buffer by its address and version counter, and holds the tensors of the last key, so that no new
-    tensor can be given the address of a replaced one while the key refers to it.
+    was written (an optimiser step, ``load_state_dict``, an in-place edit: a new version), or was replaced by
+    another tensor object (caches derived from the weights are keyed by the tensors' identities too). The watch keys
+    every parameter and buffer by its identity, address and version counter, and holds the tensors of the last key,
+    so that neither the identity nor the address of a replaced one can be given to a new tensor while the key refers
+    to it (until the next call, or :meth:`forget`). A deep copy of a watch is an empty one (a copied module's
+    weights are other tensors).
     """
 
     def __init__(self) -> None:
@@ -75,11 +78,18 @@ class WeightsWatch:
         first call); the current ones become the reference."""
         tensors = self._tensors(module)
         # an inference tensor has no version counter (its address still counts)
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
         if key == self._key:
             return False
-        self._key, self._held = key, [t.detach() for t in tensors]
+        self._key, self._held = key, tensors
         return True
+
+    def forget(self) -> None:
+        """Drop the reference and the held tensors (the next :meth:`changed` is ``True``)."""
+        self._key, self._held, self._dicts = None, [], None
+
+    def __deepcopy__(self, memo: dict) -> WeightsWatch:
+        return WeightsWatch()
 
 
 class GraphedTraining:

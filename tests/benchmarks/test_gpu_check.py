@@ -45,6 +45,7 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
         assert r["compiled"] == ("compile" in r["mode"])
+        # read off the flow's weights: +cw really trained contiguous weights, the rest the flow's own layout
         assert r["conv_weights"] == ("contiguous" if r["mode"].endswith("+cw") else "channels_last")
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
@@ -60,9 +61,12 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     exact = report["graphs_exact"][0]
     assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
     sample = report["sample"]
-    assert [r["mode"] for r in sample] == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs"]
+    assert [r["mode"] for r in sample] == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs",
+                                           "bf16+graphs+cw"]  # fmt: skip
     assert all(r["sample_img_s"] > 0 and not r["graphed"] for r in sample)
-    assert [r["compiled"] for r in sample] == [False, True, False, False, False]
+    assert [r["compiled"] for r in sample] == [False, True, False, False, False, False]
+    assert [r["conv_weights"] for r in sample] == ["channels_last"] * 5 + ["contiguous"]
+    assert [p["conv_weights"] for p in profile] == ["channels_last"] * 2
     assert sample[4]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
     assert sample[1]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
     # the bundle's trainer (EMA, handlers, the classifier's embedding per batch) in the target mode
@@ -106,7 +110,7 @@ def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path:
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["running"] == {"section": "write", "images": 200000, "threads": 16}
     sampled = [r["mode"] for r in report["sample"]]
-    assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs"]
+    assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs", "bf16+graphs+cw"]
     assert all(r["sample_img_s"] > 0 for r in report["sample"]) and "write" not in report
     assert not list(Path(tempfile.gettempdir()).glob("gpu_check_write_*"))  # the stopped write's folder is removed
     summary = (out / "gpu_check.md").read_text()
@@ -193,9 +197,12 @@ def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
         assert flow.compose_convs_together is expected
         assert all(w.is_contiguous(memory_format=torch.channels_last) is channels_last for w in kxk(flow))
         assert all(w.is_contiguous() is not channels_last for w in kxk(flow))
+        assert gpu_check.weights_layout(flow) == ("channels_last" if channels_last else "contiguous")
         # what a row reports: together on CUDA unless +lu1, never on the CPU (its default), never for compiled steps
         assert gpu_check.convs_together(flow, cuda) is (expected is None)
         assert gpu_check.convs_together(flow, cpu) is False
+    kxk(flow)[0].data = kxk(flow)[0].data.contiguous()
+    assert gpu_check.weights_layout(flow) == "mixed"
     flow.compile_steps(backend="aot_eager")
     flow.zero_grad()
     (-flow.log_prob(*gpu_check.make_batch(2, 16, torch.Generator().manual_seed(0), cpu)).mean()).backward()

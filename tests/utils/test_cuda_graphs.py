@@ -13,6 +13,8 @@ eager on a GPU (run where one is present; ``benchmarks/gpu_check.py`` reports th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -121,6 +123,9 @@ def test_weights_watch_sees_written_moved_and_replaced_weights():
     state = {k: v.clone() for k, v in module.state_dict().items()}
     module.load_state_dict(state, assign=True)  # replaced tensors
     assert watch.changed(module) and not watch.changed(module)
+    module[0].weight = torch.nn.Parameter(module[0].weight.detach())  # another object, same memory and version
+    assert watch.changed(module) and not watch.changed(module)
+    assert not copy.deepcopy(watch)._held and copy.deepcopy(watch).changed(module)  # a copy starts empty
     with torch.inference_mode():
         module[1].register_buffer("made_in_inference", torch.zeros(2))  # no version counter: its address counts
     assert watch.changed(module) and not watch.changed(module)
@@ -148,6 +153,7 @@ def test_graphed_decoders_are_dropped_when_the_weights_move_or_change(monkeypatc
         next(flow.parameters()).add_(0.0)
     assert flow._graphed_decoder(nu, z, (S, S)) is not first and len(recorded) == 2
     flow.load_state_dict({k: v.clone() for k, v in flow.state_dict().items()}, assign=True)
+    assert flow._graphed_decoders == {} and flow._graphed_weights is None  # dropped at once, memory included
     flow._graphed_decoder(nu, z, (S, S))
     assert len(recorded) == 3
     next(b for b in flow.buffers() if b.is_floating_point()).add_(0.0)  # e.g. a 1x1 convolution's permutation
@@ -155,3 +161,7 @@ def test_graphed_decoders_are_dropped_when_the_weights_move_or_change(monkeypatc
     assert len(recorded) == 4
     flow._graphed_decoder(nu, z, (S, S))
     assert len(recorded) == 4 and flow.graph_sampling_recorded == 1
+    flow.float()  # a move (here to the same dtype): the graphs and the held weights go, graph sampling stays on
+    assert flow._graphed_decoders == {} and flow._graphed_weights is None and flow.graph_sampling_enabled
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 5

@@ -277,7 +277,7 @@ class ConditionalAffineCoupling(FlowLayer):
             x_b = (y_b - shift) * torch.exp(-log_s)
             return torch.cat([y_a, x_b], dim=1), -log_s.flatten(1).sum(1)
         # sampling / evaluation: the same values with fewer passes: ``-log s`` straight from the bounding pass (an
-        # exact negation), ``exp`` on a dense copy, the product in place
+        # exact negation), ``exp`` by ``_exp`` (on a dense copy on the CPU), the product in place
         neg_log_s, shift = _soft_bound(self._net(y_a, condition), self._bound, self._neg_bound).chunk(2, dim=1)
         x_b = (y_b - shift).mul_(_exp(neg_log_s))
         return torch.cat([y_a, x_b], dim=1), neg_log_s.flatten(1).sum(1)

@@ -377,6 +377,19 @@ class ConditionalGlow(nn.Module):
     @staticmethod
     def _reset_init_cache(module: nn.Module, incompatible_keys: Any) -> None:
         module._init_ok = False
+        module._drop_decoder_graphs()
+
+    def _drop_decoder_graphs(self) -> None:
+        """Forget the recorded decoder graphs and the weights they read (kept on, if :meth:`graph_sampling` is),
+        so that neither holds the memory of weights that were moved or replaced."""
+        if getattr(self, "_graphed_decoders", None):
+            self._graphed_decoders = {}
+        self._graphed_weights = None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ConditionalGlow:
+        # ``.to()``, ``.cuda()``, ``.half()``, ...: the recorded decoder graphs read the weights where they were
+        self._drop_decoder_graphs()
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ validation (R7)
     def _check_spatial_size(self, size: tuple[int, ...], what: str) -> tuple[int, ...]:
