@@ -94,7 +94,7 @@ from monai_condflow.utils.precision import coupling_dtype, precision_context  # 
 # "+lu1": the 1x1 convolutions' weights composed one by one (as before the twenty-sixth session) instead of
 # together (ConditionalGlow.compose_convs_together, the CUDA default); "+cw": the convolution weights contiguous (as
 # before the twenty-seventh session) instead of channels-last. First among the comparisons, the A/B of those two
-# changes: "+cw" the twenty-sixth session's step, "+lu1+cw" the step before both
+# switchable changes: "+cw" the layout alone, "+lu1+cw" both (the FlowSequential and _exp changes stay in every mode)
 TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs",
                "bf16+compile", "bf16+compile+graphs")  # fmt: skip
 # the modes that the issue's targets are measured on (run first)

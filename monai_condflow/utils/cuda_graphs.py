@@ -55,8 +55,8 @@ class WeightsWatch:
     another tensor object (caches derived from the weights are keyed by the tensors' identities too). The watch keys
     every parameter and buffer by its identity, address and version counter, and holds the tensors of the last key,
     so that neither the identity nor the address of a replaced one can be given to a new tensor while the key refers
-    to it (until the next call, or :meth:`forget`). A deep copy of a watch is an empty one (a copied module's
-    weights are other tensors).
+    to it (until the next change; drop the watch to release them). A deep copy of a watch is an empty one (a copied
+    module's weights are other tensors).
     """
 
     def __init__(self) -> None:
@@ -83,10 +83,6 @@ class WeightsWatch:
             return False
         self._key, self._held = key, tensors
         return True
-
-    def forget(self) -> None:
-        """Drop the reference and the held tensors (the next :meth:`changed` is ``True``)."""
-        self._key, self._held, self._dicts = None, [], None
 
     def __deepcopy__(self, memo: dict) -> WeightsWatch:
         return WeightsWatch()
