@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from monai_condflow.networks.blocks.squeeze import conv_weights_to  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
 # operations that only make another view of a tensor's memory (no kernel on a GPU)
@@ -102,17 +103,6 @@ def build(preset: str, batch: int, seed: int) -> tuple[ConditionalGlow, torch.Te
     return flow.train(), x, z
 
 
-def set_conv_layout(flow: ConditionalGlow, memory_format: torch.memory_format) -> int:
-    """Put the weights of every 2-D convolution of ``flow`` in ``memory_format`` (values unchanged); returns the
-    number of those with a kernel larger than 1x1 (for a 1x1 kernel both layouts are the same strides)."""
-    larger = 0
-    for m in flow.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.to(memory_format=memory_format)
-            larger += int(m.weight.shape[2:].numel() > 1)
-    return larger
-
-
 # name: (1x1 convolutions composed together, convolution weights' layout)
 CONFIGS = {
     "one_by_one": (False, torch.contiguous_format),
@@ -124,7 +114,7 @@ CONFIGS = {
 def _configure(flow: ConditionalGlow, name: str) -> None:
     together, layout = CONFIGS[name]
     flow.compose_convs_together = together
-    set_conv_layout(flow, layout)
+    conv_weights_to(flow, layout)
 
 
 def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
@@ -133,7 +123,7 @@ def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
     flow, x, z = build(preset, batch, seed)
     out: dict[str, Any] = {"preset": preset, "batch": batch, "convolutions": sum(len(g) for g in flow._conv_groups),
                            "sizes": len(flow._conv_groups),
-                           "kxk_conv_weights": set_conv_layout(flow, torch.channels_last)}  # fmt: skip
+                           "kxk_conv_weights": conv_weights_to(flow, torch.channels_last)}  # fmt: skip
     results = {}
     for name in CONFIGS:
         _configure(flow, name)
@@ -155,7 +145,7 @@ def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
             training_pass(flow, x, z)
             times[name].append(time.perf_counter() - t0)
     flow.compose_convs_together = None
-    set_conv_layout(flow, torch.channels_last)
+    conv_weights_to(flow, torch.channels_last)
     loss_a, grads_a = results["one_by_one"]
     for name in ("together_contiguous", "together"):
         loss_b, grads_b = results[name]

@@ -87,6 +87,7 @@ from monai_condflow.engines.flow import FlowBitsPerDim  # noqa: E402
 from monai_condflow.engines.generation import generate  # noqa: E402
 from monai_condflow.networks.blocks.compiled_steps import compiled_steps  # noqa: E402
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype  # noqa: E402
+from monai_condflow.networks.blocks.squeeze import conv_weights_to  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
@@ -121,23 +122,24 @@ def parse_mode(mode: str) -> tuple[str, bool, bool]:
     return precision, "compile" in options, "graphs" in options
 
 
+def _option(mode: str, name: str) -> bool:
+    return name in mode.split("+")[1:]
+
+
 def one_by_one(mode: str) -> bool:
     """Whether ``mode`` composes the 1x1 convolutions' weights one by one (``"+lu1"``)."""
-    return "lu1" in mode.split("+")[1:]
+    return _option(mode, "lu1")
 
 
 def contiguous_weights(mode: str) -> bool:
     """Whether ``mode`` keeps the flow's convolution weights contiguous (``"+cw"``) instead of channels-last."""
-    return "cw" in mode.split("+")[1:]
+    return _option(mode, "cw")
 
 
 def set_weight_layout(flow: ConditionalGlow, mode: str) -> None:
     """The flow's 2-D convolution weights channels-last (how ``ConditionalGlow`` builds them) or, with ``"+cw"``,
     contiguous (values unchanged)."""
-    layout = torch.contiguous_format if contiguous_weights(mode) else torch.channels_last
-    for m in flow.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.to(memory_format=layout)
+    conv_weights_to(flow, torch.contiguous_format if contiguous_weights(mode) else torch.channels_last)
 
 
 def weights_layout(flow: ConditionalGlow) -> str:

@@ -119,7 +119,8 @@ class ConditionPrepareBatch(PrepareBatch):
         self.prefer_batch_condition = prefer_batch_condition
         self._walked: tuple | None = None  # (classifier, its modules), collected at the first batch
         self.cuda_graphs = cuda_graphs
-        self._graphed: tuple | None = None  # ((classifier, its first weight at recording), GraphedCall)
+        self._graphed: tuple | None = None  # (classifier, GraphedCall)
+        self._graphed_weights: Any = None  # WeightsWatch of the classifier's weights the graph reads
         self._graph_failed = False
         if classifier is not None:
             classifier.eval()
@@ -153,25 +154,23 @@ class ConditionPrepareBatch(PrepareBatch):
     def _graphed_embedding(self, images: torch.Tensor) -> torch.Tensor | None:
         """The classifier's embedding of ``images`` by graph replay, or ``None`` (run it eagerly) for a shape other
         than the recorded one or after a failed recording."""
-        from monai_condflow.utils.cuda_graphs import GraphedCall, signature
+        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, signature
 
-        # the graph reads the weights where they were at recording: another classifier, or the same one moved
-        # (``.to()``, ``.half()``, a ``load_state_dict(assign=True)``), needs a new recording. The recorded first
-        # weight is held, so its memory cannot be reused by the weights of a move: a moved weight has a new address.
-        first = next(self.classifier.parameters(), None)
-        if self._graphed is not None:
-            (owner, held), _ = self._graphed
-            moved = (first is None) != (held is None) or (
-                first is not None and (first.device, first.dtype, first.data_ptr()) != (
-                    held.device, held.dtype, held.data_ptr()))  # fmt: skip
-            if owner is not self.classifier or moved:
-                self._graphed = None
+        # the graph reads the weights where they were at recording: another classifier, or a weight or buffer of
+        # this one moved, replaced or written (``.to()``, ``.half()``, ``load_state_dict``), needs a new recording
+        # (the same watch as the flow's decoder graphs; ~0.25 ms per batch for the ``paper`` PEPXNet on the CPU)
+        if self._graphed is not None and (
+            self._graphed[0] is not self.classifier or self._graphed_weights.changed(self.classifier)
+        ):
+            self._graphed = None
         if self._graphed is None:
             if self._graph_failed:
                 return None
             try:
                 graphed = GraphedCall(self.classifier.embed, images, name="classifier embedding")
-                self._graphed = ((self.classifier, None if first is None else first.detach()), graphed)
+                self._graphed_weights = WeightsWatch()
+                self._graphed_weights.changed(self.classifier)  # the reference: the weights the graph reads
+                self._graphed = (self.classifier, graphed)
             except Exception as e:  # an operation that cannot be captured: stay eager, say so once
                 self._graph_failed = True
                 logger.warning("CUDA graphs: could not record the classifier's embedding (%s: %s); running it eagerly.",

@@ -440,10 +440,15 @@ def test_the_classifier_embedding_graph_option_dispatches_and_falls_back(monkeyp
     assert torch.equal(prepare._graphed_embedding(x), torch.full((3, 32), 7.0))
     assert prepare._graphed_embedding(x) is not None and recorded == [[[3, 1, 32, 32]]]  # recorded once
     assert prepare._graphed_embedding(torch.rand(2, 1, 32, 32)) is None  # another shape: eager
-    for _ in range(3):  # the weights moved (the recording holds the first one, so its memory is not reused)
+    for _ in range(3):  # the weights moved (the recording holds them, so their memory is not reused)
         clf.load_state_dict({k: v.clone() for k, v in clf.state_dict().items()}, assign=True)
         assert prepare._graphed_embedding(x) is not None  # recorded again, for the new weights
     assert len(recorded) == 4 and prepare._graphed_embedding(x) is not None and len(recorded) == 4
+    # only the last weight replaced (a check of the first weight alone, used before, missed it)
+    last = [n for n, _ in clf.named_parameters()][-1]
+    clf.load_state_dict({last: clf.state_dict()[last].clone()}, strict=False, assign=True)
+    assert prepare._graphed_embedding(x) is not None and len(recorded) == 5
+    assert prepare._graphed_embedding(x) is not None and len(recorded) == 5
 
     def failing(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")

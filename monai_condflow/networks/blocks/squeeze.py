@@ -17,11 +17,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer
 
-__all__ = ["Squeeze", "contiguous_layout"]
+__all__ = ["Squeeze", "contiguous_layout", "conv_weights_to"]
 
 
 _LAYOUT = {"channels_last": True}
@@ -40,6 +40,24 @@ def contiguous_layout() -> Iterator[None]:
         yield
     finally:
         _LAYOUT["channels_last"] = previous
+
+
+def conv_weights_to(module: nn.Module, memory_format: torch.memory_format) -> int:
+    """Put the weights of every 2-D convolution inside ``module`` in ``memory_format`` (values unchanged).
+
+    ``ConditionalGlow`` keeps them channels-last, the layout :class:`Squeeze` gives the activations, so no convolution
+    copies a weight (cuDNN) or its gradient (autograd) between layouts.
+
+    Returns:
+        the number of those weights with a kernel larger than 1x1 (for a 1x1 kernel both layouts are the same
+        strides, so only these change).
+    """
+    larger = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=memory_format)
+            larger += int(m.weight.shape[2:].numel() > 1)
+    return larger
 
 
 def _channels_last(x: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, Laten
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.pixel_spline import PixelSpline
-from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last
+from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last, conv_weights_to
 
 __all__ = ["ConditionalGlow", "SAMPLE_RANGE", "clamp_decoded"]
 
@@ -352,9 +352,7 @@ class ConditionalGlow(nn.Module):
             # the convolution weights in the activations' layout (Squeeze makes every level channels-last): the same
             # values and kernels, but no per-call copy of a contiguous weight to channels-last (cuDNN) and no copy of
             # each channels-last weight gradient back to the weight's layout (autograd), forward and backward
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    m.to(memory_format=torch.channels_last)
+            conv_weights_to(self, torch.channels_last)
         self._init_ok = False  # python-side cache of is_initialized (avoids a device sync per training step)
         self._compiled_inverse: Any = None  # opt-in torch.compile'd decoder of :meth:`sample` (compile_sampling)
         self._graphed_decoders: dict | None = None  # opt-in CUDA-graph decoders of :meth:`sample` (graph_sampling)

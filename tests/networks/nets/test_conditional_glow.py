@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from monai_condflow.networks.blocks import ActNorm
+from monai_condflow.networks.blocks.squeeze import conv_weights_to
 from monai_condflow.networks.nets import ConditionalGlow
 from tests.benchmarks.script import load_benchmark
 
@@ -257,9 +258,7 @@ def test_convolution_weights_are_channels_last_and_change_no_value():
     loss_cl, grads_cl = loss_and_grads(model)
     assert all(m.weight.grad.is_contiguous(memory_format=torch.channels_last) for m in convs)
     contiguous = tiny(hidden_channels=16)
-    for m in contiguous.modules():
-        if isinstance(m, nn.Conv2d):
-            m.to(memory_format=torch.contiguous_format)
+    assert conv_weights_to(contiguous, torch.contiguous_format) == len(convs)
     contiguous.load_state_dict(model.state_dict())
     loss_c, grads_c = loss_and_grads(contiguous)
     assert torch.equal(loss_cl, loss_c)
