@@ -23,7 +23,8 @@ captured).
   hooks, clipping and the optimizer step run eagerly after it). Random draws inside (noise, condition dropout) use
   CUDA's graph-safe generator: a replay draws fresh values.
 - :class:`GraphedCall`: ``torch.cuda.graph`` around an inference function (the decoder of ``sample``).
-- :class:`WeightsWatch`: whether a module's weights are still the ones a recorded graph reads.
+- :class:`WeightsWatch`: whether a module's weights (and the numeric settings, :func:`numerics`) are still the ones
+  a recorded graph reads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedCall", "GraphedTraining", "WeightsWatch", "signature"]
+__all__ = ["GraphedCall", "GraphedTraining", "WeightsWatch", "numerics", "signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,15 @@ logger = logging.getLogger(__name__)
 def signature(*args: Tensor) -> tuple:
     """What a recorded graph depends on: each tensor's shape, dtype, device and ``requires_grad``."""
     return tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
+
+
+def numerics(device_type: str = "cuda") -> tuple:
+    """The global switches a recorded graph bakes in besides its inputs and weights, compared with ``==``: whether
+    autocast is on for ``device_type`` and to which dtype, and PyTorch's TF32 settings (both forms; see
+    :mod:`monai_condflow.utils.precision`). A graph recorded under other values replays the kernels chosen then."""
+    from monai_condflow.utils.precision import tf32_state
+
+    return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type), tf32_state())
 
 
 class WeightsWatch:
@@ -73,12 +83,18 @@ class WeightsWatch:
             self._dicts = (module, [d for m in module.modules() for d in (m._parameters, m._buffers)])
         return [t for d in self._dicts[1] for t in d.values() if t is not None]
 
-    def changed(self, module: nn.Module) -> bool:
-        """Whether ``module``'s parameters and buffers differ from those at the previous call (``True`` at the
-        first call); the current ones become the reference."""
+    def changed(self, module: nn.Module, settings: Any = None) -> bool:
+        """Whether ``module``'s parameters and buffers, or ``settings``, differ from those at the previous call
+        (``True`` at the first call); the current ones become the reference.
+
+        Args:
+            module: the module whose weights the graph reads.
+            settings: anything else the graph bakes in, compared with ``==`` (e.g. :func:`numerics` and the module's
+                own precision switches).
+        """
         tensors = self._tensors(module)
         # an inference tensor has no version counter (its address still counts)
-        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        key = (settings, tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors))
         if key == self._key:
             return False
         self._key, self._held = key, tensors

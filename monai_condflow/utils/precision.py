@@ -35,7 +35,7 @@ import torch
 
 from monai_condflow.utils.checks import ConfigValueError
 
-__all__ = ["PRECISIONS", "check_precision", "coupling_dtype", "precision_context"]
+__all__ = ["PRECISIONS", "check_precision", "coupling_dtype", "precision_context", "tf32_state"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
@@ -70,7 +70,7 @@ def precision_context(precision: str) -> Iterator[None]:
     (torch.compile reads the legacy ones); after it every per-backend value is as before.
     """
     allow = check_precision(precision) == "tf32"
-    before = _tf32_state()
+    before = tf32_state()
     _set_tf32(allow)
     try:
         yield
@@ -109,7 +109,8 @@ def _legacy_reads() -> tuple:
     return tuple(values)
 
 
-def _tf32_state() -> tuple:
+def tf32_state() -> tuple:
+    """PyTorch's TF32 settings as they are now (the legacy flags and, on torch >= 2.9, the per-backend values)."""
     if _settings():  # torch >= 2.9: the per-backend API
         return ("new", _legacy_reads(), {path: obj.fp32_precision for path, obj in _settings()})
     return ("legacy", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)

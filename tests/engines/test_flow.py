@@ -449,6 +449,17 @@ def test_the_classifier_embedding_graph_option_dispatches_and_falls_back(monkeyp
     clf.load_state_dict({last: clf.state_dict()[last].clone()}, strict=False, assign=True)
     assert prepare._graphed_embedding(x) is not None and len(recorded) == 5
     assert prepare._graphed_embedding(x) is not None and len(recorded) == 5
+    # other numerics (the graph replays the kernels chosen at recording): autocast on, then TF32 switched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert prepare._graphed_embedding(x) is not None and len(recorded) == 6
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not before
+        assert prepare._graphed_embedding(x) is not None and len(recorded) == 7
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert prepare._graphed_embedding(x) is not None and len(recorded) == 8
+    assert prepare._graphed_embedding(x) is not None and len(recorded) == 8
 
     def failing(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")

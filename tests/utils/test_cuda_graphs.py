@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from monai_condflow.engines.flow import FlowBitsPerDim
+from monai_condflow.networks.blocks.coupling import set_coupling_dtype
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.utils.cuda_graphs import GraphedTraining, signature
 
@@ -165,3 +166,18 @@ def test_graphed_decoders_are_dropped_when_the_weights_move_or_change(monkeypatc
     assert flow._graphed_decoders == {} and flow._graphed_weights is None and flow.graph_sampling_enabled
     flow._graphed_decoder(nu, z, (S, S))
     assert len(recorded) == 5
+    # the numerics a graph bakes in: the couplings' precision (set_coupling_dtype), then autocast around the call
+    assert set_coupling_dtype(flow, torch.bfloat16) > 0
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 6 and flow.graph_sampling_recorded == 1  # the fp32 graph dropped
+    set_coupling_dtype(flow, None)
+    flow._graphed_decoder(nu, z, (S, S))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flow._graphed_decoder(nu, z, (S, S))
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 9
+    # decoding itself leaves the weights as they were (else every sample call would record anew)
+    with torch.inference_mode():
+        flow.inverse(torch.randn(z.shape[0], flow.latent_dim((S, S))), z, (S, S))
+    flow._graphed_decoder(nu, z, (S, S))
+    assert len(recorded) == 9

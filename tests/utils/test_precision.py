@@ -20,7 +20,7 @@ from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer
 from monai_condflow.networks.blocks.coupling import ConditionalAffineCoupling, set_coupling_dtype
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.utils.checks import ConfigValueError
-from monai_condflow.utils.precision import PRECISIONS, _restore_tf32, _tf32_state, check_precision, precision_context
+from monai_condflow.utils.precision import PRECISIONS, _restore_tf32, check_precision, precision_context, tf32_state
 
 S = 16
 
@@ -51,7 +51,7 @@ def test_precision_context_sets_the_tf32_switches_and_restores_them():
     raised inside every default "tf32" step); after it every per-backend value is as before, also when a user had
     set one of them on its own (the legacy flags then stay unreadable, as they were)."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before, root = _tf32_state(), torch.backends.fp32_precision
+    before, root = tf32_state(), torch.backends.fp32_precision
     try:
         with precision_context("tf32"):
             assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
@@ -65,33 +65,33 @@ def test_precision_context_sets_the_tf32_switches_and_restores_them():
         with pytest.raises(RuntimeError, match="restored after an error"), precision_context("bf16"):
             assert conv.fp32_precision != "tf32" and not torch.backends.cudnn.allow_tf32  # the rest in strict fp32
             raise RuntimeError("restored after an error too")
-        assert _tf32_state() == before
+        assert tf32_state() == before
         conv.fp32_precision = "ieee"  # a user's per-backend setting, apart from the legacy flag
         with pytest.raises(RuntimeError):
             torch.backends.cudnn.allow_tf32  # noqa: B018 - torch refuses to read it now
-        user = _tf32_state()
+        user = tf32_state()
         for mode in PRECISIONS:
             with precision_context(mode):
                 assert torch.backends.cudnn.allow_tf32 == (mode == "tf32")
-            assert _tf32_state() == user
+            assert tf32_state() == user
         _restore_tf32(before)
         # a user's parent setting of TF32 (the per-backend API) or lowered matmul precision (the legacy one): the
         # strict modes are still strict inside, and the settings come back
         for user_setting in (lambda: setattr(torch.backends, "fp32_precision", "tf32"),
                              lambda: torch.set_float32_matmul_precision("high")):  # fmt: skip
             user_setting()
-            user = _tf32_state()
+            user = tf32_state()
             for mode in ("fp32", "bf16"):
                 with precision_context(mode):
                     assert conv.fp32_precision != "tf32" and torch.backends.cudnn.rnn.fp32_precision != "tf32"
                     assert matmul.fp32_precision == "ieee" and torch.get_float32_matmul_precision() == "highest"
-                assert _tf32_state()[2] == user[2]  # every per-backend value as the user left it
+                assert tf32_state()[2] == user[2]  # every per-backend value as the user left it
             torch.backends.fp32_precision = root  # the test's own parent setting (the block never changes it)
             _restore_tf32(before)
     finally:
         torch.backends.fp32_precision = root
         _restore_tf32(before)
-    assert _tf32_state() == before
+    assert tf32_state() == before
 
 
 def test_bf16_couplings_change_the_network_not_the_exactness_of_the_bookkeeping():

@@ -37,7 +37,12 @@ from torch import Tensor, nn
 from monai_condflow.networks.blocks.actnorm import ActNorm
 from monai_condflow.networks.blocks.compiled_steps import compile_flow_steps, compiled_steps, compiles_training
 from monai_condflow.networks.blocks.conditional_pixel_affine import ConditionalPixelAffine
-from monai_condflow.networks.blocks.coupling import DEFAULT_ACT, ConditionalFlowStep, GuidedCondition
+from monai_condflow.networks.blocks.coupling import (
+    DEFAULT_ACT,
+    ConditionalAffineCoupling,
+    ConditionalFlowStep,
+    GuidedCondition,
+)
 from monai_condflow.networks.blocks.flow_sequential import FlowSequential, recording_logdet_maps
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1, composed_together
 from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, LatentMoments
@@ -338,6 +343,7 @@ class ConditionalGlow(nn.Module):
             nn.Parameter(torch.zeros(condition_dim)) if cond_dropout > 0 and condition_dim > 0 else None
         )
         self._actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelNorm))]
+        self._couplings = [m for m in self.modules() if isinstance(m, ConditionalAffineCoupling)]
         convs: dict[int, list[InvertibleConv1x1]] = {}
         for m in self.modules():
             if isinstance(m, InvertibleConv1x1):
@@ -824,7 +830,8 @@ class ConditionalGlow(nn.Module):
         of thousands. The samples equal the eager ones (same kernels, same inputs). Guided sampling (``w != 1``) and
         the CPU decode eagerly. A change of the weights or buffers (optimiser step, ``load_state_dict``, a move of
         a weight) drops the recorded graphs (they read the weights where they were and the cached inverse 1x1
-        weights; :class:`~monai_condflow.utils.cuda_graphs.WeightsWatch`). Bundle id ``cuda_graphs`` of
+        weights; :class:`~monai_condflow.utils.cuda_graphs.WeightsWatch`), and so does a change of the numeric
+        settings the graphs bake in (autocast, TF32, the couplings' precision). Bundle id ``cuda_graphs`` of
         ``generate.json``.
 
         Args:
@@ -851,11 +858,14 @@ class ConditionalGlow(nn.Module):
 
     def _graphed_decoder(self, nu: Tensor, cond: Tensor, size: tuple[int, ...]) -> Any:
         """The recorded decoder for these inputs (recorded now if there is room), or ``None`` (decode eagerly)."""
-        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, signature
+        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, numerics, signature
 
         if self._graphed_weights is None:
             self._graphed_weights = WeightsWatch()
-        if self._graphed_weights.changed(self):  # moved or written weights: the graphs read the old ones
+        # moved or written weights: the graphs read the old ones; other numerics (autocast, TF32, the couplings'
+        # precision, set_coupling_dtype): the graphs replay the kernels chosen at recording
+        settings = (numerics(nu.device.type), tuple(m.compute_dtype for m in self._couplings))
+        if self._graphed_weights.changed(self, settings):
             self._graphed_decoders = {}
         key = (signature(nu, cond), size)
         if key not in self._graphed_decoders and len(self._graphed_decoders) < self._max_graphs:
