@@ -32,8 +32,9 @@ COND = 4
 def perturb(module: nn.Module, scale: float) -> nn.Module:
     """Add noise of std ``scale / sqrt(fan_in)`` to every parameter (zero-initialised convs included).
 
-    Fan-in scaling keeps the noise comparable across widths (24 ... 512); at ``scale = 0.1`` the paper preset maps
-    images to latents of magnitude ~60 (far from the identity), at ``scale >= 1`` a 64-step flow overflows in fp32.
+    Fan-in scaling keeps the noise comparable across widths (24 ... 512); at ``scale = 0.05`` the paper preset maps
+    images to latents of magnitude 12-23 (far from the identity; six seeds), at ``scale = 0.1`` to 60 for some
+    draws and 1e4-1e6 for others, and at ``scale >= 1`` a 64-step flow overflows in fp32.
     """
     for p in module.parameters():
         fan_in = p[0].numel() if p.ndim >= 2 else 1
@@ -74,12 +75,15 @@ def test_log_prob_matches_change_of_variables():
     torch.testing.assert_close(bpd, -log_prob / (64 * math.log(2)) + 8)
 
 
-@pytest.mark.parametrize("preset", ["small", "paper"])
-def test_round_trip_fp32_with_perturbed_weights(preset):
+# the perturbation per preset: far from the identity (latents of magnitude ~10-20) and still a flow that fp32 inverts
+# whatever the seed; at 0.1 the 64-step paper preset maps some draws to latents of 1e4-1e6 and overflows on the way
+# back (3 of 6 seeds), a broken model rather than a test of the inverse
+@pytest.mark.parametrize("preset,scale", [("small", 0.1), ("paper", 0.05)])
+def test_round_trip_fp32_with_perturbed_weights(preset, scale):
     model = ConditionalGlow.from_preset(preset)
     x, z = images(2, 64), conditions(2, 32)
     model.initialize(x, z)
-    perturb(model, 0.1)
+    perturb(model, scale)
     nu, logdet = model(x, z)
     assert nu.shape == (2, 64 * 64) and logdet.shape == (2,)
     with torch.no_grad():
