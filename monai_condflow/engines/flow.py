@@ -113,8 +113,9 @@ class FlowBitsPerDim(torch.nn.Module):
 
     With ``cuda_graphs=True`` a training call on CUDA (autograd on, a condition given) replays the forward and
     backward as CUDA graphs (:class:`~monai_condflow.utils.cuda_graphs.GraphedTraining`), recorded at the first
-    such call for its batch shape; other shapes (a smaller last batch), evaluation and the CPU run eagerly. The
-    gradients are the eager ones up to floating-point summation order; the random draws differ from an eager run's.
+    such call for its batch shape (and again when the flow's weights move or the numeric settings change); other
+    shapes (a smaller last batch), evaluation and the CPU run eagerly. The gradients are the eager ones up to
+    floating-point summation order; the random draws differ from an eager run's.
 
     With ``compile=True`` the flow's steps are compiled for training (``flow.compile_steps()``, regional
     ``torch.compile``; a flow without ``compile_steps`` is refused; a flow whose training pass is already compiled

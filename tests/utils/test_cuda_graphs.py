@@ -20,6 +20,7 @@ import torch
 
 from monai_condflow.engines.flow import FlowBitsPerDim
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype
+from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1
 from monai_condflow.networks.nets.conditional_glow import ConditionalGlow
 from monai_condflow.utils.cuda_graphs import GraphedTraining, signature
 
@@ -64,6 +65,44 @@ def test_graphed_training_on_cpu_tensors_runs_the_module_eagerly():
     loss_e, grads_e = _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
     assert not graphed.recorded and graphed.replays == 0 and not graphed.failed
     assert torch.equal(loss_g, loss_e) and torch.equal(grads_g, grads_e)
+
+
+def test_graphed_training_records_again_when_weights_move_or_numerics_change(monkeypatch):
+    """The training graph's bookkeeping, on the CPU with a stand-in for the recording: an optimiser-like in-place
+    write keeps the graphs (they read the weights where they are); a move, a replaced parameter (same memory: the
+    graphs would hand its gradient to the old object) or autocast around the step records again."""
+    flow, x, z = _flow()
+    flow.train()
+    graphed = GraphedTraining(FlowBitsPerDim(flow))
+    recorded = []
+
+    def record(args):  # what _record leaves behind, without CUDA
+        recorded.append(signature(*args))
+        graphed._graphed, graphed._sig = graphed.module, signature(*args)
+
+    monkeypatch.setattr(graphed, "_eligible", lambda args: True)
+    monkeypatch.setattr(graphed, "_record", record)
+    graphed(x, z)
+    graphed(x, z)
+    assert len(recorded) == 1 and graphed.replays == 2
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(1e-3)  # an optimiser step: same tensors, same memory
+    graphed(x, z)
+    assert len(recorded) == 1
+    flow.load_state_dict({k: v.clone() for k, v in flow.state_dict().items()}, assign=True)  # moved
+    graphed(x, z)
+    graphed(x, z)
+    assert len(recorded) == 2
+    conv = next(m for m in flow.modules() if isinstance(m, InvertibleConv1x1))
+    conv.lower = torch.nn.Parameter(conv.lower.detach())  # another object on the same memory
+    graphed(x, z)
+    assert len(recorded) == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphed(x, z)
+    graphed(x, z)
+    graphed(x, z)
+    assert len(recorded) == 5 and graphed.replays == 9
 
 
 def test_graph_sampling_on_the_cpu_decodes_eagerly_with_the_same_samples():
