@@ -22,11 +22,14 @@ preset, in three configurations:
   coupling networks' convolution weights in the default contiguous layout;
 * ``together_contiguous`` (the twenty-sixth session's GPU pass): one batched composition per size of 1x1
   convolution (``ConditionalGlow.compose_convs_together``), contiguous convolution weights;
-* ``together`` (today's GPU pass, but for the copy before ``exp`` of a channel slice, which the CPU keeps): the
-  same with the convolution weights channels-last, the activations' layout (since the twenty-seventh session, on
-  every device; the CPU pass is today's with the 1x1 convolutions one by one).
+* ``together`` (the twenty-seventh session's GPU pass): the same with the convolution weights channels-last, the
+  activations' layout (since the twenty-seventh session, on every device);
+* ``batched_logdets`` (today's GPU pass, but for the copy before ``exp`` of a channel slice, which the CPU keeps):
+  the same with the data-independent log-determinants (ActNorm, 1x1 convolutions) summed once per level
+  (``ConditionalGlow.batch_constant_logdets``, twenty-eighth session). The CPU pass is ``together`` with the 1x1
+  convolutions one by one and the log-determinants per layer.
 
-It also checks that all three give the same loss and gradients, and times a CPU pass of each.
+It also checks that all four give the same loss and gradients, and times a CPU pass of each.
 
 Usage::
 
@@ -50,6 +53,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from monai_condflow.networks.blocks.actnorm import ActNorm  # noqa: E402
+from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1  # noqa: E402
 from monai_condflow.networks.blocks.squeeze import conv_weights_to  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
 
@@ -103,17 +108,19 @@ def build(preset: str, batch: int, seed: int) -> tuple[ConditionalGlow, torch.Te
     return flow.train(), x, z
 
 
-# name: (1x1 convolutions composed together, convolution weights' layout)
+# name: (1x1 convolutions composed together, convolution weights' layout, log-determinants summed per level)
 CONFIGS = {
-    "one_by_one": (False, torch.contiguous_format),
-    "together_contiguous": (True, torch.contiguous_format),
-    "together": (True, torch.channels_last),
+    "one_by_one": (False, torch.contiguous_format, False),
+    "together_contiguous": (True, torch.contiguous_format, False),
+    "together": (True, torch.channels_last, False),
+    "batched_logdets": (True, torch.channels_last, True),
 }
 
 
 def _configure(flow: ConditionalGlow, name: str) -> None:
-    together, layout = CONFIGS[name]
+    together, layout, batched = CONFIGS[name]
     flow.compose_convs_together = together
+    flow.batch_constant_logdets = batched
     conv_weights_to(flow, layout)
 
 
@@ -123,7 +130,9 @@ def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
     flow, x, z = build(preset, batch, seed)
     out: dict[str, Any] = {"preset": preset, "batch": batch, "convolutions": sum(len(g) for g in flow._conv_groups),
                            "sizes": len(flow._conv_groups),
-                           "kxk_conv_weights": conv_weights_to(flow, torch.channels_last)}  # fmt: skip
+                           "kxk_conv_weights": conv_weights_to(flow, torch.channels_last),
+                           "constant_logdet_layers": sum(isinstance(m, (ActNorm, InvertibleConv1x1))
+                                                         for m in flow.modules())}  # fmt: skip
     results = {}
     for name in CONFIGS:
         _configure(flow, name)
@@ -144,10 +153,10 @@ def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
             t0 = time.perf_counter()
             training_pass(flow, x, z)
             times[name].append(time.perf_counter() - t0)
-    flow.compose_convs_together = None
+    flow.compose_convs_together = flow.batch_constant_logdets = None
     conv_weights_to(flow, torch.channels_last)
     loss_a, grads_a = results["one_by_one"]
-    for name in ("together_contiguous", "together"):
+    for name in ("together_contiguous", "together", "batched_logdets"):
         loss_b, grads_b = results[name]
         out[f"loss_diff_{name}"] = float((loss_a - loss_b).abs())
         out[f"grad_rel_diff_{name}"] = max(
@@ -158,12 +167,18 @@ def measure(preset: str, batch: int, reps: int, seed: int = 0) -> dict:
     out["layout_bit_identical"] = bool(torch.equal(loss_c, loss_d)) and all(
         torch.equal(a, b) for a, b in zip(grads_c, grads_d)
     )
-    out["loss_diff"] = max(out["loss_diff_together_contiguous"], out["loss_diff_together"])
-    out["grad_rel_diff"] = max(out["grad_rel_diff_together_contiguous"], out["grad_rel_diff_together"])
-    out["ops_ratio"] = round(out["ops_together"] / out["ops_one_by_one"], 3)
+    # the log-determinants summed per level: the same gradients, the loss up to the order of its summation
+    loss_e, grads_e = results["batched_logdets"]
+    out["logdets_grads_bit_identical"] = all(torch.equal(a, b) for a, b in zip(grads_d, grads_e))
+    out["logdets_loss_rel_diff"] = float((loss_d - loss_e).abs() / loss_d.abs().clamp_min(1e-30))
+    out["loss_diff"] = max(out[f"loss_diff_{n}"] for n in ("together_contiguous", "together", "batched_logdets"))
+    out["grad_rel_diff"] = max(
+        out[f"grad_rel_diff_{n}"] for n in ("together_contiguous", "together", "batched_logdets")
+    )
+    out["ops_ratio"] = round(out["ops_batched_logdets"] / out["ops_one_by_one"], 3)
     for name, t in times.items():
         out[f"cpu_ms_{name}"] = round(1e3 * statistics.median(t), 1)
-    out["cpu_time_ratio"] = round(out["cpu_ms_together"] / out["cpu_ms_one_by_one"], 3)
+    out["cpu_time_ratio"] = round(out["cpu_ms_batched_logdets"] / out["cpu_ms_one_by_one"], 3)
     return out
 
 
@@ -175,15 +190,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = [measure(p, args.batch, args.reps) for p in args.presets.split(",")]
     print("| preset | batch | 1x1 convs (sizes) | ops / pass, one by one | together, contiguous weights | together, "
-          "channels-last weights | ratio | composition ops | copies | CPU ms / pass, one by one | together, "
-          "contiguous | together, channels-last | loss diff | largest gradient diff (relative) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "channels-last weights | + log-dets per level | ratio | composition ops | copies | CPU ms / pass, one by "
+          "one | together, contiguous | together, channels-last | + log-dets per level | loss diff | largest "
+          "gradient diff (relative) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['batch']} | {r['convolutions']} ({r['sizes']}) | {r['ops_one_by_one']:,} | "
-              f"{r['ops_together_contiguous']:,} | {r['ops_together']:,} | {r['ops_ratio']:.3f} | "
-              f"{r['compose_ops_one_by_one']} -> {r['compose_ops_together']} | {r['copy_ops_one_by_one']} -> "
-              f"{r['copy_ops_together']} | {r['cpu_ms_one_by_one']} | {r['cpu_ms_together_contiguous']} | "
-              f"{r['cpu_ms_together']} | {r['loss_diff']:.1e} | {r['grad_rel_diff']:.1e} |")  # fmt: skip
+              f"{r['ops_together_contiguous']:,} | {r['ops_together']:,} | {r['ops_batched_logdets']:,} | "
+              f"{r['ops_ratio']:.3f} | {r['compose_ops_one_by_one']} -> {r['compose_ops_together']} | "
+              f"{r['copy_ops_one_by_one']} -> {r['copy_ops_together']} | {r['cpu_ms_one_by_one']} | "
+              f"{r['cpu_ms_together_contiguous']} | {r['cpu_ms_together']} | {r['cpu_ms_batched_logdets']} | "
+              f"{r['loss_diff']:.1e} | {r['grad_rel_diff']:.1e} |")  # fmt: skip
     print("BENCH_STEP_OPS " + json.dumps(rows))
     return rows
 

@@ -21,11 +21,13 @@ false``), which is what the test suite does.
 Sections (each prints its lines as it ends, a failed section prints its error and the others still run):
 
 - ``train``: per batch size and mode (``fp32``, ``tf32``, ``bf16``, ``tf32+graphs``, ``bf16+graphs``,
-  ``bf16+compile``, ``bf16+compile+graphs``, ``bf16+graphs+cw``, ``bf16+graphs+lu1+cw``; any precision with
-  ``+compile``, ``+graphs``, ``+lu1`` and / or ``+cw``: ``+lu1`` composes the 1x1 convolutions' weights one by one
-  instead of together, the CUDA default since the twenty-sixth session, ``ConditionalGlow.compose_convs_together``;
-  ``+cw`` keeps the convolution weights contiguous instead of channels-last, the flow's layout since the
-  twenty-seventh session) a fresh model (same
+  ``bf16+compile``, ``bf16+compile+graphs``, ``bf16+graphs+ld1``, ``bf16+graphs+cw``, ``bf16+graphs+lu1+cw+ld1``;
+  any precision with ``+compile``, ``+graphs``, ``+lu1``, ``+cw`` and / or ``+ld1``: ``+lu1`` composes the 1x1
+  convolutions' weights one by one instead of together, the CUDA default since the twenty-sixth session,
+  ``ConditionalGlow.compose_convs_together``; ``+cw`` keeps the convolution weights contiguous instead of
+  channels-last, the flow's layout since the twenty-seventh session; ``+ld1`` adds the data-independent
+  log-determinants layer by layer instead of once per level, the CUDA default since the twenty-eighth session,
+  ``ConditionalGlow.batch_constant_logdets``) a fresh model (same
   seed; every parameter perturbed by ``0.1 / sqrt(fan_in)`` before the ActNorm initialisation, so no layer is the
   identity), the trainer's step (zero_grad, per-sample bits/dim, backward, clipping at 50, one read of the device for
   the finiteness checks, AdamW), images/s over the timed steps, peak memory, the warm-up's wall time (with
@@ -94,10 +96,12 @@ from monai_condflow.utils.precision import coupling_dtype, precision_context  # 
 
 # "+lu1": the 1x1 convolutions' weights composed one by one (as before the twenty-sixth session) instead of
 # together (ConditionalGlow.compose_convs_together, the CUDA default); "+cw": the convolution weights contiguous (as
-# before the twenty-seventh session) instead of channels-last. First among the comparisons, the A/B of those two
-# switchable changes: "+cw" the layout alone, "+lu1+cw" both (the FlowSequential and _exp changes stay in every mode)
-TRAIN_MODES = ("bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+graphs",
-               "bf16+compile", "bf16+compile+graphs")  # fmt: skip
+# before the twenty-seventh session) instead of channels-last; "+ld1": the constant log-determinants per layer (as
+# before the twenty-eighth session) instead of per level (ConditionalGlow.batch_constant_logdets, the CUDA default).
+# First among the comparisons, the A/B of those switchable changes: "+ld1" and "+cw" each alone, "+lu1+cw+ld1" all
+# three (the FlowSequential and _exp changes stay in every mode)
+TRAIN_MODES = ("bf16+graphs+ld1", "bf16+graphs+cw", "bf16+graphs+lu1+cw+ld1", "fp32", "tf32", "bf16", "tf32+graphs",
+               "bf16+graphs", "bf16+compile", "bf16+compile+graphs")  # fmt: skip
 # the modes that the issue's targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
@@ -108,16 +112,18 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 def parse_mode(mode: str) -> tuple[str, bool, bool]:
     """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs (the option
     ``"+lu1"``, the 1x1 convolutions composed one by one, is read by :func:`one_by_one`, ``"+cw"``, contiguous
-    convolution weights, by :func:`contiguous_weights`).
+    convolution weights, by :func:`contiguous_weights`, ``"+ld1"``, log-determinants per layer, by
+    :func:`logdets_per_layer`).
 
     Raises:
         ValueError: an unknown precision or option.
     """
     precision, *options = mode.split("+")
-    known = {"compile", "graphs", "lu1", "cw"}
+    known = {"compile", "graphs", "lu1", "cw", "ld1"}
     if precision not in PRECISIONS or not set(options) <= known or len(set(options)) < len(options):
         raise ValueError(
-            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs', '+lu1' and / or '+cw'"
+            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs', '+lu1', '+cw' and / or "
+            "'+ld1'"
         )
     return precision, "compile" in options, "graphs" in options
 
@@ -129,6 +135,19 @@ def _option(mode: str, name: str) -> bool:
 def one_by_one(mode: str) -> bool:
     """Whether ``mode`` composes the 1x1 convolutions' weights one by one (``"+lu1"``)."""
     return _option(mode, "lu1")
+
+
+def logdets_per_layer(mode: str) -> bool:
+    """Whether ``mode`` adds the data-independent log-determinants layer by layer (``"+ld1"``)."""
+    return _option(mode, "ld1")
+
+
+def set_pass_options(flow: ConditionalGlow, mode: str) -> None:
+    """The training pass's switches of ``mode``: the 1x1 weights composed together and the constant log-determinants
+    per level (``None``: on CUDA, the defaults) unless ``"+lu1"`` / ``"+ld1"``; the weights' layout (``"+cw"``)."""
+    flow.compose_convs_together = False if one_by_one(mode) else None
+    flow.batch_constant_logdets = False if logdets_per_layer(mode) else None
+    set_weight_layout(flow, mode)
 
 
 def contiguous_weights(mode: str) -> bool:
@@ -158,6 +177,15 @@ def convs_together(flow: ConditionalGlow, device: torch.device) -> bool:
     compiled = compiler is not None and not compiler.failed and compiler.calls > 0
     together = flow.compose_convs_together
     return bool((device.type == "cuda" if together is None else together) and not compiled)
+
+
+def logdets_batched(flow: ConditionalGlow, device: torch.device) -> bool:
+    """Whether ``flow``'s training passes summed the constant log-determinants per level: on CUDA unless set off
+    (``+ld1``), and not where compiled steps ran (they keep their own sums)."""
+    compiler = compiled_steps(flow)
+    compiled = compiler is not None and not compiler.failed and compiler.calls > 0
+    batched = flow.batch_constant_logdets
+    return bool((device.type == "cuda" if batched is None else batched) and not compiled)
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -199,8 +227,7 @@ def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode
     batches = [make_batch(batch, args.size, torch.Generator().manual_seed(args.seed + i), device) for i in range(3)]
     flow = build_flow(args, device, *batches[0])
     set_coupling_dtype(flow, coupling_dtype(precision))
-    flow.compose_convs_together = False if one_by_one(mode) else None  # None: together on CUDA (the default)
-    set_weight_layout(flow, mode)
+    set_pass_options(flow, mode)
     net = FlowBitsPerDim(flow, cuda_graphs=graphs).train()
     if compiled:  # what the bundle id ``compile`` does (FlowBitsPerDim(compile=True)), with the chosen backend
         flow.compile_steps(backend=args.compile_backend)
@@ -232,6 +259,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "fused_adam": fused,
         "convs_together": convs_together(flow, device),
+        "logdets_batched": logdets_batched(flow, device),
         "conv_weights": weights_layout(flow),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
@@ -295,8 +323,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         with torch.no_grad():
             init_z = classifier.embed(init_x)
         flow = build_flow(args, device, init_x, init_z)
-        flow.compose_convs_together = False if one_by_one(mode) else None
-        set_weight_layout(flow, mode)
+        set_pass_options(flow, mode)
         trainer, _ = create_flow_trainer(
             flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
             ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
@@ -327,6 +354,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         "graphed": bool(graphed is not None and graphed.replays > 0),
         "compiled": bool(getattr(flow, "steps_compiled", False) and compiled_steps(flow).calls > 0),
         "convs_together": convs_together(flow, device),
+        "logdets_batched": logdets_batched(flow, device),
         "conv_weights": weights_layout(flow),
         "classifier": args.trainer_classifier,
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
@@ -571,10 +599,11 @@ def _named(section: str, record: dict) -> str:
 
 
 def _order(mode: str) -> tuple:
-    """Table order: precision, then eager, graphs, compile, compile + graphs; ``+cw`` and ``+lu1`` rows after
-    their mode's."""
+    """Table order: precision, then eager, graphs, compile, compile + graphs; ``+ld1``, ``+cw`` and ``+lu1`` rows
+    after their mode's."""
     precision, compiled, graphs = parse_mode(mode)
-    return PRECISIONS.index(precision), compiled, graphs, contiguous_weights(mode), one_by_one(mode)
+    return (PRECISIONS.index(precision), compiled, graphs, contiguous_weights(mode), one_by_one(mode),
+            logdets_per_layer(mode))  # fmt: skip
 
 
 def _ran_as(r: dict) -> str:

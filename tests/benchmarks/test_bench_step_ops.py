@@ -46,9 +46,16 @@ def test_small_run_composes_fewer_operations_with_the_same_pass(capsys):
     assert row["copy_ops_together_contiguous"] - row["copy_ops_together"] == row["kxk_conv_weights"]
     assert row["ops_together_contiguous"] - row["ops_together"] == row["kxk_conv_weights"]
     assert row["layout_bit_identical"] is True
+    # the data-independent log-determinants summed per level (4 levels): ActNorm's and the 1x1 convolution's sum,
+    # product, expansion and addition to the chain, forward and backward, go (>= 4 operations per such layer), a
+    # handful per level come; the gradients as before, the loss up to the order of its summation
+    assert row["constant_logdet_layers"] == 2 * 18
+    assert row["ops_together"] - row["ops_batched_logdets"] >= 4 * row["constant_logdet_layers"]
+    assert row["logdets_loss_rel_diff"] < 1e-6 and row["grad_rel_diff_batched_logdets"] < 1e-3
     assert row["loss_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-3
     assert all(row[f"cpu_ms_{name}"] > 0 for name in bench.CONFIGS)
-    assert f"| small | 2 | 18 (4) | {row['ops_one_by_one']:,} | {row['ops_together_contiguous']:,} | " in out
+    assert (f"| small | 2 | 18 (4) | {row['ops_one_by_one']:,} | {row['ops_together_contiguous']:,} | "
+            f"{row['ops_together']:,} | {row['ops_batched_logdets']:,} | ") in out
     assert json.loads(out.strip().splitlines()[-1].split(" ", 1)[1]) == [row]
 
 

@@ -37,8 +37,8 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
     # run order: the target mode, the compiled and graphed one, then the comparisons
-    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+cw", "bf16+graphs+lu1+cw", "fp32", "tf32", "bf16",
-             "tf32+graphs", "bf16+compile"]  # fmt: skip
+    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+ld1", "bf16+graphs+cw", "bf16+graphs+lu1+cw+ld1",
+             "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]  # fmt: skip
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
     for r in train:
@@ -46,7 +46,8 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
         assert r["compiled"] == ("compile" in r["mode"])
         # read off the flow's weights: +cw really trained contiguous weights, the rest the flow's own layout
-        assert r["conv_weights"] == ("contiguous" if r["mode"].endswith("+cw") else "channels_last")
+        assert r["conv_weights"] == ("contiguous" if "+cw" in r["mode"] else "channels_last")
+        assert r["logdets_batched"] is False  # the CPU's default; +ld1 sets it off everywhere
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
     for mode in ("bf16", "bf16+compile"):
@@ -170,7 +171,7 @@ def test_the_budget_estimates_a_kind_and_size_by_its_longest_measured_run():
     assert gpu_check.Budget(100.0, start=time.perf_counter() - 99.5).left() < 0.5
 
 
-def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
+def test_the_lu1_cw_and_ld1_options_set_the_flow_and_sort_after_their_mode():
     import argparse
 
     gpu_check = load_benchmark("gpu_check")
@@ -178,12 +179,14 @@ def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
     assert not gpu_check.one_by_one("bf16+graphs") and not gpu_check.contiguous_weights("bf16+graphs+lu1")
     assert gpu_check.parse_mode("bf16+graphs+lu1+cw") == ("bf16", False, True)
     assert gpu_check.contiguous_weights("bf16+graphs+lu1+cw") and gpu_check.one_by_one("bf16+graphs+lu1+cw")
-    for bad in ("bf16+lu2", "bf16+cw+cw"):
+    assert gpu_check.logdets_per_layer("bf16+graphs+ld1") and not gpu_check.logdets_per_layer("bf16+graphs+lu1+cw")
+    for bad in ("bf16+lu2", "bf16+cw+cw", "bf16+ld2"):
         with pytest.raises(ValueError, match="lu1"):
             gpu_check.parse_mode(bad)
-    modes = ["bf16+graphs+lu1+cw", "bf16+graphs+lu1", "fp32", "bf16+graphs+cw", "bf16+graphs", "bf16"]
+    modes = ["bf16+graphs+lu1+cw", "bf16+graphs+lu1", "fp32", "bf16+graphs+cw", "bf16+graphs+ld1", "bf16+graphs",
+             "bf16"]  # fmt: skip
     assert sorted(modes, key=gpu_check._order) == [
-        "fp32", "bf16", "bf16+graphs", "bf16+graphs+lu1", "bf16+graphs+cw", "bf16+graphs+lu1+cw"
+        "fp32", "bf16", "bf16+graphs", "bf16+graphs+ld1", "bf16+graphs+lu1", "bf16+graphs+cw", "bf16+graphs+lu1+cw"
     ]  # fmt: skip
     args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
                               compile_backend="aot_eager")  # fmt: skip
@@ -192,9 +195,12 @@ def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
     def kxk(flow):  # the convolutions whose weight layout the option changes (1x1 kernels have one layout)
         return [m.weight for m in flow.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[2:].numel() > 1]
 
-    for mode, expected, channels_last in (("fp32+lu1+cw", False, False), ("fp32", None, True)):
+    for mode, expected, channels_last in (("fp32+lu1+cw+ld1", False, False), ("fp32", None, True)):
         flow = gpu_check.train_setup(args, cpu, 2, mode)[1]
-        assert flow.compose_convs_together is expected
+        assert flow.compose_convs_together is expected and flow.batch_constant_logdets is expected
+        # what a row reports: per level on CUDA unless +ld1, never on the CPU (its default)
+        assert gpu_check.logdets_batched(flow, cuda) is (expected is None)
+        assert gpu_check.logdets_batched(flow, cpu) is False
         assert all(w.is_contiguous(memory_format=torch.channels_last) is channels_last for w in kxk(flow))
         assert all(w.is_contiguous() is not channels_last for w in kxk(flow))
         assert gpu_check.weights_layout(flow) == ("channels_last" if channels_last else "contiguous")
@@ -207,6 +213,7 @@ def test_the_lu1_and_cw_options_set_the_flow_and_sort_after_their_mode():
     flow.zero_grad()
     (-flow.log_prob(*gpu_check.make_batch(2, 16, torch.Generator().manual_seed(0), cpu)).mean()).backward()
     assert gpu_check.compiled_steps(flow).calls > 0 and gpu_check.convs_together(flow, cuda) is False
+    assert gpu_check.logdets_batched(flow, cuda) is False  # compiled steps keep their own sums
     flow.compile_steps(False)
 
 

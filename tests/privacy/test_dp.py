@@ -79,22 +79,24 @@ def test_flow_per_sample_gradients_match_one_example_backward(method):
 
 
 def test_per_sample_gradients_through_convolutions_composed_together():
-    """With the 1x1 convolutions composed in one batch per size (``compose_convs_together``, the GPU default) the
-    vectorised per-example gradients equal the one-example loop's of the one-by-one composition."""
+    """With the 1x1 convolutions composed in one batch per size (``compose_convs_together``) and the constant
+    log-determinants summed per level (``batch_constant_logdets``), the GPU defaults, the vectorised per-example
+    gradients equal the one-example loop's of the one-by-one, per-layer pass."""
     flow = ConditionalGlow.from_preset(
         "small", image_size=16, num_levels=2, num_steps=2, num_blocks=1, hidden_channels=4, condition_dim=8
     )
     flow.mark_initialized()
     assert max(len(g) for g in flow._conv_groups) == 2
     x, z = _images(3), nn.functional.normalize(torch.randn(3, 8), dim=1)
-    flow.compose_convs_together = True
+    flow.compose_convs_together = flow.batch_constant_logdets = True
     together, losses = per_sample_gradients(flow, flow_nll, x, z, method="vmap", set_grad_sample=False)
-    flow.compose_convs_together = False
+    flow.compose_convs_together = flow.batch_constant_logdets = False
     alone, losses_alone = per_sample_gradients(flow, flow_nll, x, z, method="loop", set_grad_sample=False)
     torch.testing.assert_close(losses, losses_alone, rtol=1e-5, atol=1e-5)
     for name, g in alone.items():
         torch.testing.assert_close(together[name], g, rtol=1e-4, atol=1e-5, msg=name)
     assert any(g.abs().sum() > 0 for n, g in together.items() if n.endswith("log_abs_s"))
+    assert any(g.abs().sum() > 0 for n, g in together.items() if n.endswith("log_scale"))
 
 
 def test_vmap_and_loop_agree_on_a_plain_network():

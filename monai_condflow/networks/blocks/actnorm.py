@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, defer_constant_logdet, record_logdet_map
 
 __all__ = ["ActNorm"]
 
@@ -89,10 +89,14 @@ class ActNorm(FlowLayer):
             condition: ignored.
 
         Returns:
-            ``(y [B, C, *spatial], logdet [B])``.
+            ``(y [B, C, *spatial], logdet [B])`` (``logdet`` ``None`` when left to an enclosing
+            :func:`~monai_condflow.networks.blocks.flow_sequential.deferring_constant_logdets` block).
         """
         record_logdet_map(lambda: self.log_scale.sum().to(x.dtype).expand(x.shape[0], *x.shape[2:]))
-        return torch.addcmul(self.bias, x, self.log_scale.exp()), self._logdet(x)
+        y = torch.addcmul(self.bias, x, self.log_scale.exp())
+        if defer_constant_logdet(self.log_scale, math.prod(x.shape[2:])):  # summed by the enclosing pass
+            return y, None
+        return y, self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x = (y - bias) * exp(-log_scale)``; returns ``(x, -logdet)``."""

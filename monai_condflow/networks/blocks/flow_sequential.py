@@ -23,6 +23,11 @@ Inside :func:`recording_logdet_maps`, the forward pass of every layer with a non
 *per position*, ``[B, *spatial]`` at the layer's own resolution (summed over channels; a layer whose log-determinant
 does not depend on the data spreads it evenly over the positions it acts on). ``ConditionalGlow.log_prob_map`` uses
 this to split ``log p(x | z)`` over the pixels.
+
+Inside :func:`deferring_constant_logdets` (a pass of ``ConditionalGlow`` on a GPU), a layer whose log-determinant
+does not depend on the data (ActNorm, the 1x1 convolution) may leave ``(parameter, positions)`` in the block's list
+and return ``None`` as its log-determinant; :class:`FlowSequential` skips it and the caller adds
+:func:`sum_deferred_logdets` of the list once. Outside such a block every layer returns its ``[B]`` log-determinant.
 """
 
 from __future__ import annotations
@@ -34,9 +39,19 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlowLayer", "FlowSequential", "logdet_maps_recording", "record_logdet_map", "recording_logdet_maps"]
+__all__ = [
+    "FlowLayer",
+    "FlowSequential",
+    "defer_constant_logdet",
+    "deferring_constant_logdets",
+    "logdet_maps_recording",
+    "record_logdet_map",
+    "recording_logdet_maps",
+    "sum_deferred_logdets",
+]
 
 _LOGDET_MAPS: ContextVar[list[Tensor] | None] = ContextVar("monai_condflow_logdet_maps", default=None)
+_DEFERRED: ContextVar[list[tuple[Tensor, int]] | None] = ContextVar("monai_condflow_deferred_logdets", default=None)
 
 
 @contextmanager
@@ -65,6 +80,49 @@ def record_logdet_map(values: Callable[[], Tensor]) -> None:
     maps = _LOGDET_MAPS.get()
     if maps is not None:
         maps.append(values())
+
+
+@contextmanager
+def deferring_constant_logdets() -> Iterator[list[tuple[Tensor, int]]]:
+    """Inside the block, the forward pass of a layer whose log-determinant is ``positions * sum(parameter)`` (the
+    same for every sample) leaves ``(parameter, positions)`` in the yielded list and returns ``None`` as its
+    log-determinant (:func:`defer_constant_logdet`), so that the caller sums all of them at once
+    (:func:`sum_deferred_logdets`): on a GPU a few kernels per pass instead of ~5 per layer, forward and backward
+    (~770 of the ``paper`` preset's ~4,240 operations per training pass). For a caller that adds the sum to the
+    pass's log-determinant and calls the layers only through :class:`FlowSequential`."""
+    deferred: list[tuple[Tensor, int]] = []
+    token = _DEFERRED.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _DEFERRED.reset(token)
+
+
+def defer_constant_logdet(parameter: Tensor, positions: int) -> bool:
+    """Leave a data-independent log-determinant ``positions * parameter.sum()`` to the enclosing
+    :func:`deferring_constant_logdets` block; ``False`` (the layer returns its own) outside one, while recording the
+    per-position maps, or under ``torch.compile`` tracing (a compiled step stays one graph with its own sums)."""
+    if torch.compiler.is_compiling():
+        return False
+    deferred = _DEFERRED.get()
+    if deferred is None or _LOGDET_MAPS.get() is not None:
+        return False
+    deferred.append((parameter, positions))
+    return True
+
+
+def sum_deferred_logdets(deferred: list[tuple[Tensor, int]]) -> Tensor | None:
+    """``sum_k positions_k * sum(parameter_k)`` of a :func:`deferring_constant_logdets` list as a 0-d tensor in the
+    parameters' dtype (one concatenation, sum and product per number of positions, i.e. per level; the same value
+    as the layers' own sums up to summation order), or ``None`` for an empty list."""
+    groups: dict[int, list[Tensor]] = {}
+    for parameter, positions in deferred:
+        groups.setdefault(positions, []).append(parameter.reshape(-1))
+    total = None
+    for positions, parameters in groups.items():
+        part = torch.cat(parameters).sum() * positions
+        total = part if total is None else total + part
+    return total
 
 
 class FlowLayer(nn.Module):
@@ -122,7 +180,8 @@ class FlowSequential(FlowLayer):
         logdet = None  # the first layer's log-det starts the sum (no zeros tensor and one addition fewer per chain)
         for layer in self.layers:
             x, ld = layer(x, condition)
-            logdet = ld if logdet is None else logdet + ld
+            if ld is not None:  # None: left to an enclosing deferring_constant_logdets block
+                logdet = ld if logdet is None else logdet + ld
         return x, x.new_zeros(x.shape[0]) if logdet is None else logdet
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:

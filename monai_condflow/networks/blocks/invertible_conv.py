@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from monai_condflow.networks.blocks.flow_sequential import FlowLayer, record_logdet_map
+from monai_condflow.networks.blocks.flow_sequential import FlowLayer, defer_constant_logdet, record_logdet_map
 
 __all__ = ["InvertibleConv1x1", "compose_weights", "composed_together"]
 
@@ -143,7 +143,8 @@ class InvertibleConv1x1(FlowLayer):
             condition: ignored.
 
         Returns:
-            ``(y [B, C, *spatial], logdet [B])``.
+            ``(y [B, C, *spatial], logdet [B])`` (``logdet`` ``None`` when left to an enclosing
+            :func:`~monai_condflow.networks.blocks.flow_sequential.deferring_constant_logdets` block).
         """
         if torch.is_grad_enabled():  # no need for the inverse in training
             given = None if torch.compiler.is_compiling() else _GIVEN.get()
@@ -153,7 +154,10 @@ class InvertibleConv1x1(FlowLayer):
         else:
             weight = self.weights()[0]
         record_logdet_map(lambda: self.log_abs_s.sum().to(x.dtype).expand(x.shape[0], *x.shape[2:]))
-        return self._apply_matrix(x, weight), self._logdet(x)
+        y = self._apply_matrix(x, weight)
+        if defer_constant_logdet(self.log_abs_s, math.prod(x.shape[2:])):  # summed by the enclosing pass
+            return y, None
+        return y, self._logdet(x)
 
     def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x = W^{-1} y`` channel-wise (cached ``W^{-1}`` without autograd); returns ``(x, -logdet)``."""

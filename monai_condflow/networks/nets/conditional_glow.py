@@ -43,7 +43,12 @@ from monai_condflow.networks.blocks.coupling import (
     ConditionalFlowStep,
     GuidedCondition,
 )
-from monai_condflow.networks.blocks.flow_sequential import FlowSequential, recording_logdet_maps
+from monai_condflow.networks.blocks.flow_sequential import (
+    FlowSequential,
+    deferring_constant_logdets,
+    recording_logdet_maps,
+    sum_deferred_logdets,
+)
 from monai_condflow.networks.blocks.invertible_conv import InvertibleConv1x1, composed_together
 from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, LatentMoments
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
@@ -354,6 +359,9 @@ class ConditionalGlow(nn.Module):
         # compose the 1x1 convolutions' weights of a training pass in one batch per size (composed_together):
         # None (default) on CUDA only (fewer kernels; on the CPU one by one, bit for bit as before), True / False always
         self.compose_convs_together: bool | None = None
+        # sum the data-independent log-determinants (ActNorm, 1x1 convolutions) of a pass at once, per level, instead
+        # of per layer (deferring_constant_logdets): None (default) on CUDA only (on the CPU bit for bit as before)
+        self.batch_constant_logdets: bool | None = None
         if spatial_dims == 2:
             # the convolution weights in the activations' layout (Squeeze makes every level channels-last): the same
             # values and kernels, but no per-call copy of a contiguous weight to channels-last (cuDNN) and no copy of
@@ -525,14 +533,26 @@ class ConditionalGlow(nn.Module):
             h, ld = self.pixel_spline(h, condition)
             logdet = logdet + ld
         pieces = []
-        with self._weights_of_the_pass(h, init):
+        with self._weights_of_the_pass(h, init), self._logdets_of_the_pass(h, init) as deferred:
             for level, keep in zip(self.levels, self._keep_channels):
                 h, ld = level.initialize(h, condition) if init else level(h, condition)
                 logdet = logdet + ld
                 if keep < h.shape[1]:
                     pieces.append(h[:, keep:].flatten(1))
                     h = h[:, :keep]
+        if deferred:
+            logdet = logdet + sum_deferred_logdets(deferred).to(logdet.dtype)
         return torch.cat(pieces, dim=1), logdet
+
+    def _logdets_of_the_pass(self, h: Tensor, init: bool) -> contextlib.AbstractContextManager:
+        """:func:`deferring_constant_logdets` for a pass that is not the ActNorm initialisation, when
+        :attr:`batch_constant_logdets` says so (``None``: on CUDA), else a block that yields an empty list."""
+        batched = self.batch_constant_logdets
+        if batched is None:
+            batched = h.is_cuda
+        if not batched or init:
+            return contextlib.nullcontext([])
+        return deferring_constant_logdets()
 
     def _weights_of_the_pass(self, h: Tensor, init: bool) -> contextlib.AbstractContextManager:
         """:func:`composed_together` for a forward pass with autograd (each 1x1 convolution's weight then comes

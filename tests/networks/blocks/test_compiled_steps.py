@@ -74,6 +74,13 @@ def test_one_compilation_serves_every_step_of_a_shape_and_only_training_calls_us
     assert compiler.calls == 4 and len(graphs) == 2
     assert torch.allclose(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert torch.allclose(grads, eager_grads, rtol=1e-5, atol=1e-7)
+    # the constant log-determinants summed per level (the GPU default): compiled steps keep their own sums
+    flow.batch_constant_logdets = True
+    loss_b, grads_b = _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
+    assert compiler.calls == 8 and len(graphs) == 2
+    assert torch.allclose(loss_b, eager_loss, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(grads_b, eager_grads, rtol=1e-5, atol=1e-7)
+    flow.batch_constant_logdets = None
     flow.eval()
     with torch.no_grad():
         flow.bits_per_dim(x, z)
@@ -81,7 +88,7 @@ def test_one_compilation_serves_every_step_of_a_shape_and_only_training_calls_us
     flow.train()
     with torch.no_grad():
         flow.bits_per_dim(x, z)
-    assert compiler.calls == 4 and len(graphs) == 2  # evaluation, sampling and no-grad calls ran eagerly
+    assert compiler.calls == 8 and len(graphs) == 2  # evaluation, sampling and no-grad calls ran eagerly
     flow.compile_steps(False)
     assert compiled_steps(flow) is None and not flow.steps_compiled
 

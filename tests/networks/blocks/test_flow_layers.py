@@ -29,6 +29,11 @@ from monai_condflow.networks.blocks import (
     InvertibleConv1x1,
     Squeeze,
 )
+from monai_condflow.networks.blocks.flow_sequential import (
+    deferring_constant_logdets,
+    recording_logdet_maps,
+    sum_deferred_logdets,
+)
 from monai_condflow.networks.blocks.invertible_conv import compose_weights, composed_together
 
 COND = 3
@@ -447,3 +452,44 @@ def test_spatial_top_prior_places_the_mean_per_entry_and_checks_the_size():
         layer(torch.zeros(3, 2, 3, 2, dtype=torch.float64), cond)
     with pytest.raises(ValueError, match="spatial_shape needs 2 sizes"):
         ConditionalTopPrior(2, 2, COND, spatial_shape=(4,))
+
+
+def test_sum_of_deferred_logdets_against_hand_values():
+    """positions * sum(parameter), summed: (1 + 2 + 3) * 4 + 0.5 * 2 = 25, gradient = positions per entry."""
+    a, b, c = torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True), torch.tensor(
+        [[0.5]], requires_grad=True
+    )
+    total = sum_deferred_logdets([(a, 4), (b, 4), (c, 2)])
+    assert total.ndim == 0 and total.item() == 25.0
+    total.backward()
+    assert a.grad.tolist() == [4.0, 4.0] and b.grad.tolist() == [4.0] and c.grad.tolist() == [[2.0]]
+    assert sum_deferred_logdets([]) is None
+
+
+def test_constant_logdets_are_left_to_the_enclosing_pass_and_sum_to_the_same():
+    """Inside deferring_constant_logdets, ActNorm and the 1x1 convolution return None and leave (parameter,
+    positions): the chain's output is unchanged, its log-det holds only the data-dependent layers (here none: zeros),
+    and the deferred sum equals their log-dets; outside, while recording per-position maps, and in the inverse,
+    every layer returns its own."""
+    chain = FlowSequential(perturb(ActNorm(2, 4), 0.3), perturb(InvertibleConv1x1(2, 4), 0.3))
+    x = torch.randn(3, 4, 8, 6)
+    y, logdet = chain(x)
+    with deferring_constant_logdets() as deferred:
+        y_d, logdet_d = chain(x)
+        assert chain.layers[0](x)[1] is None and chain.layers[1](x)[1] is None
+        with recording_logdet_maps():
+            assert chain(x)[1].shape == (3,) and chain.layers[0](x)[1] is not None
+        _, inv_logdet = chain.inverse(y)
+    assert torch.equal(y_d, y) and torch.equal(logdet_d, torch.zeros(3))
+    assert [(p is chain.layers[0].log_scale, n) for p, n in deferred[:2]] == [(True, 48), (False, 48)]
+    assert deferred[1][0] is chain.layers[1].log_abs_s and len(deferred) == 4  # the chain and the two direct calls
+    torch.testing.assert_close(sum_deferred_logdets(deferred[:2]).expand(3), logdet, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inv_logdet, -logdet, rtol=1e-6, atol=1e-6)
+    # with a data-dependent layer in the chain, its log-det alone is returned
+    step = perturb(ConditionalFlowStep(2, 4, COND, 8), 0.3)
+    cond = torch.randn(3, COND)
+    _, full = step(x, cond)
+    with deferring_constant_logdets() as deferred:
+        _, coupling_only = step(x, cond)
+    torch.testing.assert_close(coupling_only + sum_deferred_logdets(deferred), full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(coupling_only, full)
