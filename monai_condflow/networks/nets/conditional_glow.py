@@ -546,11 +546,12 @@ class ConditionalGlow(nn.Module):
 
     def _logdets_of_the_pass(self, h: Tensor, init: bool) -> contextlib.AbstractContextManager:
         """:func:`deferring_constant_logdets` for a pass that is not the ActNorm initialisation, when
-        :attr:`batch_constant_logdets` says so (``None``: on CUDA), else a block that yields an empty list."""
+        :attr:`batch_constant_logdets` says so (``None``: on CUDA), else a block that yields an empty list (also for
+        a pass traced by ``torch.compile``, whose layers keep their own sums)."""
         batched = self.batch_constant_logdets
         if batched is None:
             batched = h.is_cuda
-        if not batched or init:
+        if not batched or init or torch.compiler.is_compiling():
             return contextlib.nullcontext([])
         return deferring_constant_logdets()
 

@@ -548,6 +548,10 @@ def test_batching_the_constant_logdets_gives_the_same_pass_with_fewer_operations
         reference.batch_constant_logdets = False
         reference.initialize(x, z, force=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    # a pass traced whole by torch.compile (one graph: no context entered while tracing) keeps the layers' own sums
+    torch._dynamo.reset()
+    traced = torch.compile(model.log_prob, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(x, z), model.log_prob(x, z), rtol=1e-5, atol=1e-3)
     double = model.double()
     xd, zd = x[:1].double(), z[:1].double()
     nu, logdet = double(xd, zd)
