@@ -167,7 +167,8 @@ class FlowBitsPerDim(torch.nn.Module):
             if self.graphed is None:
                 from monai_condflow.utils.cuda_graphs import GraphedTraining
 
-                self.__dict__["_graphed"] = GraphedTraining(loss, "flow training step")
+                settings = getattr(self.flow, "graph_settings", None)  # e.g. the couplings' precision
+                self.__dict__["_graphed"] = GraphedTraining(loss, "flow training step", settings)
             return self.graphed(x, condition)
         return loss(x, condition)
 

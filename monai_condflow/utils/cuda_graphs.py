@@ -71,7 +71,8 @@ class WeightsWatch:
     Args:
         versions: also count writes (version counters), for graphs that cache values derived from the weights (the
             decoder's 1x1 inverses). ``False`` for a training graph, which reads the weights themselves where they
-            are, so that an optimiser step is not a change.
+            are, so that an optimiser step is not a change; it counts ``requires_grad`` instead (the recorded
+            backward gives gradients to the parameters that required them then).
     """
 
     def __init__(self, versions: bool = True) -> None:
@@ -102,7 +103,7 @@ class WeightsWatch:
         if self.versions:  # an inference tensor has no version counter (its address still counts)
             key = (settings, tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors))
         else:
-            key = (settings, tuple((id(t), t.data_ptr()) for t in tensors))
+            key = (settings, tuple((id(t), t.data_ptr(), t.requires_grad) for t in tensors))
         if key == self._key:
             return False
         self._key, self._held = key, tensors
@@ -115,24 +116,34 @@ class WeightsWatch:
 class GraphedTraining:
     """Forward and backward of ``module(*args)`` recorded as CUDA graphs at the first eligible call.
 
-    The graphs read the parameters and buffers where they were at recording and hand the gradients to those
-    parameter objects, and they replay the kernels chosen then. So a parameter or buffer moved or replaced (``.to()``,
-    ``load_state_dict(assign=True)``, a new ``Parameter``) or other numerics (autocast, TF32; :func:`numerics`)
-    record the step again (:class:`WeightsWatch` without version counters: an optimiser step writes the weights in
-    place, which the graphs read; ~0.4 ms per step for the ``paper`` flow on this CPU, overlapped with the previous
-    step's optimiser kernels on a GPU).
+    The graphs read the parameters and buffers where they were at recording (the old ones stay alive with the
+    graphs), hand the gradients to those parameter objects, and replay the kernels and constants of then. So a
+    parameter or buffer moved or replaced (``.to()``, ``load_state_dict(assign=True)``, a new ``Parameter``), a
+    parameter frozen or unfrozen, other numerics (autocast, TF32; :func:`numerics`) or other module switches
+    (``settings``) drop the graphs (:class:`WeightsWatch` without version counters: an optimiser step writes the
+    weights in place, which the graphs read; ~0.4-0.6 ms per step for the ``paper`` flow on this CPU, overlapped with
+    the previous step's optimiser kernels on a GPU). They are recorded again at the next call with the inputs'
+    signature of before (a smaller last batch in between runs eagerly); calls under autocast with its weight cache
+    (``torch.autocast``'s default), which ``make_graphed_callables`` refuses, run eagerly and record nothing.
 
     Args:
         module: a module whose forward takes tensors and returns a tensor (e.g. per-sample bits/dim); it must have
             no hooks. Recording runs it 3 times on a side stream first (the warm-up that
             ``make_graphed_callables`` does); those runs do not touch ``.grad``.
         name: for the log lines.
+        settings: returns the module's own switches that a recording bakes in, compared with ``==`` (e.g.
+            ``ConditionalGlow.graph_settings``: the couplings' precision, the training noise, the condition
+            dropout), or ``None``.
     """
 
-    def __init__(self, module: torch.nn.Module, name: str = "training step") -> None:
+    def __init__(
+        self, module: torch.nn.Module, name: str = "training step", settings: Callable[[], Any] | None = None
+    ) -> None:
         self.module = module
         self.name = name
+        self.settings = settings
         self._sig: tuple | None = None
+        self._resig: tuple | None = None  # after a change: the signature to record again for
         self._graphed: Callable[..., Tensor] | None = None
         self._watch = WeightsWatch(versions=False)
         self.failed = False
@@ -172,17 +183,23 @@ class GraphedTraining:
     def __call__(self, *args: Tensor) -> Tensor:
         """``module(*args)``, by graph replay when the inputs match the recorded signature (the output is a fresh
         tensor, not the graph's static buffer)."""
-        eligible = self._eligible(args)
-        if eligible and self._sig is not None:
-            settings = numerics(args[0].device.type)
-            if self._watch.changed(self.module, settings):  # moved / replaced weights or other numerics: again
-                logger.info("CUDA graphs: the %s's weights moved or its numeric settings changed; recording again.",
-                            self.name)  # fmt: skip
-                self._graphed = self._sig = None
-        if eligible and self._graphed is None and self._sig is None:
+        if not self._eligible(args):
+            return self.module(*args)
+        device_type = args[0].device.type
+        settings = (numerics(device_type), None if self.settings is None else self.settings())
+        if self._sig is not None and self._watch.changed(self.module, settings):
+            logger.info("CUDA graphs: the %s's weights moved or its settings changed; recording it again.", self.name)
+            self._resig, self._graphed, self._sig = self._sig, None, None
+        if self._sig is None:
+            if self._resig is not None and signature(*args) != self._resig:
+                return self.module(*args)  # record again for the batch shape of before, not a smaller last batch
+            if torch.is_autocast_enabled(device_type) and torch.is_autocast_cache_enabled():
+                return self.module(*args)  # make_graphed_callables refuses autocast's weight cache
             self._record(args)
-            self._watch.changed(self.module, numerics(args[0].device.type))  # the reference: what the graphs read
-        if eligible and self._graphed is not None and signature(*args) == self._sig:
+            self._watch.changed(self.module, settings)  # the reference: what the graphs read
+            if self._graphed is not None:
+                self._resig = None
+        if self._graphed is not None and signature(*args) == self._sig:
             self.replays += 1
             return self._graphed(*args).clone()
         return self.module(*args)

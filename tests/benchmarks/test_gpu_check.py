@@ -213,7 +213,7 @@ def test_the_lu1_cw_and_ld1_options_set_the_flow_and_sort_after_their_mode():
     flow.zero_grad()
     (-flow.log_prob(*gpu_check.make_batch(2, 16, torch.Generator().manual_seed(0), cpu)).mean()).backward()
     assert gpu_check.compiled_steps(flow).calls > 0 and gpu_check.convs_together(flow, cuda) is False
-    assert gpu_check.logdets_batched(flow, cuda) is False  # compiled steps keep their own sums
+    assert gpu_check.logdets_batched(flow, cuda) is False  # the row says so (test_compiled_steps.py: they do)
     flow.compile_steps(False)
 
 

@@ -70,10 +70,13 @@ def test_graphed_training_on_cpu_tensors_runs_the_module_eagerly():
 def test_graphed_training_records_again_when_weights_move_or_numerics_change(monkeypatch):
     """The training graph's bookkeeping, on the CPU with a stand-in for the recording: an optimiser-like in-place
     write keeps the graphs (they read the weights where they are); a move, a replaced parameter (same memory: the
-    graphs would hand its gradient to the old object) or autocast around the step records again."""
+    graphs would hand its gradient to the old object), a frozen parameter, TF32, the flow's own switches
+    (``graph_settings``) drop them, and they are recorded again at the next call of the old batch shape (a smaller
+    batch in between runs eagerly); under autocast with its weight cache the step runs eagerly, records nothing and
+    is recorded again after it."""
     flow, x, z = _flow()
     flow.train()
-    graphed = GraphedTraining(FlowBitsPerDim(flow))
+    graphed = GraphedTraining(FlowBitsPerDim(flow), settings=flow.graph_settings)
     recorded = []
 
     def record(args):  # what _record leaves behind, without CUDA
@@ -91,18 +94,39 @@ def test_graphed_training_records_again_when_weights_move_or_numerics_change(mon
     graphed(x, z)
     assert len(recorded) == 1
     flow.load_state_dict({k: v.clone() for k, v in flow.state_dict().items()}, assign=True)  # moved
+    graphed(x[:3], z[:3])  # a smaller last batch: eager, no recording for its shape
+    assert len(recorded) == 1 and not graphed.recorded
     graphed(x, z)
     graphed(x, z)
-    assert len(recorded) == 2
+    assert len(recorded) == 2 and recorded[-1] == recorded[0]
     conv = next(m for m in flow.modules() if isinstance(m, InvertibleConv1x1))
     conv.lower = torch.nn.Parameter(conv.lower.detach())  # another object on the same memory
     graphed(x, z)
     assert len(recorded) == 3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    conv.lower.requires_grad_(False)  # frozen: the recorded backward would still give it a gradient
+    graphed(x, z)
+    assert len(recorded) == 4
+    set_coupling_dtype(flow, torch.bfloat16)  # the flow's own switch (graph_settings)
+    graphed(x, z)
+    assert len(recorded) == 5
+    set_coupling_dtype(flow, None)
+    graphed(x, z)
+    assert len(recorded) == 6
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not before
         graphed(x, z)
+        assert len(recorded) == 7
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    replays = graphed.replays
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cache on (the default): eager, nothing recorded
+        graphed(x, z)
+        graphed(x, z)
+    assert len(recorded) == 7 and graphed.replays == replays and not graphed.failed
     graphed(x, z)
     graphed(x, z)
-    assert len(recorded) == 5 and graphed.replays == 9
+    assert len(recorded) == 8 and graphed.replays == replays + 2
 
 
 def test_graph_sampling_on_the_cpu_decodes_eagerly_with_the_same_samples():

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from monai_condflow.networks.blocks.flow_sequential import logdet_maps_recording
+from monai_condflow.networks.blocks.flow_sequential import deferred_logdets, logdet_maps_recording
 
 __all__ = ["StepCompiler", "compile_flow_steps", "compiled_steps", "compiles_training", "run_step"]
 
@@ -99,10 +99,14 @@ class StepCompiler:
         )
 
     def _run(self, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> tuple[Tensor, Tensor]:
+        deferred = deferred_logdets()
+        mark = None if deferred is None else len(deferred)
         try:
             out = compiled(*args)
         except _compile_errors() as e:  # nothing ran: report once, stay eager from now on
             self.failed = True
+            if mark is not None:  # constants an eagerly run part left to the pass: the eager step leaves them again
+                del deferred[mark:]
             cause = getattr(e, "inner_exception", None) or e
             logger.warning("torch.compile of the flow steps failed (%s: %s: %s); running them eagerly.",
                            type(e).__name__, type(cause).__name__, str(cause).strip().split("\n")[0])  # fmt: skip

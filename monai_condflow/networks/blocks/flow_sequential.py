@@ -43,6 +43,7 @@ __all__ = [
     "FlowLayer",
     "FlowSequential",
     "defer_constant_logdet",
+    "deferred_logdets",
     "deferring_constant_logdets",
     "logdet_maps_recording",
     "record_logdet_map",
@@ -83,19 +84,30 @@ def record_logdet_map(values: Callable[[], Tensor]) -> None:
 
 
 @contextmanager
-def deferring_constant_logdets() -> Iterator[list[tuple[Tensor, int]]]:
+def deferring_constant_logdets(enabled: bool = True) -> Iterator[list[tuple[Tensor, int]]]:
     """Inside the block, the forward pass of a layer whose log-determinant is ``positions * sum(parameter)`` (the
     same for every sample) leaves ``(parameter, positions)`` in the yielded list and returns ``None`` as its
     log-determinant (:func:`defer_constant_logdet`), so that the caller sums all of them at once
     (:func:`sum_deferred_logdets`): on a GPU a few kernels per pass instead of ~5 per layer, forward and backward
-    (~770 of the ``paper`` preset's ~4,240 operations per training pass). For a caller that adds the sum to the
-    pass's log-determinant and calls the layers only through :class:`FlowSequential`."""
+    (~620 of the ``paper`` preset's ~4,240 operations per training pass). For a caller that adds the sum to the
+    pass's log-determinant and calls the layers only through :class:`FlowSequential`.
+
+    Args:
+        enabled: ``False``: every layer inside returns its own log-determinant, even inside an enclosing block (a
+            pass that does not add the sum shields its layers from a caller's block).
+    """
     deferred: list[tuple[Tensor, int]] = []
-    token = _DEFERRED.set(deferred)
+    token = _DEFERRED.set(deferred if enabled else None)
     try:
         yield deferred
     finally:
         _DEFERRED.reset(token)
+
+
+def deferred_logdets() -> list[tuple[Tensor, int]] | None:
+    """The list of the enclosing :func:`deferring_constant_logdets` block, or ``None`` (no block, or a disabled
+    one)."""
+    return _DEFERRED.get()
 
 
 def defer_constant_logdet(parameter: Tensor, positions: int) -> bool:

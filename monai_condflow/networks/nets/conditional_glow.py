@@ -546,14 +546,15 @@ class ConditionalGlow(nn.Module):
 
     def _logdets_of_the_pass(self, h: Tensor, init: bool) -> contextlib.AbstractContextManager:
         """:func:`deferring_constant_logdets` for a pass that is not the ActNorm initialisation, when
-        :attr:`batch_constant_logdets` says so (``None``: on CUDA), else a block that yields an empty list (also for
-        a pass traced by ``torch.compile``, whose layers keep their own sums)."""
+        :attr:`batch_constant_logdets` says so (``None``: on CUDA); otherwise a block in which every layer returns
+        its own log-determinant (even inside a caller's block, which this pass would not add to). A pass traced by
+        ``torch.compile`` enters no block (its layers keep their own sums)."""
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext([])
         batched = self.batch_constant_logdets
         if batched is None:
             batched = h.is_cuda
-        if not batched or init or torch.compiler.is_compiling():
-            return contextlib.nullcontext([])
-        return deferring_constant_logdets()
+        return deferring_constant_logdets(enabled=bool(batched) and not init)
 
     def _weights_of_the_pass(self, h: Tensor, init: bool) -> contextlib.AbstractContextManager:
         """:func:`composed_together` for a forward pass with autograd (each 1x1 convolution's weight then comes
@@ -684,13 +685,14 @@ class ConditionalGlow(nn.Module):
             h, ld = self.pixel_spline(h, condition)
             front = front + ld
         columns = [front]
-        for level, keep in zip(self.levels, self._keep_channels):
-            h, ld = level(h, condition)
-            if keep < h.shape[1]:
-                out = h[:, keep:].flatten(1)
-                ld = ld - 0.5 * (out.pow(2).sum(1) + out.shape[1] * _LOG_2PI)
-                h = h[:, :keep]
-            columns.append(ld)
+        with deferring_constant_logdets(enabled=False):  # each level's column holds its own constant terms
+            for level, keep in zip(self.levels, self._keep_channels):
+                h, ld = level(h, condition)
+                if keep < h.shape[1]:
+                    out = h[:, keep:].flatten(1)
+                    ld = ld - 0.5 * (out.pow(2).sum(1) + out.shape[1] * _LOG_2PI)
+                    h = h[:, :keep]
+                columns.append(ld)
         return torch.stack(columns, dim=1)
 
     def log_prob_map(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
@@ -877,6 +879,13 @@ class ConditionalGlow(nn.Module):
         """How many decoder graphs are recorded now (0 on the CPU, or before the first graphed :meth:`sample`)."""
         return sum(g is not None for g in (self._graphed_decoders or {}).values())
 
+    def graph_settings(self) -> tuple:
+        """The switches of this flow that a recorded CUDA graph bakes in besides its weights (compared with ``==``
+        before a replay): each coupling's precision
+        (:func:`~monai_condflow.networks.blocks.coupling.set_coupling_dtype`), the training noise and the condition
+        dropout (read as constants when the training step is recorded)."""
+        return tuple(m.compute_dtype for m in self._couplings), self.noise_std, self.cond_dropout
+
     def _graphed_decoder(self, nu: Tensor, cond: Tensor, size: tuple[int, ...]) -> Any:
         """The recorded decoder for these inputs (recorded now if there is room), or ``None`` (decode eagerly)."""
         from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, numerics, signature
@@ -885,7 +894,7 @@ class ConditionalGlow(nn.Module):
             self._graphed_weights = WeightsWatch()
         # moved or written weights: the graphs read the old ones; other numerics (autocast, TF32, the couplings'
         # precision, set_coupling_dtype): the graphs replay the kernels chosen at recording
-        settings = (numerics(nu.device.type), tuple(m.compute_dtype for m in self._couplings))
+        settings = (numerics(nu.device.type), self.graph_settings())
         if self._graphed_weights.changed(self, settings):
             self._graphed_decoders = {}
         key = (signature(nu, cond), size)

@@ -50,6 +50,16 @@ def _loss_and_grads(net, flow, x, z) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), torch.cat([p.grad.reshape(-1) for p in flow.parameters() if p.grad is not None])
 
 
+def monkeypatch_sum(left: list) -> pytest.MonkeyPatch:
+    """Record the length of every list of deferred constant log-determinants the flow's pass sums."""
+    import monai_condflow.networks.nets.conditional_glow as cg
+
+    real = cg.sum_deferred_logdets
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cg, "sum_deferred_logdets", lambda deferred: left.append(len(deferred)) or real(deferred))
+    return patch
+
+
 def _counting_backend():
     """An ``aot_eager``-free backend that runs the traced graph as it is and counts its compilations."""
     graphs = []
@@ -74,10 +84,16 @@ def test_one_compilation_serves_every_step_of_a_shape_and_only_training_calls_us
     assert compiler.calls == 4 and len(graphs) == 2
     assert torch.allclose(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert torch.allclose(grads, eager_grads, rtol=1e-5, atol=1e-7)
-    # the constant log-determinants summed per level (the GPU default): compiled steps keep their own sums
+    # the constant log-determinants summed per level (the GPU default): compiled steps keep their own sums (nothing
+    # is left to the pass's block)
     flow.batch_constant_logdets = True
-    loss_b, grads_b = _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
-    assert compiler.calls == 8 and len(graphs) == 2
+    left = []
+    sums = monkeypatch_sum(left)
+    try:
+        loss_b, grads_b = _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
+    finally:
+        sums.undo()
+    assert left == [] and compiler.calls == 8 and len(graphs) == 2
     assert torch.allclose(loss_b, eager_loss, rtol=1e-6, atol=1e-6)
     assert torch.allclose(grads_b, eager_grads, rtol=1e-5, atol=1e-7)
     flow.batch_constant_logdets = None
@@ -91,6 +107,13 @@ def test_one_compilation_serves_every_step_of_a_shape_and_only_training_calls_us
     assert compiler.calls == 8 and len(graphs) == 2  # evaluation, sampling and no-grad calls ran eagerly
     flow.compile_steps(False)
     assert compiled_steps(flow) is None and not flow.steps_compiled
+    flow.batch_constant_logdets = True  # eager steps do leave theirs to the pass: 4 steps x ActNorm and 1x1
+    sums = monkeypatch_sum(left)
+    try:
+        _loss_and_grads(FlowBitsPerDim(flow), flow, x, z)
+    finally:
+        sums.undo()
+    assert left == [8]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
@@ -220,3 +243,30 @@ def test_compile_steps_raises_the_recompile_limit_to_twice_the_steps():
         assert config.recompile_limit == 50  # never lowered
     finally:
         config.recompile_limit = old
+
+
+def test_a_compilation_that_fails_after_an_eager_part_leaves_each_constant_once(monkeypatch):
+    """A compiled step whose eagerly run part left constants to the pass, then failed to compile: the eager rerun
+    of the step leaves them again, so those of the failed attempt are taken back (no double count)."""
+    import monai_condflow.networks.blocks.compiled_steps as cs
+    from monai_condflow.networks.blocks.flow_sequential import defer_constant_logdet, deferring_constant_logdets
+
+    flow, _, _ = _flow()
+    flow.compile_steps(backend=_counting_backend()[0])
+    compiler = compiled_steps(flow)
+    p = torch.ones(3)
+    monkeypatch.setattr(cs, "_compile_errors", lambda: (RuntimeError,))
+
+    def compiled(*args):
+        defer_constant_logdet(p, 4)  # a part that ran eagerly
+        raise RuntimeError("backend failed on a later graph")
+
+    def eager(*args):
+        defer_constant_logdet(p, 4)
+        return args
+
+    with deferring_constant_logdets() as deferred:
+        defer_constant_logdet(p, 2)  # an earlier layer's
+        compiler._run(compiled, eager, 1)
+    assert deferred == [(p, 2), (p, 4)] and compiler.failed
+    flow.compile_steps(False)

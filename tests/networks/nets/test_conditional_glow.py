@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from monai_condflow.networks.blocks import ActNorm, InvertibleConv1x1
+from monai_condflow.networks.blocks.flow_sequential import deferring_constant_logdets
 from monai_condflow.networks.blocks.squeeze import conv_weights_to
 from monai_condflow.networks.nets import ConditionalGlow
 from tests.benchmarks.script import load_benchmark
@@ -557,3 +558,23 @@ def test_batching_the_constant_logdets_gives_the_same_pass_with_fewer_operations
     nu, logdet = double(xd, zd)
     jac = torch.autograd.functional.jacobian(lambda v: double(v.view(1, 1, 8, 8), zd)[0][0], xd[0])
     torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac.reshape(64, 64))[1], atol=1e-8, rtol=1e-8)
+
+
+def test_a_pass_that_does_not_batch_its_constant_logdets_shields_them_from_a_callers_block():
+    """A caller's deferring_constant_logdets block around a pass (or an initialisation, or level_log_probs) that
+    does not add the deferred sum itself: its layers return their own log-determinants, so nothing leaks into the
+    caller's list and log p is unchanged; a pass that batches uses its own list."""
+    torch.manual_seed(0)
+    model = perturb(tiny(num_steps=2, hidden_channels=8), 0.3)
+    x, z = images(4, 8), conditions(4)
+    model.initialize(x, z)
+    with torch.no_grad():
+        expected, levels = model.log_prob(x, z), model.level_log_probs(x, z)
+        for batched in (False, True):
+            model.batch_constant_logdets = batched
+            with deferring_constant_logdets() as outer:
+                got, got_levels = model.log_prob(x, z), model.level_log_probs(x, z)
+                model.initialize(x, z, force=True)
+            assert outer == [], batched
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-4)
+            torch.testing.assert_close(got_levels, levels, rtol=1e-6, atol=1e-4)
