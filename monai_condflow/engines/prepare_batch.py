@@ -154,15 +154,15 @@ class ConditionPrepareBatch(PrepareBatch):
     def _graphed_embedding(self, images: torch.Tensor) -> torch.Tensor | None:
         """The classifier's embedding of ``images`` by graph replay, or ``None`` (run it eagerly) for a shape other
         than the recorded one or after a failed recording."""
-        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, numerics, signature
+        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, signature
 
         # the graph reads the weights where they were at recording: another classifier, or a weight or buffer of
         # this one moved, replaced or written (``.to()``, ``.half()``, ``load_state_dict``), needs a new recording
         # (the same watch as the flow's decoder graphs; ~0.25 ms per batch for the ``paper`` PEPXNet on the CPU);
         # so do other numeric settings (autocast, TF32: the graph replays the kernels chosen at recording)
-        settings = numerics(images.device.type)
+        device_type = images.device.type
         if self._graphed is not None and (
-            self._graphed[0] is not self.classifier or self._graphed_weights.changed(self.classifier, settings)
+            self._graphed[0] is not self.classifier or self._graphed_weights.changed(self.classifier, device_type)
         ):
             self._graphed = None
         if self._graphed is None:
@@ -171,7 +171,7 @@ class ConditionPrepareBatch(PrepareBatch):
             try:
                 graphed = GraphedCall(self.classifier.embed, images, name="classifier embedding")
                 self._graphed_weights = WeightsWatch()
-                self._graphed_weights.changed(self.classifier, settings)  # the reference: what the graph reads
+                self._graphed_weights.changed(self.classifier, device_type)  # the reference: what the graph reads
                 self._graphed = (self.classifier, graphed)
             except Exception as e:  # an operation that cannot be captured: stay eager, say so once
                 self._graph_failed = True

@@ -90,20 +90,24 @@ class WeightsWatch:
             self._dicts = (module, [d for m in module.modules() for d in (m._parameters, m._buffers)])
         return [t for d in self._dicts[1] for t in d.values() if t is not None]
 
-    def changed(self, module: nn.Module, settings: Any = None) -> bool:
-        """Whether ``module``'s parameters and buffers, or ``settings``, differ from those at the previous call
-        (``True`` at the first call); the current ones become the reference.
+    def changed(self, module: nn.Module, device_type: str | None = None, settings: Any = None) -> bool:
+        """Whether ``module``'s parameters and buffers, the numerics of ``device_type`` or ``settings`` differ from
+        those at the previous call (``True`` at the first call); the current ones become the reference.
 
         Args:
             module: the module whose weights the graph reads.
-            settings: anything else the graph bakes in, compared with ``==`` (e.g. :func:`numerics` and the module's
-                own precision switches).
+            device_type: the device whose :func:`numerics` (autocast, TF32) the graph bakes in; ``None``: not
+                compared.
+            settings: anything else the graph bakes in, compared with ``==`` (e.g. the module's own precision
+                switches).
         """
         tensors = self._tensors(module)
+        numeric = None if device_type is None else numerics(device_type)
         if self.versions:  # an inference tensor has no version counter (its address still counts)
-            key = (settings, tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors))
+            weights = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
         else:
-            key = (settings, tuple((id(t), t.data_ptr(), t.requires_grad) for t in tensors))
+            weights = tuple((id(t), t.data_ptr(), t.requires_grad) for t in tensors)
+        key = (numeric, settings, weights)
         if key == self._key:
             return False
         self._key, self._held = key, tensors
@@ -148,7 +152,6 @@ class GraphedTraining:
         self._watch = WeightsWatch(versions=False)
         self.failed = False
         self.replays = 0
-        self.recordings = 0
 
     @property
     def recorded(self) -> bool:
@@ -168,7 +171,6 @@ class GraphedTraining:
             module.__dict__.pop("forward", None)  # the class's forward again for eager calls
         if self._graphed is not None:
             self._sig = signature(*args)
-            self.recordings += 1
             logger.info("CUDA graphs: recorded the %s for inputs %s.", self.name, [list(a.shape) for a in args])
 
     def _eligible(self, args: tuple) -> bool:
@@ -186,8 +188,8 @@ class GraphedTraining:
         if not self._eligible(args):
             return self.module(*args)
         device_type = args[0].device.type
-        settings = (numerics(device_type), None if self.settings is None else self.settings())
-        if self._sig is not None and self._watch.changed(self.module, settings):
+        settings = None if self.settings is None else self.settings()
+        if self._sig is not None and self._watch.changed(self.module, device_type, settings):
             logger.info("CUDA graphs: the %s's weights moved or its settings changed; recording it again.", self.name)
             self._resig, self._graphed, self._sig = self._sig, None, None
         if self._sig is None:
@@ -196,7 +198,7 @@ class GraphedTraining:
             if torch.is_autocast_enabled(device_type) and torch.is_autocast_cache_enabled():
                 return self.module(*args)  # make_graphed_callables refuses autocast's weight cache
             self._record(args)
-            self._watch.changed(self.module, settings)  # the reference: what the graphs read
+            self._watch.changed(self.module, device_type, settings)  # the reference: what the graphs read
             if self._graphed is not None:
                 self._resig = None
         if self._graphed is not None and signature(*args) == self._sig:

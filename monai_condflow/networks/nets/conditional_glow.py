@@ -888,14 +888,13 @@ class ConditionalGlow(nn.Module):
 
     def _graphed_decoder(self, nu: Tensor, cond: Tensor, size: tuple[int, ...]) -> Any:
         """The recorded decoder for these inputs (recorded now if there is room), or ``None`` (decode eagerly)."""
-        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, numerics, signature
+        from monai_condflow.utils.cuda_graphs import GraphedCall, WeightsWatch, signature
 
         if self._graphed_weights is None:
             self._graphed_weights = WeightsWatch()
         # moved or written weights: the graphs read the old ones; other numerics (autocast, TF32, the couplings'
         # precision, set_coupling_dtype): the graphs replay the kernels chosen at recording
-        settings = (numerics(nu.device.type), self.graph_settings())
-        if self._graphed_weights.changed(self, settings):
+        if self._graphed_weights.changed(self, nu.device.type, self.graph_settings()):
             self._graphed_decoders = {}
         key = (signature(nu, cond), size)
         if key not in self._graphed_decoders and len(self._graphed_decoders) < self._max_graphs:
