@@ -73,6 +73,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,21 +93,25 @@ from monai_condflow.networks.blocks.compiled_steps import compiled_steps  # noqa
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype  # noqa: E402
 from monai_condflow.networks.blocks.squeeze import conv_weights_to  # noqa: E402
 from monai_condflow.networks.nets import ConditionalGlow  # noqa: E402
+from monai_condflow.utils.determinism import cudnn_flags  # noqa: E402
 from monai_condflow.utils.io import atomic_write_json  # noqa: E402
 from monai_condflow.utils.precision import coupling_dtype, precision_context  # noqa: E402
 
 # "+lu1": the 1x1 convolutions' weights composed one by one (as before the twenty-sixth session) instead of
 # together (ConditionalGlow.compose_convs_together, the CUDA default); "+cw": the convolution weights contiguous (as
 # before the twenty-seventh session) instead of channels-last; "+ld1": the constant log-determinants per layer (as
-# before the twenty-eighth session) instead of per level (ConditionalGlow.batch_constant_logdets, the CUDA default).
-# First among the comparisons, the A/B of those switchable changes: "+ld1" and "+cw" each alone, "+lu1+cw+ld1" all
-# three (the FlowSequential and _exp changes stay in every mode)
-TRAIN_MODES = ("bf16+graphs+ld1", "bf16+graphs+cw", "bf16+graphs+lu1+cw+ld1", "fp32", "tf32", "bf16", "tf32+graphs",
-               "bf16+graphs", "bf16+compile", "bf16+compile+graphs")  # fmt: skip
+# before the twenty-eighth session) instead of per level (ConditionalGlow.batch_constant_logdets, the CUDA default);
+# "+tune": cuDNN autotunes its convolution algorithms (cudnn.benchmark on, what the bundle id ``deterministic`` false
+# does; the other rows run with the process's flags: no autotuning, PyTorch's default).
+# First among the comparisons, the A/B of the switches: "+tune" (twenty-ninth session), "+ld1" and "+cw" each alone,
+# "+lu1+cw+ld1" all three (the FlowSequential and _exp changes stay in every mode)
+TRAIN_MODES = ("bf16+graphs+tune", "bf16+graphs+ld1", "bf16+graphs+cw", "bf16+graphs+lu1+cw+ld1", "fp32", "tf32",
+               "bf16", "tf32+graphs", "bf16+graphs", "bf16+compile", "bf16+compile+graphs")  # fmt: skip
 # the modes that the issue's targets are measured on (run first)
 TARGET_MODES = ("bf16+graphs",)
 CPU_FLOW = {"num_levels": 2, "num_steps": 2, "num_blocks": (1, 1), "hidden_channels": 16}
-SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs", "bf16+graphs+cw")
+SAMPLE_MODES = ("fp32", "tf32", "tf32+graphs", "bf16+graphs", "bf16+compile+graphs", "bf16+graphs+cw",
+                "bf16+graphs+tune")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -113,17 +119,17 @@ def parse_mode(mode: str) -> tuple[str, bool, bool]:
     """``"bf16+compile+graphs"`` -> ``("bf16", True, True)``: precision, compiled steps, CUDA graphs (the option
     ``"+lu1"``, the 1x1 convolutions composed one by one, is read by :func:`one_by_one`, ``"+cw"``, contiguous
     convolution weights, by :func:`contiguous_weights`, ``"+ld1"``, log-determinants per layer, by
-    :func:`logdets_per_layer`).
+    :func:`logdets_per_layer`, ``"+tune"``, cuDNN's autotuning, by :func:`autotuned`).
 
     Raises:
         ValueError: an unknown precision or option.
     """
     precision, *options = mode.split("+")
-    known = {"compile", "graphs", "lu1", "cw", "ld1"}
+    known = {"compile", "graphs", "lu1", "cw", "ld1", "tune"}
     if precision not in PRECISIONS or not set(options) <= known or len(set(options)) < len(options):
         raise ValueError(
-            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs', '+lu1', '+cw' and / or "
-            "'+ld1'"
+            f"unknown mode {mode!r}: one of {list(PRECISIONS)}, then '+compile', '+graphs', '+lu1', '+cw', '+ld1' "
+            "and / or '+tune'"
         )
     return precision, "compile" in options, "graphs" in options
 
@@ -140,6 +146,30 @@ def one_by_one(mode: str) -> bool:
 def logdets_per_layer(mode: str) -> bool:
     """Whether ``mode`` adds the data-independent log-determinants layer by layer (``"+ld1"``)."""
     return _option(mode, "ld1")
+
+
+def autotuned(mode: str) -> bool:
+    """Whether ``mode`` lets cuDNN autotune its convolution algorithms (``"+tune"``)."""
+    return _option(mode, "tune")
+
+
+@contextmanager
+def cudnn_for(mode: str) -> Iterator[None]:
+    """Inside the block cuDNN autotunes (``benchmark`` on, ``deterministic`` off) if ``mode`` says ``"+tune"``;
+    otherwise the process's flags stay as they are. Put back afterwards either way."""
+    before = cudnn_flags()
+    if autotuned(mode):
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = before["deterministic"]
+        torch.backends.cudnn.benchmark = before["benchmark"]
+
+
+def autotuning(device: torch.device) -> bool:
+    """Whether cuDNN autotunes the convolutions on ``device`` now (``cudnn.benchmark`` on; the CPU has no cuDNN)."""
+    return device.type == "cuda" and cudnn_flags()["benchmark"]
 
 
 def set_pass_options(flow: ConditionalGlow, mode: str) -> None:
@@ -237,6 +267,11 @@ def train_setup(args: argparse.Namespace, device: torch.device, batch: int, mode
 
 
 def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
+    with cudnn_for(mode):
+        return _bench_train(args, device, batch, mode)
+
+
+def _bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode: str) -> dict:
     precision, flow, net, opt, batches, fused = train_setup(args, device, batch, mode)
     reset_peak(device)
     t0 = time.perf_counter()
@@ -261,6 +296,7 @@ def bench_train(args: argparse.Namespace, device: torch.device, batch: int, mode
         "convs_together": convs_together(flow, device),
         "logdets_batched": logdets_batched(flow, device),
         "conv_weights": weights_layout(flow),
+        "cudnn_autotuned": autotuning(device),
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
     flow.eval()
@@ -308,6 +344,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         sync(device)
         marks.append(time.perf_counter())
         flags.setdefault("cudnn_deterministic", bool(torch.backends.cudnn.deterministic))  # as the timed epoch ran
+        flags.setdefault("cudnn_benchmark", bool(torch.backends.cudnn.benchmark))
 
     folder = Path(tempfile.mkdtemp(prefix="trainer_", dir=root))
     trainer = None
@@ -327,7 +364,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         trainer, _ = create_flow_trainer(
             flow, classifier, loader, None, device=device, max_epochs=2, output_dir=folder, lr=1e-5, warmup_epochs=1,
             ema_decay=0.99, tensorboard=True, log_every=10, precision=precision, cuda_graphs=graphs, compile=compiled,
-            seed=args.seed,
+            seed=args.seed, deterministic=not autotuned(mode),
         )  # fmt: skip
         trainer.add_event_handler(Events.EPOCH_STARTED(once=2), mark)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2 * iters), mark)  # the second epoch's last one
@@ -360,6 +397,7 @@ def bench_trainer(args: argparse.Namespace, device: torch.device, batch: int, mo
         # whether the classifier's embedding replayed as a CUDA graph (a failed recording runs it eagerly)
         "classifier_graphed": bool(graphed_embedding is not None and graphed_embedding[1].replays > 0),
         "cudnn_deterministic": flags["cudnn_deterministic"],
+        "cudnn_autotuned": device.type == "cuda" and flags["cudnn_benchmark"],
     }
 
 
@@ -438,6 +476,11 @@ def profile_train(args: argparse.Namespace, device: torch.device, mode: str) -> 
 
 
 def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
+    with cudnn_for(mode):
+        return _bench_sample(args, device, mode)
+
+
+def _bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> dict:
     precision, compiled, graphs = parse_mode(mode)
     x, z = make_batch(args.sample_batch, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
@@ -473,6 +516,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> d
             "graphed": bool(graphs and flow.graph_sampling_recorded),
             "compiled": bool(compiled and flow.steps_compiled and compiled_steps(flow).calls > 0),
             "conv_weights": weights_layout(flow),
+            "cudnn_autotuned": autotuning(device),
         }
         if graphs or compiled:
             flow.graph_sampling(False)
@@ -599,16 +643,18 @@ def _named(section: str, record: dict) -> str:
 
 
 def _order(mode: str) -> tuple:
-    """Table order: precision, then eager, graphs, compile, compile + graphs; ``+ld1``, ``+cw`` and ``+lu1`` rows
-    after their mode's."""
+    """Table order: precision, then eager, graphs, compile, compile + graphs; ``+ld1``, ``+cw``, ``+lu1`` and
+    ``+tune`` rows after their mode's."""
     precision, compiled, graphs = parse_mode(mode)
     return (PRECISIONS.index(precision), compiled, graphs, contiguous_weights(mode), one_by_one(mode),
-            logdets_per_layer(mode))  # fmt: skip
+            logdets_per_layer(mode), autotuned(mode))  # fmt: skip
 
 
 def _ran_as(r: dict) -> str:
     """What a mode actually ran as (a graph mode on the CPU, or after a failed recording, runs eagerly)."""
-    return " + ".join(n for n, on in (("compiled", r.get("compiled")), ("graphed", r.get("graphed"))) if on) or "eager"
+    ran = (("compiled", r.get("compiled")), ("graphed", r.get("graphed")),
+           ("cuDNN autotuned", r.get("cudnn_autotuned")))
+    return " + ".join(n for n, on in ran if on) or "eager"
 
 
 def measured(r: dict) -> bool:

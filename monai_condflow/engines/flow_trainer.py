@@ -27,14 +27,15 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedEvaluator
-from monai.utils import optional_import, set_determinism
+from monai.utils import optional_import
 from torch.utils.data import DataLoader
 
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES, FlowTrainer
 from monai_condflow.engines.run_folder import open_run_folder
 from monai_condflow.handlers.checkpoint import find_latest_checkpoint, load_checkpoint
 from monai_condflow.utils.bundle import COMMON_CONFIG, read_bundle_config
-from monai_condflow.utils.checks import check_positive_int, check_temperature
+from monai_condflow.utils.checks import check_flag, check_positive_int, check_temperature
+from monai_condflow.utils.determinism import set_run_determinism
 from monai_condflow.utils.distributed import get_rank, is_distributed, unwrap_model
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -85,6 +86,7 @@ def create_flow_trainer(
     precision: str = "tf32",
     cuda_graphs: bool = False,
     compile: bool = False,
+    deterministic: bool = True,
 ) -> tuple[FlowTrainer, SupervisedEvaluator | None]:
     """
     Build the flow trainer (and its validation evaluator) from the bundle's ``train_flow.json`` (and
@@ -167,6 +169,9 @@ def create_flow_trainer(
             :class:`~monai_condflow.engines.flow.FlowBitsPerDim`); ignored, with a warning, on the CPU.
         compile: train through ``torch.compile``'d flow steps (``ConditionalGlow.compile_steps``; the first steps
             compile: 68 s for the ``small`` and 106 s for the ``paper`` preset on 2 CPU cores); refused under ``dp``.
+        deterministic: ``False`` lets cuDNN autotune its convolution algorithms on a GPU instead of using
+            deterministic ones (:func:`~monai_condflow.utils.determinism.set_run_determinism`; the bundle id
+            ``deterministic``): maybe faster, not reproducible bit for bit; no effect on the CPU.
 
     Crash safety: every file is written aside and moved into place; an old checkpoint is deleted only
     after its successor is written; bookkeeping restored from a checkpoint forgets files that are gone; temp files
@@ -185,6 +190,7 @@ def create_flow_trainer(
         OutputFolderLockedError: another process writes into ``output_dir``.
     """
     check_positive_int("max_epochs", max_epochs)
+    check_flag(deterministic, "deterministic")
     if not lr > 0 or weight_decay < 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"bad optimiser settings: lr={lr}, weight_decay={weight_decay}, lr_decay={lr_decay}.")
     check_temperature(sample_temperature, "sample_temperature")
@@ -226,7 +232,8 @@ def create_flow_trainer(
                  "sample_every": sample_every, "temperature": sample_temperature, "seed": seed,
                  "log_every": log_every, "n_saved": n_saved, "ema_decay": ema_decay,
                  "spike_threshold": spike_threshold, "early_stop_patience": early_stop_patience,
-                 "precision": precision, "cuda_graphs": cuda_graphs, "compile": compile},
+                 "precision": precision, "cuda_graphs": cuda_graphs, "compile": compile,
+                 "deterministic": deterministic},
             sample_conditions=sample_conditions, resume_from=resume_from, tensorboard=tensorboard and rank == 0,
             tensorboard_dir=tensorboard_dir, extra_train_handlers=extra_train_handlers, dp=dp, public_init=public_init,
         )  # fmt: skip
@@ -278,7 +285,7 @@ def _build(
     """Parse the flow stage's configs with the Python objects in place, then do the config's ``run`` steps up to
     (not including) ``trainer.run()``."""
     resume_path, checkpoint = _resume_checkpoint(resume_from)
-    set_determinism(seed=int(ids["seed"]))
+    set_run_determinism(int(ids["seed"]), ids["deterministic"])
     parser = read_bundle_config(FLOW_DP_CONFIGS if dp is not None else FLOW_CONFIGS)
     parser.get_parsed_content("imports")  # the modules the expressions name (``os``, ``monai_condflow``, ...)
     overrides: dict[str, Any] = {

@@ -37,8 +37,8 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     report = json.loads((out / "gpu_check.json").read_text())
     train = report["train"]
     # run order: the target mode, the compiled and graphed one, then the comparisons
-    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+ld1", "bf16+graphs+cw", "bf16+graphs+lu1+cw+ld1",
-             "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]  # fmt: skip
+    modes = ["bf16+graphs", "bf16+compile+graphs", "bf16+graphs+tune", "bf16+graphs+ld1", "bf16+graphs+cw",
+             "bf16+graphs+lu1+cw+ld1", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]  # fmt: skip
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
     for r in train:
@@ -48,6 +48,7 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
         # read off the flow's weights: +cw really trained contiguous weights, the rest the flow's own layout
         assert r["conv_weights"] == ("contiguous" if "+cw" in r["mode"] else "channels_last")
         assert r["logdets_batched"] is False  # the CPU's default; +ld1 sets it off everywhere
+        assert r["cudnn_autotuned"] is False  # no cuDNN on the CPU, +tune or not
     by_mode = {r["mode"]: r for r in train}
     assert by_mode["fp32"]["roundtrip_max_abs"] < 1e-4 and by_mode["fp32"]["bpd_max_abs_diff_vs_fp32"] == 0.0
     for mode in ("bf16", "bf16+compile"):
@@ -63,10 +64,10 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
     assert exact["recorded_batch"]["loss_abs_diff"] == 0.0 and exact["new_batch"]["grad_max_abs_diff_rel"] == 0.0
     sample = report["sample"]
     assert [r["mode"] for r in sample] == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs",
-                                           "bf16+graphs+cw"]  # fmt: skip
-    assert all(r["sample_img_s"] > 0 and not r["graphed"] for r in sample)
-    assert [r["compiled"] for r in sample] == [False, True, False, False, False, False]
-    assert [r["conv_weights"] for r in sample] == ["channels_last"] * 5 + ["contiguous"]
+                                           "bf16+graphs+cw", "bf16+graphs+tune"]  # fmt: skip
+    assert all(r["sample_img_s"] > 0 and not r["graphed"] and not r["cudnn_autotuned"] for r in sample)
+    assert [r["compiled"] for r in sample] == [False, True, False, False, False, False, False]
+    assert [r["conv_weights"] for r in sample] == ["channels_last"] * 5 + ["contiguous", "channels_last"]
     assert [p["conv_weights"] for p in profile] == ["channels_last"] * 2
     assert sample[4]["vs_eager_max_abs"] == 0.0  # graph mode on the CPU: the eager decoder itself
     assert sample[1]["vs_eager_max_abs"] < 1e-2  # the traced bf16 decoder against the eager bf16 one
@@ -111,7 +112,8 @@ def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path:
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["running"] == {"section": "write", "images": 200000, "threads": 16}
     sampled = [r["mode"] for r in report["sample"]]
-    assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs", "bf16+graphs+cw"]
+    assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs", "bf16+graphs+cw",
+                       "bf16+graphs+tune"]  # fmt: skip
     assert all(r["sample_img_s"] > 0 for r in report["sample"]) and "write" not in report
     assert not list(Path(tempfile.gettempdir()).glob("gpu_check_write_*"))  # the stopped write's folder is removed
     summary = (out / "gpu_check.md").read_text()
@@ -180,13 +182,15 @@ def test_the_lu1_cw_and_ld1_options_set_the_flow_and_sort_after_their_mode():
     assert gpu_check.parse_mode("bf16+graphs+lu1+cw") == ("bf16", False, True)
     assert gpu_check.contiguous_weights("bf16+graphs+lu1+cw") and gpu_check.one_by_one("bf16+graphs+lu1+cw")
     assert gpu_check.logdets_per_layer("bf16+graphs+ld1") and not gpu_check.logdets_per_layer("bf16+graphs+lu1+cw")
-    for bad in ("bf16+lu2", "bf16+cw+cw", "bf16+ld2"):
+    assert gpu_check.autotuned("bf16+graphs+tune") and not gpu_check.autotuned("bf16+graphs+ld1")
+    for bad in ("bf16+lu2", "bf16+cw+cw", "bf16+ld2", "bf16+tune+tune"):
         with pytest.raises(ValueError, match="lu1"):
             gpu_check.parse_mode(bad)
     modes = ["bf16+graphs+lu1+cw", "bf16+graphs+lu1", "fp32", "bf16+graphs+cw", "bf16+graphs+ld1", "bf16+graphs",
-             "bf16"]  # fmt: skip
+             "bf16", "bf16+graphs+tune"]  # fmt: skip
     assert sorted(modes, key=gpu_check._order) == [
-        "fp32", "bf16", "bf16+graphs", "bf16+graphs+ld1", "bf16+graphs+lu1", "bf16+graphs+cw", "bf16+graphs+lu1+cw"
+        "fp32", "bf16", "bf16+graphs", "bf16+graphs+tune", "bf16+graphs+ld1", "bf16+graphs+lu1", "bf16+graphs+cw",
+        "bf16+graphs+lu1+cw"
     ]  # fmt: skip
     args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
                               compile_backend="aot_eager")  # fmt: skip
@@ -348,3 +352,43 @@ def test_the_trainer_section_puts_back_the_generators_and_cudnn_flags(tmp_path: 
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
         random.setstate(saved[0])
         np.random.set_state(saved[1])
+
+
+def test_the_tune_option_autotunes_cudnn_for_its_row_only(tmp_path: Path, monkeypatch):
+    """``+tune`` runs its training / sampling row with cuDNN's autotuning on (what the bundle id ``deterministic``
+    false sets) and the trainer with ``deterministic=False``; the flags are put back after the row, also after a
+    failing one, and a row without it runs with the process's flags."""
+    import argparse
+
+    gpu_check = load_benchmark("gpu_check")
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    seen: list = []
+    original = gpu_check.train_step
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return original(*a, **k)
+
+    monkeypatch.setattr(gpu_check, "train_step", spy)
+    args = argparse.Namespace(preset="small", size=16, seed=0, flow_overrides=gpu_check.CPU_FLOW, fused_adam=False,
+                              compile_backend="aot_eager", warmup=1, steps=1, trainer_iters=2,
+                              trainer_classifier="small")  # fmt: skip
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        gpu_check.bench_train(args, torch.device("cpu"), 2, "fp32+tune")
+        assert set(seen) == {(False, True)}
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+        seen.clear()
+        gpu_check.bench_train(args, torch.device("cpu"), 2, "fp32")
+        assert set(seen) == {(True, False)}
+        with pytest.raises(ZeroDivisionError), gpu_check.cudnn_for("bf16+tune"):
+            assert torch.backends.cudnn.benchmark
+            raise ZeroDivisionError
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+        record = gpu_check.bench_trainer(args, torch.device("cpu"), 4, "fp32+tune", tmp_path)
+        assert record["cudnn_deterministic"] is False and record["cudnn_autotuned"] is False  # the CPU: no cuDNN
+        record = gpu_check.bench_trainer(args, torch.device("cpu"), 4, "fp32", tmp_path)
+        assert record["cudnn_deterministic"] is True
+        assert gpu_check._ran_as({"graphed": True, "cudnn_autotuned": True}) == "graphed + cuDNN autotuned"
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags

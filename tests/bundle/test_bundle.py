@@ -380,6 +380,8 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["evaluate.json"], {"augmentation_fractions": []}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"augmentation_fractions": 0.5}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"train_augmentation": "false"}, ConfigValueError, "'train_augmentation'"),
+        (["train_flow.json"], {"deterministic": "false"}, ConfigValueError, "'deterministic'"),
+        (["generate.json"], {"deterministic": 0}, ConfigValueError, "'deterministic'"),
     ],
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
@@ -390,6 +392,28 @@ def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, erro
     while cause.__cause__ is not None and not isinstance(cause, error):
         cause = cause.__cause__
     assert isinstance(cause, error) and text in str(cause)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_deterministic_id_chooses_cudnns_algorithms_and_every_seeded_config_reads_it(dataset, tmp_path,
+                                                                                        deterministic):
+    """``deterministic`` false: the stage's seeding lets cuDNN autotune (``benchmark`` on, ``deterministic`` off);
+    true (the default): MONAI's deterministic flags. Every config that seeds goes through the same call."""
+    for path in CONFIGS.glob("*.json"):
+        text = path.read_text()
+        assert "set_determinism(" not in text, path.name  # seeding without the id would ignore it
+        if "set_run_determinism" in text:
+            assert "set_run_determinism(@seed, @deterministic)" in text, path.name
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (not deterministic), deterministic
+    try:
+        overrides = {} if deterministic else {"deterministic": False}  # the default is true
+        wf = _workflow(["train_classifier.json"], dataset_dir=str(dataset), output_dir=str(tmp_path), **overrides)
+        wf.initialize()
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(dataset, tmp_path):

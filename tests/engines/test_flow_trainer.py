@@ -156,3 +156,24 @@ def test_the_flow_training_set_is_cached_without_copies_and_stays_unchanged(trai
     for item, before in zip(dataset._cache, cached):
         assert item.keys() == before.keys()
         assert torch.equal(torch.as_tensor(item["image"]), torch.as_tensor(before["image"]))
+
+
+def test_deterministic_false_autotunes_cudnn_and_a_bad_value_is_refused_before_the_folder(tmp_path):
+    from monai_condflow.utils.checks import ConfigValueError
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    train, val = _loaders()
+    args = {"device": "cpu", "max_epochs": 1, "seed": 5, "tensorboard": False}
+    try:
+        for deterministic in (False, True):
+            trainer, _ = create_flow_trainer(W.make_flow(1), None, train, val, output_dir=tmp_path / str(deterministic),
+                                             deterministic=deterministic, **args)  # fmt: skip
+            trainer.output_lock.release()
+            assert torch.backends.cudnn.deterministic is deterministic
+            assert torch.backends.cudnn.benchmark is (not deterministic)
+        with pytest.raises(ConfigValueError, match="'deterministic'"):
+            create_flow_trainer(W.make_flow(1), None, train, val, output_dir=tmp_path / "bad", deterministic="no",
+                                **args)  # fmt: skip
+        assert not (tmp_path / "bad").exists()
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
