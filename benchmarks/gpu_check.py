@@ -526,6 +526,32 @@ def _bench_sample(args: argparse.Namespace, device: torch.device, mode: str) -> 
     return out
 
 
+def flops_per_image(args: argparse.Namespace, device: torch.device) -> dict:
+    """Floating-point operations per image of the check's model, counted by ``torch.utils.flop_counter`` on 2 images
+    (convolutions and matrix products, 2 per multiply-add; elementwise work is not counted): the training pass
+    (forward and backward of ``-log p(x | z)``) and sampling at temperature 0.9. Every mode computes the same products
+    (precision, graphs and compilation change how, not how many), so a row's TFLOP/s is its img/s times these: how
+    much of the card's arithmetic the step uses, i.e. whether it is bound by the arithmetic or by everything else."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, z = make_batch(2, args.size, torch.Generator().manual_seed(args.seed), device)
+    flow = build_flow(args, device, x, z).train()
+    with FlopCounterMode(display=False) as counter:
+        (-flow.log_prob(x, z).mean()).backward()
+    train = counter.get_total_flops() / len(x)
+    flow.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        flow.sample(z, 0.9)
+    sample = counter.get_total_flops() / len(x)
+    return {"train_gflop_per_image": float(f"{train / 1e9:.6g}"),
+            "sample_gflop_per_image": float(f"{sample / 1e9:.6g}")}  # fmt: skip
+
+
+def _tflop_s(img_s: float | None, gflop: float | None) -> float | None:
+    """TFLOP/s of a row (``None`` where the count failed or is missing: an older record)."""
+    return None if img_s is None or gflop is None else round(img_s * gflop / 1000, 2)
+
+
 def bench_write(args: argparse.Namespace, device: torch.device, n_images: int, threads: int, root: Path) -> dict:
     x, z = make_batch(64, args.size, torch.Generator().manual_seed(args.seed), device)
     flow = build_flow(args, device, x, z).eval()
@@ -568,9 +594,16 @@ def summarize(results: dict) -> str:
     met / not measured. A training mode counts for the target only with its round trip and bits/dim error inside
     the bounds."""
     lines = [f"## GPU check: {results['env'].get('device')} (torch {results['env'].get('torch')}, "
-             f"{results['env'].get('preset')} preset, {results['env'].get('size')} px)", "",
-             "| batch | mode | img/s | ms / step | peak MiB | warm-up s | round trip | bpd diff vs fp32 | ran as |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"{results['env'].get('preset')} preset, {results['env'].get('size')} px)", ""]  # fmt: skip
+    flops = results["env"].get("flops") or {}
+    train_gflop, sample_gflop = flops.get("train_gflop_per_image"), flops.get("sample_gflop_per_image")
+    if train_gflop is not None:
+        lines += [f"Per image: {train_gflop:,.3f} GFLOP per training pass, {sample_gflop:,.3f} GFLOP per sample "
+                  "(convolutions and matrix products; TFLOP/s = img/s x these).", ""]  # fmt: skip
+    elif "error" in flops:
+        lines += [f"FLOPs per image not counted: {flops['error']}", ""]
+    lines += ["| batch | mode | img/s | ms / step | peak MiB | warm-up s | round trip | bpd diff vs fp32 | ran as | "
+              "TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     missing = [
         f"{_named(name, r)}: {r.get('skipped') or r.get('error')}"
         for name in ("train", "trainer", "sample", "write", "graphs_exact", "profile")
@@ -583,7 +616,8 @@ def summarize(results: dict) -> str:
     for r in sorted(filter(measured, results.get("train", [])), key=lambda r: (r["batch"], _order(r["mode"]))):
         lines.append(f"| {r['batch']} | {r['mode']} | {_fmt(r['train_img_s'])} | {_fmt(r['ms_per_step'])} | "
                      f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['warmup_s'])} | {_fmt(r['roundtrip_max_abs'], -1)} | "
-                     f"{_fmt(r['bpd_max_abs_diff_vs_fp32'], -1)} | {_ran_as(r)} |")  # fmt: skip
+                     f"{_fmt(r['bpd_max_abs_diff_vs_fp32'], -1)} | {_ran_as(r)} | "
+                     f"{_fmt(_tflop_s(r['train_img_s'], train_gflop), 2)} |")  # fmt: skip
     trainer_rows = list(filter(measured, results.get("trainer", [])))
     if trainer_rows:
         bare = {(r["batch"], r["mode"]): r["train_img_s"] for r in filter(measured, results.get("train", []))}
@@ -599,11 +633,12 @@ def summarize(results: dict) -> str:
                          f"{_fmt(r['ms_per_iteration'])} | {_fmt(step)} | {_fmt(ratio, 2)} | "
                          f"{_fmt(r['peak_mib'], 0)} | {_ran_as(r)} | {yes['classifier_graphed']} | "
                          f"{yes['cudnn_deterministic']} |")  # fmt: skip
-    lines += ["", "| sampling mode | batch | img/s | peak MiB | warm-up s | vs eager | ran as |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| sampling mode | batch | img/s | peak MiB | warm-up s | vs eager | ran as | TFLOP/s |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(filter(measured, results.get("sample", [])), key=lambda r: _order(r["mode"])):
         lines.append(f"| {r['mode']} | {r['batch']} | {_fmt(r['sample_img_s'])} | {_fmt(r['peak_mib'], 0)} | "
-                     f"{_fmt(r['warmup_s'])} | {_fmt(r.get('vs_eager_max_abs'), -1)} | {_ran_as(r)} |")  # fmt: skip
+                     f"{_fmt(r['warmup_s'])} | {_fmt(r.get('vs_eager_max_abs'), -1)} | {_ran_as(r)} | "
+                     f"{_fmt(_tflop_s(r['sample_img_s'], sample_gflop), 2)} |")  # fmt: skip
     lines += [""] + [f"- {w['images']:,} images ({w.get('formats', 'png')}, {w.get('files', w['images']):,} files), "
                      f"{w['threads']} writer thread(s): {w['seconds']} s ({w['img_s']} img/s)"
                      for w in filter(measured, results.get("write", []))]  # fmt: skip
@@ -918,6 +953,10 @@ def main(argv: list[str] | None = None) -> dict:
         "fused_adam": bool(args.fused_adam and device.type == "cuda"),
         "size": args.size,
     }
+    try:  # a second or two on a GPU; the tables' TFLOP/s columns
+        env["flops"] = flops_per_image(args, device)
+    except Exception as e:  # noqa: BLE001 - the measurements do not depend on it
+        env["flops"] = {"error": f"{type(e).__name__}: {e}"}
     print(f"env: {json.dumps(env)}", flush=True)
     results: dict[str, Any] = {"env": env}
     seconds = args.budget_s if args.budget_s is not None else (None if small else 250.0)

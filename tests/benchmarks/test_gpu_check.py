@@ -41,6 +41,10 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
              "bf16+graphs+lu1+cw+ld1", "fp32", "tf32", "bf16", "tf32+graphs", "bf16+compile"]  # fmt: skip
     assert [r["mode"] for r in train] == modes
     assert report["env"]["compile_backend"] == "aot_eager"  # the CPU check traces; inductor: test_compiled_steps.py
+    flops = report["env"]["flops"]
+    # the backward pass of a convolution costs two of its forward passes: training ~3x sampling (paper: 18.2 / 6.1)
+    assert flops["sample_gflop_per_image"] > 0
+    assert 2.5 < flops["train_gflop_per_image"] / flops["sample_gflop_per_image"] < 3.5
     for r in train:
         assert "error" not in r and r["loss_finite"] and r["train_img_s"] > 0
         assert not r["graphed"]  # no CUDA: the graph modes trained eagerly
@@ -281,7 +285,8 @@ def _train_row(batch, mode, img_s, roundtrip=1e-3, bpd=1e-3):
 def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, capsys):
     gpu_check = load_benchmark("gpu_check")
     results = {
-        "env": {"device": "GPU", "torch": "x", "preset": "paper", "size": 64},
+        "env": {"device": "GPU", "torch": "x", "preset": "paper", "size": 64,
+                "flops": {"train_gflop_per_image": 18.2269, "sample_gflop_per_image": 6.0763}},
         "train": [
             _train_row(80, "bf16+graphs", 1328.0),
             _train_row(80, "bf16+compile+graphs", 2500.0, roundtrip=0.02),  # fastest, but its round trip is off
@@ -309,6 +314,15 @@ def test_the_summary_judges_the_targets_on_exact_modes_only(tmp_path: Path, caps
     assert "- 60,000 images written in <= 60 s: not met (61.0 s, png)" in summary
     assert "- train batch 320, mode fp32: needs ~20 s of the budget, 3 s left" in summary
     assert "| 80 | bf16+compile+graphs | 2,500.0 | 32.0 | 1 | 1.0 | 2.0e-02 | 1.0e-03 | compiled + graphed |" in summary
+    # TFLOP/s = img/s x GFLOP per image / 1000: 1,328 x 18.2269 = 24.21 (training), 20,000 x 6.0763 = 121.53
+    assert "| 80 | bf16+graphs | 1,328.0 | 60.2 | 1 | 1.0 | 1.0e-03 | 1.0e-03 | graphed | 24.21 |" in summary
+    assert "| bf16+graphs | 512 | 20,000.0 | 1 | 1.0 | 0.0e+00 | graphed | 121.53 |" in summary
+    assert "Per image: 18.227 GFLOP per training pass, 6.076 GFLOP per sample" in summary
+    counted = results["env"].pop("flops")
+    assert "| bf16+graphs | 512 | 20,000.0 | 1 | 1.0 | 0.0e+00 | graphed | - |" in gpu_check.summarize(results)
+    results["env"]["flops"] = {"error": "RuntimeError: x"}
+    assert "FLOPs per image not counted: RuntimeError: x" in gpu_check.summarize(results)
+    results["env"]["flops"] = counted
     # a set with files missing is not met, however fast
     results["write"] = [{"requested": 60000, "images": 59990, "manifest_rows": 60000, "threads": 16, "seconds": 30.0,
                          "img_s": 2000.0}]  # fmt: skip
