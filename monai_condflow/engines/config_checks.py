@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -36,8 +37,22 @@ __all__ = [
     "check_common",
     "check_single_process",
     "check_flag",
+    "check_flags",
     "check_fractions",
 ]
+
+
+def check_flags(flags: Mapping[str, object]) -> bool:
+    """Check every switch of a config, ``{"config id": value}``, with :func:`check_flag` (``True`` / ``False``
+    only: the text ``"false"`` that ``python -m monai.bundle run --id false`` passes would otherwise read as on);
+    returns True so configs can use it in ``check_config``.
+
+    Raises:
+        ConfigValueError: naming the first id whose value is not a bool.
+    """
+    for name, value in flags.items():
+        check_flag(value, name)
+    return True
 
 
 def check_preset(value: object, valid: tuple[str, ...], name: str) -> str:

@@ -44,6 +44,7 @@ from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.metrics.bits_per_dim import bits_per_dim_from_latent
 from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.networks.blocks.coupling import set_coupling_dtype
+from monai_condflow.utils.checks import check_flag
 from monai_condflow.utils.distributed import (
     all_gather_tensors,
     any_across_ranks,
@@ -136,8 +137,7 @@ class FlowBitsPerDim(torch.nn.Module):
     ) -> None:
         super().__init__()
         for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
-            if not isinstance(value, bool):
-                raise ValueError(f"config id '{key}' must be true or false, got {value!r}.")
+            check_flag(value, key)
         if compile:
             if not hasattr(flow, "compile_steps"):
                 raise ValueError(

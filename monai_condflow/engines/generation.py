@@ -73,7 +73,7 @@ from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
-from monai_condflow.utils.checks import check_positive_int, check_temperature
+from monai_condflow.utils.checks import check_flag, check_positive_int, check_temperature
 from monai_condflow.utils.distributed import unwrap_model
 
 __all__ = [
@@ -374,8 +374,7 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     check_positive_int("writer_threads", writer_threads)
     for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
-        if not isinstance(value, bool):
-            raise ValueError(f"config id '{key}' must be true or false, got {value!r}.")
+        check_flag(value, key)
 
     device = torch.device(device)
     output_dir = Path(output_dir)

@@ -27,6 +27,8 @@ from monai.data import list_data_collate
 from monai.engines.utils import PrepareBatch
 from torch.utils.data import DataLoader
 
+from monai_condflow.utils.checks import check_flag
+
 __all__ = [
     "ConditionPrepareBatch",
     "EmbeddingPrepareBatch",
@@ -110,8 +112,7 @@ class ConditionPrepareBatch(PrepareBatch):
         prefer_batch_condition: bool = True,
         cuda_graphs: bool = False,
     ) -> None:
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"config id 'cuda_graphs' must be true or false, got {cuda_graphs!r}.")
+        check_flag(cuda_graphs, "cuda_graphs")
         self.classifier = classifier
         self.image_key = image_key
         self.label_key = label_key

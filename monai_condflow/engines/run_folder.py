@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_condflow.handlers.checkpoint import remove_temp_files
+from monai_condflow.utils.checks import check_flag
 from monai_condflow.utils.distributed import get_rank
 from monai_condflow.utils.io import atomic_write_bytes
 
@@ -204,6 +205,11 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _holds_run_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a file other than the recorded settings and the lock (at any depth)."""
+    return any(p.is_file() and p.name not in (SETTINGS_NAME, LOCK_NAME) for p in directory.rglob("*"))
+
+
 def check_run_settings(
     directory: str | os.PathLike, settings: Mapping[str, Any], section: str = "run", fresh_hint: str | None = None
 ) -> dict[str, Any]:
@@ -222,8 +228,12 @@ def check_run_settings(
     Returns:
         the normalised settings.
 
+    A folder that holds nothing but the recorded settings (and the lock), i.e. of a run that stopped before it
+    wrote anything, has nothing to reuse: its settings are replaced (logged), not compared.
+
     Raises:
-        RunSettingsError: a recorded setting differs; the message names it, both values, and how to start fresh.
+        RunSettingsError: a recorded setting differs while the folder holds files of that run; the message names
+            the setting, both values, and how to start fresh.
     """
     directory = Path(directory)
     path = directory / SETTINGS_NAME
@@ -237,7 +247,13 @@ def check_run_settings(
     before = recorded.get(section)
     if isinstance(before, Mapping):
         changed = {k: (before[k], v) for k, v in current.items() if k in before and before[k] != v}
-        if changed:
+        if changed and not _holds_run_files(directory):
+            # a run that stopped before writing anything (e.g. refused by a later check): nothing of it would be
+            # reused, so its settings do not bind this one
+            logger.info("%s: the settings of an earlier run that left no files are replaced (%s).", path,
+                        ", ".join(sorted(changed)))  # fmt: skip
+            recorded = {}
+        elif changed:
             detail = "; ".join(f"'{k}' was {old!r}, now {new!r}" for k, (old, new) in changed.items())
             hint = fresh_hint or f"delete the folder {directory}"
             raise RunSettingsError(
@@ -304,8 +320,7 @@ def open_run_folder(
         OutputFolderLockedError: another process writes into the folder.
         RunSettingsError: the folder holds files written with other settings.
     """
-    if not isinstance(fresh, bool):
-        raise ValueError(f"config id 'fresh' must be true or false, got {fresh!r}.")
+    check_flag(fresh, "fresh")
     lock = lock_output_dir(directory)
     if lock is None:
         return None
@@ -313,7 +328,8 @@ def open_run_folder(
         if fresh:
             clear_run_files(directory, clear)
         remove_temp_files(directory)  # of a save that a kill interrupted
-        hint = fresh_hint or f"delete the folder {directory} or pass fresh=true"
+        hint = fresh_hint or (f"delete the folder {directory} or pass fresh=true (`--fresh True` on the "
+                              "`python -m monai.bundle run` command line)")
         check_run_settings(directory, settings, section, fresh_hint=hint)
     except BaseException:
         lock.release()

@@ -23,6 +23,7 @@ Each stage checks that the stage before it has run and says which config to run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from monai_condflow.utils.io import MODEL_FILE
 __all__ = [
     "CLASSIFIER_PRESETS",
     "FLOW_PRESETS",
+    "classifier_fingerprint",
     "load_classifier",
     "build_flow",
     "finish_flow_stage",
@@ -83,6 +85,25 @@ def load_classifier(output_dir: str | os.PathLike, device: str | torch.device = 
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def classifier_fingerprint(output_dir: str | os.PathLike) -> str | None:
+    """A fingerprint of the run's classifier weights (``output_dir/classifier/model.pt``), or ``None`` before the
+    classifier stage has run.
+
+    SHA-256 (first 16 hex digits) over the names, dtypes, shapes and bytes of the loaded network's tensors, so a
+    re-save of equal weights keeps it and any changed weight changes it. The flow stage records it with its settings
+    (``run_settings.json``): a flow folder whose checkpoints were trained on another classifier's embeddings is then
+    refused, with the setting ``classifier`` named, instead of resumed.
+    """
+    if not (Path(output_dir) / "classifier" / MODEL_FILE).is_file():
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in load_classifier(output_dir, "cpu").state_dict().items():
+        flat = tensor.detach().reshape(-1).contiguous()
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_flow(preset: str, image_size: int, overrides: dict | None = None) -> torch.nn.Module:

@@ -82,8 +82,15 @@ def check_flag(value: object, name: str) -> bool:
 
     Raises:
         ConfigValueError: naming the config id ``name`` for a string, a number or ``None`` (``"false"`` would
-            otherwise read as on).
+            otherwise read as on). For the text ``"true"`` / ``"false"`` (what ``python -m monai.bundle run``
+            passes for ``--name false``: its command line reads only ``True`` / ``False`` as switches) the
+            message says what to write instead.
     """
     if not isinstance(value, bool):
-        raise ConfigValueError(f"config id '{name}' must be true or false, got {value!r}.")
+        hint = ""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            word = value.strip().lower().capitalize()
+            hint = (f" (the text {value!r}: on the `python -m monai.bundle run` command line write --{name} {word}; "
+                    "it reads lowercase true / false as text)")  # fmt: skip
+        raise ConfigValueError(f"config id '{name}' must be true or false, got {value!r}{hint}.")
     return value

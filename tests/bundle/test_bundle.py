@@ -382,6 +382,13 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["evaluate.json"], {"train_augmentation": "false"}, ConfigValueError, "'train_augmentation'"),
         (["train_flow.json"], {"deterministic": "false"}, ConfigValueError, "'deterministic'"),
         (["generate.json"], {"deterministic": 0}, ConfigValueError, "'deterministic'"),
+        # the text "false" of `python -m monai.bundle run --privacy_audit false` read as on before: refused by name
+        (["evaluate.json"], {"privacy_audit": "false"}, ConfigValueError, "write --privacy_audit False"),
+        (["evaluate.json"], {"augmentation": "false"}, ConfigValueError, "'augmentation'"),
+        (["generate.json"], {"progress": "false"}, ConfigValueError, "'progress'"),
+        (["train_classifier.json"], {"fresh": "true"}, ConfigValueError, "write --fresh True"),
+        (["train_flow.json"], {"cuda_graphs": "false"}, ConfigValueError, "'cuda_graphs'"),
+        (["train_acgan.json"], {"deterministic": "false"}, ConfigValueError, "'deterministic'"),
     ],
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
@@ -392,6 +399,65 @@ def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, erro
     while cause.__cause__ is not None and not isinstance(cause, error):
         cause = cause.__cause__
     assert isinstance(cause, error) and text in str(cause)
+
+
+def test_the_flow_stage_records_its_classifier_and_refuses_a_flow_folder_of_another_one(trained_run, dataset,
+                                                                                       tmp_path):
+    """The flow's settings name the classifier whose embeddings it was trained on (a fingerprint of its weights):
+    after the classifier is trained again, a flow rerun into the same folder is refused with the setting named,
+    instead of resuming checkpoints of the old embeddings. A re-save of the same weights keeps the fingerprint."""
+    from monai_condflow.engines.run_folder import RunSettingsError, close_run_folder
+    from monai_condflow.engines.stages import classifier_fingerprint
+    from monai_condflow.handlers.checkpoint import load_checkpoint
+
+    print_ = classifier_fingerprint(trained_run)
+    assert len(print_) == 16 and print_ == classifier_fingerprint(trained_run)
+    recorded = json.loads((trained_run / "flow" / "run_settings.json").read_text())
+    assert recorded["stage"]["classifier"] == print_
+    assert classifier_fingerprint(tmp_path) is None  # no classifier stage yet
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "classifier", run / "classifier")
+    shutil.copytree(trained_run / "flow", run / "flow")
+    state = load_checkpoint(run / "classifier" / "model.pt")
+    weights = state.get("network", state)
+    torch.save({k: v.clone() for k, v in weights.items()}, run / "classifier" / "model.pt")  # other container
+    assert classifier_fingerprint(run) == print_
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    weights[name] = weights[name] + 1e-3
+    torch.save({"network": weights}, run / "classifier" / "model.pt")
+    assert classifier_fingerprint(run) not in (None, print_)
+    wf = _workflow(["train_flow.json"], **TINY, **{**TINY_FLOW, "adversarial_steps": 0}, sampling_prior_shrinkage=0.3,
+                   dataset_dir=str(dataset), output_dir=str(run))  # fmt: skip
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, RunSettingsError):
+        cause = cause.__cause__
+    assert isinstance(cause, RunSettingsError) and f"'classifier' was '{print_}'" in str(cause)
+    close_run_folder(run / "flow")
+
+
+@pytest.mark.parametrize("key", ["semi_select", "semi_augmentation"])
+def test_the_semisupervised_switches_refuse_the_text_false_by_name(dataset, tmp_path, key):
+    """Both read as on when given as the text "false" (`monai.bundle run --semi_select false`): refused before any
+    training, and the refused run's folder does not bind the corrected rerun (it holds only its settings)."""
+    wf = _workflow(["train_classifier.json", "train_semisupervised.json"], dataset_dir=str(dataset),
+                   output_dir=str(tmp_path), **{**TINY, "num_labels": 20, key: "false"})  # fmt: skip
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        wf.run()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, ConfigValueError):
+        cause = cause.__cause__
+    assert isinstance(cause, ConfigValueError) and f"write --{key} False" in str(cause)
+    assert not list((tmp_path / "classifier").glob("*.pt"))  # nothing trained
+    from monai_condflow.engines.run_folder import close_run_folder
+
+    close_run_folder(tmp_path / "classifier")
+    wf = _workflow(["train_classifier.json", "train_semisupervised.json"], dataset_dir=str(dataset),
+                   output_dir=str(tmp_path), **{**TINY, "num_labels": 20, "seed": 1, key: False})  # fmt: skip
+    wf.initialize()  # another seed than the refused run recorded: not refused
+    close_run_folder(tmp_path / "classifier")
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

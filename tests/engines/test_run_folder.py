@@ -73,10 +73,28 @@ def test_settings_are_recorded_and_a_change_is_refused_naming_the_setting(tmp_pa
     check_run_settings(tmp_path, {"seed": 0, "lr": 1e-3, "betas": (0.5, 0.9)}, section="trainer")
     check_run_settings(tmp_path, {"seed": 0, "lr": 1e-3, "betas": [0.5, 0.9]}, section="trainer")  # same values
     check_run_settings(tmp_path, {"dataset_dir": "/data/a"}, section="stage")  # another section
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "state_1.pt").write_bytes(b"a checkpoint of that run")
     with pytest.raises(RunSettingsError, match=r"'lr' was 0.001, now 0.002.*delete the folder"):
         check_run_settings(tmp_path, {"seed": 0, "lr": 2e-3}, section="trainer")
     recorded = json.loads((tmp_path / SETTINGS_NAME).read_text())
     assert recorded == {"trainer": {"seed": 0, "lr": 1e-3, "betas": [0.5, 0.9]}, "stage": {"dataset_dir": "/data/a"}}
+
+
+def test_the_settings_of_a_run_that_left_no_files_do_not_bind_the_next_one(tmp_path):
+    """A stage refused after it recorded its settings (a later check, a missing earlier stage) leaves only
+    ``run_settings.json`` and the lock: a corrected rerun with other settings goes ahead and records its own, while
+    one file of that run (at any depth) keeps the refusal."""
+    open_run_folder(tmp_path, {"lr": 0.001, "seed": 0}, section="trainer")
+    check_run_settings(tmp_path, {"dataset_dir": "/data/a"}, section="stage")
+    close_run_folder(tmp_path)
+    (tmp_path / "tensorboard").mkdir()  # an empty folder is no file of the run
+    open_run_folder(tmp_path, {"lr": 0.002, "seed": 0}, section="trainer")
+    close_run_folder(tmp_path)
+    assert json.loads((tmp_path / SETTINGS_NAME).read_text()) == {"trainer": {"lr": 0.002, "seed": 0}}
+    (tmp_path / "tensorboard" / "events.out").write_bytes(b"x")
+    with pytest.raises(RunSettingsError, match=r"'lr' was 0.002, now 0.003"):
+        open_run_folder(tmp_path, {"lr": 0.003, "seed": 0}, section="trainer")
 
 
 def test_fresh_clears_the_earlier_run(tmp_path):
@@ -100,6 +118,7 @@ def test_fresh_clears_the_earlier_run(tmp_path):
 def test_a_caller_without_fresh_gives_its_own_hint(tmp_path):
     open_run_folder(tmp_path, {"lr": 0.001}, section="trainer")
     close_run_folder(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"a file of that run")
     with pytest.raises(RunSettingsError, match=r"'lr' was 0.001, now 0.002") as refused:
         open_run_folder(tmp_path, {"lr": 0.002}, section="trainer", fresh_hint="start in a new folder")
     assert str(refused.value).endswith("start fresh: start in a new folder.")

@@ -33,3 +33,24 @@ def test_check_flag_takes_booleans_only():
     for value in ("false", "False", 0, 1, None, [True]):
         with pytest.raises(ConfigValueError, match="config id 'train_augmentation' must be true or false"):
             check_flag(value, "train_augmentation")
+
+
+def test_check_flag_says_what_to_write_for_the_text_true_or_false():
+    """``python -m monai.bundle run --fresh false`` passes the text "false" (its command line reads only True /
+    False as switches): the refusal says to write ``--fresh False``; other values get no such hint."""
+    for text, word in (("false", "False"), ("TRUE", "True"), (" true ", "True")):
+        with pytest.raises(ConfigValueError, match=f"write --fresh {word}; it reads lowercase") as refused:
+            check_flag(text, "fresh")
+        assert f"got {text!r}" in str(refused.value)
+    for value in ("yes", 0, None):
+        with pytest.raises(ConfigValueError) as refused:
+            check_flag(value, "fresh")
+        assert "command line" not in str(refused.value)
+
+
+def test_check_flags_names_the_first_bad_switch():
+    from monai_condflow.engines.config_checks import check_flags
+
+    assert check_flags({"a": True, "b": False}) is True and check_flags({}) is True
+    with pytest.raises(ConfigValueError, match="config id 'b' must be true or false, got 'false'"):
+        check_flags({"a": True, "b": "false", "c": "no"})
