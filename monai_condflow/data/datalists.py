@@ -32,6 +32,7 @@ import numpy as np
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
 from monai_condflow.data.readers import read_covidx_annotations, resolve_class_map
 from monai_condflow.data.splits import sample_labelled_subset
+from monai_condflow.utils.checks import ConfigValueError
 from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = ["load_covidx_split", "check_splits", "parse_num_labels", "select_labelled", "preprocess_cached"]
@@ -120,9 +121,18 @@ def check_splits(
         ``True`` (so bundle configs can chain it in ``check_config``).
 
     Raises:
+        ConfigValueError: ``num_classes`` is not the number of classes of ``class_map`` (``"three"`` with 2 would
+            give labels a 2-class network cannot take; named before any file is read).
         DataError: an image listed in two splits (a test image would be trained on; both files and lines are
             named), or a class with no training image.
     """
+    if num_classes is not None:
+        top = max(resolve_class_map(class_map).values()) + 1
+        if top != num_classes:
+            raise ConfigValueError(
+                f"config id 'num_classes' is {num_classes!r} but class_map {class_map!r} has {top} classes (labels "
+                f"0 .. {top - 1}): set num_classes {top} (or another class_map)."
+            )
     root = Path(dataset_dir)
     if image_dir is None:
         image_dir = root / "images" if (root / "images").is_dir() else root

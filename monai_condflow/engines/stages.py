@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import monai_condflow
-from monai_condflow.engines.config_checks import check_preset
+from monai_condflow.engines.config_checks import ConfigValueError, check_preset
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
@@ -45,6 +45,7 @@ from monai_condflow.utils.io import MODEL_FILE
 __all__ = [
     "CLASSIFIER_PRESETS",
     "FLOW_PRESETS",
+    "check_flow_ids",
     "classifier_fingerprint",
     "load_classifier",
     "build_flow",
@@ -241,6 +242,33 @@ def fit_sampling_prior_file(
         int(fit["count"]), shrinkage, fit["seconds"], model_file,
     )  # fmt: skip
     return fit
+
+
+def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: object, overrides: object) -> bool:
+    """For configs that build the flow from their own ids (``inference.json``: the bundle's ``network_def``): the ids
+    ``flow_preset``, ``image_size`` and ``flow_overrides`` must be those the flow stage trained with
+    (``output_dir/flow/flow.json``), or the checkpoint cannot be loaded into the network. Returns True (also when
+    the flow stage has not run: the checkpoint loader names the missing file).
+
+    Raises:
+        ConfigValueError: naming the first id that differs, both values and what to pass.
+    """
+    path = Path(output_dir) / "flow" / "flow.json"
+    if not path.is_file():
+        return True
+    info = json.loads(path.read_text(encoding="utf-8"))
+    trained = {"flow_preset": info.get("preset"), "image_size": info.get("image_size"),
+               "flow_overrides": dict(info.get("overrides") or {})}  # fmt: skip
+    # the overrides as flow.json holds them (JSON: tuples become lists)
+    given = {"flow_preset": preset, "image_size": image_size,
+             "flow_overrides": json.loads(json.dumps(dict(overrides or {}), default=str))}  # fmt: skip
+    for key, value in given.items():
+        if trained[key] is not None and value != trained[key]:
+            raise ConfigValueError(
+                f"config id '{key}' is {value!r} but the flow in {path.parent} was trained with {trained[key]!r} "
+                f"({path.name}): pass --{key} {trained[key]!r}."
+            )
+    return True
 
 
 def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -235,6 +235,25 @@ def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, d
     assert not any("phantom_p" in p.name for p in images)  # no source file or patient in the names
 
 
+@pytest.mark.parametrize("key, value", [("flow_preset", "paper"), ("image_size", 64), ("flow_overrides", {})])
+def test_inference_config_names_a_network_id_that_differs_from_the_trained_flow(trained_run, dataset, key, value):
+    """``inference.json`` builds its network from its ids: one that differs from the flow stage's (``flow.json``) is
+    named with the value to pass, instead of a raw state-dict error from the checkpoint loader."""
+    ids = {**TINY, "flow_overrides": TINY_FLOW["flow_overrides"], key: value}
+    wf = _workflow(["inference.json"], dataset_dir=str(dataset), output_dir=str(trained_run), **ids)
+    with pytest.raises(RuntimeError) as info:
+        wf.initialize()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, ConfigValueError):
+        cause = cause.__cause__
+    assert isinstance(cause, ConfigValueError) and f"config id '{key}' is {value!r}" in str(cause)
+    assert f"pass --{key} " in str(cause)
+    # the ids of the trained flow pass the check (tuples in the overrides compare as flow.json's lists)
+    wf = _workflow(["inference.json"], dataset_dir=str(dataset), output_dir=str(trained_run),
+                   **{**TINY, "flow_overrides": {**TINY_FLOW["flow_overrides"]}})  # fmt: skip
+    wf.initialize()
+
+
 def test_classifier_inference_config_scores_the_test_split(trained_run: Path, dataset: Path):
     """``inference_classifier.json``: the trained classifier (``network_def``) on the test split, metrics written."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

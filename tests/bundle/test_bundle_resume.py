@@ -120,6 +120,8 @@ def test_flow_stage_refuses_another_audit_holdout_before_writing_it(dataset, tmp
     wf = _workflow(["train_flow.json"], **common, audit_holdout=0.0)
     wf.initialize()
     wf.finalize()
+    # what that run trained (a run that wrote nothing binds no later one: test_run_folder.py)
+    (tmp_path / "flow" / "state_checkpoint_epoch=1.pt").write_bytes(b"weights trained on every training image")
     wf = _workflow(["train_flow.json"], **common, audit_holdout=0.3)
     with pytest.raises(RuntimeError) as info:
         wf.initialize()

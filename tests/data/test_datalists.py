@@ -152,6 +152,13 @@ def test_check_splits_reports_shared_images_and_classes_without_training_images(
         check_splits(root, names, class_map="binary", num_classes=2)
     with pytest.raises(DataError, match=r"no training image of class\(es\) \[2\]"):
         check_splits(root, names, class_map="three", num_classes=3)
+    # a class map of three classes trained as two (labels 2 a 2-class network cannot take), and the reverse: named
+    # before any split file is read (none exists in the empty folder)
+    from monai_condflow.utils.checks import ConfigValueError
+
+    for class_map, num_classes, top in (("three", 2, 3), ("binary", 3, 2), ({0: 0, 1: 1, 2: 1}, 3, 2)):
+        with pytest.raises(ConfigValueError, match=rf"'num_classes' is {num_classes} but class_map .* has {top} cl"):
+            check_splits(tmp_path / "empty", names, class_map=class_map, num_classes=num_classes)
 
 
 def test_parse_num_labels_reads_one_and_one_point_zero_as_the_pipeline_does():
