@@ -92,15 +92,21 @@ def classifier_fingerprint(output_dir: str | os.PathLike) -> str | None:
     """A fingerprint of the run's classifier weights (``output_dir/classifier/model.pt``), or ``None`` before the
     classifier stage has run.
 
-    SHA-256 (first 16 hex digits) over the names, dtypes, shapes and bytes of the loaded network's tensors, so a
-    re-save of equal weights keeps it and any changed weight changes it. The flow stage records it with its settings
+    SHA-256 (first 16 hex digits) over the names, dtypes, shapes and bytes of the checkpoint's weight tensors (its
+    ``network`` entry, or the bare state dict), so a re-save of equal weights keeps it and any changed weight changes
+    it. The flow stage records it with its settings
     (``run_settings.json``): a flow folder whose checkpoints were trained on another classifier's embeddings is then
     refused, with the setting ``classifier`` named, instead of resumed.
     """
-    if not (Path(output_dir) / "classifier" / MODEL_FILE).is_file():
+    path = Path(output_dir) / "classifier" / MODEL_FILE
+    if not path.is_file():
         return None
+    state = load_checkpoint(path)  # weights_only; no network is built (no random draw before the stage's seeding)
+    weights = state["network"] if isinstance(state.get("network"), dict) else state
     digest = hashlib.sha256()
-    for name, tensor in load_classifier(output_dir, "cpu").state_dict().items():
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
         flat = tensor.detach().reshape(-1).contiguous()
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
