@@ -64,6 +64,20 @@ def _run(files: list[str], **overrides) -> ConfigWorkflow:
     return wf
 
 
+def _refusal(wf: ConfigWorkflow, error: type, run: bool = False) -> BaseException:
+    """The ``error`` behind the failure of ``wf.initialize()`` (and ``wf.run()`` with ``run``): MONAI wraps what a
+    config expression raises in ``RuntimeError``."""
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+        if run:
+            wf.run()
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, error):
+        cause = cause.__cause__
+    assert isinstance(cause, error), repr(info.value)
+    return cause
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantom")
@@ -240,13 +254,9 @@ def test_inference_config_names_a_network_id_that_differs_from_the_trained_flow(
     """``inference.json`` builds its network from its ids: one that differs from the flow stage's (``flow.json``) is
     named with the value to pass, instead of a raw state-dict error from the checkpoint loader."""
     ids = {**TINY, "flow_overrides": TINY_FLOW["flow_overrides"], key: value}
-    wf = _workflow(["inference.json"], dataset_dir=str(dataset), output_dir=str(trained_run), **ids)
-    with pytest.raises(RuntimeError) as info:
-        wf.initialize()
-    cause = info.value
-    while cause.__cause__ is not None and not isinstance(cause, ConfigValueError):
-        cause = cause.__cause__
-    assert isinstance(cause, ConfigValueError) and f"config id '{key}' is {value!r}" in str(cause)
+    cause = _refusal(_workflow(["inference.json"], dataset_dir=str(dataset), output_dir=str(trained_run), **ids),
+                     ConfigValueError)  # fmt: skip
+    assert f"config id '{key}' is {value!r}" in str(cause)
     assert f"pass --{key} " in str(cause)
     # the ids of the trained flow pass the check (tuples in the overrides compare as flow.json's lists)
     wf = _workflow(["inference.json"], dataset_dir=str(dataset), output_dir=str(trained_run),
@@ -412,12 +422,7 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
 )
 def test_bad_config_values_name_the_id(dataset, tmp_path, files, overrides, error, text):
     wf = _workflow(files, dataset_dir=str(dataset), output_dir=str(tmp_path), **overrides)
-    with pytest.raises(RuntimeError) as info:
-        wf.initialize()
-    cause = info.value
-    while cause.__cause__ is not None and not isinstance(cause, error):
-        cause = cause.__cause__
-    assert isinstance(cause, error) and text in str(cause)
+    assert text in str(_refusal(wf, error))
 
 
 def test_the_flow_stage_records_its_classifier_and_refuses_a_flow_folder_of_another_one(trained_run, dataset,
@@ -447,12 +452,7 @@ def test_the_flow_stage_records_its_classifier_and_refuses_a_flow_folder_of_anot
     assert classifier_fingerprint(run) not in (None, print_)
     wf = _workflow(["train_flow.json"], **TINY, **{**TINY_FLOW, "adversarial_steps": 0}, sampling_prior_shrinkage=0.3,
                    dataset_dir=str(dataset), output_dir=str(run))  # fmt: skip
-    with pytest.raises(RuntimeError) as info:
-        wf.initialize()
-    cause = info.value
-    while cause.__cause__ is not None and not isinstance(cause, RunSettingsError):
-        cause = cause.__cause__
-    assert isinstance(cause, RunSettingsError) and f"'classifier' was '{print_}'" in str(cause)
+    assert f"'classifier' was '{print_}'" in str(_refusal(wf, RunSettingsError))
     close_run_folder(run / "flow")
 
 
@@ -462,13 +462,7 @@ def test_the_semisupervised_switches_refuse_the_text_false_by_name(dataset, tmp_
     training, and the refused run's folder does not bind the corrected rerun (it holds only its settings)."""
     wf = _workflow(["train_classifier.json", "train_semisupervised.json"], dataset_dir=str(dataset),
                    output_dir=str(tmp_path), **{**TINY, "num_labels": 20, key: "false"})  # fmt: skip
-    with pytest.raises(Exception) as info:
-        wf.initialize()
-        wf.run()
-    cause = info.value
-    while cause.__cause__ is not None and not isinstance(cause, ConfigValueError):
-        cause = cause.__cause__
-    assert isinstance(cause, ConfigValueError) and f"write --{key} False" in str(cause)
+    assert f"write --{key} False" in str(_refusal(wf, ConfigValueError, run=True))
     assert not list((tmp_path / "classifier").glob("*.pt"))  # nothing trained
     from monai_condflow.engines.run_folder import close_run_folder
 
