@@ -219,6 +219,9 @@ def check_run_settings(
     what the bundle stage knows: dataset, labels, hold-out); only the given section is compared and replaced.
     ``max_epochs`` does not belong here (a resumed run may train longer).
 
+    A folder that holds nothing but the recorded settings (and the lock), i.e. of a run that stopped before it
+    wrote anything, has nothing to reuse: its settings are replaced (logged), not compared.
+
     Args:
         directory: the output folder.
         settings: name -> value (JSON-serialisable, or turned into strings).
@@ -227,9 +230,6 @@ def check_run_settings(
 
     Returns:
         the normalised settings.
-
-    A folder that holds nothing but the recorded settings (and the lock), i.e. of a run that stopped before it
-    wrote anything, has nothing to reuse: its settings are replaced (logged), not compared.
 
     Raises:
         RunSettingsError: a recorded setting differs while the folder holds files of that run; the message names

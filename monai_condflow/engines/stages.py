@@ -94,9 +94,9 @@ def classifier_fingerprint(output_dir: str | os.PathLike) -> str | None:
 
     SHA-256 (first 16 hex digits) over the names, dtypes, shapes and bytes of the checkpoint's weight tensors (its
     ``network`` entry, or the bare state dict), so a re-save of equal weights keeps it and any changed weight changes
-    it. The flow stage records it with its settings
-    (``run_settings.json``): a flow folder whose checkpoints were trained on another classifier's embeddings is then
-    refused, with the setting ``classifier`` named, instead of resumed.
+    it. The flow stage records it with its settings (``run_settings.json``): a flow folder whose checkpoints were
+    trained on another classifier's embeddings is then refused, with the setting ``classifier`` named, instead of
+    resumed.
     """
     path = Path(output_dir) / "classifier" / MODEL_FILE
     if not path.is_file():
