@@ -262,7 +262,7 @@ def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: ob
     path = Path(output_dir) / "flow" / "flow.json"
     if not path.is_file():
         return True
-    info = json.loads(path.read_text(encoding="utf-8"))
+    info = read_stage_info(path.parent, "flow", "train_flow.json")
     trained = {"flow_preset": info.get("preset"), "image_size": info.get("image_size"),
                "flow_overrides": dict(info.get("overrides") or {})}  # fmt: skip
     # the overrides as flow.json holds them (JSON: tuples become lists)

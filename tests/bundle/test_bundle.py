@@ -71,11 +71,15 @@ def _refusal(wf: ConfigWorkflow, error: type, run: bool = False) -> BaseExceptio
         wf.initialize()
         if run:
             wf.run()
-    cause = info.value
-    while cause.__cause__ is not None and not isinstance(cause, error):
-        cause = cause.__cause__
-    assert isinstance(cause, error), repr(info.value)
+    cause = _root_cause(info.value)
+    assert isinstance(cause, error), repr(cause)
     return cause
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -523,12 +527,6 @@ def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(d
                 wf.initialize()
             cause = _root_cause(info.value)
             assert isinstance(cause, ConfigValueError) and "'device'" in str(cause) and "CUDA" in str(cause)
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def test_missing_dataset_and_missing_classifier(dataset, tmp_path):
