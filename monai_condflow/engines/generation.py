@@ -73,11 +73,12 @@ from monai_condflow.networks.blocks.compiled_steps import compiled_steps
 from monai_condflow.networks.nets.conditional_glow import SAMPLE_RANGE
 from monai_condflow.progress import ProgressLog
 from monai_condflow.transforms.grid import make_grid
-from monai_condflow.utils.checks import check_flag, check_positive_int, check_temperature
+from monai_condflow.utils.checks import ConfigValueError, check_flag, check_positive_int, check_temperature
 from monai_condflow.utils.distributed import unwrap_model
 
 __all__ = [
     "GENERATION_MODES",
+    "check_generation_mode",
     "SUMMARY_NAME",
     "generate_tensors",
     "generate",
@@ -280,6 +281,27 @@ def _labels_of(batch: Mapping[str, Any], label_key: str, classifier: torch.nn.Mo
         classifier.train(was_training)
 
 
+def check_generation_mode(mode: object, n_per_class: object) -> bool:
+    """``mode`` one of :data:`GENERATION_MODES`; ``n_per_class`` an integer >= 1 in mode ``"n_per_class"`` and
+    ``None`` in the other modes, which do not read it (a count given without ``--mode n_per_class`` would otherwise
+    be ignored without a word). Returns True so configs can use it in ``check_config``.
+
+    Raises:
+        ConfigValueError: naming ``mode`` or ``n_per_class`` and what to pass.
+    """
+    if mode not in GENERATION_MODES:
+        raise ConfigValueError(f"config id 'mode' must be one of {list(GENERATION_MODES)}, got {mode!r}.")
+    if mode == "n_per_class":
+        check_positive_int("n_per_class", n_per_class)
+    elif n_per_class is not None:
+        raise ConfigValueError(
+            f"config id 'n_per_class' is {n_per_class!r} but 'mode' is {mode!r}, which does not read it (mode "
+            f"{mode!r} makes one image per input). For {n_per_class!r} images per class pass --mode n_per_class too; "
+            "otherwise leave n_per_class out."
+        )
+    return True
+
+
 def generate(
     flow: torch.nn.Module,
     classifier: torch.nn.Module | None,
@@ -360,14 +382,11 @@ def generate(
         NotADirectoryError: ``output_dir`` (or its parent) is a file.
         PermissionError: the parent of ``output_dir`` cannot be written; the message names it.
     """
-    if mode not in GENERATION_MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {GENERATION_MODES}.")
+    check_generation_mode(mode, n_per_class)
     formats = tuple(formats)
     if not formats or any(f not in _FORMATS for f in formats):
         raise ValueError(f"formats must be a non-empty subset of {_FORMATS}, got {formats}.")
     check_temperature(temperature)
-    if mode == "n_per_class" and (n_per_class is None or n_per_class < 1):
-        raise ValueError(f"mode 'n_per_class' needs n_per_class >= 1, got {n_per_class}.")
     if not isinstance(model_version, str) or not model_version.strip():
         raise ValueError("model_version must be a non-empty string.")
     if batch_size < 1:

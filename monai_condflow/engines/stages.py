@@ -35,6 +35,7 @@ import torch
 import monai_condflow
 from monai_condflow.engines.config_checks import ConfigValueError, check_preset
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
+from monai_condflow.engines.run_folder import SETTINGS_NAME, RunSettingsError
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
@@ -46,6 +47,7 @@ __all__ = [
     "CLASSIFIER_PRESETS",
     "FLOW_PRESETS",
     "check_flow_ids",
+    "check_flow_classifier",
     "classifier_fingerprint",
     "load_classifier",
     "build_flow",
@@ -277,12 +279,56 @@ def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: ob
     return True
 
 
-def load_flow(output_dir: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def check_flow_classifier(output_dir: str | os.PathLike) -> bool:
+    """The run's classifier must be the one its flow was trained on: the flow's conditions are that classifier's
+    embeddings, so with another classifier its images would not keep their class. Compares the fingerprint the flow
+    stage recorded (``flow/run_settings.json``, setting ``classifier``) with :func:`classifier_fingerprint` of
+    ``classifier/model.pt``. Returns True, also when there is nothing to compare (no recorded fingerprint: a flow
+    folder from before the fingerprint was recorded, or a stage not run yet, whose loader names the missing file).
+
+    Raises:
+        RunSettingsError: the classifier was replaced (e.g. trained again) after the flow was trained; the message
+            names both folders and what to do.
+    """
+    flow_dir = Path(output_dir) / "flow"
+    path = flow_dir / SETTINGS_NAME
+    if not path.is_file():
+        return True
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("stage", {}).get("classifier")
+    except (OSError, ValueError, AttributeError) as err:
+        raise RunSettingsError(f"cannot read {path} ({err}); train the flow again (train_flow.json).") from err
+    if recorded is None:
+        return True
+    current = classifier_fingerprint(output_dir)
+    if current is not None and current != recorded:
+        raise RunSettingsError(
+            f"the classifier in {Path(output_dir) / 'classifier'} (weights {current}) is not the one the flow in "
+            f"{flow_dir} was trained on (weights {recorded}, setting 'classifier' of {path.name}): the flow is "
+            "conditioned on that classifier's embeddings, so its images would not keep their class. Train the flow "
+            "again on this classifier (train_flow.json with --fresh True), or put back the classifier it was "
+            "trained on."
+        )
+    return True
+
+
+def load_flow(
+    output_dir: str | os.PathLike, device: str | torch.device = "cpu", check_classifier: bool = True
+) -> torch.nn.Module:
     """The trained flow of a run (``output_dir/flow/model.pt``), in eval mode.
+
+    Args:
+        output_dir: the run's folder.
+        device: where the flow goes.
+        check_classifier: refuse a flow trained on another classifier than the run's
+            (:func:`check_flow_classifier`).
 
     Raises:
         FileNotFoundError: when the flow stage has not run (the message says to run train_flow.json).
+        RunSettingsError: the run's classifier is not the one the flow was trained on.
     """
+    if check_classifier:
+        check_flow_classifier(output_dir)
     return load_flow_folder(Path(output_dir) / "flow", device)
 
 

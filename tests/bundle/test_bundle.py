@@ -408,6 +408,8 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
         (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
+        (["generate.json"], {"n_per_class": 3}, ConfigValueError, "'n_per_class' is 3 but 'mode' is 'same_z'"),
+        (["generate.json"], {"mode": "n_per_class"}, ConfigValueError, "'n_per_class' must be an integer >= 1"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
         (["evaluate.json"], {"augmentation_fractions": [0.5, -0.25]}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"augmentation_fractions": []}, ConfigValueError, "'augmentation_fractions'"),
@@ -458,6 +460,18 @@ def test_the_flow_stage_records_its_classifier_and_refuses_a_flow_folder_of_anot
                    dataset_dir=str(dataset), output_dir=str(run))  # fmt: skip
     assert f"'classifier' was '{print_}'" in str(_refusal(wf, RunSettingsError))
     close_run_folder(run / "flow")
+    # the stages that condition the trained flow on the classifier refuse it too, naming both fingerprints
+    changed = classifier_fingerprint(run)
+    for files in (["generate.json"], ["inference.json"]):
+        wf = _workflow(files, **TINY, dataset_dir=str(dataset), output_dir=str(run),
+                       flow_overrides=TINY_FLOW["flow_overrides"])  # fmt: skip
+        text = str(_refusal(wf, RunSettingsError, run=True))
+        assert f"(weights {changed}) is not the one the flow" in text and f"(weights {print_}" in text, text
+    assert not (run / "synthetic").exists()
+    from monai_condflow.engines.stages import check_flow_classifier
+
+    shutil.copy2(trained_run / "classifier" / "model.pt", run / "classifier" / "model.pt")
+    assert check_flow_classifier(run)  # its own classifier back: accepted
 
 
 @pytest.mark.parametrize("key", ["semi_select", "semi_augmentation"])

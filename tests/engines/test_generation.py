@@ -142,7 +142,8 @@ def test_no_source_name_patient_id_or_tags_in_any_output(flow, tmp_path):
     """records whose source / patient_id carry a marker; no output byte, name, PNG chunk or NIfTI field has it."""
     out = tmp_path / "out"
     for mode in ("same_z", "pairs", "n_per_class"):
-        generate(flow, None, _records(), output_dir=out / mode, mode=mode, n_per_class=2, model_version="v1")
+        count = 2 if mode == "n_per_class" else None
+        generate(flow, None, _records(), output_dir=out / mode, mode=mode, n_per_class=count, model_version="v1")
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 20
     for p in files:
@@ -211,13 +212,19 @@ def test_nifti_bytes_refuses_fewer_than_two_dimensions():
         ({"temperature": -1.0}, "temperature"),
         ({"formats": ("jpg",)}, "formats"),
         ({"mode": "n_per_class"}, "n_per_class"),
+        ({"mode": "n_per_class", "n_per_class": 0}, "'n_per_class' must be an integer >= 1, got 0"),
+        ({"mode": "n_per_class", "n_per_class": 2.5}, "'n_per_class' must be an integer >= 1, got 2.5"),
+        ({"mode": "n_per_class", "n_per_class": True}, "'n_per_class' must be an integer >= 1, got True"),
+        ({"n_per_class": 3}, "'n_per_class' is 3 but 'mode' is 'same_z'.*--mode n_per_class"),
+        ({"mode": "pairs", "n_per_class": 3}, "'n_per_class' is 3 but 'mode' is 'pairs'"),
         ({"model_version": ""}, "model_version"),
     ],
 )
 def test_bad_settings_are_refused(flow, tmp_path, kwargs, match):
-    args = {"output_dir": tmp_path, "model_version": "v", **kwargs}
+    args = {"output_dir": tmp_path / "out", "model_version": "v", **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(flow, None, _records(2), **args)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_paths_instead_of_tensors_are_refused(flow, tmp_path):

@@ -202,3 +202,27 @@ def test_audit_holdout_bad_fraction_names_the_config_id(tmp_path: Path, fraction
     with pytest.raises(ValueError, match="config id 'audit_holdout' must be a fraction in"):
         split_audit_holdout(_holdout_records(), fraction, directory=tmp_path)
     assert not (tmp_path / AUDIT_HOLDOUT).exists()
+
+
+def test_check_flow_classifier_compares_the_recorded_fingerprint(tmp_path: Path):
+    """Nothing recorded (no flow settings, or a flow from before the fingerprint): accepted; a recorded fingerprint
+    that differs from the classifier's: refused naming both; unreadable settings: refused naming the file."""
+    from monai_condflow.engines.run_folder import RunSettingsError
+    from monai_condflow.engines.stages import check_flow_classifier, classifier_fingerprint
+
+    (tmp_path / "classifier").mkdir()
+    torch.save({"network": {"w": torch.arange(4.0)}}, tmp_path / "classifier" / "model.pt")
+    current = classifier_fingerprint(tmp_path)
+    assert check_flow_classifier(tmp_path)  # no flow folder yet
+    settings = tmp_path / "flow" / "run_settings.json"
+    settings.parent.mkdir()
+    settings.write_text(json.dumps({"stage": {"seed": 0}}))
+    assert check_flow_classifier(tmp_path)  # recorded before the fingerprint existed
+    settings.write_text(json.dumps({"stage": {"classifier": current}}))
+    assert check_flow_classifier(tmp_path)
+    settings.write_text(json.dumps({"stage": {"classifier": "0123456789abcdef"}}))
+    with pytest.raises(RunSettingsError, match=f"weights {current}.*weights 0123456789abcdef"):
+        check_flow_classifier(tmp_path)
+    settings.write_text("{not json")
+    with pytest.raises(RunSettingsError, match="run_settings.json"):
+        check_flow_classifier(tmp_path)
