@@ -33,6 +33,7 @@ from monai_condflow.data.errors import DataError, ReadReport, check_on_error
 from monai_condflow.data.readers import read_covidx_annotations, resolve_class_map
 from monai_condflow.data.splits import sample_labelled_subset
 from monai_condflow.utils.checks import ConfigValueError
+from monai_condflow.utils.fingerprint import transform_fingerprint
 from monai_condflow.utils.io import atomic_write_bytes
 
 __all__ = ["load_covidx_split", "check_splits", "parse_num_labels", "select_labelled", "preprocess_cached"]
@@ -246,8 +247,10 @@ def preprocess_cached(
     Loading, windowing, cropping and resizing 512 x 512 slices dominates the cost of every stage of the pipeline;
     this runs ``transform`` over ``records`` once and stores the ``[N, 1, S, S]`` float32 images in
     ``cache_dir/<key>.npz`` (written atomically, read back with ``allow_pickle=False``), keyed by the records'
-    paths, file sizes and modification times, their boxes and ``settings`` (e.g. the image size). Later stages
-    that ask for the same records get the cached arrays.
+    paths, file sizes and modification times, their boxes, ``settings`` (e.g. the image size) and the settings
+    stored on the chain's transforms (:func:`~monai_condflow.utils.fingerprint.transform_fingerprint`: a chain with
+    another HU window, intensity mode, crop or size makes its own cache). Later stages that ask for the same records
+    with the same chain get the cached arrays.
 
     Args:
         records: records with a path ``image`` (see :func:`load_covidx_split`).
@@ -267,7 +270,8 @@ def preprocess_cached(
         DataError: (``on_error="raise"``) for a record the chain fails on.
     """
     check_on_error(on_error)
-    settings = {**dict(settings or {}), "on_error": on_error}
+    # the chain's own settings are part of the key: a cache made with another HU window, crop or size is not reused
+    settings = {**dict(settings or {}), "on_error": on_error, "transform": transform_fingerprint(transform)}
     cache_file = None
     images = None
     keep = np.ones(len(records), dtype=bool)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "check_flag",
     "check_flags",
     "check_fractions",
+    "check_preprocessing",
 ]
 
 
@@ -141,6 +143,29 @@ def check_common(
         check_device(device)
     if output_dir is not None:
         check_output_dir(output_dir)
+    return True
+
+
+def check_preprocessing(intensity: object, hu_window: object, crop: object) -> bool:
+    """The preprocessing ids: ``intensity`` one of the intensity modes, ``hu_window`` ``[level, width]`` (finite
+    numbers, width > 0), ``crop`` one of the crop modes; returns True so configs can use it in an expression.
+
+    Raises:
+        ConfigValueError: naming the id, its value and what it accepts.
+    """
+    from monai_condflow.transforms.array import INTENSITY_MODES  # the transforms import the data readers
+    from monai_condflow.transforms.chains import CROP_MODES
+
+    check_preset(intensity, INTENSITY_MODES, "intensity")
+    check_preset(crop, CROP_MODES, "crop")
+    numbers = isinstance(hu_window, (list, tuple)) and len(hu_window) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in hu_window
+    )
+    if not numbers or not hu_window[1] > 0:
+        raise ConfigValueError(
+            f"config id 'hu_window' must be [level, width] in HU with width > 0 (e.g. [-600, 1500], the lung window; "
+            f"on the command line --hu_window \"[-600, 1500]\"), got {hu_window!r}."
+        )
     return True
 
 

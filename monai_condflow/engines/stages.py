@@ -48,6 +48,7 @@ __all__ = [
     "FLOW_PRESETS",
     "check_flow_ids",
     "check_flow_classifier",
+    "check_flow_image_size",
     "classifier_fingerprint",
     "load_classifier",
     "build_flow",
@@ -276,6 +277,27 @@ def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: ob
                 f"config id '{key}' is {value!r} but the flow in {path.parent} was trained with {trained[key]!r} "
                 f"({path.name}): pass --{key} {trained[key]!r}."
             )
+    return True
+
+
+def check_flow_image_size(output_dir: str | os.PathLike, image_size: object) -> bool:
+    """For configs that read images for the trained flow (generation, evaluation, counterfactuals, novelty): their
+    ``image_size`` must be the flow's, or the classifier embeds images of another size than the flow makes (its
+    conditions and the real-vs-synthetic comparisons would no longer match). Returns True, also when the flow stage
+    has not run (its loader names the missing file).
+
+    Raises:
+        ConfigValueError: naming ``image_size``, both values and what to pass.
+    """
+    path = Path(output_dir) / "flow" / "flow.json"
+    if not path.is_file():
+        return True
+    trained = read_stage_info(path.parent, "flow", "train_flow.json").get("image_size")
+    if trained is not None and image_size != trained:
+        raise ConfigValueError(
+            f"config id 'image_size' is {image_size!r} but the flow in {path.parent} was trained with {trained!r} "
+            f"({path.name}): pass --image_size {trained!r}."
+        )
     return True
 
 

@@ -50,6 +50,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+HU_OFFSET_MAX = 4095
+"""The largest stored value of a 12-bit CT slice saved as HU + 1024 (3071 HU)."""
+MAX_SHARE_ABOVE_CT_RANGE = 0.05
+"""Share of a 16-bit slice's pixels above :data:`HU_OFFSET_MAX` beyond which ``CTIntensity("auto")`` refuses to read
+it as HU + 1024 (metal can exceed the 12-bit range in a few pixels; a full-range 16-bit export in most)."""
 INTENSITY_MODES = ("auto", "hu", "hu_offset", "uint8", "uint16", "unit")
 """Intensity modes understood by :class:`CTIntensity`."""
 
@@ -321,14 +326,17 @@ class CTIntensity(Transform):
         - ``"unit"``: already in ``[0, 1]``; cast to float32 (values outside ``[0, 1]`` raise).
         - ``"auto"``: decided per image from its dtype (see :meth:`resolve_mode`): uint8 / bool -> ``"uint8"``,
           uint16 -> ``"hu_offset"``, other integers -> ``"hu"``, floats within ``[0, 1]`` -> ``"unit"``,
-          other floats -> ``"hu"``.
+          other floats -> ``"hu"``. A 16-bit slice with more than 5 % of its pixels above 4095 (3071 HU) is not
+          read as HU + 1024 but refused, naming the record and the modes to pass (a full-range 16-bit export would
+          come out almost all white).
 
     Args:
         mode: one of :data:`INTENSITY_MODES`.
         window: ``(level, width)`` of the HU window.
 
     Raises:
-        ValueError: unknown mode; in ``"unit"`` mode, values outside ``[0, 1]`` (message names the record).
+        ValueError: unknown mode; in ``"unit"`` mode, values outside ``[0, 1]``; in ``"auto"`` mode, a 16-bit
+            slice that is not HU + 1024 (messages name the record).
     """
 
     def __init__(self, mode: str = "auto", window: Sequence[float] = (-600.0, 1500.0)) -> None:
@@ -339,6 +347,21 @@ class CTIntensity(Transform):
         self.mode = mode
         self.window = CTWindow(level=window[0], width=window[1])
         self.offset = HUOffset(1024.0)
+
+    @staticmethod
+    def _check_hu_offset(img: NdarrayOrTensor, source: str | None) -> None:
+        """Refuse a 16-bit slice that ``"auto"`` would read as HU + 1024 but whose values are not CT numbers: more
+        than :data:`MAX_SHARE_ABOVE_CT_RANGE` of its pixels above 4095 (3071 HU, the top of the 12-bit CT range),
+        as in a 16-bit export scaled to the full 0-65535 range, which the HU window would turn almost all white."""
+        values = img.to(torch.int32) if isinstance(img, torch.Tensor) else img  # torch compares no uint16 on the CPU
+        above = float((values > HU_OFFSET_MAX).sum()) / max(int(np.prod(img.shape)), 1)
+        if above > MAX_SHARE_ABOVE_CT_RANGE:
+            raise ValueError(
+                f"{_where(source)}a 16-bit image whose values are not HU + 1024 (how intensity 'auto' reads 16-bit "
+                f"slices): {100 * above:.1f} % of its pixels are above {HU_OFFSET_MAX} (3071 HU). If the files hold "
+                "plain 16-bit grey levels (e.g. an export scaled to 0-65535), pass intensity 'uint16' (bundle: "
+                "--intensity uint16); if they hold HU, 'hu'."
+            )
 
     @staticmethod
     def resolve_mode(img: NdarrayOrTensor) -> str:
@@ -366,6 +389,8 @@ class CTIntensity(Transform):
         if mode == "hu":
             return self.window(img)
         if mode == "hu_offset":
+            if self.mode == "auto":
+                self._check_hu_offset(img, source)
             return self.window(self.offset(img))
         out, *_ = convert_data_type(img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)
         if mode == "uint8":

@@ -408,6 +408,9 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
         (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
+        (["train_classifier.json"], {"hu_window": [-600, 0]}, ConfigValueError, "'hu_window'"),
+        (["train_flow.json"], {"intensity": "png"}, ConfigValueError, "'intensity'"),
+        (["generate.json"], {"crop": "lungs"}, ConfigValueError, "'crop'"),
         (["generate.json"], {"n_per_class": 3}, ConfigValueError, "'n_per_class' is 3 but 'mode' is 'same_z'"),
         (["generate.json"], {"mode": "n_per_class"}, ConfigValueError, "'n_per_class' must be an integer >= 1"),
         (["evaluate.json"], {"schedule": "cosine"}, ConfigValueError, "'schedule'"),
@@ -472,6 +475,33 @@ def test_the_flow_stage_records_its_classifier_and_refuses_a_flow_folder_of_anot
 
     shutil.copy2(trained_run / "classifier" / "model.pt", run / "classifier" / "model.pt")
     assert check_flow_classifier(run)  # its own classifier back: accepted
+
+
+@pytest.mark.parametrize("config", ["generate.json", "evaluate.json", "counterfactual.json", "novelty.json"])
+def test_stages_that_read_images_for_the_flow_refuse_another_image_size(trained_run, config):
+    """Generating (or evaluating) with the default 64 px for a flow trained at 32 px conditioned the flow on
+    embeddings of 64-px images (generation wrote them without a word; the evaluation failed late on a shape)."""
+    wf = _workflow([config], **{**TINY, "image_size": 64}, output_dir=str(trained_run))
+    text = str(_refusal(wf, ConfigValueError))
+    assert "'image_size' is 64 but the flow in" in text and "pass --image_size 32" in text
+
+
+def test_the_preprocessing_ids_are_recorded_and_a_flow_rerun_with_another_window_is_refused(trained_run, dataset,
+                                                                                             tmp_path):
+    """``intensity``, ``hu_window`` and ``crop`` make the images every checkpoint was trained on: recorded with the
+    settings of the classifier and the flow, so a rerun with another HU window is refused instead of resumed."""
+    from monai_condflow.engines.run_folder import RunSettingsError, close_run_folder
+
+    for stage in ("classifier", "flow"):
+        recorded = json.loads((trained_run / stage / "run_settings.json").read_text())["stage"]
+        assert (recorded["intensity"], recorded["hu_window"], recorded["crop"]) == ("auto", [-600, 1500], "box_or_auto")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "classifier", run / "classifier")
+    shutil.copytree(trained_run / "flow", run / "flow")
+    wf = _workflow(["train_flow.json"], **TINY, **TINY_FLOW, dataset_dir=str(dataset), output_dir=str(run),
+                   hu_window=[40, 400])  # fmt: skip
+    assert "'hu_window' was [-600, 1500], now [40, 400]" in str(_refusal(wf, RunSettingsError))
+    close_run_folder(run / "flow")
 
 
 @pytest.mark.parametrize("key", ["semi_select", "semi_augmentation"])

@@ -94,6 +94,28 @@ def test_preprocess_cached_runs_the_chain_once(tmp_path: Path):
     assert len(calls) == 24  # other settings -> other cache entry
 
 
+def test_preprocess_cached_keys_on_the_chains_own_settings(tmp_path: Path, caplog):
+    """A chain with another HU window (or crop) under the same ``settings`` makes its own cache instead of reusing
+    the images of the first; a chain built again with the same settings reuses them."""
+    from monai_condflow.data.datalists import preprocess_cached
+    from monai_condflow.transforms import get_preprocess_transforms
+
+    records = load_covidx_split(_folder(tmp_path / "d", n=4), class_map="three")
+    lung = preprocess_cached(records, get_preprocess_transforms(image_size=8, window=(-600, 1500)), tmp_path / "c",
+                             {"image_size": 8})  # fmt: skip
+    with caplog.at_level("INFO", logger="monai_condflow.data.datalists"):
+        again = preprocess_cached(records, get_preprocess_transforms(image_size=8, window=(-600, 1500)),
+                                  tmp_path / "c", {"image_size": 8})  # fmt: skip
+    assert "reusing" in caplog.text and len(list((tmp_path / "c").glob("*.npz"))) == 1
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(lung, again))
+    soft = preprocess_cached(records, get_preprocess_transforms(image_size=8, window=(40, 400)), tmp_path / "c",
+                             {"image_size": 8})  # fmt: skip
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 2
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(lung, soft))
+    preprocess_cached(records, get_preprocess_transforms(image_size=8, crop="none"), tmp_path / "c", {"image_size": 8})
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 3
+
+
 def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path):
     from monai_condflow.data.datalists import preprocess_cached
     from monai_condflow.data.errors import DataError, ReadReport

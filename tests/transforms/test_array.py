@@ -100,6 +100,25 @@ def test_ct_intensity_errors():
         CTIntensity("unit")(np.array([0.0, 1.5]), source="ann.txt:7")
 
 
+def test_ct_intensity_auto_refuses_a_full_range_16bit_image_but_not_a_few_metal_pixels():
+    """A 16-bit export scaled to 0-65535 would come out of the HU window almost all white: "auto" refuses it
+    (naming the record and the mode to pass) instead; 5 % of pixels above 3071 HU are still read as HU + 1024."""
+    hu = np.random.default_rng(0).integers(0, 2000, (40, 40)).astype(np.uint16)  # HU + 1024, a plausible slice
+    stretched = (hu.astype(np.float64) * 32.0).clip(0, 65535).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"slice_7\.png: a 16-bit image whose .* above 4095 .*--intensity uint16"):
+        CTIntensity()(stretched, source="slice_7.png")
+    with pytest.raises(ValueError, match="not HU"):  # the same for a torch uint16 tensor
+        CTIntensity()(torch.from_numpy(stretched.astype(np.int32)).to(torch.uint16))
+    np.testing.assert_allclose(CTIntensity("uint16")(stretched), stretched / 65535.0, atol=1e-6)  # the mode to pass
+    metal = hu.copy()
+    metal.flat[:80] = 6000  # exactly 5 % of the 1,600 pixels
+    out = CTIntensity()(metal)
+    np.testing.assert_allclose(out, CTIntensity("hu_offset")(metal), atol=0)
+    metal.flat[80] = 6000  # one pixel more: refused
+    with pytest.raises(ValueError, match="5.1 % of its pixels"):
+        CTIntensity()(metal)
+
+
 # --- grayscale -------------------------------------------------------------------------------------------------
 
 
