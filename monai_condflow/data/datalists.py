@@ -36,7 +36,14 @@ from monai_condflow.utils.checks import ConfigValueError
 from monai_condflow.utils.fingerprint import transform_fingerprint
 from monai_condflow.utils.io import atomic_write_bytes
 
-__all__ = ["load_covidx_split", "check_splits", "parse_num_labels", "select_labelled", "preprocess_cached"]
+__all__ = [
+    "load_covidx_split",
+    "check_splits",
+    "parse_num_labels",
+    "check_num_labels",
+    "select_labelled",
+    "preprocess_cached",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +171,38 @@ def check_splits(
         if missing:
             raise DataError(
                 f"no training image of class(es) {missing} (after class_map {class_map!r}; classes present: "
-                f"{sorted(present)}): a classifier cannot learn a class it never sees. Fix the split or num_classes.",
+                f"{sorted(present)}): a classifier cannot learn a class it never sees. Fix the split or num_classes."
+                + "".join(f" {hint}" for hint in _class_hints(rows, mapping, class_map)),
                 str(ann),
                 "class without training image",
             )
     return True
+
+
+def _class_hints(rows: Mapping[str, tuple[int, int | None]], mapping: Mapping[int, int], class_map: object) -> list:
+    """What may be behind a split without some class: an empty file, lines without a class id (another separator),
+    class ids outside ``class_map``, or 0 / 1 labels read with the COVIDx CT ids of ``binary``."""
+    if not rows:
+        return ["The split file lists no image (empty, or comments only)."]
+    hints = []
+    unreadable = sorted(line for line, c in rows.values() if c is None)
+    if unreadable:
+        hints.append(
+            f"{len(unreadable)} line(s) have no class id after the file name, e.g. line {unreadable[0]}: the format "
+            "is `name class xmin ymin xmax ymax` separated by spaces (not commas)."
+        )
+    ids = {c for _, c in rows.values() if c is not None}
+    outside = sorted(ids - set(mapping))
+    if outside:
+        hints.append(f"Class ids {outside} are not in class_map {class_map!r}.")
+    if class_map == "binary" and ids and ids <= {0, 1}:
+        hints.append(
+            "class_map 'binary' reads the COVIDx CT ids (0 normal, 1 pneumonia, 2 COVID-19): 0 and 1 are both "
+            'non-COVID. If your 1 means COVID-19, pass --class_map "{0: 0, 1: 1}".'
+        )
+    elif outside:
+        hints.append('For your own ids pass a mapping to 0 .. num_classes - 1, e.g. --class_map "{0: 0, 1: 1}".')
+    return hints
 
 
 def parse_num_labels(num_labels: int | float | str | None) -> int | float | None:
@@ -213,10 +247,29 @@ def parse_num_labels(num_labels: int | float | str | None) -> int | float | None
     return int(value)
 
 
+def check_num_labels(num_labels: int | float | str | None, n_train: int) -> int | float | None:
+    """:func:`parse_num_labels`, with a count checked against the training split's size ``n_train``.
+
+    Raises:
+        ConfigValueError: naming ``num_labels`` for a count above ``n_train`` (and what to pass instead).
+    """
+    amount = parse_num_labels(num_labels)
+    if isinstance(amount, int) and amount > n_train:
+        raise ConfigValueError(
+            f"config id 'num_labels' is {amount} but the training split has {n_train} images: pass a count of at "
+            f"most {n_train} (--num_labels {n_train}), a fraction (--num_labels 0.5) or --num_labels all."
+        )
+    return amount
+
+
 def select_labelled(records: list[dict], num_labels: int | float | str, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Split training records into (labelled, unlabelled) by ``num_labels`` (class ratio kept; see
-    :func:`monai_condflow.data.splits.sample_labelled_subset`). ``"all"`` gives every record labelled."""
-    amount = parse_num_labels(num_labels)
+    :func:`monai_condflow.data.splits.sample_labelled_subset`). ``"all"`` gives every record labelled.
+
+    Raises:
+        ConfigValueError: a count above the number of records (:func:`check_num_labels`).
+    """
+    amount = check_num_labels(num_labels, len(records))
     if amount is None:
         return list(records), []
     return sample_labelled_subset(records, amount, seed=seed)
@@ -232,6 +285,12 @@ def _cache_key(records: list[dict], settings: dict) -> str:
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         h.update(f"{image}|{stamp}|{r.get('box')}\n".encode())
     return h.hexdigest()[:20]
+
+
+def _split_names(records: list[dict]) -> str:
+    """`` of train.txt`` (the files named by the records' ``source`` ``file:line``), or nothing."""
+    files = sorted({str(r["source"]).rsplit(":", 1)[0] for r in records if ":" in str(r.get("source", ""))})
+    return f" of {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}" if files else ""
 
 
 def preprocess_cached(
@@ -309,15 +368,16 @@ def preprocess_cached(
                 local.add(error)
                 keep[i] = False
         images = np.stack(outputs) if outputs else np.zeros((0, 1, 1, 1), np.float32)
+        local.n_read = int(keep.sum())  # before the summary, which reports it
         if not keep.all():
-            local.log_summary(logger, f"{len(records)} records")
+            local.log_summary(logger, f"preprocessing {len(records)} records{_split_names(records)}")
         if cache_file is not None:
             buffer = io.BytesIO()
             np.savez(buffer, images=images, keep=keep)
             atomic_write_bytes(cache_file, buffer.getvalue())
-            logger.info("preprocessed %d slices -> %s", len(records), cache_file)
+            logger.info("preprocessed %d of %d slices -> %s", int(keep.sum()), len(records), cache_file)
     else:
-        logger.info("reusing %d preprocessed slices from %s", len(records), cache_file)
+        logger.info("reusing %d preprocessed slices from %s", int(keep.sum()), cache_file)
     local.n_read = int(keep.sum())
     if report is not None:
         report.merge(local)

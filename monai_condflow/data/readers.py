@@ -802,7 +802,14 @@ def _dicom_record(
     else:
         key = rel.parts[0] if len(rel.parts) > 1 else ""
         if key not in labels:
-            raise DataError(f"no label for folder {key!r} (labels known for {sorted(labels)}).", str(file), "no label")
+            where = f"folder {key!r}" if key else f"a file directly in {base} (not in a class sub-folder)"
+            raise DataError(
+                f"no label for {where}; labels are known for the sub-folders {sorted(labels)}. Put each class's "
+                "files in a sub-folder named in labels, or pass labels as a callable that takes the file's path "
+                "and returns its class id (e.g. from a table of your own).",
+                str(file),
+                "no label",
+            )
         label = labels[key]
     patient_id = None
     if read_patient_id:

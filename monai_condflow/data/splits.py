@@ -75,6 +75,14 @@ def patient_disjoint_split(
     for i, record in enumerate(records):
         patient = record.get("patient_id")
         groups[("patient", str(patient)) if patient not in (None, "") else ("record", i)].append(i)
+    anonymous = sum(1 for key in groups if key[0] == "record")
+    if anonymous:
+        logger.warning(
+            "patient_disjoint_split: %d of %d records have no patient_id and are split one by one, so slices of one "
+            "patient may land in different splits (a leak into the test split). Give the readers a patient_pattern "
+            "(a regular expression with a group 'patient' matching your file names) or set patient_id yourself.",
+            anonymous, len(records),
+        )  # fmt: skip
 
     strata: dict[int, list[tuple[str, object]]] = defaultdict(list)
     for key, members in groups.items():

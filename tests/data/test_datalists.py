@@ -64,6 +64,16 @@ def test_parse_num_labels_bad(value):
         parse_num_labels(value)
 
 
+def test_a_label_count_above_the_training_split_names_num_labels(tmp_path: Path):
+    from monai_condflow.data.datalists import check_num_labels
+    from monai_condflow.utils.checks import ConfigValueError
+
+    records = load_covidx_split(_folder(tmp_path), class_map="three")
+    assert check_num_labels(12, 12) == 12 and check_num_labels("all", 12) is None and check_num_labels(0.5, 12) == 0.5
+    with pytest.raises(ConfigValueError, match=r"'num_labels' is 50 but the training split has 12 images.*at most 12"):
+        select_labelled(records, 50)
+
+
 def test_select_labelled(tmp_path: Path):
     records = load_covidx_split(_folder(tmp_path), class_map="three")
     labelled, unlabelled = select_labelled(records, 6, seed=1)
@@ -116,7 +126,7 @@ def test_preprocess_cached_keys_on_the_chains_own_settings(tmp_path: Path, caplo
     assert len(list((tmp_path / "c").glob("*.npz"))) == 3
 
 
-def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path):
+def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path, caplog):
     from monai_condflow.data.datalists import preprocess_cached
     from monai_condflow.data.errors import DataError, ReadReport
     from monai_condflow.transforms import get_preprocess_transforms
@@ -128,8 +138,12 @@ def test_preprocess_cached_corrupt_image_raise_and_skip(tmp_path: Path):
     with pytest.raises(DataError, match=r"train.txt:4.*phantom_p0003_s000.png"):
         preprocess_cached(records, chain, None)
     report = ReadReport()
-    kept = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip", report=report)
+    with caplog.at_level("INFO", logger="monai_condflow.data.datalists"):
+        kept = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip", report=report)
     assert len(kept) == 11 and report.n_skipped == 1 and report.n_read == 11
+    # the warning counts what was kept (it said "read 0" before) and names the split file
+    assert "preprocessing 12 records of" in caplog.text and "train.txt" in caplog.text
+    assert "skipped 1 bad entry" in caplog.text and "read 11" in caplog.text and "preprocessed 11 of 12" in caplog.text
     assert "phantom_p0003_s000.png" not in [Path(r["image_path"]).name for r in kept]
     again = preprocess_cached(records, chain, tmp_path / "cache", on_error="skip")
     assert [r["image_path"] for r in again] == [r["image_path"] for r in kept]
@@ -173,6 +187,18 @@ def test_check_splits_reports_shared_images_and_classes_without_training_images(
     with pytest.raises(DataError, match=r"train\.txt: no training image of class\(es\) \[1\]"):
         check_splits(root, names, class_map="binary", num_classes=2)
     with pytest.raises(DataError, match=r"no training image of class\(es\) \[2\]"):
+        check_splits(root, names, class_map="three", num_classes=3)
+    # what may be behind the missing class is said (these gave only "classes present: []" before)
+    with pytest.raises(DataError, match=r"0 and 1 are both non-COVID.*--class_map \"\{0: 0, 1: 1\}\""):
+        check_splits(root, names, class_map="binary", num_classes=2)  # 0 / 1 labels read with the COVIDx ids
+    _splits(root, ["a.png,0,0,0,4,4", "b.png,2,0,0,4,4"], ["c.png 0 0 0 4 4"], ["d.png 2 0 0 4 4"])
+    with pytest.raises(DataError, match=r"2 line\(s\) have no class id after the file name, e.g. line 1.*not commas"):
+        check_splits(root, names, class_map="binary", num_classes=2)
+    _splits(root, ["# nothing yet"], ["c.png 0 0 0 4 4"], ["d.png 2 0 0 4 4"])
+    with pytest.raises(DataError, match=r"lists no image"):
+        check_splits(root, names, class_map="binary", num_classes=2)
+    _splits(root, ["a.png 0 0 0 4 4", "b.png 5 0 0 4 4"], ["c.png 0 0 0 4 4"], ["d.png 2 0 0 4 4"])
+    with pytest.raises(DataError, match=r"Class ids \[5\] are not in class_map 'three'.*your own ids"):
         check_splits(root, names, class_map="three", num_classes=3)
     # a class map of three classes trained as two (labels 2 a 2-class network cannot take), and the reverse: named
     # before any split file is read (none exists in the empty folder)

@@ -452,8 +452,13 @@ def test_dicom_folder_dict_labels_and_errors(tmp_path: Path):
         (tmp_path / rel).write_bytes(b"junk")
     records = read_dicom_folder(tmp_path, labels={"covid": 1, "normal": 0}, read_patient_id=False, on_error="skip")
     assert [(Path(r["image"]).name, r["label"]) for r in records] == [("a.dcm", 1), ("b.DCM", 0)]
-    with pytest.raises(DataError, match=r"loose\.dcm: no label for folder ''"):
+    with pytest.raises(DataError, match=r"loose\.dcm: no label for a file directly in .*labels as a callable"):
         read_dicom_folder(tmp_path, labels={"covid": 1, "normal": 0}, read_patient_id=False)
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "c.dcm").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"c\.dcm: no label for folder 'cap'; labels are known for the sub-folders"):
+        read_dicom_folder(tmp_path, labels={"covid": 1, "normal": 0, "": 0}, read_patient_id=False)
+    (tmp_path / "cap" / "c.dcm").unlink()
     report = ReadReport()
     assert read_dicom_folder(tmp_path, labels=lambda p: 0, on_error="skip", report=report) == []
     assert report.counts == {"unreadable file": 3}

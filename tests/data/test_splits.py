@@ -77,9 +77,15 @@ def test_six_equal_patients_fill_every_split():
         assert [len(sets[k]) for k in ("train", "val", "test")] == [4, 1, 1]
 
 
-def test_records_without_patient_are_own_groups_and_two_way():
+def test_records_without_patient_are_own_groups_and_two_way(caplog):
     records = [{"image": str(i), "label": i % 2, "source": ""} for i in range(20)]
-    split = patient_disjoint_split(records, fractions=(0.5, 0.5), seed=0)
+    with caplog.at_level("WARNING", logger="monai_condflow.data.splits"):
+        split = patient_disjoint_split(records, fractions=(0.5, 0.5), seed=0)
+    assert "20 of 20 records have no patient_id" in caplog.text and "patient_pattern" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_condflow.data.splits"):
+        patient_disjoint_split([{**r, "patient_id": f"p{i // 2}"} for i, r in enumerate(records)], seed=0)
+    assert "no patient_id" not in caplog.text  # every record has its patient: no warning
     assert list(split) == ["train", "val"] and [len(v) for v in split.values()] == [10, 10]
     assert [sum(r["label"] for r in v) for v in split.values()] == [5, 5]
     unstratified = patient_disjoint_split(records, fractions=(0.75, 0.25), seed=0, stratify=False, names=("a", "b"))
