@@ -434,6 +434,8 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
             lines.append(
                 f"  checks: {sum(c.get('holds') is True for c in checks)} of {len(checks)} hold"
                 + (f"; failing: {', '.join(failed)}" if failed else "")
+                + ("; not judged (real classifier at chance): class, TSTR" if any(c.get("at_chance") for c in checks)
+                   else "")
                 + " (report.md, 'Checks')"
             )
         if isinstance(m.get("baseline"), dict):

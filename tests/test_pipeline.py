@@ -575,5 +575,9 @@ def test_the_closing_summary_counts_the_reports_checks(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1, "checks": checks}))
     lines = _summary(tmp_path, {"flow": 1.0})
     assert "  checks: 1 of 3 hold; failing: synthetic images keep their class (report.md, 'Checks')" in lines
+    checks[0] = {"name": "synthetic images keep their class", "holds": None, "at_chance": True}
+    (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1, "checks": checks}))
+    assert ("  checks: 1 of 3 hold; not judged (real classifier at chance): class, TSTR (report.md, 'Checks')"
+            in _summary(tmp_path, {"flow": 1.0}))  # fmt: skip
     (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1}))
     assert not any("checks:" in line for line in _summary(tmp_path, {"flow": 1.0}))

@@ -25,9 +25,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HEADLINE_CHECKS", "class_name", "finite_or_none", "headline_checks", "headline_check_lines"]
+__all__ = [
+    "HEADLINE_CHECKS",
+    "AT_CHANCE_NOTE",
+    "class_name",
+    "finite_or_none",
+    "headline_checks",
+    "headline_check_lines",
+]
 
 HEADLINE_CHECKS: dict[str, float] = {
+    "chance_margin": 0.05,
     "class_agreement_margin": 0.10,
     "tstr_gap_points": 3.0,
     "fid_ratio": 10.0,
@@ -37,7 +45,15 @@ HEADLINE_CHECKS: dict[str, float] = {
 """Thresholds: class agreement at least the real test accuracy minus ``class_agreement_margin``; TSTR at most
 ``tstr_gap_points`` below TRTR; FID / floor at most ``fid_ratio``; fine detail (Laplacian energy) of the synthetic
 images within a factor ``sharpness_ratio`` of the real images' (blur below, speckle above); no synthetic image with
-pixels that overflowed (or were non-finite) before clamping; membership-inference AUC at most ``mia_auc``."""
+pixels that overflowed (or were non-finite) before clamping; membership-inference AUC at most ``mia_auc``. The
+class and TSTR checks compare with a classifier trained on real images: when its balanced accuracy on the real test
+split (TRTR's mean per-class recall) is below chance (1 / classes) + ``chance_margin``, they are not judged."""
+
+AT_CHANCE_NOTE = (
+    "The classifier trained on the real images is at chance level on the real test split, so the class and TSTR "
+    "checks cannot tell whether the synthetic images keep their class: train the evaluation classifiers longer "
+    "(evaluate.json max_epochs) or on more labelled images before reading them."
+)
 
 ADVERSARIAL_HINT = (
     "This flow was trained by maximum likelihood only. At a CPU budget such a flow's samples tend to carry texture "
@@ -101,6 +117,11 @@ def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
     lowest = _lowest_class(headline)
     if agreement_text is not None and lowest is not None:
         agreement_text += f" (lowest class: {lowest[0]} {lowest[1]:.3f})"
+    balanced, k = finite_or_none(headline.get("real_balanced_accuracy")), headline.get("num_classes")
+    at_chance = (
+        balanced is not None and isinstance(k, int) and not isinstance(k, bool) and k >= 2
+        and balanced < 1.0 / k + t["chance_margin"]
+    )  # fmt: skip
     checks = [
         (
             "class",
@@ -145,7 +166,13 @@ def headline_checks(headline: Mapping[str, Any]) -> list[dict[str, Any]]:
             None if mia is None else mia <= t["mia_auc"],
         ),
     ]
-    return [{"key": k, "name": a, "wanted": b, "measured": c or "not measured", "holds": d} for k, a, b, c, d in checks]
+    out = [{"key": k, "name": a, "wanted": b, "measured": c or "not measured", "holds": d} for k, a, b, c, d in checks]
+    if at_chance:  # the reference itself cannot tell the classes apart: neither check can pass or fail
+        for check in out[:2]:
+            if check["holds"] is not None:
+                check["measured"] += f"; not judged: real classifier at chance (balanced accuracy {balanced:.3f})"
+                check["holds"], check["at_chance"] = None, True
+    return out
 
 
 def headline_check_lines(checks: list[Mapping[str, Any]], adversarial_steps: int | None) -> list[str]:
@@ -157,6 +184,8 @@ def headline_check_lines(checks: list[Mapping[str, Any]], adversarial_steps: int
     lines += [f"| {c['name']} | {c['wanted']} | {c['measured']} | {mark[c['holds']]} |" for c in checks]
     failed = [c for c in checks if c["holds"] is False]
     lines += ["", f"{len(failed)} of {len(checks)} checks fail." if failed else "Every measured check holds."]
+    if any(c.get("at_chance") for c in checks):
+        lines += ["", AT_CHANCE_NOTE]
     if adversarial_steps == 0 and any(c["holds"] is False and c.get("key") in _LOOKS for c in checks):
         lines += ["", ADVERSARIAL_HINT]
     return lines

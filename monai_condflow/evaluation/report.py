@@ -133,8 +133,9 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
         "class_agreement" (real-trained evaluation classifier on the synthetic images), "class_agreement_per_class"
         (the same per conditioning class, a list or None), "class_names", "real_test_accuracy" (the
-        same classifier on the real test split), "class_agreement_real_blurred" (on the real training images
-        blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
+        same classifier on the real test split), "real_balanced_accuracy" (TRTR's mean per-class recall on the real
+        test split) and "num_classes" (its number of classes), "class_agreement_real_blurred" (on the real training
+        images blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
         "variety_ratio" (spread of the synthetic images of a class over the real ones'), "fid",
         "fid_floor", "fid_ratio", "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
@@ -172,6 +173,10 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         }
 
     flow = _block(metrics)
+    recall = (metrics.get("trtr") or {}).get("per_class_recall")
+    recall = [finite_or_none(v) for v in recall] if isinstance(recall, (list, tuple)) and len(recall) >= 2 else None
+    flow["real_balanced_accuracy"] = None if not recall or None in recall else sum(recall) / len(recall)
+    flow["num_classes"] = len(recall) if recall else None
     privacy = metrics.get("privacy") if isinstance(metrics.get("privacy"), Mapping) else {}
     real_acc = finite_or_none(metrics.get("real_classifier_test_accuracy"))
     if real_acc is None:

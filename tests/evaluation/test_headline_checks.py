@@ -16,7 +16,12 @@ import json
 
 import torch
 
-from monai_condflow.evaluation.headline_checks import ADVERSARIAL_HINT, headline_check_lines, headline_checks
+from monai_condflow.evaluation.headline_checks import (
+    ADVERSARIAL_HINT,
+    AT_CHANCE_NOTE,
+    headline_check_lines,
+    headline_checks,
+)
 from monai_condflow.evaluation.report import write_report
 
 _GOOD = {
@@ -129,3 +134,25 @@ def test_the_class_check_names_the_class_the_samples_lose():
     assert unnamed["measured"].endswith("(lowest class: class 2 0.400)")
     one = headline_checks({**headline, "class_agreement_per_class": [0.5, None]})[0]
     assert one["measured"] == "0.265 vs real 0.900"
+
+
+def test_class_and_tstr_checks_are_not_judged_when_the_real_classifier_is_at_chance(tmp_path):
+    """A 1-epoch evaluation classifier at chance (balanced accuracy 1/3 of 3 classes) made both checks read "yes"
+    although they compare with it; now they are neither passed nor failed, and the report says why."""
+    at_chance = {**_GOOD, "real_balanced_accuracy": 1 / 3, "num_classes": 3}
+    checks = headline_checks(at_chance)
+    assert [c["holds"] for c in checks] == [None, None, True, True, True, True]
+    assert checks[0]["measured"].startswith("0.800 vs real 0.900; not judged: real classifier at chance (balanced")
+    assert AT_CHANCE_NOTE in headline_check_lines(checks, adversarial_steps=1200)
+    # just above chance + 0.05 (0.3334 + 0.05): judged as before; a missing count: no guard
+    assert _holds({**at_chance, "real_balanced_accuracy": 1 / 3 + 0.0501}) == [True] * 6
+    assert _holds({**at_chance, "num_classes": None}) == [True] * 6
+    assert AT_CHANCE_NOTE not in headline_check_lines(headline_checks(_GOOD), adversarial_steps=1200)
+    # through the report: TRTR's per-class recall [1, 0] (majority class only) of two classes is 0.5 = chance
+    scores = {"accuracy": 0.75, "f1": 0.4, "precision": 0.4, "recall": 0.5, "per_class_recall": [1.0, 0.0]}
+    metrics = {"trtr": scores, "tstr": dict(scores), "class_agreement": 0.75, "real_classifier_test_accuracy": 0.75,
+               "fid": 0.5, "fid_floor": 0.01, "samples": {"n_images": 10, "images_with_overflow": 0}}  # fmt: skip
+    report, js = write_report(tmp_path, metrics)
+    data = json.loads(js.read_text())
+    assert data["headline"]["real_balanced_accuracy"] == 0.5 and data["headline"]["num_classes"] == 2
+    assert [c["holds"] for c in data["checks"]][:2] == [None, None] and AT_CHANCE_NOTE in report.read_text()
