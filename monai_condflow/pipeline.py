@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +48,8 @@ __all__ = [
     "default_stages",
     "parse_stage_overrides",
     "run_pipeline",
+    "run_stage_process",
+    "stage_error_cause",
     "main",
     "num_labels_arg",
 ]
@@ -394,12 +397,60 @@ def run_pipeline(
         cmd = stage.command(bundle_root, common)
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=stage.env(env))
+        returncode, cause = run_stage_process(cmd, stage.env(env))
         times[stage.name] = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"stage '{stage.name}' failed with exit code {proc.returncode}: {' '.join(cmd)}")
+        if returncode != 0:
+            raise RuntimeError(
+                f"stage '{stage.name}' failed with exit code {returncode}"
+                + (f": {cause}" if cause else "")
+                + f"\n[pipeline]   command: {' '.join(cmd)}"
+            )
         print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
     return times
+
+
+# the last line of a Python traceback: "[module.]Name(Error|Exception|...): message"
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Warning)?: \S")
+# what MONAI's config parser (and our own re-raise of a stage) wrap the real error in
+_WRAPPERS = ("RuntimeError: Failed to evaluate", "RuntimeError: stage '")
+
+
+def stage_error_cause(stderr_lines: Sequence[str]) -> str | None:
+    """The error that stopped a stage, from the end of its standard error: the first exception line of its last
+    traceback (Python prints a chain of exceptions cause first) that is not a wrapper such as MONAI's
+    ``RuntimeError: Failed to evaluate ConfigExpression``; ``None`` when there is no traceback.
+
+    Args:
+        stderr_lines: the stage's standard error, line by line (its last few hundred lines suffice).
+    """
+    lines = [line.rstrip("\n") for line in stderr_lines]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    # the last chain begins at the first traceback after the last line that is neither traceback nor chain text
+    chain_start = starts[0]
+    for i in starts[1:]:
+        between = lines[chain_start:i]
+        if not any(line.startswith(("The above exception", "During handling")) for line in between):
+            chain_start = i
+    found = [line for line in lines[chain_start:] if _EXCEPTION_LINE.match(line) and not line.startswith("  ")]
+    real = [line for line in found if not line.startswith(_WRAPPERS)]
+    cause = (real or found or [None])[0]
+    return None if cause is None else (cause if len(cause) <= 600 else cause[:600] + " ...")
+
+
+def run_stage_process(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """Run one stage's command, its output passing through as it comes; returns ``(exit code, the error that stopped
+    it)`` (:func:`stage_error_cause` of its standard error, ``None`` on success or without a traceback)."""
+    tail: deque[str] = deque(maxlen=400)
+    with subprocess.Popen(list(cmd), env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+        returncode = proc.wait()
+    return returncode, (stage_error_cause(list(tail)) if returncode != 0 else None)
 
 
 def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:

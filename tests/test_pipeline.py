@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -366,7 +367,7 @@ def test_run_pipeline_generates_the_public_phantom_for_public_stages(tmp_path: P
     monkeypatch.setattr(
         pipeline, "_prepare_default_dataset", lambda out, n, seed, progress=True: made.append((out, n, seed))
     )
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
+    monkeypatch.setattr(pipeline, "run_stage_process", lambda cmd, env: (0, None))
     data = _dataset(tmp_path / "d")
     run_pipeline(data, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], num_images=80, seed=4)
     assert made == [((tmp_path / "o" / "public").resolve(), 80, 4)]
@@ -387,7 +388,7 @@ def test_the_public_phantom_differs_from_a_private_phantom(tmp_path: Path, monke
         return data
 
     monkeypatch.setattr(pipeline, "_prepare_default_dataset", fake_prepare)
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, env: argparse.Namespace(returncode=0))
+    monkeypatch.setattr(pipeline, "run_stage_process", lambda cmd, env: (0, None))
     run_pipeline(None, tmp_path / "o", stages=[Stage("p", ["x.json"], public=True)], seed=4)
     out = (tmp_path / "o").resolve()
     assert made == [(out, 4), (out / "public", 4 + pipeline.PUBLIC_PHANTOM_SEED_OFFSET)]
@@ -581,3 +582,43 @@ def test_the_closing_summary_counts_the_reports_checks(tmp_path):
             in _summary(tmp_path, {"flow": 1.0}))  # fmt: skip
     (tmp_path / "metrics.json").write_text(json.dumps({"trtr": scores, "tstr": scores, "fid": 0.1}))
     assert not any("checks:" in line for line in _summary(tmp_path, {"flow": 1.0}))
+
+
+def test_a_failed_stage_names_the_error_behind_monais_wrapper(tmp_path: Path, capfd):
+    """The cause of a failed stage sat ~50 lines above the pipeline's last line, under MONAI's "Failed to evaluate
+    ConfigExpression"; the pipeline's error now ends with it. The stage's own output still passes through."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import sys\n"
+        "print('stage output', flush=True)\n"
+        "print('/x/reader.py:3: UserWarning: a warning line', file=sys.stderr)\n"
+        "class DataError(ValueError):\n    pass\n"
+        "try:\n"
+        "    raise DataError('t/train.txt:5: image file t/images/a.png does not exist.')\n"
+        "except DataError as e:\n"
+        "    raise RuntimeError('Failed to evaluate ConfigExpression: (\"$load(@x)\")') from e\n"
+    )
+    code, cause = pipeline.run_stage_process([sys.executable, str(script)], dict(os.environ))
+    out, err = capfd.readouterr()
+    assert code == 1 and cause == "DataError: t/train.txt:5: image file t/images/a.png does not exist."
+    assert "stage output" in out and "Traceback" in err and "UserWarning: a warning line" in err
+    assert pipeline.run_stage_process([sys.executable, "-c", "pass"], dict(os.environ)) == (0, None)
+    # through run_pipeline: the RuntimeError says stage, exit code and cause, then the command
+    data = _dataset(tmp_path / "d")
+    with pytest.raises(RuntimeError, match=r"stage 'bad' failed with exit code 1: DataError: t/train"):
+        run_pipeline(data, tmp_path / "o", stages=[_ScriptStage("bad", script)])
+    # a traceback without a wrapper, and stderr without a traceback
+    assert pipeline.stage_error_cause(["Traceback (most recent call last):\n", '  File "a.py"\n',
+                                       "KeyError: 'image'\n"]) == "KeyError: 'image'"  # fmt: skip
+    assert pipeline.stage_error_cause(["killed\n"]) is None
+
+
+class _ScriptStage(Stage):
+    """A stage whose command runs a Python script instead of a bundle."""
+
+    def __init__(self, name: str, script: Path) -> None:
+        super().__init__(name, ["x.json"])
+        self.script = script
+
+    def command(self, bundle_root, common):
+        return [sys.executable, str(self.script)]
