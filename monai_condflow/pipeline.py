@@ -22,6 +22,7 @@ paths relative to) plus ``train.txt``, ``val.txt`` and ``test.txt``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -49,6 +50,7 @@ __all__ = [
     "parse_stage_overrides",
     "run_pipeline",
     "run_stage_process",
+    "config_ids",
     "stage_error_cause",
     "main",
     "num_labels_arg",
@@ -101,8 +103,15 @@ class Stage:
             env["OMP_NUM_THREADS"] = str(max(1, threads // self.nproc))
         return env
 
-    def command(self, bundle_root: Path, common: dict[str, object]) -> list[str]:
-        """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first."""
+    def command(self, bundle_root: Path, common: dict[str, object], optional: Sequence[str] = ()) -> list[str]:
+        """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first.
+
+        Args:
+            bundle_root: the bundle.
+            common: ``--id value`` pairs of every stage.
+            optional: ids of ``common`` passed only when the stage's configs define them (``--set``: the bundle
+                refuses an id that none of its configs has).
+        """
         names = list(self.config_files)
         if (bundle_root / "configs" / COMMON_CONFIG).is_file() and COMMON_CONFIG not in names:
             names.insert(0, COMMON_CONFIG)
@@ -114,13 +123,28 @@ class Stage:
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
         cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", config_arg]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
-        values = {**self.overrides, **common}
+        known = config_ids(bundle_root, names) if optional else None
+        # a --set id that this stage's configs do not have is not passed to it (the bundle would refuse it as unknown)
+        shared = {k: v for k, v in common.items() if k not in optional or known is None or k.split("#")[0] in known}
+        values = {**self.overrides, **shared}
         if self.public:
             public_dir = Path(str(common["output_dir"])) / PUBLIC_DIR
             values |= {"dataset_dir": str(public_dir / "data"), "output_dir": str(public_dir), "num_labels": "all"}
         for key, value in values.items():
             cmd += [f"--{key}", cli_value(value)]
         return cmd
+
+
+def config_ids(bundle_root: Path, names: Sequence[str]) -> set[str] | None:
+    """The top-level ids of the bundle configs ``names`` (``bundle_root/configs/<name>``), or ``None`` when one of
+    them cannot be read (the stage then reports it itself)."""
+    ids: set[str] = set()
+    for name in names:
+        try:
+            ids.update(json.loads((Path(bundle_root) / "configs" / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+    return ids
 
 
 # Processes of the main job's flow stage (--flow-processes).
@@ -390,11 +414,12 @@ def run_pipeline(
         "num_labels": num_labels,
     }
     common.update(overrides or {})
+    _check_set_ids(overrides or {}, stages, bundle_root)
     times: dict[str, float] = {}
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     for i, stage in enumerate(stages, start=1):
-        cmd = stage.command(bundle_root, common)
+        cmd = stage.command(bundle_root, common, optional=list(overrides or {}))
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         returncode, cause = run_stage_process(cmd, stage.env(env))
@@ -407,6 +432,24 @@ def run_pipeline(
             )
         print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
     return times
+
+
+def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle_root: Path) -> None:
+    """Refuse a ``--set`` id that no stage's configs define (it would reach no stage; a typo such as
+    ``max_epoch``), naming the closest ids."""
+    known: set[str] = set()
+    for stage in stages:
+        ids = config_ids(bundle_root, [COMMON_CONFIG, *stage.config_files])
+        if ids is None:
+            return
+        known |= ids
+    for key in overrides:
+        if key.split("#")[0] not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            raise ValueError(
+                f"--set {key}=...: no stage of this run has a config id {key!r}"
+                + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ".")
+            )
 
 
 # the last line of a Python traceback: "[module.]Name(Error|Exception|...): message"

@@ -620,5 +620,22 @@ class _ScriptStage(Stage):
         super().__init__(name, ["x.json"])
         self.script = script
 
-    def command(self, bundle_root, common):
+    def command(self, bundle_root, common, optional=()):
         return [sys.executable, str(self.script)]
+
+
+def test_set_ids_reach_only_the_stages_that_have_them_and_a_typo_is_refused(tmp_path: Path, monkeypatch):
+    """``--set`` goes to every stage whose configs define the id (the bundle now refuses unknown ids); an id that no
+    stage has is refused before any stage runs, with the closest ids."""
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage_process", lambda cmd, env: ran.append(cmd) or (0, None))
+    data = _dataset(tmp_path / "d")
+    stages = [Stage("classifier", ["train_classifier.json"]), Stage("flow", ["train_flow.json"])]
+    run_pipeline(data, tmp_path / "o", stages=stages, overrides={"adversarial_steps": 0, "max_epochs": 2})
+    classifier, flow = ran
+    assert "--adversarial_steps" not in classifier and flow[flow.index("--adversarial_steps") + 1] == "0"
+    assert classifier[classifier.index("--max_epochs") + 1] == "2" and "--max_epochs" in flow
+    ran.clear()
+    with pytest.raises(ValueError, match=r"--set max_epoch=\.\.\.: no stage of this run has .*'max_epochs'"):
+        run_pipeline(data, tmp_path / "o", stages=stages, overrides={"max_epoch": 2})
+    assert ran == []

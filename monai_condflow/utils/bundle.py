@@ -17,6 +17,10 @@ Python builders (e.g. :func:`monai_condflow.engines.flow_trainer.create_flow_tra
 
 from __future__ import annotations
 
+import ast
+import difflib
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config"]
+__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config", "check_command_line_ids"]
 
 
 def _find_bundle_root() -> Path:
@@ -60,3 +64,73 @@ def read_bundle_config(files: Sequence[str], bundle_root: str | Path | None = No
     parser = ConfigParser()
     parser.read_config([str(p) for p in paths])
     return parser
+
+
+# names `python -m monai.bundle run` takes itself (monai.bundle.scripts.run and ConfigWorkflow), not config ids
+_RUN_ARGUMENTS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+     "workflow_type", "properties_path", "bundle_root"}  # fmt: skip
+)
+
+
+def _command_line_names(argv: Sequence[str]) -> tuple[list[str], object]:
+    """The ``--name`` options of a ``monai.bundle run`` command line and the value of ``--config_file``."""
+    names, config_file = [], None
+    for i, token in enumerate(argv):
+        if not token.startswith("--") or token == "--":
+            continue
+        name, eq, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        names.append(name)
+        if name == "config_file":
+            config_file = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return names, config_file
+
+
+def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
+    """Refuse an id on the ``python -m monai.bundle run`` command line that no config of the run defines (a typo
+    such as ``--max_epoch 1`` was added as a new id and ignored: the stage trained its default 30 epochs). Returns
+    True (also outside that command, or with ``--args_file``, whose ids are not on the command line) so configs can
+    use it in ``check_config``.
+
+    Args:
+        argv: the command line (default ``sys.argv``); checked only when it is ``monai.bundle``'s ``run``.
+
+    Raises:
+        ConfigValueError: naming the unknown id, the config files and the closest known ids.
+    """
+    from monai_condflow.utils.checks import ConfigValueError
+
+    argv = list(sys.argv if argv is None else argv)
+    main = os.path.normpath(argv[0]) if argv else ""
+    if not main.endswith(os.path.join("monai", "bundle", "__main__.py")) or argv[1:2] != ["run"]:
+        return True
+    names, config_file = _command_line_names(argv[2:])
+    if config_file is None or "args_file" in names:
+        return True
+    files = config_file
+    if isinstance(files, str):
+        try:
+            files = ast.literal_eval(files)
+        except (ValueError, SyntaxError):
+            files = [f for f in files.split(",") if f]
+    files = [files] if isinstance(files, str) else list(files)
+    from monai.bundle import ConfigParser
+
+    known: set[str] = set()
+    for file in files:
+        try:
+            content = ConfigParser.load_config_file(str(file))
+        except Exception:  # noqa: BLE001 - an unreadable config is reported by monai.bundle itself
+            return True
+        known.update(str(k) for k in content)
+    for name in names:
+        if name in _RUN_ARGUMENTS or name.split("#")[0] in known or name.startswith("_meta_"):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=3)
+        shown = ", ".join(Path(str(f)).name for f in files)
+        raise ConfigValueError(
+            f"config id '{name}' (--{name} on the command line) is in none of the configs of this run ({shown}), so "
+            f"it would be ignored" + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ".")
+        )
+    return True

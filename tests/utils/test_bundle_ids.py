@@ -1,0 +1,65 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Unknown ids on the ``python -m monai.bundle run`` command line (typos) are refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monai_condflow.utils.bundle import BUNDLE_ROOT, check_command_line_ids
+from monai_condflow.utils.checks import ConfigValueError
+
+MAIN = os.path.join("site-packages", "monai", "bundle", "__main__.py")
+CONFIGS = [str(BUNDLE_ROOT / "configs" / f) for f in ("common.json", "train_classifier.json")]
+
+
+def _argv(*options: str, config: str | None = None) -> list[str]:
+    config = json.dumps(CONFIGS) if config is None else config
+    return [MAIN, "run", "--config_file", config, "--bundle_root", str(BUNDLE_ROOT), *options]
+
+
+def test_a_typo_is_named_with_the_closest_ids():
+    with pytest.raises(ConfigValueError, match=r"'max_epoch' \(--max_epoch .* \(common.json, train_classifier.json\).*"
+                                               r"did you mean 'max_epochs'"):  # fmt: skip
+        check_command_line_ids(_argv("--max_epochs", "2", "--max_epoch", "1"))
+    with pytest.raises(ConfigValueError, match="'batch_sise'.*'batch_size'"):
+        check_command_line_ids(_argv("--batch_sise=4"))
+    with pytest.raises(ConfigValueError, match="'zzz_unknown'.*ignored.$"):
+        check_command_line_ids(_argv("--zzz_unknown", "1"))
+
+
+def test_known_ids_run_arguments_nested_ids_and_other_commands_pass():
+    assert check_command_line_ids(_argv("--max_epochs", "1", "--image_size=32", "--records#train", "x", "--fresh",
+                                        "True", "--logging_file", "l.conf", "--hu_window", "[-600, 1500]"))  # fmt: skip
+    assert check_command_line_ids(_argv("--max-epochs", "1"))  # fire reads hyphens as underscores
+    assert check_command_line_ids(["pytest", "run", "--max_epoch", "1"])  # not monai.bundle: not checked
+    assert check_command_line_ids(_argv("--max_epoch", "1", "--args_file", "a.json"))  # ids in a file: not checked
+
+
+def test_a_single_config_file_is_read_too():
+    with pytest.raises(ConfigValueError, match="'dataset_dirr'.*'dataset_dir'"):
+        check_command_line_ids(_argv("--dataset_dirr", "d", config=CONFIGS[0]))
+
+
+def test_monai_bundle_run_refuses_a_typo_before_training(tmp_path):
+    """Through the real command line: the stage stops in its initialisation, naming the id (it trained 30 epochs)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(CONFIGS), "--bundle_root",
+           str(BUNDLE_ROOT), "--dataset_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"),
+           "--max_epoch", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config id 'max_epoch' (--max_epoch on the command line) is in none of the configs" in proc.stderr
+    assert not (tmp_path / "o").exists()
