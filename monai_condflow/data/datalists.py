@@ -41,6 +41,7 @@ __all__ = [
     "check_splits",
     "parse_num_labels",
     "check_num_labels",
+    "check_shared_images",
     "select_labelled",
     "preprocess_cached",
 ]
@@ -176,6 +177,49 @@ def check_splits(
                 str(ann),
                 "class without training image",
             )
+    return True
+
+
+def check_shared_images(splits: Mapping[str, list[dict]]) -> bool:
+    """Refuse the same image in two splits under different names: preprocessed records (:func:`preprocess_cached`)
+    whose pixels are identical (a copy of a training slice in the test split makes TRTR / TSTR measure on images the
+    classifiers were trained on, and the privacy audit's distances 0). :func:`check_splits` compares names only.
+
+    Args:
+        splits: ``{split name: preprocessed records}`` (``image`` an array, ``image_path`` the file).
+
+    Returns:
+        ``True`` (so bundle configs can chain it).
+
+    Raises:
+        DataError: naming how many images two splits share and the first pair of files.
+    """
+    first_seen: dict[bytes, tuple[str, str]] = {}
+    shared: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for name, records in splits.items():
+        local: set[bytes] = set()
+        for i, record in enumerate(records):
+            image = record.get("image")
+            if not isinstance(image, np.ndarray):
+                continue
+            key = hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+            where = str(record.get("image_path") or record.get("source") or f"{name} record {i}")
+            seen = first_seen.get(key)
+            if seen is not None and seen[0] != name and key not in local:
+                shared.setdefault((seen[0], name), []).append((seen[1], where))
+            first_seen.setdefault(key, (name, where))
+            local.add(key)
+    if shared:
+        (a, b), pairs = next(iter(shared.items()))
+        total = sum(len(p) for p in shared.values())
+        raise DataError(
+            f"{total} image(s) of one split are pixel for pixel an image of another split under another name, e.g. "
+            f"{len(pairs)} between {a} and {b}: {pairs[0][0]} and {pairs[0][1]}. A test image that is also a "
+            "training image makes the accuracies and the privacy audit meaningless: remove the copies from one "
+            "split (or re-split by patient).",
+            pairs[0][1],
+            "image in two splits",
+        )
     return True
 
 

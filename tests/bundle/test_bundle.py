@@ -543,6 +543,27 @@ def test_the_deterministic_id_chooses_cudnns_algorithms_and_every_seeded_config_
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
+def test_the_evaluation_refuses_a_training_image_copied_into_the_test_split(dataset, tmp_path):
+    """The copy has another name, so the split check passes; its pixels give it away before any training."""
+    from monai_condflow.data.errors import DataError
+
+    bad = tmp_path / "data"
+    (bad / "images").mkdir(parents=True)
+    for image in (dataset / "images").iterdir():
+        (bad / "images" / image.name).symlink_to(image)
+    for split in ("train", "val", "test"):
+        (bad / f"{split}.txt").write_text((dataset / f"{split}.txt").read_text())
+    first = (dataset / "train.txt").read_text().splitlines()[0].split()
+    shutil.copy2(dataset / "images" / first[0], bad / "images" / "renamed_copy.png")
+    with open(bad / "test.txt", "a") as handle:
+        handle.write(" ".join(["renamed_copy.png", *first[1:]]) + "\n")
+    wf = _workflow(["evaluate.json"], **TINY, dataset_dir=str(bad), output_dir=str(tmp_path / "o"))
+    cause = _refusal(wf, DataError)
+    assert "1 image(s) of one split are pixel for pixel an image of another split" in str(cause)
+    assert first[0] in str(cause) and "renamed_copy.png" in str(cause)
+    assert not (tmp_path / "o" / "metrics.json").exists() and not (tmp_path / "o" / "report.md").exists()
+
+
 def test_bundles_refuse_shared_split_images_a_missing_gpu_and_a_file_as_output(dataset, tmp_path):
     """checked in ``initialize``, before any image is read or any training."""
     from monai_condflow.data.errors import DataError

@@ -218,3 +218,24 @@ def test_parse_num_labels_reads_one_and_one_point_zero_as_the_pipeline_does():
     assert parse_num_labels("50.0") == 50 and num_labels_arg("50.0") == 50
     with pytest.raises(ValueError, match="num_labels"):
         parse_num_labels(True)
+
+
+def test_check_shared_images_finds_copies_under_other_names(tmp_path: Path):
+    """Names differ, pixels do not: the leak check_splits cannot see (24 of 48 test slices in a user's folder)."""
+    from monai_condflow.data.datalists import check_shared_images
+    from monai_condflow.data.errors import DataError
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 8, 8), dtype=np.float32) for _ in range(4)]
+
+    def recs(split, idx):
+        return [{"image": images[i].copy(), "image_path": f"{split}/{i}.png"} for i in idx]
+
+    assert check_shared_images({"train": recs("tr", [0, 1]), "val": recs("va", [2]), "test": recs("te", [3])})
+    # the same slice twice inside one split is not a leak between splits
+    assert check_shared_images({"train": recs("tr", [0, 0, 1]), "test": recs("te", [3])})
+    with pytest.raises(DataError, match=r"2 image\(s\) .* 2 between train and test: tr/0.png and te/0.png"):
+        check_shared_images({"train": recs("tr", [0, 1]), "val": recs("va", [2]), "test": recs("te", [0, 1, 3])})
+    nudged = recs("te", [0])
+    nudged[0]["image"][0, 0, 0] += 1e-6  # one pixel differs: not the same image
+    assert check_shared_images({"train": recs("tr", [0]), "test": nudged})
