@@ -55,6 +55,7 @@ __all__ = [
     "read_covidx_annotations",
     "read_class_folders",
     "read_nifti_slices",
+    "radiological_display",
     "NiftiSlice",
     "NiftiVolumeLoader",
     "read_dicom_slice",
@@ -348,6 +349,7 @@ def read_nifti_slices(
     on_error: str = "raise",
     report: ReadReport | None = None,
     orientation: str | None = "RAS",
+    radiological: bool = True,
 ) -> list[dict]:
     """Read NIfTI volumes listed in a CSV file as 2-D slices in Hounsfield units.
 
@@ -374,18 +376,24 @@ def read_nifti_slices(
         report: filled in with the number of records read and the skipped rows.
         orientation: axis codes the volumes are turned to before slicing (``"RAS"``, ``"LPS"``...), or ``None`` to
             slice the voxel axes in file order.
+        radiological: show each (axial) slice as DICOM viewers and PNG exports do (:func:`radiological_display`:
+            rows from anterior to posterior, columns from the patient's right to their left), so slices of NIfTI
+            volumes look like those of DICOM / PNG files of the same scan (and like a 2-D NIfTI slice read by
+            :class:`~monai_condflow.transforms.LoadCTSlice`). Needs an ``orientation`` whose ``axis`` runs S / I;
+            ``False`` keeps the remaining axes in ``orientation`` order.
 
     Returns:
         One record per slice: ``{"image": NiftiSlice (float32 [H, W] when read), "label": int, "patient_id": str,
-        "source": "volume#slice"}``; ``[H, W]`` are the two remaining axes in the ``orientation`` order (file order
-        with ``None``). ``patient_id`` is the CSV value, or the volume path as written in the CSV when that is
-        absent, so slices of one volume never land in different splits.
+        "source": "volume#slice"}``; ``[H, W]`` as ``radiological`` says (else the two remaining axes in the
+        ``orientation`` order, file order with ``None``). ``patient_id`` is the CSV value, or the volume path as
+        written in the CSV when that is absent, so slices of one volume never land in different splits.
 
     Raises:
         FileNotFoundError: when ``csv_file`` does not exist.
         DataError: (``on_error="raise"``) for a missing column, bad label / slice value, a missing, truncated or
             unreadable volume, a volume that is not 3-D or holds NaN / Inf, or a slice index out of range; the
             message names the CSV line and the volume.
+        ValueError: ``radiological`` without an orientation, or for an ``axis`` that is not axial.
     """
     check_on_error(on_error)
     if not _has_nib:
@@ -400,6 +408,7 @@ def read_nifti_slices(
     base = Path(root) if root is not None else path.parent
     local = ReadReport()
     records: list[dict] = []
+    display = radiological_display(orientation, axis % 3) if radiological else None
     loader = NiftiVolumeLoader(orientation)
     volumes: dict[Path, tuple[int, ...] | DataError] = {}
     with open(path, newline="", encoding="utf-8") as handle:
@@ -412,7 +421,7 @@ def read_nifti_slices(
         for row in reader:
             source = f"{path}:{reader.line_num}"
             try:
-                records.extend(_nifti_row(row, source, base, axis, slice_range, volumes, loader))
+                records.extend(_nifti_row(row, source, base, axis, slice_range, volumes, loader, display))
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -692,12 +701,22 @@ class NiftiSlice:
     dtype = np.dtype(np.float32)
     ndim = 2
 
-    def __init__(self, loader: NiftiVolumeLoader, file: str | os.PathLike, axis: int, index: int, shape: tuple) -> None:
+    def __init__(
+        self,
+        loader: NiftiVolumeLoader,
+        file: str | os.PathLike,
+        axis: int,
+        index: int,
+        shape: tuple,
+        display: tuple[bool, bool, bool] | None = None,
+    ) -> None:
         self.loader = loader
         self.file = os.fspath(file)
         self.axis = int(axis)
         self.index = int(index)
-        self.shape = tuple(int(s) for s in shape)
+        self.display = None if display is None else tuple(bool(v) for v in display)
+        plane = tuple(int(s) for s in shape)
+        self.shape = plane[::-1] if self.display is not None and self.display[0] else plane
         try:
             st = os.stat(self.file)
             self._stamp = f"{st.st_size}:{st.st_mtime_ns}"
@@ -705,11 +724,53 @@ class NiftiSlice:
             self._stamp = "?"
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        arr = np.ascontiguousarray(np.take(self.loader.read(self.file), self.index, axis=self.axis))
+        arr = np.take(self.loader.read(self.file), self.index, axis=self.axis)
+        if self.display is not None:
+            transpose, flip_rows, flip_cols = self.display
+            arr = arr.T if transpose else arr
+            arr = arr[::-1] if flip_rows else arr
+            arr = arr[:, ::-1] if flip_cols else arr
+        arr = np.ascontiguousarray(arr)
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        return f"NiftiSlice({self.file}#{self.index}, axis {self.axis}, {self.loader.orientation}, {self._stamp})"
+        steps = "" if self.display is None else "".join("TRC"[i] for i, v in enumerate(self.display) if v)
+        shown = "" if self.display is None else f", display {steps or '-'}"
+        return (
+            f"NiftiSlice({self.file}#{self.index}, axis {self.axis}, {self.loader.orientation}{shown}, {self._stamp})"
+        )
+
+
+def radiological_display(orientation: str | None, axis: int) -> tuple[bool, bool, bool]:
+    """How to show an axial slice of a volume turned to ``orientation`` as a DICOM viewer (and a PNG export) shows
+    it: rows from anterior to posterior, columns from the patient's right to their left.
+
+    Args:
+        orientation: the volume's axis codes (e.g. ``"RAS"``, ``"LPS"``).
+        axis: the sliced axis; its code must be ``S`` or ``I``.
+
+    Returns:
+        ``(transpose, flip_rows, flip_cols)``, applied to the ``[first, second]`` remaining axes in that order.
+
+    Raises:
+        ValueError: no orientation, or ``axis`` does not run inferior / superior (not an axial slice).
+    """
+    codes = (orientation or "").upper()
+    if len(codes) != 3 or any(sum(c in pair for c in codes) != 1 for pair in ("LR", "AP", "SI")):
+        raise ValueError(
+            f"radiological display needs the volume's orientation as 3 axis codes (e.g. 'RAS'), got {orientation!r}; "
+            "pass radiological=False to keep the voxel order."
+        )
+    if codes[axis] not in "SI":
+        axial = next(i for i, c in enumerate(codes) if c in "SI")
+        raise ValueError(
+            f"radiological display is for axial slices, but axis {axis} of orientation {orientation!r} runs "
+            f"{codes[axis]}; slice the axis that runs S / I (axis={axial}) or pass radiological=False."
+        )
+    first, second = (c for i, c in enumerate(codes) if i != axis)
+    transpose = second in "AP"  # rows must follow the anterior-posterior axis
+    ap, lr = (second, first) if transpose else (first, second)
+    return transpose, ap == "A", lr == "R"
 
 
 def _check_volume(file: Path, source: str, cache: dict, loader: NiftiVolumeLoader) -> tuple[int, ...]:
@@ -752,6 +813,7 @@ def _nifti_row(
     slice_range: tuple[int | None, int | None] | None,
     cache: dict,
     loader: NiftiVolumeLoader,
+    display: tuple[bool, bool, bool] | None = None,
 ) -> list[dict]:
     name = (row.get("image") or "").strip()
     if not name:
@@ -784,7 +846,10 @@ def _nifti_row(
                 "bad slice",
             )
     plane = tuple(s for i, s in enumerate(shape) if i != axis)
-    return [_record(NiftiSlice(loader, file, axis, k, plane), label, None, patient_id, f"{file}#{k}") for k in indices]
+    return [
+        _record(NiftiSlice(loader, file, axis, k, plane, display), label, None, patient_id, f"{file}#{k}")
+        for k in indices
+    ]
 
 
 def _dicom_record(

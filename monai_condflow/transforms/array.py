@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
 from monai.data import NibabelReader, PILReader, PydicomReader
-from monai.transforms import EnsureChannelFirst, LoadImage, RandomizableTransform, ScaleIntensityRange, SpatialCrop
+from monai.transforms import (
+    EnsureChannelFirst,
+    LoadImage,
+    Orientation,
+    RandomizableTransform,
+    ScaleIntensityRange,
+    SpatialCrop,
+)
 from monai.transforms.transform import Transform
 from monai.utils import convert_data_type, convert_to_dst_type
 from scipy import ndimage
@@ -86,8 +93,10 @@ class LoadCTSlice(Transform):
     :class:`~monai.transforms.EnsureChannelFirst`. The stored dtype is kept (``LoadImage(dtype=None)``) so that
     :class:`CTIntensity` can decide the intensity mode from it; 16-bit PNGs, which PIL hands over as int32, are
     cast back to ``uint16``. The result is in row-major order ``[C, H, W]`` for every format: PIL and pydicom
-    arrays are read without MONAI's axis swap, and the first two (in-plane) voxel axes of a NIfTI slice
-    ``[i, j]`` are transposed to ``[j, i]``.
+    arrays are read without MONAI's axis swap, and a 2-D NIfTI slice (or a volume of one slice) is shown as DICOM
+    viewers show an axial slice, rows from anterior to posterior and columns from the patient's right to their left
+    (turned to ``LP`` with :class:`~monai.transforms.Orientation` from the file's affine, then transposed), the
+    display of :func:`~monai_condflow.data.readers.read_nifti_slices`' slices.
 
     Arrays (numpy or torch, or anything ``np.asarray`` reads, such as the lazy NIfTI slices of
     :func:`~monai_condflow.data.readers.read_nifti_slices`) are accepted as ``[H, W]`` (a channel axis is added) or
@@ -116,6 +125,7 @@ class LoadCTSlice(Transform):
         readers = [NibabelReader(), PydicomReader(swap_ij=False), PILReader(reverse_indexing=False)]
         self.loader = LoadImage(reader=readers, image_only=True, dtype=None)
         self.channel_first = EnsureChannelFirst()
+        self.radiological = Orientation(axcodes="LP", labels=None)
 
     def _load_path(self, path: str | os.PathLike, source: str | None) -> NdarrayOrTensor:
         name = os.fspath(path)
@@ -131,9 +141,14 @@ class LoadCTSlice(Transform):
         meta = getattr(img, "meta", {})
         lower = name.lower()
         if lower.endswith(_NIFTI_SUFFIXES):
-            if img.ndim not in (2, 3):
+            if img.ndim == 3 and img.shape[-1] == 1:  # a volume of one slice
+                img = img[..., 0]
+            if img.ndim != 2:
                 raise ValueError(f"expected a 2-D NIfTI slice in {where}, got an array of shape {_shape(img)}")
-            img = img.transpose(0, 1)
+            # as DICOM viewers show an axial slice (rows anterior -> posterior, columns patient right -> left):
+            # turned to LP from the file's affine, then rows = the P axis
+            img = self.radiological(self.channel_first(img)).transpose(1, 2)
+            return img
         img = self.channel_first(img)
         if meta.get("mode") in _PIL_16BIT_MODES:
             img = self._to_uint16(img, where)

@@ -297,13 +297,13 @@ def test_nifti_whole_volumes_in_hu(nifti_dir: Path):
     records = read_nifti_slices(csv_file)
     assert len(records) == 5
     raw = np.arange(60, dtype=np.int16).reshape(4, 5, 3)
-    for k in range(3):
-        assert records[k]["image"].dtype == np.float32 and records[k]["image"].shape == (4, 5)
-        np.testing.assert_array_equal(records[k]["image"], raw[:, :, k].astype(np.float32) * 2.0 - 1024.0)
+    for k in range(3):  # shown as DICOM viewers show axial slices: the RAS slice [R, A] flipped and transposed
+        assert records[k]["image"].dtype == np.float32 and records[k]["image"].shape == (5, 4)
+        np.testing.assert_array_equal(records[k]["image"], raw[::-1, ::-1, k].T.astype(np.float32) * 2.0 - 1024.0)
         assert records[k]["source"] == f"{nifti_dir / 'vol_a.nii.gz'}#{k}"
     assert [r["label"] for r in records] == [1, 1, 1, 0, 0]
     assert [r["patient_id"] for r in records] == ["pA"] * 3 + ["vol_b.nii"] * 2
-    np.testing.assert_array_equal(records[4]["image"], raw[:, :, 1] + 100.0)
+    np.testing.assert_array_equal(records[4]["image"], raw[::-1, ::-1, 1].T + 100.0)
 
 
 def test_nifti_per_slice_labels_axis_and_range(nifti_dir: Path):
@@ -311,7 +311,9 @@ def test_nifti_per_slice_labels_axis_and_range(nifti_dir: Path):
     records = read_nifti_slices(csv_file)
     assert [(r["label"], r["source"].rsplit("#", 1)[1]) for r in records] == [(2, "2"), (0, "0")]
     whole = _write(nifti_dir / "whole.csv", ["image,label", "vol_a.nii.gz,1"])
-    records = read_nifti_slices(whole, axis=0, slice_range=(1, -1))
+    with pytest.raises(ValueError, match=r"axis 0 of orientation 'RAS' runs R; slice the axis that runs S / I"):
+        read_nifti_slices(whole, axis=0)  # a sagittal slice has no radiological axial display
+    records = read_nifti_slices(whole, axis=0, slice_range=(1, -1), radiological=False)
     raw = np.arange(60, dtype=np.int16).reshape(4, 5, 3)
     assert len(records) == 2 and records[0]["image"].shape == (5, 3)
     np.testing.assert_array_equal(records[1]["image"], raw[2] * 2.0 - 1024.0)
@@ -540,14 +542,21 @@ def test_nifti_orientation_gives_the_same_slices_whatever_the_storage_order(tmp_
     records = read_nifti_slices(csv_file)
     assert len(records) == 9
     for k in range(3):
-        expected = ras[:, :, k].astype(np.float32)
+        expected = ras[::-1, ::-1, k].T.astype(np.float32)  # rows anterior -> posterior, columns right -> left
         for volume in range(3):
             np.testing.assert_array_equal(np.asarray(records[3 * volume + k]["image"]), expected)
-    raw = read_nifti_slices(csv_file, orientation=None)  # the file's voxel order
+    with pytest.raises(ValueError, match="needs the volume's orientation"):
+        read_nifti_slices(csv_file, orientation=None)
+    raw = read_nifti_slices(csv_file, orientation=None, radiological=False)  # the file's voxel order
     assert len(raw) == 3 + 3 + 5 and raw[3]["image"].shape == (4, 5) and raw[6]["image"].shape == (3, 4)
     np.testing.assert_array_equal(np.asarray(raw[3]["image"]), lps[:, :, 0])
-    lps_records = read_nifti_slices(_write(tmp_path / "l.csv", ["image,label", "ras.nii,0"]), orientation="LPS")
+    ras_list = _write(tmp_path / "l.csv", ["image,label", "ras.nii,0"])
+    lps_records = read_nifti_slices(ras_list, orientation="LPS", radiological=False)
     np.testing.assert_array_equal(np.asarray(lps_records[0]["image"]), lps[:, :, 0])
+    # the display does not depend on the orientation the volume is turned to
+    for codes, axis, k in (("LPS", 2, 0), ("PLI", 2, 2), ("SAR", 0, 0)):  # an I axis runs the slices the other way
+        shown = read_nifti_slices(ras_list, orientation=codes, axis=axis)
+        np.testing.assert_array_equal(np.asarray(shown[k]["image"]), ras[::-1, ::-1, 0].T, err_msg=codes)
 
 
 def test_nifti_records_stream_their_slices(nifti_dir: Path):
@@ -570,5 +579,5 @@ def test_nifti_records_stream_their_slices(nifti_dir: Path):
     assert copy.loader._cached is None
     np.testing.assert_array_equal(np.asarray(copy), np.asarray(records[1]["image"]))
     loaded = LoadCTSlice()(records[2]["image"])
-    assert tuple(loaded.shape) == (1, 4, 5)
+    assert tuple(loaded.shape) == (1, 5, 4)
     assert "vol_a.nii.gz#2" in str(records[2]["image"])

@@ -364,12 +364,23 @@ def test_load_png_16bit_and_rgb_row_major(tmp_path):
     np.testing.assert_array_equal(np.asarray(out), rgb.transpose(2, 0, 1))
 
 
-def test_load_nifti_slice_transposed(tmp_path):
-    ij = np.arange(4 * 6, dtype=np.int16).reshape(4, 6) - 1000
-    nib.save(nib.Nifti1Image(ij, np.eye(4)), tmp_path / "s.nii.gz")
-    out = LoadCTSlice()(tmp_path / "s.nii.gz")
-    assert tuple(out.shape) == (1, 6, 4)
-    np.testing.assert_array_equal(np.asarray(out)[0], ij.T)
+def test_load_nifti_slice_as_dicom_viewers_show_it(tmp_path):
+    """Rows anterior -> posterior, columns patient right -> left, from the affine: a slice stored RAS (i to the
+    right, j to the front) and its copy stored LPS give the same image; so does a volume of one slice. (Before, the
+    slice was only transposed: an RAS slice came out upside down and mirrored against its DICOM.)"""
+    ij = np.arange(4 * 6, dtype=np.int16).reshape(4, 6) - 1000  # [i: right, j: anterior]
+    nib.save(nib.Nifti1Image(ij, np.eye(4)), tmp_path / "ras.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(ij[::-1, ::-1]), np.diag([-1.0, -1.0, 1.0, 1.0])),
+             tmp_path / "lps.nii.gz")  # fmt: skip
+    nib.save(nib.Nifti1Image(ij[:, :, None], np.eye(4)), tmp_path / "one.nii.gz")
+    shown = ij[::-1, ::-1].T  # row 0: the most anterior voxels; column 0: the patient's rightmost
+    for name in ("ras", "lps", "one"):
+        out = LoadCTSlice()(tmp_path / f"{name}.nii.gz")
+        assert tuple(out.shape) == (1, 6, 4), name
+        np.testing.assert_array_equal(np.asarray(out)[0], shown)
+    nib.save(nib.Nifti1Image(np.zeros((4, 6, 2), np.int16), np.eye(4)), tmp_path / "vol.nii.gz")
+    with pytest.raises(ValueError, match=r"expected a 2-D NIfTI slice in .*vol\.nii\.gz"):
+        LoadCTSlice()(tmp_path / "vol.nii.gz")
 
 
 def test_load_errors_name_file(tmp_path):
