@@ -133,7 +133,9 @@ def dcr_statistics(
         below the threshold), ``near_copy_indices`` (synthetic indices), the mean / median / min / 5th percentile of
         each set (``synthetic_*``, ``holdout_*``), ``median_ratio`` (synthetic median / held-out median; < 1: closer
         to the training set than fresh real images are) and ``closer_auc`` = P(synthetic DCR < held-out DCR) (ties
-        one half; 0.5: same distribution, 1.0: every synthetic record is closer than every held-out one).
+        one half; 0.5: same distribution, 1.0: every synthetic record is closer than every held-out one) and
+        ``holdout_copies``, the held-out records at distance 0 (exact copies of training records: the hold-out is
+        not held out, and a threshold of 0 flags nothing).
     """
     syn = synthetic_dcr.detach().reshape(-1).double().cpu()
     hold = holdout_dcr.detach().reshape(-1).double().cpu()
@@ -166,6 +168,7 @@ def dcr_statistics(
         **_describe(hold, "holdout"),
         "median_ratio": float(syn.median()) / median_hold if median_hold > 0 else math.inf,
         "closer_auc": mann_whitney_auc(-syn, -hold),
+        "holdout_copies": int((hold == 0).sum()),
     }
 
 
@@ -419,6 +422,14 @@ def privacy_section(results: Mapping[str, Any]) -> str:
                 f"{s['n_near_copies']}/{s['n_synthetic']} ({100 * s['near_copy_fraction']:.1f}%) | "
                 f"{100 * s['expected_fraction']:.1f}% |"
             )
+        copies = max((int(s.get("holdout_copies") or 0) for _, s in rows), default=0)
+        if copies:
+            lines += [
+                "",
+                f"**This audit cannot tell:** {copies} held-out image(s) are exact copies of training images (DCR 0), "
+                "so the held-out set is not held out and a threshold of 0 flags no near-copy. Remove the copies "
+                "(the same image under two names, or a patient in both sets) before reading it.",
+            ]
     if not rows and results.get("mia_auc") is None:
         lines.append("- No privacy audit was run.")
     return "\n".join(lines) + "\n"

@@ -81,6 +81,20 @@ def test_dcr_statistics_hand_computed():
     assert same["n_near_copies"] == 0 and same["closer_auc"] == 0.5 and same["median_ratio"] == 1.0
 
 
+def test_a_holdout_with_copies_of_training_images_is_reported_as_an_audit_that_cannot_tell():
+    """Held-out images that are training images (DCR 0) made the threshold 0, "0 near-copies" and a ratio of inf:
+    a clean-looking audit of nothing. The count is kept and the report says so."""
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(10, 1, 4, 4, generator=g)
+    holdout = torch.cat([train[:6], torch.rand(4, 1, 4, 4, generator=g)])  # 6 of 10 copied
+    pixel = dcr_audit(train[:3].clone(), train, holdout, near_copy_quantile=0.01)["pixel"]
+    assert pixel["holdout_copies"] == 6 and pixel["threshold"] == 0.0 and pixel["n_near_copies"] == 0
+    text = privacy_section(privacy_summary(dcr_audit(train[:3].clone(), train, holdout)))
+    assert "**This audit cannot tell:** 6 held-out image(s) are exact copies of training images" in text
+    clean = privacy_section(privacy_summary(dcr_audit(SYN, TRAIN, HOLD)))
+    assert "cannot tell" not in clean and dcr_statistics(torch.ones(2), torch.ones(3))["holdout_copies"] == 0
+
+
 def test_dcr_audit_pixel_and_embedding_space():
     result = dcr_audit(SYN, TRAIN, HOLD, feature_extractor=lambda x: 2.0 * x.flatten(1), near_copy_quantile=0.5)
     pixel, emb = result["pixel"], result["embedding"]
