@@ -453,7 +453,7 @@ def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle
 
 
 # the last line of a Python traceback: "[module.]Name(Error|Exception|...): message"
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Warning)?: \S")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Iteration): \S")
 # what MONAI's config parser (and our own re-raise of a stage) wrap the real error in
 _WRAPPERS = ("RuntimeError: Failed to evaluate", "RuntimeError: stage '")
 
@@ -470,12 +470,11 @@ def stage_error_cause(stderr_lines: Sequence[str]) -> str | None:
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
     if not starts:
         return None
-    # the last chain begins at the first traceback after the last line that is neither traceback nor chain text
+    # the last chain: a traceback not joined to the one before it by Python's chaining text starts a new chain
     chain_start = starts[0]
-    for i in starts[1:]:
-        between = lines[chain_start:i]
-        if not any(line.startswith(("The above exception", "During handling")) for line in between):
-            chain_start = i
+    for previous, current in zip(starts, starts[1:]):
+        if not any(line.startswith(("The above exception", "During handling")) for line in lines[previous:current]):
+            chain_start = current
     found = [line for line in lines[chain_start:] if _EXCEPTION_LINE.match(line) and not line.startswith("  ")]
     real = [line for line in found if not line.startswith(_WRAPPERS)]
     cause = (real or found or [None])[0]

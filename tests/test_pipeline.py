@@ -611,6 +611,13 @@ def test_a_failed_stage_names_the_error_behind_monais_wrapper(tmp_path: Path, ca
     assert pipeline.stage_error_cause(["Traceback (most recent call last):\n", '  File "a.py"\n',
                                        "KeyError: 'image'\n"]) == "KeyError: 'image'"  # fmt: skip
     assert pipeline.stage_error_cause(["killed\n"]) is None
+    # an earlier, unrelated traceback (a warning's, logged and survived) is not the cause; nor is a "Name: text" line
+    earlier = ["Traceback (most recent call last):\n", "OSError: tensorboard flush failed\n", "Epoch: 3\n"]
+    chain = ["Traceback (most recent call last):\n", "KeyError: 'image'\n", "\n",
+             "The above exception was the direct cause of the following exception:\n", "\n",
+             "Traceback (most recent call last):\n", "RuntimeError: Failed to evaluate ConfigExpression\n"]  # fmt: skip
+    assert pipeline.stage_error_cause(earlier + chain) == "KeyError: 'image'"
+    assert pipeline.stage_error_cause(["Traceback (most recent call last):\n", "Epoch: 3\n"]) is None
 
 
 class _ScriptStage(Stage):
