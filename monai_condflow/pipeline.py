@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_condflow.utils.bundle import BUNDLE_ROOT, COMMON_CONFIG
+from monai_condflow.utils.bundle import BUNDLE_ROOT, COMMON_CONFIG, top_level_id
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -125,7 +125,7 @@ class Stage:
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
         known = config_ids(bundle_root, names) if optional else None
         # a --set id that this stage's configs do not have is not passed to it (the bundle would refuse it as unknown)
-        shared = {k: v for k, v in common.items() if k not in optional or known is None or k.split("#")[0] in known}
+        shared = {k: v for k, v in common.items() if k not in optional or known is None or top_level_id(k) in known}
         values = {**self.overrides, **shared}
         if self.public:
             public_dir = Path(str(common["output_dir"])) / PUBLIC_DIR
@@ -444,7 +444,7 @@ def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle
             return
         known |= ids
     for key in overrides:
-        if key.split("#")[0] not in known:
+        if top_level_id(key) not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             raise ValueError(
                 f"--set {key}=...: no stage of this run has a config id {key!r}"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config", "check_command_line_ids"]
+__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config", "check_command_line_ids", "top_level_id"]
 
 
 def _find_bundle_root() -> Path:
@@ -87,6 +87,11 @@ def _command_line_names(argv: Sequence[str]) -> tuple[list[str], object]:
     return names, config_file
 
 
+def top_level_id(name: str) -> str:
+    """The first part of a nested id (``records#train`` or ``records::train`` -> ``records``)."""
+    return name.split("::")[0].split("#")[0]
+
+
 def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
     """Refuse an id on the ``python -m monai.bundle run`` command line that no config of the run defines (a typo
     such as ``--max_epoch 1`` was added as a new id and ignored: the stage trained its default 30 epochs). Returns
@@ -125,7 +130,7 @@ def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
             return True
         known.update(str(k) for k in content)
     for name in names:
-        if name in _RUN_ARGUMENTS or name.split("#")[0] in known or name.startswith("_meta_"):
+        if name in _RUN_ARGUMENTS or top_level_id(name) in known or name.startswith("_meta_"):
             continue
         close = difflib.get_close_matches(name, sorted(known), n=3)
         shown = ", ".join(Path(str(f)).name for f in files)

@@ -42,8 +42,9 @@ def test_a_typo_is_named_with_the_closest_ids():
 
 
 def test_known_ids_run_arguments_nested_ids_and_other_commands_pass():
-    assert check_command_line_ids(_argv("--max_epochs", "1", "--image_size=32", "--records#train", "x", "--fresh",
-                                        "True", "--logging_file", "l.conf", "--hu_window", "[-600, 1500]"))  # fmt: skip
+    options = ["--max_epochs", "1", "--image_size=32", "--records#train", "x", "--records::val", "y", "--fresh", "True",
+               "--logging_file", "l.conf", "--hu_window", "[-600, 1500]"]  # fmt: skip
+    assert check_command_line_ids(_argv(*options))
     assert check_command_line_ids(_argv("--max-epochs", "1"))  # fire reads hyphens as underscores
     assert check_command_line_ids(["pytest", "run", "--max_epoch", "1"])  # not monai.bundle: not checked
     assert check_command_line_ids(_argv("--max_epoch", "1", "--args_file", "a.json"))  # ids in a file: not checked
