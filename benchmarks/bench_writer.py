@@ -48,7 +48,7 @@ def nibabel_nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
     """The peer: the package's NIfTI encoder before the twenty-fourth session (an image object per file), as it was."""
     arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
     arr = np.ascontiguousarray(arr.reshape(arr.shape[-2:]).T)
-    img = nib.Nifti1Image(arr, affine=np.eye(4))
+    img = nib.Nifti1Image(arr, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))  # the package's LPS affine (thirtieth session)
     img.header["descrip"] = b"monai_condflow synthetic image"
     img.header.set_xyzt_units("mm")
     return gzip.compress(img.to_bytes(), mtime=0)

@@ -437,6 +437,8 @@ def run_pipeline(
 def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle_root: Path) -> None:
     """Refuse a ``--set`` id that no stage's configs define (it would reach no stage; a typo such as
     ``max_epoch``), naming the closest ids."""
+    if not stages:
+        return
     known: set[str] = set()
     for stage in stages:
         ids = config_ids(bundle_root, [COMMON_CONFIG, *stage.config_files])

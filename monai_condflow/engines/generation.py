@@ -36,8 +36,9 @@ leftovers of a killed run are removed by the next one. ``output_dir`` must hold 
 (``0644`` / ``0755`` under the process umask), not the ``0600`` of temp files.
 
 Formats: 16-bit grayscale PNG with ``value = round(x * 65535)`` (re-read with intensity mode ``"uint16"``);
-NIfTI-1 (gzip) float32 in ``[0, 1]`` with identity affine, stored ``[W, H]`` (voxel ``(i, j)`` = pixel column ``i``,
-row ``j``) so that :class:`~monai_condflow.transforms.array.LoadCTSlice` reads it back as ``[1, H, W]``.
+NIfTI-1 (gzip) float32 in ``[0, 1]``, stored ``[W, H]`` (voxel ``(i, j)`` = pixel column ``i``, row ``j``) with an
+LPS affine of 1 mm voxels (``i`` to the patient's left, ``j`` to the back), so that viewers show it as the PNG and
+:class:`~monai_condflow.transforms.array.LoadCTSlice` reads it back as the same ``[1, H, W]`` image.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ logger = logging.getLogger(__name__)
 GENERATION_MODES = ("same_z", "pairs", "n_per_class")
 _FORMATS = ("png", "nifti")
 _NIFTI_DESCRIP = b"monai_condflow synthetic image"
+# LPS, 1 mm: the stored [W, H] is the image as a DICOM viewer shows it
+_NIFTI_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 SUMMARY_NAME = "generation.json"
 """Summary JSON next to the manifest: the pre-clamp overflow / non-finite counts of the images written."""
 
@@ -216,8 +219,10 @@ def png16_bytes(image: torch.Tensor | np.ndarray) -> bytes:
 
 
 def _nifti_image(stored: np.ndarray) -> nib.Nifti1Image:
-    """The NIfTI-1 image of :func:`nifti_bytes` for the stored ``[W, H]`` float32 array."""
-    img = nib.Nifti1Image(stored, affine=np.eye(4))
+    """The NIfTI-1 image of :func:`nifti_bytes` for the stored ``[W, H]`` float32 array: 1 mm voxels, axes to the
+    patient's left and to the back (LPS), so viewers and :class:`~monai_condflow.transforms.LoadCTSlice` show the
+    ``[H, W]`` image as it is, rows anterior -> posterior and columns right -> left (the PNG's view)."""
+    img = nib.Nifti1Image(stored, affine=_NIFTI_AFFINE)
     img.header["descrip"] = _NIFTI_DESCRIP
     img.header.set_xyzt_units("mm")
     return img
@@ -236,8 +241,9 @@ def _nifti_header(stored_shape: tuple[int, int]) -> bytes:
 
 
 def nifti_bytes(image: torch.Tensor | np.ndarray) -> bytes:
-    """A gzipped NIfTI-1 of ``image`` ``[1, H, W]`` or ``[H, W]`` (float32, stored ``[W, H]``, identity affine, a
-    fixed description, no extensions; the gzip header has no file name and mtime 0).
+    """A gzipped NIfTI-1 of ``image`` ``[1, H, W]`` or ``[H, W]`` (float32, stored ``[W, H]`` with an LPS affine of
+    1 mm voxels so that it reads back as the same image, a fixed description, no extensions; the gzip header has no
+    file name and mtime 0).
 
     Raises:
         ValueError: fewer than 2 dimensions.

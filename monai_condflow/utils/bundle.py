@@ -73,18 +73,36 @@ _RUN_ARGUMENTS = frozenset(
 )
 
 
-def _command_line_names(argv: Sequence[str]) -> tuple[list[str], object]:
-    """The ``--name`` options of a ``monai.bundle run`` command line and the value of ``--config_file``."""
-    names, config_file = [], None
+def _command_line_names(argv: Sequence[str]) -> tuple[list[str], object, object]:
+    """The ``--name`` options of a ``monai.bundle run`` command line and the values of ``--config_file`` and
+    ``--tracking``."""
+    names, values = [], {}
     for i, token in enumerate(argv):
         if not token.startswith("--") or token == "--":
             continue
         name, eq, value = token[2:].partition("=")
         name = name.replace("-", "_")
         names.append(name)
-        if name == "config_file":
-            config_file = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return names, config_file
+        if name in ("config_file", "tracking"):
+            values[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return names, values.get("config_file"), values.get("tracking")
+
+
+def _tracking_ids(tracking: object) -> set[str] | None:
+    """The ids that ``--tracking`` adds to the config (``mlflow``: MONAI's default MLflow settings; a settings file:
+    its ``configs``), or ``None`` when they cannot be read."""
+    if tracking is None:
+        return set()
+    if tracking == "mlflow":
+        from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+        return set(DEFAULT_MLFLOW_SETTINGS["configs"])
+    try:
+        from monai.bundle import ConfigParser
+
+        return set(ConfigParser.load_config_file(str(tracking)).get("configs", {}))
+    except Exception:  # noqa: BLE001 - monai.bundle reports an unreadable settings file itself
+        return None
 
 
 def top_level_id(name: str) -> str:
@@ -110,7 +128,7 @@ def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
     main = os.path.normpath(argv[0]) if argv else ""
     if not main.endswith(os.path.join("monai", "bundle", "__main__.py")) or argv[1:2] != ["run"]:
         return True
-    names, config_file = _command_line_names(argv[2:])
+    names, config_file, tracking = _command_line_names(argv[2:])
     if config_file is None or "args_file" in names:
         return True
     files = config_file
@@ -122,7 +140,9 @@ def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
     files = [files] if isinstance(files, str) else list(files)
     from monai.bundle import ConfigParser
 
-    known: set[str] = set()
+    known = _tracking_ids(tracking)
+    if known is None:
+        return True
     for file in files:
         try:
             content = ConfigParser.load_config_file(str(file))

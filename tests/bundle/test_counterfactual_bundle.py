@@ -47,8 +47,7 @@ def _bundle_run(config: str, data: Path, out: Path, *extra: str, check: bool = T
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            json.dumps([str(CONFIGS / "common.json"), str(CONFIGS / config)]),
            "--meta_file", META, "--bundle_root", str(BUNDLE), "--dataset_dir", str(data),
-           "--output_dir", str(out), "--image_size", str(TINY["image_size"]), "--device", "cpu",
-           "--flow_overrides", repr(TINY_FLOW["flow_overrides"]), *extra]  # fmt: skip
+           "--output_dir", str(out), "--image_size", str(TINY["image_size"]), "--device", "cpu", *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

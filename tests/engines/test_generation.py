@@ -189,7 +189,7 @@ def test_nifti_bytes_are_the_file_nibabel_writes(values):
     the values (nibabel would write a value-dependent field, e.g. a scale, into the header)."""
     arr = np.asarray(values, dtype=np.float32)
     stored = np.ascontiguousarray(arr.reshape(arr.shape[-2:]).T)
-    img = nib.Nifti1Image(stored, affine=np.eye(4))
+    img = nib.Nifti1Image(stored, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))  # LPS: read back as the image itself
     img.header["descrip"] = b"monai_condflow synthetic image"
     img.header.set_xyzt_units("mm")
     data = nifti_bytes(values)

@@ -50,6 +50,17 @@ def test_known_ids_run_arguments_nested_ids_and_other_commands_pass():
     assert check_command_line_ids(_argv("--max_epoch", "1", "--args_file", "a.json"))  # ids in a file: not checked
 
 
+def test_ids_of_the_tracking_settings_are_known(tmp_path):
+    """``--tracking mlflow`` adds MONAI's MLflow ids (``tracking_uri``, ``experiment_name`` ...); a settings file its
+    ``configs``."""
+    assert check_command_line_ids(_argv("--tracking", "mlflow", "--tracking_uri", "file:///tmp/x"))
+    with pytest.raises(ConfigValueError, match="'tracking_uri'"):
+        check_command_line_ids(_argv("--tracking_uri", "file:///tmp/x"))  # without --tracking: not an id of the run
+    settings = tmp_path / "track.json"
+    settings.write_text(json.dumps({"handlers_id": {}, "configs": {"my_tracker_uri": "x"}}))
+    assert check_command_line_ids(_argv(f"--tracking={settings}", "--my_tracker_uri", "y"))
+
+
 def test_a_single_config_file_is_read_too():
     with pytest.raises(ConfigValueError, match="'dataset_dirr'.*'dataset_dir'"):
         check_command_line_ids(_argv("--dataset_dirr", "d", config=CONFIGS[0]))
