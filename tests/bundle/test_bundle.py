@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
@@ -251,6 +252,18 @@ def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, d
     with Image.open(images[0]) as img:
         assert img.size == (TINY["image_size"], TINY["image_size"])
     assert not any("phantom_p" in p.name for p in images)  # no source file or patient in the names
+    # the PNGs are the samples as they are (MONAI's PNG writer swapped rows and columns: bodies lay on their side)
+    wf = _workflow(["inference.json"], **{**TINY, "batch_size": 2}, dataset_dir=str(dataset),
+                   output_dir=str(trained_run), flow_overrides=TINY_FLOW["flow_overrides"], num_samples=2)  # fmt: skip
+    wf.initialize()
+    wf.run()
+    for i, item in enumerate(wf.parser.get_parsed_content("evaluator").state.output):  # written 0_, 1_ (no meta)
+        pred = np.asarray(item["pred"])[0]
+        with Image.open(trained_run / "inference" / f"{i}_synthetic.png") as img:
+            written = np.asarray(img, dtype=np.float64) / 255
+        assert np.abs(written - pred).max() <= 1 / 255 + 1e-6
+        assert np.abs(written - pred.T).max() > 0.05  # not its transpose
+    wf.finalize()
 
 
 @pytest.mark.parametrize("key, value", [("flow_preset", "paper"), ("image_size", 64), ("flow_overrides", {})])
