@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "check_flow_ids",
     "check_flow_classifier",
     "check_flow_image_size",
+    "check_run_images",
     "classifier_fingerprint",
     "load_classifier",
     "build_flow",
@@ -298,6 +300,52 @@ def check_flow_image_size(output_dir: str | os.PathLike, image_size: object) -> 
             f"config id 'image_size' is {image_size!r} but the flow in {path.parent} was trained with {trained!r} "
             f"({path.name}): pass --image_size {trained!r}."
         )
+    return True
+
+
+_IMAGE_IDS = ("image_size", "intensity", "hu_window", "crop")
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal settings, numbers compared as numbers (``[40, 400]`` == ``[40.0, 400.0]``)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def check_run_images(output_dir: str | os.PathLike, stages: Sequence[str] = ("classifier", "flow"), **ids: Any) -> bool:
+    """The ids that make a run's images (``image_size``, ``intensity``, ``hu_window``, ``crop``) must be those its
+    trained stages recorded (``<stage>/run_settings.json``): a flow trained on images windowed otherwise than its
+    frozen classifier's, or synthetic images conditioned on embeddings of differently made images, are wrong without
+    an error. Returns True (also for a stage that has not run, or that recorded none of them).
+
+    Args:
+        output_dir: the run's folder.
+        stages: the stage folders to compare with.
+        ids: the config's values, by id.
+
+    Raises:
+        ConfigValueError: naming the first id that differs, the stage, both values and what to pass.
+    """
+    for stage in stages:
+        path = Path(output_dir) / stage / SETTINGS_NAME
+        if not path.is_file():
+            continue
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("stage", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # the stage's own run reports an unreadable settings file
+        for key, value in ids.items():
+            if key in recorded and not _same_setting(value, recorded[key]):
+                shown = json.dumps(recorded[key])
+                hint = f'"{shown}"' if isinstance(recorded[key], list) else str(recorded[key])
+                raise ConfigValueError(
+                    f"config id '{key}' is {value!r} but the {stage} in {path.parent} was trained on images made with "
+                    f"{shown} ({path.name}); every stage of a run must read its images alike: pass --{key} {hint}, "
+                    f"or train the {stage} again."
+                )
     return True
 
 

@@ -517,6 +517,27 @@ def test_the_preprocessing_ids_are_recorded_and_a_flow_rerun_with_another_window
     close_run_folder(run / "flow")
 
 
+@pytest.mark.parametrize("config", ["train_flow.json", "generate.json", "evaluate.json", "novelty.json"])
+def test_stages_after_the_classifier_read_images_as_it_did(trained_run, dataset, tmp_path, config):
+    """A flow trained (or a set generated, evaluated) with another HU window than the frozen classifier's ran without
+    a word; now refused by name with the value to pass. The recorded values themselves pass."""
+    run = tmp_path / "run"
+    for stage in ("classifier", "flow"):
+        shutil.copytree(trained_run / stage, run / stage)
+    if config == "train_flow.json":
+        shutil.rmtree(run / "flow")  # a new flow stage on the trained classifier
+    extra = {**TINY_FLOW, "adversarial_steps": 0} if config == "train_flow.json" else {}
+    wf = _workflow([config], **TINY, **extra, dataset_dir=str(dataset), output_dir=str(run), hu_window=[40, 400])
+    text = str(_refusal(wf, ConfigValueError))
+    assert "config id 'hu_window' is [40, 400] but the classifier in" in text
+    assert 'pass --hu_window "[-600, 1500]"' in text
+    from monai_condflow.engines.stages import check_run_images
+
+    assert check_run_images(run, image_size=32, intensity="auto", hu_window=[-600.0, 1500.0], crop="box_or_auto")
+    with pytest.raises(ConfigValueError, match="'crop' is 'none' but the classifier .* pass --crop box_or_auto"):
+        check_run_images(run, crop="none")
+
+
 @pytest.mark.parametrize("key", ["semi_select", "semi_augmentation"])
 def test_the_semisupervised_switches_refuse_the_text_false_by_name(dataset, tmp_path, key):
     """Both read as on when given as the text "false" (`monai.bundle run --semi_select false`): refused before any
