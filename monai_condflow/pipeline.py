@@ -26,6 +26,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -420,7 +421,7 @@ def run_pipeline(
     env.setdefault("PYTHONUNBUFFERED", "1")
     for i, stage in enumerate(stages, start=1):
         cmd = stage.command(bundle_root, common, optional=list(overrides or {}))
-        print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {' '.join(cmd)}", flush=True)
+        print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {shlex.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         returncode, cause = run_stage_process(cmd, stage.env(env))
         times[stage.name] = time.perf_counter() - t0
@@ -428,7 +429,7 @@ def run_pipeline(
             raise RuntimeError(
                 f"stage '{stage.name}' failed with exit code {returncode}"
                 + (f": {cause}" if cause else "")
-                + f"\n[pipeline]   command: {' '.join(cmd)}"
+                + f"\n[pipeline]   command: {shlex.join(cmd)}"
             )
         print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
     return times

@@ -605,8 +605,18 @@ def test_a_failed_stage_names_the_error_behind_monais_wrapper(tmp_path: Path, ca
     assert pipeline.run_stage_process([sys.executable, "-c", "pass"], dict(os.environ)) == (0, None)
     # through run_pipeline: the RuntimeError says stage, exit code and cause, then the command
     data = _dataset(tmp_path / "d")
-    with pytest.raises(RuntimeError, match=r"stage 'bad' failed with exit code 1: DataError: t/train"):
+    with pytest.raises(RuntimeError, match=r"stage 'bad' failed with exit code 1: DataError: t/train") as info:
         run_pipeline(data, tmp_path / "o", stages=[_ScriptStage("bad", script)])
+    # the command can be pasted into a shell as it is printed (quoted), also with spaces in a path
+    import shlex
+
+    assert shlex.split(str(info.value).split("command: ")[1]) == [sys.executable, str(script)]
+    spaced = tmp_path / "a dir ü" / "stage.py"
+    spaced.parent.mkdir()
+    spaced.write_text(script.read_text())
+    with pytest.raises(RuntimeError) as info:
+        run_pipeline(data, tmp_path / "o", stages=[_ScriptStage("bad", spaced)])
+    assert shlex.split(str(info.value).split("command: ")[1]) == [sys.executable, str(spaced)]
     # a traceback without a wrapper, and stderr without a traceback
     assert pipeline.stage_error_cause(["Traceback (most recent call last):\n", '  File "a.py"\n',
                                        "KeyError: 'image'\n"]) == "KeyError: 'image'"  # fmt: skip

@@ -61,6 +61,7 @@ from monai_condflow.networks.embeddings import compute_embeddings
 from monai_condflow.networks.nets.counterfactual import TARGET_MODES, restrict_change, target_conditions
 from monai_condflow.transforms.grid import make_grid
 from monai_condflow.transforms.lung_mask import estimate_lung_masks
+from monai_condflow.utils.checks import ConfigValueError
 from monai_condflow.utils.distributed import unwrap_model
 from monai_condflow.utils.io import atomic_write_text
 
@@ -345,6 +346,13 @@ def score_novelty(
             "the folder of a lower-capacity flow trained with train_flow.json on the same data (see "
             "docs/counterfactuals.md)."
         )
+    if novel_labels is not None:
+        if isinstance(novel_labels, (str, bytes)) or not isinstance(novel_labels, Sequence) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in novel_labels
+        ):
+            raise ConfigValueError(
+                f"config id 'novel_labels' must be a list of class ids (e.g. [1]) or null, got {novel_labels!r}."
+            )
     device = torch.device(device)
     net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
     bg = None if background is None else unwrap_model(background).to(device).eval()
@@ -357,6 +365,12 @@ def score_novelty(
     novel = torch.zeros(len(labels), dtype=torch.bool)
     if novel_labels is not None:
         novel = torch.isin(labels, torch.as_tensor(list(novel_labels), dtype=torch.long))
+        absent = sorted(set(novel_labels) - set(labels.tolist()))
+        if absent:
+            raise ConfigValueError(
+                f"config id 'novel_labels' names class(es) {absent} that no scored image has (labels present: "
+                f"{sorted(set(labels.tolist()))}); the AUROC would have no positives from them."
+            )
     source = ["data"] * len(labels)
     if ood_data is not None:
         ood, ood_labels, ood_msp = _statistics(net, clf, ood_data, batch_size, device, n_bits, bg, maps, images)

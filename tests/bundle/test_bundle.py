@@ -538,6 +538,16 @@ def test_stages_after_the_classifier_read_images_as_it_did(trained_run, dataset,
         check_run_images(run, crop="none")
 
 
+@pytest.mark.parametrize("config, key", [("counterfactual.json", "counterfactual_dir"), ("novelty.json", "novelty_dir"),
+                                         ("inference.json", "inference_dir")])  # fmt: skip
+def test_stages_writing_their_own_folder_refuse_an_unwritable_one_before_computing(dataset, tmp_path, config, key):
+    """They failed with a raw OSError after their work; now the id is named in the initialisation."""
+    (tmp_path / "afile").write_text("x")
+    ids = {**TINY, "dataset_dir": str(dataset), "output_dir": str(tmp_path), key: str(tmp_path / "afile")}
+    text = str(_refusal(_workflow([config], **ids), ConfigValueError))
+    assert f"config id '{key}'" in text and "is a file" in text
+
+
 @pytest.mark.parametrize("key", ["semi_select", "semi_augmentation"])
 def test_the_semisupervised_switches_refuse_the_text_false_by_name(dataset, tmp_path, key):
     """Both read as on when given as the text "false" (`monai.bundle run --semi_select false`): refused before any

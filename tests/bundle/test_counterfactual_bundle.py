@@ -158,6 +158,12 @@ def test_novelty_heat_maps(tiny_run):
     bad = _bundle_run("novelty.json", data, out, "--heat_maps", "yes", "--novelty_dir", str(out / "bad"), check=False)
     assert bad.returncode != 0 and "config id 'heat_maps'" in bad.stderr + bad.stdout
     assert not (out / "bad").exists()
+    # novel_labels: a bare number crashed inside the scoring (TypeError); a class no image has gave AUROC None
+    for value, text in (("2", "must be a list of class ids"), ("[7]", "names class(es) [7] that no scored image has")):
+        bad = _bundle_run("novelty.json", data, out, "--novel_labels", value, "--novelty_dir", str(out / "bad"),
+                          check=False)  # fmt: skip
+        assert bad.returncode != 0 and "config id 'novel_labels'" in bad.stderr and text in bad.stderr, value
+        assert not (out / "bad").exists()
 
 
 def test_novelty_likelihood_ratio_against_a_background_flow_trained_by_the_flow_stage(tiny_run):
