@@ -140,10 +140,12 @@ def write_counterfactuals(
         region_margin: with ``"lungs"``, pixels the mask is eroded by (a margin inside the estimated lung border).
 
     Returns:
-        The summary written to ``counterfactual.json``: ``count``, ``flip_rate`` (the classifier predicts the
-        target class on the counterfactual), ``source_accuracy``, ``mode``, ``guidance``, ``mean_abs_change``,
-        ``region``, ``region_margin`` (``None`` for ``"image"``), ``mean_region_fraction`` (share of the pixels the
-        change may touch) and ``empty_masks``.
+        The summary written to ``counterfactual.json``: ``count``; ``flip_rate``: of the ``to_flip`` sources
+        that the classifier does not already read as the target class, the share whose counterfactual it reads as
+        the target (``None`` when there is none; before the thirtieth session sources already read as the target
+        counted as flips); ``target_rate`` (every counterfactual read as the target); ``source_accuracy``,
+        ``mode``, ``guidance``, ``mean_abs_change``, ``region``, ``region_margin`` (``None`` for ``"image"``),
+        ``mean_region_fraction`` (share of the pixels the change may touch) and ``empty_masks``.
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown counterfactual mode {mode!r}; available: {list(TARGET_MODES)}.")
@@ -166,6 +168,7 @@ def write_counterfactuals(
     _check_cf_output_dir(output_dir, _CF_FILE, "manifest.csv")
     staging = _staging_dir(output_dir)
     rows, index, flips, correct, change, fraction, empty = [], 0, 0, 0, 0.0, 0.0, 0
+    to_flip, on_target = 0, 0
     try:
         for batch in _batches(data, batch_size):
             x = torch.as_tensor(batch["image"]).float().to(device)
@@ -201,18 +204,24 @@ def write_counterfactuals(
                         files.append(f"{kind}_{index:06d}.nii.gz")
                         _write_new_file(staging / files[-1], nifti_bytes(img))
                     names[kind] = ";".join(files)
-                classes = [int(src[k]), int(pred_src[k]), int(tgt[k]), int(pred[k]), int(pred[k] == tgt[k])]
+                needed = bool(pred_src[k] != tgt[k])  # a source already read as the target needs no flip
+                classes = [int(src[k]), int(pred_src[k]), int(tgt[k]), int(pred[k]), int(needed and pred[k] == tgt[k])]
                 rows.append([index, names["source"], names["counterfactual"], names["difference"], *classes,
                              model_version])  # fmt: skip
                 index += 1
-            flips += int((pred == tgt).sum())
+            needs = pred_src != tgt
+            flips += int((needs & (pred == tgt)).sum())
+            to_flip += int(needs.sum())
+            on_target += int((pred == tgt).sum())
             correct += int((pred_src == src).sum())
             change += float(diff.abs().flatten(1).mean(1).sum())
         if index == 0:
             raise ValueError("write_counterfactuals: no input images.")
         summary = {
             "count": index,
-            "flip_rate": flips / index,
+            "flip_rate": flips / to_flip if to_flip else None,
+            "to_flip": to_flip,
+            "target_rate": on_target / index,
             "source_accuracy": correct / index,
             "mean_abs_change": change / index,
             "region": region,
@@ -238,7 +247,10 @@ def write_counterfactuals(
     if empty:
         logger.warning("counterfactuals: no lung pixels (after a margin of %d) in %d of %d source images; those are "
                        "left unchanged.", region_margin, empty, index)  # fmt: skip
-    logger.info("counterfactuals: %d images, flip rate %.3f -> %s", index, summary["flip_rate"], output_dir)
+    logger.info(
+        "counterfactuals: %d images, flip rate %s of %d that needed a flip -> %s", index,
+        "n/a" if summary["flip_rate"] is None else f"{summary['flip_rate']:.3f}", to_flip, output_dir,
+    )  # fmt: skip
     return summary
 
 

@@ -61,8 +61,14 @@ def test_counterfactual_config_writes_triplets(tiny_run):
     rows = list(csv.DictReader((folder / "manifest.csv").open()))
     assert len(rows) == 5
     summary = json.loads((folder / "counterfactual.json").read_text())
-    assert summary["count"] == 5 and 0.0 <= summary["flip_rate"] <= 1.0
-    assert summary["flip_rate"] == pytest.approx(sum(int(r["flipped"]) for r in rows) / 5)
+    # the flip rate is over the sources the classifier does not already read as the target (they needed no flip)
+    needed = [r for r in rows if r["source_predicted"] != r["target_class"]]
+    assert summary["count"] == 5 and summary["to_flip"] == len(needed)
+    assert all(r["flipped"] == "0" for r in rows if r not in needed)
+    if needed:
+        assert summary["flip_rate"] == pytest.approx(sum(int(r["flipped"]) for r in needed) / len(needed))
+    hits = sum(r["predicted_class"] == r["target_class"] for r in rows)
+    assert summary["target_rate"] == pytest.approx(hits / 5)
     for r in rows:
         assert r["target_class"] == str(1 - int(r["source_class"]))  # two classes: the other one
         for kind in ("source", "counterfactual", "difference"):
