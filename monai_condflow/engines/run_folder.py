@@ -299,6 +299,7 @@ def open_run_folder(
     clear: Iterable[str] = ("*",),
     section: str = "stage",
     fresh_hint: str | None = None,
+    fresh_folders: Iterable[str | os.PathLike] = (),
 ) -> OutputFolderLock | None:
     """Lock a stage's output folder, then start fresh (``fresh=True``) or check that it holds files of a run with
     the same ``settings`` (:func:`check_run_settings`); temp files of an interrupted save are deleted. Rank 0 does
@@ -312,6 +313,8 @@ def open_run_folder(
         section: the settings group (see :func:`check_run_settings`).
         fresh_hint: how to start fresh, for the settings error (default: "delete the folder DIR or pass
             fresh=true", the bundle's config id).
+        fresh_folders: other folders of the stage emptied too by ``fresh`` (its TensorBoard folder: the earlier
+            run's event files would otherwise be drawn under the new run's curves).
 
     Returns:
         the lock (release it with :func:`close_run_folder`), or ``None`` on ranks other than 0.
@@ -327,6 +330,8 @@ def open_run_folder(
     try:
         if fresh:
             clear_run_files(directory, clear)
+            for folder in fresh_folders:
+                clear_run_files(folder, ("*",))
         remove_temp_files(directory)  # of a save that a kill interrupted
         hint = fresh_hint or (f"delete the folder {directory} or pass fresh=true (`--fresh True` on the "
                               "`python -m monai.bundle run` command line)")

@@ -421,6 +421,8 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
         (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
+        (["counterfactual.json"], {"counterfactual_limit": 0}, ConfigValueError, "'counterfactual_limit'"),
+        (["inference.json"], {"num_samples": 0}, ConfigValueError, "'num_samples'"),
         (["train_classifier.json"], {"hu_window": [-600, 0]}, ConfigValueError, "'hu_window'"),
         (["train_flow.json"], {"intensity": "png"}, ConfigValueError, "'intensity'"),
         (["generate.json"], {"crop": "lungs"}, ConfigValueError, "'crop'"),

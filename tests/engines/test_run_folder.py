@@ -115,6 +115,20 @@ def test_fresh_clears_the_earlier_run(tmp_path):
         open_run_folder(tmp_path, {}, fresh="yes")
 
 
+def test_fresh_also_empties_the_stages_tensorboard_folder(tmp_path):
+    """The earlier run's event files were left and drawn under the fresh run's curves (two points per step)."""
+    run, tb = tmp_path / "classifier", tmp_path / "tensorboard" / "classifier"
+    (tb / "label_propagation").mkdir(parents=True)
+    (tb / "events.out.tfevents.1.host").write_bytes(b"old")
+    (tb / "label_propagation" / "events.out.tfevents.2.host").write_bytes(b"old")
+    open_run_folder(run, {"seed": 0}, fresh_folders=[tb])
+    close_run_folder(run)
+    assert (tb / "events.out.tfevents.1.host").is_file()  # not fresh: kept (a resumed run continues its curves)
+    open_run_folder(run, {"seed": 0}, fresh=True, fresh_folders=[tb, tmp_path / "absent"])
+    close_run_folder(run)
+    assert list(tb.iterdir()) == []
+
+
 def test_a_caller_without_fresh_gives_its_own_hint(tmp_path):
     open_run_folder(tmp_path, {"lr": 0.001}, section="trainer")
     close_run_folder(tmp_path)
