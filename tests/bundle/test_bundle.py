@@ -515,7 +515,14 @@ def test_the_preprocessing_ids_are_recorded_and_a_flow_rerun_with_another_window
     shutil.copytree(trained_run / "flow", run / "flow")
     wf = _workflow(["train_flow.json"], **TINY, **TINY_FLOW, dataset_dir=str(dataset), output_dir=str(run),
                    hu_window=[40, 400])  # fmt: skip
-    assert "'hu_window' was [-600, 1500], now [40, 400]" in str(_refusal(wf, RunSettingsError))
+    # refused before the flow folder is opened: the frozen classifier's images were made with the other window
+    assert "'hu_window' is [40, 400] but the classifier in" in str(_refusal(wf, ConfigValueError))
+    # the flow folder's own settings refuse it too (without the classifier comparison)
+    from monai_condflow.engines.run_folder import open_run_folder
+
+    recorded = json.loads((run / "flow" / "run_settings.json").read_text())["stage"]
+    with pytest.raises(RunSettingsError, match=r"'hu_window' was \[-600, 1500\], now \[40, 400\]"):
+        open_run_folder(run / "flow", {**recorded, "hu_window": [40, 400]})
     close_run_folder(run / "flow")
 
 
