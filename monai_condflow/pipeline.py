@@ -22,7 +22,6 @@ paths relative to) plus ``train.txt``, ``val.txt`` and ``test.txt``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_condflow.utils.bundle import BUNDLE_ROOT, COMMON_CONFIG, top_level_id
+from monai_condflow.utils.bundle import BUNDLE_ROOT, COMMON_CONFIG, closest_ids, config_file_ids, top_level_id
 
 __all__ = [
     "BUNDLE_ROOT",
@@ -139,13 +138,7 @@ class Stage:
 def config_ids(bundle_root: Path, names: Sequence[str]) -> set[str] | None:
     """The top-level ids of the bundle configs ``names`` (``bundle_root/configs/<name>``), or ``None`` when one of
     them cannot be read (the stage then reports it itself)."""
-    ids: set[str] = set()
-    for name in names:
-        try:
-            ids.update(json.loads((Path(bundle_root) / "configs" / name).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            return None
-    return ids
+    return config_file_ids([Path(bundle_root) / "configs" / name for name in names])
 
 
 # Processes of the main job's flow stage (--flow-processes).
@@ -448,11 +441,7 @@ def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle
         known |= ids
     for key in overrides:
         if top_level_id(key) not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            raise ValueError(
-                f"--set {key}=...: no stage of this run has a config id {key!r}"
-                + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ".")
-            )
+            raise ValueError(f"--set {key}=...: no stage of this run has a config id {key!r}{closest_ids(key, known)}")
 
 
 # the last line of a Python traceback: "[module.]Name(Error|Exception|...): message"

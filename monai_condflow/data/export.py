@@ -34,18 +34,16 @@ from PIL import Image
 
 from monai_condflow.data.errors import DataError
 from monai_condflow.data.npz import class_names_from_npz, load_npz_dataset
+from monai_condflow.data.phantom import HU_OFFSET  # HU images are stored as uint16 PNG with HU + HU_OFFSET
 from monai_condflow.data.readers import NiftiSlice, validate_box
 from monai_condflow.utils.io import atomic_write_bytes
 
-__all__ = ["EXPORT_INTENSITIES", "HU_OFFSET", "COPIED_EXTENSIONS", "write_covidx_folder", "main"]
+__all__ = ["EXPORT_INTENSITIES", "COPIED_EXTENSIONS", "write_covidx_folder", "main"]
 
 logger = logging.getLogger(__name__)
 
 #: Ways :func:`write_covidx_folder` reads array intensities (see its ``intensity`` argument).
 EXPORT_INTENSITIES: tuple[str, ...] = ("auto", "hu", "unit")
-#: HU images are stored as uint16 PNG with ``value = HU + HU_OFFSET`` (what the default chain's ``"auto"`` intensity
-#: mode reads back from 16-bit PNGs, see :class:`~monai_condflow.transforms.CTIntensity`).
-HU_OFFSET = 1024
 #: Path images with these endings are copied byte for byte (under a new name); other files are decoded and written
 #: as PNG, so that no DICOM / NIfTI header (patient name, id, dates) reaches the exported folder.
 COPIED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")

@@ -50,6 +50,7 @@ __all__ = [
     "pid_alive",
     "lock_output_dir",
     "release_output_dir",
+    "read_run_settings",
     "check_run_settings",
     "clear_run_files",
     "open_run_folder",
@@ -210,6 +211,28 @@ def _holds_run_files(directory: Path) -> bool:
     return any(p.is_file() and p.name not in (SETTINGS_NAME, LOCK_NAME) for p in directory.rglob("*"))
 
 
+def read_run_settings(directory: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
+    """The settings recorded in ``directory/run_settings.json`` (one ``section`` of them, or all sections); empty
+    when the folder has none.
+
+    Raises:
+        RunSettingsError: the file cannot be read or parsed (the message names it and how to start fresh).
+    """
+    path = Path(directory) / SETTINGS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunSettingsError(f"cannot read {path} ({e}); delete the folder {directory} to start fresh.") from e
+    if not isinstance(recorded, dict):
+        raise RunSettingsError(f"{path} holds no settings; delete the folder {directory} to start fresh.")
+    if section is None:
+        return recorded
+    part = recorded.get(section)
+    return dict(part) if isinstance(part, Mapping) else {}
+
+
 def check_run_settings(
     directory: str | os.PathLike, settings: Mapping[str, Any], section: str = "run", fresh_hint: str | None = None
 ) -> dict[str, Any]:
@@ -238,12 +261,7 @@ def check_run_settings(
     directory = Path(directory)
     path = directory / SETTINGS_NAME
     current = {str(k): _normalise(v) for k, v in settings.items()}
-    recorded: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise RunSettingsError(f"cannot read {path} ({e}); delete the folder {directory} to start fresh.") from e
+    recorded = read_run_settings(directory)
     before = recorded.get(section)
     if isinstance(before, Mapping):
         changed = {k: (before[k], v) for k, v in current.items() if k in before and before[k] != v}

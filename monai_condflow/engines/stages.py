@@ -36,7 +36,7 @@ import torch
 import monai_condflow
 from monai_condflow.engines.config_checks import ConfigValueError, check_preset
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
-from monai_condflow.engines.run_folder import SETTINGS_NAME, RunSettingsError
+from monai_condflow.engines.run_folder import SETTINGS_NAME, RunSettingsError, read_run_settings
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
@@ -255,11 +255,9 @@ def fit_sampling_prior_file(
     return fit
 
 
-def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: object, overrides: object) -> bool:
-    """For configs that build the flow from their own ids (``inference.json``: the bundle's ``network_def``): the ids
-    ``flow_preset``, ``image_size`` and ``flow_overrides`` must be those the flow stage trained with
-    (``output_dir/flow/flow.json``), or the checkpoint cannot be loaded into the network. Returns True (also when
-    the flow stage has not run: the checkpoint loader names the missing file).
+def _check_trained_flow_ids(output_dir: str | os.PathLike, given: dict[str, Any]) -> bool:
+    """``given`` ids (``flow_preset``, ``image_size``, ``flow_overrides``) against those the flow stage trained with
+    (``output_dir/flow/flow.json``); True also when the flow stage has not run (its loader names the missing file).
 
     Raises:
         ConfigValueError: naming the first id that differs, both values and what to pass.
@@ -270,9 +268,6 @@ def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: ob
     info = read_stage_info(path.parent, "flow", "train_flow.json")
     trained = {"flow_preset": info.get("preset"), "image_size": info.get("image_size"),
                "flow_overrides": dict(info.get("overrides") or {})}  # fmt: skip
-    # the overrides as flow.json holds them (JSON: tuples become lists)
-    given = {"flow_preset": preset, "image_size": image_size,
-             "flow_overrides": json.loads(json.dumps(dict(overrides or {}), default=str))}  # fmt: skip
     for key, value in given.items():
         if trained[key] is not None and value != trained[key]:
             raise ConfigValueError(
@@ -280,6 +275,21 @@ def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: ob
                 f"({path.name}): pass --{key} {trained[key]!r}."
             )
     return True
+
+
+def check_flow_ids(output_dir: str | os.PathLike, preset: object, image_size: object, overrides: object) -> bool:
+    """For configs that build the flow from their own ids (``inference.json``: the bundle's ``network_def``): the ids
+    ``flow_preset``, ``image_size`` and ``flow_overrides`` must be those the flow stage trained with
+    (``output_dir/flow/flow.json``), or the checkpoint cannot be loaded into the network. Returns True (also when
+    the flow stage has not run: the checkpoint loader names the missing file).
+
+    Raises:
+        ConfigValueError: naming the first id that differs, both values and what to pass.
+    """
+    # the overrides as flow.json holds them (JSON: tuples become lists)
+    overrides = json.loads(json.dumps(dict(overrides or {}), default=str))
+    given = {"flow_preset": preset, "image_size": image_size, "flow_overrides": overrides}
+    return _check_trained_flow_ids(output_dir, given)
 
 
 def check_flow_image_size(output_dir: str | os.PathLike, image_size: object) -> bool:
@@ -291,19 +301,7 @@ def check_flow_image_size(output_dir: str | os.PathLike, image_size: object) -> 
     Raises:
         ConfigValueError: naming ``image_size``, both values and what to pass.
     """
-    path = Path(output_dir) / "flow" / "flow.json"
-    if not path.is_file():
-        return True
-    trained = read_stage_info(path.parent, "flow", "train_flow.json").get("image_size")
-    if trained is not None and image_size != trained:
-        raise ConfigValueError(
-            f"config id 'image_size' is {image_size!r} but the flow in {path.parent} was trained with {trained!r} "
-            f"({path.name}): pass --image_size {trained!r}."
-        )
-    return True
-
-
-_IMAGE_IDS = ("image_size", "intensity", "hu_window", "crop")
+    return _check_trained_flow_ids(output_dir, {"image_size": image_size})
 
 
 def _same_setting(a: Any, b: Any) -> bool:
@@ -328,15 +326,11 @@ def check_run_images(output_dir: str | os.PathLike, stages: Sequence[str] = ("cl
 
     Raises:
         ConfigValueError: naming the first id that differs, the stage, both values and what to pass.
+        RunSettingsError: a stage's settings file cannot be read.
     """
     for stage in stages:
         path = Path(output_dir) / stage / SETTINGS_NAME
-        if not path.is_file():
-            continue
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("stage", {})
-        except (OSError, ValueError, AttributeError):
-            continue  # the stage's own run reports an unreadable settings file
+        recorded = read_run_settings(path.parent, "stage")
         for key, value in ids.items():
             if key in recorded and not _same_setting(value, recorded[key]):
                 shown = json.dumps(recorded[key])
@@ -362,12 +356,7 @@ def check_flow_classifier(output_dir: str | os.PathLike) -> bool:
     """
     flow_dir = Path(output_dir) / "flow"
     path = flow_dir / SETTINGS_NAME
-    if not path.is_file():
-        return True
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("stage", {}).get("classifier")
-    except (OSError, ValueError, AttributeError) as err:
-        raise RunSettingsError(f"cannot read {path} ({err}); train the flow again (train_flow.json).") from err
+    recorded = read_run_settings(flow_dir, "stage").get("classifier")
     if recorded is None:
         return True
     current = classifier_fingerprint(output_dir)

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
-__all__ = ["BUNDLE_ROOT", "COMMON_CONFIG", "read_bundle_config", "check_command_line_ids", "top_level_id"]
+__all__ = [
+    "BUNDLE_ROOT",
+    "COMMON_CONFIG",
+    "read_bundle_config",
+    "check_command_line_ids",
+    "config_file_ids",
+    "closest_ids",
+    "top_level_id",
+]
 
 
 def _find_bundle_root() -> Path:
@@ -105,6 +113,26 @@ def _tracking_ids(tracking: object) -> set[str] | None:
         return None
 
 
+def config_file_ids(files: Sequence[str | Path]) -> set[str] | None:
+    """The top-level ids of bundle config files (JSON or YAML), or ``None`` when one cannot be read (``monai.bundle``
+    reports that itself)."""
+    from monai.bundle import ConfigParser
+
+    ids: set[str] = set()
+    for file in files:
+        try:
+            ids.update(str(k) for k in ConfigParser.load_config_file(str(file)))
+        except Exception:  # noqa: BLE001 - a missing or unparsable file: not this check's to report
+            return None
+    return ids
+
+
+def closest_ids(name: str, known: set[str]) -> str:
+    """The end of an unknown-id message: ``"; did you mean 'a' or 'b'?"`` (the closest known ids), or ``"."``."""
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+
+
 def top_level_id(name: str) -> str:
     """The first part of a nested id (``records#train`` or ``records::train`` -> ``records``)."""
     return name.split("::")[0].split("#")[0]
@@ -138,24 +166,16 @@ def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
         except (ValueError, SyntaxError):
             files = [f for f in files.split(",") if f]
     files = [files] if isinstance(files, str) else list(files)
-    from monai.bundle import ConfigParser
-
-    known = _tracking_ids(tracking)
-    if known is None:
+    known, in_files = _tracking_ids(tracking), config_file_ids(files)
+    if known is None or in_files is None:
         return True
-    for file in files:
-        try:
-            content = ConfigParser.load_config_file(str(file))
-        except Exception:  # noqa: BLE001 - an unreadable config is reported by monai.bundle itself
-            return True
-        known.update(str(k) for k in content)
+    known |= in_files
     for name in names:
         if name in _RUN_ARGUMENTS or top_level_id(name) in known or name.startswith("_meta_"):
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=3)
         shown = ", ".join(Path(str(f)).name for f in files)
         raise ConfigValueError(
             f"config id '{name}' (--{name} on the command line) is in none of the configs of this run ({shown}), so "
-            f"it would be ignored" + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ".")
+            f"it would be ignored{closest_ids(name, known)}"
         )
     return True
