@@ -42,6 +42,7 @@ __all__ = [
     "COMMON_CONFIG",
     "CPU_BUDGET",
     "MULTI_PROCESS_CONFIGS",
+    "PREFLIGHT_ID",
     "PUBLIC_DIR",
     "STAGE_KEYS",
     "Stage",
@@ -103,7 +104,9 @@ class Stage:
             env["OMP_NUM_THREADS"] = str(max(1, threads // self.nproc))
         return env
 
-    def command(self, bundle_root: Path, common: dict[str, object], optional: Sequence[str] = ()) -> list[str]:
+    def command(
+        self, bundle_root: Path, common: dict[str, object], optional: Sequence[str] = (), run_id: str | None = None
+    ) -> list[str]:
         """The command line of this stage: the bundle's :data:`COMMON_CONFIG` (when it has one) stacked first.
 
         Args:
@@ -111,17 +114,21 @@ class Stage:
             common: ``--id value`` pairs of every stage.
             optional: ids of ``common`` passed only when the stage's configs define them (``--set``: the bundle
                 refuses an id that none of its configs has).
+            run_id: run this expression list of the configs instead of the stage (``initialize``, ``run`` and
+                ``finalize`` are skipped): e.g. ``"preflight"`` of ``evaluate.json``, the pipeline's pre-flight.
         """
         names = list(self.config_files)
         if (bundle_root / "configs" / COMMON_CONFIG).is_file() and COMMON_CONFIG not in names:
             names.insert(0, COMMON_CONFIG)
         launcher = [sys.executable]
-        if self.nproc > 1:
+        if self.nproc > 1 and run_id is None:
             names.append(MULTI_PROCESS_CONFIGS[self.config_files[0]])
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.nproc)]
         files = [str(bundle_root / "configs" / f) for f in names]
         config_arg = files[0] if len(files) == 1 else json.dumps(files)
         cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", config_arg]
+        if run_id is not None:  # ids no config has: MONAI then skips the stage's initialize / finalize
+            cmd += ["--run_id", run_id, "--init_id", f"{run_id}_no_initialize", "--final_id", f"{run_id}_no_finalize"]
         cmd += ["--bundle_root", str(bundle_root), "--logging_file", str(bundle_root / "configs" / "logging.conf")]
         known = config_ids(bundle_root, names) if optional else None
         # a --set id that this stage's configs do not have is not passed to it (the bundle would refuse it as unknown)
@@ -176,6 +183,7 @@ CPU_BUDGET: dict[str, dict[str, object]] = {
     "evaluation": {},
 }
 
+PREFLIGHT_ID = "preflight"  # the expression list the pipeline runs before its first stage (evaluate.json has one)
 STAGE_KEYS = ("classifier", "flow", "generation", "acgan", "evaluation")
 
 
@@ -412,6 +420,7 @@ def run_pipeline(
     times: dict[str, float] = {}
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    _preflight(stages, bundle_root, common, list(overrides or {}), env)
     for i, stage in enumerate(stages, start=1):
         cmd = stage.command(bundle_root, common, optional=list(overrides or {}))
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {shlex.join(cmd)}", flush=True)
@@ -426,6 +435,30 @@ def run_pipeline(
             )
         print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
     return times
+
+
+def _preflight(
+    stages: Sequence[Stage], bundle_root: Path, common: dict[str, object], optional: Sequence[str], env: dict[str, str]
+) -> None:
+    """Before the first stage, run the ``preflight`` list of the last stage that has one (``evaluate.json``: the
+    splits read, preprocessed and checked as the evaluation will need them; the preprocessed slices are cached for
+    the stages), so that a dataset the evaluation cannot use is refused before the training stages run."""
+    for stage in reversed(stages):
+        ids = config_ids(bundle_root, [COMMON_CONFIG, *stage.config_files])
+        if ids is None or PREFLIGHT_ID not in ids:
+            continue
+        cmd = stage.command(bundle_root, common, optional=optional, run_id=PREFLIGHT_ID)
+        print(f"[pipeline] pre-flight ({stage.name}'s data checks)\n[pipeline]   {shlex.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        returncode, cause = run_stage_process(cmd, env)
+        if returncode != 0:
+            raise RuntimeError(
+                f"pre-flight of stage '{stage.name}' failed with exit code {returncode} (nothing was trained)"
+                + (f": {cause}" if cause else "")
+                + f"\n[pipeline]   command: {shlex.join(cmd)}"
+            )
+        print(f"[pipeline] pre-flight done in {time.perf_counter() - t0:.0f} s", flush=True)
+        return
 
 
 def _check_set_ids(overrides: dict[str, object], stages: Sequence[Stage], bundle_root: Path) -> None:

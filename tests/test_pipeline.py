@@ -34,6 +34,7 @@ from monai_condflow.pipeline import (
     parse_stage_overrides,
     run_pipeline,
 )
+from monai_condflow.utils.bundle import config_file_ids
 
 
 def _dataset(root: Path) -> Path:
@@ -656,3 +657,56 @@ def test_set_ids_reach_only_the_stages_that_have_them_and_a_typo_is_refused(tmp_
     with pytest.raises(ValueError, match=r"--set max_epoch=\.\.\.: no stage of this run has .*'max_epochs'"):
         run_pipeline(data, tmp_path / "o", stages=stages, overrides={"max_epoch": 2})
     assert ran == []
+
+
+def test_the_preflight_runs_the_evaluations_data_checks_before_the_first_stage(tmp_path: Path, monkeypatch):
+    """Before any stage, the evaluation stage's ``preflight`` list runs as its own ``monai.bundle run`` (same ids as
+    the stage, one process, ``initialize`` skipped); a failed pre-flight names its cause and no stage runs."""
+    ran = []
+    outcome = {"preflight": (0, None)}
+
+    def fake_run(cmd, env):
+        ran.append(cmd)
+        return outcome["preflight"] if "--run_id" in cmd else (0, None)
+
+    monkeypatch.setattr(pipeline, "run_stage_process", fake_run)
+    data = _dataset(tmp_path / "d")
+    stages = default_stages(50, flow_processes=2)
+    run_pipeline(data, tmp_path / "o", stages=stages, overrides={"image_size": 32})
+    first, rest = ran[0], ran[1:]
+    assert first[first.index("--run_id") + 1] == "preflight" and "torch.distributed.run" not in first
+    assert "evaluate.json" in first[first.index("--config_file") + 1]
+    assert first[first.index("--image_size") + 1] == "32" and first[first.index("--dataset_dir") + 1] == str(data)
+    assert first[first.index("--init_id") + 1] not in config_file_ids([BUNDLE_ROOT / "configs" / "evaluate.json"])
+    assert len(rest) == len(stages) and not any("--run_id" in cmd for cmd in rest)
+    ran.clear()
+    outcome["preflight"] = (1, "ValueError: the validation set has N=18 samples")
+    with pytest.raises(RuntimeError, match=r"pre-flight of stage 'evaluation' failed .*nothing was trained.*N=18"):
+        run_pipeline(data, tmp_path / "o", stages=stages)
+    assert len(ran) == 1
+    # a run without the evaluation stage has no pre-flight
+    ran.clear()
+    run_pipeline(data, tmp_path / "o", stages=stages[:1])
+    assert len(ran) == 1 and "--run_id" not in ran[0]
+
+
+def test_the_preflight_refuses_a_validation_split_too_small_for_the_evaluation(tmp_path: Path):
+    """A real pre-flight (``monai.bundle run`` of evaluate.json's ``preflight``) on a phantom folder: the splits are
+    read, preprocessed into the stages' cache and pass; with 20 validation images (FID needs more than the
+    evaluation classifier's 32 features) the pipeline stops before the classifier stage, naming the split and N."""
+    from monai_condflow.data.phantom import generate_phantom_dataset
+
+    data = tmp_path / "data"
+    generate_phantom_dataset(data, num_images=240, seed=1, progress=False)
+    stages = [Stage("evaluation", ["evaluate.json"])]
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    pipeline._preflight(stages, BUNDLE_ROOT, {"dataset_dir": str(data), "output_dir": str(out), "image_size": 32}, [],
+                        env)  # fmt: skip
+    assert len(list((out / "cache").glob("preprocessed_*.npz"))) == 3
+    lines = (data / "val.txt").read_text().splitlines()
+    assert len(lines) > 32
+    (data / "val.txt").write_text("\n".join(lines[:20]) + "\n")
+    with pytest.raises(RuntimeError, match=r"pre-flight .* the validation set has N=20 samples of dimension D=32"):
+        run_pipeline(data, out, stages=default_stages(50), overrides={"image_size": 32})
+    assert not (out / "classifier").exists()

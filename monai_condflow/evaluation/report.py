@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from monai_condflow.data.datalists import check_shared_images
 from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
 from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
@@ -68,6 +69,8 @@ from monai_condflow.utils.io import MODEL_FILE, atomic_write_text, shareable_fil
 
 __all__ = [
     "atomic_write_text",
+    "check_evaluation_data",
+    "default_classifier_factory",
     "shareable_file_mode",
     "find_model_checkpoint",
     "headline_figures",
@@ -535,26 +538,74 @@ def _flow_sampler(
     return sample
 
 
-def _check_fid_sample_sizes(factory: Callable[[], nn.Module], sets: Mapping[str, ImageSet]) -> None:
-    """Fail before any training when a real set is too small for FID with the evaluation network's features.
+def default_classifier_factory(num_classes: int) -> Callable[[], nn.Module]:
+    """The evaluation's classifier when none is given: a ``small`` PEPX network for 1-channel 2-D slices."""
 
-    The feature dimension ``D`` comes from one forward pass of a freshly built network (its construction does not
-    consume the global random stream); FID needs ``N > D`` images per set.
+    def classifier_factory() -> nn.Module:
+        return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
+
+    return classifier_factory
+
+
+def _check_fid_sample_sizes(factory: Callable[[], nn.Module], image: torch.Tensor, sizes: Mapping[str, int]) -> None:
+    """Fail before any training when a set is too small for FID with the evaluation network's features.
+
+    The feature dimension ``D`` comes from one forward pass of ``image`` (``[1, C, *S]``) through a freshly built
+    network (its construction does not consume the global random stream); FID needs ``N > D`` images per set.
+    ``sizes`` (``{set name: N}``) may hold the training set: every synthetic set has one image per training image.
     """
-    first = next((s[0][:1] for s in sets.values() if len(s[0])), None)
-    if first is None:
-        raise ValueError("evaluation needs validation and test images; both sets are empty.")
     with torch.random.fork_rng(devices=[]):
         probe = factory()
-    dim = extract_features(probe, first, 1, "cpu").shape[1]
-    for name, images in sets.items():
+    dim = extract_features(probe, image, 1, "cpu").shape[1]
+    for name, n in sizes.items():
+        what = "the training set (each synthetic set has one image per training image)" if name == "training" else (
+            f"the {name} set"
+        )
         try:
-            check_fid_sample_size(len(images[0]), dim, f"the {name} set")
+            check_fid_sample_size(n, dim, what)
         except ValueError as err:
             raise ValueError(
-                f"{err} Evaluation stops before training its classifier: add {name} images (or use a smaller "
-                "evaluation network)."
+                f"{err} The evaluation cannot run on these splits (it stops before training anything): add {name} "
+                "images (or use a smaller evaluation network)."
             ) from None
+
+
+def check_evaluation_data(
+    train: Sequence[Mapping[str, Any]],
+    val: Sequence[Mapping[str, Any]],
+    test: Sequence[Mapping[str, Any]],
+    num_classes: int,
+    classifier_factory: Callable[[], nn.Module] | None = None,
+) -> bool:
+    """What the evaluation needs of the real splits, checked before anything is trained: no image in two splits
+    (:func:`~monai_condflow.data.datalists.check_shared_images`) and more images per split than the evaluation
+    classifier's feature dimension (FID's full-rank covariance; the synthetic sets have as many images as the
+    training split). ``evaluate.json`` runs it first, and the pipeline (``python -m monai_condflow.pipeline``) runs
+    it before its first stage, so that a dataset the evaluation cannot use is refused before hours of training.
+
+    Args:
+        train: the preprocessed training records (``image`` ``[C, *S]`` arrays, ``label``), e.g. ``@records#train``.
+        val: the preprocessed validation records.
+        test: the preprocessed test records.
+        num_classes: classes of the evaluation classifier.
+        classifier_factory: the evaluation classifier (default: :func:`default_classifier_factory`).
+
+    Returns:
+        ``True`` (bundle configs chain it).
+
+    Raises:
+        DataError: an image in two splits (names both files).
+        ValueError: a split with too few images for FID (names the split and the count needed).
+    """
+    check_shared_images({"train": list(train), "val": list(val), "test": list(test)})
+    sets = {"training": train, "validation": val, "test": test}
+    for name, records in sets.items():
+        if not records:
+            raise ValueError(f"evaluation needs {name} images; the {name} split is empty.")
+    factory = classifier_factory or default_classifier_factory(num_classes)
+    image = torch.as_tensor(np.asarray(val[0]["image"]), dtype=torch.float32)[None]
+    _check_fid_sample_sizes(factory, image, {name: len(records) for name, records in sets.items()})
+    return True
 
 
 def run_evaluation(
@@ -653,9 +704,7 @@ def run_evaluation(
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
     train, val, test = as_image_set(real_train), as_image_set(real_val), as_image_set(real_test)
     if classifier_factory is None:
-
-        def classifier_factory() -> nn.Module:
-            return PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=num_classes)
+        classifier_factory = default_classifier_factory(num_classes)
 
     if flow_factory is None:
 
@@ -663,7 +712,8 @@ def run_evaluation(
             return ConditionalGlow.from_preset("small")
 
     eval_factory = eval_network_factory or classifier_factory
-    _check_fid_sample_sizes(eval_factory, {"validation": val, "test": test})
+    _check_fid_sample_sizes(eval_factory, val[0][:1], {"training": len(train[0]), "validation": len(val[0]),
+                                                       "test": len(test[0])})
     cond_net = load_module(
         classifier if classifier is not None else out / "classifier", classifier_factory, "classifier", device
     )

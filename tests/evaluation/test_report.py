@@ -346,11 +346,53 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
 
     common = {"classifier": _Centroid(), "flow": _FlowStandIn(), "eval_network_factory": _Wide, "fit_fn": fit,
               "n_synthetic_sets": 1, "n_bootstrap": 2, "augmentation": False, "privacy_audit": False}  # fmt: skip
-    with pytest.raises(ValueError, match=r"validation set has N=10 .*D=16.*before training its classifier"):
+    with pytest.raises(ValueError, match=r"validation set has N=10 .*D=16.*before training anything"):
         run_evaluation(tmp_path, _data(40, 12, 0), _data(6, 4, 1), _data(20, 10, 2), **common)
     with pytest.raises(ValueError, match=r"test set has N=16 .*D=16"):
         run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(8, 8, 2), **common)
+    # the synthetic sets have one image per training image: a small training split is named, not "features_a"
+    with pytest.raises(ValueError, match=r"the training set \(each synthetic set has one image per training image\) "
+                       r"has N=12 .*D=16.*add training images"):
+        run_evaluation(tmp_path, _data(6, 6, 0), _data(20, 10, 1), _data(20, 10, 2), **common)
     assert trained == [] and not (tmp_path / "metrics.json").exists()
+
+
+def _records(images: torch.Tensor, labels: torch.Tensor, name: str) -> list[dict]:
+    return [{"image": im.numpy(), "label": int(y), "image_path": f"{name}_{i}.png"} for i, (im, y) in
+            enumerate(zip(images, labels))]  # fmt: skip
+
+
+def test_check_evaluation_data_refuses_a_shared_image_and_splits_too_small_for_fid():
+    """The evaluation's requirements of the real splits, checked on preprocessed records before any training (the
+    pipeline's pre-flight): an image in two splits names both files; a split with N <= D (the default evaluation
+    classifier's 32-d embedding) names the split and N; good splits pass."""
+    from monai_condflow.data.errors import DataError
+    from monai_condflow.evaluation.report import check_evaluation_data
+
+    def split(n, seed, name):
+        images = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+        return _records(images, torch.arange(n) % 2, name)
+
+    train, val, test = split(40, 0, "train"), split(34, 1, "val"), split(33, 2, "test")
+    assert check_evaluation_data(train, val, test, 2) is True
+    with pytest.raises(ValueError, match=r"the test set has N=32 .*D=32.*at least 33.*add test images"):
+        check_evaluation_data(train, val, test[:32], 2)
+    with pytest.raises(ValueError, match=r"the validation set has N=20 .*D=32"):
+        check_evaluation_data(train, val[:20], test, 2)
+    with pytest.raises(ValueError, match=r"the training set \(each synthetic set .*\) has N=30 .*D=32"):
+        check_evaluation_data(train[:30], val, test, 2)
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        check_evaluation_data(train, [], test, 2)
+    leaked = test[:-1] + [dict(train[5], image_path="test_copy.png")]
+    with pytest.raises(DataError, match=r"train_5\.png.*test_copy\.png"):
+        check_evaluation_data(train, val, leaked, 2)
+
+    class _Wide(_Centroid):  # another evaluation network: its own feature dimension D = 256
+        def embed(self, x):
+            return x.flatten(1)
+
+    with pytest.raises(ValueError, match=r"the training set .* has N=40 .*D=256"):
+        check_evaluation_data(train, val, test, 2, classifier_factory=_Wide)
 
 
 def test_run_evaluation_counts_an_overflowing_inverse(tmp_path):
