@@ -33,7 +33,8 @@ switched off: its discriminator would read the private images without the DP noi
 :func:`run_adversarial_phase` is the bundle step (``train_flow.json``, ids ``adversarial_*``): it fine-tunes from the
 likelihood-selected weights (kept as ``flow/model_likelihood.pt``), writes the EMA of the fine-tuned weights to
 ``flow/model.pt`` atomically and records the phase in ``flow/flow.json``. A run killed during the phase redoes the
-phase from ``model_likelihood.pt`` when it is run again.
+phase from ``model_likelihood.pt`` when it is run again. Its step losses go to the flow's TensorBoard folder as
+``adversarial/*`` (:data:`TENSORBOARD_SCALARS`, every ``log_every``-th step and the last; docs/tensorboard.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,44 @@ __all__ = [
     "random_translate",
     "range_excess",
     "run_adversarial_phase",
+    "TENSORBOARD_SCALARS",
+    "tensorboard_scalars",
+    "every_and_last_step",
 ]
 
 logger = logging.getLogger(__name__)
 
 LIKELIHOOD_MODEL_FILE = "model_likelihood.pt"
 """The likelihood-selected weights the adversarial phase starts from (kept beside ``model.pt``)."""
+
+TENSORBOARD_SCALARS = {
+    "adversarial/bpd": "loss",
+    "adversarial/d_loss": "d_loss",
+    "adversarial/g_adversarial": "g_adversarial",
+    "adversarial/consistency": "consistency",
+    "adversarial/excess": "excess",
+}
+"""TensorBoard tag -> key of the phase's step output (:class:`AdversarialFlowTrainer`) that the bundle logs."""
+
+
+def tensorboard_scalars(output: Mapping[str, Any]) -> dict[str, float]:
+    """The losses of a phase step as TensorBoard scalars (:data:`TENSORBOARD_SCALARS`), for the ``output_transform``
+    of MONAI's ``TensorBoardStatsHandler``: values the step already computed, only read.
+
+    Args:
+        output: the step output (``loss``, ``d_loss``, ``g_adversarial``, ``consistency``, ``excess``).
+    """
+    return {tag: float(output[key]) for tag, key in TENSORBOARD_SCALARS.items()}
+
+
+def every_and_last_step(every: int) -> Callable[[Any, int], bool]:
+    """An ``iteration_log`` filter of MONAI's stats handlers: every ``every``-th iteration and the engine's last one
+    (so a phase shorter than ``every`` steps still logs)."""
+
+    def _filter(engine: Any, iteration: int) -> bool:
+        return iteration % every == 0 or iteration == engine.state.epoch_length * engine.state.max_epochs
+
+    return _filter
 
 
 def random_translate(x: torch.Tensor, shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, Best
 from .counterfactual_grid import CounterfactualGridHandler, counterfactual_grid
 from .embedding_projector import EmbeddingProjectorHandler
 from .epoch_checkpoint import CheckpointResumer, EpochCheckpointer, ResumableEarlyStopHandler
+from .learning_rate import LearningRateRecorder
 from .privacy_accountant import PrivacyAccountantHandler
 from .sample_grid import SampleGridHandler
 
@@ -24,6 +25,7 @@ __all__ = [
     "counterfactual_grid",
     "EmbeddingProjectorHandler",
     "PrivacyAccountantHandler",
+    "LearningRateRecorder",
     "AtomicCheckpointSaver",
     "BestMetricState",
     "EpochCheckpointer",

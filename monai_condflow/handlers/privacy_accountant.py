@@ -26,8 +26,10 @@ from monai_condflow.utils.io import atomic_write_bytes
 Events, _ = optional_import("ignite.engine", name="Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
+    from torch.utils.tensorboard import SummaryWriter
 else:
     Engine, _ = optional_import("ignite.engine", name="Engine")
+    SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
 
 __all__ = ["PrivacyAccountantHandler"]
 
@@ -39,14 +41,18 @@ class PrivacyAccountantHandler:
 
     At each ``EPOCH_COMPLETED`` the handler reads ``privacy_engine.get_epsilon(delta)``, stores it as
     ``engine.state.epsilon`` (so ``StatsHandler(state_attributes=["epsilon"])`` prints it), logs it, writes it to
-    TensorBoard as ``tag`` and, with ``output_file``, rewrites that JSON file atomically with ``summary_fn()``
-    (e.g. :func:`monai_condflow.privacy.dp.dp_summary`), so a killed run still says what it spent.
+    TensorBoard as ``tag`` (one point per epoch, at step ``epoch``) and, with ``output_file``, rewrites that JSON
+    file atomically with ``summary_fn()`` (e.g. :func:`monai_condflow.privacy.dp.dp_summary`), so a killed run still
+    says what it spent. At ``COMPLETED`` it records again only when the last epoch did not complete (a run
+    terminated mid-epoch): an epoch that completed was recorded at its ``EPOCH_COMPLETED``.
 
     Args:
         privacy_engine: an Opacus ``PrivacyEngine`` (anything with ``get_epsilon(delta)`` and an ``accountant``
             whose ``history`` lists the steps taken).
         delta: the delta at which epsilon is reported.
         summary_writer: optional TensorBoard ``SummaryWriter``.
+        log_dir: without ``summary_writer``, the folder of a TensorBoard writer of the handler's own, opened at the
+            first write and closed at ``COMPLETED`` (``None``: no TensorBoard).
         output_file: optional JSON file for ``summary_fn()``.
         summary_fn: ``() -> dict`` written to ``output_file``; default ``{"epsilon", "delta", "steps"}``.
         tag: TensorBoard tag.
@@ -66,12 +72,15 @@ class PrivacyAccountantHandler:
         summary_fn: Any = None,
         tag: str = "privacy/epsilon",
         target_epsilon: float | None = None,
+        log_dir: str | os.PathLike | None = None,
     ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}.")
         self.privacy_engine = privacy_engine
         self.delta = float(delta)
         self.summary_writer = summary_writer
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self._own_writer: SummaryWriter | None = None
         self.output_file = Path(output_file) if output_file is not None else None
         self.summary_fn = summary_fn
         self.tag = tag
@@ -86,12 +95,29 @@ class PrivacyAccountantHandler:
         return float(self.privacy_engine.get_epsilon(self.delta)) if self.steps() else 0.0
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``EPOCH_COMPLETED`` and ``COMPLETED`` of ``engine``; sets ``engine.state.epsilon = 0.0``."""
+        """Register on ``EPOCH_COMPLETED`` and ``COMPLETED`` (:meth:`completed`) of ``engine``; sets
+        ``engine.state.epsilon = 0.0``."""
         engine.state.epsilon = 0.0
         if self.target_epsilon is not None:
             engine.add_event_handler(Events.STARTED, self.check_budget)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def completed(self, engine: Engine) -> None:
+        """At ``COMPLETED``: record a last epoch that did not complete (once per epoch), then close an own writer."""
+        if not epoch_completed(engine):
+            self(engine)
+        if self._own_writer is not None:
+            self._own_writer.close()
+            self._own_writer = None
+
+    def writer(self) -> Any:
+        """The TensorBoard writer: ``summary_writer``, else the handler's own one in ``log_dir``, else ``None``."""
+        if self.summary_writer is not None or self.log_dir is None:
+            return self.summary_writer
+        if self._own_writer is None:
+            self._own_writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._own_writer
 
     def check_budget(self, engine: Engine) -> None:
         """Refuse to train when the run, as resumed, would end above ``target_epsilon``.
@@ -119,11 +145,22 @@ class PrivacyAccountantHandler:
         engine.state.epsilon = eps
         logger.info("DP-SGD: epsilon %.4f spent at delta %.3g after %d steps (epoch %d)", eps, self.delta,
                     self.steps(), engine.state.epoch)  # fmt: skip
-        if self.summary_writer is not None:
-            self.summary_writer.add_scalar(self.tag, eps, engine.state.epoch)
+        writer = self.writer()
+        if writer is not None:
+            writer.add_scalar(self.tag, eps, engine.state.epoch)
+            writer.flush()
         if self.output_file is not None:
             summary = self.summary_fn() if self.summary_fn is not None else {}
             own = {"epsilon": eps, "delta": self.delta, "steps": self.steps()}  # these win over summary_fn's keys
             summary = {**own, **{k: v for k, v in summary.items() if k not in own}}
             summary["epoch"] = int(engine.state.epoch)
             atomic_write_bytes(self.output_file, json.dumps(summary, indent=2, default=str).encode("utf-8"))
+
+
+def epoch_completed(engine: Engine) -> bool:
+    """Whether ``engine``'s current epoch ran all its iterations (``False`` after a termination mid-epoch; ``True``
+    when the epoch length is unknown, or before the first epoch)."""
+    epoch_length = engine.state.epoch_length
+    if not epoch_length:
+        return True
+    return int(engine.state.iteration) >= int(engine.state.epoch) * int(epoch_length)

@@ -117,10 +117,40 @@ def test_tensorboard_scalar_per_epoch(tmp_path):
     scalars = read_tensorboard_scalars(tmp_path / "tb")["."]
     assert list(scalars) == ["dp/eps"]
     steps, values = scalars["dp/eps"]
-    # one point per epoch (1 + 1, 2 + 1, 3 + 1), and the COMPLETED call again at the last epoch
-    assert steps == [1, 2, 3, 3]
-    assert values == pytest.approx([2.0, 3.0, 4.0, 4.0])
+    # exactly one point per epoch (1 + 1, 2 + 1, 3 + 1): COMPLETED does not repeat the last epoch
+    assert steps == [1, 2, 3]
+    assert values == pytest.approx([2.0, 3.0, 4.0])
     assert not (tmp_path / "privacy.json").exists()
+
+
+def test_a_run_terminated_mid_epoch_records_its_last_epoch_once(tmp_path):
+    """``COMPLETED`` after a termination mid-epoch (no ``EPOCH_COMPLETED`` for it) records that epoch, once."""
+    pe = _FakePrivacyEngine()
+    engine = _engine(pe, (4.0, 1.0, 1))  # +0.25 per iteration
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    out = tmp_path / "privacy.json"
+    PrivacyAccountantHandler(pe, DELTA, summary_writer=writer, output_file=out).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())  # epoch 2, iteration 2
+    engine.run(range(4), max_epochs=3)
+    writer.close()
+    steps, values = read_tensorboard_scalars(tmp_path / "tb")["."]["privacy/epsilon"]
+    assert steps == [1, 2] and values == pytest.approx([2.0, 2.5])
+    assert json.loads(out.read_text()) == {"epsilon": 2.5, "delta": DELTA, "steps": 6, "epoch": 2}
+
+
+def test_log_dir_gives_the_handler_its_own_writer(tmp_path):
+    """Without ``summary_writer``, ``log_dir`` opens a writer at the first write and closes it at ``COMPLETED``:
+    the points are on disk when the run ends, one per epoch."""
+    pe = _FakePrivacyEngine()
+    engine = _engine(pe, (4.0, 1.0, 1))
+    handler = PrivacyAccountantHandler(pe, DELTA, log_dir=tmp_path / "tb")
+    handler.attach(engine)
+    assert not (tmp_path / "tb").exists()  # nothing opened before the first epoch ends
+    engine.run(range(4), max_epochs=2)
+    assert handler._own_writer is None  # closed at COMPLETED
+    steps, values = read_tensorboard_scalars(tmp_path / "tb")["."]["privacy/epsilon"]
+    assert steps == [1, 2] and values == pytest.approx([2.0, 3.0])
+    assert PrivacyAccountantHandler(pe, DELTA).writer() is None  # neither: no TensorBoard
 
 
 @pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 1.5, math.nan])

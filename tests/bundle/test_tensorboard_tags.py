@@ -1,0 +1,154 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""What each training stage writes to TensorBoard, read back from its event files, against docs/tensorboard.md and
+docs/privacy.md: the classifier's ``lr``, ``privacy/epsilon`` once per epoch under both DP overlays, the adversarial
+phase's ``adversarial/*`` losses."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigWorkflow
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from monai_condflow.data.phantom import generate_phantom_dataset
+from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "bundle"
+CONFIGS = BUNDLE / "configs"
+EPOCHS = 2
+TINY = {"image_size": 32, "batch_size": 16, "max_epochs": EPOCHS, "num_workers": 0, "device": "cpu"}
+TINY_FLOW = {
+    "flow_overrides": {"num_levels": 2, "num_steps": 2, "num_blocks": 1, "hidden_channels": 8},
+    "adversarial_steps": 2,  # fewer than log_every (10): the phase's last step is logged all the same
+    "sample_every": 1,
+}
+CLASSIFIER_TAGS = {"train_loss", "lr", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall"}
+FLOW_TAGS = {"train_bpd", "lr", "skipped_steps", "val_bpd"}
+ADVERSARIAL_TAGS = {
+    "adversarial/bpd", "adversarial/d_loss", "adversarial/g_adversarial", "adversarial/consistency",
+    "adversarial/excess",
+}  # fmt: skip
+EPSILON = "privacy/epsilon"
+PER_ITERATION = {"train_loss", "train_bpd"}
+DP_IDS = {"target_epsilon": 3.0, "target_delta": 1e-4, "dp_accountant": "rdp"}
+
+
+def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in ["common.json", *files]],
+        meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+
+
+def _run(files: list[str], **overrides) -> None:
+    wf = _workflow(files, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+
+
+def _scalars(out: Path, stage: str) -> dict[str, tuple[list[int], list[float]]]:
+    """The scalar series of ``out/tensorboard/<stage>`` itself (its sub-folders are other runs)."""
+    return read_tensorboard_scalars(out / "tensorboard" / stage).get(".", {})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Classifier -> flow with the adversarial phase (``plain``); DP classifier -> DP flow (``dp``); the phantom
+    (``data``)."""
+    root = tmp_path_factory.mktemp("tb")
+    data = root / "data"
+    generate_phantom_dataset(data, num_images=48, seed=3, image_size=64, slices_per_patient=4, overwrite=True)
+    plain, dp = root / "plain", root / "dp"
+    _run(["train_classifier.json"], **TINY, dataset_dir=str(data), output_dir=str(plain))
+    _run(["train_flow.json"], **TINY, **TINY_FLOW, dataset_dir=str(data), output_dir=str(plain))
+    _run(["train_classifier.json", "train_classifier_dp.json"], **TINY, **DP_IDS, dataset_dir=str(data),
+         output_dir=str(dp))  # fmt: skip
+    _run(["train_flow.json", "train_flow_dp.json"], **TINY, **TINY_FLOW, **DP_IDS, dataset_dir=str(data),
+         output_dir=str(dp))  # fmt: skip
+    return {"plain": plain, "dp": dp, "data": data}
+
+
+def _assert_once_per_epoch(scalars: dict, tags: set[str]) -> None:
+    for tag in tags - PER_ITERATION:
+        assert scalars[tag][0] == list(range(1, EPOCHS + 1)), tag
+
+
+def test_the_classifier_logs_the_learning_rate_of_each_epoch(runs):
+    scalars = _scalars(runs["plain"], "classifier")
+    assert set(scalars) == CLASSIFIER_TAGS
+    _assert_once_per_epoch(scalars, CLASSIFIER_TAGS)
+    lr = json.loads((runs["plain"] / "classifier" / "run_settings.json").read_text())["stage"]["lr"]
+    steps, values = scalars["lr"]
+    assert values[0] == pytest.approx(lr) and values[1] < values[0]  # the epoch-level decay, after epoch 1
+
+
+def test_the_dp_classifier_logs_epsilon_once_per_epoch(runs):
+    scalars = _scalars(runs["dp"], "classifier")
+    assert set(scalars) == CLASSIFIER_TAGS | {EPSILON}
+    _assert_once_per_epoch(scalars, CLASSIFIER_TAGS | {EPSILON})
+    spent = json.loads((runs["dp"] / "classifier" / "classifier.json").read_text())["dp"]["epsilon"]
+    steps, values = scalars[EPSILON]
+    assert 0 < values[0] < values[1] and values[1] == pytest.approx(spent, rel=1e-5)
+
+
+def test_the_dp_flow_logs_epsilon_exactly_once_per_epoch(runs):
+    scalars = _scalars(runs["dp"], "flow")
+    assert set(scalars) == FLOW_TAGS | {EPSILON}  # no adversarial phase under DP-SGD
+    _assert_once_per_epoch(scalars, FLOW_TAGS | {EPSILON})
+    spent = json.loads((runs["dp"] / "flow" / "flow.json").read_text())["dp"]["epsilon"]
+    assert scalars[EPSILON][1][-1] == pytest.approx(spent, rel=1e-5)
+
+
+def test_a_resumed_dp_flow_logs_epsilon_once_per_epoch_too(runs, tmp_path):
+    """A DP flow killed at the end of epoch 1 and run again: epoch 1 from the first run, epoch 2 from the second."""
+    from ignite.engine import Events
+
+    shutil.copytree(runs["dp"] / "classifier", tmp_path / "classifier")
+    common = {**TINY, **TINY_FLOW, **DP_IDS, "dataset_dir": str(runs["data"]), "output_dir": str(tmp_path)}
+    wf = _workflow(["train_flow.json", "train_flow_dp.json"], **common)
+    wf.initialize()
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate()
+    )
+    wf.run()
+    wf.finalize()
+    _run(["train_flow.json", "train_flow_dp.json"], **common)
+    assert _scalars(tmp_path, "flow")[EPSILON][0] == [1, 2]
+
+
+def test_the_flow_logs_the_adversarial_phase_under_its_own_tags(runs):
+    scalars = _scalars(runs["plain"], "flow")
+    assert set(scalars) == FLOW_TAGS | ADVERSARIAL_TAGS  # no bare `loss` / `d_loss` beside `train_bpd`
+    _assert_once_per_epoch(scalars, FLOW_TAGS)
+    last = json.loads((runs["plain"] / "flow" / "flow.json").read_text())["adversarial"]["last"]
+    for tag in ADVERSARIAL_TAGS:
+        steps, values = scalars[tag]
+        key = "loss" if tag == "adversarial/bpd" else tag.split("/", 1)[1]
+        assert steps == [TINY_FLOW["adversarial_steps"]] and values == pytest.approx([last[key]], rel=1e-6), tag
+    acc = EventAccumulator(str(runs["plain"] / "tensorboard" / "flow"))
+    acc.Reload()
+    assert {"samples/class_0", "samples/class_1"} <= set(acc.Tags()["images"])
+
+
+def test_the_docs_name_every_tag_the_stages_write():
+    tensorboard = (ROOT / "docs" / "tensorboard.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", tensorboard, flags=re.DOTALL)))
+    assert CLASSIFIER_TAGS | FLOW_TAGS | ADVERSARIAL_TAGS | {EPSILON} <= documented
+    assert f"`{EPSILON}`" in (ROOT / "docs" / "privacy.md").read_text(encoding="utf-8")
