@@ -565,23 +565,32 @@ def _umask() -> int:
     return mask
 
 
+# how a user set the folder: generate()'s argument, or the bundle's synthetic_dir (OUTPUT_DIR/synthetic by default)
+_FOLDER_IDS = "(generate()'s output_dir; generate.json's synthetic_dir, by default OUTPUT_DIR/synthetic)"
+
+
 def _check_output_dir(output_dir: Path, manifest_name: str) -> None:
     """Refuse an ``output_dir`` that is a file, whose parent cannot be written, or that holds foreign files."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(
-            f"output_dir {output_dir} is a file, not a folder: give a folder for the synthetic set."
+            f"the synthetic-set folder {output_dir} {_FOLDER_IDS} is a file, not a folder: give a folder for the "
+            "synthetic set."
         )
     parent = output_dir.parent
     if parent.exists() and not parent.is_dir():
-        raise NotADirectoryError(f"the parent of output_dir, {parent}, is a file, not a folder.")
+        raise NotADirectoryError(
+            f"the parent of the synthetic-set folder {output_dir} {_FOLDER_IDS}, {parent}, is a file, not a folder."
+        )
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PermissionError(f"cannot create the folder {parent} for output_dir {output_dir}: {err}") from err
+        raise PermissionError(
+            f"cannot create the folder {parent} for the synthetic-set folder {output_dir} {_FOLDER_IDS}: {err}"
+        ) from err
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
-            f"cannot write into {parent} (the folder that holds output_dir {output_dir}): it is read-only for this "
-            "user; choose another output folder."
+            f"cannot write into {parent} (the folder that holds the synthetic-set folder {output_dir} {_FOLDER_IDS}): "
+            "it is read-only for this user; choose another output folder."
         )
     if output_dir.is_dir():
         foreign = sorted(
@@ -589,7 +598,8 @@ def _check_output_dir(output_dir: Path, manifest_name: str) -> None:
         )
         if foreign:
             raise ValueError(
-                f"output_dir {output_dir} holds files that generate() did not write ({', '.join(foreign[:5])}"
+                f"the synthetic-set folder {output_dir} {_FOLDER_IDS} holds files that generate() did not write "
+                f"({', '.join(foreign[:5])}"
                 f"{', ...' if len(foreign) > 5 else ''}); the synthetic set replaces the whole folder, so choose an "
                 "empty or new folder (or move those files)."
             )

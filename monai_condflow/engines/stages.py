@@ -458,6 +458,28 @@ def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     }
 
 
+def warn_non_private_classifier(output_dir: str | os.PathLike) -> bool:
+    """Before a DP-SGD flow trains: warn when the frozen conditioning classifier (``classifier/classifier.json``) was
+    trained on the private data without DP-SGD, so that the released pair has no finite guarantee (the warning
+    ``privacy.json`` / ``metrics.json`` give after the run, said before it spends the training time). A classifier
+    trained with DP-SGD, or on public data only, passes silently.
+
+    Returns:
+        ``True`` (bundle configs chain it).
+    """
+    path = Path(output_dir) / "classifier" / "classifier.json"
+    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if info.get("dp") is None:
+        logger.warning(
+            "the conditioning classifier in %s was trained without DP-SGD: every z it computes leaks the private "
+            "images, so the DP-SGD flow trained now is released with no finite privacy guarantee on this data "
+            "(privacy_spent: epsilon None). Train the classifier with train_classifier_dp.json (or on public data: "
+            "public_classifier.json) first; docs/privacy.md, 'What the (epsilon, delta) covers'.",
+            path.parent,
+        )
+    return True
+
+
 def privacy_noise(output_dir: str | os.PathLike) -> str | None:
     """Where the DP-SGD noise of a run's private stages came from, for the manifest's ``dp_noise`` column.
 

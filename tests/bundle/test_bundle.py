@@ -243,10 +243,17 @@ def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, d
            "--output_dir", str(trained_run), "--image_size", str(TINY["image_size"]), "--device", "cpu",
            "--num_samples", "5", "--batch_size", "2",
            "--flow_overrides", repr(TINY_FLOW["flow_overrides"])]  # fmt: skip
+    # an earlier run's samples (a higher index than this run writes) go; the user's other files stay
+    (trained_run / "inference").mkdir(exist_ok=True)
+    (trained_run / "inference" / "7_synthetic.png").write_bytes(b"earlier run")
+    (trained_run / "inference" / "notes_synthetic.png").write_bytes(b"the user's")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "removed 1 samples of an earlier run" in proc.stdout + proc.stderr
+    assert (trained_run / "inference" / "notes_synthetic.png").read_bytes() == b"the user's"
+    (trained_run / "inference" / "notes_synthetic.png").unlink()
     images = sorted((trained_run / "inference").glob("*.png"))
-    assert len(images) == 5
+    assert len(images) == 5 and not (trained_run / "inference" / "7_synthetic.png").exists()
     from PIL import Image
 
     with Image.open(images[0]) as img:
@@ -264,6 +271,13 @@ def test_inference_config_samples_images_from_a_trained_run(trained_run: Path, d
         assert np.abs(written - pred).max() <= 1 / 255 + 1e-6
         assert np.abs(written - pred.T).max() > 0.05  # not its transpose
     wf.finalize()
+    # more samples than validation slices (each takes the z of one) is refused by name, not cut short silently
+    n_val = len(wf.parser.get_parsed_content("records#val"))
+    big = _workflow(["inference.json"], **{**TINY, "batch_size": 2}, dataset_dir=str(dataset),
+                    output_dir=str(trained_run), flow_overrides=TINY_FLOW["flow_overrides"], num_samples=n_val + 1)
+    cause = _refusal(big, ConfigValueError)  # fmt: skip
+    assert f"'num_samples' is {n_val + 1}, but the validation split has {n_val} slices" in str(cause)
+    assert len(list((trained_run / "inference").glob("*.png"))) == 2  # the last run's; a refused run removes nothing
 
 
 @pytest.mark.parametrize("key, value", [("flow_preset", "paper"), ("image_size", 64), ("flow_overrides", {})])

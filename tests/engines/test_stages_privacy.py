@@ -84,3 +84,32 @@ def test_privacy_noise_names_the_noise_source_of_the_private_stages(tmp_path):
     _stage(tmp_path, "classifier", {"epsilon": 0.0, "delta": 0.0, "public": True})
     _stage(tmp_path, "flow", {"epsilon": 2.0, "delta": 1e-6, "noise": "secure_mode"})
     assert privacy_noise(tmp_path) == "secure_mode"
+
+
+def test_a_dp_flow_on_a_classifier_trained_without_dp_is_warned_before_it_trains(tmp_path, caplog):
+    """train_flow_dp.json warns at initialize (before the DP-SGD epochs) when the frozen classifier has no DP record;
+    a DP-SGD or public classifier passes silently."""
+    import logging
+
+    from monai.bundle import ConfigParser
+
+    from monai_condflow.engines.stages import warn_non_private_classifier
+    from monai_condflow.utils.bundle import BUNDLE_ROOT
+
+    _stage(tmp_path, "classifier", None)
+    with caplog.at_level(logging.WARNING, logger="monai_condflow.engines.stages"):
+        assert warn_non_private_classifier(tmp_path) is True
+    assert f"classifier in {tmp_path / 'classifier'} was trained without DP-SGD" in caplog.text
+    for dp in ({"epsilon": 1.0, "delta": 1e-6}, {"epsilon": 0.0, "delta": 0.0, "public": True}):
+        caplog.clear()
+        _stage(tmp_path, "classifier", dp)
+        with caplog.at_level(logging.WARNING, logger="monai_condflow.engines.stages"):
+            warn_non_private_classifier(tmp_path)
+        assert caplog.text == ""
+    parser = ConfigParser()
+    configs = BUNDLE_ROOT / "configs"
+    parser.read_config([str(configs / n) for n in ("common.json", "train_flow.json", "train_flow_dp.json")])
+    assert "$monai_condflow.engines.stages.warn_non_private_classifier(@output_dir)" in parser["initialize"]
+    parser = ConfigParser()
+    parser.read_config([str(configs / n) for n in ("common.json", "train_flow.json")])
+    assert not any("warn_non_private_classifier" in expr for expr in parser["initialize"])
