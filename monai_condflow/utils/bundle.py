@@ -21,14 +21,17 @@ import ast
 import difflib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
 __all__ = [
+    "install_cause_hook",
+    "root_cause",
     "BUNDLE_ROOT",
     "COMMON_CONFIG",
     "read_bundle_config",
@@ -138,11 +141,48 @@ def top_level_id(name: str) -> str:
     return name.split("::")[0].split("#")[0]
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The first error of a chain of ``raise ... from``: what MONAI's ``RuntimeError: Failed to evaluate
+    ConfigExpression`` (and Ignite's re-raises) wrap."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def _cause_last_hook(previous: Callable[..., Any]) -> Callable[..., None]:
+    """A ``sys.excepthook`` that runs ``previous`` (the traceback), then names the root cause when it differs."""
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        previous(exc_type, exc, tb)
+        cause = root_cause(exc) if isinstance(exc, BaseException) else exc
+        if cause is not exc and cause is not None:
+            text = " ".join(str(cause).split())
+            sys.stderr.write(
+                f"\n[monai_condflow] the error behind the traceback above: {type(cause).__name__}: {text}\n"
+            )
+            sys.stderr.flush()
+
+    hook.monai_condflow_cause_hook = True
+    return hook
+
+
+def install_cause_hook() -> None:
+    """Make an uncaught error that wraps another (MONAI's config parser wraps every error of a config expression in
+    ``RuntimeError: Failed to evaluate ConfigExpression`` and dumps the expression last) end with one line naming the
+    error behind it, so the last line of a failed ``python -m monai.bundle run`` says what went wrong. Installed
+    once per process (the traceback itself is printed as before)."""
+    if not getattr(sys.excepthook, "monai_condflow_cause_hook", False):
+        sys.excepthook = _cause_last_hook(sys.excepthook)
+
+
 def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
     """Refuse an id on the ``python -m monai.bundle run`` command line that no config of the run defines (a typo
     such as ``--max_epoch 1`` was added as a new id and ignored: the stage trained its default 30 epochs). Returns
     True (also outside that command, or with ``--args_file``, whose ids are not on the command line) so configs can
-    use it in ``check_config``.
+    use it in ``check_config``. Under that command it first installs :func:`install_cause_hook` (every config calls
+    this check first), so that a failed run ends with the error behind MONAI's wrapper.
 
     Args:
         argv: the command line (default ``sys.argv``); checked only when it is ``monai.bundle``'s ``run``.
@@ -156,6 +196,7 @@ def check_command_line_ids(argv: Sequence[str] | None = None) -> bool:
     main = os.path.normpath(argv[0]) if argv else ""
     if not main.endswith(os.path.join("monai", "bundle", "__main__.py")) or argv[1:2] != ["run"]:
         return True
+    install_cause_hook()
     names, config_file, tracking = _command_line_names(argv[2:])
     if config_file is None or "args_file" in names:
         return True

@@ -75,3 +75,38 @@ def test_monai_bundle_run_refuses_a_typo_before_training(tmp_path):
     assert proc.returncode != 0
     assert "config id 'max_epoch' (--max_epoch on the command line) is in none of the configs" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_bundle_run_ends_with_the_error_behind_monais_wrapper(tmp_path):
+    """MONAI wraps a config expression's error in ``RuntimeError: Failed to evaluate ConfigExpression`` and prints the
+    expression last; the run's last line now names the error behind it (the typo refusal and a bad value)."""
+    base = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(CONFIGS), "--bundle_root",
+            str(BUNDLE_ROOT), "--dataset_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    for extra, cause in (
+        (["--max_epoch", "1"], "ConfigValueError: config id 'max_epoch' (--max_epoch on the command line)"),
+        (["--max_epochs", "0"], "ConfigValueError: config id 'max_epochs' must be an integer >= 1, got 0."),
+    ):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "Failed to evaluate ConfigExpression" in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"[monai_condflow] the error behind the traceback above: {cause}"), last
+
+
+def test_the_cause_hook_names_the_root_of_a_chain_once_and_leaves_plain_errors_alone(capsys, monkeypatch):
+    from monai_condflow.utils import bundle
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: printed.append(type(e).__name__))
+    bundle.install_cause_hook()
+    bundle.install_cause_hook()  # installed once: one line per error
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise RuntimeError("Failed to evaluate") from inner
+    except RuntimeError as outer:
+        sys.excepthook(RuntimeError, outer, outer.__traceback__)
+    sys.excepthook(ValueError, ValueError("plain"), None)
+    err = capsys.readouterr().err
+    assert printed == ["RuntimeError", "ValueError"]  # the traceback printer still runs first
+    assert err.count("the error behind the traceback above") == 1 and "KeyError: 'inner'" in err
