@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from monai_condflow.handlers.checkpoint import LoaderRandomState, find_latest_checkpoint
 from monai_condflow.handlers.checkpoint_saver import AtomicCheckpointSaver, BestMetricState
+from monai_condflow.handlers.learning_rate import LearningRateRecorder
 from monai_condflow.metrics.classification import (
     ClassificationAccuracy,
     MacroF1,
@@ -185,13 +186,10 @@ def _infer_num_classes(network: torch.nn.Module) -> int:
     return int(linears[-1].out_features)
 
 
-def _epoch_start_handler(
-    optimizer: torch.optim.Optimizer, loader: Iterable, seed: int | None
-) -> Callable[[SupervisedTrainer], None]:
-    """Reseed the epoch (torch RNG and the sampler's generator) from ``seed + epoch`` and record the epoch's lr."""
+def _epoch_start_handler(loader: Iterable, seed: int | None) -> Callable[[SupervisedTrainer], None]:
+    """Reseed the epoch (torch RNG and the sampler's generator) from ``seed + epoch``."""
 
     def _on_epoch_started(engine: SupervisedTrainer) -> None:
-        engine.state.lr = float(optimizer.param_groups[0]["lr"])
         if seed is None:
             return
         epoch_seed = int(seed) + int(engine.state.epoch)
@@ -427,8 +425,9 @@ def create_classifier_trainer(
     )
     trainer_ref.append(trainer)
     trainer_state_objects["trainer"] = trainer
-    # the epoch seeding / lr recording must precede the handlers that read `state.lr`
-    trainer.add_event_handler(Events.EPOCH_STARTED, _epoch_start_handler(optimizer, train_loader, seed))
+    # the epoch's lr in `state.lr` (read at EPOCH_COMPLETED by the stats handlers), then the epoch seeding
+    LearningRateRecorder(optimizer).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_STARTED, _epoch_start_handler(train_loader, seed))
     for handler in train_handlers:
         handler.attach(trainer)
     if output_dir is not None and is_main:

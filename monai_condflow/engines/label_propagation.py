@@ -40,6 +40,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,12 +56,14 @@ from monai_condflow.engines.classifier import (
     train_classifier,
 )
 from monai_condflow.handlers.checkpoint import load_module_weights
+from monai_condflow.handlers.tensorboard_stats import ITERATION_OFFSET
 from monai_condflow.utils.distributed import barrier, create_loader, get_rank, is_distributed, unwrap_model
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 else:
     SummaryWriter, _ = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+EventFileLoader, _ = optional_import("tensorboard.backend.event_processing.event_file_loader", name="EventFileLoader")
 
 __all__ = [
     "SIMILARITY_KINDS",
@@ -447,9 +450,10 @@ def _propagate_round(
     return stats
 
 
-def _log_round(writer: Any, stats: Mapping[str, Any]) -> None:
-    """Write a round's summary (see :func:`_propagate_round`) as TensorBoard scalars at step ``round``."""
-    if writer is None:
+def _log_round(writer: Any, stats: Mapping[str, Any], after: int = -1) -> None:
+    """Write a round's summary (see :func:`_propagate_round`) as TensorBoard scalars at step ``round``, unless that
+    step is not after ``after`` (the last round already in the folder)."""
+    if writer is None or stats["round"] <= after:
         return
     step = stats["round"]
     if stats["fraction_changed"] is not None:
@@ -460,6 +464,17 @@ def _log_round(writer: Any, stats: Mapping[str, Any]) -> None:
     if "presumptive_accuracy" in stats:
         writer.add_scalar("presumptive_accuracy", stats["presumptive_accuracy"], step)
     writer.flush()
+
+
+def _last_logged_round(log_dir: str | os.PathLike) -> int:
+    """The last round whose summary (``mean_confidence``, written every round) is in ``log_dir``'s event files, -1
+    for none: a resumed run does not write it again."""
+    last = -1
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            if any(v.tag == "mean_confidence" for v in event.summary.value):
+                last = max(last, int(event.step))
+    return last
 
 
 def _min_steps_repeats(min_steps: int, batch_size: int, epochs: int, n_labelled: int) -> int:
@@ -782,6 +797,14 @@ class SemiSupervisedWorkflow:
     the workflow's own state (round, presumptive labels, round summaries) is saved with the trainer's checkpoints
     (put it in the ``state_saver`` / ``state_loader`` dicts), so a killed run resumes where it stopped.
 
+    TensorBoard: the epoch-level scalars of the trainer and its validator continue with the epochs. Ignite needs
+    ``trainer.state.iteration`` at a multiple of the round's epoch length, so the iteration count itself restarts
+    with every round's epoch length; the workflow keeps the difference to the run's iteration count in
+    ``trainer.state.iteration_offset`` (saved with its state), which
+    :class:`~monai_condflow.handlers.tensorboard_stats.OffsetTensorBoardStatsHandler` adds to the step of
+    ``train_loss``: every point of every round at its own step. A resumed run writes no round summary that the event
+    files in ``log_dir`` already hold (a run killed early in a round resumes from the end of the previous one).
+
     Args:
         trainer: a MONAI ``SupervisedTrainer`` whose ``data_loader.dataset`` has ``set_data`` (``CacheDataset``).
         labelled: labelled records ``{"image", "label", ...}``.
@@ -801,7 +824,7 @@ class SemiSupervisedWorkflow:
             times; with 20-50 labels an epoch is one or two steps).
         lr_scheduler: a :class:`RoundLRScheduler` to restart every round, or ``None`` to keep the trainer's schedule.
         true_labels: true labels ``[N_u]`` of the unlabelled records, to log the presumptive-label accuracy.
-        log_dir: folder of the per-round TensorBoard scalars (rank 0 writes), or ``None``.
+        log_dir: folder of the per-round TensorBoard scalars at step ``round`` (rank 0 writes), or ``None``.
         seed: the trainer loader's generator is reseeded with ``seed + round`` at the start of every round.
         batch_size: batch size of the embedding passes.
         label_key: key of the labels.
@@ -874,6 +897,7 @@ class SemiSupervisedWorkflow:
         # progress, saved with the trainer's checkpoints
         self.round = 0
         self.round_end_epoch = -1  # -1: the round's training has not started
+        self.iteration_offset = 0  # the run's iteration count minus trainer.state.iteration in this round
         self.presumptive: torch.Tensor | None = None  # labels the current round trains on
         self.rounds: list[dict[str, Any]] = []
         self.converged = False
@@ -885,10 +909,11 @@ class SemiSupervisedWorkflow:
         return self.initial_epochs + self.max_rounds * self.epochs_per_round
 
     def state_dict(self) -> dict[str, Any]:
-        """Round, the round's last epoch, its presumptive labels and the summaries of the finished rounds."""
+        """Round, the round's last epoch and iteration offset, its presumptive labels and the finished rounds."""
         return {
             "round": self.round,
             "round_end_epoch": self.round_end_epoch,
+            "iteration_offset": self.iteration_offset,
             "presumptive": torch.zeros(0, dtype=torch.long) if self.presumptive is None else self.presumptive,
             "rounds": [dict(r) for r in self.rounds],
             "converged": self.converged,
@@ -897,6 +922,7 @@ class SemiSupervisedWorkflow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.round, self.round_end_epoch = int(state["round"]), int(state["round_end_epoch"])
+        self.iteration_offset = int(state.get("iteration_offset", 0))  # absent from checkpoints of older versions
         presumptive = torch.as_tensor(state["presumptive"]).long()
         self.presumptive = presumptive if presumptive.numel() else None
         self.rounds = [dict(r) for r in state["rounds"]]
@@ -918,6 +944,9 @@ class SemiSupervisedWorkflow:
         steps = len(loader)
         starting = self.round_end_epoch < 0
         if starting:
+            # the iteration count restarts below with this round's epoch length: the offset keeps the round's first
+            # iteration at the run's next one in TensorBoard
+            self.iteration_offset += int(trainer.state.iteration) - int(trainer.state.epoch) * steps
             epochs = self.initial_epochs if self.round == 0 else self.epochs_per_round
             self.round_end_epoch = int(trainer.state.epoch) + epochs
             if self.lr_scheduler is not None:
@@ -928,6 +957,7 @@ class SemiSupervisedWorkflow:
         # continue the epoch count with this round's epoch length; ignite starts an epoch at iteration % length == 0
         trainer.state.epoch_length = steps
         trainer.state.iteration = int(trainer.state.epoch) * steps
+        setattr(trainer.state, ITERATION_OFFSET, self.iteration_offset)
         trainer.state.max_epochs = self.round_end_epoch
         if trainer.state.epoch < self.round_end_epoch:
             trainer.run()
@@ -954,8 +984,10 @@ class SemiSupervisedWorkflow:
             ``presumptive_labels`` and ``confidence`` (``[N_u]``), ``centroids`` ``[C, D]``, ``converged``,
             ``num_rounds`` and ``network``.
         """
-        writer = None
+        writer, logged = None, -1
         if self.log_dir is not None and get_rank() == 0:
+            if self.round > 0 or self.round_end_epoch >= 0:  # resumed from a checkpoint
+                logged = _last_logged_round(self.log_dir)
             writer = SummaryWriter(log_dir=os.fspath(self.log_dir))
         labels = None
         network = self.trainer.network
@@ -979,7 +1011,7 @@ class SemiSupervisedWorkflow:
                 labels, self.confidence = stats.pop("labels"), stats.pop("confidence")
                 stats["epochs"] = int(self.trainer.state.epoch)
                 self.rounds = [r for r in self.rounds if r["round"] != self.round] + [stats]
-                _log_round(writer, stats)
+                _log_round(writer, stats, after=logged)
                 changed = stats["fraction_changed"]
                 self.converged = changed is not None and changed < self.tol
                 if self.converged or self.round >= self.max_rounds:

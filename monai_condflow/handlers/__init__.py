@@ -18,6 +18,7 @@ from .epoch_checkpoint import CheckpointResumer, EpochCheckpointer, ResumableEar
 from .learning_rate import LearningRateRecorder
 from .privacy_accountant import PrivacyAccountantHandler
 from .sample_grid import SampleGridHandler
+from .tensorboard_stats import OffsetTensorBoardStatsHandler
 
 __all__ = [
     "SampleGridHandler",
@@ -26,6 +27,7 @@ __all__ = [
     "EmbeddingProjectorHandler",
     "PrivacyAccountantHandler",
     "LearningRateRecorder",
+    "OffsetTensorBoardStatsHandler",
     "AtomicCheckpointSaver",
     "BestMetricState",
     "EpochCheckpointer",

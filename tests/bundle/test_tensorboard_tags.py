@@ -10,18 +10,23 @@
 # limitations under the License.
 """What each training stage writes to TensorBoard, read back from its event files, against docs/tensorboard.md and
 docs/privacy.md: the classifier's ``lr``, ``privacy/epsilon`` once per epoch under both DP overlays, the adversarial
-phase's ``adversarial/*`` losses."""
+phase's ``adversarial/*`` losses; the rounds of a semi-supervised classifier (also resumed) continue every tag's
+steps; under torchrun only rank 0 writes."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
@@ -45,6 +50,15 @@ ADVERSARIAL_TAGS = {
 EPSILON = "privacy/epsilon"
 PER_ITERATION = {"train_loss", "train_bpd"}
 DP_IDS = {"target_epsilon": 3.0, "target_delta": 1e-4, "dp_accountant": "rdp"}
+# semi-supervised: 8 labels (loader batch 8) and 16 unlabelled images. Round 0: 2 epochs over the labelled set 10 times
+# (semi_min_steps=20), 10 steps each; round 1: 1 epoch over 8 + 16 records, 3 steps: shorter epochs than round 0's
+SEMI = {
+    "image_size": 32, "batch_size": 16, "num_workers": 0, "device": "cpu", "lr": 0.01, "num_labels": 8,
+    "max_epochs": 2, "epochs_per_round": 1, "max_rounds": 1, "tol": 0.0, "semi_min_steps": 20,
+}  # fmt: skip
+SEMI_ITERATIONS, SEMI_EPOCHS, SEMI_ROUNDS = 2 * 10 + 1 * 3, 3, 2
+SEMI_FILES = ["train_classifier.json", "train_semisupervised.json"]
+ROUND_TAGS = {"class_balance/0", "class_balance/1", "mean_confidence", "presumptive_accuracy"}
 
 
 def _workflow(files: list[str], **overrides) -> ConfigWorkflow:
@@ -69,12 +83,17 @@ def _scalars(out: Path, stage: str) -> dict[str, tuple[list[int], list[float]]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def phantom(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("phantom")
+    generate_phantom_dataset(data, num_images=48, seed=3, image_size=64, slices_per_patient=4, overwrite=True)
+    return data
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, phantom) -> dict[str, Path]:
     """Classifier -> flow with the adversarial phase (``plain``); DP classifier -> DP flow (``dp``); the phantom
     (``data``)."""
-    root = tmp_path_factory.mktemp("tb")
-    data = root / "data"
-    generate_phantom_dataset(data, num_images=48, seed=3, image_size=64, slices_per_patient=4, overwrite=True)
+    root, data = tmp_path_factory.mktemp("tb"), phantom
     plain, dp = root / "plain", root / "dp"
     _run(["train_classifier.json"], **TINY, dataset_dir=str(data), output_dir=str(plain))
     _run(["train_flow.json"], **TINY, **TINY_FLOW, dataset_dir=str(data), output_dir=str(plain))
@@ -152,3 +171,89 @@ def test_the_docs_name_every_tag_the_stages_write():
     documented = set(re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", tensorboard, flags=re.DOTALL)))
     assert CLASSIFIER_TAGS | FLOW_TAGS | ADVERSARIAL_TAGS | {EPSILON} <= documented
     assert f"`{EPSILON}`" in (ROOT / "docs" / "privacy.md").read_text(encoding="utf-8")
+
+
+def _raw_steps(folder: Path) -> dict[str, list[int]]:
+    """Every tag's steps in ``folder``'s own event files, in the order they were written (no purging reader)."""
+    events = [e for f in folder.glob("events.out.tfevents.*") for e in EventFileLoader(str(f)).Load()]
+    steps: dict[str, list[int]] = {}
+    for event in sorted(events, key=lambda e: e.wall_time):
+        for value in event.summary.value:
+            steps.setdefault(value.tag, []).append(int(event.step))
+    return steps
+
+
+def _assert_semisupervised_steps(out: Path) -> None:
+    """One point per iteration / epoch / round, at strictly increasing steps."""
+    tb = out / "tensorboard" / "classifier"
+    steps = _raw_steps(tb)
+    assert set(steps) == CLASSIFIER_TAGS
+    assert steps["train_loss"] == list(range(1, SEMI_ITERATIONS + 1))
+    for tag in CLASSIFIER_TAGS - PER_ITERATION:
+        assert steps[tag] == list(range(1, SEMI_EPOCHS + 1)), tag
+    rounds = _raw_steps(tb / "label_propagation")
+    assert set(rounds) == ROUND_TAGS | {"fraction_changed"}
+    for tag in ROUND_TAGS:
+        assert rounds[tag] == list(range(SEMI_ROUNDS)), tag
+    assert rounds["fraction_changed"] == list(range(1, SEMI_ROUNDS))
+
+
+def test_semisupervised_rounds_continue_every_tags_steps(phantom, tmp_path):
+    """Round 1's epochs are shorter than round 0's: its ``train_loss`` still follows round 0's last iteration."""
+    _run(SEMI_FILES, **SEMI, dataset_dir=str(phantom), output_dir=str(tmp_path))
+    _assert_semisupervised_steps(tmp_path)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_resumed_semisupervised_run_writes_no_step_twice(phantom, tmp_path):
+    """Killed as round 1 starts (after the checkpoint of epoch 2, the end of round 0, and round 0's summary), run
+    again: it goes on from round 0's propagation, which it does not log again, and round 1's first iteration."""
+    from ignite.engine import Events
+
+    common = {**SEMI, "dataset_dir": str(phantom), "output_dir": str(tmp_path)}
+    wf = _workflow(SEMI_FILES, **common)
+    wf.initialize()
+
+    def kill(engine) -> None:
+        if engine.state.epoch == 3:
+            raise Killed("killed")
+
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED, kill)
+    with pytest.raises(Exception):  # noqa: B017 - the config parser wraps Killed
+        wf.run()
+    wf.finalize()
+    assert [p.name for p in (tmp_path / "classifier").glob("state_*")] == ["state_checkpoint_epoch=2.pt"]
+    _run(SEMI_FILES, **common)
+    _assert_semisupervised_steps(tmp_path)
+
+
+def _torchrun(files: list[str], overrides: dict) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` in 2 gloo processes on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "--config_file", json.dumps([str(CONFIGS / f) for f in ["common.json", *files]]),
+           "--bundle_root", str(BUNDLE)]  # fmt: skip
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_only_rank_0_of_the_multi_process_classifier_writes(phantom, tmp_path):
+    """Two ranks: one event file per TensorBoard handler, every point once, the metrics printed once."""
+    out = tmp_path / "ddp"
+    files = ["train_classifier.json", "multi_gpu_train_classifier.json"]
+    done = _torchrun(files, {**TINY, "dataset_dir": str(phantom), "output_dir": str(out)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    tb = out / "tensorboard" / "classifier"
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2  # the train and the validation handler of rank 0
+    steps = _raw_steps(tb)
+    assert set(steps) == CLASSIFIER_TAGS
+    for tag in CLASSIFIER_TAGS - PER_ITERATION:
+        assert steps[tag] == list(range(1, EPOCHS + 1)), tag
+    iterations = steps["train_loss"]
+    assert iterations == list(range(1, len(iterations) + 1)) and len(iterations) % EPOCHS == 0
+    assert (done.stdout + done.stderr).count("Epoch[1] Metrics") == 1  # StatsHandler: rank 0 only
+    assert (out / "classifier" / "classifier.json").is_file() and (out / "classifier" / "model.pt").is_file()
