@@ -57,7 +57,15 @@ from monai_condflow.engines.classifier import (
 )
 from monai_condflow.handlers.checkpoint import load_module_weights
 from monai_condflow.handlers.tensorboard_stats import ITERATION_OFFSET
-from monai_condflow.utils.distributed import barrier, create_loader, get_rank, is_distributed, unwrap_model
+from monai_condflow.utils.distributed import (
+    barrier,
+    broadcast_tensor,
+    create_loader,
+    get_rank,
+    is_distributed,
+    refresh_sampler,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -941,6 +949,7 @@ class SemiSupervisedWorkflow:
         trainer = self.trainer
         loader = trainer.data_loader
         loader.dataset.set_data(self._round_records())
+        refresh_sampler(loader)  # under torchrun the DistributedSampler was sized for the first round's records
         steps = len(loader)
         starting = self.round_end_epoch < 0
         if starting:
@@ -1001,6 +1010,9 @@ class SemiSupervisedWorkflow:
                     last_accuracy = self._last_weights_accuracy(device)
                 z_l, _ = compute_embeddings(network, self.embed_labelled, device)
                 z_u, _ = compute_embeddings(network, self.embed_unlabelled, device)
+                # under torchrun every rank labels with rank 0's embeddings: the same labels, and the same decision to
+                # stop (a rank that stopped alone would leave the others waiting in their next collective)
+                z_l, z_u = broadcast_tensor(z_l), broadcast_tensor(z_u)
                 stats = _propagate_round(
                     self.propagation, z_l, self.labels_labelled, z_u, self.presumptive, self.true_labels,
                     self.round, self.num_classes,

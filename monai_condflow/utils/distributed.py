@@ -30,6 +30,7 @@ size are therefore read from ``torch.distributed`` itself, which is safe anywher
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -54,6 +55,8 @@ __all__ = [
     "create_loader",
     "any_across_ranks",
     "broadcast_module",
+    "broadcast_tensor",
+    "refresh_sampler",
     "all_gather_tensors",
     "barrier",
     "cleanup_distributed",
@@ -281,6 +284,34 @@ def any_across_ranks(
         t = idist.all_reduce(t, op="MAX")
         values = [bool(v) for v in t.tolist()]
     return values if many else values[0]
+
+
+def refresh_sampler(loader: DataLoader) -> None:
+    """After the loader's dataset changed length (``set_data`` of a ``CacheDataset``, as the semi-supervised rounds
+    do), size its ``DistributedSampler`` for the new length as its constructor does (``num_samples`` per rank,
+    ``total_size``); the sampler otherwise keeps the length it was built with and fails its own check (``Number of
+    indices (48) does not match total_size (8)``). A loader with another sampler is left as it is.
+
+    Args:
+        loader: a loader from :func:`create_loader` (or any loader whose sampler is a ``DistributedSampler``).
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return
+    n, replicas = len(sampler.dataset), sampler.num_replicas  # type: ignore[arg-type]
+    if sampler.drop_last and n % replicas != 0:
+        sampler.num_samples = math.ceil((n - replicas) / replicas)
+    else:
+        sampler.num_samples = math.ceil(n / replicas)
+    sampler.total_size = sampler.num_samples * replicas
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``tensor`` as rank ``src`` holds it, on every rank (the tensor itself in a single process); every rank must
+    pass a tensor of the same shape and dtype."""
+    if not is_distributed():
+        return tensor
+    return idist.broadcast(tensor.contiguous(), src=src)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

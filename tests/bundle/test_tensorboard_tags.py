@@ -257,3 +257,21 @@ def test_only_rank_0_of_the_multi_process_classifier_writes(phantom, tmp_path):
     assert iterations == list(range(1, len(iterations) + 1)) and len(iterations) % EPOCHS == 0
     assert (done.stdout + done.stderr).count("Epoch[1] Metrics") == 1  # StatsHandler: rank 0 only
     assert (out / "classifier" / "classifier.json").is_file() and (out / "classifier" / "model.pt").is_file()
+
+
+def test_the_semisupervised_classifier_runs_under_torchrun(phantom, tmp_path):
+    """Label propagation under 2 ranks: each round's records change the training set's length, which the ranks'
+    DistributedSampler must follow (it failed with "Number of indices (48) does not match total_size (8)"); the
+    ranks label with rank 0's embeddings, and rank 0 alone writes, every step once."""
+    out = tmp_path / "ddp_semi"
+    files = [*SEMI_FILES, "multi_gpu_train_classifier.json"]
+    done = _torchrun(files, {**SEMI, "dataset_dir": str(phantom), "output_dir": str(out)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "classifier" / "classifier.json").read_text())
+    rounds = info["rounds"]
+    assert [r["round"] for r in rounds] == list(range(SEMI_ROUNDS))
+    assert (out / "classifier" / "train_labels.json").is_file()
+    steps = _raw_steps(out / "tensorboard" / "classifier")
+    iterations = steps["train_loss"]
+    assert iterations == list(range(1, len(iterations) + 1))  # one rank, no step twice or missing
+    assert steps["lr"] == list(range(1, SEMI_EPOCHS + 1))

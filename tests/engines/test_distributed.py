@@ -162,6 +162,38 @@ def test_create_loader_is_seeded_and_uses_the_global_batch():
         D.create_loader(data, 0, shuffle=True, seed=0)
 
 
+def test_refresh_sampler_sizes_a_distributed_sampler_for_a_dataset_that_changed_length():
+    """The semi-supervised rounds change the training set's length (``set_data``); a ``DistributedSampler`` keeps
+    the length it was built with and fails (``Number of indices (48) does not match total_size (8)``), or with
+    drop_last samples the old length only, unless refreshed: afterwards it samples as one built on the new data does, on each of 2 ranks, with and without
+    drop_last."""
+    from monai.data import CacheDataset
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    for drop_last in (False, True):
+        dataset = CacheDataset([{"label": i} for i in range(8)], transform=None, progress=False)
+        loaders = [DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, 2, r, shuffle=True, seed=3,
+                                                                                 drop_last=drop_last))
+                   for r in range(2)]  # fmt: skip
+        dataset.set_data([{"label": i} for i in range(13)])
+        if drop_last:  # silently the first 8 of the 13 records' permutation only
+            assert len(list(loaders[0].sampler)) == 4
+        else:
+            with pytest.raises(AssertionError, match="does not match total_size"):
+                list(loaders[0].sampler)
+        fresh = [DistributedSampler(list(range(13)), 2, r, shuffle=True, seed=3, drop_last=drop_last) for r in range(2)]
+        for loader, expected in zip(loaders, fresh):
+            D.refresh_sampler(loader)
+            assert list(loader.sampler) == list(expected) and len(loader) == -(-len(expected) // 2)
+        seen = [i for loader in loaders for i in loader.sampler]
+        assert len(seen) == (12 if drop_last else 14) and set(seen) <= set(range(13))
+    plain = DataLoader(list(range(5)), batch_size=2, shuffle=True)
+    D.refresh_sampler(plain)  # another sampler: left alone
+    assert len(plain) == 3
+    x = torch.arange(4.0)
+    assert D.broadcast_tensor(x) is x  # a single process: the tensor itself
+
+
 def test_batch_size_above_the_training_set_is_a_clear_error():
     data = [{"image": torch.zeros(1, 2, 2), "label": i} for i in range(5)]
     with pytest.raises(ValueError, match=r"batch_size 8 is larger than the training set \(5 items\).*'batch_size'"):
