@@ -275,3 +275,13 @@ def test_the_semisupervised_classifier_runs_under_torchrun(phantom, tmp_path):
     iterations = steps["train_loss"]
     assert iterations == list(range(1, len(iterations) + 1))  # one rank, no step twice or missing
     assert steps["lr"] == list(range(1, SEMI_EPOCHS + 1))
+
+
+def test_the_dp_classifier_refuses_torchrun_as_the_dp_flow_does(phantom, tmp_path):
+    """Under torchrun the multi-process overlay's DDP network replaced the private one: the DP optimizer stepped
+    weights that got no gradients, with rc 0 and an epsilon that described nothing. Now refused by name."""
+    files = ["train_classifier.json", "train_classifier_dp.json", "multi_gpu_train_classifier.json"]
+    done = _torchrun(files, {**TINY, **DP_IDS, "dataset_dir": str(phantom), "output_dir": str(tmp_path / "dp")})
+    assert done.returncode != 0
+    assert "DP-SGD classifier training runs in one process; start it without torchrun" in done.stderr
+    assert not (tmp_path / "dp" / "classifier" / "model.pt").exists()

@@ -165,8 +165,8 @@ def test_create_loader_is_seeded_and_uses_the_global_batch():
 def test_refresh_sampler_sizes_a_distributed_sampler_for_a_dataset_that_changed_length():
     """The semi-supervised rounds change the training set's length (``set_data``); a ``DistributedSampler`` keeps
     the length it was built with and fails (``Number of indices (48) does not match total_size (8)``), or with
-    drop_last samples the old length only, unless refreshed: afterwards it samples as one built on the new data does, on each of 2 ranks, with and without
-    drop_last."""
+    drop_last samples the old length only, unless refreshed: afterwards it samples as one built on the new data
+    does, on each of 2 ranks, with and without drop_last."""
     from monai.data import CacheDataset
     from torch.utils.data import DataLoader, DistributedSampler
 
