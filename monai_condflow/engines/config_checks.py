@@ -41,6 +41,7 @@ __all__ = [
     "check_flags",
     "check_fractions",
     "check_preprocessing",
+    "check_run_classes",
 ]
 
 
@@ -166,6 +167,67 @@ def check_preprocessing(intensity: object, hu_window: object, crop: object) -> b
             f"config id 'hu_window' must be [level, width] in HU with width > 0 (e.g. [-600, 1500], the lung window; "
             f"on the command line --hu_window \"[-600, 1500]\"), got {hu_window!r}."
         )
+    return True
+
+
+def _class_map_labels(class_map: object) -> dict[int, int] | None:
+    """``{raw class id: label}`` of a ``class_map`` id or of one recorded in ``run_settings.json`` (JSON keys are
+    strings), ``None`` when it is not a class map."""
+    from monai_condflow.data.readers import resolve_class_map
+
+    if isinstance(class_map, Mapping):
+        try:
+            class_map = {int(k): v for k, v in class_map.items()}
+        except (TypeError, ValueError):
+            return None
+    try:
+        return resolve_class_map(class_map)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def _class_map_arg(class_map: object) -> str:
+    """``class_map`` as it is written on a command line (``three``, ``"{0: 0, 2: 1}"``)."""
+    labels = None if isinstance(class_map, str) else _class_map_labels(class_map)
+    return str(class_map) if labels is None else '"' + str(labels) + '"'
+
+
+def check_run_classes(
+    output_dir: str | os.PathLike,
+    num_classes: object,
+    class_map: object,
+    stages: tuple[str, ...] = ("classifier", "flow"),
+) -> bool:
+    """``num_classes`` and ``class_map`` must be those the run's trained stages recorded (``<stage>/run_settings.json``,
+    section ``stage``): a stage that reads a three-class run with the default ``binary`` map would label its records
+    0 / 1 (COVID-19 as 1, pneumonia as 0) for a classifier and a flow that know three classes, and write wrong
+    classes without an error. Returns True (also for a stage that has not run, or that recorded neither id), so
+    configs can use it in an expression.
+
+    Raises:
+        ConfigValueError: naming the id that differs, the stage folder, both values and what to pass.
+        RunSettingsError: a stage's settings file cannot be read.
+    """
+    from monai_condflow.engines.run_folder import SETTINGS_NAME, read_run_settings
+
+    for stage in stages:
+        folder = Path(output_dir) / stage
+        recorded = read_run_settings(folder, "stage")
+        rec_classes, rec_map = recorded.get("num_classes"), recorded.get("class_map")
+        shown = {"num_classes": rec_classes, "class_map": None if rec_map is None else _class_map_arg(rec_map)}
+        hint = " ".join(f"--{key} {value}" for key, value in shown.items() if value is not None)
+        differs = None
+        if rec_classes is not None and (isinstance(num_classes, bool) or num_classes != rec_classes):
+            differs = ("num_classes", num_classes, rec_classes)
+        elif rec_map is not None and _class_map_labels(class_map) != _class_map_labels(rec_map):
+            differs = ("class_map", class_map, rec_map)
+        if differs is not None:
+            key, value, was = differs
+            raise ConfigValueError(
+                f"config id '{key}' is {value!r} but the {stage} in {folder} was trained with {key} {was!r} "
+                f"({SETTINGS_NAME}): its classes would be read otherwise, and outputs labelled wrongly. Pass {hint} "
+                "(the ids the run was trained with; the pipeline's --set num_classes=... --set class_map=...)."
+            )
     return True
 
 

@@ -1,0 +1,70 @@
+# Copyright (c) monai_condflow contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The stages that read a trained run (counterfactuals, novelty, generation, the classifier's test metrics) refuse a
+``num_classes`` / ``class_map`` other than the run's, by name, before reading any image: a three-class run read with
+the default ``binary`` map labelled COVID-19 as 1 and pneumonia as 0 for a three-class classifier and flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from monai_condflow.engines.config_checks import ConfigValueError, check_run_classes
+
+CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+
+
+def _run(tmp_path: Path, class_map: object = "three", num_classes: int = 3) -> Path:
+    run = tmp_path / "run"
+    for stage in ("classifier", "flow"):
+        (run / stage).mkdir(parents=True)
+        settings = {"stage": {"num_classes": num_classes, "class_map": class_map, "image_size": 64}}
+        (run / stage / "run_settings.json").write_text(json.dumps(settings))
+    return run
+
+
+def test_check_run_classes_refuses_another_class_count_or_map_by_name(tmp_path):
+    run = _run(tmp_path)
+    assert check_run_classes(run, 3, "three")
+    assert check_run_classes(run, 3, {0: 0, 1: 1, 2: 2})  # the same labels written as a dict
+    with pytest.raises(ConfigValueError, match=r"'num_classes' is 2 .* classifier .*--num_classes 3 --class_map three"):
+        check_run_classes(run, 2, "binary")
+    with pytest.raises(ConfigValueError, match=r"'class_map' is \{0: 0, 1: 1, 2: 0\} .* flow"):
+        check_run_classes(run, 3, {0: 0, 1: 1, 2: 0}, ("flow",))
+    assert check_run_classes(tmp_path / "not_trained", 2, "binary")  # nothing recorded: nothing to compare
+
+
+def test_check_run_classes_reads_a_recorded_dict_map(tmp_path):
+    run = _run(tmp_path, class_map={0: 0, 1: 1}, num_classes=2)  # recorded with JSON's string keys
+    assert check_run_classes(run, 2, {0: 0, 1: 1})
+    with pytest.raises(ConfigValueError, match=r"'class_map' is 'binary' .*--class_map \"\{0: 0, 1: 1\}\""):
+        check_run_classes(run, 2, "binary")
+
+
+@pytest.mark.parametrize(
+    "config", ["counterfactual.json", "novelty.json", "generate.json", "inference_classifier.json"]
+)
+def test_stages_reading_a_run_refuse_the_default_binary_map_on_a_three_class_run(tmp_path, config):
+    run = _run(tmp_path)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / config)])
+    parser.update({"bundle_root": str(CONFIGS.parent), "output_dir": str(run), "dataset_dir": str(tmp_path)})
+    with pytest.raises(Exception) as info:  # MONAI wraps what a config expression raises in RuntimeError
+        parser.get_parsed_content("initialize")
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ConfigValueError) and "'num_classes' is 2" in str(cause)
+    parser.update({"num_classes": 3, "class_map": "three"})
+    parser.get_parsed_content("initialize")  # the run's own ids pass
