@@ -68,3 +68,17 @@ def test_stages_reading_a_run_refuse_the_default_binary_map_on_a_three_class_run
     assert isinstance(cause, ConfigValueError) and "'num_classes' is 2" in str(cause)
     parser.update({"num_classes": 3, "class_map": "three"})
     parser.get_parsed_content("initialize")  # the run's own ids pass
+
+
+def test_flow_stage_refuses_the_default_binary_map_on_a_three_class_classifier(tmp_path):
+    """train_flow.json on a three-class classifier with the default ids trained and recorded a two-class flow."""
+    run = _run(tmp_path)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train_flow.json")])
+    parser.update({"bundle_root": str(CONFIGS.parent), "output_dir": str(run), "dataset_dir": str(tmp_path)})
+    with pytest.raises(Exception) as info:  # MONAI wraps what a config expression raises in RuntimeError
+        parser.get_parsed_content("check_config")
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, ConfigValueError) and "'num_classes' is 2 but the classifier" in str(cause)
