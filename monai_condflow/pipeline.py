@@ -424,17 +424,26 @@ def run_pipeline(
     for i, stage in enumerate(stages, start=1):
         cmd = stage.command(bundle_root, common, optional=list(overrides or {}))
         print(f"[pipeline] stage {i}: {stage.name}\n[pipeline]   {shlex.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        returncode, cause = run_stage_process(cmd, stage.env(env))
-        times[stage.name] = time.perf_counter() - t0
-        if returncode != 0:
-            raise RuntimeError(
-                f"stage '{stage.name}' failed with exit code {returncode}"
-                + (f": {cause}" if cause else "")
-                + f"\n[pipeline]   command: {shlex.join(cmd)}"
-            )
+        times[stage.name] = _run_or_raise(cmd, stage.env(env), f"stage '{stage.name}'")
         print(f"[pipeline] stage {i}: {stage.name} done in {times[stage.name]:.0f} s", flush=True)
     return times
+
+
+def _run_or_raise(cmd: Sequence[str], env: dict[str, str], what: str) -> float:
+    """Run a stage's command (:func:`run_stage_process`); returns its wall time in seconds.
+
+    Raises:
+        RuntimeError: naming ``what``, the exit code, the error behind it and the command.
+    """
+    t0 = time.perf_counter()
+    returncode, cause = run_stage_process(cmd, env)
+    if returncode != 0:
+        raise RuntimeError(
+            f"{what} failed with exit code {returncode}"
+            + (f": {cause}" if cause else "")
+            + f"\n[pipeline]   command: {shlex.join(cmd)}"
+        )
+    return time.perf_counter() - t0
 
 
 def _preflight(
@@ -449,15 +458,8 @@ def _preflight(
             continue
         cmd = stage.command(bundle_root, common, optional=optional, run_id=PREFLIGHT_ID)
         print(f"[pipeline] pre-flight ({stage.name}'s data checks)\n[pipeline]   {shlex.join(cmd)}", flush=True)
-        t0 = time.perf_counter()
-        returncode, cause = run_stage_process(cmd, env)
-        if returncode != 0:
-            raise RuntimeError(
-                f"pre-flight of stage '{stage.name}' failed with exit code {returncode} (nothing was trained)"
-                + (f": {cause}" if cause else "")
-                + f"\n[pipeline]   command: {shlex.join(cmd)}"
-            )
-        print(f"[pipeline] pre-flight done in {time.perf_counter() - t0:.0f} s", flush=True)
+        seconds = _run_or_raise(cmd, env, f"pre-flight of stage '{stage.name}' (nothing was trained)")
+        print(f"[pipeline] pre-flight done in {seconds:.0f} s", flush=True)
         return
 
 

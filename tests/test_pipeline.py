@@ -681,7 +681,7 @@ def test_the_preflight_runs_the_evaluations_data_checks_before_the_first_stage(t
     assert len(rest) == len(stages) and not any("--run_id" in cmd for cmd in rest)
     ran.clear()
     outcome["preflight"] = (1, "ValueError: the validation set has N=18 samples")
-    with pytest.raises(RuntimeError, match=r"pre-flight of stage 'evaluation' failed .*nothing was trained.*N=18"):
+    with pytest.raises(RuntimeError, match=r"pre-flight of stage .evaluation. \(nothing was trained\) failed .*N=18"):
         run_pipeline(data, tmp_path / "o", stages=stages)
     assert len(ran) == 1
     # a run without the evaluation stage has no pre-flight

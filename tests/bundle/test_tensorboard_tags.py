@@ -28,7 +28,6 @@ from monai.bundle import ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.evaluation.tensorboard import read_tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,13 +79,6 @@ def _run(files: list[str], **overrides) -> None:
 def _scalars(out: Path, stage: str) -> dict[str, tuple[list[int], list[float]]]:
     """The scalar series of ``out/tensorboard/<stage>`` itself (its sub-folders are other runs)."""
     return read_tensorboard_scalars(out / "tensorboard" / stage).get(".", {})
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("phantom")
-    generate_phantom_dataset(data, num_images=48, seed=3, image_size=64, slices_per_patient=4, overwrite=True)
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.bundle.utils import DEFAULT_HANDLERS_ID
 
-from monai_condflow.data.phantom import generate_phantom_dataset
 from monai_condflow.engines.flow import FlowBitsPerDim, FlowTrainer
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
@@ -108,10 +107,8 @@ def _read(path: Path) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    generate_phantom_dataset(root, num_images=48, seed=3, image_size=64, slices_per_patient=4, overwrite=True)
-    return root
+def dataset(phantom) -> Path:
+    return phantom  # tests/bundle/conftest.py
 
 
 @pytest.fixture(scope="module")
