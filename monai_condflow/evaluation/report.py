@@ -400,9 +400,12 @@ def write_report(
     for name, s in table:
         lines.append(f"| {name} | " + " | ".join(_pct(s, k) for k in METRIC_KEYS) + " |")
     lines.append("")
+    class_names = metrics.get("class_names")
     for name, s in table:
-        if s.get("per_class_recall") is not None:
-            pcr = ", ".join(f"{100 * v:.1f}" for v in s["per_class_recall"])
+        recall = s.get("per_class_recall")
+        if recall is not None:
+            labels = class_names if isinstance(class_names, list) and len(class_names) == len(recall) else None
+            pcr = ", ".join(f"{labels[c]} {100 * v:.1f}" if labels else f"{100 * v:.1f}" for c, v in enumerate(recall))
             lines.append(f"- per-class recall (%), {name}: {pcr}")
     series = {name: [s[k] for k in METRIC_KEYS] for name, s in table}
     errs = {name: [s.get(f"{k}_std", 0.0) for k in METRIC_KEYS] for name, s in table}
@@ -412,6 +415,19 @@ def write_report(
     aug = metrics.get("augmentation")
     if isinstance(aug, Mapping) and aug.get("rows"):
         lines += ["## Augmentation (real imbalanced training set + synthetic minority images)", ""]
+        minority = aug.get("minority_class")
+        if isinstance(minority, int):
+            shown = (
+                f"{class_names[minority]} (class {minority})"
+                if isinstance(class_names, list) and 0 <= minority < len(class_names)
+                else f"class {minority}"
+            )
+            lines += [
+                f"Minority class: {shown}, the rarest in the real training split; \"% of gap\" is the share of the "
+                "gap between it and the largest class filled with synthetic images of it (other classes are left as "
+                "they are).",
+                "",
+            ]
         lines += [
             "| synthetic added (% of gap) | images added | minority recall | macro-recall | accuracy | macro-F1 |",
             "|---|---|---|---|---|---|",

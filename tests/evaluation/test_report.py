@@ -502,3 +502,18 @@ def test_evaluation_training_records_a_transform_chain_by_its_steps():
     chain = Compose([RandAffined("image", prob=1.0), Compose([RandShiftIntensityd("image", offsets=0.1)])])
     assert _describe(chain) == "Compose(RandAffined, Compose(RandShiftIntensityd))"
     assert _describe(0.5) == "0.5" and _describe([1, 2]) == "[1, 2]"
+
+
+def test_the_report_names_the_classes_of_per_class_recall_and_the_augmentations_minority(tmp_path):
+    """Three classes: "per-class recall (%)" gave bare numbers ("13.9, 63.3, 0.0") and the augmentation section never
+    said which class it topped up; both are named from metrics' class_names (bare numbers without them)."""
+    scores = dict(_SCORES, per_class_recall=[0.139, 0.633, 0.0])
+    row = {"fraction": 1.0, "n_added": 30, "minority_recall": 0.5, "recall": 0.6, "accuracy": 0.7, "f1": 0.6}
+    metrics = {"trtr": scores, "tstr": scores, "fid": 0.1, "class_names": ["normal", "pneumonia", "COVID-19"],
+               "augmentation": {"minority_class": 2, "gap": 30, "rows": [row]}}  # fmt: skip
+    text = write_report(tmp_path, metrics)[0].read_text()
+    assert "- per-class recall (%), real (TRTR): normal 13.9, pneumonia 63.3, COVID-19 0.0" in text
+    assert "Minority class: COVID-19 (class 2), the rarest in the real training split" in text
+    metrics.pop("class_names")
+    text = write_report(tmp_path / "bare", metrics)[0].read_text()
+    assert "- per-class recall (%), real (TRTR): 13.9, 63.3, 0.0" in text and "Minority class: class 2," in text
