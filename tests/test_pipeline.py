@@ -691,22 +691,17 @@ def test_the_preflight_runs_the_evaluations_data_checks_before_the_first_stage(t
 
 
 def test_the_preflight_refuses_a_validation_split_too_small_for_the_evaluation(tmp_path: Path):
-    """A real pre-flight (``monai.bundle run`` of evaluate.json's ``preflight``) on a phantom folder: the splits are
-    read, preprocessed into the stages' cache and pass; with 20 validation images (FID needs more than the
-    evaluation classifier's 32 features) the pipeline stops before the classifier stage, naming the split and N."""
+    """A real pre-flight (``monai.bundle run`` of evaluate.json's ``preflight``) on a phantom folder with 20
+    validation images (FID needs more than the evaluation classifier's 32 features): the splits are read and
+    preprocessed into the stages' cache, and the pipeline stops before the classifier stage, naming the split and N."""
     from monai_condflow.data.phantom import generate_phantom_dataset
 
-    data = tmp_path / "data"
-    generate_phantom_dataset(data, num_images=240, seed=1, progress=False)
-    stages = [Stage("evaluation", ["evaluate.json"])]
-    out = tmp_path / "out"
-    env = dict(os.environ)
-    pipeline._preflight(stages, BUNDLE_ROOT, {"dataset_dir": str(data), "output_dir": str(out), "image_size": 32}, [],
-                        env)  # fmt: skip
-    assert len(list((out / "cache").glob("preprocessed_*.npz"))) == 3
+    data, out = tmp_path / "data", tmp_path / "out"
+    generate_phantom_dataset(data, num_images=240, seed=1, image_size=128, progress=False)
     lines = (data / "val.txt").read_text().splitlines()
     assert len(lines) > 32
     (data / "val.txt").write_text("\n".join(lines[:20]) + "\n")
     with pytest.raises(RuntimeError, match=r"pre-flight .* the validation set has N=20 samples of dimension D=32"):
         run_pipeline(data, out, stages=default_stages(50), overrides={"image_size": 32})
+    assert len(list((out / "cache").glob("preprocessed_*.npz"))) == 3  # train, val, test: reused by the stages
     assert not (out / "classifier").exists()
