@@ -208,26 +208,25 @@ def check_run_classes(
         ConfigValueError: naming the id that differs, the stage folder, both values and what to pass.
         RunSettingsError: a stage's settings file cannot be read.
     """
-    from monai_condflow.engines.run_folder import SETTINGS_NAME, read_run_settings
+    from monai_condflow.engines.run_folder import SETTINGS_NAME
+    from monai_condflow.engines.stages import recorded_difference
 
-    for stage in stages:
-        folder = Path(output_dir) / stage
-        recorded = read_run_settings(folder, "stage")
-        rec_classes, rec_map = recorded.get("num_classes"), recorded.get("class_map")
-        shown = {"num_classes": rec_classes, "class_map": None if rec_map is None else _class_map_arg(rec_map)}
-        hint = " ".join(f"--{key} {value}" for key, value in shown.items() if value is not None)
-        differs = None
-        if rec_classes is not None and (isinstance(num_classes, bool) or num_classes != rec_classes):
-            differs = ("num_classes", num_classes, rec_classes)
-        elif rec_map is not None and _class_map_labels(class_map) != _class_map_labels(rec_map):
-            differs = ("class_map", class_map, rec_map)
-        if differs is not None:
-            key, value, was = differs
-            raise ConfigValueError(
-                f"config id '{key}' is {value!r} but the {stage} in {folder} was trained with {key} {was!r} "
-                f"({SETTINGS_NAME}): its classes would be read otherwise, and outputs labelled wrongly. Pass {hint} "
-                "(the ids the run was trained with; the pipeline's --set num_classes=... --set class_map=...)."
-            )
+    def same(key: str, value: object, was: object) -> bool:
+        if key == "class_map":
+            return _class_map_labels(value) == _class_map_labels(was)
+        return not isinstance(value, bool) and value == was
+
+    found = recorded_difference(output_dir, stages, {"num_classes": num_classes, "class_map": class_map}, same)
+    if found is not None:
+        stage, folder, key, value, recorded = found
+        shown = {"num_classes": recorded.get("num_classes"), "class_map": recorded.get("class_map")}
+        shown["class_map"] = None if shown["class_map"] is None else _class_map_arg(shown["class_map"])
+        hint = " ".join(f"--{k} {v}" for k, v in shown.items() if v is not None)
+        raise ConfigValueError(
+            f"config id '{key}' is {value!r} but the {stage} in {folder} was trained with {key} {recorded[key]!r} "
+            f"({SETTINGS_NAME}): its classes would be read otherwise, and outputs labelled wrongly. Pass {hint} "
+            "(the ids the run was trained with; the pipeline's --set num_classes=... --set class_map=...)."
+        )
     return True
 
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ __all__ = [
     "check_flow_classifier",
     "check_flow_image_size",
     "check_run_images",
+    "recorded_difference",
+    "stage_dp",
     "classifier_fingerprint",
     "load_classifier",
     "build_flow",
@@ -313,6 +315,37 @@ def _same_setting(a: Any, b: Any) -> bool:
     return a == b
 
 
+def recorded_difference(
+    output_dir: str | os.PathLike,
+    stages: Sequence[str],
+    ids: dict[str, Any],
+    same: Callable[[str, Any, Any], bool] | None = None,
+) -> tuple[str, Path, str, Any, dict[str, Any]] | None:
+    """The first of ``ids`` that differs from what a trained stage of the run recorded (``<stage>/run_settings.json``,
+    section ``stage``); a stage that has not run, or did not record the id, is not compared.
+
+    Args:
+        output_dir: the run's folder.
+        stages: the stage folders to compare with, in order.
+        ids: the config's values, by id.
+        same: ``(id, value, recorded) -> bool`` (default: :func:`_same_setting` of the two values).
+
+    Returns:
+        ``(stage, stage folder, id, value, recorded settings)``, or ``None`` when nothing differs.
+
+    Raises:
+        RunSettingsError: a stage's settings file cannot be read.
+    """
+    equal = same or (lambda _key, value, was: _same_setting(value, was))
+    for stage in stages:
+        folder = Path(output_dir) / stage
+        recorded = read_run_settings(folder, "stage")
+        for key, value in ids.items():
+            if key in recorded and not equal(key, value, recorded[key]):
+                return stage, folder, key, value, recorded
+    return None
+
+
 def check_run_images(output_dir: str | os.PathLike, stages: Sequence[str] = ("classifier", "flow"), **ids: Any) -> bool:
     """The ids that make a run's images (``image_size``, ``intensity``, ``hu_window``, ``crop``) must be those its
     trained stages recorded (``<stage>/run_settings.json``): a flow trained on images windowed otherwise than its
@@ -328,18 +361,16 @@ def check_run_images(output_dir: str | os.PathLike, stages: Sequence[str] = ("cl
         ConfigValueError: naming the first id that differs, the stage, both values and what to pass.
         RunSettingsError: a stage's settings file cannot be read.
     """
-    for stage in stages:
-        path = Path(output_dir) / stage / SETTINGS_NAME
-        recorded = read_run_settings(path.parent, "stage")
-        for key, value in ids.items():
-            if key in recorded and not _same_setting(value, recorded[key]):
-                shown = json.dumps(recorded[key])
-                hint = f'"{shown}"' if isinstance(recorded[key], list) else str(recorded[key])
-                raise ConfigValueError(
-                    f"config id '{key}' is {value!r} but the {stage} in {path.parent} was trained on images made with "
-                    f"{shown} ({path.name}); every stage of a run must read its images alike: pass --{key} {hint}, "
-                    f"or train the {stage} again."
-                )
+    found = recorded_difference(output_dir, stages, ids)
+    if found is not None:
+        stage, folder, key, value, recorded = found
+        shown = json.dumps(recorded[key])
+        hint = f'"{shown}"' if isinstance(recorded[key], list) else str(recorded[key])
+        raise ConfigValueError(
+            f"config id '{key}' is {value!r} but the {stage} in {folder} was trained on images made with "
+            f"{shown} ({SETTINGS_NAME}); every stage of a run must read its images alike: pass --{key} {hint}, "
+            f"or train the {stage} again."
+        )
     return True
 
 
@@ -413,6 +444,13 @@ def model_version(output_dir: str | os.PathLike) -> str:
     return f"monai_condflow {monai_condflow.__version__} / flow {info['preset']} / {info.get('selected', '?')}"
 
 
+def stage_dp(output_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+    """The DP-SGD record (``dp``) of ``<stage>/<stage>.json``; ``None`` when the stage trained without DP-SGD or has
+    not run."""
+    path = Path(output_dir) / stage / f"{stage}.json"
+    return (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}).get("dp")
+
+
 def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The DP-SGD privacy a run spent, from ``classifier/classifier.json`` and ``flow/flow.json``.
 
@@ -425,11 +463,7 @@ def privacy_spent(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         "label"}``; when only one stage did, ``epsilon`` is ``None`` (no finite guarantee for the released model)
         and ``covers`` / ``label`` say which stage is private. ``label`` is the short text of the manifest.
     """
-    spent: dict[str, Any] = {}
-    for stage in ("classifier", "flow"):
-        path = Path(output_dir) / stage / f"{stage}.json"
-        info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        spent[stage] = info.get("dp")
+    spent: dict[str, Any] = {stage: stage_dp(output_dir, stage) for stage in ("classifier", "flow")}
     if spent["classifier"] is None and spent["flow"] is None:
         return None
     private = [s for s in ("classifier", "flow") if spent[s] is not None]
@@ -468,8 +502,7 @@ def warn_non_private_classifier(output_dir: str | os.PathLike) -> bool:
         ``True`` (bundle configs chain it).
     """
     path = Path(output_dir) / "classifier" / "classifier.json"
-    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if info.get("dp") is None:
+    if stage_dp(output_dir, "classifier") is None:
         logger.warning(
             "the conditioning classifier in %s was trained without DP-SGD: every z it computes leaks the private "
             "images, so the DP-SGD flow trained now is released with no finite privacy guarantee on this data "

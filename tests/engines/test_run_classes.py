@@ -21,6 +21,7 @@ import pytest
 from monai.bundle import ConfigParser
 
 from monai_condflow.engines.config_checks import ConfigValueError, check_run_classes
+from monai_condflow.utils.bundle import root_cause
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 
@@ -52,19 +53,23 @@ def test_check_run_classes_reads_a_recorded_dict_map(tmp_path):
         check_run_classes(run, 2, "binary")
 
 
-@pytest.mark.parametrize(
-    "config", ["counterfactual.json", "novelty.json", "generate.json", "inference_classifier.json"]
-)
-def test_stages_reading_a_run_refuse_the_default_binary_map_on_a_three_class_run(tmp_path, config):
+def _parser_and_refusal(tmp_path: Path, config: str, content: str) -> tuple[ConfigParser, BaseException]:
+    """``config`` parsed on a three-class run with the default ids, and the error behind resolving ``content``
+    (MONAI wraps what a config expression raises in RuntimeError)."""
     run = _run(tmp_path)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / config)])
     parser.update({"bundle_root": str(CONFIGS.parent), "output_dir": str(run), "dataset_dir": str(tmp_path)})
-    with pytest.raises(Exception) as info:  # MONAI wraps what a config expression raises in RuntimeError
-        parser.get_parsed_content("initialize")
-    cause = info.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content(content)
+    return parser, root_cause(info.value)
+
+
+@pytest.mark.parametrize(
+    "config", ["counterfactual.json", "novelty.json", "generate.json", "inference_classifier.json"]
+)
+def test_stages_reading_a_run_refuse_the_default_binary_map_on_a_three_class_run(tmp_path, config):
+    parser, cause = _parser_and_refusal(tmp_path, config, "initialize")
     assert isinstance(cause, ConfigValueError) and "'num_classes' is 2" in str(cause)
     parser.update({"num_classes": 3, "class_map": "three"})
     parser.get_parsed_content("initialize")  # the run's own ids pass
@@ -75,14 +80,6 @@ def test_the_flow_and_the_evaluation_refuse_the_default_binary_map_on_a_three_cl
     """With the default ids on a three-class run, train_flow.json trained and recorded a two-class flow, and
     evaluate.json scored the three-class classifier against binary labels (per-class agreement [1.0, 0.0]), both
     with rc 0; now their check_config refuses by name, before reading an image."""
-    run = _run(tmp_path)
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / config)])
-    parser.update({"bundle_root": str(CONFIGS.parent), "output_dir": str(run), "dataset_dir": str(tmp_path)})
-    with pytest.raises(Exception) as info:  # MONAI wraps what a config expression raises in RuntimeError
-        parser.get_parsed_content("check_config")
-    cause = info.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    _, cause = _parser_and_refusal(tmp_path, config, "check_config")
     assert isinstance(cause, ConfigValueError) and "'num_classes' is 2 but the classifier" in str(cause)
     assert "--num_classes 3 --class_map three" in str(cause)
