@@ -208,8 +208,7 @@ def check_run_classes(
         ConfigValueError: naming the id that differs, the stage folder, both values and what to pass.
         RunSettingsError: a stage's settings file cannot be read.
     """
-    from monai_condflow.engines.run_folder import SETTINGS_NAME
-    from monai_condflow.engines.stages import recorded_difference
+    from monai_condflow.engines.run_folder import SETTINGS_NAME, recorded_difference
 
     def same(key: str, value: object, was: object) -> bool:
         if key == "class_map":

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ __all__ = [
     "lock_output_dir",
     "release_output_dir",
     "read_run_settings",
+    "recorded_difference",
     "check_run_settings",
     "clear_run_files",
     "open_run_folder",
@@ -363,3 +364,43 @@ def open_run_folder(
 def close_run_folder(directory: str | os.PathLike) -> None:
     """Release the lock of :func:`open_run_folder` (bundle ``finalize``)."""
     release_output_dir(directory)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal settings, numbers compared as numbers (``[40, 400]`` == ``[40.0, 400.0]``)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def recorded_difference(
+    output_dir: str | os.PathLike,
+    stages: Sequence[str],
+    ids: dict[str, Any],
+    same: Callable[[str, Any, Any], bool] | None = None,
+) -> tuple[str, Path, str, Any, dict[str, Any]] | None:
+    """The first of ``ids`` that differs from what a trained stage of the run recorded (``<stage>/run_settings.json``,
+    section ``stage``); a stage that has not run, or did not record the id, is not compared.
+
+    Args:
+        output_dir: the run's folder.
+        stages: the stage folders to compare with, in order.
+        ids: the config's values, by id.
+        same: ``(id, value, recorded) -> bool`` (default: :func:`_same_setting` of the two values).
+
+    Returns:
+        ``(stage, stage folder, id, value, recorded settings)``, or ``None`` when nothing differs.
+
+    Raises:
+        RunSettingsError: a stage's settings file cannot be read.
+    """
+    equal = same or (lambda _key, value, was: _same_setting(value, was))
+    for stage in stages:
+        folder = Path(output_dir) / stage
+        recorded = read_run_settings(folder, "stage")
+        for key, value in ids.items():
+            if key in recorded and not equal(key, value, recorded[key]):
+                return stage, folder, key, value, recorded
+    return None

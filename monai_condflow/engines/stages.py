@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 import monai_condflow
 from monai_condflow.engines.config_checks import ConfigValueError, check_preset
 from monai_condflow.engines.flow import FLOW_STATE_PREFIXES
-from monai_condflow.engines.run_folder import SETTINGS_NAME, RunSettingsError, read_run_settings
+from monai_condflow.engines.run_folder import SETTINGS_NAME, RunSettingsError, read_run_settings, recorded_difference
 from monai_condflow.engines.stage_io import load_weights, read_stage_info, require_file, write_stage_info
 from monai_condflow.handlers.checkpoint import _STEP_RE, atomic_torch_save, find_latest_checkpoint, load_checkpoint
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
@@ -51,7 +51,6 @@ __all__ = [
     "check_flow_classifier",
     "check_flow_image_size",
     "check_run_images",
-    "recorded_difference",
     "stage_dp",
     "classifier_fingerprint",
     "load_classifier",
@@ -304,46 +303,6 @@ def check_flow_image_size(output_dir: str | os.PathLike, image_size: object) -> 
         ConfigValueError: naming ``image_size``, both values and what to pass.
     """
     return _check_trained_flow_ids(output_dir, {"image_size": image_size})
-
-
-def _same_setting(a: Any, b: Any) -> bool:
-    """Equal settings, numbers compared as numbers (``[40, 400]`` == ``[40.0, 400.0]``)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
-
-
-def recorded_difference(
-    output_dir: str | os.PathLike,
-    stages: Sequence[str],
-    ids: dict[str, Any],
-    same: Callable[[str, Any, Any], bool] | None = None,
-) -> tuple[str, Path, str, Any, dict[str, Any]] | None:
-    """The first of ``ids`` that differs from what a trained stage of the run recorded (``<stage>/run_settings.json``,
-    section ``stage``); a stage that has not run, or did not record the id, is not compared.
-
-    Args:
-        output_dir: the run's folder.
-        stages: the stage folders to compare with, in order.
-        ids: the config's values, by id.
-        same: ``(id, value, recorded) -> bool`` (default: :func:`_same_setting` of the two values).
-
-    Returns:
-        ``(stage, stage folder, id, value, recorded settings)``, or ``None`` when nothing differs.
-
-    Raises:
-        RunSettingsError: a stage's settings file cannot be read.
-    """
-    equal = same or (lambda _key, value, was: _same_setting(value, was))
-    for stage in stages:
-        folder = Path(output_dir) / stage
-        recorded = read_run_settings(folder, "stage")
-        for key, value in ids.items():
-            if key in recorded and not equal(key, value, recorded[key]):
-                return stage, folder, key, value, recorded
-    return None
 
 
 def check_run_images(output_dir: str | os.PathLike, stages: Sequence[str] = ("classifier", "flow"), **ids: Any) -> bool:
