@@ -14,10 +14,12 @@
 # --cpu: the same sections, small, on the CPU (what tests/benchmarks/test_gpu_check.py runs).
 # Time: on a GPU the whole script ends within GPU_CHECK_TOTAL_S (default 470 s, under the issue's 8 minutes; on the
 # CPU only when set): the set-up's seconds count, the bundle run keeps E2E_TIMEOUT (default 170 s; 0: no bundle
-# run) of it, and gpu_check.py gets the rest, less GPU_CHECK_GRACE_S (default 30) and 15 s, as --budget-s: a
-# measurement starts only if its estimated time fits, and the script is stopped GPU_CHECK_GRACE_S after its budget
-# (a measurement that overran its estimate). What it measured is kept (gpu_check.json is rewritten after every
-# measurement; --summarize prints its tables, within the 15 s), and the bundle run gets what is left of the total.
+# run) of it, and gpu_check.py gets the rest, less GPU_CHECK_GRACE_S (default 30), GPU_CHECK_KILL_S (default 15)
+# and 10 s, as --budget-s: a measurement starts only if its estimated time fits, and the script is stopped (SIGTERM)
+# GPU_CHECK_GRACE_S after its budget (a measurement that overran its estimate); the stopped run gets
+# GPU_CHECK_KILL_S to remove its write folder (tens of thousands of files) before a SIGKILL. What it measured is kept
+# (gpu_check.json is rewritten after every measurement; --summarize prints its tables, within the 10 s), and the
+# bundle run gets what is left of the total.
 # The measurements run in priority order (the targets' modes first, then the bundle's trainer, then the compiled and
 # graphed ones, then the comparisons), so a budget that runs out drops the least needed ones (reported as skipped).
 # GPU_CHECK_ARGS passes options, e.g. for a second, shorter call:
@@ -80,10 +82,11 @@ if [ -z "$TOTAL" ]; then
   $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} --out "$OUT_DIR" ${GPU_CHECK_ARGS:-} || status=1
 else
   GRACE=${GPU_CHECK_GRACE_S:-30}
-  budget=$(( TOTAL - $(elapsed) - E2E_TIMEOUT - GRACE - 15 ))
+  KILL=${GPU_CHECK_KILL_S:-15}
+  budget=$(( TOTAL - $(elapsed) - E2E_TIMEOUT - GRACE - KILL - 10 ))
   echo "time: set-up took $(elapsed) s; measurements get ${budget} s, the bundle run ${E2E_TIMEOUT} s, of ${TOTAL} s"
   if [ "$budget" -gt 0 ]; then
-    timeout -k 5 $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} \
+    timeout -k "$KILL" $(( budget + GRACE )) $PY benchmarks/gpu_check.py ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} \
       --out "$OUT_DIR" --budget-s "$budget" ${GPU_CHECK_ARGS:-}
     rc=$?
     if [ "$rc" != 0 ]; then  # stopped at its time limit (124, 137, or 143 from its own SIGTERM handler) or crashed
@@ -98,7 +101,7 @@ else
     fi
   else
     echo "no time left for the measurements: GPU_CHECK_TOTAL_S=${TOTAL} less the set-up, E2E_TIMEOUT=${E2E_TIMEOUT}," \
-      "GPU_CHECK_GRACE_S=${GRACE} and 15 s"
+      "GPU_CHECK_GRACE_S=${GRACE}, GPU_CHECK_KILL_S=${KILL} and 10 s"
     status=1
   fi
   left=$(( TOTAL - $(elapsed) ))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -103,9 +102,11 @@ def test_gpu_check_script_runs_every_section_on_the_cpu(tmp_path: Path):
 def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path: Path):
     """The GPU run's time bound, exercised on the CPU: a 200,000-image write cannot end in the budget, so the script
     stops it, keeps the sampling rows measured before it, names the write, and still ends within the total."""
-    out = tmp_path / "out"
+    out, scratch = tmp_path / "out", tmp_path / "tmp"  # the run's own temporary folder: leftovers are its own
+    scratch.mkdir()
     env = {**os.environ, "CONDFLOW_PROGRESS": "0", "GPU_CHECK_TOTAL_S": "60", "GPU_CHECK_GRACE_S": "5",
-           "E2E_TIMEOUT": "0", "GPU_CHECK_ARGS": "--sections sample,write --write-images 200000"}  # fmt: skip
+           "E2E_TIMEOUT": "0", "GPU_CHECK_ARGS": "--sections sample,write --write-images 200000",
+           "TMPDIR": str(scratch)}  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu", str(out)], capture_output=True,
                           text=True, env=env, timeout=300)  # fmt: skip
@@ -113,13 +114,16 @@ def test_the_time_bound_keeps_what_was_measured_and_names_what_was_cut(tmp_path:
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]  # a measurement was stopped
     assert seconds <= 60 + 5, seconds
     assert "gpu_check.py stopped at its time limit" in proc.stdout and "e2e: not run" in proc.stdout
+    # ended after the SIGTERM (timeout: 124), which removes the write folder (tens of thousands of files), not killed
+    # mid-way by the SIGKILL that follows GPU_CHECK_KILL_S later (137)
+    assert "gpu_check.py exited with 124" in proc.stdout, proc.stdout[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["running"] == {"section": "write", "images": 200000, "threads": 16}
     sampled = [r["mode"] for r in report["sample"]]
     assert sampled == ["bf16+graphs", "bf16+compile+graphs", "fp32", "tf32", "tf32+graphs", "bf16+graphs+cw",
                        "bf16+graphs+tune"]  # fmt: skip
     assert all(r["sample_img_s"] > 0 for r in report["sample"]) and "write" not in report
-    assert not list(Path(tempfile.gettempdir()).glob("gpu_check_write_*"))  # the stopped write's folder is removed
+    assert not list(scratch.iterdir())  # the stopped write's folder is removed
     summary = (out / "gpu_check.md").read_text()
     assert "- write images 200000, threads 16: did not end (the run was stopped or crashed)" in summary
     assert "| bf16+compile+graphs | 8 |" in summary
