@@ -68,7 +68,7 @@ if [ "$CPU" = 1 ]; then
   TOTAL=${GPU_CHECK_TOTAL_S:-}  # no time bound on the CPU unless asked for (what the suite tests)
   E2E_TIMEOUT=${E2E_TIMEOUT:-600}
   E2E_ARGS=(--num-images 240 --num-labels 10 --set max_epochs=1 --set batch_size=16
-            --stage-set flow.adversarial_steps=2 --stage-set evaluation.n_synthetic_sets=1 --stage-set evaluation.n_bootstrap=20
+            --stage-set classifier.semi_min_steps=20 --stage-set flow.adversarial_steps=2 --stage-set evaluation.n_synthetic_sets=1 --stage-set evaluation.n_bootstrap=20
             --stage-set evaluation.augmentation=false)
 else
   CHECK_ARGS=()

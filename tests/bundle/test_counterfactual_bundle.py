@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from monai_condflow.data.phantom import generate_phantom_dataset
-from tests.bundle.test_bundle import CONFIGS, META, TINY, TINY_FLOW, _run
+from monai_condflow.utils.checks import ConfigValueError
+from tests.bundle.test_bundle import CONFIGS, META, TINY, TINY_FLOW, _refusal, _run, _workflow
 
 BUNDLE = CONFIGS.parent
 
@@ -112,10 +113,10 @@ def test_counterfactual_region_lungs_changes_only_the_estimated_lungs(tiny_run):
     # outside the lungs the restricted set is the source exactly; the whole-image one is not (a 1-epoch flow changes
     # little, but not nothing)
     assert outside["lungs"] == 0.0 and outside["image"] > 0.0
-    proc = _bundle_run("counterfactual.json", data, out, "--counterfactual_region", "heart", check=False)
-    assert proc.returncode != 0 and "counterfactual_region" in proc.stderr
-    proc = _bundle_run("counterfactual.json", data, out, "--counterfactual_region_margin", "-1", check=False)
-    assert proc.returncode != 0 and "counterfactual_region_margin" in proc.stderr
+    # bad values are refused by their config ids (in-process: the command line's message is test_bundle_ids.py's)
+    for key, value in (("counterfactual_region", "heart"), ("counterfactual_region_margin", -1)):
+        wf = _workflow(["counterfactual.json"], **TINY, dataset_dir=str(data), output_dir=str(out), **{key: value})
+        assert f"config id '{key}'" in str(_refusal(wf, ConfigValueError))
 
 
 def test_novelty_config_scores_and_auroc(tiny_run):
@@ -161,14 +162,15 @@ def test_novelty_heat_maps(tiny_run):
     top = record["overview_indices"]
     scores = [float(rows[i]["score"]) for i in top]
     assert scores == sorted(scores, reverse=True) and max(float(r["score"]) for r in rows) == scores[0]
-    bad = _bundle_run("novelty.json", data, out, "--heat_maps", "yes", "--novelty_dir", str(out / "bad"), check=False)
-    assert bad.returncode != 0 and "config id 'heat_maps'" in bad.stderr + bad.stdout
-    assert not (out / "bad").exists()
-    # novel_labels: a bare number crashed inside the scoring (TypeError); a class no image has gave AUROC None
-    for value, text in (("2", "must be a list of class ids"), ("[7]", "names class(es) [7] that no scored image has")):
-        bad = _bundle_run("novelty.json", data, out, "--novel_labels", value, "--novelty_dir", str(out / "bad"),
-                          check=False)  # fmt: skip
-        assert bad.returncode != 0 and "config id 'novel_labels'" in bad.stderr and text in bad.stderr, value
+    # bad values are refused by their config ids before anything is written (in-process, as the command line's
+    # values parse: "yes" stays a string, 2 an int, [7] a list); novel_labels: a bare number crashed inside the
+    # scoring (TypeError), a class no image has gave AUROC None
+    for key, value, text in (("heat_maps", "yes", ""), ("novel_labels", 2, "must be a list of class ids"),
+                             ("novel_labels", [7], "names class(es) [7] that no scored image has")):  # fmt: skip
+        wf = _workflow(["novelty.json"], **TINY, dataset_dir=str(data), output_dir=str(out),
+                       novelty_dir=str(out / "bad"), **{key: value})  # fmt: skip
+        message = str(_refusal(wf, ConfigValueError, run=True))
+        assert f"config id '{key}'" in message and text in message, (value, message)
         assert not (out / "bad").exists()
 
 
