@@ -332,6 +332,7 @@ def generate(
     writer_threads: int = 4,
     cuda_graphs: bool = False,
     compile: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """
     Write conditional synthetic images and their manifest; see the module docstring for modes and formats.
@@ -377,6 +378,10 @@ def generate(
             ``compile``): the first batch compiles, the images equal the eager ones up to fp32 rounding; ignored for
             flows without it and for a flow whose steps already have a compiler (its own setting is kept: it decodes
             compiled only if that compiler was made with ``sampling=True``).
+        class_names: the classes' names by id (e.g. ``["non-COVID", "COVID-19"]``; bundle id ``class_names``,
+            set from ``class_map``): a ``class_name`` column after ``class`` in the manifest and ``class_names`` in
+            ``generation.json``, so that a shared set says what its classes are; ``None``: ids only. A class id
+            without a name is refused before any file is written.
 
     Returns:
         the manifest path. ``generation.json`` (:data:`SUMMARY_NAME`) beside it holds the ``samples`` block of
@@ -400,6 +405,10 @@ def generate(
     check_positive_int("writer_threads", writer_threads)
     for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
         check_flag(value, key)
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(isinstance(n, str) and n.strip() for n in class_names):
+            raise ValueError(f"class_names must be a list of non-empty names, one per class id, got {class_names!r}.")
+        class_names = [str(n) for n in class_names]
 
     device = torch.device(device)
     output_dir = Path(output_dir)
@@ -440,6 +449,8 @@ def generate(
                 files.put(staging / name, _pair_png_bytes, originals[k], synthetic[k])
                 row["pair_file"] = name
             row.update(class_=cls, temperature=temperature, seed=seed, model_version=model_version, mode=mode)
+            if class_names is not None:
+                row["class_name"] = class_names[cls]
             row["dp_noise"] = dp_noise
             row["dp_epsilon"] = (
                 "none" if dp_epsilon is None else dp_epsilon if isinstance(dp_epsilon, str) else f"{dp_epsilon:.6g}"
@@ -478,6 +489,11 @@ def generate(
         if not all_z:
             raise ValueError("generate got no input items.")
         z_all, labels_all = torch.cat(all_z), torch.cat(all_labels)
+        if class_names is not None and (unnamed := sorted(set(labels_all.tolist()) - set(range(len(class_names))))):
+            raise ValueError(
+                f"class_names names {len(class_names)} class(es) ({class_names}) but the inputs hold class id(s) "
+                f"{unnamed}: give one name per class id (bundle id 'class_names'; 'class_map' sets it)."
+            )
         if mode == "n_per_class":
             draw = torch.Generator().manual_seed(seed)
             chosen = []
@@ -504,6 +520,8 @@ def generate(
             columns.insert(2, "pair_file")
         if dp_noise is not None:
             columns.insert(columns.index("dp_epsilon"), "dp_noise")
+        if class_names is not None:
+            columns.insert(columns.index("class") + 1, "class_name")
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -518,6 +536,7 @@ def generate(
             "temperature": temperature,
             "seed": seed,
             "model_version": model_version,
+            "class_names": class_names,
             "samples": samples,
             # per image (manifest index) only where something overflowed: the honest pre-clamp record
             "overflowed_images": [

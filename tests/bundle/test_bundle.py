@@ -132,7 +132,10 @@ def test_stages_write_their_outputs(trained_run: Path):
     )  # every flow-training slice
     assert list((trained_run / "flow" / "samples").glob("*.png"))
     manifest = (trained_run / "synthetic" / "manifest.csv").read_text().splitlines()
-    assert manifest[0].startswith("index,file") and len(manifest) == len(labels) + 1
+    assert manifest[0].startswith("index,file,class,class_name,") and len(manifest) == len(labels) + 1
+    # the class map's names (binary: non-COVID / COVID-19) beside each id
+    named = {tuple(r.split(",")[2:4]) for r in manifest[1:]}
+    assert named <= {("0", "non-COVID"), ("1", "COVID-19")} and len(named) >= 1
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("trtr", "tstr"):
         assert set(metrics[key]) >= {"accuracy", "f1", "precision", "recall"}

@@ -121,6 +121,32 @@ def test_same_z_writes_png16_nifti_and_manifest(flow, tmp_path):
     assert not list((tmp_path / "a").glob("*.tmp"))
 
 
+def test_class_names_go_into_the_manifest_and_a_class_without_a_name_is_refused(flow, tmp_path):
+    """``class_names``: a ``class_name`` column right after ``class`` and the list in ``generation.json``; the images
+    are those written without names. Names that miss a class id present in the inputs are refused before a file is
+    written (an earlier set in the folder stays)."""
+    named = generate(flow, None, _records(), output_dir=tmp_path / "n", model_version="v", seed=3, formats=("png",),
+                     class_names=["non-COVID", "COVID, 19"])  # fmt: skip
+    plain = generate(flow, None, _records(), output_dir=tmp_path / "p", model_version="v", seed=3, formats=("png",))
+    rows, bare = _manifest(named), _manifest(plain)
+    assert list(rows[0]) == ["index", "file", "class", "class_name", "temperature", "seed", "model_version", "mode",
+                             "dp_epsilon"]  # fmt: skip
+    assert [r["class_name"] for r in rows] == [["non-COVID", "COVID, 19"][int(r["class"])] for r in rows]
+    assert {r["class_name"] for r in rows} == {"non-COVID", "COVID, 19"}  # a comma survives the CSV quoting
+    assert [{k: v for k, v in r.items() if k != "class_name"} for r in rows] == bare
+    assert all((tmp_path / "n" / r["file"]).read_bytes() == (tmp_path / "p" / r["file"]).read_bytes() for r in rows)
+    assert json.loads((tmp_path / "n" / SUMMARY_NAME).read_text())["class_names"] == ["non-COVID", "COVID, 19"]
+    assert json.loads((tmp_path / "p" / SUMMARY_NAME).read_text())["class_names"] is None
+    before = sorted(f.name for f in (tmp_path / "n").iterdir())
+    with pytest.raises(ValueError, match=r"inputs hold class id\(s\) \[1\]"):
+        generate(flow, None, _records(), output_dir=tmp_path / "n", model_version="v", class_names=["only"])
+    for bad in ("non-COVID", ["a", ""], ["a", 1]):
+        with pytest.raises(ValueError, match="class_names must be a list of non-empty names"):
+            generate(flow, None, _records(), output_dir=tmp_path / "n", model_version="v", class_names=bad)
+    assert sorted(f.name for f in (tmp_path / "n").iterdir()) == before
+    assert not list(tmp_path.glob(".n.partial-*"))
+
+
 def test_pairs_and_n_per_class_with_classifier(flow, tmp_path):
     torch.manual_seed(0)
     clf = PEPXNet.from_preset("small", spatial_dims=2, in_channels=1, out_channels=2)
