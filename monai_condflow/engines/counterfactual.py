@@ -46,6 +46,7 @@ from monai_condflow.engines.generation import (
     _staging_dir,
     _swap_into_place,
     _write_new_file,
+    check_class_names,
     nifti_bytes,
     png16_bytes,
 )
@@ -112,6 +113,7 @@ def write_counterfactuals(
     limit: int | None = None,
     region: str = "image",
     region_margin: int = 1,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write counterfactual triplets of ``data`` (see the module docstring).
 
@@ -138,6 +140,9 @@ def write_counterfactuals(
             lung mask. An image whose mask is empty (no lungs found, or none left after the margin) is left
             unchanged, counted in ``empty_masks`` and still counted in ``flip_rate``.
         region_margin: with ``"lungs"``, pixels the mask is eroded by (a margin inside the estimated lung border).
+        class_names: the classes' names by id (bundle id ``class_names``): ``source_class_name`` and
+            ``target_class_name`` columns at the end of the manifest and ``class_names`` in the summary; ``None``: ids
+            only. Fewer names than ``num_classes`` are refused before anything is written.
 
     Returns:
         The summary written to ``counterfactual.json``: ``count``; ``flip_rate``: of the ``to_flip`` sources
@@ -158,6 +163,7 @@ def write_counterfactuals(
         raise ValueError(f"formats must be a non-empty subset of {list(_FORMATS)}, got {formats}.")
     if target is not None and not 0 <= int(target) < num_classes:
         raise ValueError(f"target must be a class id in [0, {num_classes}), got {target}.")
+    class_names = check_class_names(class_names, range(num_classes), f"num_classes {num_classes} has")
     device = torch.device(device)
     net, clf = unwrap_model(flow).to(device).eval(), unwrap_model(classifier).to(device).eval()
     bank_z, bank_y = compute_embeddings(clf, _batches(bank, batch_size), device)
@@ -206,8 +212,9 @@ def write_counterfactuals(
                     names[kind] = ";".join(files)
                 needed = bool(pred_src[k] != tgt[k])  # a source already read as the target needs no flip
                 classes = [int(src[k]), int(pred_src[k]), int(tgt[k]), int(pred[k]), int(needed and pred[k] == tgt[k])]
+                named = [] if class_names is None else [class_names[classes[0]], class_names[classes[2]]]
                 rows.append([index, names["source"], names["counterfactual"], names["difference"], *classes,
-                             model_version])  # fmt: skip
+                             model_version, *named])  # fmt: skip
                 index += 1
             needs = pred_src != tgt
             flips += int((needs & (pred == tgt)).sum())
@@ -232,11 +239,13 @@ def write_counterfactuals(
             "target": target,
             "guidance": float(net.guidance if guidance is None else guidance),
             "model_version": model_version,
+            "class_names": class_names,
         }
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["index", "source", "counterfactual", "difference", "source_class", "source_predicted",
-                         "target_class", "predicted_class", "flipped", "model_version"])  # fmt: skip
+                         "target_class", "predicted_class", "flipped", "model_version",
+                         *([] if class_names is None else ["source_class_name", "target_class_name"])])  # fmt: skip
         writer.writerows(rows)
         _write_new_file(staging / "counterfactual.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
         _write_new_file(staging / "manifest.csv", buf.getvalue().encode("utf-8"))

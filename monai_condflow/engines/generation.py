@@ -308,6 +308,24 @@ def check_generation_mode(mode: object, n_per_class: object) -> bool:
     return True
 
 
+def check_class_names(
+    class_names: Sequence[str] | None, class_ids: Iterable[int] = (), where: str = "the inputs hold"
+) -> list[str] | None:
+    """``class_names`` as a list (``None`` stays ``None``), refused unless it is a list of non-empty strings that
+    names every id of ``class_ids`` (``where`` says whose ids they are in the message)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(n, str) and n.strip() for n in class_names):
+        raise ValueError(f"class_names must be a list of non-empty names, one per class id, got {class_names!r}.")
+    names = [str(n) for n in class_names]
+    if unnamed := sorted(set(int(c) for c in class_ids) - set(range(len(names)))):
+        raise ValueError(
+            f"class_names names {len(names)} class(es) ({names}) but {where} class id(s) {unnamed}: give one name "
+            "per class id (bundle id 'class_names'; 'class_map' sets it)."
+        )
+    return names
+
+
 def generate(
     flow: torch.nn.Module,
     classifier: torch.nn.Module | None,
@@ -405,10 +423,7 @@ def generate(
     check_positive_int("writer_threads", writer_threads)
     for key, value in (("cuda_graphs", cuda_graphs), ("compile", compile)):
         check_flag(value, key)
-    if class_names is not None:
-        if isinstance(class_names, str) or not all(isinstance(n, str) and n.strip() for n in class_names):
-            raise ValueError(f"class_names must be a list of non-empty names, one per class id, got {class_names!r}.")
-        class_names = [str(n) for n in class_names]
+    class_names = check_class_names(class_names)
 
     device = torch.device(device)
     output_dir = Path(output_dir)
@@ -489,11 +504,7 @@ def generate(
         if not all_z:
             raise ValueError("generate got no input items.")
         z_all, labels_all = torch.cat(all_z), torch.cat(all_labels)
-        if class_names is not None and (unnamed := sorted(set(labels_all.tolist()) - set(range(len(class_names))))):
-            raise ValueError(
-                f"class_names names {len(class_names)} class(es) ({class_names}) but the inputs hold class id(s) "
-                f"{unnamed}: give one name per class id (bundle id 'class_names'; 'class_map' sets it)."
-            )
+        check_class_names(class_names, labels_all.tolist(), "the inputs hold")
         if mode == "n_per_class":
             draw = torch.Generator().manual_seed(seed)
             chosen = []

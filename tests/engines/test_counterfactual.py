@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 
@@ -82,10 +83,34 @@ def test_lungs_region_changes_only_the_estimated_lungs_and_counts_empty_masks(tm
 
 @pytest.mark.parametrize("kwargs, match", [({"region": "heart"}, "region"), ({"region_margin": -1}, "region_margin"),
                                            ({"region_margin": True}, "region_margin"),
-                                           ({"region_margin": 1.5}, "region_margin")])  # fmt: skip
+                                           ({"region_margin": 1.5}, "region_margin"),
+                                           ({"class_names": ["a"]}, r"num_classes 2 has class id\(s\) \[1\]"),
+                                           ({"class_names": "ab"}, "list of non-empty names")])  # fmt: skip
 def test_bad_region_arguments_are_refused_before_anything_is_written(tmp_path, kwargs, match):
     records = _records()
     with pytest.raises(ValueError, match=match):
         write_counterfactuals(trained_like(image_size=16).float(), _Stub(), records, records, tmp_path / "cf", 2,
                               **kwargs)  # fmt: skip
     assert not (tmp_path / "cf").exists()
+
+
+def test_class_names_name_each_rows_source_and_target_class(tmp_path):
+    """``class_names``: two name columns at the end of the manifest (the id columns as without names) and the list in
+    the summary."""
+    flow, records = trained_like(image_size=16).float(), _records()
+    names = ["non-COVID", "COVID-19"]
+    summary = write_counterfactuals(flow, _Stub(), records, records, tmp_path / "n", 2, formats=["png"],
+                                    class_names=names)  # fmt: skip
+    write_counterfactuals(flow, _Stub(), records, records, tmp_path / "p", 2, formats=["png"])
+    with open(tmp_path / "n" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "p" / "manifest.csv", newline="") as f:
+        bare = list(csv.DictReader(f))
+    assert list(rows[0])[-3:] == ["model_version", "source_class_name", "target_class_name"]
+    assert [(r["source_class_name"], r["target_class_name"]) for r in rows] == [
+        (names[int(r["source_class"])], names[int(r["target_class"])]) for r in rows
+    ]
+    assert {r["source_class_name"] for r in rows} == set(names)  # the records hold both classes
+    assert [{k: v for k, v in r.items() if not k.endswith("_name")} for r in rows] == bare
+    assert summary["class_names"] == names
+    assert json.loads((tmp_path / "p" / "counterfactual.json").read_text())["class_names"] is None
