@@ -73,9 +73,9 @@ def test_counterfactual_config_writes_triplets(tiny_run):
     for r in rows:
         assert r["target_class"] == str(1 - int(r["source_class"]))  # two classes: the other one
         # the class map's names beside the ids (binary)
-        names = ["non-COVID", "COVID-19"]
-        assert (r["source_class_name"], r["target_class_name"]) == (names[int(r["source_class"])],
-                                                                    names[int(r["target_class"])])  # fmt: skip
+        binary = ["non-COVID", "COVID-19"]
+        assert (r["source_class_name"], r["target_class_name"]) == (binary[int(r["source_class"])],
+                                                                    binary[int(r["target_class"])])  # fmt: skip
         for kind in ("source", "counterfactual", "difference"):
             names = r[kind].split(";")
             assert [n.rsplit(".", 1)[-1] for n in names] == ["png", "gz"]
