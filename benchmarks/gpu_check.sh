@@ -31,6 +31,15 @@ cd "$(dirname "$0")/.."
 CPU=0
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
 OUT_DIR=${1:-${OUT:-runs}/gpu_check}
+for var in GPU_CHECK_TOTAL_S GPU_CHECK_GRACE_S GPU_CHECK_KILL_S E2E_TIMEOUT; do  # whole seconds (KILL_S 0 would
+  # never send the SIGKILL, and the stopped run ignores a second SIGTERM)
+  value=${!var:-} least=0
+  [ "$var" = GPU_CHECK_KILL_S ] && least=1
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ && "$value" -ge "$least" ]]; then
+    echo "gpu_check.sh: $var must be a whole number of seconds >= $least, got '$value'" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT_DIR"
 # no figures or logs of an earlier run pass for this one's
 rm -f "$OUT_DIR/gpu_check.json" "$OUT_DIR/gpu_check.md" "$OUT_DIR/e2e.log" "$OUT_DIR/e2e_report.md"

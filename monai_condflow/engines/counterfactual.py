@@ -142,7 +142,8 @@ def write_counterfactuals(
         region_margin: with ``"lungs"``, pixels the mask is eroded by (a margin inside the estimated lung border).
         class_names: the classes' names by id (bundle id ``class_names``): ``source_class_name`` and
             ``target_class_name`` columns at the end of the manifest and ``class_names`` in the summary; ``None``: ids
-            only. Fewer names than ``num_classes`` are refused before anything is written.
+            only. Fewer names than ``num_classes`` are refused before anything is written, a data label without a
+            name (e.g. ``-1``) when it is met (nothing is kept of the set).
 
     Returns:
         The summary written to ``counterfactual.json``: ``count``; ``flip_rate``: of the ``to_flip`` sources
@@ -185,6 +186,8 @@ def write_counterfactuals(
             z = clf.embed(x)
             pred_src = clf(x).argmax(1)
             src = torch.as_tensor(batch["label"]).long().to(device)[: x.shape[0]] if "label" in batch else pred_src
+            if class_names is not None:  # a data label outside the names (e.g. -1) would be named wrongly
+                check_class_names(class_names, src.tolist(), "the data hold")
             tgt = torch.full_like(src, int(target)) if target is not None else (src + 1) % num_classes
             z_t = target_conditions(z, tgt, bank_z, bank_y, num_classes, mode)
             x_cf = net.counterfactual(x, z, z_t, guidance=guidance).clamp(0.0, 1.0)

@@ -315,8 +315,11 @@ def check_class_names(
     names every id of ``class_ids`` (``where`` says whose ids they are in the message)."""
     if class_names is None:
         return None
-    if isinstance(class_names, str) or not all(isinstance(n, str) and n.strip() for n in class_names):
-        raise ValueError(f"class_names must be a list of non-empty names, one per class id, got {class_names!r}.")
+    # a list in id order only: a dict (``read_class_folders``' name -> id map) or a set has no order of the ids
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in class_names):
+        raise ValueError(
+            f"class_names must be a list of non-empty names in class-id order (name 0 first), got {class_names!r}."
+        )
     names = [str(n) for n in class_names]
     if unnamed := sorted(set(int(c) for c in class_ids) - set(range(len(names)))):
         raise ValueError(

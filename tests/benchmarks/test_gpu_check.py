@@ -410,3 +410,14 @@ def test_the_tune_option_autotunes_cudnn_for_its_row_only(tmp_path: Path, monkey
         assert gpu_check._ran_as({"graphed": True, "cudnn_autotuned": True}) == "graphed + cuDNN autotuned"
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+@pytest.mark.parametrize("var, value", [("GPU_CHECK_KILL_S", "0"), ("GPU_CHECK_KILL_S", "x"),
+                                        ("GPU_CHECK_GRACE_S", "1.5"), ("E2E_TIMEOUT", "-1")])  # fmt: skip
+def test_a_time_setting_that_is_not_whole_seconds_is_refused_before_the_set_up(tmp_path: Path, var: str, value: str):
+    """A kill delay of 0 would never send the SIGKILL (the stopped run ignores a second SIGTERM), and a non-number
+    broke the budget's arithmetic: refused by name, before anything is installed or measured."""
+    proc = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, var: value}, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and f"gpu_check.sh: {var} must be a whole number of seconds" in proc.stderr
+    assert f"got '{value}'" in proc.stderr and "set-up:" not in proc.stdout

@@ -13,6 +13,8 @@ the network verify, the multi-GPU overlays run under torchrun with 2 gloo proces
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -134,8 +136,9 @@ def test_stages_write_their_outputs(trained_run: Path):
     manifest = (trained_run / "synthetic" / "manifest.csv").read_text().splitlines()
     assert manifest[0].startswith("index,file,class,class_name,") and len(manifest) == len(labels) + 1
     # the class map's names (binary: non-COVID / COVID-19) beside each id
-    named = {tuple(r.split(",")[2:4]) for r in manifest[1:]}
-    assert named <= {("0", "non-COVID"), ("1", "COVID-19")} and len(named) >= 1
+    rows = list(csv.DictReader(io.StringIO("\n".join(manifest))))
+    names = ["non-COVID", "COVID-19"]
+    assert {(r["class"], r["class_name"]) for r in rows} == {(str(e["label"]), names[e["label"]]) for e in labels}
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("trtr", "tstr"):
         assert set(metrics[key]) >= {"accuracy", "f1", "precision", "recall"}

@@ -114,3 +114,10 @@ def test_class_names_name_each_rows_source_and_target_class(tmp_path):
     assert [{k: v for k, v in r.items() if not k.endswith("_name")} for r in rows] == bare
     assert summary["class_names"] == names
     assert json.loads((tmp_path / "p" / "counterfactual.json").read_text())["class_names"] is None
+    # a data label without a name is refused, not named by a negative index or a crash; nothing of the set is kept
+    for label in (-1, 2):
+        bad = [*records[:2], {**records[2], "label": label}]
+        with pytest.raises(ValueError, match=rf"the data hold class id\(s\) \[{label}\]"):
+            write_counterfactuals(flow, _Stub(), bad, records, tmp_path / "bad", 2, formats=["png"], class_names=names,
+                                  batch_size=2)  # fmt: skip
+        assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.partial-*"))

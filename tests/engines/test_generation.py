@@ -140,7 +140,8 @@ def test_class_names_go_into_the_manifest_and_a_class_without_a_name_is_refused(
     before = sorted(f.name for f in (tmp_path / "n").iterdir())
     with pytest.raises(ValueError, match=r"inputs hold class id\(s\) \[1\]"):
         generate(flow, None, _records(), output_dir=tmp_path / "n", model_version="v", class_names=["only"])
-    for bad in ("non-COVID", ["a", ""], ["a", 1]):
+    # a name -> id dict (read_class_folders' class_names) or a set has no id order; a string is not a list
+    for bad in ("non-COVID", ["a", ""], ["a", 1], {"COVID": 1, "non-COVID": 0}, {"a", "b"}, 2):
         with pytest.raises(ValueError, match="class_names must be a list of non-empty names"):
             generate(flow, None, _records(), output_dir=tmp_path / "n", model_version="v", class_names=bad)
     assert sorted(f.name for f in (tmp_path / "n").iterdir()) == before
