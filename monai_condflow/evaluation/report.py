@@ -35,7 +35,12 @@ import torch
 import torch.nn as nn
 
 from monai_condflow.data.datalists import check_shared_images
-from monai_condflow.engines.generation import generate_tensors, pixel_range_stats, summarize_sample_stats
+from monai_condflow.engines.generation import (
+    check_class_names,
+    generate_tensors,
+    pixel_range_stats,
+    summarize_sample_stats,
+)
 from monai_condflow.engines.stage_io import presumptive_label_summary
 from monai_condflow.engines.stages import privacy_spent
 from monai_condflow.evaluation.augmentation import augmentation_study, plot_augmentation
@@ -685,7 +690,8 @@ def run_evaluation(
         fit_fn: classifier training function (see :func:`~monai_condflow.evaluation.tstr.default_fit_fn`).
         train_kwargs: passed to ``fit_fn`` (``max_epochs``, ``lr``, ``batch_size``, ...).
         num_classes: number of classes.
-        class_names: names for the report (default ``"class 0"``, ...).
+        class_names: names for the report, a list in class-id order with one per class (default ``"class 0"``,
+            ...); anything else is refused before any training (``ValueError``).
         n_synthetic_sets: synthetic sets (seeds) per generator.
         temperature: flow sampling temperature (paper: 0.9).
         n_bootstrap: test-set bootstraps.
@@ -717,7 +723,10 @@ def run_evaluation(
         The metrics dict written to ``metrics.json``.
     """
     out = Path(output_dir)
-    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
+    # the names the synthetic set's manifest uses, checked alike (a list in id order, one per class)
+    names = check_class_names(class_names, range(num_classes), f"num_classes {num_classes} has") or [
+        f"class {c}" for c in range(num_classes)
+    ]
     train, val, test = as_image_set(real_train), as_image_set(real_val), as_image_set(real_test)
     if classifier_factory is None:
         classifier_factory = default_classifier_factory(num_classes)

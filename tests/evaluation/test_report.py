@@ -354,6 +354,12 @@ def test_too_few_validation_or_test_images_for_fid_fail_before_any_training(tmp_
     with pytest.raises(ValueError, match=r"the training set \(each synthetic set has one image per training image\) "
                        r"has N=12 .*D=16.*add training images"):
         run_evaluation(tmp_path, _data(6, 6, 0), _data(20, 10, 1), _data(20, 10, 2), **common)
+    # class names are checked as the synthetic set's manifest checks them: one per class, a list in id order (a
+    # name -> id dict would name the classes in key order)
+    for names, match in ((["non-COVID"], r"num_classes 2 has class id\(s\) \[1\]"),
+                         ({"COVID": 1, "non-COVID": 0}, "list of non-empty names in class-id order")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(20, 10, 2), class_names=names, **common)
     assert trained == [] and not (tmp_path / "metrics.json").exists()
 
 
