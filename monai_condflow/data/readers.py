@@ -35,10 +35,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
+from monai.transforms import EnsureChannelFirst, Orientation
 from monai.utils import optional_import
 
 from monai_condflow.data.errors import DataError, ReadReport, check_on_error
+from monai_condflow.utils.loading import make_load_image
 
 nib, _has_nib = optional_import("nibabel")
 pydicom, _has_pydicom = optional_import("pydicom")
@@ -650,7 +651,7 @@ class NiftiVolumeLoader:
         self._setup()
 
     def _setup(self) -> None:
-        self._load = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)
+        self._load = make_load_image(reader="NibabelReader", image_only=True, dtype=np.float32)
         self._channel_first = EnsureChannelFirst(channel_dim="no_channel")
         self._orient = Orientation(axcodes=self.orientation, labels=None) if self.orientation else None
         self._cached: tuple[str, np.ndarray] | None = None

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,8 +31,19 @@ def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, 
     log_dir = Path(log_dir)
     if not log_dir.is_dir():
         return {}
-    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*") if p.is_file()})
+    # TensorBoard's reader logs "No path found after <file>" at INFO for every event file it finishes
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(max(logging.WARNING, tb_logger.getEffectiveLevel()))
+    try:
+        return _read(log_dir, folders)
+    finally:
+        tb_logger.setLevel(level)
+
+
+def _read(log_dir: Path, folders: list[Path]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for folder in folders:
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         acc.Reload()

@@ -31,7 +31,6 @@ from monai.config import NdarrayOrTensor
 from monai.data import NibabelReader, PILReader, PydicomReader
 from monai.transforms import (
     EnsureChannelFirst,
-    LoadImage,
     Orientation,
     RandomizableTransform,
     ScaleIntensityRange,
@@ -40,6 +39,8 @@ from monai.transforms import (
 from monai.transforms.transform import Transform
 from monai.utils import convert_data_type, convert_to_dst_type
 from scipy import ndimage
+
+from monai_condflow.utils.loading import load_writable, make_load_image
 
 __all__ = [
     "INTENSITY_MODES",
@@ -123,7 +124,7 @@ class LoadCTSlice(Transform):
         self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.check_exists = check_exists
         readers = [NibabelReader(), PydicomReader(swap_ij=False), PILReader(reverse_indexing=False)]
-        self.loader = LoadImage(reader=readers, image_only=True, dtype=None)
+        self.loader = make_load_image(reader=readers, image_only=True, dtype=None)
         self.channel_first = EnsureChannelFirst()
         self.radiological = Orientation(axcodes="LP", labels=None)
 
@@ -134,7 +135,7 @@ class LoadCTSlice(Transform):
             raise FileNotFoundError(f"image file not found: {where}")
         self._check_size(name, where)
         try:
-            img = self.loader(name)
+            img = load_writable(self.loader, name)
         except Exception as e:  # MONAI wraps every reader failure into one long RuntimeError
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot read image file {where}: {first_line}") from None

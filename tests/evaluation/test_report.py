@@ -24,6 +24,30 @@ from monai_condflow.evaluation.report import read_tensorboard_scalars, run_evalu
 _SCORES = {"accuracy": 0.7, "f1": 0.69, "precision": 0.68, "recall": 0.78, "accuracy_std": 0.02}
 
 
+def test_reading_the_logs_keeps_tensorboards_per_file_info_lines_out_of_the_run_log(tmp_path, caplog):
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "flow"))
+    writer.add_scalar("val_bpd", 5.0, 0)
+    writer.close()
+    tb_logger = logging.getLogger("tensorboard")
+    with caplog.at_level(logging.INFO):
+        EventAccumulator(str(tmp_path / "flow")).Reload()  # TensorBoard's own reader, for comparison
+        control = [r for r in caplog.records if r.name.startswith("tensorboard")]
+        caplog.clear()
+        level = tb_logger.level
+        assert read_tensorboard_scalars(tmp_path)["flow"]["val_bpd"] == ([0], [5.0])
+        assert tb_logger.level == level
+        tb_logger.warning("a warning of TensorBoard's")
+    assert control, "TensorBoard's reader logged nothing at INFO: the check below would mean nothing"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("tensorboard")] == [
+        "a warning of TensorBoard's"
+    ]
+
+
 def test_write_report_tables_json_and_curves(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
