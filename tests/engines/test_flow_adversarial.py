@@ -18,6 +18,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -30,9 +31,11 @@ from monai_condflow.engines.flow_adversarial import (
     check_adversarial,
     frozen_parameters,
     hinge_discriminator_loss,
+    log_power_spectrum,
     random_translate,
     range_excess,
     run_adversarial_phase,
+    spectral_distance,
 )
 from monai_condflow.engines.prepare_batch import ConditionPrepareBatch
 from monai_condflow.networks.nets import ProjectionDiscriminator
@@ -317,6 +320,10 @@ def test_trainer_refuses_bad_settings():
         AdversarialFlowTrainer(
             "cpu", 2, [], flow, disc, *opts, prepare_batch=ConditionPrepareBatch(), consistency_weight=1.0
         )
+    with pytest.raises(ValueError, match="spectral_weight must be >= 0"):
+        AdversarialFlowTrainer("cpu", 2, [], flow, disc, *opts, spectral_weight=-1.0)
+    with pytest.raises(ValueError, match="spectral_decay must be in"):
+        AdversarialFlowTrainer("cpu", 2, [], flow, disc, *opts, spectral_weight=1.0, spectral_decay=1.0)
 
 
 class _Embed(torch.nn.Module):
@@ -349,6 +356,62 @@ def test_consistency_term_uses_the_classifier_and_reaches_the_flow():
     assert any(not torch.equal(a, b) for a, b in zip(flow.state_dict().values(), flow2.state_dict().values()))
 
 
+def test_log_power_spectrum_by_hand():
+    x = torch.rand(3, 2, 8, 6, dtype=torch.float64)
+    centred = x.numpy() - x.numpy().mean(axis=(-2, -1), keepdims=True)
+    power = (abs(np.fft.rfft2(centred)) ** 2 / (8 * 6)).mean(axis=0)  # orthonormal FFT: |F|^2 / (H W)
+    assert log_power_spectrum(x).shape == (2, 8, 4)
+    np.testing.assert_allclose(log_power_spectrum(x).numpy(), np.log(power + 1e-6), rtol=1e-10)
+    # a constant image has no power besides its removed mean: every bin is log(eps)
+    assert torch.allclose(log_power_spectrum(torch.full((1, 1, 4, 4), 0.7)), torch.tensor(1e-6).log())
+
+
+def _lattice(n: int = 16) -> torch.Tensor:
+    """A dot every 4 pixels in both directions (the pattern two squeezes leave), zero mean."""
+    pattern = torch.zeros(n, n)
+    pattern[::4, ::4] = 1.0
+    return pattern - pattern.mean()
+
+
+def test_spectral_distance_sees_a_lattice_and_its_gradient_removes_it():
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(8, 1, 20, 20, generator=gen), 5, stride=1)  # [8, 1, 16, 16]
+    reference = log_power_spectrum(smooth)
+    assert float(spectral_distance(smooth, reference)) == 0.0
+    fake = (smooth + 0.1 * _lattice()).requires_grad_(True)
+    start = float(spectral_distance(fake.detach(), reference))
+    assert start > 0.3
+    at_lattice = (4, 4)  # frequency 16 / 4 = 4 along both axes of the rfft2 grid [16, 9]
+    power = log_power_spectrum(fake.detach())[0][at_lattice]
+    assert power > reference[0][at_lattice] + 2  # e^2 = 7x the power of the smooth images at the lattice bin
+    opt = torch.optim.Adam([fake], lr=0.01)
+    for _ in range(100):
+        opt.zero_grad()
+        spectral_distance(fake, reference).backward()
+        opt.step()
+    assert float(spectral_distance(fake.detach(), reference)) < 0.05 * start
+    assert log_power_spectrum(fake.detach())[0][at_lattice] < power - 2
+
+
+def test_spectral_term_is_off_by_default_and_reaches_the_flow_when_weighted():
+    plain, flow_a, _, _ = _trainer(steps=3)
+    zero, flow_b, _, _ = _trainer(steps=3, spectral_weight=0.0)
+    plain.run()
+    zero.run()
+    assert all(torch.equal(a, b) for a, b in zip(flow_a.state_dict().values(), flow_b.state_dict().values()))
+    assert zero.state.output["spectral"] == 0.0
+    weighted, flow_c, _, _ = _trainer(steps=3, spectral_weight=5.0)
+    weighted.run()
+    assert weighted.state.output["spectral"] > 0
+    assert any(not torch.equal(a, c) for a, c in zip(flow_a.state_dict().values(), flow_c.state_dict().values()))
+    # only the spectral term weighted: it falls over the steps
+    only, flow_d, _, _ = _trainer(steps=40, adversarial_weight=0.0, range_weight=0.0, spectral_weight=50.0)
+    seen = []
+    only.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output["spectral"]))
+    only.run()
+    assert sum(seen[-5:]) < 0.8 * sum(seen[:5])
+
+
 def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likelihood_weights(tmp_path):
     trainer, flow, _, _ = _trainer(steps=3)
     atomic_torch_save({"network": flow.state_dict()}, tmp_path / MODEL_FILE)
@@ -358,6 +421,7 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
     record = run_adversarial_phase(tmp_path, trainer, ema_decay=0.5)
     assert record["steps"] == 3 and record["skipped_steps"] == 0 and record["adversarial_weight"] == 1.0
     assert (record["consistency_weight"], record["range_weight"], record["likelihood_every"]) == (0.0, 0.5, 1)
+    assert record["spectral_weight"] == 0.0 and "spectral" not in record["last"]
     kept = torch.load(tmp_path / LIKELIHOOD_MODEL_FILE, weights_only=True)["network"]
     assert all(torch.equal(kept[k], v) for k, v in likelihood.items())
     tuned = torch.load(tmp_path / MODEL_FILE, weights_only=True)["network"]
@@ -392,6 +456,8 @@ def test_run_adversarial_phase_settles_model_and_record_and_restarts_from_likeli
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 8.0), "adversarial_batch_size"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, 0), "adversarial_likelihood_every"),
         ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, True), "adversarial_likelihood_every"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, 2, -1.0), "spectral_weight"),
+        ((10, 0.5, 1.0, 10.0, 0.9, 1e-4, 2e-4, 3, None, 16, False, 2, True), "spectral_weight"),
     ],
 )
 def test_config_checks_name_the_key(args, key):
