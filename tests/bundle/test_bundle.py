@@ -232,6 +232,11 @@ def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_ru
     assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 2
     parser = _workflow(["train_flow.json"], **phase, adversarial_likelihood_every=1).parser
     assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 1
+    # the spectral term: off by default, the id reaches the trainer and the recorded settings
+    assert parser.get_parsed_content("adversarial#trainer").spectral_weight == 0.0
+    parser = _workflow(["train_flow.json"], **phase, spectral_weight=2.0).parser
+    assert parser.get_parsed_content("adversarial#trainer").spectral_weight == 2.0
+    assert parser.get_parsed_content("run_settings")["spectral_weight"] == 2.0
     parser = _workflow(["train_flow.json"], **{**common, "adversarial_steps": 0}).parser
     assert parser.get_parsed_content("adversarial#dataloader") is None
     parser = _workflow(["train_flow.json"], **common, adversarial_batch_size=100_000).parser
@@ -403,6 +408,7 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["train_flow.json"], {"adversarial_batch_size": 0}, ConfigValueError, "'adversarial_batch_size'"),
         (["train_flow.json"], {"discriminator_high_pass": "no"}, ConfigValueError, "'discriminator_high_pass'"),
         (["train_flow.json"], {"adversarial_likelihood_every": 0}, ConfigValueError, "'adversarial_likelihood_every'"),
+        (["train_flow.json"], {"spectral_weight": -1.0}, ConfigValueError, "'spectral_weight'"),
         (["train_flow.json"], {"train_shift": -1}, ConfigValueError, "'train_shift'"),
         (["train_flow.json"], {"train_shift": 1.5}, ConfigValueError, "'train_shift'"),
         (["generate.json"], {"temperature": 0.0}, ConfigValueError, "'temperature'"),
