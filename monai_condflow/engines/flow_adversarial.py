@@ -72,6 +72,8 @@ __all__ = [
     "random_translate",
     "range_excess",
     "run_adversarial_phase",
+    "SPECTRUM_EPS",
+    "power_spectrum",
     "log_power_spectrum",
     "spectral_distance",
     "TENSORBOARD_SCALARS",
@@ -136,14 +138,22 @@ def random_translate(x: torch.Tensor, shift: int, generator: torch.Generator | N
     )
 
 
-def log_power_spectrum(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``log(mean_b |FFT2(x_b - mean(x_b))|^2 + eps)`` of a batch ``[B, C, H, W]`` (orthonormal 2-D real FFT, each
-    image's mean removed): ``[C, H, W // 2 + 1]``, the batch's average power per spatial frequency, in log."""
-    power = torch.fft.rfft2(x - x.mean(dim=(-2, -1), keepdim=True), norm="ortho").abs().square().mean(0)
-    return torch.log(power + eps)
+SPECTRUM_EPS = 1e-6
+"""Added to the power before the log of :func:`log_power_spectrum` (a bin without power gives ``log(eps)``)."""
 
 
-def spectral_distance(fake: torch.Tensor, real_log_power: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def power_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """``mean_b |FFT2(x_b - mean(x_b))|^2`` of a batch ``[B, C, H, W]`` (orthonormal 2-D real FFT, each image's mean
+    removed): ``[C, H, W // 2 + 1]``, the batch's average power per spatial frequency."""
+    return torch.fft.rfft2(x - x.mean(dim=(-2, -1), keepdim=True), norm="ortho").abs().square().mean(0)
+
+
+def log_power_spectrum(x: torch.Tensor, eps: float = SPECTRUM_EPS) -> torch.Tensor:
+    """``log(power_spectrum(x) + eps)``: ``[C, H, W // 2 + 1]``."""
+    return torch.log(power_spectrum(x) + eps)
+
+
+def spectral_distance(fake: torch.Tensor, real_log_power: torch.Tensor, eps: float = SPECTRUM_EPS) -> torch.Tensor:
     """Mean squared difference between the log power spectrum of ``fake`` (:func:`log_power_spectrum`) and a
     reference ``real_log_power`` (``[C, H, W // 2 + 1]``): large when the samples carry a periodic pattern (a
     lattice at the squeeze period) or lack frequencies the real images have. A scalar with gradients to ``fake``."""
@@ -381,14 +391,13 @@ class AdversarialFlowTrainer(Trainer):
             g_adv = -disc(random_translate(fake, engine.shift, gen), cond).mean()
             adv = engine.adversarial_weight * g_adv
             loss = (adv if bpd is None else every * bpd + adv) + engine.range_weight * excess
-            spectral = torch.zeros((), device=x.device)
+            spectral = None
             if engine.spectral_weight > 0:
-                with torch.no_grad():
-                    power = torch.fft.rfft2(x - x.mean(dim=(-2, -1), keepdim=True), norm="ortho").abs().square()
-                    power = power.mean(0)
-                    decay = engine.spectral_decay if engine._real_power is not None else 0.0
-                    engine._real_power = power if decay == 0.0 else decay * engine._real_power + (1 - decay) * power
-                spectral = spectral_distance(fake, torch.log(engine._real_power + 1e-6))
+                with torch.no_grad():  # running average of the real batches' spectra (the first batch starts it)
+                    power = power_spectrum(x)
+                    previous, decay = engine._real_power, engine.spectral_decay
+                    engine._real_power = power if previous is None else decay * previous + (1 - decay) * power
+                spectral = spectral_distance(fake, torch.log(engine._real_power + SPECTRUM_EPS))
                 loss = loss + engine.spectral_weight * spectral
             consistency = torch.zeros((), device=x.device)
             if engine.consistency_weight > 0 and cond is not None:
@@ -412,7 +421,7 @@ class AdversarialFlowTrainer(Trainer):
         return StepOutput({
             "loss": engine._last_bpd, "d_loss": float(d_loss.detach()), "g_adversarial": float(g_adv.detach()),
             "consistency": float(consistency.detach()), "excess": float(excess.detach()), "grad_norm": float(norm),
-            "spectral": float(spectral.detach()), "skipped": skipped,
+            "spectral": 0.0 if spectral is None else float(spectral.detach()), "skipped": skipped,
         })  # fmt: skip
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from monai_condflow.utils.logs import raised_log_level
+
 __all__ = ["read_tensorboard_scalars"]
 
 
@@ -32,21 +34,11 @@ def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, 
     if not log_dir.is_dir():
         return {}
     folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*") if p.is_file()})
-    # TensorBoard's reader logs "No path found after <file>" at INFO for every event file it finishes
-    tb_logger = logging.getLogger("tensorboard")
-    level = tb_logger.level
-    tb_logger.setLevel(max(logging.WARNING, tb_logger.getEffectiveLevel()))
-    try:
-        return _read(log_dir, folders)
-    finally:
-        tb_logger.setLevel(level)
-
-
-def _read(log_dir: Path, folders: list[Path]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     runs: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for folder in folders:
         acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-        acc.Reload()
+        with raised_log_level("tensorboard", logging.WARNING):  # its reader logs "No path found after <file>" at INFO
+            acc.Reload()
         tags = acc.Tags().get("scalars", [])
         if tags:
             runs[str(folder.relative_to(log_dir))] = {

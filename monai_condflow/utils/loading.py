@@ -31,6 +31,8 @@ from typing import Any
 
 from monai.transforms import LoadImage
 
+from monai_condflow.utils.logs import raised_log_level
+
 __all__ = ["NVIMGCODEC_LOGGER", "make_load_image", "load_writable"]
 
 #: the logger of MONAI's nvImageCodec DICOM plugin
@@ -39,15 +41,9 @@ NVIMGCODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
 
 @contextmanager
 def _without_nvimgcodec_notice() -> Iterator[None]:
-    logger = logging.getLogger(NVIMGCODEC_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"NvImgCodecPydicomReader: nvImageCodec decoder plugin")
-            yield
-    finally:
-        logger.setLevel(level)
+    with raised_log_level(NVIMGCODEC_LOGGER, logging.ERROR), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"NvImgCodecPydicomReader: nvImageCodec decoder plugin")
+        yield
 
 
 def make_load_image(*args: Any, **kwargs: Any) -> LoadImage:
