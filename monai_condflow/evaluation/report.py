@@ -70,6 +70,7 @@ from monai_condflow.metrics.fid import (
 from monai_condflow.networks.nets import ConditionalGlow, PEPXNet
 from monai_condflow.networks.nets.acgan import ACGANGenerator
 from monai_condflow.privacy.audits import dcr_audit, membership_inference_auc, privacy_section, privacy_summary
+from monai_condflow.utils.checks import check_positive_int
 from monai_condflow.utils.io import MODEL_FILE, atomic_write_text, shareable_file_mode  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -133,6 +134,11 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _finite_list(values: Any) -> list[float | None] | None:
+    """A list of :func:`finite_or_none` values, or ``None`` when ``values`` is not a list."""
+    return [finite_or_none(v) for v in values] if isinstance(values, (list, tuple)) else None
+
+
 def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The figures ``report.md`` opens with (and ``metrics.json`` holds under ``headline``), for the flow and, when
     evaluated, the ACGAN baseline. Missing figures are ``None``.
@@ -140,17 +146,18 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         ``{"trtr_accuracy", "tstr_accuracy", "gap_points" (TRTR - TSTR in accuracy points),
         "class_agreement" (real-trained evaluation classifier on the synthetic images), "class_agreement_per_class"
-        (the same per conditioning class, a list or None), "class_names", "real_test_accuracy" (the
-        same classifier on the real test split), "real_balanced_accuracy" (TRTR's mean per-class recall on the real
+        (the same per conditioning class, a list or None), "class_agreement_per_judge" (per real-trained
+        evaluation classifier, a list or None), "class_names", "real_test_accuracy" (the
+        same classifiers on the real test split), "real_balanced_accuracy" (TRTR's mean per-class recall on the real
         test split) and "num_classes" (its number of classes), "class_agreement_real_blurred" (on the real training
         images blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
         "variety_ratio" (spread of the synthetic images of a class over the real ones'), "fid",
-        "fid_floor", "fid_ratio", "images_with_overflow",
+        "fid_floor", "fid_ratio", "fid_ratio_per_judge" (a list or None), "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
         "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class",
-        "sharpness_ratio", "variety_ratio", "fid",
-        "fid_ratio", "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and
-        agreement as fractions).
+        "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "fid", "fid_ratio", "fid_ratio_per_judge",
+        "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
+        fractions).
     """
 
     def _block(block: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,10 +177,12 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
                 if isinstance(block.get("class_agreement_per_class"), (list, tuple))
                 else None
             ),
+            "class_agreement_per_judge": _finite_list(block.get("class_agreement_per_judge")),
             "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
             "variety_ratio": finite_or_none(block.get("variety_ratio")),
             "fid": fid,
             "fid_ratio": ratio,
+            "fid_ratio_per_judge": _finite_list(block.get("fid_ratio_per_judge")),
             "images_with_overflow": samples.get("images_with_overflow"),
             "n_images": samples.get("n_images"),
             "overflow_pixel_fraction": finite_or_none(samples.get("overflow_pixel_fraction")),
@@ -195,9 +204,9 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     base = None
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
-        keys = ("tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class", "sharpness_ratio",
-                "variety_ratio", "fid", "fid_ratio", "images_with_overflow", "n_images",
-                "overflow_pixel_fraction")  # fmt: skip
+        keys = ("tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class",
+                "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "fid", "fid_ratio",
+                "fid_ratio_per_judge", "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
         base = {k: b[k] for k in keys}
     return {
         "trtr_accuracy": finite_or_none((metrics.get("trtr") or {}).get("accuracy")),
@@ -248,7 +257,19 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
         text += f"real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
         if h["class_agreement_real_blurred"] is not None:
             text += f"; real training slices blurred by 1 px: {h['class_agreement_real_blurred']:.3f}"
-        return text + ")"
+        return text + ")" + judge_range(b.get("class_agreement_per_judge"), ".3f")
+
+    def judge_range(values: Sequence[float | None] | None, fmt: str) -> str:
+        # with several evaluation classifiers, how far apart they put the same figure
+        if not values or len(values) < 2:
+            return ""
+        if any(v is None for v in values):
+            return f" ({len(values)} evaluation classifiers, some n/a)"
+        return f" ({len(values)} evaluation classifiers: {format(min(values), fmt)} to {format(max(values), fmt)})"
+
+    def fid(b: Mapping[str, Any]) -> str:
+        text = f"{_num(b['fid'])} / {_num(h['fid_floor'])} = {_num(b['fid_ratio'], '.3g')}"
+        return text + judge_range(b.get("fid_ratio_per_judge"), ".3g")
 
     def gap(b: Mapping[str, Any]) -> str:
         return "n/a" if b["gap_points"] is None else f"{b['gap_points']:+.1f} points"
@@ -264,8 +285,7 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
          _num(base["sharpness_ratio"], ".3f") if base else None),
         ("variety of a class, synthetic / real (per-pixel std; below 1: fewer modes)",
          _num(h["variety_ratio"], ".3f"), _num(base["variety_ratio"], ".3f") if base else None),
-        ("FID / floor", f"{_num(h['fid'])} / {_num(h['fid_floor'])} = {_num(h['fid_ratio'], '.3g')}",
-         f"{_num(base['fid'])} / {_num(h['fid_floor'])} = {_num(base['fid_ratio'], '.3g')}" if base else None),
+        ("FID / floor", fid(h), fid(base) if base else None),
         ("samples overflowed before clamping (outside [-0.25, 1.25] or non-finite)", overflow(h),
          overflow(base) if base else None),
         ("membership-inference AUC (0.5 = no memorisation signal)", _num(h["mia_auc"], ".3f"), None),
@@ -397,7 +417,9 @@ def write_report(
     lines += ["## Utility (Table 3 format: TRTR vs TSTR on the real test split, % mean ± std)", ""]
     n_boot, n_sets = metrics.get("n_bootstrap"), metrics.get("n_synthetic_sets")
     if n_boot is not None or n_sets is not None:
-        lines += [f"Over {n_boot} test-set bootstraps and {n_sets} synthetic sets (different seeds).", ""]
+        n_judges = metrics.get("n_judges") or 1
+        judges = f"; TRTR over {n_judges} real-data classifiers (different seeds)" if n_judges > 1 else ""
+        lines += [f"Over {n_boot} test-set bootstraps and {n_sets} synthetic sets (different seeds){judges}.", ""]
     lines += ["| training data | accuracy | macro-F1 | macro-precision | macro-recall |", "|---|---|---|---|---|"]
     table = [("real (TRTR)", metrics["trtr"]), ("flow synthetic (TSTR)", metrics["tstr"])]
     if "baseline" in metrics:
@@ -647,6 +669,7 @@ def run_evaluation(
     num_classes: int = 2,
     class_names: Sequence[str] | None = None,
     n_synthetic_sets: int = 3,
+    n_judges: int = 1,
     temperature: float = 0.9,
     n_bootstrap: int = 200,
     augmentation: bool = False,
@@ -667,11 +690,16 @@ def run_evaluation(
     ``output_dir/flow``); embed the real training images (``z``) and draw ``n_synthetic_sets`` synthetic sets
     (one image per real training image, same ``z``, temperature ``temperature``, seeds ``seed + k``; the pixels
     that were non-finite or outside ``SAMPLE_RANGE`` *before* clamping are counted per image into the ``samples``
-    block, and images still non-finite after sampling are dropped and counted); train the evaluation classifier on
-    real data only (it is the TRTR classifier, the FID feature extractor and the class-agreement judge); TSTR / TRTR
-    with bootstraps; FID of each synthetic set vs the real test split, the floor (real val vs real test) and their
-    ratio. When an ACGAN checkpoint exists (``acgan`` or ``output_dir/acgan``) the same is done for it under
-    ``baseline``. ``augmentation=True`` adds the augmentation study for the minority class.
+    block, and images still non-finite after sampling are dropped and counted); train ``n_judges`` evaluation
+    classifiers on real data only (seeds ``seed + j``: the TRTR classifiers, the FID feature extractors and the
+    class-agreement judges); TSTR / TRTR with bootstraps; FID of each synthetic set vs the real test split, the
+    floor (real val vs real test) and their ratio, in each judge's features. With several judges, class agreement,
+    FID and the floor are means over judges (``fid_ratio`` = mean FID / mean floor) and the per-judge figures sit
+    beside them (``class_agreement_per_judge``, ``fid_per_judge``, ``fid_floor_per_judge``,
+    ``fid_ratio_per_judge``): two classifiers trained alike can judge the same synthetic images very differently.
+    The privacy audit's embeddings and the augmentation study's reference use the first judge. When an ACGAN
+    checkpoint exists (``acgan`` or ``output_dir/acgan``) the same is done for it under ``baseline``.
+    ``augmentation=True`` adds the augmentation study for the minority class.
 
     Args:
         output_dir: run folder (holds ``classifier/``, ``flow/``, optionally ``acgan/`` and ``tensorboard/``).
@@ -693,6 +721,8 @@ def run_evaluation(
         class_names: names for the report, a list in class-id order with one per class (default ``"class 0"``,
             ...); anything else is refused before any training (``ValueError``).
         n_synthetic_sets: synthetic sets (seeds) per generator.
+        n_judges: real-data evaluation classifiers (seeds ``seed``, ``seed + 1``, ...); each adds one classifier
+            training to the evaluation's time.
         temperature: flow sampling temperature (paper: 0.9).
         n_bootstrap: test-set bootstraps.
         augmentation: run the augmentation study too.
@@ -736,6 +766,7 @@ def run_evaluation(
         def flow_factory() -> nn.Module:
             return ConditionalGlow.from_preset("small")
 
+    check_positive_int("n_judges", n_judges)
     eval_factory = eval_network_factory or classifier_factory
     _check_fid_sample_sizes(eval_factory, val[0][:1], {"training": len(train[0]), "validation": len(val[0]),
                                                        "test": len(test[0])})
@@ -754,12 +785,27 @@ def run_evaluation(
         flow_bad += bad
         flow_stats.append(stats)
 
-    logger.info("training the evaluation classifier on real data only")
-    eval_net = train_real_classifier(
-        train, val, network_factory=eval_factory, fit_fn=fit_fn, train_kwargs=train_kwargs, seed=seed, device=device
-    )
-    test_feats = extract_features(eval_net, test[0], batch_size, device)
-    floor = fid_from_features(extract_features(eval_net, val[0], batch_size, device), test_feats)
+    judges = []
+    for j in range(n_judges):
+        logger.info("training the evaluation classifier %d/%d on real data only", j + 1, n_judges)
+        judges.append(
+            train_real_classifier(
+                train,
+                val,
+                network_factory=eval_factory,
+                fit_fn=fit_fn,
+                train_kwargs=train_kwargs,
+                seed=seed + j,
+                device=device,
+            )
+        )
+    eval_net = judges[0]
+    test_feats = [extract_features(net, test[0], batch_size, device) for net in judges]
+    floors = [
+        fid_from_features(extract_features(net, val[0], batch_size, device), feats)
+        for net, feats in zip(judges, test_feats)
+    ]
+    floor = float(np.mean(floors))
 
     def _evaluate(sets: list[ImageSet], samples_block: dict[str, Any]) -> dict[str, Any]:
         res = evaluate_tstr(
@@ -772,16 +818,23 @@ def run_evaluation(
             fit_fn=fit_fn,
             train_kwargs=train_kwargs,
             n_bootstrap=n_bootstrap,
-            real_classifier=eval_net,
+            real_classifier=judges,
             seed=seed,
             device=device,
             progress=progress,
         )
-        fids = [fid_from_features(extract_features(eval_net, s[0], batch_size, device), test_feats) for s in sets]
-        res["fid"] = float(np.mean(fids))
-        res["fid_std"] = float(np.std(fids))
-        res["fid_per_set"] = fids
+        fids = np.array(  # [judge, set]
+            [
+                [fid_from_features(extract_features(net, s[0], batch_size, device), feats) for s in sets]
+                for net, feats in zip(judges, test_feats)
+            ]
+        )
+        res["fid"] = float(fids.mean())
+        res["fid_std"] = float(np.std(fids.mean(axis=0)))
+        res["fid_per_set"] = [float(v) for v in fids.mean(axis=0)]
+        res["fid_per_judge"] = [float(v) for v in fids.mean(axis=1)]
         res["fid_ratio"] = fid_to_floor_ratio(res["fid"], floor)
+        res["fid_ratio_per_judge"] = [fid_to_floor_ratio(f, fl) for f, fl in zip(res["fid_per_judge"], floors)]
         # honest: images with a non-finite pixel before any clamping, over all images drawn
         n_images = samples_block["n_images"]
         res["nonfinite_fraction"] = samples_block["images_with_nonfinite"] / n_images if n_images else 0.0
@@ -804,13 +857,14 @@ def run_evaluation(
         "max_epochs": flow_info.get("max_epochs"),
         "adversarial_steps": (flow_info.get("adversarial") or {}).get("steps", 0),
     }
-    trtr_point = metrics.get("trtr_point") or []
-    metrics["real_classifier_test_accuracy"] = (
-        float(trtr_point[0]["accuracy"]) if trtr_point and "accuracy" in trtr_point[0] else metrics["trtr"]["accuracy"]
+    trtr_point = [p for p in metrics.get("trtr_point") or [] if "accuracy" in p]
+    metrics["real_classifier_test_accuracy"] = (  # the judges' own accuracy on the real test split
+        float(np.mean([p["accuracy"] for p in trtr_point])) if trtr_point else metrics["trtr"]["accuracy"]
     )
     metrics["presumptive_labels"] = presumptive_label_summary(out / "classifier", true_train_records)
     metrics["presumptive_accuracy"] = (metrics["presumptive_labels"] or {}).get("accuracy")
     metrics["fid_floor"] = floor
+    metrics["fid_floor_per_judge"] = floors
     metrics["class_names"] = names
     metrics["temperature"] = float(temperature)
     metrics["seed"] = int(seed)

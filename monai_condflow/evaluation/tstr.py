@@ -324,7 +324,7 @@ def per_class_agreement(predictions: torch.Tensor, labels: torch.Tensor, num_cla
 
 
 def _mean_per_class(per_set: list[list[float | None]]) -> list[float | None]:
-    """Mean over synthetic sets, class by class (``None`` where a set has no image of the class)."""
+    """Mean over synthetic sets (or judges), class by class (``None`` where one has no image of the class)."""
     return [None if any(v is None for v in col) else float(np.mean(col)) for col in zip(*per_set)]
 
 
@@ -351,7 +351,7 @@ def evaluate_tstr(
     train_kwargs: Mapping[str, Any] | None = None,
     n_bootstrap: int = 200,
     n_real_models: int = 1,
-    real_classifier: nn.Module | None = None,
+    real_classifier: nn.Module | Sequence[nn.Module] | None = None,
     match_composition: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -360,11 +360,16 @@ def evaluate_tstr(
     """TSTR vs TRTR on the real test split, mean +- std over bootstraps and synthetic sets; class agreement.
 
     Each synthetic set (drawn with its own seed) trains one fresh classifier (TSTR); ``n_real_models`` classifiers
-    with different seeds are trained on the real training set (TRTR; ``real_classifier``, when given, is used as the
-    first). Every classifier is scored on the same ``n_bootstrap`` resamples of the test split (the full split when
-    ``n_bootstrap == 0``); the mean and std are taken over all (classifier, resample) pairs. ``real_val`` selects the
-    epoch of both kinds of classifiers (a mild use of real data in TSTR, as in the paper's practice; pass ``None``
+    with different seeds are trained on the real training set (TRTR; the ``real_classifier`` ones, when given, are
+    used first). Every classifier is scored on the same ``n_bootstrap`` resamples of the test split (the full split
+    when ``n_bootstrap == 0``); the mean and std are taken over all (classifier, resample) pairs. ``real_val`` selects
+    the epoch of both kinds of classifiers (a mild use of real data in TSTR, as in the paper's practice; pass ``None``
     for strict TSTR).
+
+    Every real-data classifier is also a *judge* of class agreement: each judges every synthetic set, and the figures
+    are means over (judge, set) pairs. Two classifiers trained alike can disagree on synthetic images far more than on
+    real ones (their decision boundaries differ off the real data), so with several judges the spread over judges
+    (``class_agreement_judge_std``, ``class_agreement_per_judge``) says how much of a figure is the judge's.
 
     Args:
         real_train: real training set (sets the size and class ratio of each synthetic training set).
@@ -377,8 +382,10 @@ def evaluate_tstr(
         fit_fn: training function, see :func:`train_real_classifier`.
         train_kwargs: passed to ``fit_fn``.
         n_bootstrap: test-set resamples per classifier (0 for the plain test set).
-        n_real_models: TRTR classifiers (seeds ``seed, seed + 1, ...``).
-        real_classifier: an already trained real-data classifier to reuse (skips one TRTR training).
+        n_real_models: TRTR classifiers and class-agreement judges (seeds ``seed, seed + 1, ...``); at least the
+            number of ``real_classifier`` modules given.
+        real_classifier: already trained real-data classifier(s) to reuse as the first ones (a module or a sequence
+            of modules; each skips one TRTR training).
         match_composition: subsample each synthetic set to the real training set's size and class counts.
         seed: base seed (bootstrap, subsampling, initialisation).
         device: training device.
@@ -387,10 +394,13 @@ def evaluate_tstr(
 
     Returns:
         ``{"trtr": scores, "tstr": scores, "tstr_per_set": [point scores per synthetic set], "trtr_point": ...,
-        "class_agreement": float (mean over sets), "class_agreement_per_set": [...], "class_agreement_per_class":
-        [float | None per conditioning class] (:func:`per_class_agreement`, mean over sets),
-        "class_agreement_per_class_per_set": [[...] per set], "class_agreement_real": float
-        (real training images), "class_agreement_real_blurred": float (the same images smoothed by a Gaussian of
+        "class_agreement": float (mean over judges and sets), "class_agreement_std": float (over sets),
+        "class_agreement_per_set": [mean over judges, per set], "class_agreement_per_judge": [mean over sets, per
+        judge], "class_agreement_judge_std": float (std over judges; 0 with one), "n_judges": int,
+        "class_agreement_per_class": [float | None per conditioning class] (:func:`per_class_agreement`, mean over
+        judges and sets), "class_agreement_per_class_per_set": [[...] per set, mean over judges],
+        "class_agreement_real": float (real training images, mean over judges),
+        "class_agreement_real_blurred": float (the same images smoothed by a Gaussian of
         ``blur_sigma`` = :data:`BLUR_SIGMA` pixels: how much of the agreement is a test of sharpness),
         "sharpness_ratio": float (:func:`~monai_condflow.metrics.sharpness.sharpness_ratio` of each synthetic set to
         the real training images, mean over sets), "sharpness_ratio_per_set": [...], "variety_ratio": float
@@ -405,8 +415,14 @@ def evaluate_tstr(
     """
     if not synthetic_sets:
         raise ValueError("evaluate_tstr needs at least one synthetic set.")
+    if real_classifier is None:
+        given = []
+    else:
+        given = [real_classifier] if isinstance(real_classifier, nn.Module) else list(real_classifier)
     if n_bootstrap < 0 or n_real_models < 1:
         raise ValueError(f"need n_bootstrap >= 0 and n_real_models >= 1, got {n_bootstrap}, {n_real_models}.")
+    if len(given) > n_real_models:
+        n_real_models = len(given)
     train = as_image_set(real_train)
     val = as_image_set(real_val) if real_val is not None else None
     test = as_image_set(real_test)
@@ -428,12 +444,12 @@ def evaluate_tstr(
         summary["n_models"] = len(runs)
         return summary
 
-    n_fits = n_real_models - (real_classifier is not None) + len(synthetic_sets)
+    n_fits = n_real_models - len(given) + len(synthetic_sets)
     bar = ProgressLog(n_fits, "TRTR / TSTR classifiers", unit="trainings", enabled=progress)
     real_nets = []
     for r in range(n_real_models):
-        if r == 0 and real_classifier is not None:
-            real_nets.append(real_classifier.eval())
+        if r < len(given):
+            real_nets.append(given[r].eval())
             continue
         logger.info("TRTR: training real-data classifier %d/%d", r + 1, n_real_models)
         real_nets.append(
@@ -450,15 +466,19 @@ def evaluate_tstr(
         bar.update()
     trtr_runs = [_score(n) for n in real_nets]
 
-    tstr_runs, agreement, per_class, sharpness, variety = [], [], [], [], []
+    tstr_runs, per_class, sharpness, variety = [], [], [], []
+    agreement = np.zeros((len(real_nets), len(synthetic_sets)))  # [judge, set]
     for i, syn in enumerate(synthetic_sets):
         syn = as_image_set(syn)
-        judged = predict(real_nets[0], syn[0])
-        agreement.append(float((judged == syn[1].reshape(-1).long()).double().mean()))
-        try:
-            per_class.append(per_class_agreement(judged, syn[1], num_classes))
-        except ValueError as err:
-            raise ValueError(f"synthetic set {i + 1} of {len(synthetic_sets)}: {err}") from err
+        by_judge = []
+        for j, judge in enumerate(real_nets):
+            judged = predict(judge, syn[0])
+            agreement[j, i] = float((judged == syn[1].reshape(-1).long()).double().mean())
+            try:
+                by_judge.append(per_class_agreement(judged, syn[1], num_classes))
+            except ValueError as err:
+                raise ValueError(f"synthetic set {i + 1} of {len(synthetic_sets)}: {err}") from err
+        per_class.append(_mean_per_class(by_judge))
         sharpness.append(sharpness_ratio(syn[0], train[0]))
         variety.append(variety_ratio(syn[0], syn[1], train[0], train[1]))
         if match_composition:
@@ -473,18 +493,24 @@ def evaluate_tstr(
     bar.close()
 
     trtr, tstr = _collect(trtr_runs), _collect(tstr_runs)
+    train_blurred = blurred(train[0])
     return {
         "trtr": trtr,
         "tstr": tstr,
         "tstr_per_set": [{k: float(p[v]) for k, v in _REPORT_KEYS.items()} for _, p in tstr_runs],
         "trtr_point": [{k: float(p[v]) for k, v in _REPORT_KEYS.items()} for _, p in trtr_runs],
-        "class_agreement": float(np.mean(agreement)),
-        "class_agreement_std": float(np.std(agreement)),
-        "class_agreement_per_set": agreement,
+        "class_agreement": float(agreement.mean()),
+        "class_agreement_std": float(np.std(agreement.mean(axis=0))),
+        "class_agreement_per_set": [float(v) for v in agreement.mean(axis=0)],
+        "class_agreement_per_judge": [float(v) for v in agreement.mean(axis=1)],
+        "class_agreement_judge_std": float(np.std(agreement.mean(axis=1))),
+        "n_judges": len(real_nets),
         "class_agreement_per_class": _mean_per_class(per_class),
         "class_agreement_per_class_per_set": per_class,
-        "class_agreement_real": class_agreement(real_nets[0], train[0], train[1]),
-        "class_agreement_real_blurred": class_agreement(real_nets[0], blurred(train[0]), train[1]),
+        "class_agreement_real": float(np.mean([class_agreement(n, train[0], train[1]) for n in real_nets])),
+        "class_agreement_real_blurred": float(
+            np.mean([class_agreement(n, train_blurred, train[1]) for n in real_nets])
+        ),
         "blur_sigma": BLUR_SIGMA,
         "sharpness_ratio": float(np.mean(sharpness)),
         "sharpness_ratio_per_set": sharpness,
