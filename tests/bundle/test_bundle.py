@@ -424,6 +424,9 @@ def test_augmentation_fractions_reach_the_evaluation(trained_run, dataset, monke
         (["evaluate.json"], {"augmentation_fractions": []}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"augmentation_fractions": 0.5}, ConfigValueError, "'augmentation_fractions'"),
         (["evaluate.json"], {"train_augmentation": "false"}, ConfigValueError, "'train_augmentation'"),
+        (["evaluate.json"], {"n_judges": 0}, ConfigValueError, "'n_judges'"),
+        (["evaluate.json"], {"n_judges": 1.5}, ConfigValueError, "'n_judges'"),
+        (["evaluate.json"], {"n_synthetic_sets": 0}, ConfigValueError, "'n_synthetic_sets'"),
         (["train_flow.json"], {"deterministic": "false"}, ConfigValueError, "'deterministic'"),
         (["generate.json"], {"deterministic": 0}, ConfigValueError, "'deterministic'"),
         # the text "false" of `python -m monai.bundle run --privacy_audit false` read as on before: refused by name

@@ -295,6 +295,46 @@ def test_run_evaluation_end_to_end(tmp_path):
     assert (tmp_path / "figures" / "augmentation.png").is_file()
 
 
+def test_run_evaluation_with_two_judges_reports_both_and_their_means(tmp_path):
+    seeds = []
+
+    def judge_fit(network, train, val, *, seed, device, **kwargs):
+        # the judge of seed 1 puts class 1's centroid far out: it calls every image class 0
+        seeds.append(seed)
+        network = _fit(network, train, val, seed=seed, device=device)
+        if seed == 1:
+            with torch.no_grad():
+                network.centroids[1] += 1.0
+        return network
+
+    common = dict(
+        classifier=_Centroid(), flow=_FlowStandIn(), eval_network_factory=_Centroid, fit_fn=judge_fit,
+        n_synthetic_sets=2, n_bootstrap=0, batch_size=16, privacy_audit=False, class_names=["non-COVID", "COVID"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'n_judges' must be an integer >= 1"):
+        run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(20, 10, 2), n_judges=0, **common)
+    assert seeds == [] and not (tmp_path / "metrics.json").exists()  # refused before any training
+    metrics = run_evaluation(tmp_path, _data(40, 12, 0), _data(20, 10, 1), _data(20, 10, 2), n_judges=2, **common)
+    assert seeds[:2] == [0, 1] and metrics["n_judges"] == 2
+    # batches of 16 conditions drop images 0, 16, 32 (class 0) and 48 (class 1): 37 of the 48 kept are class 0
+    good, zero = metrics["class_agreement_per_judge"]
+    assert good > 0.95 and zero == pytest.approx(37 / 48)
+    assert metrics["class_agreement"] == pytest.approx((good + zero) / 2)
+    assert metrics["class_agreement_per_class"][1] < 0.51  # the second judge never agrees on class 1
+    # the judges' own test accuracy: 1.0 and 20 / 30
+    assert metrics["real_classifier_test_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert len(metrics["fid_per_judge"]) == len(metrics["fid_floor_per_judge"]) == 2
+    assert metrics["fid_floor"] == pytest.approx(sum(metrics["fid_floor_per_judge"]) / 2)
+    assert metrics["fid"] == pytest.approx(sum(metrics["fid_per_judge"]) / 2)
+    assert metrics["fid_ratio"] == pytest.approx(metrics["fid"] / metrics["fid_floor"])
+    assert metrics["fid_ratio_per_judge"] == pytest.approx(
+        [f / fl for f, fl in zip(metrics["fid_per_judge"], metrics["fid_floor_per_judge"])]
+    )
+    text = (tmp_path / "report.md").read_text()
+    assert f"(2 evaluation classifiers: {zero:.3f} to {good:.3f})" in text
+    assert "TRTR over 2 real-data classifiers" in text
+
+
 @pytest.mark.parametrize("held_back", [False, True])
 def test_run_evaluation_privacy_block(tmp_path, held_back):
     train = _data(40, 12, 0)

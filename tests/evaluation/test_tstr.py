@@ -249,3 +249,44 @@ def test_evaluate_tstr_names_the_synthetic_set_with_a_bad_class_id():
     with pytest.raises(ValueError, match=r"synthetic set 2 of 2: .*labels must be in \[0, 2\)"):
         evaluate_tstr(train, None, test, [_data(10, 10, 4), bad], network_factory=_Centroid, fit_fn=_centroid_fit,
                       n_bootstrap=0, num_classes=2)  # fmt: skip
+
+
+class _AlwaysZero(nn.Module):
+    """A judge that calls every image class 0."""
+
+    out_channels = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0]).expand(x.shape[0], 2)
+
+
+def test_every_real_classifier_judges_class_agreement_and_the_spread_is_reported():
+    train, test = _data(30, 10, 0), _data(20, 10, 2)
+    sets = [_data(30, 10, 3), _data(30, 10, 4)]
+    fitted = _centroid_fit(_Centroid(), train, None, seed=0, device="cpu")
+    trained = []
+
+    def counting_fit(network, train, val, *, seed, device, **kwargs):
+        trained.append(seed)
+        return _centroid_fit(network, train, val, seed=seed, device=device)
+
+    res = evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=counting_fit, n_bootstrap=0,
+                        real_classifier=[fitted, _AlwaysZero()], num_classes=2)  # fmt: skip
+    assert trained == [100, 101]  # the two given judges are not trained again: only the TSTR classifiers
+    assert res["n_judges"] == 2 and res["trtr"]["n_models"] == 2
+    # the centroid judge gets every image right; the other calls the 30 of 40 class-0 images right
+    assert res["class_agreement_per_judge"] == pytest.approx([1.0, 0.75])
+    assert res["class_agreement_judge_std"] == pytest.approx(0.125)
+    assert res["class_agreement"] == pytest.approx(0.875)
+    assert res["class_agreement_per_set"] == pytest.approx([0.875, 0.875])
+    assert res["class_agreement_per_class"] == pytest.approx([1.0, 0.5])  # class 1: 1.0 by one judge, 0.0 by the other
+    assert res["class_agreement_real"] == pytest.approx(0.875)
+    # TRTR over both: accuracy 1.0 and 20/30 on the test split
+    assert [p["accuracy"] for p in res["trtr_point"]] == pytest.approx([1.0, 2 / 3])
+    assert res["trtr"]["accuracy"] == pytest.approx(5 / 6)
+    # one judge given, three asked for: two more trained with seeds 1 and 2
+    trained.clear()
+    res = evaluate_tstr(train, None, test, sets, network_factory=_Centroid, fit_fn=counting_fit, n_bootstrap=0,
+                        real_classifier=_AlwaysZero(), n_real_models=3, num_classes=2)  # fmt: skip
+    assert trained == [1, 2, 100, 101] and res["n_judges"] == 3
+    assert res["class_agreement_per_judge"] == pytest.approx([0.75, 1.0, 1.0])
