@@ -541,6 +541,13 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
             f"  TRTR accuracy {trtr.get('accuracy', float('nan')):.3f} | TSTR accuracy "
             f"{tstr.get('accuracy', float('nan')):.3f} | embedding FID {m.get('fid', float('nan')):.4f}"
         )
+        agree, ratio = m.get("class_agreement"), m.get("fid_ratio")
+        if isinstance(agree, (int, float)) and isinstance(ratio, (int, float)):
+            judged = [v for v in m.get("class_agreement_per_judge") or [] if isinstance(v, (int, float))]
+            spread = f" ({len(judged)} evaluation classifiers: {min(judged):.3f} to {max(judged):.3f})"
+            lines.append(
+                f"  class agreement {agree:.3f}{spread if len(judged) > 1 else ''} | FID / floor {ratio:.3g}"
+            )
         if isinstance(m.get("privacy"), dict):
             p = m["privacy"]
             eps = p.get("epsilon")

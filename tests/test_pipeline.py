@@ -585,6 +585,20 @@ def test_the_closing_summary_counts_the_reports_checks(tmp_path):
     assert not any("checks:" in line for line in _summary(tmp_path, {"flow": 1.0}))
 
 
+def test_the_closing_summary_gives_class_agreement_and_the_judges_range(tmp_path):
+    from monai_condflow.pipeline import _summary
+
+    scores = {"accuracy": 0.9}
+    m = {"trtr": scores, "tstr": scores, "fid": 0.1, "fid_ratio": 14.74, "class_agreement": 0.757,
+         "class_agreement_per_judge": [0.798, 0.833, 0.538]}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    assert ("  class agreement 0.757 (3 evaluation classifiers: 0.538 to 0.833) | FID / floor 14.7"
+            in _summary(tmp_path, {"flow": 1.0}))  # fmt: skip
+    m["class_agreement_per_judge"] = [0.798]  # one judge: no range
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    assert "  class agreement 0.757 | FID / floor 14.7" in _summary(tmp_path, {"flow": 1.0})
+
+
 def test_a_failed_stage_names_the_error_behind_monais_wrapper(tmp_path: Path, capfd):
     """The cause of a failed stage sat ~50 lines above the pipeline's last line, under MONAI's "Failed to evaluate
     ConfigExpression"; the pipeline's error now ends with it. The stage's own output still passes through."""
