@@ -85,6 +85,7 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
     ("tstr", "TSTR %", "pct"),
     ("gap_points", "gap pts", "num1"),
     ("class_agreement", "agree %", "pct"),
+    ("agreement_judge_spread", "agree judges max-min %", "pct"),
     ("real_test_accuracy", "real acc %", "pct"),
     ("blurred_agreement", "blurred real agree %", "pct"),
     ("sharpness_ratio", "detail syn/real", "num3"),
@@ -183,11 +184,13 @@ def run_row(metrics: Mapping[str, Any], wall_s: float | None, bpd: Mapping[str, 
 
     h = headline_figures(metrics)
     base = h.get("baseline") or {}
+    judged = h.get("class_agreement_per_judge") or []  # with several evaluation classifiers: how far apart they are
     return {
         "trtr": h["trtr_accuracy"],
         "tstr": h["tstr_accuracy"],
         "gap_points": h["gap_points"],
         "class_agreement": h["class_agreement"],
+        "agreement_judge_spread": None if len(judged) < 2 or None in judged else max(judged) - min(judged),
         "real_test_accuracy": h["real_test_accuracy"],
         "blurred_agreement": h.get("class_agreement_real_blurred"),
         "sharpness_ratio": h.get("sharpness_ratio"),
