@@ -257,19 +257,21 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
         text += f"real test accuracy {_num(h['real_test_accuracy'], '.3f')}"
         if h["class_agreement_real_blurred"] is not None:
             text += f"; real training slices blurred by 1 px: {h['class_agreement_real_blurred']:.3f}"
-        return text + ")" + judge_range(b.get("class_agreement_per_judge"), ".3f")
+        spread = judge_range(b.get("class_agreement_per_judge"), ".3f")
+        return text + (f"; {spread}" if spread else "") + ")"
 
     def judge_range(values: Sequence[float | None] | None, fmt: str) -> str:
         # with several evaluation classifiers, how far apart they put the same figure
         if not values or len(values) < 2:
             return ""
         if any(v is None for v in values):
-            return f" ({len(values)} evaluation classifiers, some n/a)"
-        return f" ({len(values)} evaluation classifiers: {format(min(values), fmt)} to {format(max(values), fmt)})"
+            return f"{len(values)} evaluation classifiers, some n/a"
+        return f"{len(values)} evaluation classifiers: {format(min(values), fmt)} to {format(max(values), fmt)}"
 
     def fid(b: Mapping[str, Any]) -> str:
         text = f"{_num(b['fid'])} / {_num(h['fid_floor'])} = {_num(b['fid_ratio'], '.3g')}"
-        return text + judge_range(b.get("fid_ratio_per_judge"), ".3g")
+        spread = judge_range(b.get("fid_ratio_per_judge"), ".3g")
+        return text + (f" ({spread})" if spread else "")
 
     def gap(b: Mapping[str, Any]) -> str:
         return "n/a" if b["gap_points"] is None else f"{b['gap_points']:+.1f} points"
@@ -279,7 +281,7 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
         ("TSTR accuracy (synthetic-trained, real test)", pct(h["tstr_accuracy"]),
          pct(base["tstr_accuracy"]) if base else None),
         ("gap TRTR - TSTR", gap(h), gap(base) if base else None),
-        ("class agreement on synthetic images (vs the same classifier's real test accuracy)", agreement(h),
+        ("class agreement on synthetic images (vs the real-trained classifiers' real test accuracy)", agreement(h),
          agreement(base) if base else None),
         ("fine detail, synthetic / real (Laplacian energy; below 1: blurrier)", _num(h["sharpness_ratio"], ".3f"),
          _num(base["sharpness_ratio"], ".3f") if base else None),

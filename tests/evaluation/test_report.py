@@ -331,7 +331,9 @@ def test_run_evaluation_with_two_judges_reports_both_and_their_means(tmp_path):
         [f / fl for f, fl in zip(metrics["fid_per_judge"], metrics["fid_floor_per_judge"])]
     )
     text = (tmp_path / "report.md").read_text()
-    assert f"(2 evaluation classifiers: {zero:.3f} to {good:.3f})" in text
+    assert f"; 2 evaluation classifiers: {zero:.3f} to {good:.3f}) |" in text
+    ratios = metrics["fid_ratio_per_judge"]
+    assert f"(2 evaluation classifiers: {min(ratios):.3g} to {max(ratios):.3g}) |" in text
     assert "TRTR over 2 real-data classifiers" in text
 
 
