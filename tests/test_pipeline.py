@@ -561,6 +561,7 @@ def test_the_main_job_budget_is_the_bundle_configs_own_defaults():
     assert value(dp, "adversarial_steps") == 0  # not private: off under DP-SGD
     assert value(["train_acgan.json"], "max_epochs") == 40
     assert value(["evaluate.json"], "max_epochs") == 15 and value(["evaluate.json"], "n_synthetic_sets") == 2
+    assert value(["evaluate.json"], "n_judges") == 3
 
 
 def test_the_closing_summary_counts_the_reports_checks(tmp_path):
