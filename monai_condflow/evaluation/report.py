@@ -411,7 +411,8 @@ def write_report(
         lines.append("")
         lines.append(
             f"Class agreement of the real-trained classifier on the real training images (reference): "
-            f"{metrics['class_agreement_real']:.3f}."
+            f"{metrics['class_agreement_real']:.3f}"
+            + (f" (mean over {metrics['n_judges']} classifiers)." if (metrics.get("n_judges") or 1) > 1 else ".")
         )
     lines.append("")
 

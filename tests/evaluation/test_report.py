@@ -335,6 +335,7 @@ def test_run_evaluation_with_two_judges_reports_both_and_their_means(tmp_path):
     ratios = metrics["fid_ratio_per_judge"]
     assert f"(2 evaluation classifiers: {min(ratios):.3g} to {max(ratios):.3g}) |" in text
     assert "TRTR over 2 real-data classifiers" in text
+    assert f"(reference): {metrics['class_agreement_real']:.3f} (mean over 2 classifiers)." in text
 
 
 @pytest.mark.parametrize("held_back", [False, True])
