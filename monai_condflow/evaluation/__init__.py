@@ -32,6 +32,7 @@ from .tstr import (
     per_class_agreement,
     summarize_scores,
     train_real_classifier,
+    train_real_classifiers,
 )
 
 __all__ = [
@@ -54,5 +55,6 @@ __all__ = [
     "sample_synthetic_set",
     "summarize_scores",
     "train_real_classifier",
+    "train_real_classifiers",
     "write_report",
 ]

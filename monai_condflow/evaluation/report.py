@@ -59,7 +59,7 @@ from monai_condflow.evaluation.tstr import (
     as_image_set,
     default_fit_fn,
     evaluate_tstr,
-    train_real_classifier,
+    train_real_classifiers,
 )
 from monai_condflow.metrics.fid import (
     check_fid_sample_size,
@@ -788,20 +788,16 @@ def run_evaluation(
         flow_bad += bad
         flow_stats.append(stats)
 
-    judges = []
-    for j in range(n_judges):
-        logger.info("training the evaluation classifier %d/%d on real data only", j + 1, n_judges)
-        judges.append(
-            train_real_classifier(
-                train,
-                val,
-                network_factory=eval_factory,
-                fit_fn=fit_fn,
-                train_kwargs=train_kwargs,
-                seed=seed + j,
-                device=device,
-            )
-        )
+    logger.info("training %d evaluation classifier(s) on real data only", n_judges)
+    judges = train_real_classifiers(
+        train,
+        val,
+        [seed + j for j in range(n_judges)],
+        network_factory=eval_factory,
+        fit_fn=fit_fn,
+        train_kwargs=train_kwargs,
+        device=device,
+    )
     eval_net = judges[0]
     test_feats = [extract_features(net, test[0], batch_size, device) for net in judges]
     floors = [

@@ -63,6 +63,7 @@ __all__ = [
     "predict",
     "summarize_scores",
     "train_real_classifier",
+    "train_real_classifiers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,38 @@ def train_real_classifier(
     return fit_fn(net, real_train, real_val, seed=seed, device=device, **dict(train_kwargs or {}))
 
 
+def train_real_classifiers(
+    real_train: ImageSet,
+    real_val: ImageSet | None,
+    seeds: Sequence[int],
+    *,
+    network_factory: Callable[[], nn.Module],
+    fit_fn: Callable[..., nn.Module] = default_fit_fn,
+    train_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressLog | None = None,
+) -> list[nn.Module]:
+    """One :func:`train_real_classifier` per seed in ``seeds`` (the evaluation's judges / TRTR classifiers), in
+    order; ``progress`` (a :class:`~monai_condflow.progress.ProgressLog`) counts one step per trained classifier."""
+    nets = []
+    for k, seed in enumerate(seeds):
+        logger.info("training real-data classifier %d/%d (seed %d)", k + 1, len(seeds), seed)
+        nets.append(
+            train_real_classifier(
+                real_train,
+                real_val,
+                network_factory=network_factory,
+                fit_fn=fit_fn,
+                train_kwargs=train_kwargs,
+                seed=seed,
+                device=device,
+            )
+        )
+        if progress is not None:
+            progress.update()
+    return nets
+
+
 def class_agreement(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (their conditioning class)."""
     preds = predict(classifier, images, batch_size)
@@ -446,24 +479,16 @@ def evaluate_tstr(
 
     n_fits = n_real_models - len(given) + len(synthetic_sets)
     bar = ProgressLog(n_fits, "TRTR / TSTR classifiers", unit="trainings", enabled=progress)
-    real_nets = []
-    for r in range(n_real_models):
-        if r < len(given):
-            real_nets.append(given[r].eval())
-            continue
-        logger.info("TRTR: training real-data classifier %d/%d", r + 1, n_real_models)
-        real_nets.append(
-            train_real_classifier(
-                train,
-                val,
-                network_factory=network_factory,
-                fit_fn=fit_fn,
-                train_kwargs=kwargs,
-                seed=seed + r,
-                device=device,
-            )
-        )
-        bar.update()
+    real_nets = [net.eval() for net in given] + train_real_classifiers(
+        train,
+        val,
+        [seed + r for r in range(len(given), n_real_models)],
+        network_factory=network_factory,
+        fit_fn=fit_fn,
+        train_kwargs=kwargs,
+        device=device,
+        progress=bar,
+    )
     trtr_runs = [_score(n) for n in real_nets]
 
     tstr_runs, per_class, sharpness, variety = [], [], [], []
