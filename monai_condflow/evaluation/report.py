@@ -172,11 +172,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "tstr_accuracy": tstr,
             "gap_points": None if trtr is None or tstr is None else 100.0 * (trtr - tstr),
             "class_agreement": finite_or_none(block.get("class_agreement")),
-            "class_agreement_per_class": (
-                [finite_or_none(v) for v in block["class_agreement_per_class"]]
-                if isinstance(block.get("class_agreement_per_class"), (list, tuple))
-                else None
-            ),
+            "class_agreement_per_class": _finite_list(block.get("class_agreement_per_class")),
             "class_agreement_per_judge": _finite_list(block.get("class_agreement_per_judge")),
             "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
             "variety_ratio": finite_or_none(block.get("variety_ratio")),
