@@ -24,4 +24,5 @@ from .multiscale import FineGrainedLevel as FineGrainedLevel
 from .multiscale import FineGrainedSplit as FineGrainedSplit
 from .pepx import PEPXBlock as PEPXBlock
 from .pepx import make_norm_layer as make_norm_layer
+from .squeeze import HaarSqueeze as HaarSqueeze
 from .squeeze import Squeeze as Squeeze

@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Space-to-depth squeeze: trade spatial resolution for channels (a volume-preserving permutation)."""
+"""Squeezes: trade spatial resolution for channels (space-to-depth, or the orthonormal Haar wavelet transform)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from monai_condflow.networks.blocks.flow_sequential import FlowLayer
 
-__all__ = ["Squeeze", "contiguous_layout", "conv_weights_to"]
+__all__ = ["HaarSqueeze", "Squeeze", "SQUEEZES", "build_squeeze", "contiguous_layout", "conv_weights_to"]
 
 
 _LAYOUT = {"channels_last": True}
@@ -133,3 +133,74 @@ class Squeeze(FlowLayer):
             x = y.reshape(b, c // f**3, f, f, f, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
             x = x.reshape(b, c // f**3, d * f, h * f, w * f)
         return x, y.new_zeros(y.shape[0])
+
+
+def _haar_signs(spatial_dims: int) -> Tensor:
+    """The ``2**d x 2**d`` Haar sign matrix over a block's offsets in :class:`Squeeze` order (entries +-1, symmetric,
+    rows orthogonal): row 0 sums the block, the others take its differences along each axis and axis pair. Times
+    ``2**(-d/2)`` it is orthonormal and its own inverse."""
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    h = h2
+    for _ in range(spatial_dims - 1):
+        h = torch.kron(h, h2)
+    return h
+
+
+class HaarSqueeze(Squeeze):
+    """Space-to-depth by 2 followed by the orthonormal Haar transform of every 2 x 2 (x 2) block.
+
+    Each input channel ``c`` becomes the channels ``c * 2**d + k``: ``k = 0`` its block means (times ``2**(d/2)``),
+    ``k > 0`` its detail coefficients (horizontal, vertical, diagonal differences in 2-D). The transform is
+    orthonormal, so ``log|det J| = 0`` and :meth:`inverse` is exact (up to float rounding, unlike the pure
+    permutation of :class:`Squeeze`). Compared with :class:`Squeeze`, whose channels are four interleaved copies
+    of the image, the detail channels start near zero with a small spread, and ActNorm's data-dependent start
+    scales them separately from the coarse channel (Wavelet Flow, Yu et al. 2020; SRFlow's Haar downsampling).
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+
+    Raises:
+        ValueError: in :meth:`forward` when a spatial size is odd.
+    """
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__(spatial_dims, factor=2)
+        # +-1 entries are exact in every float type; the scale is applied in the activations' precision
+        self.register_buffer("signs", _haar_signs(spatial_dims), persistent=False)
+        self.scale = 2.0 ** (-spatial_dims / 2)
+
+    def _mix(self, y: Tensor) -> Tensor:
+        b, c = y.shape[:2]
+        blocks = y.reshape(b, c // 2**self.spatial_dims, 2**self.spatial_dims, *y.shape[2:])
+        mixed = torch.einsum("kj,bcj...->bck...", self.signs.to(y.dtype), blocks) * self.scale
+        return _channels_last(mixed.reshape(y.shape))
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Args:
+            x: ``[B, C, *spatial]`` with every spatial size even.
+            condition: ignored.
+
+        Returns:
+            ``(y [B, C * 2**d, *(spatial / 2)], zeros [B])``.
+        """
+        y, logdet = super().forward(x, condition)
+        return self._mix(y), logdet
+
+    def inverse(self, y: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The Haar synthesis then depth-to-space, the inverse of :meth:`forward`; returns ``(x, zeros [B])``."""
+        return super().inverse(self._mix(y), condition)
+
+
+# the squeezes ConditionalGlow can be built with (its ``squeeze`` argument)
+SQUEEZES: dict[str, type[Squeeze]] = {"pixel": Squeeze, "haar": HaarSqueeze}
+
+
+def build_squeeze(name: str, spatial_dims: int) -> Squeeze:
+    """The squeeze named ``name`` (a key of :data:`SQUEEZES`) for ``spatial_dims``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name not in SQUEEZES:
+        raise ValueError(f"squeeze must be one of {sorted(SQUEEZES)}, got {name!r}.")
+    return SQUEEZES[name](spatial_dims)

@@ -54,7 +54,7 @@ from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, Laten
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.pixel_spline import PixelSpline
-from monai_condflow.networks.blocks.squeeze import Squeeze, _channels_last, conv_weights_to
+from monai_condflow.networks.blocks.squeeze import SQUEEZES, _channels_last, build_squeeze, conv_weights_to
 
 __all__ = ["ConditionalGlow", "SAMPLE_RANGE", "clamp_decoded"]
 
@@ -185,6 +185,9 @@ class ConditionalGlow(nn.Module):
         spatial_top_prior: give the top latent's conditional prior one mean and log-std per entry (a linear map
             from ``z`` to ``[2C, H / 2^L, W / 2^L]``, :class:`ConditionalTopPrior` ``spatial_shape``) instead of
             one per channel broadcast over space (Glow's); fixes the image size. ``False`` (default).
+        squeeze: how every level trades resolution for channels: ``"pixel"`` (default, Glow's space-to-depth
+            permutation, :class:`Squeeze`) or ``"haar"`` (space-to-depth then the orthonormal Haar transform of each
+            block, :class:`HaarSqueeze`: one coarse and ``2**d - 1`` detail channels per input channel).
 
     Example::
 
@@ -217,8 +220,11 @@ class ConditionalGlow(nn.Module):
         noise_std: float = 0.0,
         denoise: bool = True,
         spatial_top_prior: bool = False,
+        squeeze: str = "pixel",
     ) -> None:
         super().__init__()
+        if squeeze not in SQUEEZES:
+            raise ValueError(f"ConditionalGlow: squeeze must be one of {sorted(SQUEEZES)}, got {squeeze!r}.")
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"ConditionalGlow: cond_dropout must be in [0, 1), got {cond_dropout}.")
         if not guidance >= 0.0 or not math.isfinite(guidance):
@@ -263,7 +269,7 @@ class ConditionalGlow(nn.Module):
         channels = in_channels
         for lvl in range(num_levels):
             channels = channels * 2**spatial_dims
-            layers: list = [Squeeze(spatial_dims)]
+            layers: list = [build_squeeze(squeeze, spatial_dims)]
             if 0 < lvl < num_levels - 1:
                 inner = FineGrainedLevel(
                     spatial_dims, channels, condition_dim, blocks[lvl], steps[lvl], hidden[lvl], granularity, act,
@@ -338,6 +344,7 @@ class ConditionalGlow(nn.Module):
             "noise_std": noise_std,
             "denoise": bool(denoise),
             "spatial_top_prior": bool(spatial_top_prior),
+            "squeeze": squeeze,
         }
         self.cond_dropout = float(cond_dropout)
         self.guidance = float(guidance)

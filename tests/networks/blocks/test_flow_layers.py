@@ -26,6 +26,7 @@ from monai_condflow.networks.blocks import (
     FineGrainedLevel,
     FineGrainedSplit,
     FlowSequential,
+    HaarSqueeze,
     InvertibleConv1x1,
     Squeeze,
 )
@@ -72,6 +73,9 @@ def _layers() -> dict[str, tuple[nn.Module, tuple[int, ...], bool]]:
         "coupling3d": (ConditionalAffineCoupling(3, 2, COND, 4), (2, 2, 2, 2, 2), True),
         "squeeze": (Squeeze(2), (2, 1, 4, 4), False),
         "squeeze3d": (Squeeze(3), (2, 1, 2, 2, 4), False),
+        "haar": (HaarSqueeze(2), (2, 3, 4, 6), False),
+        "haar3d": (HaarSqueeze(3), (2, 2, 2, 4, 2), False),
+        "haar_sequential": (FlowSequential(HaarSqueeze(2), ConditionalFlowStep(2, 4, COND, 8)), (2, 1, 4, 4), True),
         "split": (FineGrainedSplit(2, 4, 1, COND, 8), (2, 4, 4, 4), True),
         "top_prior": (ConditionalTopPrior(2, 4, COND), (2, 4, 2, 2), True),
         "top_prior_uncond": (ConditionalTopPrior(2, 4, 0), (2, 4, 2, 2), False),
@@ -105,7 +109,7 @@ def test_logdet_matches_autograd_jacobian(name):
     assert logdet.shape == (x.shape[0],) and logdet.dtype == x.dtype
     expected = brute_force_logdet(layer, x, cond)
     torch.testing.assert_close(logdet, expected, atol=1e-8, rtol=1e-8)
-    if name not in ("squeeze", "squeeze3d"):
+    if name not in ("squeeze", "squeeze3d", "haar", "haar3d"):
         assert logdet.abs().max() > 1e-3, "perturbed layer should not be volume preserving"
 
 
@@ -170,6 +174,29 @@ def test_squeeze_output_is_channels_last_pixel_unshuffle():
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, nn.functional.pixel_unshuffle(x, 2))
     assert torch.equal(Squeeze(2).inverse(y)[0], x)
+
+
+def test_haar_squeeze_hand_computed_block():
+    a, b, c, d = 3.0, 1.0, 4.0, 2.0  # one 2 x 2 block [[a, b], [c, d]]
+    y, logdet = HaarSqueeze(2)(torch.tensor([[[[a, b], [c, d]]]]))
+    expected = torch.tensor([a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d]) / 2
+    torch.testing.assert_close(y.flatten(), expected)
+    assert torch.equal(logdet, torch.zeros(1))
+
+
+def test_haar_squeeze_is_orthonormal_mean_plus_details():
+    x = torch.randn(3, 2, 8, 6, dtype=torch.float64)
+    y, _ = HaarSqueeze(2).double()(x)
+    assert y.shape == (3, 8, 4, 3) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))  # norm kept: orthonormal
+    # channel c * 4 is input channel c's 2 x 2 block mean times 2
+    torch.testing.assert_close(y[:, ::4], nn.functional.avg_pool2d(x, 2) * 2)
+    flat = torch.ones(1, 1, 2, 4, 6)  # a constant volume has no detail
+    y3, _ = HaarSqueeze(3)(flat)
+    torch.testing.assert_close(y3[:, 0], torch.full((1, 1, 2, 3), 8**0.5))
+    assert torch.equal(y3[:, 1:], torch.zeros(1, 7, 1, 2, 3))
+    with pytest.raises(ValueError, match=r"divisible by 2.*\[1, 1, 8, 7\]"):
+        HaarSqueeze(2)(torch.randn(1, 1, 8, 7))
 
 
 def test_level_layout_and_errors():

@@ -60,8 +60,9 @@ def conditions(batch: int, dim: int = COND) -> torch.Tensor:
     return nn.functional.normalize(torch.randn(batch, dim), dim=1)
 
 
-def test_log_prob_matches_change_of_variables():
-    model = tiny().double()
+@pytest.mark.parametrize("squeeze", ["pixel", "haar"])
+def test_log_prob_matches_change_of_variables(squeeze):
+    model = tiny(squeeze=squeeze).double()
     x, z = images(2, 8).double(), conditions(2).double()
     model.initialize(x, z)
     perturb(model, 0.3)
@@ -299,10 +300,12 @@ def test_gradients_reach_every_parameter():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_three_dimensional_round_trip():
+@pytest.mark.parametrize("squeeze", ["pixel", "haar"])
+def test_three_dimensional_round_trip(squeeze):
     model = ConditionalGlow(
-        spatial_dims=3, in_channels=1, condition_dim=COND, num_levels=2, image_size=4, num_steps=1, hidden_channels=4
-    )
+        spatial_dims=3, in_channels=1, condition_dim=COND, num_levels=2, image_size=4, num_steps=1, hidden_channels=4,
+        squeeze=squeeze,
+    )  # fmt: skip
     x, z = torch.rand(2, 1, 4, 4, 4), conditions(2)
     model.initialize(x, z)
     perturb(model, 0.3)
@@ -337,6 +340,23 @@ def test_clear_errors():
         tiny(hidden_channels=(8, 8))
     with pytest.raises(ValueError, match="at least one"):
         tiny(num_blocks=(1, 4, 1))
+    with pytest.raises(ValueError, match=r"squeeze must be one of \['haar', 'pixel'\], got 'wavelet'"):
+        tiny(squeeze="wavelet")
+
+
+def test_haar_squeeze_option_changes_the_bijection_and_is_persisted():
+    torch.manual_seed(0)
+    x, z = images(3, 8), conditions(3)
+    pixel, haar = tiny(), tiny(squeeze="haar")
+    haar.load_state_dict(pixel.state_dict())  # same weights: only the squeezes differ (they hold no state)
+    for m in (pixel, haar):
+        m.initialize(x, z)
+    # level 0 sees the block mean and three details instead of four interleaved copies of the image
+    assert not torch.allclose(haar(x, z)[0], pixel(x, z)[0], atol=1e-3)
+    rebuilt = ConditionalGlow(**haar.config)
+    rebuilt.load_state_dict(haar.state_dict())
+    assert haar.config["squeeze"] == "haar" and "signs" not in haar.state_dict()
+    torch.testing.assert_close(rebuilt.log_prob(x, z), haar.log_prob(x, z))
 
 
 def test_pixel_norm_option_is_exact_and_persisted():
