@@ -151,13 +151,14 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         same classifiers on the real test split), "real_balanced_accuracy" (TRTR's mean per-class recall on the real
         test split) and "num_classes" (its number of classes), "class_agreement_real_blurred" (on the real training
         images blurred by 1 px), "sharpness_ratio" (fine detail of the synthetic images over the real ones),
-        "variety_ratio" (spread of the synthetic images of a class over the real ones'), "fid",
-        "fid_floor", "fid_ratio", "fid_ratio_per_judge" (a list or None), "images_with_overflow",
+        "variety_ratio" (spread of the synthetic images of a class over the real ones'), "lattice_peak" (the squeeze
+        lattice of the synthetic images, about 1 without one), "lattice_peak_real" (the same of the real training
+        images), "fid", "fid_floor", "fid_ratio", "fid_ratio_per_judge" (a list or None), "images_with_overflow",
         "n_images", "overflow_pixel_fraction", "nonfinite_pixel_fraction", "mia_auc", "presumptive_accuracy",
         "baseline": {"tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class",
-        "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "fid", "fid_ratio", "fid_ratio_per_judge",
-        "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies and agreement as
-        fractions).
+        "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "lattice_peak", "fid", "fid_ratio",
+        "fid_ratio_per_judge", "images_with_overflow", "n_images", "overflow_pixel_fraction"} or None}`` (accuracies
+        and agreement as fractions).
     """
 
     def _block(block: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,6 +177,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
             "class_agreement_per_judge": _finite_list(block.get("class_agreement_per_judge")),
             "sharpness_ratio": finite_or_none(block.get("sharpness_ratio")),
             "variety_ratio": finite_or_none(block.get("variety_ratio")),
+            "lattice_peak": finite_or_none(block.get("lattice_peak")),
             "fid": fid,
             "fid_ratio": ratio,
             "fid_ratio_per_judge": _finite_list(block.get("fid_ratio_per_judge")),
@@ -201,7 +203,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(metrics.get("baseline"), Mapping):
         b = _block(metrics["baseline"])
         keys = ("tstr_accuracy", "gap_points", "class_agreement", "class_agreement_per_class",
-                "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "fid", "fid_ratio",
+                "class_agreement_per_judge", "sharpness_ratio", "variety_ratio", "lattice_peak", "fid", "fid_ratio",
                 "fid_ratio_per_judge", "images_with_overflow", "n_images", "overflow_pixel_fraction")  # fmt: skip
         base = {k: b[k] for k in keys}
     return {
@@ -212,6 +214,7 @@ def headline_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
         else None,
         "real_test_accuracy": real_acc,
         "class_agreement_real_blurred": finite_or_none(metrics.get("class_agreement_real_blurred")),
+        "lattice_peak_real": finite_or_none(metrics.get("lattice_peak_real")),
         "fid_floor": finite_or_none(metrics.get("fid_floor")),
         "mia_auc": finite_or_none(privacy.get("mia_auc")),
         "presumptive_accuracy": finite_or_none(pres),
@@ -283,6 +286,9 @@ def _headline_lines(h: Mapping[str, Any]) -> list[str]:
          _num(base["sharpness_ratio"], ".3f") if base else None),
         ("variety of a class, synthetic / real (per-pixel std; below 1: fewer modes)",
          _num(h["variety_ratio"], ".3f"), _num(base["variety_ratio"], ".3f") if base else None),
+        (f"periodic lattice at the squeeze periods (spectral peak over its neighbours; about 1 without one; real "
+         f"training slices: {_num(h['lattice_peak_real'], '.2f')})", _num(h["lattice_peak"], ".2f"),
+         _num(base["lattice_peak"], ".2f") if base else None),
         ("FID / floor", fid(h), fid(base) if base else None),
         ("samples overflowed before clamping (outside [-0.25, 1.25] or non-finite)", overflow(h),
          overflow(base) if base else None),

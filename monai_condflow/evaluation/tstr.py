@@ -42,6 +42,7 @@ from monai.networks.layers import gaussian_1d, separable_filtering
 from monai_condflow.engines.classifier import train_classifier
 from monai_condflow.handlers.checkpoint import load_module_weights
 from monai_condflow.metrics.classification import confusion_matrix, report_from_confusion_matrix
+from monai_condflow.metrics.periodicity import lattice_peak
 from monai_condflow.metrics.sharpness import sharpness_ratio
 from monai_condflow.metrics.variety import variety_ratio
 from monai_condflow.progress import ProgressLog
@@ -49,6 +50,7 @@ from monai_condflow.utils.io import MODEL_FILE
 
 __all__ = [
     "BLUR_SIGMA",
+    "LATTICE_PERIOD",
     "METRIC_KEYS",
     "ImageSet",
     "as_image_set",
@@ -75,6 +77,10 @@ ImageSet = tuple[torch.Tensor, torch.Tensor]
 # real-trained classifier calls most slices blurred by 0.8 px and every slice blurred by 1.2 px COVID-19
 # (docs/results.md), so an agreement close to this reference says the synthetic images are blurred, not off-class.
 BLUR_SIGMA = 1.0
+
+# period (pixels) of the squeeze lattice the evaluation measures: two 2x squeezes, period 2 included (their hatching
+# is what the flows draw; docs/metrics.md)
+LATTICE_PERIOD = 4
 
 METRIC_KEYS = ("accuracy", "f1", "precision", "recall")
 """Keys of a score dict; ``f1`` / ``precision`` / ``recall`` are macro averages over all classes."""
@@ -361,6 +367,14 @@ def _mean_per_class(per_set: list[list[float | None]]) -> list[float | None]:
     return [None if any(v is None for v in col) else float(np.mean(col)) for col in zip(*per_set)]
 
 
+def _lattice_or_none(images: torch.Tensor) -> float | None:
+    """:func:`~monai_condflow.metrics.periodicity.lattice_peak` at :data:`LATTICE_PERIOD`, or ``None`` where it does
+    not apply (not ``[N, C, H, W]``, or sides the period does not divide)."""
+    if images.ndim != 4 or images.shape[-1] % LATTICE_PERIOD or images.shape[-2] % LATTICE_PERIOD:
+        return None
+    return lattice_peak(images, period=LATTICE_PERIOD)
+
+
 def blurred(images: torch.Tensor, sigma: float = BLUR_SIGMA, batch_size: int = 256) -> torch.Tensor:
     """``images`` ``[N, C, H, W]`` smoothed by a Gaussian of ``sigma`` pixels (MONAI's separable filter, edges
     replicated), in batches on the images' device."""
@@ -438,7 +452,11 @@ def evaluate_tstr(
         "sharpness_ratio": float (:func:`~monai_condflow.metrics.sharpness.sharpness_ratio` of each synthetic set to
         the real training images, mean over sets), "sharpness_ratio_per_set": [...], "variety_ratio": float
         (:func:`~monai_condflow.metrics.variety.variety_ratio` of each synthetic set to the real training images: how
-        much the images of a class vary, mean over sets), "variety_ratio_per_set": [...], "tstr_trtr_accuracy_ratio":
+        much the images of a class vary, mean over sets), "variety_ratio_per_set": [...], "lattice_peak": float or
+        None (:func:`~monai_condflow.metrics.periodicity.lattice_peak`, period :data:`LATTICE_PERIOD`: the squeeze
+        lattice of the synthetic images, mean over sets; about 1 without one; ``None`` for image sides it does not
+        divide or images that are not 2-D), "lattice_peak_per_set": [...], "lattice_peak_real": the same of the real
+        training images, "tstr_trtr_accuracy_ratio":
         float, "n_bootstrap": int, "n_synthetic_sets": int,
         "num_test": int}`` where ``scores`` holds :data:`METRIC_KEYS`, their ``*_std``, ``per_class_recall`` and
         ``per_class_precision`` (full test set, averaged over classifiers). All scores are fractions in [0, 1].
@@ -491,7 +509,7 @@ def evaluate_tstr(
     )
     trtr_runs = [_score(n) for n in real_nets]
 
-    tstr_runs, per_class, sharpness, variety = [], [], [], []
+    tstr_runs, per_class, sharpness, variety, lattice = [], [], [], [], []
     agreement = np.zeros((len(real_nets), len(synthetic_sets)))  # [judge, set]
     for i, syn in enumerate(synthetic_sets):
         syn = as_image_set(syn)
@@ -506,6 +524,7 @@ def evaluate_tstr(
         per_class.append(_mean_per_class(by_judge))
         sharpness.append(sharpness_ratio(syn[0], train[0]))
         variety.append(variety_ratio(syn[0], syn[1], train[0], train[1]))
+        lattice.append(_lattice_or_none(syn[0]))
         if match_composition:
             syn = match_class_composition(syn, train[1], num_classes, seed=seed + 1000 + i)
         logger.info(
@@ -541,6 +560,9 @@ def evaluate_tstr(
         "sharpness_ratio_per_set": sharpness,
         "variety_ratio": float(np.mean(variety)),
         "variety_ratio_per_set": variety,
+        "lattice_peak": None if None in lattice else float(np.mean(lattice)),
+        "lattice_peak_per_set": lattice,
+        "lattice_peak_real": _lattice_or_none(train[0]),
         "tstr_trtr_accuracy_ratio": tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan"),
         "n_bootstrap": int(n_bootstrap),
         "n_synthetic_sets": len(synthetic_sets),

@@ -30,6 +30,7 @@ from .fid import (
     fid_to_floor_ratio,
     frechet_distance,
 )
+from .periodicity import lattice_bins, lattice_peak
 from .sharpness import laplacian_energy, sharpness_ratio
 from .variety import pixel_spread, variety_ratio
 
@@ -51,6 +52,8 @@ __all__ = [
     "fid_from_features",
     "fid_to_floor_ratio",
     "laplacian_energy",
+    "lattice_bins",
+    "lattice_peak",
     "sharpness_ratio",
     "pixel_spread",
     "variety_ratio",

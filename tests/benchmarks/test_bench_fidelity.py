@@ -39,6 +39,7 @@ def _metrics(trtr: float, tstr: float, agree: float, overflow: int, mia: float, 
         "class_agreement": agree,
         "class_agreement_real_blurred": 0.31,
         "sharpness_ratio": 0.62,
+        "lattice_peak": 12.5,
         "samples": {"n_images": 840, "images_with_overflow": overflow, "overflow_pixel_fraction": 1e-4},
         "privacy": {"mia_auc": mia},
         "presumptive_accuracy": pres,
@@ -91,7 +92,7 @@ def test_summary_table_and_json_line(bench):
     assert row["gap_points"] == pytest.approx(4.0) and row["real_test_accuracy"] == pytest.approx(0.91)
     assert row["overflowed_images"] == 0 and row["n_images"] == 840 and row["fid_ratio"] == 10.0
     assert row["baseline_tstr"] == 0.7 and row["baseline_fid_ratio"] == pytest.approx(20.0)
-    assert row["blurred_agreement"] == 0.31 and row["sharpness_ratio"] == 0.62
+    assert row["blurred_agreement"] == 0.31 and row["sharpness_ratio"] == 0.62 and row["lattice_peak"] == 12.5
     assert row["agreement_judge_spread"] is None  # one evaluation classifier: no spread to give
     judged = dict(_metrics(0.90, 0.86, 0.80, 0, 0.55, 0.92), class_agreement_per_judge=[0.83, 0.54, 0.80])
     assert bench.run_row(judged, 600.0, None)["agreement_judge_spread"] == pytest.approx(0.29)

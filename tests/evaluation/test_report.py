@@ -103,6 +103,8 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
         "class_agreement_real_blurred": 0.371,
         "sharpness_ratio": 0.4567,
         "variety_ratio": 0.6123,
+        "lattice_peak": 17.346,
+        "lattice_peak_real": 1.084,
         "real_classifier_test_accuracy": 0.886,
         "samples": {"n_images": 200, "images_with_overflow": 3, "overflow_pixel_fraction": 0.0005, "n_dropped": 0},
         "privacy": {"mia_auc": 0.976},
@@ -121,6 +123,10 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     )
     assert "| fine detail, synthetic / real (Laplacian energy; below 1: blurrier) | 0.457 |" in head
     assert "| variety of a class, synthetic / real (per-pixel std; below 1: fewer modes) | 0.612 |" in head
+    assert (
+        "| periodic lattice at the squeeze periods (spectral peak over its neighbours; about 1 without one; real "
+        "training slices: 1.08) | 17.35 |" in head
+    )
     assert "0.2 / 0.01 = 20" in head
     assert "| 3 / 200 (0.05 % of pixels) |" in head
     assert "| membership-inference AUC (0.5 = no memorisation signal) | 0.976 |" in head
@@ -136,6 +142,7 @@ def test_report_headline_with_samples_privacy_presumptive_and_side_by_side_grids
     assert data["headline"]["real_test_accuracy"] == 0.886 and data["headline"]["fid_ratio"] == pytest.approx(20)
     assert data["headline"]["sharpness_ratio"] == 0.4567 and data["headline"]["class_agreement_real_blurred"] == 0.371
     assert data["headline"]["variety_ratio"] == 0.6123
+    assert data["headline"]["lattice_peak"] == 17.346 and data["headline"]["lattice_peak_real"] == 1.084
     assert data["headline"]["class_agreement_per_class"] == [0.25, 0.9876]
     assert data["headline"]["class_names"] == ["non-COVID", "COVID"]
 

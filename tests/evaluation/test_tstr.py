@@ -206,6 +206,31 @@ def test_evaluate_tstr_reports_sharpness_and_the_blurred_reference():
     assert res["variety_ratio"] == pytest.approx(sum(res["variety_ratio_per_set"]) / 2)
 
 
+def test_evaluate_tstr_reports_the_squeeze_lattice_of_each_set_and_of_the_real_images():
+    from monai_condflow.metrics.periodicity import lattice_peak
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 1, 12, 12, generator=g)
+    labels = (torch.arange(20) % 2).long()
+    i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    hatched = images + 0.5 * ((i + j) % 2).float()  # a checkerboard on every image: period 2
+    res = evaluate_tstr(
+        (images, labels), None, (images, labels), [(images.clone(), labels), (hatched, labels)],
+        network_factory=_Centroid, fit_fn=_centroid_fit, n_bootstrap=0, num_classes=2,
+    )  # fmt: skip
+    assert res["lattice_peak_real"] == lattice_peak(images) < 2
+    assert res["lattice_peak_per_set"][0] == res["lattice_peak_real"]
+    assert res["lattice_peak_per_set"][1] == lattice_peak(hatched) > 20
+    assert res["lattice_peak"] == pytest.approx(sum(res["lattice_peak_per_set"]) / 2)
+    # sides the period (4) does not divide: not measured, said as None rather than a wrong figure
+    odd = torch.rand(20, 1, 10, 10, generator=g)
+    res = evaluate_tstr(
+        (odd, labels), None, (odd, labels), [(odd, labels)], network_factory=_Centroid, fit_fn=_centroid_fit,
+        n_bootstrap=0, num_classes=2,
+    )  # fmt: skip
+    assert res["lattice_peak"] is None and res["lattice_peak_per_set"] == [None] and res["lattice_peak_real"] is None
+
+
 def test_evaluate_tstr_counts_the_classifier_trainings(caplog, monkeypatch):
     """Issue 16: one progress count per trained classifier (the given real classifier is not trained again)."""
     import logging
