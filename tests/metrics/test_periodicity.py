@@ -22,10 +22,10 @@ from monai_condflow.metrics.periodicity import lattice_bins, lattice_peak
 
 
 def _cosines(size: int, terms: list[tuple[float, int, int]]) -> torch.Tensor:
-    """One ``[1, 1, size, size]`` image: the sum of ``a cos(2 pi (k i + l j) / size)`` over ``(a, k, l)``."""
+    """One ``[1, 1, size, size]`` image: the sum of ``a cos(2 pi (k i + m j) / size)`` over ``(a, k, m)``."""
     i = torch.arange(size, dtype=torch.float64).view(-1, 1)
     j = torch.arange(size, dtype=torch.float64).view(1, -1)
-    x = sum(a * torch.cos(2 * math.pi * (k * i + l * j) / size) for a, k, l in terms)
+    x = sum(a * torch.cos(2 * math.pi * (k * i + m * j) / size) for a, k, m in terms)
     return x.view(1, 1, size, size)
 
 
