@@ -545,8 +545,14 @@ def _summary(output_dir: Path, times: dict[str, float]) -> list[str]:
         if isinstance(agree, (int, float)) and isinstance(ratio, (int, float)):
             judged = [v for v in m.get("class_agreement_per_judge") or [] if isinstance(v, (int, float))]
             spread = f" ({len(judged)} evaluation classifiers: {min(judged):.3f} to {max(judged):.3f})"
+            lattice, real = m.get("lattice_peak"), m.get("lattice_peak_real")
             lines.append(
                 f"  class agreement {agree:.3f}{spread if len(judged) > 1 else ''} | FID / floor {ratio:.3g}"
+                + (
+                    f" | squeeze lattice {lattice:.3g} (real {real:.3g})"
+                    if isinstance(lattice, (int, float)) and isinstance(real, (int, float))
+                    else ""
+                )
             )
         if isinstance(m.get("privacy"), dict):
             p = m["privacy"]

@@ -598,6 +598,11 @@ def test_the_closing_summary_gives_class_agreement_and_the_judges_range(tmp_path
     m["class_agreement_per_judge"] = [0.798]  # one judge: no range
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     assert "  class agreement 0.757 | FID / floor 14.7" in _summary(tmp_path, {"flow": 1.0})
+    m.update(lattice_peak=21.28, lattice_peak_real=1.084)  # the squeeze lattice beside the real slices'
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    assert "  class agreement 0.757 | FID / floor 14.7 | squeeze lattice 21.3 (real 1.08)" in _summary(
+        tmp_path, {"flow": 1.0}
+    )
 
 
 def test_a_failed_stage_names_the_error_behind_monais_wrapper(tmp_path: Path, capfd):
