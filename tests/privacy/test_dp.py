@@ -78,6 +78,21 @@ def test_flow_per_sample_gradients_match_one_example_backward(method):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("log_abs_s"))
 
 
+def test_haar_squeeze_flow_per_sample_gradients_run_under_vmap():
+    torch.manual_seed(0)
+    flow = ConditionalGlow.from_preset(
+        "small", image_size=16, num_levels=2, num_steps=1, num_blocks=1, hidden_channels=4, condition_dim=8,
+        squeeze="haar",
+    )  # fmt: skip
+    flow.mark_initialized()
+    x, z = _images(3), nn.functional.normalize(torch.randn(3, 8), dim=1)
+    vmapped, losses = per_sample_gradients(flow, flow_nll, x, z, method="vmap", set_grad_sample=False)
+    looped, looped_losses = per_sample_gradients(flow, flow_nll, x, z, method="loop", set_grad_sample=False)
+    torch.testing.assert_close(losses, looped_losses, rtol=1e-5, atol=1e-5)
+    for name in looped:
+        torch.testing.assert_close(vmapped[name], looped[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_per_sample_gradients_through_convolutions_composed_together():
     """With the 1x1 convolutions composed in one batch per size (``compose_convs_together``) and the constant
     log-determinants summed per level (``batch_constant_logdets``), the GPU defaults, the vectorised per-example
