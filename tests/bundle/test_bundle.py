@@ -232,7 +232,7 @@ def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_ru
     assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 2
     parser = _workflow(["train_flow.json"], **phase, adversarial_likelihood_every=1).parser
     assert parser.get_parsed_content("adversarial#trainer").likelihood_every == 1
-    # the spectral term: weight 1 by default (thirty-fifth session), the id reaches the trainer and the recorded settings
+    # the spectral term: weight 1 by default (thirty-fifth session); the id reaches the trainer and the settings
     assert parser.get_parsed_content("adversarial#trainer").spectral_weight == 1.0
     parser = _workflow(["train_flow.json"], **phase, spectral_weight=2.0).parser
     assert parser.get_parsed_content("adversarial#trainer").spectral_weight == 2.0
