@@ -70,7 +70,8 @@ def test_log_prob_module_is_flow_log_prob(flow):
         assert torch.equal(FlowLogProb(flow)(x, z)[:, 0], flow.log_prob(x, z))
 
 
-def test_torch_export_of_sample_and_log_prob_gives_the_eager_values(flow):
+def _check_export(flow: ConditionalGlow) -> None:
+    """torch.export of the flow's decoder and log-density gives the eager values on other inputs than traced."""
     sampler, log_prob = FlowDecoder(flow, 0.9).eval(), FlowLogProb(flow).eval()
     noise, x, z = torch.randn(2, 1, S, S), torch.rand(2, 1, S, S), _z(2, 3)
     exported_sampler = torch.export.export(sampler, (noise, z)).module()
@@ -83,17 +84,14 @@ def test_torch_export_of_sample_and_log_prob_gives_the_eager_values(flow):
         assert not torch.allclose(exported_log_prob(x2, z2), exported_log_prob(x, z))
 
 
+def test_torch_export_of_sample_and_log_prob_gives_the_eager_values(flow):
+    _check_export(flow)
+
+
 def test_torch_export_of_a_haar_squeeze_flow_gives_the_eager_values():
     torch.manual_seed(0)
     f = ConditionalGlow.from_preset(
         "small", num_levels=2, image_size=S, num_steps=2, num_blocks=(1, 1), hidden_channels=8, squeeze="haar"
     )
     f.initialize(torch.rand(6, 1, S, S), _z(6, 0))
-    sampler, log_prob = FlowDecoder(f.eval(), 0.9).eval(), FlowLogProb(f).eval()
-    noise, x, z = torch.randn(2, 1, S, S), torch.rand(2, 1, S, S), _z(2, 3)
-    exported_sampler = torch.export.export(sampler, (noise, z)).module()
-    exported_log_prob = torch.export.export(log_prob, (x, z)).module()
-    noise2, x2, z2 = torch.randn(2, 1, S, S), torch.rand(2, 1, S, S), _z(2, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(exported_sampler(noise2, z2), sampler(noise2, z2), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(exported_log_prob(x2, z2), log_prob(x2, z2), rtol=1e-5, atol=1e-3)
+    _check_export(f.eval())
