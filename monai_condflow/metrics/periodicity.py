@@ -46,6 +46,7 @@ def lattice_bins(height: int, width: int, period: int) -> list[tuple[int, int]]:
         raise ValueError(f"lattice period must be an integer >= 2, got {period}.")
     if height % period or width % period:
         raise ValueError(f"lattice period {period} must divide the image sides, got {height} x {width}.")
+    period = int(period)
     rows = [k * height // period for k in range(period)]
     cols = [k * width // period for k in range(period)]
     return [(a, b) for a in rows for b in cols if (a, b) != (0, 0)]

@@ -33,6 +33,7 @@ def test_bins_of_period_two_and_four():
     assert lattice_bins(8, 8, 2) == [(0, 4), (4, 0), (4, 4)]
     bins = lattice_bins(64, 32, 4)
     assert len(bins) == 15 and (16, 8) in bins and (48, 24) in bins and (0, 0) not in bins
+    assert lattice_bins(64, 32, 4.0) == bins and all(isinstance(v, int) for ab in bins for v in ab)
     with pytest.raises(ValueError, match="divide the image sides, got 64 x 30"):
         lattice_bins(64, 30, 4)
     with pytest.raises(ValueError, match="integer >= 2"):

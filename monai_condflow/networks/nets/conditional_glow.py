@@ -54,7 +54,7 @@ from monai_condflow.networks.blocks.latent_prior import FittedLatentPrior, Laten
 from monai_condflow.networks.blocks.multiscale import ConditionalTopPrior, FineGrainedLevel
 from monai_condflow.networks.blocks.pixel_norm import PixelNorm
 from monai_condflow.networks.blocks.pixel_spline import PixelSpline
-from monai_condflow.networks.blocks.squeeze import SQUEEZES, _channels_last, build_squeeze, conv_weights_to
+from monai_condflow.networks.blocks.squeeze import _channels_last, build_squeeze, conv_weights_to
 
 __all__ = ["ConditionalGlow", "SAMPLE_RANGE", "clamp_decoded"]
 
@@ -223,8 +223,6 @@ class ConditionalGlow(nn.Module):
         squeeze: str = "pixel",
     ) -> None:
         super().__init__()
-        if squeeze not in SQUEEZES:
-            raise ValueError(f"ConditionalGlow: squeeze must be one of {sorted(SQUEEZES)}, got {squeeze!r}.")
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"ConditionalGlow: cond_dropout must be in [0, 1), got {cond_dropout}.")
         if not guidance >= 0.0 or not math.isfinite(guidance):
