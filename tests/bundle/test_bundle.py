@@ -184,13 +184,19 @@ def test_flow_train_workflow_properties(dataset, trained_run):
 
 
 def test_train_shift_moves_flow_training_images_by_whole_pixels(dataset, trained_run):
-    """``train_shift`` 0 (default) leaves the flow's training chain as it was; N > 0 appends a random translation of
-    up to N whole pixels (nearest neighbour: no interpolation blur, edges replicated) on 80 % of reads."""
+    """``train_shift`` 0 leaves the flow's training chain as it was; N > 0 (default 1, thirty-sixth session) appends
+    a random translation of up to N whole pixels (nearest neighbour: no interpolation blur, edges replicated) on 80 %
+    of reads; the value is one of the run's recorded settings."""
     from monai.transforms import RandAffined
 
     common = {**TINY, "dataset_dir": str(dataset), "output_dir": str(trained_run), **TINY_FLOW}
-    parser = _workflow(["train_flow.json"], **common).parser
+    parser = _workflow(["train_flow.json"], **common, train_shift=0).parser
     assert parser.get_parsed_content("train#dataset").transform is parser.get_parsed_content("train#preprocessing")
+    assert parser.get_parsed_content("run_settings")["train_shift"] == 0
+    parser = _workflow(["train_flow.json"], **common).parser
+    default = parser.get_parsed_content("train#dataset").transform.transforms[-1]
+    assert isinstance(default, RandAffined) and parser.get_parsed_content("run_settings")["train_shift"] == 1
+    assert tuple(default.rand_affine.rand_affine_grid.translate_range) == (1, 1)
     parser = _workflow(["train_flow.json"], **common, train_shift=2).parser
     chain = parser.get_parsed_content("train#dataset").transform
     shift = chain.transforms[-1]
