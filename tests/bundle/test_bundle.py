@@ -193,25 +193,24 @@ def test_train_shift_moves_flow_training_images_by_whole_pixels(dataset, trained
     parser = _workflow(["train_flow.json"], **common, train_shift=0).parser
     assert parser.get_parsed_content("train#dataset").transform is parser.get_parsed_content("train#preprocessing")
     assert parser.get_parsed_content("run_settings")["train_shift"] == 0
-    parser = _workflow(["train_flow.json"], **common).parser
-    default = parser.get_parsed_content("train#dataset").transform.transforms[-1]
-    assert isinstance(default, RandAffined) and parser.get_parsed_content("run_settings")["train_shift"] == 1
-    assert tuple(default.rand_affine.rand_affine_grid.translate_range) == (1, 1)
-    parser = _workflow(["train_flow.json"], **common, train_shift=2).parser
-    chain = parser.get_parsed_content("train#dataset").transform
-    shift = chain.transforms[-1]
-    assert isinstance(shift, RandAffined) and shift.prob == pytest.approx(0.8)
     image = torch.arange(24 * 24, dtype=torch.float32).reshape(1, 24, 24) / 576
-    seen = set()
-    for seed in range(12):
-        shift.set_random_state(seed=seed)
-        out = torch.as_tensor(shift({"image": image.clone()})["image"])
-        inner = out[:, 4:-4, 4:-4]
-        moved = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                 if torch.equal(inner, torch.roll(image, (dy, dx), dims=(1, 2))[:, 4:-4, 4:-4])]  # fmt: skip
-        assert len(moved) == 1, f"seed {seed}: not a whole-pixel shift of at most 2"
-        seen.add(moved[0])
-    assert len(seen) > 2 and (0, 0) in seen  # several shifts, and some reads unshifted
+    for value in (None, 2):  # None: the default, 1
+        limit = value or 1
+        parser = _workflow(["train_flow.json"], **common, **({} if value is None else {"train_shift": value})).parser
+        assert parser.get_parsed_content("run_settings")["train_shift"] == limit
+        shift = parser.get_parsed_content("train#dataset").transform.transforms[-1]
+        assert isinstance(shift, RandAffined) and shift.prob == pytest.approx(0.8)
+        seen = set()
+        for seed in range(12):
+            shift.set_random_state(seed=seed)
+            out = torch.as_tensor(shift({"image": image.clone()})["image"])
+            inner = out[:, 4:-4, 4:-4]
+            moved = [(dy, dx) for dy in range(-limit, limit + 1) for dx in range(-limit, limit + 1)
+                     if torch.equal(inner, torch.roll(image, (dy, dx), dims=(1, 2))[:, 4:-4, 4:-4])]  # fmt: skip
+            assert len(moved) == 1, f"seed {seed}: not a whole-pixel shift of at most {limit}"
+            seen.add(moved[0])
+        assert len(seen) > 2 and (0, 0) in seen  # several shifts, and some reads unshifted
+        assert max(max(abs(dy), abs(dx)) for dy, dx in seen) == limit  # the largest shift is reached
 
 
 def test_the_adversarial_phase_reads_batches_of_its_own_size(dataset, trained_run):
